@@ -1,0 +1,28 @@
+"""lightning-gptq: GPTQ post-training quantization of causal LMs as a PyTorch Lightning fit loop."""
+
+from .quant import (
+    DampingIncreasedWarning,
+    HessianAccumulator,
+    HessianNotPositiveDefiniteError,
+    NonFiniteError,
+    QuantConfig,
+    QuantConfigError,
+    QuantizedWeight,
+    gptq_quantize,
+    rtn_quantize,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DampingIncreasedWarning",
+    "HessianAccumulator",
+    "HessianNotPositiveDefiniteError",
+    "NonFiniteError",
+    "QuantConfig",
+    "QuantConfigError",
+    "QuantizedWeight",
+    "__version__",
+    "gptq_quantize",
+    "rtn_quantize",
+]

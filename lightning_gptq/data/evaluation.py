@@ -1,0 +1,314 @@
+"""Perplexity by the GPTQ paper's protocol (GPTQ-REFERENCE.md §3).
+
+The evaluation text is tokenized once; the stream is cut into `numel // seqlen` non-overlapping
+windows (tail dropped, no BOS added per window); each window scores the mean cross-entropy of its
+`seqlen - 1` shifted positions times `seqlen`, and `ppl = exp(sum / (nsamples * seqlen))`.
+
+Texts (`eval_tokens`), hub or local (`path=`):
+
+| name | hub text | local file rule |
+| --- | --- | --- |
+| wikitext2 | test split rows joined `"\\n\\n"` | lines joined `"\\n"` (the shared copy has its blank lines stripped upstream, so this is the file as is) |
+| ptb | validation sentences joined `"\\n\\n"` | lines stripped (as the hub loader does) joined `"\\n\\n"`; give `ptb.valid.txt` |
+| ptb-new | test sentences joined `" "` | lines stripped joined `" "`; give `ptb.test.txt` |
+| c4 | 256 random `seqlen` windows of validation shard `en/c4-validation.00000-of-00008.json.gz`, seed 0 | same rule over the file's documents (JSON lines `text`, or blank-line separated `.txt`) |
+| c4-new | first 1,100 validation documents joined `" "`, truncated to `256 * seqlen` tokens | same over the file's documents |
+
+Numbers from a local WikiText-2 copy without blank lines are not identical to the hub text's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_gptq._hub import short_hash
+from lightning_gptq.data.text import (
+    DatasetUnavailableError,
+    cached_tensor,
+    document_windows,
+    file_fingerprint,
+    hub_ptb_sentences,
+    hub_wikitext2_rows,
+    load_hub_column,
+    read_documents,
+    read_lines,
+    tokenize_cached,
+    tokenizer_fingerprint,
+)
+from lightning_gptq.models.adapters import ArchitectureAdapter
+from lightning_gptq.models.capture import capture_block_inputs, module_device_dtype, run_block
+
+__all__ = [
+    "EVAL_DATASETS",
+    "DatasetUnavailableError",
+    "PerplexityResult",
+    "eval_tokens",
+    "perplexity",
+    "perplexity_blockwise",
+    "window_nll",
+]
+
+EVAL_DATASETS = ("wikitext2", "ptb", "ptb-new", "c4", "c4-new")
+C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_WINDOWS = 256
+C4_NEW_DOCUMENTS = 1100
+PROTOCOL = "gptq-paper"
+_PROTOCOL_TEXT = "non-overlapping windows, tail dropped, no per-window BOS, loss over seqlen-1 shifted positions"
+
+_LOCAL_FILES = {
+    "wikitext2": "'../shared/data/wikitext-2-raw/wiki.test.raw'",
+    "ptb": "'../shared/data/ptb/ptb.valid.txt'",
+    "ptb-new": "'../shared/data/ptb/ptb.test.txt'",
+}
+
+
+def _local_hint(name: str) -> str:
+    if name in _LOCAL_FILES:
+        return (
+            f"Evaluate on a local copy instead: eval_tokens({name!r}, tokenizer, path={_LOCAL_FILES[name]}) "
+            "(the path on this project's machines)."
+        )
+    return (
+        f"Evaluate on a local copy instead: eval_tokens({name!r}, tokenizer, path='/path/to/{C4_VALIDATION_SHARD.split('/')[-1]}') "
+        f"(the C4 shard {C4_VALIDATION_SHARD}, or a .txt file of blank-line separated documents). "
+        "C4 is not on this project's machines; use 'wikitext2' with path='../shared/data/wikitext-2-raw/wiki.test.raw' there."
+    )
+
+
+def _normalise_name(name: str) -> str:
+    key = name.strip().lower().replace("_", "-")
+    key = {"wikitext-2": "wikitext2", "wikitext": "wikitext2", "ptb-text-only": "ptb"}.get(key, key)
+    if key not in EVAL_DATASETS:
+        raise ValueError(f"Unknown evaluation dataset {name!r}; choose one of {EVAL_DATASETS}.")
+    return key
+
+
+def eval_tokens(name: str, tokenizer, *, path: str | None = None, seqlen: int = 2048) -> torch.Tensor:
+    """The token stream `[1, N]` (long) of evaluation text `name`, by the rules in the module docstring.
+
+    `path` switches from the hub to a local file with the same joining rules. Tokenized text is
+    cached on disk. Raises `DatasetUnavailableError` (fast, naming the local option) when the hub
+    cannot be reached.
+    """
+    name = _normalise_name(name)
+    if path is not None:
+        path = os.path.expanduser(os.fspath(path))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"Evaluation file {path!r} for {name!r} does not exist.")
+    hint = _local_hint(name)
+
+    if name == "wikitext2":
+        text = "\n".join(read_lines(path)) if path else "\n\n".join(hub_wikitext2_rows("test", hint))
+    elif name in ("ptb", "ptb-new"):
+        separator = "\n\n" if name == "ptb" else " "
+        if path:
+            sentences = [line.strip() for line in read_lines(path)]
+        else:
+            sentences = hub_ptb_sentences("validation" if name == "ptb" else "test", hint)
+        text = separator.join(sentences)
+    elif name == "c4":
+        source_key = file_fingerprint(path) if path else f"hub:allenai/c4:{C4_VALIDATION_SHARD}"
+        key = short_hash("eval-c4", source_key, tokenizer_fingerprint(tokenizer), seqlen)
+
+        def build() -> torch.Tensor:
+            windows = document_windows(
+                _c4_documents(path, hint), tokenizer, nsamples=C4_EVAL_WINDOWS, seqlen=seqlen, seed=0,
+                allow_exact_length=True, progress=True,
+            )
+            return windows.reshape(1, -1)
+
+        return cached_tensor(key, build)
+    else:  # c4-new
+        text = " ".join(_c4_documents(path, hint)[:C4_NEW_DOCUMENTS])
+        return tokenize_cached(text, tokenizer)[: C4_EVAL_WINDOWS * seqlen].reshape(1, -1)
+
+    if not text.strip():
+        raise ValueError(f"The evaluation text for {name!r} is empty.")
+    return tokenize_cached(text, tokenizer).reshape(1, -1)
+
+
+def _c4_documents(path: str | None, hint: str) -> list[str]:
+    if path:
+        return read_documents(path)
+    return load_hub_column(
+        f"C4 ({C4_VALIDATION_SHARD})", "text", hint,
+        "allenai/c4", data_files={"validation": C4_VALIDATION_SHARD}, split="validation",
+    )
+
+
+@dataclasses.dataclass
+class PerplexityResult:
+    """A perplexity and how it was measured.
+
+    `nll_sum`: sum over windows of (mean shifted cross-entropy x seqlen), in nats.
+    `nsamples`: windows scored; `n_tokens`: tokens in them (`nsamples * seqlen`).
+    `total_windows`: windows the full text yields; `text_tokens`: tokens of the whole text.
+    """
+
+    ppl: float
+    nll_sum: float
+    nsamples: int
+    seqlen: int
+    n_tokens: int
+    dataset: str
+    protocol: str
+    total_windows: int = 0
+    text_tokens: int = 0
+    evaluator: str = "whole-model"
+    seconds: float = 0.0
+
+    @property
+    def partial(self) -> bool:
+        return self.nsamples < self.total_windows
+
+    def __str__(self) -> str:
+        coverage = (
+            f"first {self.nsamples} of {self.total_windows} windows, PARTIAL"
+            if self.partial
+            else f"{self.nsamples} windows"
+        )
+        return (
+            f"{self.dataset or 'text'} perplexity {self.ppl:.4f} "
+            f"[protocol {self.protocol}: {_PROTOCOL_TEXT}; seqlen {self.seqlen}; {coverage}; "
+            f"{self.n_tokens:,} of {self.text_tokens:,} tokens; {self.evaluator}]"
+        )
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-window protocol term `[b]`: mean fp32 cross-entropy of the `seqlen-1` shifted positions x `seqlen`.
+
+    `logits` `[b, seqlen, vocab]`, `input_ids` `[b, seqlen]`; position t predicts token t+1.
+    """
+    batch, seqlen = input_ids.shape
+    # Score every position with the last one ignored instead of slicing logits[:, :-1], which
+    # would copy the whole [b, seqlen, vocab] tensor to make it contiguous.
+    targets = torch.full((batch, seqlen), -100, dtype=torch.long, device=logits.device)
+    targets[:, :-1] = input_ids[:, 1:].to(logits.device)
+    losses = F.cross_entropy(
+        logits.float().reshape(batch * seqlen, -1), targets.reshape(-1), reduction="none", ignore_index=-100
+    ).view(batch, seqlen)
+    return losses[:, :-1].mean(dim=1) * seqlen
+
+
+def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
+    tokens = tokens.reshape(-1)
+    total = tokens.numel() // seqlen
+    if total == 0:
+        raise ValueError(f"The text has {tokens.numel()} tokens, fewer than one window of seqlen={seqlen}.")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be >= 1 or None, got {max_windows}.")
+    count = total if max_windows is None else min(total, max_windows)
+    return tokens[: count * seqlen].view(count, seqlen), total
+
+
+def _result(nll_sum: float, count: int, total: int, seqlen: int, text_tokens: int, dataset: str,
+            evaluator: str, seconds: float) -> PerplexityResult:
+    protocol = PROTOCOL if count == total else f"{PROTOCOL}/first-{count}-of-{total}-windows"
+    return PerplexityResult(
+        ppl=math.exp(nll_sum / (count * seqlen)), nll_sum=nll_sum, nsamples=count, seqlen=seqlen,
+        n_tokens=count * seqlen, dataset=dataset, protocol=protocol, total_windows=total,
+        text_tokens=text_tokens, evaluator=evaluator, seconds=seconds,
+    )
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def perplexity(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    seqlen: int = 2048,
+    dataset: str = "",
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Protocol perplexity of the whole model (one window at a time) on `tokens` `[1, N]`.
+
+    `max_windows` scores only the first windows (for tests); the result then says so.
+    """
+    start_time = time.perf_counter()
+    windows, total = _windows(tokens, seqlen, max_windows)
+    device = module_device_dtype(model)[0]
+    was_training = model.training
+    model.eval()
+    nll_sum = 0.0
+    try:
+        with torch.no_grad():
+            for window in _progress(windows, progress, desc=f"perplexity {dataset}".strip(), unit="window"):
+                ids = window.unsqueeze(0).to(device)
+                logits = model(input_ids=ids, use_cache=False).logits
+                nll_sum += float(window_nll(logits, ids).sum())
+    finally:
+        model.train(was_training)
+    return _result(nll_sum, windows.shape[0], total, seqlen, tokens.numel(), dataset, "whole-model",
+                   time.perf_counter() - start_time)
+
+
+def perplexity_blockwise(
+    model: nn.Module,
+    adapter: ArchitectureAdapter,
+    tokens: torch.Tensor,
+    *,
+    seqlen: int = 2048,
+    device: torch.device | str | None = None,
+    dataset: str = "",
+    max_windows: int | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
+    """Protocol perplexity computed embeddings -> block by block -> final stage, as the reference's eval.
+
+    Only one block is on `device` at a time (moved there and back); the hidden states of all
+    windows stay on `device`. Default device: where the embeddings are.
+    """
+    start_time = time.perf_counter()
+    windows, total = _windows(tokens, seqlen, max_windows)
+    if device is None:
+        device = module_device_dtype(adapter.embedding_modules(model)[0])[0]
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = capture_block_inputs(model, adapter, windows, batch_size=1, device=device, progress=progress)
+        hidden = [h.to(device) for h in inputs.hidden]
+        blocks = adapter.blocks(model)
+        for block_index in _progress(range(len(blocks)), progress, desc=f"blockwise {dataset}".strip(), unit="block"):
+            block = blocks[block_index]
+            home = module_device_dtype(block)[0]
+            block.to(device)
+            try:
+                for j in range(len(hidden)):
+                    hidden[j] = run_block(block, hidden[j], inputs.kwargs_for(block_index, j))
+            finally:
+                block.to(home)
+        del inputs
+
+        final_modules = adapter.final_modules(model)
+        homes = [module_device_dtype(m)[0] for m in final_modules]
+        nll_sum = 0.0
+        try:
+            for module in final_modules:
+                module.to(device)
+            with torch.no_grad():
+                for j, h in enumerate(hidden):
+                    logits = adapter.logits(model, h)
+                    nll_sum += float(window_nll(logits, windows[j : j + 1].to(device)).sum())
+        finally:
+            for module, home in zip(final_modules, homes):
+                module.to(home)
+    finally:
+        model.train(was_training)
+    return _result(nll_sum, windows.shape[0], total, seqlen, tokens.numel(), dataset, "blockwise",
+                   time.perf_counter() - start_time)

@@ -1,0 +1,63 @@
+"""Quantization settings shared by the solver, the Lightning callbacks and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+class QuantConfigError(ValueError):
+    """A `QuantConfig` field has a value the solver cannot use."""
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize one linear layer.
+
+    Args:
+        bits: code width, 2..8 (the ecosystem's kernels serve 2, 3, 4 and 8).
+        group_size: input columns sharing one scale/zero; -1 = one grid per output row.
+        sym: symmetric grid (zero fixed at the middle code) instead of asymmetric min/max.
+        act_order: sweep columns by descending Hessian diagonal (``desc_act``); recorded in ``g_idx``.
+        static_groups: fit every group's grid before the sweep, on the original column order, so
+            act-order needs no ``g_idx`` reordering at inference.
+        damp: fraction of ``mean(diag H)`` added to the diagonal (the reference's ``percdamp``).
+            Raised automatically, and recorded, when the Cholesky factorisation fails.
+        block_size: columns per lazy batch update (``B`` in the paper).
+        mse: shrink each grid's range by the reference's MSE grid search instead of plain min/max.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
+    block_size: int = 128
+    mse: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
+            raise QuantConfigError(f"QuantConfig.bits must be an integer in 2..8, got {self.bits!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
+            self.group_size != -1 and self.group_size <= 0
+        ):
+            raise QuantConfigError(
+                f"QuantConfig.group_size must be -1 (one grid per row) or a positive integer, got {self.group_size!r}"
+            )
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise QuantConfigError(f"QuantConfig.block_size must be a positive integer, got {self.block_size!r}")
+        if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not (0.0 <= self.damp < 1e3):
+            raise QuantConfigError(f"QuantConfig.damp must be a number >= 0 (fraction of mean diag H), got {self.damp!r}")
+        for name in ("sym", "act_order", "static_groups", "mse"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantConfigError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def maxq(self) -> int:
+        """Largest code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,245 @@
+"""The GPTQ solver (Frantar et al., ICLR 2023, Algorithm 1) and round-to-nearest, framework-free.
+
+Notation: ``W`` [rows=out, cols=in], ``H`` [cols, cols], ``U = chol(H⁻¹)ᵀ`` upper triangular.
+The sweep quantizes columns left to right; the error of column ``j`` scaled by ``1/U[j,j]`` is
+spread over the columns still to come through row ``j`` of ``U``. Updates are applied lazily:
+inside a block of ``B`` columns immediately, to the rest of the matrix once per block.
+
+Groups (``group_size = g``): a group's grid is fitted when the sweep reaches its first column, on
+the weights *as updated by every column quantized so far*, including columns of the group that
+lie beyond the current block (their pending lazy update is applied for the fit). The reference
+code instead reads the block-start copy for ``g < B``; our choice makes the result independent of
+``B``, so the blocked sweep equals the plain column-by-column sweep for any ``g`` and ``B``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import QuantConfig
+from .grid import dequantize_codes, fit_grid, quantize_codes
+from .linalg import cholesky_lower, inverse_upper
+
+
+PANEL_COLUMNS = 512  # columns per trailing-matrix update; the result does not depend on it
+
+
+class NonFiniteError(ValueError):
+    """A weight or Hessian holds NaN or Inf."""
+
+
+class HessianNotPositiveDefiniteError(RuntimeError):
+    """Damping could not make the Hessian factorisable (only for pathological inputs)."""
+
+
+class DampingIncreasedWarning(UserWarning):
+    """The Cholesky factorisation failed at the configured damping and succeeded at a larger one."""
+
+
+@dataclass
+class QuantizedWeight:
+    """Result of quantizing a weight ``[out, in]``.
+
+    ``codes`` uint8 [out, in] in ``[0, 2**bits - 1]``; ``scales``/``zeros`` [out, n_groups] (zeros are
+    integer codes, int32); ``g_idx`` int32 [in], the group of each input column; ``loss`` the sweep's
+    ``Σ (w - q)² / U[j,j]² / 2`` (0 for RTN); ``damp`` the damping fraction actually used and
+    ``damp_retries`` how many times it had to be raised; ``perm`` the act-order column order or None.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor
+    g_idx: Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    dtype: torch.dtype
+    loss: float = 0.0
+    damp: float = 0.0
+    damp_retries: int = 0
+    perm: Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> Tensor:
+        """``scale · (code − zero)`` per column's group, [out, in] in the original weight's dtype."""
+        g = self.g_idx.long()
+        w = dequantize_codes(self.codes.to(self.scales.dtype), self.scales[:, g], self.zeros[:, g].to(self.scales.dtype))
+        return w.to(self.dtype)
+
+
+def _all_finite(t: Tensor) -> bool:
+    # A sum is NaN/Inf whenever an element is (and, for real data, only then): 20x cheaper than isfinite.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not _all_finite(t):
+        raise NonFiniteError(f"{name} contains NaN or Inf values ({(~torch.isfinite(t)).sum().item()} of {t.numel()})")
+
+
+def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3) -> tuple[Tensor, float, int]:
+    """``U = chol(H⁻¹, upper)`` of the damped Hessian [cols, cols], so that ``H⁻¹ = UᵀU``.
+
+    Computed without forming ``H⁻¹``: with ``J`` the order-reversal, ``R = J·chol(JHJ)·J`` is upper
+    triangular with ``H = RRᵀ``, hence ``H⁻¹ = R⁻ᵀR⁻¹`` and ``U = R⁻¹`` (one factorisation and one
+    triangular solve instead of the reference's three factorisation-sized steps).
+
+    Adds ``damp · mean(diag H)`` to the diagonal; while the factorisation fails, doubles ``damp``
+    (from at least 0.01) and tries again. Returns ``(U, damp_used, retries)``.
+    """
+    mean_diag = H.diagonal().mean()
+    used, retries = damp, 0
+    while used <= max_damp:
+        Hd = H.clone()
+        Hd.diagonal().add_(used * mean_diag)
+        L, ok = cholesky_lower(Hd.flip(0, 1))
+        if ok:
+            U = inverse_upper(L.flip(0, 1))
+            if _all_finite(U):
+                return U, used, retries
+        used, retries = max(2 * used, 0.01), retries + 1
+    raise HessianNotPositiveDefiniteError(
+        f"Hessian not positive definite even with damp={used / 2:g}·mean(diag H); the activations are degenerate"
+    )
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> QuantizedWeight:
+    """Quantize ``weight`` [out, in] with GPTQ given the layer Hessian ``hessian`` [in, in].
+
+    Computes in fp64 when either input is fp64, otherwise fp32. Inputs are not modified.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"Hessian must be [{cols}, {cols}] for a weight of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
+    _check_finite("weight", weight)
+    _check_finite("Hessian", hessian)
+    dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
+    # The sweep holds Wᵀ [cols, rows], so that each column of W is one contiguous row in memory.
+    Wt = weight.detach().T.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    H = hessian.detach().to(device=Wt.device, dtype=dtype, copy=True)
+    g = cols if config.group_size == -1 else config.group_size
+    n_groups = math.ceil(cols / g)
+
+    # Inputs that never fire carry no information: give them a unit diagonal and a zero weight.
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    Wt[dead] = 0
+
+    if config.static_groups:
+        static_grids = [fit_grid(Wt[k * g : (k + 1) * g].T, config.bits, config.sym, config.mse) for k in range(n_groups)]
+
+    perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(cols, device=Wt.device)
+    if config.act_order:
+        Wt, H = Wt[perm], H[perm][:, perm]
+    U, damp, retries = inverse_hessian_cholesky(H, config.damp)
+    if retries:
+        warnings.warn(
+            f"Cholesky failed at damp={config.damp:g}; succeeded at damp={damp:g} after {retries} increases",
+            DampingIncreasedWarning,
+            stacklevel=2,
+        )
+
+    codes = torch.empty_like(Wt)
+    scales = torch.empty(rows, n_groups, dtype=dtype, device=Wt.device)
+    zeros = torch.empty_like(scales)
+    # Group of the column at each sweep position; with static groups it follows the original order.
+    group_of = ((perm if config.static_groups else torch.arange(cols)) // g).tolist()
+    u_diag = U.diagonal().tolist()
+    loss = torch.zeros((), dtype=dtype, device=Wt.device)
+    maxq, B = config.maxq, config.block_size
+
+    # Lazy updates at two levels: inside a block of B columns one column at a time, to the rest of a
+    # panel of P = k·B columns once per block, to the rest of the matrix once per panel (bigger matmuls).
+    P = B * max(1, PANEL_COLUMNS // B)
+    for p1 in range(0, cols, P):
+        p2 = min(p1 + P, cols)
+        E = torch.zeros(p2 - p1, rows, dtype=dtype, device=Wt.device)  # (w - q) / U[j,j] per column
+        for i1 in range(p1, p2, B):
+            i2 = min(i1 + B, p2)
+            for j in range(i1, i2):
+                k = group_of[j]
+                if config.static_groups:
+                    scale, zero = static_grids[k]
+                elif j % g == 0:
+                    # Fit on the group as updated by every column quantized so far: rows past the
+                    # block still miss this block's updates, rows past the panel the whole panel's.
+                    end = min(j + g, cols)
+                    b_end, p_end = min(end, i2), min(end, p2)
+                    current = torch.cat([
+                        Wt[j:b_end],
+                        Wt[b_end:p_end] - U[i1:j, b_end:p_end].T @ E[i1 - p1 : j - p1],
+                        Wt[p_end:end] - U[p1:j, p_end:end].T @ E[: j - p1],
+                    ])
+                    scale, zero = fit_grid(current.T, config.bits, config.sym, config.mse)
+                    scales[:, k], zeros[:, k] = scale, zero
+                w, err = Wt[j], E[j - p1]
+                q = codes[j] = quantize_codes(w, scale, zero, maxq)
+                torch.sub(w, dequantize_codes(q, scale, zero), out=err).div_(u_diag[j])
+                Wt[j + 1 : i2].addr_(U[j, j + 1 : i2], err, alpha=-1)
+            Wt[i2:p2].addmm_(U[i1:i2, i2:p2].T, E[i1 - p1 : i2 - p1], alpha=-1)
+        Wt[p2:].addmm_(U[p1:p2, p2:].T, E, alpha=-1)
+        loss += E.square().sum() / 2
+
+    if config.static_groups:
+        for k, (scale, zero) in enumerate(static_grids):
+            scales[:, k], zeros[:, k] = scale, zero
+    inv = torch.argsort(perm)
+    if config.static_groups or not config.act_order:
+        g_idx = torch.arange(cols, device=Wt.device) // g
+    else:
+        g_idx = inv // g  # column c sat at sweep position inv[c]
+    return QuantizedWeight(
+        codes=codes.T[:, inv].to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=g_idx.to(torch.int32),
+        bits=config.bits,
+        group_size=config.group_size,
+        sym=config.sym,
+        dtype=weight.dtype,
+        loss=float(loss),
+        damp=damp,
+        damp_retries=retries,
+        perm=perm if config.act_order else None,
+    )
+
+
+def rtn_quantize(weight: Tensor, config: QuantConfig) -> QuantizedWeight:
+    """Round-to-nearest baseline: each group's grid fitted on the original weight [out, in], no updates.
+
+    ``act_order``, ``static_groups`` and ``damp`` have no meaning without a Hessian and are ignored.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
+    _check_finite("weight", weight)
+    rows, cols = weight.shape
+    W = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    g = cols if config.group_size == -1 else config.group_size
+    n_groups = math.ceil(cols / g)
+    scales = torch.empty(rows, n_groups, dtype=W.dtype, device=W.device)
+    zeros = torch.empty_like(scales)
+    codes = torch.empty_like(W)
+    for k in range(n_groups):
+        block = W[:, k * g : (k + 1) * g]
+        scales[:, k], zeros[:, k] = fit_grid(block, config.bits, config.sym, config.mse)
+        codes[:, k * g : (k + 1) * g] = quantize_codes(block, scales[:, k : k + 1], zeros[:, k : k + 1], config.maxq)
+    return QuantizedWeight(
+        codes=codes.to(torch.uint8),
+        scales=scales,
+        zeros=zeros.to(torch.int32),
+        g_idx=(torch.arange(cols, device=W.device) // g).to(torch.int32),
+        bits=config.bits,
+        group_size=config.group_size,
+        sym=config.sym,
+        dtype=weight.dtype,
+    )
