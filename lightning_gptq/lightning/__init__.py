@@ -1,0 +1,18 @@
+"""Lightning glue: the calibration module, data module, callbacks and metric."""
+
+from .callbacks import GPTQCallback, HessianCapture, LayerRecord
+from .datamodule import CalibrationDataModule
+from .hooks import BlockContext, fire_block_hook
+from .metrics import ProtocolPerplexity
+from .module import GPTQModule
+
+__all__ = [
+    "BlockContext",
+    "CalibrationDataModule",
+    "GPTQCallback",
+    "GPTQModule",
+    "HessianCapture",
+    "LayerRecord",
+    "ProtocolPerplexity",
+    "fire_block_hook",
+]

@@ -1,0 +1,3 @@
+from lightning_gptq.cli import main
+
+main()

@@ -1,0 +1,37 @@
+"""``python -m lightning_gptq fit|validate|test --config configs/<model>.yaml``."""
+
+from __future__ import annotations
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule
+
+TRAINER_DEFAULTS = {
+    "accelerator": "auto",
+    "devices": 1,
+    "max_epochs": -1,  # GPTQModule sets the number of stages itself
+    "num_sanity_val_steps": 0,  # validation would score the model before it is quantized
+    "enable_checkpointing": False,  # GPTQModule saves the quantized model itself
+    "default_root_dir": "runs",
+    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+}
+
+
+class GPTQCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # Always present, configured under `gptq:` (bits, group size, method...).
+        parser.add_lightning_class_args(GPTQCallback, "gptq")
+
+
+def main(args=None) -> None:
+    GPTQCLI(
+        GPTQModule,
+        CalibrationDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},  # re-running in the same folder must not trip over config.yaml
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Quantization callbacks, usable in any Lightning project.
+
+- ``HessianCapture``: while a block's calibration passes run, accumulates each layer's Hessian.
+- ``GPTQCallback``: at ``on_block_end`` solves each layer (GPTQ or round-to-nearest) and swaps in a
+  quantized linear. On a module that does not drive blocks itself (any user LightningModule), it
+  quantizes the whole model once training ends, calibrating on the first training batches.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.apply_func import move_data_to_device
+
+from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
+from lightning_gptq.nn import make_quant_linear, quant_linear_class, replace_submodule
+from lightning_gptq.quant import DampingIncreasedWarning, HessianAccumulator, QuantConfig, gptq_quantize, rtn_quantize
+
+from .hooks import BlockContext, fire_block_hook
+
+
+class HessianCapture(Callback):
+    """Accumulates ``H = 2/n Σ xxᵀ`` for every layer of the current block from its forward inputs.
+
+    ``on_block_start`` attaches a forward hook to each layer in ``ctx.layers`` and puts a
+    ``HessianAccumulator`` in ``ctx.hessians[name]``; ``on_block_end`` detaches the hooks.
+    """
+
+    block_hook_order = 0
+
+    def __init__(self) -> None:
+        self._handles: list = []
+
+    def on_block_start(self, trainer, pl_module, ctx: BlockContext) -> None:
+        for name, layer in ctx.layers.items():
+            weight = weight_out_in(layer)
+            accumulator = HessianAccumulator(linear_in_features(layer), device=weight.device)
+            ctx.hessians[name] = accumulator
+            self._handles.append(layer.register_forward_hook(_hessian_hook(accumulator)))
+
+    def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
+        self._detach()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._detach()  # a run that stopped mid-block must not leave hooks behind
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _hessian_hook(accumulator: HessianAccumulator):
+    def hook(module, args, output):
+        accumulator.add(args[0].detach())
+
+    return hook
+
+
+@dataclass
+class LayerRecord:
+    """What quantizing one layer did: the solver's loss, the damping used, wall seconds."""
+
+    name: str
+    block: int
+    shape: tuple[int, int]
+    method: str
+    loss: float
+    damp: float
+    damp_retries: int
+    nsamples: int
+    seconds: float
+
+
+class GPTQCallback(Callback):
+    """Quantize each calibrated block's linears and swap in quantized layers.
+
+    Args:
+        quant: bits, group size, grid and solver settings.
+        method: ``"gptq"`` (needs ``HessianCapture`` among the callbacks) or ``"rtn"`` (round to nearest).
+        backend: which registered quantized-linear implementation to swap in.
+        calibration_batches: on a user's own module, how many training batches to calibrate on.
+        exclude: on a user's own module, regular expressions of layer names to leave in full precision.
+        forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
+            ``pl_module(batch[0])`` for tuple/list batches).
+    """
+
+    block_hook_order = 10
+
+    def __init__(
+        self,
+        quant: QuantConfig = QuantConfig(),
+        method: Literal["gptq", "rtn"] = "gptq",
+        backend: str = "torch",
+        calibration_batches: int = 16,
+        exclude: list[str] | None = None,
+        forward_fn: Callable[[Any, Any], Any] | None = None,
+    ) -> None:
+        if method not in ("gptq", "rtn"):
+            raise MisconfigurationException(f"GPTQCallback.method must be 'gptq' or 'rtn', got {method!r}")
+        if calibration_batches < 1:
+            raise MisconfigurationException(f"GPTQCallback.calibration_batches must be >= 1, got {calibration_batches}")
+        quant_linear_class(backend)  # unknown backend -> clear error now, not after calibration
+        self.quant = quant
+        self.method = method
+        self.backend = backend
+        self.calibration_batches = calibration_batches
+        self.exclude = [re.compile(p) for p in (exclude or [])]
+        self.forward_fn = forward_fn
+        self.records: list[LayerRecord] = []
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the driver must run calibration passes (GPTQ needs Hessians; RTN needs nothing)."""
+        return self.method == "gptq"
+
+    # -- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.method == "gptq" and not any(isinstance(cb, HessianCapture) for cb in trainer.callbacks):
+            raise MisconfigurationException(
+                "GPTQCallback(method='gptq') needs the layer Hessians: add HessianCapture() to the Trainer's callbacks."
+            )
+
+    def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
+        layers = list(ctx.layers.items())
+        bar = _layer_bar(trainer, layers, ctx)
+        for name, layer in layers:
+            if bar is not None:
+                bar.set_postfix_str(name)
+            record = self._quantize_layer(ctx, name, layer)
+            self.records.append(record)
+            _log_layer(trainer, ctx, record)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if getattr(pl_module, "drives_block_hooks", False):
+            return  # GPTQModule fires the block hooks itself
+        self.quantize_module(trainer, pl_module)
+
+    # -- work --------------------------------------------------------------------------------------
+    def _quantize_layer(self, ctx: BlockContext, name: str, layer) -> LayerRecord:
+        start = time.perf_counter()
+        weight = weight_out_in(layer)
+        full_name = ctx.full_name(name)
+        nsamples = 0
+        if self.method == "gptq":
+            accumulator = ctx.hessians.get(name)
+            if accumulator is None or accumulator.nsamples == 0:
+                raise RuntimeError(f"No calibration inputs reached layer {full_name!r}; cannot run GPTQ on it.")
+            nsamples = accumulator.nsamples
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", DampingIncreasedWarning)
+                qweight = gptq_quantize(weight, accumulator.hessian, self.quant)
+            for w in caught:
+                rank_zero_warn(f"{full_name}: {w.message}")
+            ctx.hessians.pop(name)  # free in_features² floats as soon as the layer is done
+        else:
+            qweight = rtn_quantize(weight, self.quant)
+        replace_submodule(ctx.block, name, make_quant_linear(layer, qweight, self.backend))
+        ctx.results[name] = qweight
+        return LayerRecord(
+            name=full_name, block=ctx.block_index, shape=tuple(weight.shape), method=self.method, loss=qweight.loss,
+            damp=qweight.damp, damp_retries=qweight.damp_retries, nsamples=nsamples, seconds=time.perf_counter() - start,
+        )
+
+    def quantize_module(self, trainer, pl_module) -> None:
+        """Quantize every linear of ``pl_module`` (one block: the whole model), calibrating on the
+        first ``calibration_batches`` training batches. Hessians come from the full-precision model."""
+        layers = {
+            name: m for name, m in pl_module.named_modules()
+            if name and is_linear(m) and not any(p.search(name) for p in self.exclude)
+        }
+        if not layers:
+            raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")
+        ctx = BlockContext(block_index=0, num_blocks=1, block=pl_module, layers=layers)
+        was_training = pl_module.training
+        pl_module.eval()
+        fire_block_hook(trainer, pl_module, "on_block_start", ctx)
+        seen = 0
+        try:
+            if self.method == "gptq":
+                dataloader = trainer.train_dataloader
+                if dataloader is None:
+                    raise MisconfigurationException("GPTQCallback needs the training dataloader to calibrate on")
+                with torch.no_grad():
+                    for batch in dataloader:
+                        if seen == self.calibration_batches:
+                            break
+                        self._forward(pl_module, move_data_to_device(batch, pl_module.device))
+                        seen += 1
+        finally:
+            fire_block_hook(trainer, pl_module, "on_block_end", ctx)
+            pl_module.train(was_training)
+        rank_zero_info(f"GPTQCallback: quantized {len(layers)} layers with {self.method} on {seen} calibration batches")
+
+    def _forward(self, pl_module, batch) -> None:
+        if self.forward_fn is not None:
+            self.forward_fn(pl_module, batch)
+        elif isinstance(batch, (tuple, list)):
+            pl_module(batch[0])
+        else:
+            pl_module(batch)
+
+    def summary(self) -> list[dict]:
+        return [asdict(r) for r in self.records]
+
+
+def _layer_bar(trainer, layers, ctx: BlockContext):
+    if trainer.progress_bar_callback is None or len(layers) < 2:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(layers), desc=f"solve {ctx.describe()}", unit="layer", leave=False, dynamic_ncols=True)
+
+
+def _log_layer(trainer, ctx: BlockContext, record: LayerRecord) -> None:
+    """Per-layer metrics to every logger: one series per layer type, the block index as step."""
+    name = record.name[len(ctx.prefix) + 1:] if ctx.prefix else record.name
+    metrics = {f"gptq/{name}/loss": record.loss, f"gptq/{name}/damp": record.damp}
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=ctx.block_index)

@@ -1,0 +1,111 @@
+"""Calibration windows for ``fit`` and evaluation windows for ``validate``/``test``."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_gptq.data import EVAL_DATASETS, calibration_windows, eval_tokens
+
+
+class WindowDataset(Dataset):
+    """Rows of ``windows`` [n, seqlen] as ``{"input_ids": [seqlen], "index": int}``."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.windows[i], "index": i}
+
+
+class CalibrationDataModule(LightningDataModule):
+    """Token windows cut from text with the module's tokenizer.
+
+    Args:
+        calibration: "c4", "wikitext2", "ptb" (hub) or a local text file / folder of .txt files.
+        nsamples: calibration windows (reference: 128).
+        seqlen: tokens per calibration window (reference: 2048).
+        seed: window choice (reference: 0).
+        batch_size: calibration windows per step (results do not depend on it; memory does).
+        eval_datasets: names from wikitext2, ptb, ptb-new, c4, c4-new scored by validate/test.
+        eval_paths: local files standing in for hub datasets, by name (e.g. {wikitext2: ../wiki.test.raw}).
+        eval_seqlen: evaluation window length (the protocol: 2048).
+        eval_max_windows: score only the first windows (quick checks; results then say PARTIAL).
+    """
+
+    def __init__(
+        self,
+        calibration: str = "c4",
+        nsamples: int = 128,
+        seqlen: int = 2048,
+        seed: int = 0,
+        batch_size: int = 1,
+        eval_datasets: list[str] | None = None,
+        eval_paths: dict[str, str] | None = None,
+        eval_seqlen: int = 2048,
+        eval_max_windows: int | None = None,
+    ) -> None:
+        super().__init__()
+        for field, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size), ("eval_seqlen", eval_seqlen)):
+            if value < 1:
+                raise MisconfigurationException(f"CalibrationDataModule.{field} must be >= 1, got {value}")
+        self.eval_datasets = list(eval_datasets if eval_datasets is not None else ["wikitext2"])
+        unknown = [d for d in self.eval_datasets if d not in EVAL_DATASETS]
+        if unknown:
+            raise MisconfigurationException(f"unknown eval dataset(s) {unknown}; choose from {list(EVAL_DATASETS)}")
+        self.calibration, self.nsamples, self.seqlen, self.seed = calibration, nsamples, seqlen, seed
+        self.batch_size = batch_size
+        self.eval_paths = dict(eval_paths or {})
+        self.eval_seqlen, self.eval_max_windows = eval_seqlen, eval_max_windows
+        self._calibration: torch.Tensor | None = None
+        self._eval: dict[str, torch.Tensor] = {}
+
+    def _tokenizer(self):
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None:
+            raise MisconfigurationException("CalibrationDataModule needs a LightningModule with a `tokenizer` (GPTQModule)")
+        return tokenizer
+
+    def calibration_windows(self, tokenizer=None) -> torch.Tensor:
+        """[nsamples, seqlen] token ids; cached after the first call."""
+        if self._calibration is None:
+            self._calibration = calibration_windows(
+                self.calibration, tokenizer or self._tokenizer(), nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed
+            )
+        return self._calibration
+
+    def eval_tokens(self, name: str, tokenizer=None) -> torch.Tensor:
+        """[1, N] tokens of evaluation set ``name``, joined by the protocol's rule."""
+        if name not in self._eval:
+            self._eval[name] = eval_tokens(name, tokenizer or self._tokenizer(), path=self.eval_paths.get(name),
+                                           seqlen=self.eval_seqlen)
+        return self._eval[name]
+
+    def eval_windows(self, name: str, tokenizer=None) -> tuple[torch.Tensor, int]:
+        """``(windows [n, eval_seqlen], total)``: the protocol's windows (tail dropped), only the first
+        ``eval_max_windows`` of the ``total`` when that is set."""
+        tokens = self.eval_tokens(name, tokenizer).reshape(-1)
+        total = tokens.numel() // self.eval_seqlen
+        n = total if self.eval_max_windows is None else min(total, self.eval_max_windows)
+        return tokens[: n * self.eval_seqlen].view(n, self.eval_seqlen), total
+
+    def train_dataloader(self) -> DataLoader:
+        # Not shuffled: calibration stages index the activation cache by batch position.
+        return DataLoader(WindowDataset(self.calibration_windows()), batch_size=self.batch_size, shuffle=False)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            return []  # fit scores perplexity itself, once, after the last block
+        return self._eval_loaders()
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders()
+
+    def _eval_loaders(self) -> list[DataLoader]:
+        return [DataLoader(WindowDataset(self.eval_windows(name)[0]), batch_size=1) for name in self.eval_datasets]

@@ -1,0 +1,398 @@
+"""``GPTQModule``: GPTQ calibration of a causal LM as a Lightning ``fit`` loop.
+
+Each fit *epoch* is one stage of the reference's sequential procedure, each *step* one calibration
+batch:
+
+    capture            embeddings on every calibration window -> inputs of block 0 (cached on CPU)
+    calibrate b[, g]   block b runs on its cached inputs while HessianCapture accumulates; at the
+                       epoch's end ``on_block_end`` lets GPTQCallback solve and swap the layers
+                       (true-sequential: once per group, later groups seeing quantized earlier ones)
+    propagate b        the quantized block runs again; its outputs become block b+1's inputs
+
+Only the block being worked on needs to sit on the compute device. ``validate``/``test`` score the
+paper's perplexity on the configured evaluation sets and measure latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import resource
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from lightning_gptq.data import perplexity
+from lightning_gptq.models import capture_block_inputs, get_adapter, load_causal_lm, run_block
+from lightning_gptq.models.capture import BlockInputs
+from lightning_gptq.models.latency import measure_latency
+from lightning_gptq.nn import QuantLinear
+
+from .callbacks import GPTQCallback, HessianCapture
+from .hooks import BlockContext, fire_block_hook
+from .metrics import ProtocolPerplexity
+from .summary import write_summary
+
+
+@dataclass(frozen=True)
+class Stage:
+    kind: str  # "capture" | "calibrate" | "propagate" | "quantize" (no calibration needed)
+    block: int = -1
+    group: int = 0
+    num_groups: int = 1
+
+    def describe(self, num_blocks: int) -> str:
+        if self.kind == "capture":
+            return "capture block inputs"
+        if self.kind == "quantize":
+            return "quantize (round to nearest)"
+        group = f" group {self.group + 1}/{self.num_groups}" if self.kind == "calibrate" and self.num_groups > 1 else ""
+        return f"{self.kind} block {self.block + 1}/{num_blocks}{group}"
+
+
+def max_positions(config) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _describe_progress(bar, text: str) -> None:
+    """Name the current stage on the progress bar instead of "Epoch N"."""
+    if isinstance(bar, TQDMProgressBar) and bar.train_progress_bar is not None:
+        bar.train_progress_bar.set_description(text)
+    elif isinstance(bar, RichProgressBar) and bar.progress is not None and bar.train_progress_bar_id is not None:
+        bar.progress.update(bar.train_progress_bar_id, description=text)
+
+
+class GPTQModule(LightningModule):
+    """A causal LM to quantize (``fit``) or score (``validate``/``test``).
+
+    Args:
+        model: hub id, local HF folder, ``.gguf`` file, or a folder saved by a previous ``fit``.
+        gguf_file: GGUF file name inside ``model`` (a folder or hub repo).
+        dtype: weights' dtype while calibrating and scoring (fp32 on CPUs without fast bf16).
+        trust_remote_code: allow the model repository's own Python code.
+        revision: hub revision.
+        true_sequential: quantize a block's linears group by group (attention in → attention out →
+            MLP in → MLP out), re-running the block in between so later groups see quantized inputs.
+        activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache).
+        eval_before: score perplexity of the full-precision model before quantizing.
+        eval_after: score perplexity right after quantizing.
+        output_dir: where the quantized model and run summary go (default: ``<log dir>/quantized``).
+        save_quantized: write the quantized model after ``fit``.
+        latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
+        latency_prompt_tokens: prompt length for the prefill measurement.
+        latency_decode_tokens: generated tokens for the decode measurement.
+    """
+
+    drives_block_hooks = True
+
+    def __init__(
+        self,
+        model: str,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        true_sequential: bool = False,
+        activation_dtype: str | None = None,
+        eval_before: bool = False,
+        eval_after: bool = True,
+        output_dir: str | None = None,
+        save_quantized: bool = True,
+        latency: bool = True,
+        latency_prompt_tokens: int = 128,
+        latency_decode_tokens: int = 32,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        for name in ("latency_prompt_tokens", "latency_decode_tokens"):
+            if getattr(self.hparams, name) < 1:
+                raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")
+        # Held outside the module tree so Lightning never moves the whole model to the device: we
+        # move one block at a time.
+        self.tokenizer = None
+        self._load()
+        self._adapter = None
+        self.timings: dict[str, float] = defaultdict(float)
+        self.results: dict[str, dict] = {}
+        self._stages: list[Stage] = []
+        self._inputs: BlockInputs | None = None
+        self._next_hidden: list[torch.Tensor] = []
+        self._ctx: BlockContext | None = None
+        self._val_ppl: list[ProtocolPerplexity] = []
+
+    # -- model -------------------------------------------------------------------------------------
+    def _load(self) -> None:
+        hp = self.hparams
+        if os.path.isdir(os.path.expanduser(hp.model)) and is_quantized_checkpoint(os.path.expanduser(hp.model)):
+            lm, self.tokenizer = load_quantized(os.path.expanduser(hp.model), trust_remote_code=hp.trust_remote_code)
+        else:
+            lm, self.tokenizer = load_causal_lm(hp.model, gguf_file=hp.gguf_file, dtype=hp.dtype,
+                                                trust_remote_code=hp.trust_remote_code, revision=hp.revision)
+        object.__setattr__(self, "_lm", lm)  # not a registered submodule (see __init__)
+
+    @property
+    def lm(self) -> nn.Module:
+        """The wrapped Hugging Face causal LM."""
+        return self._lm
+
+    @property
+    def adapter(self):
+        """The architecture adapter, its block path pinned: structure detection looks for linear
+        layers, which a partly quantized model no longer has."""
+        if self._adapter is None:
+            adapter = get_adapter(self._lm)
+            owner, attribute = adapter.blocks_location(self._lm)
+            owner_name = next(name for name, m in self._lm.named_modules() if m is owner)
+            path = ".".join(p for p in (owner_name, attribute) if p)
+            self._adapter = dataclasses.replace(adapter, blocks_path=path)
+        return self._adapter
+
+    @property
+    def is_quantized(self) -> bool:
+        return any(isinstance(m, QuantLinear) for m in self._lm.modules())
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._lm(input_ids=input_ids, use_cache=False).logits
+
+    def configure_optimizers(self):
+        return None  # calibration, not training: no optimizer, no gradients
+
+    def configure_callbacks(self):
+        return [] if any(isinstance(cb, HessianCapture) for cb in self.trainer.callbacks) else [HessianCapture()]
+
+    # -- setup and the stage plan ------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule
+        limit = max_positions(self._lm.config)
+        lengths = {"seqlen": getattr(dm, "seqlen", None), "eval_seqlen": getattr(dm, "eval_seqlen", None)}
+        for field, value in lengths.items():
+            if limit is not None and value is not None and value > limit:
+                raise MisconfigurationException(
+                    f"data.{field}={value} is longer than the {limit} positions {type(self._lm).__name__} supports"
+                )
+        if stage != "fit":
+            return
+        if self.is_quantized:
+            raise MisconfigurationException(f"{self.hparams.model} is already quantized; fit needs a full-precision model")
+        if not any(isinstance(cb, GPTQCallback) for cb in self.trainer.callbacks):
+            raise MisconfigurationException("fit quantizes through GPTQCallback: add it to the Trainer's callbacks")
+        blocks = self.adapter.blocks(self._lm)
+        if not any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks):
+            self._stages = [Stage("quantize")]  # round-to-nearest: no calibration passes at all
+        else:
+            self._stages = [Stage("capture")]
+        for b, block in enumerate(blocks if self._stages[0].kind == "capture" else []):
+            groups = self._groups(block)
+            self._stages += [Stage("calibrate", b, g, len(groups)) for g in range(len(groups))]
+            self._stages.append(Stage("propagate", b))
+        self.trainer.fit_loop.max_epochs = len(self._stages)
+        self.trainer.fit_loop.min_epochs = len(self._stages)
+
+    def _groups(self, block: nn.Module) -> list[list[str]]:
+        if self.hparams.true_sequential:
+            return self.adapter.sequential_groups(block)
+        return [list(self.adapter.linear_layers(block))]
+
+    @property
+    def stage(self) -> Stage:
+        return self._stages[self.current_epoch]
+
+    def _block(self, index: int) -> nn.Module:
+        return self.adapter.blocks(self._lm)[index]
+
+    def _block_prefix(self, index: int) -> str:
+        return f"{self.adapter.blocks_path}.{index}"
+
+    # -- fit ---------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._fit_start = time.perf_counter()
+        if self.hparams.eval_before:
+            self.results["before"] = self._evaluate("eval_before")
+
+    def on_train_epoch_start(self) -> None:
+        stage = self.stage
+        num_blocks = len(self.adapter.blocks(self._lm))
+        _describe_progress(self.trainer.progress_bar_callback, stage.describe(num_blocks))
+        if stage.kind == "capture":
+            self._inputs = BlockInputs(hidden=[], kwargs=[], block_overrides=[])
+            return
+        if stage.kind == "quantize":
+            return
+        block = self._block(stage.block).to(self.device)
+        if stage.kind == "calibrate":
+            if stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
+                self._block_groups = self._groups(block)
+            layers = {name: block.get_submodule(name) for name in self._block_groups[stage.group]}
+            self._ctx = BlockContext(stage.block, num_blocks, block, layers, stage.group, stage.num_groups,
+                                     prefix=self._block_prefix(stage.block))
+            fire_block_hook(self.trainer, self, "on_block_start", self._ctx)
+        else:
+            self._next_hidden = []
+        self._epoch_start = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        stage = self.stage
+        if stage.kind == "quantize":
+            return None
+        if stage.kind == "capture":
+            start = time.perf_counter()
+            got = capture_block_inputs(self._lm, self.adapter, batch["input_ids"], batch_size=batch["input_ids"].shape[0],
+                                       storage_dtype=self.hparams.activation_dtype, device=self.device)
+            self._inputs.hidden += got.hidden
+            self._inputs.kwargs += got.kwargs
+            self._inputs.block_overrides += got.block_overrides
+            self.timings["capture"] += time.perf_counter() - start
+            return None
+        block = self._block(stage.block)
+        hidden = run_block(block, self._inputs.hidden[batch_idx], self._inputs.kwargs_for(stage.block, batch_idx))
+        if stage.kind == "propagate":
+            self._next_hidden.append(hidden.to("cpu", dtype=self._inputs.hidden[batch_idx].dtype))
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        stage = self.stage
+        if stage.kind == "capture":
+            return
+        if stage.kind == "quantize":
+            self._quantize_without_calibration()
+            return
+        self.timings["hessian" if stage.kind == "calibrate" else "propagate"] += time.perf_counter() - self._epoch_start
+        if stage.kind == "calibrate":
+            start = time.perf_counter()
+            fire_block_hook(self.trainer, self, "on_block_end", self._ctx)
+            self._ctx = None
+            self.timings["solve"] += time.perf_counter() - start
+        else:
+            if len(self._next_hidden) != len(self._inputs.hidden):
+                raise RuntimeError("propagate stage saw fewer batches than were captured (limit_train_batches < 1?)")
+            self._inputs.hidden = self._next_hidden
+            self._next_hidden = []
+            if self.device.type != "cpu":
+                self._block(stage.block).to("cpu")
+
+    def on_train_end(self) -> None:
+        self._inputs = None  # free the activation cache before scoring
+        self.timings["total_fit"] = time.perf_counter() - self._fit_start
+        if self.hparams.eval_after:
+            self.results["after"] = self._evaluate("eval_after")
+        if self.hparams.latency:
+            self._lm.to(self.device)
+            self.results["latency"] = measure_latency(
+                self._lm, prompt_tokens=self.hparams.latency_prompt_tokens, decode_tokens=self.hparams.latency_decode_tokens
+            ).to_dict()
+            rank_zero_info(f"latency: {self.results['latency']}")
+        out = self.output_dir()
+        if self.hparams.save_quantized and self.trainer.is_global_zero:
+            start = time.perf_counter()
+            gptq = next(cb for cb in self.trainer.callbacks if isinstance(cb, GPTQCallback))
+            save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model",
+                           extra={"quant": gptq.quant.to_dict(), "method": gptq.method,
+                                  "true_sequential": self.hparams.true_sequential, "source_model": self.hparams.model})
+            self.timings["save"] = time.perf_counter() - start
+            rank_zero_info(f"quantized model saved to {out / 'model'}")
+        if self.trainer.is_global_zero:
+            paths = write_summary(self, out)
+            rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
+
+    def _quantize_without_calibration(self) -> None:
+        start = time.perf_counter()
+        blocks = self.adapter.blocks(self._lm)
+        for b, block in enumerate(blocks):
+            block.to(self.device)
+            ctx = BlockContext(b, len(blocks), block, dict(self.adapter.linear_layers(block)), prefix=self._block_prefix(b))
+            fire_block_hook(self.trainer, self, "on_block_start", ctx)
+            fire_block_hook(self.trainer, self, "on_block_end", ctx)
+            if self.device.type != "cpu":
+                block.to("cpu")
+        self.timings["solve"] += time.perf_counter() - start
+
+    def output_dir(self) -> Path:
+        if self.hparams.output_dir:
+            return Path(self.hparams.output_dir)
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "quantized"
+
+    def _evaluate(self, label: str) -> dict:
+        """Perplexity on every configured eval set with the standalone evaluator (whole model)."""
+        dm = self.trainer.datamodule
+        start = time.perf_counter()
+        self._lm.to(self.device)
+        results = {}
+        for name in dm.eval_datasets:
+            result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
+                                max_windows=dm.eval_max_windows, progress=self.trainer.progress_bar_callback is not None)
+            rank_zero_info(f"{label}: {result}")
+            results[name] = {"ppl": result.ppl, "text": str(result), "windows": result.nsamples,
+                             "seqlen": result.seqlen, "tokens": result.n_tokens, "protocol": result.protocol}
+            for logger in self.loggers:
+                logger.log_metrics({f"{label}/ppl/{name}": result.ppl})
+        self.timings[label] += time.perf_counter() - start
+        return results
+
+    def peak_memory(self) -> dict:
+        memory = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if torch.cuda.is_available():
+            memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        return memory
+
+    # -- validate / test ---------------------------------------------------------------------------
+    def _eval_start(self) -> None:
+        self._lm.to(self.device).eval()
+        names = self.trainer.datamodule.eval_datasets
+        self._val_ppl = [ProtocolPerplexity().to(self.device) for _ in names]
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        ids = batch["input_ids"].to(self.device)
+        self._val_ppl[dataloader_idx].update(self(ids), ids)
+
+    def _eval_end(self, prefix: str) -> None:
+        dm = self.trainer.datamodule
+        for name, metric in zip(dm.eval_datasets, self._val_ppl):
+            value = metric.compute()
+            tokens = int(metric.tokens)
+            windows, total = tokens // dm.eval_seqlen, dm.eval_windows(name)[1]
+            coverage = f"{windows} windows" if windows == total else f"first {windows} of {total} windows, PARTIAL"
+            self.log(f"{prefix}/ppl/{name}", value, add_dataloader_idx=False)
+            rank_zero_info(f"{prefix} perplexity {name}: {value.item():.4f} [protocol gptq-paper: non-overlapping "
+                           f"windows, seqlen {dm.eval_seqlen}, {coverage}, {tokens:,} tokens]")
+            self.results.setdefault(prefix, {})[name] = {"ppl": value.item(), "tokens": tokens, "seqlen": dm.eval_seqlen,
+                                                         "windows": windows, "total_windows": total}
+            metric.reset()
+        if self.hparams.latency:
+            lat = measure_latency(self._lm, prompt_tokens=self.hparams.latency_prompt_tokens,
+                                  decode_tokens=self.hparams.latency_decode_tokens)
+            self.log(f"{prefix}/latency/prefill_tokens_per_s", lat.prefill_tokens_per_s)
+            self.log(f"{prefix}/latency/decode_ms_per_token", lat.decode_ms_per_token)
+            rank_zero_info(f"{prefix} latency: {lat}")
+            self.results.setdefault(prefix, {})["latency"] = lat.to_dict()
+
+    def on_validation_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")

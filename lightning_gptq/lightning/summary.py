@@ -1,0 +1,104 @@
+"""The run summary written after ``fit``: JSON for tools, Markdown for people, a per-layer loss plot."""
+
+from __future__ import annotations
+
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+import lightning_gptq
+
+
+def _layer_table(records: list[dict]) -> list[str]:
+    lines = ["| layer | shape | loss | damp | retries | samples | s |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in records:
+        lines.append(f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['loss']:.4g} | {r['damp']:g} | "
+                     f"{r['damp_retries']} | {r['nsamples']} | {r['seconds']:.3f} |")
+    return lines
+
+
+def _plot(records: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series: dict[str, tuple[list[int], list[float]]] = {}
+    for r in records:
+        kind = r["name"].split(".", 3)[-1] if r["name"].count(".") >= 3 else r["name"]
+        xs, ys = series.setdefault(kind, ([], []))
+        xs.append(r["block"])
+        ys.append(max(r["loss"], 1e-12))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for kind, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=kind)
+    ax.set_yscale("log")
+    ax.set_xlabel("block")
+    ax.set_ylabel("GPTQ loss  Σ(w−q)²/U[j,j]²/2")
+    ax.set_title("per-layer quantization loss")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_summary(module, folder: Path) -> tuple[Path, Path]:
+    """Write ``summary.json`` and ``summary.md`` (plus ``layer_loss.png`` when matplotlib is there)."""
+    from .callbacks import GPTQCallback
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gptq = next(cb for cb in module.trainer.callbacks if isinstance(cb, GPTQCallback))
+    dm = module.trainer.datamodule
+    records = gptq.summary()
+    data = {
+        "tool": {"name": "lightning-gptq", "version": lightning_gptq.__version__, "torch": torch.__version__,
+                 "python": platform.python_version(), "threads": torch.get_num_threads()},
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": dict(module.hparams),
+        "quant": gptq.quant.to_dict(),
+        "method": gptq.method,
+        "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed},
+        "timings_s": dict(module.timings),
+        "peak_memory": module.peak_memory(),
+        "results": module.results,
+        "layers": records,
+    }
+    json_path, md_path = folder / "summary.json", folder / "summary.md"
+    json_path.write_text(json.dumps(data, indent=2, default=str))
+    lines = [
+        f"# lightning-gptq run: {module.hparams.model}",
+        "",
+        f"- method: **{gptq.method}**, {gptq.quant}",
+        f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
+        f" true-sequential: {module.hparams.true_sequential}",
+        f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
+        "",
+        "## Time per stage (s)",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *[f"| {k} | {v:.1f} |" for k, v in module.timings.items()],
+        "",
+        "## Perplexity",
+        "",
+    ]
+    for when in ("before", "after"):
+        for name, r in module.results.get(when, {}).items():
+            lines.append(f"- {when}: {r['text']}")
+    if "latency" in module.results:
+        lat = module.results["latency"]
+        lines += ["", "## Latency", "", f"- prefill {lat['prefill_tokens_per_s']:.1f} tokens/s "
+                  f"({lat['prompt_tokens']}-token prompt), decode {lat['decode_ms_per_token']:.2f} ms/token "
+                  f"({lat['decode_tokens']} tokens, batch 1) on {lat['device']} {lat['dtype']}, {lat['threads']} threads"]
+    lines += ["", "## Layers", ""]
+    if _plot(records, folder / "layer_loss.png"):
+        lines += ["![per-layer loss](layer_loss.png)", ""]
+    lines += _layer_table(records)
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path
