@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gptq.checkpoint import CheckpointError
+from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
+from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
+from lightning_gptq.quant import QuantConfigError
 
 from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule
 
@@ -23,14 +31,26 @@ class GPTQCLI(LightningCLI):
         parser.add_lightning_class_args(GPTQCallback, "gptq")
 
 
-def main(args=None) -> None:
-    GPTQCLI(
-        GPTQModule,
-        CalibrationDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},  # re-running in the same folder must not trip over config.yaml
-        args=args,
-    )
+USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,
+               DatasetUnavailableError, CheckpointError, MisconfigurationException)
+
+
+def main(args=None) -> GPTQCLI:
+    """Run the CLI. Given ``args`` (in-process use), errors propagate; from the command line a user
+    error prints one line and exits with status 2 instead of a traceback."""
+    try:
+        return GPTQCLI(
+            GPTQModule,
+            CalibrationDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_kwargs={"overwrite": True},  # re-running in the same folder must not trip over config.yaml
+            args=args,
+        )
+    except USER_ERRORS as error:
+        if args is not None:
+            raise
+        print(f"lightning-gptq: error: {type(error).__name__}: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -62,6 +62,13 @@ def text_windows(ids: torch.Tensor, *, nsamples: int, seqlen: int, seed: int) ->
             f"The calibration text has {ids.numel()} tokens; windows of seqlen={seqlen} need at least "
             f"{seqlen + 1}. Use more text or a shorter seqlen."
         )
+    if nsamples * seqlen > ids.numel():
+        # Random windows may overlap, but asking for more tokens than the text holds means the
+        # "calibration set" is mostly repeats of the same text: refuse rather than mislead.
+        raise CalibrationDataError(
+            f"{nsamples} calibration windows of {seqlen} tokens need {nsamples * seqlen:,} tokens; the text has only "
+            f"{ids.numel():,}. Use more text, fewer samples (nsamples) or shorter windows (seqlen)."
+        )
     rng = random.Random(seed)
     starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
     return torch.stack([ids[s : s + seqlen] for s in starts]).to(torch.long)

@@ -199,6 +199,14 @@ class GPTQCallback(Callback):
                             break
                         self._forward(pl_module, move_data_to_device(batch, pl_module.device))
                         seen += 1
+                # Layers whose forward never runs (nn.MultiheadAttention reads out_proj.weight directly)
+                # have no inputs to calibrate on: they stay in full precision.
+                idle = [n for n in layers if n in ctx.hessians and ctx.hessians[n].nsamples == 0]
+                if idle:
+                    rank_zero_warn(f"GPTQCallback: no inputs reached {idle} (their forward is never called); "
+                                   "they stay in full precision")
+                    for name in idle:
+                        del ctx.layers[name], ctx.hessians[name]
         finally:
             fire_block_hook(trainer, pl_module, "on_block_end", ctx)
             pl_module.train(was_training)

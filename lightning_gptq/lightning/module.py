@@ -178,7 +178,10 @@ class GPTQModule(LightningModule):
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
         limit = max_positions(self._lm.config)
-        lengths = {"seqlen": getattr(dm, "seqlen", None), "eval_seqlen": getattr(dm, "eval_seqlen", None)}
+        scores = bool(getattr(dm, "eval_datasets", None)) and (
+            stage != "fit" or self.hparams.eval_before or self.hparams.eval_after)
+        lengths = {"seqlen": getattr(dm, "seqlen", None) if stage == "fit" else None,
+                   "eval_seqlen": getattr(dm, "eval_seqlen", None) if scores else None}
         for field, value in lengths.items():
             if limit is not None and value is not None and value > limit:
                 raise MisconfigurationException(

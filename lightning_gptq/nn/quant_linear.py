@@ -53,6 +53,11 @@ class QuantLinear(nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return self.scales.dtype
 
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized weight [out, in], for code that reads ``.weight`` (a fresh tensor each time)."""
+        return self.dequantize()
+
     def dequantize(self) -> Tensor:
         """The dense weight [out, in] this layer represents."""
         return torch_ref.dequantize(self.codes, self.scales, self.zeros, self.g_idx)

@@ -1,0 +1,268 @@
+"""The Lightning module end to end on tiny models, the callbacks in a foreign project, the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_gptq import QuantConfig, gptq_quantize
+from lightning_gptq.checkpoint import CheckpointError, load_quantized
+from lightning_gptq.cli import main
+from lightning_gptq.data import perplexity
+from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture, ProtocolPerplexity
+from lightning_gptq.models import capture_block_inputs, get_adapter, load_causal_lm, run_block, weight_out_in
+from lightning_gptq.nn import QuantLinear, make_quant_linear, replace_submodule
+from lightning_gptq.quant import HessianAccumulator
+from tiny_lm import CALIBRATION_TEXT, WIKITEXT_TEST, tiny_model_dir
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+def cli_args(model_dir, root, *extra, nsamples=6, seqlen=24, group_size=12):
+    return [
+        f"--model.model={model_dir}", f"--data.calibration={CALIBRATION_TEXT}", f"--data.nsamples={nsamples}",
+        f"--data.seqlen={seqlen}", "--data.eval_datasets=[wikitext2]", f"--data.eval_paths={{wikitext2: {WIKITEXT_TEST}}}",
+        "--data.eval_seqlen=32", "--data.eval_max_windows=6", "--gptq.quant.bits=4", f"--gptq.quant.group_size={group_size}",
+        "--gptq.quant.sym=false", f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
+        "--model.latency_prompt_tokens=8", "--model.latency_decode_tokens=2", *QUIET, *extra,
+    ]
+
+
+def only_run_dir(root):
+    (run,) = sorted((root / "lightning_logs").iterdir())
+    return run
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt", "gpt2"])
+def test_fit_end_to_end_then_validate_the_saved_model(tmp_path, arch):
+    """fit on a tiny model: every block linear swapped, summary written, saved model reloads and
+    scores the same perplexity in `validate` as right after fit. (hidden 32, g12: ragged last group)"""
+    model_dir = tiny_model_dir(tmp_path, arch)
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--model.true_sequential=true")])
+    out = only_run_dir(tmp_path / "runs") / "quantized"
+    summary = json.loads((out / "summary.json").read_text())
+    lm, _ = load_causal_lm(str(model_dir))
+    adapter = get_adapter(lm)
+    n_linears = sum(len(adapter.linear_layers(b)) for b in adapter.blocks(lm))
+    assert len(summary["layers"]) == n_linears and all(r["nsamples"] == 6 for r in summary["layers"])
+    assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 for r in summary["layers"])
+    assert set(summary["timings_s"]) >= {"capture", "hessian", "solve", "propagate", "eval_after"}
+    after = summary["results"]["after"]["wikitext2"]
+    assert "PARTIAL" in after["text"] and after["windows"] == 6
+    assert summary["results"]["latency"]["decode_ms_per_token"] > 0
+    markdown = (out / "summary.md").read_text()
+    assert all(f"| {r['name']} |" in markdown for r in summary["layers"])
+    quantized, _ = load_quantized(out / "model")
+    assert sum(isinstance(m, QuantLinear) for m in quantized.modules()) == n_linears
+    cli = main(["validate", *cli_args(out / "model", tmp_path / "val", "--model.latency=false")])
+    scored = cli.model.results["val"]["wikitext2"]
+    assert scored["windows"] == 6 and scored["total_windows"] > 6
+    assert scored["ppl"] == pytest.approx(after["ppl"], rel=1e-5)
+    assert cli.trainer.callback_metrics["val/ppl/wikitext2"].item() == pytest.approx(after["ppl"], rel=1e-5)
+
+
+def manual_sequential_gptq(lm, windows, cfg, true_sequential):
+    """The reference's procedure written plainly with the torch-level pieces, no Lightning."""
+    adapter = get_adapter(lm)
+    inputs = capture_block_inputs(lm, adapter, windows, batch_size=1)
+    hidden = list(inputs.hidden)
+    codes = {}
+    for b, block in enumerate(adapter.blocks(lm)):
+        groups = adapter.sequential_groups(block) if true_sequential else [list(adapter.linear_layers(block))]
+        for group in groups:
+            accs = {name: HessianAccumulator(weight_out_in(block.get_submodule(name)).shape[1]) for name in group}
+            handles = [block.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(a[0])) for n in group]
+            for j, h in enumerate(hidden):
+                run_block(block, h, inputs.kwargs_for(b, j))
+            for handle in handles:
+                handle.remove()
+            for name in group:
+                layer = block.get_submodule(name)
+                qw = gptq_quantize(weight_out_in(layer), accs[name].hessian, cfg)
+                replace_submodule(block, name, make_quant_linear(layer, qw))
+                codes[f"{adapter.blocks_path or 'model.layers'}.{b}.{name}"] = qw.codes
+        hidden = [run_block(block, h, inputs.kwargs_for(b, j)) for j, h in enumerate(hidden)]
+    return codes
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_fit_loop_equals_solver_on_the_same_captured_inputs(tmp_path, true_sequential):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    cfg = QuantConfig(bits=3, group_size=16, sym=False)
+    module = GPTQModule(str(model_dir), true_sequential=true_sequential, eval_after=False, save_quantized=False, latency=False)
+    dm = CalibrationDataModule(str(CALIBRATION_TEXT), nsamples=5, seqlen=20, eval_datasets=[], eval_seqlen=32)
+    trainer = Trainer(callbacks=[HessianCapture(), GPTQCallback(cfg)], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    fitted = {n: m.codes for n, m in module.lm.named_modules() if isinstance(m, QuantLinear)}
+
+    lm, _ = load_causal_lm(str(model_dir))
+    expected = manual_sequential_gptq(lm, dm.calibration_windows(module.tokenizer), cfg, true_sequential)
+    assert fitted.keys() == expected.keys() and len(fitted) == 3 * 7
+    for name in expected:
+        assert torch.equal(fitted[name], expected[name]), name
+
+
+def test_callbacks_quantize_a_users_own_lightning_module():
+    """No GPTQModule: a small GPT trained for a few steps, quantized by adding our callbacks."""
+
+    class TinyGPT(LightningModule):
+        def __init__(self, vocab=50, width=48, seqlen=16):
+            super().__init__()
+            self.embed = nn.Embedding(vocab, width)
+            self.pos = nn.Parameter(torch.zeros(seqlen, width))
+            layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.0, batch_first=True)
+            self.blocks = nn.TransformerEncoder(layer, 2)
+            self.mlp = nn.Sequential(nn.Linear(width, 96), nn.GELU(), nn.Linear(96, width))
+            self.head = nn.Linear(width, vocab)
+            self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(seqlen))
+
+        def forward(self, x):
+            h = self.blocks(self.embed(x) + self.pos, mask=self.mask, is_causal=True)
+            return self.head(h + self.mlp(h))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = nn.functional.cross_entropy(self(x).flatten(0, 1), y.flatten())
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-3)
+
+    torch.manual_seed(0)
+    seq = torch.arange(17 * 64) % 50  # a learnable repeating pattern
+    data = torch.stack([seq[i : i + 17] for i in range(0, 64 * 16, 16)])
+    loader = DataLoader(TensorDataset(data[:, :-1], data[:, 1:]), batch_size=8)
+    x = data[:16, :-1]
+
+    def run(method):
+        torch.manual_seed(0)
+        model = TinyGPT()
+        trainer = Trainer(max_steps=30, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False,
+                          callbacks=[HessianCapture(), GPTQCallback(QuantConfig(bits=3, group_size=16), method=method,
+                                                                    calibration_batches=4, exclude=["^head$"])])
+        trainer.fit(model, loader)
+        return model
+
+    fp = TinyGPT()
+    torch.manual_seed(0)
+    fp = TinyGPT()
+    Trainer(max_steps=30, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False).fit(fp, loader)
+    gptq, rtn = run("gptq"), run("rtn")
+    names = [n for n, m in gptq.named_modules() if isinstance(m, QuantLinear)]
+    assert sorted(names) == ["blocks.layers.0.linear1", "blocks.layers.0.linear2", "blocks.layers.1.linear1",
+                             "blocks.layers.1.linear2", "mlp.0", "mlp.2"]  # out_proj: never called as a module
+    assert isinstance(gptq.head, nn.Linear)
+    with torch.no_grad():
+        ref, out_g, out_r = fp.eval()(x), gptq.eval()(x), rtn.eval()(x)
+    err_g, err_r = (out_g - ref).square().mean().item(), (out_r - ref).square().mean().item()
+    assert 0 < err_g < err_r, (err_g, err_r)
+
+
+def test_gptq_callback_without_hessian_capture_is_a_clear_error():
+    trainer = Trainer(callbacks=[GPTQCallback()], logger=False, enable_progress_bar=False, max_steps=1)
+
+    class M(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def training_step(self, batch, i):
+            return self.lin(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.raises(MisconfigurationException, match="add HessianCapture"):
+        trainer.fit(M(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
+
+
+def test_metric_equals_standalone_evaluator(tmp_path):
+    lm, tok = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    dm = CalibrationDataModule(eval_datasets=["wikitext2"], eval_paths={"wikitext2": str(WIKITEXT_TEST)}, eval_seqlen=24,
+                               eval_max_windows=9)
+    tokens = dm.eval_tokens("wikitext2", tok)
+    windows, _ = dm.eval_windows("wikitext2", tok)
+    metric = ProtocolPerplexity()
+    with torch.no_grad():
+        for i in range(0, 9, 4):  # uneven batches: 4, 4, 1
+            metric.update(lm(input_ids=windows[i : i + 4]).logits, windows[i : i + 4])
+    expected = perplexity(lm, tokens, seqlen=24, max_windows=9, progress=False)
+    assert metric.compute().item() == pytest.approx(expected.ppl, rel=1e-9)
+
+
+def test_cli_help_print_config_round_trip_and_overrides(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--gptq.quant.bits", "--gptq.quant.group_size", "--gptq.method", "--model.true_sequential",
+                   "--data.nsamples", "--data.eval_paths", "--model.output_dir"):
+        assert option in help_text
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/smollm2-135m.yaml", "--gptq.quant.bits=3", "--data.nsamples=16", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "bits: 3" in printed and "nsamples: 16" in printed
+    (tmp_path / "printed.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
+    assert capsys.readouterr().out == printed
+
+
+def test_cli_rerun_in_the_same_folder(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    args = cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false", "--model.latency=false",
+                    "--model.output_dir=" + str(tmp_path / "out"), "--trainer.logger=false")
+    main(["fit", *args])
+    main(["fit", *args])  # config.yaml from the first run is overwritten, not an error
+    assert (tmp_path / "out" / "model" / "lightning_gptq.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "extra,error",
+    [
+        (["--model.model=/no/such/model"], "does not exist"),
+        (["--data.seqlen=100"], "longer than the 64 positions"),
+        (["--data.nsamples=0"], "nsamples must be >= 1"),
+        (["--data.calibration=EMPTY"], "holds no text"),
+        (["--data.calibration=SHORT", "--data.nsamples=4", "--data.seqlen=32"], "the text has only"),
+    ],
+)
+def test_bad_input_fails_before_heavy_work(tmp_path, extra, error):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "short.txt").write_text("A short text of about sixty characters, far too few here.")
+    extra = [e.replace("EMPTY", str(tmp_path / "empty.txt")).replace("SHORT", str(tmp_path / "short.txt")) for e in extra]
+    with pytest.raises(Exception, match=error):
+        main(["fit", *cli_args(model_dir, tmp_path / "runs", *extra)])
+
+
+def test_wrong_bits_is_one_clear_line_from_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "lightning_gptq", "fit", "--config", "configs/smollm2-135m.yaml",
+                           "--gptq.quant.bits=9"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "QuantConfig.bits must be an integer in 2..8, got 9" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={out}")])
+    weights = out / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_quantized(out / "model")
+    (out / "model" / "lightning_gptq.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_quantized(out / "model")
