@@ -14,6 +14,12 @@ from lightning_gptq.quant import QuantConfigError
 
 from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule
 
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) is not None for m in ("tensorboard", "tensorboardX"))
+
+
 TRAINER_DEFAULTS = {
     "accelerator": "auto",
     "devices": 1,
@@ -21,7 +27,9 @@ TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,  # validation would score the model before it is quantized
     "enable_checkpointing": False,  # GPTQModule saves the quantized model itself
     "default_root_dir": "runs",
-    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+    # CSV always works; TensorBoard when it is installed (per-layer losses plot nicely there).
+    "logger": {"class_path": f"lightning.pytorch.loggers.{'TensorBoardLogger' if _has_tensorboard() else 'CSVLogger'}",
+               "init_args": {"save_dir": "runs"}},
 }
 
 

@@ -97,6 +97,7 @@ def test_fit_loop_equals_solver_on_the_same_captured_inputs(tmp_path, true_seque
     model_dir = tiny_model_dir(tmp_path, "llama")
     cfg = QuantConfig(bits=3, group_size=16, sym=False)
     module = GPTQModule(str(model_dir), true_sequential=true_sequential, eval_after=False, save_quantized=False, latency=False)
+    assert not module.is_quantized
     dm = CalibrationDataModule(str(CALIBRATION_TEXT), nsamples=5, seqlen=20, eval_datasets=[], eval_seqlen=32)
     trainer = Trainer(callbacks=[HessianCapture(), GPTQCallback(cfg)], logger=False, enable_progress_bar=False,
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
@@ -108,6 +109,13 @@ def test_fit_loop_equals_solver_on_the_same_captured_inputs(tmp_path, true_seque
     assert fitted.keys() == expected.keys() and len(fitted) == 3 * 7
     for name in expected:
         assert torch.equal(fitted[name], expected[name]), name
+
+    # `validate` right after `fit`, in the same process, scores the quantized model
+    eval_dm = CalibrationDataModule(eval_datasets=["wikitext2"], eval_paths={"wikitext2": str(WIKITEXT_TEST)},
+                                    eval_seqlen=32, eval_max_windows=4)
+    (metrics,) = trainer.validate(module, eval_dm, verbose=False)
+    reference = perplexity(lm, eval_dm.eval_tokens("wikitext2", module.tokenizer), seqlen=32, max_windows=4, progress=False)
+    assert metrics["val/ppl/wikitext2"] == pytest.approx(reference.ppl, rel=1e-5)
 
 
 def test_callbacks_quantize_a_users_own_lightning_module():

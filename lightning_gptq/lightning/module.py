@@ -32,7 +32,7 @@ from torch import nn
 
 from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
 from lightning_gptq.data import perplexity
-from lightning_gptq.models import capture_block_inputs, get_adapter, load_causal_lm, run_block
+from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import QuantLinear
@@ -223,6 +223,12 @@ class GPTQModule(LightningModule):
     # -- fit ---------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter()
+        dm = self.trainer.datamodule
+        if self._stages and self._stages[0].kind == "capture":
+            dtype = self.hparams.activation_dtype or self.hparams.dtype
+            cache = estimate_activation_bytes(self._lm.config, dm.nsamples, dm.seqlen, dtype)
+            rank_zero_info(f"activation cache: {cache / 2**20:.0f} MiB ({dm.nsamples} × {dm.seqlen} tokens, {dtype}); "
+                           f"about twice that while a block's outputs are being collected")
         if self.hparams.eval_before:
             self.results["before"] = self._evaluate("eval_before")
 
