@@ -226,3 +226,18 @@ def test_unsupported_models_raise_a_helpful_error(make_model):
     message = str(raised.value)
     assert isinstance(raised.value, ValueError)
     assert "blocks(model)" in message and "linear_layers(block)" in message and "register_adapter(" in message
+
+
+def test_extend_shares_equal_argument_tensors():
+    model = FACTORIES["mistral"](attn_implementation="eager")  # materialised [b, 1, s, s] masks
+    adapter = get_adapter(model)
+    ids = token_ids(n=4)
+    first = capture_block_inputs(model, adapter, ids[:2], batch_size=1)
+    second = capture_block_inputs(model, adapter, ids[2:], batch_size=1)
+    assert second.kwargs[0]["attention_mask"] is not first.kwargs[0]["attention_mask"]
+    size_apart = first.nbytes() + second.nbytes()
+    first.extend(second)
+    assert len(first) == 4 and len(first.block_overrides) == 4
+    assert first.kwargs[3]["attention_mask"] is first.kwargs[0]["attention_mask"]
+    assert first.nbytes() < size_apart
+    assert torch.equal(_replay(model, adapter, first), full_logits(model, ids))

@@ -193,15 +193,14 @@ class GPTQModule(LightningModule):
             raise MisconfigurationException(f"{self.hparams.model} is already quantized; fit needs a full-precision model")
         if not any(isinstance(cb, GPTQCallback) for cb in self.trainer.callbacks):
             raise MisconfigurationException("fit quantizes through GPTQCallback: add it to the Trainer's callbacks")
-        blocks = self.adapter.blocks(self._lm)
-        if not any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks):
-            self._stages = [Stage("quantize")]  # round-to-nearest: no calibration passes at all
-        else:
+        if any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks):
             self._stages = [Stage("capture")]
-        for b, block in enumerate(blocks if self._stages[0].kind == "capture" else []):
-            groups = self._groups(block)
-            self._stages += [Stage("calibrate", b, g, len(groups)) for g in range(len(groups))]
-            self._stages.append(Stage("propagate", b))
+            for b, block in enumerate(self.adapter.blocks(self._lm)):
+                groups = self._groups(block)
+                self._stages += [Stage("calibrate", b, g, len(groups)) for g in range(len(groups))]
+                self._stages.append(Stage("propagate", b))
+        else:
+            self._stages = [Stage("quantize")]  # round-to-nearest: no calibration passes at all
         self.trainer.fit_loop.max_epochs = len(self._stages)
         self.trainer.fit_loop.min_epochs = len(self._stages)
 

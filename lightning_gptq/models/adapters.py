@@ -122,9 +122,10 @@ class ArchitectureAdapter:
     left as None, the part is found by structure. A path whose attribute is missing or None (OPT's
     optional `project_in`) is skipped.
 
-    `groups` are true-sequential groups as names relative to a block; None derives them: the
-    linears of each submodule (`self_attn`, `mlp`, ...) in registration order, all but the last
-    forming the input group and the last being the output projection.
+    `groups` are true-sequential groups as names relative to a block; None derives them: per
+    submodule (`self_attn`, `mlp`, ...; OPT's fc1/fc2 sit on the block itself) the output
+    projection (`o_proj`, `out_proj`, `c_proj`, `dense`, `down_proj`, `fc2`, ...; else the last
+    registered linear) forms one group, run after a group of the others.
 
     `block_returns_tuple`: the parent model indexes the block's output (`outputs[0]`), as BLOOM's
     does; capture's stand-in block then returns a 1-tuple.

@@ -63,6 +63,22 @@ class BlockInputs:
         overrides = self.block_overrides[batch_index].get(block_index) if self.block_overrides else None
         return {**base, **overrides} if overrides else base
 
+    def extend(self, other: "BlockInputs") -> None:
+        """Append `other`'s batches (e.g. from a later `capture_block_inputs` call).
+
+        Argument tensors equal to ones already stored are shared instead of kept twice (a
+        `[b, 1, seq, seq]` eager attention mask per batch adds up over 128 batches).
+        """
+        store = _TensorStore()
+        for tensor in _iter_tensors([self.kwargs, self.block_overrides]):
+            store.put(tensor, {})
+        self.hidden.extend(other.hidden)
+        self.kwargs.extend(store.put(k, {}) for k in other.kwargs)
+        overrides = other.block_overrides or [{} for _ in other.hidden]
+        if not self.block_overrides:
+            self.block_overrides = [{} for _ in range(len(self.hidden) - len(other.hidden))]
+        self.block_overrides.extend(store.put(o, {}) for o in overrides)
+
     def nbytes(self) -> int:
         """Bytes held by all stored tensors, shared ones counted once."""
         seen: set[tuple[int, int]] = set()
@@ -231,7 +247,8 @@ class _TensorStore:
         if isinstance(value, torch.Tensor):
             if id(value) in memo:
                 return memo[id(value)]
-            stored = value.detach().to("cpu")
+            on_cpu = value.device.type == "cpu" and not value.requires_grad
+            stored = value if on_cpu else value.detach().to("cpu")
             key = (tuple(stored.shape), stored.dtype, stored.stride())
             for candidate in self._pool.setdefault(key, []):
                 if torch.equal(candidate, stored):

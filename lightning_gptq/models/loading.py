@@ -145,9 +145,9 @@ def load_causal_lm(
 
     is_local = os.path.isdir(expanded)
     if not is_local and (_looks_like_path(model) or gguf_file is not None and os.path.isabs(expanded)):
+        missing = os.path.join(expanded, gguf_file) if gguf_file else expanded
         raise ModelLoadError(
-            f"Could not load model {model!r}" + (f" with gguf_file={gguf_file!r}" if gguf_file else "")
-            + f": the local path {expanded!r} does not exist. " + _how_to_point_locally()
+            f"Could not load model {model!r}: the local path {missing!r} does not exist. " + _how_to_point_locally()
         )
 
     try:
@@ -184,11 +184,11 @@ def load_causal_lm(
         if is_local:
             where = f"the local folder {expanded!r}" + (f" (GGUF file {gguf_file!r})" if gguf_file else "")
         else:
-            hub_state = "reachable" if reachable else "unreachable (offline mode or no connection), HF cache only"
-            where = f"no local folder of that name; the Hugging Face hub ({hub_state})"
+            hub_state = "reachable" if reachable else "unreachable: offline mode or no connection; only the HF cache was searched"
+            where = f"a local folder {expanded!r} (none exists) and the Hugging Face hub ({hub_state})"
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"Could not load model {model!r}. Tried {where}. Cause: {type(error).__name__}: {first_line[:300]} "
+            f"Could not load model {model!r}. Tried: {where}. Cause: {type(error).__name__}: {first_line[:300]} "
             + _how_to_point_locally()
         ) from error
 
