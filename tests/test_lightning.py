@@ -274,3 +274,29 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (out / "model" / "lightning_gptq.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_quantized(out / "model")
+
+
+def test_layers_reading_the_same_input_share_one_hessian(tmp_path):
+    lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    adapter = get_adapter(lm)
+    block = adapter.blocks(lm)[0]
+    from lightning_gptq.lightning import BlockContext
+
+    ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
+    capture = HessianCapture()
+    capture.on_block_start(None, None, ctx)
+    inputs = capture_block_inputs(lm, adapter, torch.randint(4, 90, (3, 12)))
+    for j, h in enumerate(inputs.hidden):
+        run_block(block, h, inputs.kwargs_for(0, j))
+    capture.on_block_end(None, None, ctx)
+    h = ctx.hessians
+    assert h["self_attn.q_proj"] is h["self_attn.k_proj"] is h["self_attn.v_proj"]
+    assert h["mlp.gate_proj"] is h["mlp.up_proj"]
+    assert len({id(a) for a in h.values()}) == 4 and all(a.nsamples == 3 for a in h.values())
+    # the shared Hessian is the one k_proj's own inputs give
+    own = HessianAccumulator(32)
+    handle = block.self_attn.k_proj.register_forward_hook(lambda m, a, o: own.add(a[0]))
+    for j, x in enumerate(inputs.hidden):
+        run_block(block, x, inputs.kwargs_for(0, j))
+    handle.remove()
+    torch.testing.assert_close(h["self_attn.k_proj"].hessian, own.hessian, rtol=0, atol=0)

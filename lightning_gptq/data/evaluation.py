@@ -302,7 +302,7 @@ def perplexity_blockwise(
             for module in final_modules:
                 module.to(device)
             with torch.no_grad():
-                for j, h in enumerate(hidden):
+                for j, h in enumerate(_progress(hidden, progress, desc="final stage", unit="window", leave=False)):
                     logits = adapter.logits(model, h)
                     nll_sum += float(window_nll(logits, windows[j : j + 1].to(device)).sum())
         finally:

@@ -31,20 +31,42 @@ class HessianCapture(Callback):
     """Accumulates ``H = 2/n Σ xxᵀ`` for every layer of the current block from its forward inputs.
 
     ``on_block_start`` attaches a forward hook to each layer in ``ctx.layers`` and puts a
-    ``HessianAccumulator`` in ``ctx.hessians[name]``; ``on_block_end`` detaches the hooks.
+    ``HessianAccumulator`` in ``ctx.hessians[name]``; ``on_block_end`` detaches the hooks. Layers that
+    read the very same input tensor (q/k/v, gate/up) share one accumulator: the Hessian is computed
+    once per input, not once per layer.
     """
 
     block_hook_order = 0
 
     def __init__(self) -> None:
-        self._handles: list = []
+        self._handles: dict[str, object] = {}
 
     def on_block_start(self, trainer, pl_module, ctx: BlockContext) -> None:
+        first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
+        pending = set(ctx.layers)
+
+        def make_hook(name: str):
+            def hook(module, args, output):
+                x = args[0].detach()
+                if name in pending:
+                    pending.discard(name)
+                    for seen, owner in first_inputs:
+                        # Same storage, shape and strides while both tensors are alive: the same input.
+                        if (seen.data_ptr(), seen.shape, seen.stride()) == (x.data_ptr(), x.shape, x.stride()):
+                            ctx.hessians[name] = ctx.hessians[owner]
+                            self._handles.pop(name).remove()
+                            return
+                    first_inputs.append((x, name))
+                    if not pending:
+                        first_inputs.clear()
+                ctx.hessians[name].add(x)
+
+            return hook
+
         for name, layer in ctx.layers.items():
             weight = weight_out_in(layer)
-            accumulator = HessianAccumulator(linear_in_features(layer), device=weight.device)
-            ctx.hessians[name] = accumulator
-            self._handles.append(layer.register_forward_hook(_hessian_hook(accumulator)))
+            ctx.hessians[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
+            self._handles[name] = layer.register_forward_hook(make_hook(name))
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         self._detach()
@@ -53,16 +75,9 @@ class HessianCapture(Callback):
         self._detach()  # a run that stopped mid-block must not leave hooks behind
 
     def _detach(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
-
-
-def _hessian_hook(accumulator: HessianAccumulator):
-    def hook(module, args, output):
-        accumulator.add(args[0].detach())
-
-    return hook
 
 
 @dataclass
@@ -164,7 +179,7 @@ class GPTQCallback(Callback):
                 qweight = gptq_quantize(weight, accumulator.hessian, self.quant)
             for w in caught:
                 rank_zero_warn(f"{full_name}: {w.message}")
-            ctx.hessians.pop(name)  # free in_features² floats as soon as the layer is done
+            ctx.hessians.pop(name)  # free in_features² floats once no layer of this step needs them
         else:
             qweight = rtn_quantize(weight, self.quant)
         replace_submodule(ctx.block, name, make_quant_linear(layer, qweight, self.backend))

@@ -58,12 +58,19 @@ class QuantLinear(nn.Module):
         """The dequantized weight [out, in], for code that reads ``.weight`` (a fresh tensor each time)."""
         return self.dequantize()
 
+    def contiguous_group_size(self) -> int | None:
+        """The group width when ``g_idx`` is the plain ``i // group_size`` (no act-order reordering)."""
+        width = self.group_size if self.group_size > 0 else self.in_features
+        natural = torch.arange(self.in_features, device=self.g_idx.device) // width
+        return width if torch.equal(self.g_idx.long(), natural) else None
+
     def dequantize(self) -> Tensor:
         """The dense weight [out, in] this layer represents."""
-        return torch_ref.dequantize(self.codes, self.scales, self.zeros, self.g_idx)
+        return torch_ref.dequantize(self.codes, self.scales, self.zeros, self.g_idx, group_size=self.contiguous_group_size())
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch_ref.quant_matmul(x, self.codes, self.scales, self.zeros, self.g_idx, self.bias)
+        return torch_ref.quant_matmul(x, self.codes, self.scales, self.zeros, self.g_idx, self.bias,
+                                      group_size=self.contiguous_group_size())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
