@@ -260,9 +260,7 @@ class GPTQModule(LightningModule):
             start = time.perf_counter()
             got = capture_block_inputs(self._lm, self.adapter, batch["input_ids"], batch_size=batch["input_ids"].shape[0],
                                        storage_dtype=self.hparams.activation_dtype, device=self.device)
-            self._inputs.hidden += got.hidden
-            self._inputs.kwargs += got.kwargs
-            self._inputs.block_overrides += got.block_overrides
+            self._inputs.extend(got)  # shares equal masks / rotary tables across batches
             self.timings["capture"] += time.perf_counter() - start
             return None
         block = self._block(stage.block)
