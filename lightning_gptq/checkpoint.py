@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, *, ex
     """
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
-    staging.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save must not leak in
+    staging.mkdir(parents=True)
     layers = {
         name: {"in_features": m.in_features, "out_features": m.out_features, "n_groups": m.scales.shape[1],
                "bits": m.bits, "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
@@ -54,8 +56,6 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, *, ex
     manifest = {"format": FORMAT, "dtype": dtype, "layers": layers, **(extra or {})}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     if folder.exists():
-        import shutil
-
         shutil.rmtree(folder)
     os.replace(staging, folder)
     return folder
