@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -26,11 +27,21 @@ TRAINER_DEFAULTS = {
     "max_epochs": -1,  # GPTQModule sets the number of stages itself
     "num_sanity_val_steps": 0,  # validation would score the model before it is quantized
     "enable_checkpointing": False,  # GPTQModule saves the quantized model itself
+    "enable_model_summary": False,  # GPTQModule registers no parameters; summary.md describes the run
     "default_root_dir": "runs",
     # CSV always works; TensorBoard when it is installed (per-layer losses plot nicely there).
     "logger": {"class_path": f"lightning.pytorch.loggers.{'TensorBoardLogger' if _has_tensorboard() else 'CSVLogger'}",
                "init_args": {"save_dir": "runs"}},
 }
+
+
+# Lightning warnings that describe GPTQModule's design, not a user mistake: calibration has no
+# optimizer, and validation is empty during fit (scoring happens after the last block).
+EXPECTED_WARNINGS = (
+    r".*configure_optimizers` returned `None`",
+    r".*Total length of `.*` across ranks is zero",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 
 
 class GPTQCLI(LightningCLI):
@@ -46,6 +57,8 @@ USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, C
 def main(args=None) -> GPTQCLI:
     """Run the CLI. Given ``args`` (in-process use), errors propagate; from the command line a user
     error prints one line and exits with status 2 instead of a traceback."""
+    for message in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
     try:
         return GPTQCLI(
             GPTQModule,
