@@ -35,8 +35,9 @@ TRAINER_DEFAULTS = {
 }
 
 
-# Lightning warnings that describe GPTQModule's design, not a user mistake: calibration has no
-# optimizer, and validation is empty during fit (scoring happens after the last block).
+# Warnings that describe GPTQModule's design, not a user mistake: calibration has no optimizer and
+# validation is empty during fit (scoring happens after the last block); plus a deprecation inside
+# Lightning itself that users cannot act on.
 EXPECTED_WARNINGS = (
     r".*configure_optimizers` returned `None`",
     r".*Total length of `.*` across ranks is zero",

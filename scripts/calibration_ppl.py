@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from lightning_gptq.checkpoint import load_quantized
+from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.data.calibration import calibration_windows
 from lightning_gptq.data.evaluation import perplexity
 from lightning_gptq.models import load_causal_lm
@@ -27,6 +27,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--windows", type=int, default=16, help="score the first N calibration windows")
     args = parser.parse_args()
+    if not 1 <= args.windows <= args.nsamples:
+        parser.error(f"--windows must be between 1 and --nsamples ({args.nsamples}), got {args.windows}")
+    missing = [m for m in args.models if m != "fp32" and not is_quantized_checkpoint(m)]
+    if missing:
+        parser.error(f"not a folder saved by fit (no manifest): {', '.join(missing)}")
     base, tokenizer = load_causal_lm(args.base, gguf_file=args.gguf_file, dtype="float32")
     windows = calibration_windows(args.calibration, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
     tokens = windows[: args.windows].reshape(1, -1)

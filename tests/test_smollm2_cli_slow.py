@@ -49,4 +49,4 @@ def test_gptq_4bit_g128_beats_rtn_and_stays_close_to_fp32(ppl):
 
 
 def test_gptq_3bit_g128_is_far_better_than_rtn(ppl):
-    assert ppl["gptq3"] < 0.75 * ppl["rtn3"]  # measured 0.61x
+    assert ppl["gptq3"] < 0.7 * ppl["rtn3"]  # measured 0.61x
