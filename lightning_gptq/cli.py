@@ -13,7 +13,7 @@ from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
 from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
 from lightning_gptq.quant import QuantConfigError
 
-from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule
+from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture
 
 def _has_tensorboard() -> bool:
     import importlib.util
@@ -49,6 +49,8 @@ class GPTQCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         # Always present, configured under `gptq:` (bits, group size, method...).
         parser.add_lightning_class_args(GPTQCallback, "gptq")
+        # How the layer Hessians are gathered (attention-sink weighting), under `hessian:`.
+        parser.add_lightning_class_args(HessianCapture, "hessian")
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,

@@ -45,9 +45,10 @@ def test_fit_end_to_end_then_validate_the_saved_model(tmp_path, arch):
     """fit on a tiny model: every block linear swapped, summary written, saved model reloads and
     scores the same perplexity in `validate` as right after fit. (hidden 32, g12: ragged last group)"""
     model_dir = tiny_model_dir(tmp_path, arch)
-    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--model.true_sequential=true")])
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--model.true_sequential=true", "--hessian.sink_weight=16")])
     out = only_run_dir(tmp_path / "runs") / "quantized"
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["hessian"] == {"sink_tokens": 1, "sink_weight": 16.0}
     lm, _ = load_causal_lm(str(model_dir))
     adapter = get_adapter(lm)
     n_linears = sum(len(adapter.linear_layers(b)) for b in adapter.blocks(lm))
@@ -68,8 +69,9 @@ def test_fit_end_to_end_then_validate_the_saved_model(tmp_path, arch):
     assert cli.trainer.callback_metrics["val/ppl/wikitext2"].item() == pytest.approx(after["ppl"], rel=1e-5)
 
 
-def manual_sequential_gptq(lm, windows, cfg, true_sequential):
-    """The reference's procedure written plainly with the torch-level pieces, no Lightning."""
+def manual_sequential_gptq(lm, windows, cfg, true_sequential, token_weights=None):
+    """The reference's procedure written plainly with the torch-level pieces, no Lightning.
+    ``token_weights`` [seq]: optional per-position weights of the Hessians."""
     adapter = get_adapter(lm)
     inputs = capture_block_inputs(lm, adapter, windows, batch_size=1)
     hidden = list(inputs.hidden)
@@ -78,7 +80,7 @@ def manual_sequential_gptq(lm, windows, cfg, true_sequential):
         groups = adapter.sequential_groups(block) if true_sequential else [list(adapter.linear_layers(block))]
         for group in groups:
             accs = {name: HessianAccumulator(weight_out_in(block.get_submodule(name)).shape[1]) for name in group}
-            handles = [block.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(a[0])) for n in group]
+            handles = [block.get_submodule(n).register_forward_hook(lambda m, a, o, acc=accs[n]: acc.add(a[0], token_weights)) for n in group]
             for j, h in enumerate(hidden):
                 run_block(block, h, inputs.kwargs_for(b, j))
             for handle in handles:
@@ -92,20 +94,21 @@ def manual_sequential_gptq(lm, windows, cfg, true_sequential):
     return codes
 
 
-@pytest.mark.parametrize("true_sequential", [False, True])
-def test_fit_loop_equals_solver_on_the_same_captured_inputs(tmp_path, true_sequential):
+@pytest.mark.parametrize("true_sequential,act_order,sink_weight", [(False, False, 1.0), (True, False, 1.0), (False, True, 8.0)])
+def test_fit_loop_equals_solver_on_the_same_captured_inputs(tmp_path, true_sequential, act_order, sink_weight):
     model_dir = tiny_model_dir(tmp_path, "llama")
-    cfg = QuantConfig(bits=3, group_size=16, sym=False)
+    cfg = QuantConfig(bits=3, group_size=16, sym=False, act_order=act_order)
     module = GPTQModule(str(model_dir), true_sequential=true_sequential, eval_after=False, save_quantized=False, latency=False)
     assert not module.is_quantized
     dm = CalibrationDataModule(str(CALIBRATION_TEXT), nsamples=5, seqlen=20, eval_datasets=[], eval_seqlen=32)
-    trainer = Trainer(callbacks=[HessianCapture(), GPTQCallback(cfg)], logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer = Trainer(callbacks=[HessianCapture(sink_tokens=2, sink_weight=sink_weight), GPTQCallback(cfg)], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(module, dm)
     fitted = {n: m.codes for n, m in module.lm.named_modules() if isinstance(m, QuantLinear)}
 
     lm, _ = load_causal_lm(str(model_dir))
-    expected = manual_sequential_gptq(lm, dm.calibration_windows(module.tokenizer), cfg, true_sequential)
+    weights = torch.tensor([sink_weight] * 2 + [1.0] * 18)
+    expected = manual_sequential_gptq(lm, dm.calibration_windows(module.tokenizer), cfg, true_sequential, weights)
     assert fitted.keys() == expected.keys() and len(fitted) == 3 * 7
     for name in expected:
         assert torch.equal(fitted[name], expected[name]), name
@@ -214,12 +217,14 @@ def test_cli_help_print_config_round_trip_and_overrides(tmp_path, capsys):
         main(["fit", "--help"])
     help_text = capsys.readouterr().out
     for option in ("--gptq.quant.bits", "--gptq.quant.group_size", "--gptq.method", "--model.true_sequential",
+                   "--hessian.sink_weight", "--hessian.sink_tokens",
                    "--data.nsamples", "--data.eval_paths", "--model.output_dir"):
         assert option in help_text
     with pytest.raises(SystemExit):
-        main(["fit", "--config", "configs/smollm2-135m.yaml", "--gptq.quant.bits=3", "--data.nsamples=16", "--print_config"])
+        main(["fit", "--config", "configs/smollm2-135m.yaml", "--gptq.quant.bits=3", "--data.nsamples=16",
+              "--hessian.sink_weight=64", "--print_config"])
     printed = capsys.readouterr().out
-    assert "bits: 3" in printed and "nsamples: 16" in printed
+    assert "bits: 3" in printed and "nsamples: 16" in printed and "sink_weight: 64" in printed
     (tmp_path / "printed.yaml").write_text(printed)
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
@@ -303,3 +308,33 @@ def test_layers_reading_the_same_input_share_one_hessian(tmp_path):
         run_block(block, x, inputs.kwargs_for(0, j))
     handle.remove()
     torch.testing.assert_close(h["self_attn.k_proj"].hessian, own.hessian, rtol=0, atol=0)
+
+
+def test_sink_weighting_weighs_the_first_positions_of_each_sequence(tmp_path):
+    lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    adapter = get_adapter(lm)
+    block = adapter.blocks(lm)[0]
+    from lightning_gptq.lightning import BlockContext
+
+    inputs = capture_block_inputs(lm, adapter, torch.randint(4, 90, (3, 12)))
+    hessians = {}
+    for capture in (HessianCapture(), HessianCapture(sink_tokens=3, sink_weight=40.0)):
+        ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
+        capture.on_block_start(None, None, ctx)
+        for j, h in enumerate(inputs.hidden):
+            run_block(block, h, inputs.kwargs_for(0, j))
+        capture.on_block_end(None, None, ctx)
+        hessians[capture.sink_weight] = ctx.hessians
+    # the weighted Hessian is the plain one plus 39 more copies of the first three positions' xxᵀ
+    xs = []
+    handle = block.self_attn.o_proj.register_forward_hook(lambda m, a, o: xs.append(a[0].detach()))
+    for j, h in enumerate(inputs.hidden):
+        run_block(block, h, inputs.kwargs_for(0, j))
+    handle.remove()
+    X = torch.cat(xs).double()  # [3, 12, 32]
+    lead = X[:, :3].reshape(-1, 32)
+    plain, weighted = hessians[1.0]["self_attn.o_proj"].hessian.double(), hessians[40.0]["self_attn.o_proj"].hessian.double()
+    torch.testing.assert_close(weighted, plain + 2 / 3 * 39 * lead.T @ lead, rtol=1e-4, atol=1e-4)
+    for bad in ({"sink_tokens": -1}, {"sink_weight": -2.0}, {"sink_weight": float("inf")}):
+        with pytest.raises(MisconfigurationException, match="HessianCapture.sink"):
+            HessianCapture(**bad)

@@ -39,14 +39,15 @@ def ppl(tmp_path_factory):
     return results
 
 
-# Measured 2026-11-23 (act-order, as configs/smollm2-135m.yaml): fp32 20.82, RTN-4 27.83, GPTQ-4 26.18,
-# RTN-3 110.22, GPTQ-3 67.69. This 135M model (already 4-bit in its GGUF) loses a lot at 4 bits.
+# Measured 2026-11-24 (act-order and sink_weight 64, as configs/smollm2-135m.yaml): fp32 20.82,
+# RTN-4 27.83, GPTQ-4 24.93, RTN-3 110.22, GPTQ-3 58.74. With sink_weight 1 (the reference) GPTQ-4
+# was 26.18 and GPTQ-3 67.69 (2026-11-23). This 135M model (already 4-bit in its GGUF) loses a lot at 4 bits.
 
 
 def test_gptq_4bit_g128_beats_rtn_and_stays_close_to_fp32(ppl):
-    assert ppl["gptq4"] < ppl["rtn4"]
-    assert ppl["gptq4"] < 1.35 * ppl["fp32"]  # measured 1.26x
+    assert ppl["gptq4"] < 0.95 * ppl["rtn4"]  # measured 0.90x
+    assert ppl["gptq4"] < 1.3 * ppl["fp32"]  # measured 1.20x
 
 
 def test_gptq_3bit_g128_is_far_better_than_rtn(ppl):
-    assert ppl["gptq3"] < 0.7 * ppl["rtn3"]  # measured 0.61x
+    assert ppl["gptq3"] < 0.6 * ppl["rtn3"]  # measured 0.53x

@@ -240,6 +240,25 @@ def test_hessian_accumulator_matches_reference_formula():
         acc.add(torch.randn(4, 8))
 
 
+def test_hessian_accumulator_token_weights():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 6, 8, generator=gen)
+    weights = torch.tensor([50.0, 1, 1, 0, 2, 1])  # per position, shared by the batch
+    acc = HessianAccumulator(8)
+    acc.add(x, weights)
+    X = x.reshape(-1, 8).double()
+    w = weights.repeat(3).double()
+    torch.testing.assert_close(acc.hessian.double(), 2 / 3 * (X.T * w) @ X, rtol=1e-5, atol=1e-5)
+    assert acc.nsamples == 3  # weights do not change the sample count
+    plain = HessianAccumulator(8)
+    plain.add(x, torch.ones(6))
+    reference = HessianAccumulator(8)
+    reference.add(x)
+    torch.testing.assert_close(plain.hessian, reference.hessian)
+    with pytest.raises(ValueError, match=">= 0"):
+        acc.add(x, -weights)
+
+
 @pytest.mark.parametrize(
     "kw,field",
     [

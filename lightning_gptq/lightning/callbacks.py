@@ -34,11 +34,25 @@ class HessianCapture(Callback):
     ``HessianAccumulator`` in ``ctx.hessians[name]``; ``on_block_end`` detaches the hooks. Layers that
     read the very same input tensor (q/k/v, gate/up) share one accumulator: the Hessian is computed
     once per input, not once per layer.
+
+    Args:
+        sink_tokens: how many leading positions of each sequence ``sink_weight`` applies to.
+        sink_weight: how much each of those positions counts in ``H`` relative to any other token
+            (1 = the reference's plain mean). A causal LM turns the first position into an attention
+            sink that every later query reads, so an error in its keys/values reaches the whole
+            sequence, while the plain Hessian weighs it as one token in ``seqlen``. Applies to
+            ``[batch, seq, in]`` inputs; 2-D inputs have no positions and are weighed plainly.
     """
 
     block_hook_order = 0
 
-    def __init__(self) -> None:
+    def __init__(self, sink_tokens: int = 1, sink_weight: float = 1.0) -> None:
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise MisconfigurationException(f"HessianCapture.sink_tokens must be an integer >= 0, got {sink_tokens!r}")
+        if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or not 0 <= sink_weight < float("inf"):
+            raise MisconfigurationException(f"HessianCapture.sink_weight must be a finite number >= 0, got {sink_weight!r}")
+        self.sink_tokens = sink_tokens
+        self.sink_weight = float(sink_weight)
         self._handles: dict[str, object] = {}
 
     def on_block_start(self, trainer, pl_module, ctx: BlockContext) -> None:
@@ -59,7 +73,7 @@ class HessianCapture(Callback):
                     first_inputs.append((x, name))
                     if not pending:
                         first_inputs.clear()
-                ctx.hessians[name].add(x)
+                ctx.hessians[name].add(x, self._token_weights(x))
 
             return hook
 
@@ -70,6 +84,14 @@ class HessianCapture(Callback):
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         self._detach()
+
+    def _token_weights(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``[seq]`` weights for a ``[batch, seq, in]`` input, or None when every token counts 1."""
+        if self.sink_weight == 1.0 or self.sink_tokens == 0 or x.dim() != 3:
+            return None
+        weights = torch.ones(x.shape[1], device=x.device)
+        weights[: self.sink_tokens] = self.sink_weight
+        return weights
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._detach()  # a run that stopped mid-block must not leave hooks behind

@@ -50,10 +50,12 @@ def _plot(records: list[dict], path: Path) -> bool:
 
 def write_summary(module, folder: Path) -> tuple[Path, Path]:
     """Write ``summary.json`` and ``summary.md`` (plus ``layer_loss.png`` when matplotlib is there)."""
-    from .callbacks import GPTQCallback
+    from .callbacks import GPTQCallback, HessianCapture
 
     folder.mkdir(parents=True, exist_ok=True)
     gptq = next(cb for cb in module.trainer.callbacks if isinstance(cb, GPTQCallback))
+    capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
+    hessian = {"sink_tokens": capture.sink_tokens, "sink_weight": capture.sink_weight} if capture else None
     dm = module.trainer.datamodule
     records = gptq.summary()
     data = {
@@ -63,6 +65,7 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         "model": dict(module.hparams),
         "quant": gptq.quant.to_dict(),
         "method": gptq.method,
+        "hessian": hessian if gptq.method == "gptq" else None,
         "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed},
         "timings_s": dict(module.timings),
         "peak_memory": module.peak_memory(),
@@ -76,7 +79,9 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         "",
         f"- method: **{gptq.method}**, {gptq.quant}",
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
-        f" true-sequential: {module.hparams.true_sequential}",
+        f" true-sequential: {module.hparams.true_sequential}"
+        + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {hessian['sink_weight']:g}"
+           if gptq.method == "gptq" and hessian else ""),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
         "",
         "## Time per stage (s)",

@@ -25,11 +25,21 @@ class HessianAccumulator:
         self.nsamples = 0
 
     @torch.no_grad()
-    def add(self, x: Tensor) -> None:
-        """Add activations ``x`` [..., in_features] (any float dtype)."""
+    def add(self, x: Tensor, token_weights: Tensor | None = None) -> None:
+        """Add activations ``x`` [..., in_features] (any float dtype).
+
+        ``token_weights`` (optional, >= 0): how much each token counts, broadcast against
+        ``x.shape[:-1]`` (``[seq]`` weighs positions of a ``[batch, seq, in]`` input); token ``t``
+        adds ``w_t · x_t x_tᵀ`` instead of ``x_t x_tᵀ``. Weights do not change the sample count ``n``.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected activations [..., {self.in_features}], got {tuple(x.shape)}")
         batch = x.shape[0] if x.dim() > 2 else 1
+        if token_weights is not None:
+            w = torch.as_tensor(token_weights, dtype=torch.float32, device=x.device)
+            if bool((w < 0).any()):
+                raise ValueError("token_weights must be >= 0")
+            x = x.to(torch.float32) * w.sqrt().broadcast_to(x.shape[:-1]).unsqueeze(-1)
         x = x.reshape(-1, self.in_features).to(device=self.hessian.device, dtype=torch.float32)
         total = self.nsamples + batch
         self.hessian.mul_(self.nsamples / total)
