@@ -244,7 +244,7 @@ def test_offline_hub_fails_fast_with_local_hint(label, call, hint):
     start = time.perf_counter()
     with pytest.raises(DatasetUnavailableError) as raised:
         call()
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 30  # a retry loop takes minutes; 30 s tolerates a loaded machine
     message = str(raised.value)
     assert message.startswith("Could not load") and hint in message
     assert raised.value.__cause__ is not None  # chained, but ours is the top message
@@ -265,7 +265,7 @@ def test_unreachable_hub_without_offline_mode_fails_fast(monkeypatch):
     start = time.perf_counter()
     with pytest.raises(DatasetUnavailableError, match="unreachable"):
         eval_tokens("wikitext2", CharTokenizer())
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 30  # a retry loop takes minutes; 30 s tolerates a loaded machine
     assert constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False  # restored
 
 

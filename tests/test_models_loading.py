@@ -48,7 +48,7 @@ def test_hub_id_offline_fails_fast_with_one_clear_message():
     start = time.perf_counter()
     with pytest.raises(ModelLoadError) as raised:
         load_causal_lm("facebook/opt-125m")
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 30  # a retry loop takes minutes; 30 s tolerates a loaded machine
     message = str(raised.value)
     assert "facebook/opt-125m" in message and "unreachable" in message
     assert "gguf_file=" in message and "folder" in message
@@ -65,7 +65,7 @@ def test_hub_id_with_unreachable_network_fails_fast(monkeypatch):
     start = time.perf_counter()
     with pytest.raises(ModelLoadError, match="unreachable"):
         load_causal_lm("facebook/opt-125m")
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 30  # a retry loop takes minutes; 30 s tolerates a loaded machine
 
 
 @pytest.mark.parametrize(
