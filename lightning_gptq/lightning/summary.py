@@ -55,7 +55,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     gptq = next(cb for cb in module.trainer.callbacks if isinstance(cb, GPTQCallback))
     capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
-    hessian = {"sink_tokens": capture.sink_tokens, "sink_weight": capture.sink_weight} if capture else None
+    hessian = ({"sink_tokens": capture.sink_tokens, "sink_weight": capture.sink_weight}
+               if capture is not None and gptq.method == "gptq" else None)  # RTN reads no Hessian
     dm = module.trainer.datamodule
     records = gptq.summary()
     data = {
@@ -65,7 +66,7 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         "model": dict(module.hparams),
         "quant": gptq.quant.to_dict(),
         "method": gptq.method,
-        "hessian": hessian if gptq.method == "gptq" else None,
+        "hessian": hessian,
         "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed},
         "timings_s": dict(module.timings),
         "peak_memory": module.peak_memory(),
@@ -81,7 +82,7 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
         f" true-sequential: {module.hparams.true_sequential}"
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {hessian['sink_weight']:g}"
-           if gptq.method == "gptq" and hessian else ""),
+           if hessian else ""),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
         "",
         "## Time per stage (s)",
