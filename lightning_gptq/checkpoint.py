@@ -1,8 +1,10 @@
-"""Saving and loading a quantized model (interim format until the HF GPTQ format lands).
+"""Saving and loading a quantized model (interim folder layout until the HF GPTQ format lands).
 
 A folder holds the HF ``config.json`` and tokenizer files, ``model.safetensors`` with every tensor
-(quantized layers as ``<name>.codes``/``.scales``/``.zeros``/``.g_idx``), and ``lightning_gptq.json``
-naming each quantized layer with its shape and grid settings.
+(quantized layers in the ecosystem's packed layout: ``<name>.qweight``/``.qzeros``/``.scales``/
+``.g_idx``, zeros stored as true zeros), and ``lightning_gptq.json`` naming each quantized layer
+with its shape and grid settings. Folders of the earlier unpacked format (``<name>.codes`` uint8
+[out, in], ``FORMAT_V0``) still load: their codes are packed on the way in.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from lightning_gptq.nn import QuantLinear, quant_linear_class, replace_submodule
+from lightning_gptq.nn import AUTO, QuantLinear, check_backend, replace_submodule, to_backend
 
 MANIFEST = "lightning_gptq.json"
 WEIGHTS = "model.safetensors"
-FORMAT = "lightning-gptq-codes/0"
+FORMAT = "lightning-gptq-packed/1"
+FORMAT_V0 = "lightning-gptq-codes/0"
 
 
 class CheckpointError(RuntimeError):
@@ -43,7 +46,7 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, *, ex
     shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save must not leak in
     staging.mkdir(parents=True)
     layers = {
-        name: {"in_features": m.in_features, "out_features": m.out_features, "n_groups": m.scales.shape[1],
+        name: {"in_features": m.in_features, "out_features": m.out_features, "n_groups": m.scales.shape[0],
                "bits": m.bits, "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
                "backend": m.backend}
         for name, m in model.named_modules() if isinstance(m, QuantLinear)
@@ -61,10 +64,15 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, *, ex
     return folder
 
 
-def load_quantized(folder: str | os.PathLike, *, backend: str | None = None, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` from a folder written by ``save_quantized``; eval mode."""
+def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a folder written by ``save_quantized``; eval mode, on CPU.
+
+    ``backend``: ``"auto"`` (default) picks the fastest backend per layer shape on this machine;
+    a registered name forces one.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_backend(backend)
     folder = Path(folder)
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
@@ -75,22 +83,24 @@ def load_quantized(folder: str | os.PathLike, *, backend: str | None = None, tru
         dtype = getattr(torch, manifest.get("dtype", "float32"))
     except (json.JSONDecodeError, KeyError, AttributeError) as error:
         raise CheckpointError(f"{manifest_path} is corrupt: {error}") from error
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, FORMAT_V0):
         raise CheckpointError(f"{manifest_path}: unsupported format {manifest.get('format')!r} (expected {FORMAT!r})")
     if not (folder / WEIGHTS).is_file():
         raise CheckpointError(f"{folder / WEIGHTS} is missing")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     for name, spec in layers.items():
-        cls = quant_linear_class(backend or spec.get("backend", "torch"))
-        layer = cls(spec["in_features"], spec["out_features"], spec["n_groups"], bits=spec["bits"],
-                    group_size=spec["group_size"], sym=spec["sym"], bias=spec["bias"], dtype=dtype)
+        layer = QuantLinear(spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
+                            sym=spec["sym"], bias=spec["bias"], dtype=dtype)
         try:
             replace_submodule(model, name, layer)
         except AttributeError as error:
             raise CheckpointError(f"{manifest_path}: layer {name!r} does not exist in a {config.model_type} model") from error
     try:
-        missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
+        if manifest["format"] == FORMAT_V0:
+            missing, unexpected = _load_unpacked_v0(model, folder / WEIGHTS, layers)
+        else:
+            missing, unexpected = load_model(model, str(folder / WEIGHTS), strict=False)
     except (SafetensorError, RuntimeError, OSError) as error:
         raise CheckpointError(f"{folder / WEIGHTS} could not be read: {error}") from error
     tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
@@ -98,5 +108,21 @@ def load_quantized(folder: str | os.PathLike, *, backend: str | None = None, tru
         raise CheckpointError(
             f"{folder / WEIGHTS} does not match the model: missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]}"
         )
+    to_backend(model, backend)
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
     return model.eval(), tokenizer
+
+
+def _load_unpacked_v0(model: nn.Module, path: Path, layers: dict) -> tuple[list[str], list[str]]:
+    """Load a ``FORMAT_V0`` file: quantized layers stored their codes unpacked, [out, in] uint8."""
+    tensors = load_file(str(path))
+    for name in layers:
+        layer = model.get_submodule(name)
+        try:
+            parts = [tensors.pop(f"{name}.{k}") for k in ("codes", "scales", "zeros", "g_idx")]
+        except KeyError as error:
+            raise CheckpointError(f"{path}: tensor {error} of quantized layer {name!r} is missing") from None
+        layer.set_weight(*parts, bias=tensors.pop(f"{name}.bias", None))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    quantized = {f"{n}.{k}" for n in layers for k in ("qweight", "qzeros", "scales", "g_idx", "bias")}
+    return [k for k in missing if k not in quantized], list(unexpected)

@@ -104,7 +104,7 @@ def test_fit_loop_equals_solver_on_the_same_captured_inputs(tmp_path, true_seque
     trainer = Trainer(callbacks=[HessianCapture(sink_tokens=2, sink_weight=sink_weight), GPTQCallback(cfg)], logger=False,
                       enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(module, dm)
-    fitted = {n: m.codes for n, m in module.lm.named_modules() if isinstance(m, QuantLinear)}
+    fitted = {n: m.codes() for n, m in module.lm.named_modules() if isinstance(m, QuantLinear)}
 
     lm, _ = load_causal_lm(str(model_dir))
     weights = torch.tensor([sink_weight] * 2 + [1.0] * 18)

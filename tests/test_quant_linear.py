@@ -1,40 +1,244 @@
-"""The quantized linear and the plain-torch kernel it computes with."""
+"""The packed GPTQ layout, the quantized linear's backends against the oracle, and ``auto``."""
+
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightning_gptq import QuantConfig, gptq_quantize, rtn_quantize
-from lightning_gptq.kernels import torch_ref
-from lightning_gptq.nn import QuantLinear, make_quant_linear, quant_linear_class, register_quant_linear
+from lightning_gptq.kernels import cpu_int4, torch_ref
+from lightning_gptq.kernels.packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+from lightning_gptq.nn import (
+    LayerSpec,
+    QuantLinear,
+    build,
+    choose,
+    make_quant_linear,
+    quant_linear_class,
+    random_layer,
+    register_quant_linear,
+    to_backend,
+)
+from lightning_gptq.nn.cpu_int4 import CpuInt4QuantLinear
+from lightning_gptq.nn.triton import TritonQuantLinear
+
+int4_missing = pytest.mark.skipif(not cpu_int4.is_available(),
+                                  reason="this torch build has no int4 CPU kernel (or its layout changed)")
 
 
-@pytest.mark.parametrize("shape,group_size,act_order", [((24, 40), 16, False), ((24, 40), -1, False),
-                                                        ((24, 40), 16, True), ((8, 64), 64, False)])
-def test_quant_linear_computes_with_the_solver_weights(shape, group_size, act_order):
+def stream_pack(codes: list[int], bits: int) -> list[int]:
+    """The published layout spelled out with Python integers: one little-endian bit stream, cut into
+    32-bit words, read as signed int32 (independent of the vectorised packer)."""
+    stream = sum(c << (i * bits) for i, c in enumerate(codes))
+    words = [(stream >> (32 * w)) & 0xFFFFFFFF for w in range(math.ceil(len(codes) * bits / 32))]
+    return [w - (1 << 32) if w >= 1 << 31 else w for w in words]
+
+
+# -- packing ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [32, 96, 100, 576])
+def test_pack_rows_round_trips_and_matches_the_bit_stream(bits, n):
+    gen = torch.Generator().manual_seed(bits * 1000 + n)
+    codes = torch.randint(0, 1 << bits, (n, 5), generator=gen)
+    packed = pack_rows(codes, bits)
+    assert packed.dtype == torch.int32 and packed.shape == (packed_length(n, bits), 5)
+    assert torch.equal(unpack_rows(packed, bits, n), codes.to(torch.uint8))
+    padded = codes[:, 2].tolist() + [0] * (packed.shape[0] * 32 // bits - n)
+    assert packed[:, 2].tolist() == stream_pack(padded, bits)
+
+
+def test_pack_layout_by_hand():
+    # 4 bits: word = Σ_j code[8w + j] << 4j, lowest bits first
+    codes = torch.arange(16).remainder(16)[:, None].repeat(2, 1)  # 0..15, 0..15
+    assert pack_rows(codes, 4)[:, 0].tolist() == [0x76543210, 0xFEDCBA98 - (1 << 32), 0x76543210, 0xFEDCBA98 - (1 << 32)]
+    # 3 bits: value 10 straddles words 0 and 1 (bits 30..32), value 21 words 1 and 2 (bits 63..65)
+    codes = torch.zeros(32, 1, dtype=torch.int64)
+    codes[10], codes[21] = 0b111, 0b101
+    words = pack_rows(codes, 3)[:, 0].tolist()
+    signed = lambda w: w - (1 << 32) if w >= 1 << 31 else w
+    assert words == [signed(0b11 << 30), signed(1 << 31 | 0b1), 0b10]
+    assert torch.equal(unpack_rows(pack_rows(codes, 3), 3, 32), codes.to(torch.uint8))
+
+
+def test_pack_cols_is_pack_rows_along_the_output_dim():
+    zeros = torch.randint(0, 8, (3, 70))
+    packed = pack_cols(zeros, 3)
+    assert packed.shape == (3, packed_length(70, 3))
+    assert torch.equal(packed, pack_rows(zeros.T, 3).T) and torch.equal(unpack_cols(packed, 3, 70), zeros.to(torch.uint8))
+
+
+def test_pack_rejects_codes_out_of_range_and_short_buffers():
+    with pytest.raises(ValueError, match="out of range for 3 bits"):
+        pack_rows(torch.tensor([[8]]), 3)
+    with pytest.raises(ValueError, match="cannot hold 64 codes"):
+        unpack_rows(torch.zeros(3, 2, dtype=torch.int32), 3, 64)
+
+
+# -- the layer against the solver ------------------------------------------------------------------
+@pytest.mark.parametrize("shape,group_size,act_order,bits", [((24, 40), 16, False, 4), ((24, 40), -1, False, 3),
+                                                             ((24, 40), 16, True, 2), ((8, 64), 64, False, 8)])
+def test_quant_linear_computes_with_the_solver_weights(shape, group_size, act_order, bits):
     gen = torch.Generator().manual_seed(0)
     linear = nn.Linear(shape[1], shape[0])
     X = torch.randn(200, shape[1], generator=gen)
-    qw = gptq_quantize(linear.weight, 2 * X.T @ X / 200, QuantConfig(bits=4, group_size=group_size, act_order=act_order))
-    layer = make_quant_linear(linear, qw)
-    torch.testing.assert_close(layer.dequantize(), qw.dequantize(), rtol=0, atol=0)
+    cfg = QuantConfig(bits=bits, group_size=group_size, act_order=act_order, sym=False)
+    qw = gptq_quantize(linear.weight, 2 * X.T @ X / 200, cfg)
+    layer = QuantLinear.from_quantized(qw, linear.bias)
+    assert torch.equal(layer.codes(), qw.codes)
+    assert torch.equal(layer.zero_points(), qw.zeros.T.to(torch.uint8))
+    assert torch.equal(layer.dequantize(), qw.dequantize())
+    assert layer.act_order == (act_order and group_size != -1)
     # the broadcast path (contiguous groups) and the gather path agree exactly
-    gathered = torch_ref.dequantize(layer.codes, layer.scales, layer.zeros, layer.g_idx)
-    assert torch.equal(gathered, layer.dequantize())
-    assert (layer.contiguous_group_size() is None) == (act_order and group_size != -1)
+    t = layer.packed_tensors()
+    gathered = torch_ref.dequantize_t(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, shape[1])
+    assert torch.equal(gathered.T, layer.dequantize())
     x = torch.randn(3, 5, shape[1], generator=gen)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, qw.dequantize(), linear.bias))
-    assert layer.weight.shape == shape and "bits=4" in repr(layer)
+    torch.testing.assert_close(layer(x), F.linear(x, qw.dequantize(), linear.bias))
+    assert layer.weight.shape == shape and f"bits={bits}" in repr(layer)
+
+
+def test_packed_layer_is_about_bits_over_32_of_fp32():
+    qw = rtn_quantize(torch.randn(512, 1024), QuantConfig(bits=4, group_size=128))
+    layer = QuantLinear.from_quantized(qw)
+    packed = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert packed / (512 * 1024 * 4) < 4 / 32 + 0.04  # codes at 4/32, scales and zeros ~3% more
+
+
+# -- every backend against the oracle --------------------------------------------------------------
+def oracle(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """fp64 ``x @ Wᵀ + b`` from the layer's own checkpoint tensors."""
+    w = layer.dequantize().double()
+    b = None if layer.bias is None else layer.bias.double()
+    return F.linear(x.double(), w, b)
+
+
+def assert_matches_oracle(layer: QuantLinear, kernel: str, x: torch.Tensor):
+    y = layer.run(kernel, x)
+    ref = oracle(layer, x)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    error = ((y.double() - ref).norm() / ref.norm()).item()
+    assert error <= type(layer).tolerance, f"{layer.backend}/{kernel}: relative error {error:.2e}"
+
+
+CASES = [  # (out, in), group size, act-order: ragged groups, per-row, shapes off every tile
+    ((70, 100), 32, False), ((64, 96), -1, False), ((130, 160), 32, True), ((48, 576), 128, False),
+    ((100, 576), 128, True), ((64, 256), 64, True),
+]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape,group_size,act_order", CASES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_backends_equal_the_oracle(bits, shape, group_size, act_order, bias):
+    (out_features, in_features) = shape
+    spec = LayerSpec(in_features, out_features, bits, group_size, False, act_order, bias)
+    gen = torch.Generator().manual_seed(bits)
+    for cls in (QuantLinear, CpuInt4QuantLinear):
+        reason = cls.unsupported(spec)
+        if reason is not None:
+            assert cls is CpuInt4QuantLinear and (bits > 4 or not cpu_int4.is_available())
+            continue
+        layer = random_layer(cls, spec)
+        for rows in (1, 3, 17, 64, 512):
+            x = torch.randn(rows, in_features, generator=gen)
+            for kernel in layer.kernels:
+                assert_matches_oracle(layer, kernel, x)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("shape,group_size,act_order", [((70, 100), 32, False), ((40, 96), -1, False),
+                                                        ((72, 80), 16, True)])
+def test_triton_kernels_equal_the_oracle_in_the_interpreter(bits, shape, group_size, act_order):
+    pytest.importorskip("triton", reason="triton is not installed (Linux only)")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1 (set by conftest.py)")
+    out_features, in_features = shape
+    layer = random_layer(TritonQuantLinear, LayerSpec(in_features, out_features, bits, group_size, False, act_order, True))
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 16, 33):
+        x = torch.randn(rows, in_features, generator=gen)
+        for kernel in layer.kernels:
+            assert_matches_oracle(layer, kernel, x)
+    assert TritonQuantLinear.unsupported(layer.spec()) == "CUDA only"  # never an `auto` candidate on CPU
+
+
+@int4_missing
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_int4_layer_keeps_one_copy_and_saves_the_checkpoint_layout(bits):
+    spec = LayerSpec(576, 192, bits, 128, False, True, True)
+    reference = random_layer(QuantLinear, spec)
+    layer = CpuInt4QuantLinear(576, 192, bits=bits, group_size=128, sym=False, bias=True)
+    layer.load_state_dict(reference.state_dict())
+    assert layer.qweight is None and "qweight" not in dict(layer.named_buffers())
+    state, expected = layer.state_dict(), reference.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[k], expected[k]) for k in expected)  # bit-identical round trip
+    assert torch.equal(layer.codes(), reference.codes())
+    in_memory = sum(b.numel() * b.element_size() for b in layer.buffers())
+    assert in_memory < 0.2 * 576 * 192 * 4  # one 4-bit copy of the codes + scales, not two
+
+
+def test_int4_backend_declines_what_it_cannot_hold():
+    assert CpuInt4QuantLinear.unsupported(LayerSpec(64, 64, 8, 32, False, False, False)) == "bits > 4"
+    assert "multiple of 32" in CpuInt4QuantLinear.unsupported(LayerSpec(64, 64, 4, 16, False, False, False))
+    assert CpuInt4QuantLinear.unsupported(LayerSpec(64, 64, 4, 32, False, False, False, device="cuda")) == "CPU only"
+
+
+# -- auto ------------------------------------------------------------------------------------------
+def test_auto_times_the_candidates_and_dispatches_by_rows():
+    spec = LayerSpec(256, 128, 4, 64, False, False, True)
+    choice = choose(spec)
+    assert choose(spec) is choice  # measured once per process
+    expected = {"torch", "cpu-int4"} if cpu_int4.is_available() else {"torch"}
+    assert {k.split("/")[0] for k in choice.times} == expected
+    assert set(choice.dense) == {r for r, _ in choice.dispatch}
+    for rows, kernel in choice.dispatch:  # each row count takes the chosen backend's fastest kernel
+        mine = {k.split("/")[1]: t[rows] for k, t in choice.times.items() if k.startswith(choice.backend + "/")}
+        assert mine[kernel] == min(mine.values())
+    layer = build(spec)
+    assert layer.backend == choice.backend and layer.dispatch == choice.dispatch
+    assert choice.to_dict()["backend"] == choice.backend and spec.describe() in choice.describe()
+
+
+def test_dispatch_picks_the_nearest_measured_row_count_on_a_log_scale():
+    layer = QuantLinear(8, 8, bits=4, group_size=-1, sym=True, bias=False)
+    layer.kernels = ("a", "b", "c")
+    layer.set_dispatch([(1, "a"), (16, "b"), (256, "c")])
+    assert [layer.kernel_for(m) for m in (1, 4, 5, 16, 63, 65, 4096)] == ["a", "a", "b", "b", "b", "c", "c"]
+    with pytest.raises(ValueError, match="dispatch names"):
+        layer.set_dispatch([(1, "nope")])
+
+
+def test_make_quant_linear_auto_then_switch_backends():
+    qw = rtn_quantize(torch.randn(64, 128), QuantConfig(bits=4, group_size=32, sym=False))
+    model = nn.Sequential(nn.Linear(128, 64))
+    model[0] = make_quant_linear(model[0], qw, backend="torch")
+    x = torch.randn(2, 128)
+    before = model(x)
+    chosen = to_backend(model, "auto")
+    assert chosen == {"0": model[0].backend}
+    assert ((model(x) - before).norm() / before.norm()).item() <= type(model[0]).tolerance
+    assert torch.equal(model[0].codes(), qw.codes)
+
+
+def test_backend_errors_are_clear():
+    with pytest.raises(ValueError, match="unknown quantized-linear backend 'nope'"):
+        quant_linear_class("nope")
+    with pytest.raises(ValueError, match="backend 'cpu-int4' cannot hold a .* bits > 4"):
+        choose(LayerSpec(64, 64, 8, 32, False, False, False), backend="cpu-int4")
 
 
 def test_backend_registry():
     @register_quant_linear("test-backend")
     class Doubling(QuantLinear):
-        def forward(self, x):
-            return 2 * super().forward(x)
+        def run(self, kernel, x):
+            return 2 * super().run(kernel, x)
 
     qw = rtn_quantize(torch.randn(4, 8), QuantConfig(bits=8, group_size=-1))
     layer = make_quant_linear(nn.Linear(8, 4, bias=False), qw, backend="test-backend")
     assert isinstance(layer, Doubling) and layer.backend == "test-backend" and layer.bias is None
-    with pytest.raises(ValueError, match="unknown quantized-linear backend 'nope'"):
-        quant_linear_class("nope")
+    torch.testing.assert_close(layer(torch.ones(1, 8)), 2 * F.linear(torch.ones(1, 8), qw.dequantize()))

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
-from lightning_gptq.nn import make_quant_linear, quant_linear_class, replace_submodule
+from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule
 from lightning_gptq.quant import DampingIncreasedWarning, HessianAccumulator, QuantConfig, gptq_quantize, rtn_quantize
 
 from .hooks import BlockContext, fire_block_hook
@@ -123,7 +123,9 @@ class GPTQCallback(Callback):
     Args:
         quant: bits, group size, grid and solver settings.
         method: ``"gptq"`` (needs ``HessianCapture`` among the callbacks) or ``"rtn"`` (round to nearest).
-        backend: which registered quantized-linear implementation to swap in.
+        backend: which quantized-linear backend to swap in: ``"auto"`` (default) times every backend that
+            supports the layer on this machine, once per layer shape, and takes the fastest; or a
+            registered name (``"torch"``, ``"cpu-int4"``, ``"triton"``).
         calibration_batches: on a user's own module, how many training batches to calibrate on.
         exclude: on a user's own module, regular expressions of layer names to leave in full precision.
         forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
@@ -136,7 +138,7 @@ class GPTQCallback(Callback):
         self,
         quant: QuantConfig = QuantConfig(),
         method: Literal["gptq", "rtn"] = "gptq",
-        backend: str = "torch",
+        backend: str = AUTO,
         calibration_batches: int = 16,
         exclude: list[str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
@@ -145,7 +147,10 @@ class GPTQCallback(Callback):
             raise MisconfigurationException(f"GPTQCallback.method must be 'gptq' or 'rtn', got {method!r}")
         if calibration_batches < 1:
             raise MisconfigurationException(f"GPTQCallback.calibration_batches must be >= 1, got {calibration_batches}")
-        quant_linear_class(backend)  # unknown backend -> clear error now, not after calibration
+        try:
+            check_backend(backend)  # unknown backend -> clear error now, not after calibration
+        except ValueError as error:
+            raise MisconfigurationException(f"GPTQCallback.backend: {error}") from None
         self.quant = quant
         self.method = method
         self.backend = backend

@@ -35,7 +35,7 @@ from lightning_gptq.data import perplexity
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.latency import measure_latency
-from lightning_gptq.nn import QuantLinear
+from lightning_gptq.nn import AUTO, QuantLinear, check_backend, to_backend
 
 from .callbacks import GPTQCallback, HessianCapture
 from .hooks import BlockContext, fire_block_hook
@@ -94,6 +94,9 @@ class GPTQModule(LightningModule):
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
         latency_prompt_tokens: prompt length for the prefill measurement.
         latency_decode_tokens: generated tokens for the decode measurement.
+        backend: quantized-linear backend for a loaded quantized model and whenever the model moves
+            to another device (``"auto"``: time the candidates here; the fit's own layers follow
+            ``GPTQCallback.backend``).
     """
 
     drives_block_hooks = True
@@ -114,10 +117,15 @@ class GPTQModule(LightningModule):
         latency: bool = True,
         latency_prompt_tokens: int = 128,
         latency_decode_tokens: int = 32,
+        backend: str = AUTO,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False
+        try:
+            check_backend(backend)
+        except ValueError as error:
+            raise MisconfigurationException(f"GPTQModule.backend: {error}") from None
         for name in ("latency_prompt_tokens", "latency_decode_tokens"):
             if getattr(self.hparams, name) < 1:
                 raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")
@@ -138,7 +146,8 @@ class GPTQModule(LightningModule):
     def _load(self) -> None:
         hp = self.hparams
         if os.path.isdir(os.path.expanduser(hp.model)) and is_quantized_checkpoint(os.path.expanduser(hp.model)):
-            lm, self.tokenizer = load_quantized(os.path.expanduser(hp.model), trust_remote_code=hp.trust_remote_code)
+            lm, self.tokenizer = load_quantized(os.path.expanduser(hp.model), backend=hp.backend,
+                                                trust_remote_code=hp.trust_remote_code)
         else:
             lm, self.tokenizer = load_causal_lm(hp.model, gguf_file=hp.gguf_file, dtype=hp.dtype,
                                                 trust_remote_code=hp.trust_remote_code, revision=hp.revision)
@@ -160,6 +169,14 @@ class GPTQModule(LightningModule):
             path = ".".join(p for p in (owner_name, attribute) if p)
             self._adapter = dataclasses.replace(adapter, blocks_path=path)
         return self._adapter
+
+    def _place(self) -> nn.Module:
+        """The whole model on the compute device; quantized layers whose backend cannot run there
+        (the int4 CPU layout on a GPU) are rebuilt with one that can."""
+        self._lm.to(self.device)
+        if any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in self._lm.modules()):
+            to_backend(self._lm, self.hparams.backend)
+        return self._lm
 
     @property
     def is_quantized(self) -> bool:
@@ -296,7 +313,7 @@ class GPTQModule(LightningModule):
         if self.hparams.eval_after:
             self.results["after"] = self._evaluate("eval_after")
         if self.hparams.latency:
-            self._lm.to(self.device)
+            self._place()
             self.results["latency"] = measure_latency(
                 self._lm, prompt_tokens=self.hparams.latency_prompt_tokens, decode_tokens=self.hparams.latency_decode_tokens
             ).to_dict()
@@ -335,7 +352,7 @@ class GPTQModule(LightningModule):
         """Perplexity on every configured eval set with the standalone evaluator (whole model)."""
         dm = self.trainer.datamodule
         start = time.perf_counter()
-        self._lm.to(self.device)
+        self._place()
         results = {}
         for name in dm.eval_datasets:
             result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
@@ -356,7 +373,7 @@ class GPTQModule(LightningModule):
 
     # -- validate / test ---------------------------------------------------------------------------
     def _eval_start(self) -> None:
-        self._lm.to(self.device).eval()
+        self._place().eval()
         names = self.trainer.datamodule.eval_datasets
         self._val_ppl = [ProtocolPerplexity().to(self.device) for _ in names]
 

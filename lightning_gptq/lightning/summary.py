@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import lightning_gptq
+from lightning_gptq.nn import QuantLinear, choices
 
 
 def _layer_table(records: list[dict]) -> list[str]:
@@ -59,6 +60,10 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
                if capture is not None and gptq.method == "gptq" else None)  # RTN reads no Hessian
     dm = module.trainer.datamodule
     records = gptq.summary()
+    layers = [m for m in module.lm.modules() if isinstance(m, QuantLinear)]
+    specs = {m.spec() for m in layers}
+    kernels = [c for c in choices() if c.spec in specs]
+    backends = {b: sum(m.backend == b for m in layers) for b in sorted({m.backend for m in layers})}
     data = {
         "tool": {"name": "lightning-gptq", "version": lightning_gptq.__version__, "torch": torch.__version__,
                  "python": platform.python_version(), "threads": torch.get_num_threads()},
@@ -71,6 +76,7 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         "timings_s": dict(module.timings),
         "peak_memory": module.peak_memory(),
         "results": module.results,
+        "quantized_linear": {"layers_per_backend": backends, "choices": [c.to_dict() for c in kernels]},
         "layers": records,
     }
     json_path, md_path = folder / "summary.json", folder / "summary.md"
@@ -102,6 +108,10 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         lines += ["", "## Latency", "", f"- prefill {lat['prefill_tokens_per_s']:.1f} tokens/s "
                   f"({lat['prompt_tokens']}-token prompt), decode {lat['decode_ms_per_token']:.2f} ms/token "
                   f"({lat['decode_tokens']} tokens, batch 1) on {lat['device']} {lat['dtype']}, {lat['threads']} threads"]
+    if layers:
+        lines += ["", "## Quantized linear backends", "",
+                  f"- layers per backend: {', '.join(f'{b} {n}' for b, n in backends.items())}",
+                  *[f"- {c.describe()}" for c in kernels]]
     lines += ["", "## Layers", ""]
     if _plot(records, folder / "layer_loss.png"):
         lines += ["![per-layer loss](layer_loss.png)", ""]

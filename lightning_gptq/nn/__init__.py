@@ -1,5 +1,21 @@
-"""Torch modules that hold quantized weights."""
+"""Torch modules that hold quantized weights, their backends, and ``auto`` backend selection."""
 
-from .quant_linear import QuantLinear, make_quant_linear, quant_linear_class, register_quant_linear, replace_submodule
+from . import cpu_int4 as _cpu_int4  # noqa: F401  (registers the "cpu-int4" backend)
+from . import triton as _triton  # noqa: F401  (registers the "triton" backend)
+from .autotune import Choice, build, choices, choose, make_quant_linear, random_layer, to_backend
+from .quant_linear import (
+    AUTO,
+    LayerSpec,
+    QuantLinear,
+    backends,
+    check_backend,
+    quant_linear_class,
+    register_quant_linear,
+    replace_submodule,
+)
 
-__all__ = ["QuantLinear", "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule"]
+__all__ = [
+    "AUTO", "Choice", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose",
+    "make_quant_linear", "quant_linear_class", "random_layer", "register_quant_linear", "replace_submodule",
+    "to_backend",
+]

@@ -1,53 +1,149 @@
-"""Quantized replacements for ``nn.Linear`` (and GPT-2's ``Conv1D``) and the registry that picks one.
+"""Quantized replacements for ``nn.Linear`` (and GPT-2's ``Conv1D``), their backends and registry.
 
-A backend is a ``QuantLinear`` subclass registered under a name; the callbacks only ever call
-``make_quant_linear(..., backend=name)``, so a kernel-backed layer drops in by registering itself.
+Every backend is a ``QuantLinear`` subclass registered under a name. All of them take and give
+the ecosystem's packed GPTQ layout (``qweight``/``qzeros``/``scales``/``g_idx``, see
+``lightning_gptq.kernels.packing``), which is what ``state_dict`` holds; a backend may convert it
+once into its kernel's own layout in :meth:`QuantLinear.post_init`, as long as it keeps one copy and
+writes the ecosystem layout back when saved.
+
+A backend declares what it supports through :meth:`QuantLinear.unsupported` and which compute
+paths (``kernels``) it has; ``dispatch`` maps the number of input rows to the path to take, so a
+layer can use a GEMV-like kernel for decode and a dequantize-then-GEMM one for prefill.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from lightning_gptq.kernels import torch_ref
+from lightning_gptq.kernels.packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What a backend must support to hold one layer: its shape, grid, device type and activation dtype."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool
+    bias: bool
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def describe(self) -> str:
+        group = "per-row" if self.group_size == -1 else f"g{self.group_size}"
+        flags = "".join([", act-order" if self.act_order else "", ", sym" if self.sym else ", asym"])
+        return f"{self.out_features}x{self.in_features} {self.bits}-bit {group}{flags} on {self.device} {self.dtype}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def n_groups_for(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
 class QuantLinear(nn.Module):
-    """A linear layer whose weight is held as GPTQ codes; computes ``x @ Wᵀ + b``.
+    """A linear layer holding GPTQ-packed weights; computes ``x @ Wᵀ + b``. The plain-torch backend.
 
-    Buffers: ``codes`` uint8 [out, in], ``scales`` [out, n_groups], ``zeros`` int32 [out, n_groups],
-    ``g_idx`` int32 [in], ``bias`` [out] or None. This base class dequantizes the whole weight on each
-    call with the plain-torch reference; faster backends override ``forward``.
+    Buffers (the checkpoint layout): ``qweight`` int32 [in·bits/32, out], ``qzeros`` int32
+    [n_groups, out·bits/32] (true zero codes), ``scales`` [n_groups, out], ``g_idx`` int32 [in],
+    ``bias`` [out] or None. This backend supports every layer on every device and is the oracle
+    other backends are tested against: it dequantizes the whole weight, then runs one matmul.
     """
 
     backend = "torch"
+    kernels: tuple[str, ...] = ("dequant",)
+    #: Relative error ``‖y − y_oracle‖ / ‖y_oracle‖`` this backend promises (fp32 summation order only).
+    tolerance = 1e-5
 
-    def __init__(self, in_features: int, out_features: int, n_groups: int, *, bits: int, group_size: int,
-                 sym: bool, bias: bool, dtype: torch.dtype = torch.float32, device=None):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool, bias: bool,
+                 dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.sym = bits, group_size, sym
-        self.register_buffer("codes", torch.zeros(out_features, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.zeros(out_features, n_groups, dtype=dtype, device=device))
-        self.register_buffer("zeros", torch.zeros(out_features, n_groups, dtype=torch.int32, device=device))
+        n_groups = n_groups_for(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(n_groups, packed_length(out_features, bits), dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+        self.dispatch: tuple[tuple[int, str], ...] = ((1, self.kernels[0]),)
 
+    # -- capabilities -----------------------------------------------------------------------------
+    @classmethod
+    def unsupported(cls, spec: LayerSpec) -> str | None:
+        """Why this backend cannot hold a layer like ``spec``, or None when it can."""
+        return None
+
+    # -- construction -----------------------------------------------------------------------------
     @classmethod
     def from_quantized(cls, qweight, bias: Tensor | None = None) -> "QuantLinear":
-        """Build from a solver result (anything with codes/scales/zeros/g_idx/bits/group_size/sym/dtype)."""
+        """Build from a solver result (``codes`` [out, in], ``scales``/``zeros`` [out, n_groups], ``g_idx``, grid settings)."""
         out_features, in_features = qweight.codes.shape
-        layer = cls(in_features, out_features, qweight.scales.shape[1], bits=qweight.bits, group_size=qweight.group_size,
-                    sym=qweight.sym, bias=bias is not None, dtype=qweight.dtype, device=qweight.codes.device)
-        layer.codes.copy_(qweight.codes)
-        layer.scales.copy_(qweight.scales.to(qweight.dtype))
-        layer.zeros.copy_(qweight.zeros)
-        layer.g_idx.copy_(qweight.g_idx)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
+        layer = cls(in_features, out_features, bits=qweight.bits, group_size=qweight.group_size, sym=qweight.sym,
+                    bias=bias is not None, dtype=qweight.dtype, device=qweight.codes.device)
+        layer.set_weight(qweight.codes, qweight.scales, qweight.zeros, qweight.g_idx, bias)
         return layer
+
+    @torch.no_grad()
+    def set_weight(self, codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bias: Tensor | None = None) -> None:
+        """Pack solver-layout tensors (``codes`` [out, in], ``scales``/``zeros`` [out, n_groups]) into this layer."""
+        self.qweight = pack_rows(codes.T, self.bits).to(self.g_idx.device)
+        self.qzeros = pack_cols(zeros.T, self.bits).to(self.g_idx.device)
+        self.scales = scales.T.to(self.scales).contiguous()
+        self.g_idx = g_idx.to(self.g_idx)
+        if bias is not None:
+            self.bias = bias.detach().to(self.bias).clone()
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Called whenever the packed buffers have been (re)written; backends convert here."""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.post_init()
+
+    # -- reading the weight -----------------------------------------------------------------------
+    @property
+    def act_order(self) -> bool:
+        return self.contiguous_group_size() is None
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec(self.in_features, self.out_features, self.bits, self.group_size, self.sym, self.act_order,
+                         self.bias is not None, self.g_idx.device.type, str(self.scales.dtype).removeprefix("torch."))
+
+    def contiguous_group_size(self) -> int | None:
+        """The group width when ``g_idx`` is the plain ``i // group_size`` (no act-order reordering)."""
+        width = self.group_size if self.group_size > 0 else self.in_features
+        natural = torch.arange(self.in_features, device=self.g_idx.device) // width
+        return width if torch.equal(self.g_idx.long(), natural) else None
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        """The checkpoint-layout tensors (what ``state_dict`` holds), whatever this backend keeps in memory."""
+        return {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    def codes(self) -> Tensor:
+        """uint8 [out, in] codes."""
+        return unpack_rows(self.packed_tensors()["qweight"], self.bits, self.in_features).T
+
+    def zero_points(self) -> Tensor:
+        """uint8 [n_groups, out] true zero codes."""
+        return unpack_cols(self.qzeros, self.bits, self.out_features)
+
+    def dequantize(self) -> Tensor:
+        """The dense weight [out, in] this layer represents (computed by the oracle)."""
+        t = self.packed_tensors()
+        return torch_ref.dequantize_t(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], self.bits, self.in_features,
+                                      group_size=self.contiguous_group_size()).T
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -58,26 +154,43 @@ class QuantLinear(nn.Module):
         """The dequantized weight [out, in], for code that reads ``.weight`` (a fresh tensor each time)."""
         return self.dequantize()
 
-    def contiguous_group_size(self) -> int | None:
-        """The group width when ``g_idx`` is the plain ``i // group_size`` (no act-order reordering)."""
-        width = self.group_size if self.group_size > 0 else self.in_features
-        natural = torch.arange(self.in_features, device=self.g_idx.device) // width
-        return width if torch.equal(self.g_idx.long(), natural) else None
+    # -- compute ----------------------------------------------------------------------------------
+    def set_dispatch(self, dispatch) -> None:
+        """``dispatch``: ``[(rows, kernel), ...]``; an input of ``m`` rows takes the kernel whose ``rows``
+        is nearest to ``m`` on a log scale."""
+        entries = tuple(sorted((int(b), str(k)) for b, k in dispatch))
+        unknown = {k for _, k in entries} - set(self.kernels)
+        if not entries or unknown:
+            raise ValueError(f"{type(self).__name__} has kernels {self.kernels}; dispatch names {sorted(unknown) or 'none'}")
+        self.dispatch = entries
+        # switch points: geometric midpoints between neighbouring measured batch sizes
+        self._bounds = [math.sqrt(a * b) for (a, _), (b, _) in zip(entries, entries[1:])]
 
-    def dequantize(self) -> Tensor:
-        """The dense weight [out, in] this layer represents."""
-        return torch_ref.dequantize(self.codes, self.scales, self.zeros, self.g_idx, group_size=self.contiguous_group_size())
+    def kernel_for(self, rows: int) -> str:
+        if len(self.dispatch) == 1:
+            return self.dispatch[0][1]
+        for bound, (_, kernel) in zip(self._bounds, self.dispatch):
+            if rows <= bound:
+                return kernel
+        return self.dispatch[-1][1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch_ref.quant_matmul(x, self.codes, self.scales, self.zeros, self.g_idx, self.bias,
+        return self.run(self.kernel_for(x.numel() // self.in_features), x)
+
+    def run(self, kernel: str, x: Tensor) -> Tensor:
+        """Compute with a named kernel (what ``forward`` does after picking one)."""
+        return torch_ref.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
                                       group_size=self.contiguous_group_size())
 
     def extra_repr(self) -> str:
+        path = ", ".join(f"{b}:{k}" for b, k in self.dispatch)
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}, backend={self.backend}")
+                f"group_size={self.group_size}, sym={self.sym}, bias={self.bias is not None}, backend={self.backend}, "
+                f"kernels=[{path}]")
 
 
 _BACKENDS: dict[str, type[QuantLinear]] = {"torch": QuantLinear}
+AUTO = "auto"
 
 
 def register_quant_linear(name: str) -> Callable[[type[QuantLinear]], type[QuantLinear]]:
@@ -91,16 +204,20 @@ def register_quant_linear(name: str) -> Callable[[type[QuantLinear]], type[Quant
     return register
 
 
+def backends() -> dict[str, type[QuantLinear]]:
+    return dict(_BACKENDS)
+
+
 def quant_linear_class(backend: str) -> type[QuantLinear]:
     if backend not in _BACKENDS:
-        raise ValueError(f"unknown quantized-linear backend {backend!r}; available: {sorted(_BACKENDS)}")
+        raise ValueError(f"unknown quantized-linear backend {backend!r}; available: {sorted(_BACKENDS) + [AUTO]}")
     return _BACKENDS[backend]
 
 
-def make_quant_linear(original: nn.Module, qweight, backend: str = "torch") -> QuantLinear:
-    """A quantized layer standing in for ``original`` (``nn.Linear`` or GPT-2 ``Conv1D``)."""
-    bias = getattr(original, "bias", None)
-    return quant_linear_class(backend).from_quantized(qweight, bias)
+def check_backend(backend: str) -> None:
+    """Raise the registry's clear error for an unknown name (``auto`` is always known)."""
+    if backend != AUTO:
+        quant_linear_class(backend)
 
 
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:

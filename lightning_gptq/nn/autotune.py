@@ -1,0 +1,195 @@
+"""``backend="auto"``: pick the fastest backend and kernels for a layer by timing them here.
+
+CPUs differ (this project's machines have been AVX2-only AMD and AVX-512/AMX Intel) and so does
+the fastest path, so nothing is assumed: the first time a layer spec (shape, bits, group, act-order,
+device, dtype) is seen, every backend that supports it is built on random codes of that spec and
+each of its kernels is timed at several input row counts, next to a dense ``F.linear`` of the same
+shape as the yardstick. The backend with the best geometric-mean time over those row counts wins,
+and its fastest kernel at each row count becomes the layer's dispatch. Results are cached per
+process (and thread count); :func:`choices` reports them for the run summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class
+
+log = logging.getLogger("lightning_gptq")
+
+ROWS = (1, 4, 16, 64, 256, 1024)
+
+
+@dataclass
+class Choice:
+    """The outcome of timing one layer spec: the backend, its dispatch, and every time measured (seconds)."""
+
+    spec: LayerSpec
+    backend: str
+    dispatch: tuple[tuple[int, str], ...]
+    times: dict[str, dict[int, float]] = field(default_factory=dict)  # "backend/kernel" -> rows -> s
+    dense: dict[int, float] = field(default_factory=dict)  # F.linear with a dense weight, same dtype
+
+    def speedup(self, rows: int) -> float | None:
+        """Dense time / chosen time at ``rows`` (None when nothing was timed: a single choice)."""
+        kernel = dict(self.dispatch)[rows]
+        if rows not in self.dense:
+            return None
+        return self.dense[rows] / self.times[f"{self.backend}/{kernel}"][rows]
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{r}:{k} {self.speedup(r):.2f}x" if r in self.dense else f"{r}:{k}" for r, k in self.dispatch)
+        return f"{self.spec.describe()}: {self.backend} [{parts} vs dense {self.spec.dtype}]"
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "backend": self.backend, "dispatch": [list(d) for d in self.dispatch],
+                "speedup_vs_dense": {r: round(self.speedup(r), 3) for r, _ in self.dispatch if r in self.dense}}
+
+
+_CACHE: dict[tuple, Choice] = {}
+
+
+def choices() -> list[Choice]:
+    return list(_CACHE.values())
+
+
+def candidates(spec: LayerSpec) -> dict[str, type[QuantLinear]]:
+    """Every registered backend that supports ``spec`` (``torch`` always does)."""
+    return {name: cls for name, cls in backends().items() if cls.unsupported(spec) is None}
+
+
+def random_layer(cls: type[QuantLinear], spec: LayerSpec, seed: int = 0) -> QuantLinear:
+    """A layer of ``spec`` with random codes and grid, for timing and tests."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = getattr(torch, spec.dtype)
+    layer = cls(spec.in_features, spec.out_features, bits=spec.bits, group_size=spec.group_size, sym=spec.sym,
+                bias=spec.bias, dtype=dtype, device=spec.device)
+    n_groups = layer.scales.shape[0]
+    maxq = (1 << spec.bits) - 1
+    codes = torch.randint(0, maxq + 1, (spec.out_features, spec.in_features), generator=gen)
+    scales = torch.rand(spec.out_features, n_groups, generator=gen) * 0.02 + 1e-3
+    zeros = torch.full_like(scales, (maxq + 1) // 2, dtype=torch.int32) if spec.sym else \
+        torch.randint(0, maxq + 1, (spec.out_features, n_groups), generator=gen, dtype=torch.int32)
+    width = spec.group_size if spec.group_size > 0 else spec.in_features
+    order = torch.randperm(spec.in_features, generator=gen) if spec.act_order else torch.arange(spec.in_features)
+    g_idx = (torch.argsort(order) // width).to(torch.int32)
+    bias = torch.randn(spec.out_features, generator=gen) if spec.bias else None
+    layer.set_weight(codes.to(spec.device), scales.to(spec.device), zeros.to(spec.device), g_idx.to(spec.device),
+                     None if bias is None else bias.to(spec.device))
+    return layer
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str = "cpu", budget_s: float = 0.05, max_reps: int = 25) -> float:
+    """Median seconds of ``fn()`` after one warm-up, repeating within ``budget_s`` (at least 3 times)."""
+    fn()
+    _sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < 3 or (spent < budget_s and len(times) < max_reps):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows: tuple[int, ...] = ROWS) -> Choice:
+    """Time every kernel of every given backend, and a dense ``F.linear``, at each row count."""
+    dtype = getattr(torch, spec.dtype)
+    gen = torch.Generator().manual_seed(1)
+    dense_weight = torch.randn(spec.out_features, spec.in_features, generator=gen).to(spec.device, dtype)
+    times: dict[str, dict[int, float]] = {}
+    dense: dict[int, float] = {}
+    layers = {name: random_layer(cls, spec) for name, cls in backend_classes.items()}
+    for m in rows:
+        x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
+        dense[m] = time_call(lambda: F.linear(x, dense_weight), spec.device)
+        for name, layer in layers.items():
+            for kernel in layer.kernels:
+                times.setdefault(f"{name}/{kernel}", {})[m] = time_call(lambda: layer.run(kernel, x), spec.device)
+    best_backend, best_score, best_dispatch = None, math.inf, None
+    for name, layer in layers.items():
+        per_rows = {m: min((times[f"{name}/{k}"][m], k) for k in layer.kernels) for m in rows}
+        score = sum(math.log(t) for t, _ in per_rows.values())
+        if score < best_score:
+            best_backend, best_score = name, score
+            best_dispatch = tuple((m, k) for m, (_, k) in per_rows.items())
+    return Choice(spec, best_backend, best_dispatch, times, dense)
+
+
+def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
+    """The backend (``auto``: any; else just that one) and dispatch for ``spec``, measured once per process."""
+    key = (spec, backend, torch.get_num_threads())
+    if key not in _CACHE:
+        if backend == AUTO:
+            classes = candidates(spec)
+        else:
+            cls = quant_linear_class(backend)
+            reason = cls.unsupported(spec)
+            if reason is not None:
+                raise ValueError(f"backend {backend!r} cannot hold a {spec.describe()} layer: {reason}")
+            classes = {backend: cls}
+        if len(classes) == 1 and len(next(iter(classes.values())).kernels) == 1:
+            (name, cls), = classes.items()
+            choice = Choice(spec, name, ((1, cls.kernels[0]),))
+        else:
+            choice = measure(spec, classes)
+            log.info("quantized linear %s", choice.describe())
+        _CACHE[key] = choice
+    return _CACHE[key]
+
+
+def build(spec: LayerSpec, backend: str = AUTO) -> QuantLinear:
+    """An empty layer for ``spec`` from the chosen backend, dispatch set (fill it with ``set_weight``/``load_state_dict``)."""
+    choice = choose(spec, backend)
+    layer = quant_linear_class(choice.backend)(
+        spec.in_features, spec.out_features, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, bias=spec.bias,
+        dtype=getattr(torch, spec.dtype), device=spec.device)
+    layer.set_dispatch(choice.dispatch)
+    return layer
+
+
+def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> QuantLinear:
+    """A quantized layer standing in for ``original`` (``nn.Linear`` or GPT-2 ``Conv1D``) from a solver result."""
+    bias: Tensor | None = getattr(original, "bias", None)
+    out_features, in_features = qweight.codes.shape
+    width = qweight.group_size if qweight.group_size > 0 else in_features
+    act_order = not torch.equal(qweight.g_idx.long(), torch.arange(in_features, device=qweight.g_idx.device) // width)
+    spec = LayerSpec(in_features, out_features, qweight.bits, qweight.group_size, qweight.sym, act_order, bias is not None,
+                     qweight.codes.device.type, str(qweight.dtype).removeprefix("torch."))
+    layer = build(spec, backend)
+    layer.set_weight(qweight.codes, qweight.scales, qweight.zeros, qweight.g_idx, bias)
+    return layer
+
+
+@torch.no_grad()
+def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
+    """Rebuild every ``QuantLinear`` in ``model`` with ``backend`` (``auto``: the fastest for its spec and
+    the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``."""
+    from .quant_linear import replace_submodule
+
+    chosen = {}
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        spec = layer.spec()
+        new = build(spec, backend)
+        if type(new) is type(layer):
+            layer.set_dispatch(new.dispatch)
+        else:
+            new.load_state_dict(layer.state_dict())
+            replace_submodule(model, name, new)
+        chosen[name] = new.backend
+    return chosen

@@ -1,0 +1,48 @@
+"""The CUDA backend: Triton kernels over the ecosystem's packed layout (``lightning_gptq.kernels.triton_gptq``).
+
+It keeps the checkpoint buffers as they are. Kernels: ``decode`` (split-K GEMV for a few rows,
+weights dequantized in registers) and ``prefill`` (tiled dequantize + ``tl.dot``); ``auto`` times
+both at each row count and dispatches between them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from torch import Tensor
+
+from .quant_linear import LayerSpec, QuantLinear, register_quant_linear
+
+
+def _kernels():
+    from lightning_gptq.kernels import triton_gptq  # imports triton: only when this backend runs
+
+    return triton_gptq
+
+
+@register_quant_linear("triton")
+class TritonQuantLinear(QuantLinear):
+    kernels = ("decode", "prefill")
+    #: fp32 accumulation; fp16/bf16 activations round the dequantized tile to their dtype before ``tl.dot``.
+    tolerance = 1e-5
+
+    @classmethod
+    def unsupported(cls, spec: LayerSpec) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed"
+        if spec.device != "cuda":  # the tests run it on CPU under TRITON_INTERPRET=1, built directly
+            return "CUDA only"
+        return None
+
+    def run(self, kernel: str, x: Tensor) -> Tensor:
+        k = _kernels()
+        rows = x.reshape(-1, self.in_features)
+        if kernel == "decode":
+            y = k.decode_matmul(rows, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        elif kernel == "prefill":
+            y = k.prefill_matmul(rows, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        else:
+            raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
