@@ -1,0 +1,124 @@
+"""Benchmark the quantized-linear backends against a dense ``F.linear`` measured in the same run.
+
+For every weight shape [out, in], bit width and input row count it times each kernel of each
+backend that supports the layer on this device, and ``auto`` (the layer ``auto`` builds, through
+its own ``forward``, including the time ``auto`` does not see: row counts between the ones it
+measured), and prints speed-ups over dense fp32 (``> 1`` = faster). ``bytes`` is the bound from
+weight bytes alone: dense weight bytes / packed weight bytes (codes + scales + zeros).
+
+    python scripts/bench_kernels.py                       # the issue's shapes and rows, 4-bit g128
+    python scripts/bench_kernels.py --bits 2 3 4 8 --quick
+    python scripts/bench_kernels.py --markdown bench.md   # also write the table
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lightning_gptq.nn import AUTO, LayerSpec, backends, build, choose, random_layer
+from lightning_gptq.nn.autotune import time_call
+
+SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
+ROWS = [1, 4, 16, 128, 2048]
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def packed_bytes(layer) -> int:
+    return sum(t.numel() * t.element_size() for k, t in layer.packed_tensors().items() if k != "g_idx")
+
+
+@torch.no_grad()
+def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float) -> list[dict]:
+    dtype = getattr(torch, spec.dtype)
+    gen = torch.Generator().manual_seed(0)
+    dense_w = torch.randn(spec.out_features, spec.in_features, generator=gen).to(spec.device, dtype)
+    start = time.perf_counter()
+    auto_layer = build(spec, AUTO)
+    tune_s = time.perf_counter() - start
+    auto_layer.load_state_dict(random_layer(type(auto_layer), spec).state_dict())
+    layers = {name: random_layer(cls, spec) for name, cls in backends().items() if cls.unsupported(spec) is None}
+    bound = spec.out_features * spec.in_features * dense_w.element_size() / packed_bytes(auto_layer)
+    out = []
+    for m in rows:
+        x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
+        dense = time_call(lambda: F.linear(x, dense_w), spec.device, budget_s)
+        row = {"shape": f"{spec.out_features}x{spec.in_features}", "bits": spec.bits, "rows": m, "dense_ms": 1e3 * dense,
+               "bytes": bound, "tune_s": tune_s}
+        for name, layer in layers.items():
+            for kernel in layer.kernels:
+                row[f"{name}/{kernel}"] = dense / time_call(lambda: layer.run(kernel, x), spec.device, budget_s)
+        row["auto"] = dense / time_call(lambda: auto_layer(x), spec.device, budget_s)
+        row["auto_path"] = f"{auto_layer.backend}/{auto_layer.kernel_for(m)}"
+        out.append(row)
+        print(format_row(row), flush=True)
+    return out
+
+
+def columns(rows: list[dict]) -> list[str]:
+    fixed = {"shape", "bits", "rows", "dense_ms", "bytes", "tune_s", "auto", "auto_path"}
+    return sorted({k for r in rows for k in r} - fixed)
+
+
+def format_row(row: dict) -> str:
+    kernels = "  ".join(f"{k} {row[k]:.2f}x" for k in sorted(row) if "/" in k and k != "auto_path")
+    return (f"{row['shape']:>11} {row['bits']}-bit rows {row['rows']:>4}: dense fp32 {row['dense_ms']:8.3f} ms | "
+            f"auto {row['auto']:.2f}x ({row['auto_path']}) | {kernels} | bytes bound {row['bytes']:.1f}x")
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = columns(rows)
+    head = ["shape [out×in]", "bits", "rows", "dense fp32 ms", "**auto**", "auto path", *cols, "bytes bound"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["shape"], str(r["bits"]), str(r["rows"]), f"{r['dense_ms']:.3f}", f"**{r['auto']:.2f}×**", r["auto_path"],
+                 *[f"{r[c]:.2f}×" if c in r else "–" for c in cols], f"{r['bytes']:.1f}×"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, nargs="+", default=[4])
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--act-order", action="store_true")
+    parser.add_argument("--rows", type=int, nargs="+", default=ROWS)
+    parser.add_argument("--shapes", nargs="+", default=None, help="OUTxIN, e.g. 4096x4096")
+    parser.add_argument("--quick", action="store_true", help="the three SmolLM2 shapes and 4096x4096 only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--budget", type=float, default=0.2, help="seconds of repeats per timing")
+    parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = parser.parse_args()
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES[:4] if args.quick else SHAPES
+    print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
+          f"group size {args.group_size}, act-order {args.act_order}, asym")
+    rows = []
+    for bits in args.bits:
+        for out_f, in_f in shapes:
+            spec = LayerSpec(in_f, out_f, bits, args.group_size, False, args.act_order, False, args.device, args.dtype)
+            rows += bench_layer(spec, args.rows, args.budget)
+            print(f"  auto for {spec.describe()}: {choose(spec).describe()} (tuning took {rows[-1]['tune_s']:.1f} s)")
+    table = markdown(rows)
+    print()
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
