@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_gptq import QuantConfig, gptq_quantize, rtn_quantize
-from lightning_gptq.kernels import cpu_int4, torch_ref
+from lightning_gptq.kernels import cpu_gemm, cpu_int4, torch_ref
 from lightning_gptq.kernels.packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
 from lightning_gptq.nn import (
     LayerSpec,
@@ -22,10 +22,9 @@ from lightning_gptq.nn import (
     to_backend,
 )
 from lightning_gptq.nn.cpu_int4 import CpuInt4QuantLinear
+from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
 from lightning_gptq.nn.triton import TritonQuantLinear
 
-int4_missing = pytest.mark.skipif(not cpu_int4.is_available(),
-                                  reason="this torch build has no int4 CPU kernel (or its layout changed)")
 
 
 def stream_pack(codes: list[int], bits: int) -> list[int]:
@@ -135,10 +134,11 @@ def test_cpu_backends_equal_the_oracle(bits, shape, group_size, act_order, bias)
     (out_features, in_features) = shape
     spec = LayerSpec(in_features, out_features, bits, group_size, False, act_order, bias)
     gen = torch.Generator().manual_seed(bits)
-    for cls in (QuantLinear, CpuInt4QuantLinear):
+    for cls in (QuantLinear, CpuInt4QuantLinear, CpuPackedQuantLinear):
         reason = cls.unsupported(spec)
         if reason is not None:
-            assert cls is CpuInt4QuantLinear and (bits > 4 or not cpu_int4.is_available())
+            assert cls is CpuInt4QuantLinear and (bits > 4 or not cpu_int4.is_available()) or \
+                cls is CpuPackedQuantLinear and cpu_gemm.unavailable()
             continue
         layer = random_layer(cls, spec)
         for rows in (1, 3, 17, 64, 512):
@@ -166,12 +166,14 @@ def test_triton_kernels_equal_the_oracle_in_the_interpreter(bits, shape, group_s
     assert TritonQuantLinear.unsupported(layer.spec()) == "CUDA only"  # never an `auto` candidate on CPU
 
 
-@int4_missing
-@pytest.mark.parametrize("bits", [2, 3, 4])
-def test_int4_layer_keeps_one_copy_and_saves_the_checkpoint_layout(bits):
+@pytest.mark.parametrize("cls,bits", [(CpuInt4QuantLinear, 2), (CpuInt4QuantLinear, 3), (CpuInt4QuantLinear, 4),
+                                      (CpuPackedQuantLinear, 3), (CpuPackedQuantLinear, 4)])
+def test_converting_layers_keep_one_copy_and_save_the_checkpoint_layout(cls, bits):
     spec = LayerSpec(576, 192, bits, 128, False, True, True)
+    if cls.unsupported(spec):
+        pytest.skip(f"{cls.backend} is unavailable here: {cls.unsupported(spec)}")
     reference = random_layer(QuantLinear, spec)
-    layer = CpuInt4QuantLinear(576, 192, bits=bits, group_size=128, sym=False, bias=True)
+    layer = cls(576, 192, bits=bits, group_size=128, sym=False, bias=True)
     layer.load_state_dict(reference.state_dict())
     assert layer.qweight is None and "qweight" not in dict(layer.named_buffers())
     state, expected = layer.state_dict(), reference.state_dict()
@@ -182,10 +184,12 @@ def test_int4_layer_keeps_one_copy_and_saves_the_checkpoint_layout(bits):
     assert in_memory < 0.2 * 576 * 192 * 4  # one 4-bit copy of the codes + scales, not two
 
 
-def test_int4_backend_declines_what_it_cannot_hold():
+def test_cpu_backends_decline_what_they_cannot_hold():
     assert CpuInt4QuantLinear.unsupported(LayerSpec(64, 64, 8, 32, False, False, False)) == "bits > 4"
-    assert "multiple of 32" in CpuInt4QuantLinear.unsupported(LayerSpec(64, 64, 4, 16, False, False, False))
-    assert CpuInt4QuantLinear.unsupported(LayerSpec(64, 64, 4, 32, False, False, False, device="cuda")) == "CPU only"
+    assert CpuPackedQuantLinear.unsupported(LayerSpec(64, 64, 5, 32, False, False, False)) == "bits must be one of (2, 3, 4, 8)"
+    for cls in (CpuInt4QuantLinear, CpuPackedQuantLinear):
+        assert "multiple of 32" in cls.unsupported(LayerSpec(64, 64, 4, 16, False, False, False))
+        assert cls.unsupported(LayerSpec(64, 64, 4, 32, False, False, False, device="cuda")) == "CPU only"
 
 
 # -- auto ------------------------------------------------------------------------------------------
@@ -193,7 +197,8 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
     spec = LayerSpec(256, 128, 4, 64, False, False, True)
     choice = choose(spec)
     assert choose(spec) is choice  # measured once per process
-    expected = {"torch", "cpu-int4"} if cpu_int4.is_available() else {"torch"}
+    expected = {"torch"} | ({"cpu-int4"} if cpu_int4.is_available() else set()) | \
+        (set() if cpu_gemm.unavailable() else {"cpu-packed"})
     assert {k.split("/")[0] for k in choice.times} == expected
     assert set(choice.dense) == {r for r, _ in choice.dispatch}
     for rows, kernel in choice.dispatch:  # each row count takes the chosen backend's fastest kernel

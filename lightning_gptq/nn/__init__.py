@@ -1,6 +1,7 @@
 """Torch modules that hold quantized weights, their backends, and ``auto`` backend selection."""
 
 from . import cpu_int4 as _cpu_int4  # noqa: F401  (registers the "cpu-int4" backend)
+from . import cpu_packed as _cpu_packed  # noqa: F401  (registers the "cpu-packed" backend)
 from . import triton as _triton  # noqa: F401  (registers the "triton" backend)
 from .autotune import Choice, build, choices, choose, make_quant_linear, random_layer, to_backend
 from .quant_linear import (

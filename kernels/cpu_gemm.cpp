@@ -1,0 +1,199 @@
+// GPTQ matmul for CPUs over the packed layout, fp32 activations, for few input rows (decode).
+//
+//   y[m, n] = sum_g s[g, n] * ( sum_{k in g} x[m, k] * q[k, n]  -  z[g, n] * sum_{k in g} x[m, k] )
+//
+// qweight is int32 [K_pad * BITS / 32, N_pad]: runs of 32 codes along k packed into BITS words,
+// lowest bits first (a code may straddle two words when BITS = 3). Groups are contiguous runs of
+// `group_size` columns (a multiple of 32); the caller permutes act-order columns and pads K and N.
+// Codes are decoded once per tile of NB output columns and reused for every input row, so the
+// weight is read once per call and never expanded in memory. Written as plain loops over a lane
+// array that the compiler vectorises for the machine it is built on (-march=native: AVX2 or AVX-512).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int NB = 16;    // output columns per tile (one AVX-512 register, two AVX2 ones)
+constexpr int MB = 8;     // input rows per pass over the weight tile
+
+template <int BITS, int rows>
+void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
+          const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out) {
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  float out[rows][NB] = {};
+  float acc[rows][NB];  // rows is a compile-time constant so the accumulators stay in registers
+  for (int64_t g = 0; g < n_groups; ++g) {
+    for (int m = 0; m < rows; ++m)
+      for (int l = 0; l < NB; ++l) acc[m][l] = 0.f;
+    const int64_t run_end = std::min((g + 1) * runs_per_group, k_pad / 32);
+    for (int64_t run = g * runs_per_group; run < run_end; ++run) {
+      uint32_t w[BITS + 1][NB];
+      for (int b = 0; b < BITS; ++b)
+        for (int l = 0; l < NB; ++l) w[b][l] = qw[(run * BITS + b) * n_pad + n0 + l];
+      for (int l = 0; l < NB; ++l) w[BITS][l] = 0;
+      const float* xr = x + run * 32;
+#pragma GCC unroll 32
+      for (int i = 0; i < 32; ++i) {
+        const int word = (i * BITS) / 32, off = (i * BITS) % 32;
+        float q[NB];
+        for (int l = 0; l < NB; ++l) {
+          uint32_t v = w[word][l] >> off;
+          if (off + BITS > 32) v |= w[word + 1][l] << (32 - off);
+          q[l] = static_cast<float>(v & mask);
+        }
+        for (int m = 0; m < rows; ++m) {
+          const float xv = xr[m * k_pad + i];
+          for (int l = 0; l < NB; ++l) acc[m][l] += xv * q[l];
+        }
+      }
+    }
+    const float* s = scales + g * n_pad + n0;
+    const float* z = zeros + g * n_pad + n0;
+    for (int m = 0; m < rows; ++m) {
+      const float xs = xsum[m * n_groups + g];
+      for (int l = 0; l < NB; ++l) out[m][l] += s[l] * (acc[m][l] - z[l] * xs);
+    }
+  }
+  const int64_t width = std::min<int64_t>(NB, n_out - n0);
+  for (int m = 0; m < rows; ++m)
+    for (int l = 0; l < width; ++l) y[m * n_out + n0 + l] = out[m][l];
+}
+
+template <int BITS>
+void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
+         const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y, int64_t n_out) {
+  const int64_t tiles = n_pad / NB;
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t m0 = 0; m0 < m_total;) {
+      // passes of 8, 4, 2 or 1 rows, each a separate instantiation with its accumulators in registers
+      const int64_t left = m_total - m0;
+      const int rows = left >= MB ? MB : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* xm = x + m0 * k_pad;
+        const float* xs = xsum + m0 * n_groups;
+        float* ym = y + m0 * n_out;
+        switch (rows) {
+          case 8: tile<BITS, 8>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
+          case 4: tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
+          case 2: tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
+          default: tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
+        }
+      }
+      m0 += rows;
+    }
+  });
+}
+
+// Dense W^T [K_pad, N_pad] from the packed codes: the dequantize-then-GEMM path for many rows.
+// OUT is float or uint16_t (bf16 bits, round to nearest even, done with integer ops so it vectorises).
+template <int BITS, typename OUT>
+void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_t k_pad, int64_t n_pad,
+             int64_t runs_per_group, OUT* w) {
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  const int64_t runs = k_pad / 32;
+  at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t run = r0; run < r1; ++run) {
+      const int64_t g = run / runs_per_group;
+      for (int64_t n0 = 0; n0 < n_pad; n0 += NB) {
+        uint32_t wd[BITS + 1][NB];
+        for (int b = 0; b < BITS; ++b)
+          for (int l = 0; l < NB; ++l) wd[b][l] = qw[(run * BITS + b) * n_pad + n0 + l];
+        for (int l = 0; l < NB; ++l) wd[BITS][l] = 0;
+        const float* s = scales + g * n_pad + n0;
+        const float* z = zeros + g * n_pad + n0;
+#pragma GCC unroll 32
+        for (int i = 0; i < 32; ++i) {
+          const int word = (i * BITS) / 32, off = (i * BITS) % 32;
+          OUT* row = w + (run * 32 + i) * n_pad + n0;
+          for (int l = 0; l < NB; ++l) {
+            uint32_t v = wd[word][l] >> off;
+            if (off + BITS > 32) v |= wd[word + 1][l] << (32 - off);
+            const float f = s[l] * (static_cast<float>(v & mask) - z[l]);
+            if constexpr (sizeof(OUT) == 4) {
+              row[l] = f;
+            } else {
+              uint32_t u;
+              std::memcpy(&u, &f, 4);
+              u += 0x7FFFu + ((u >> 16) & 1u);
+              row[l] = static_cast<uint16_t>(u >> 16);
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename OUT>
+void dequant_bits(int64_t bits, const uint32_t* qw, const float* s, const float* z, int64_t k_pad, int64_t n_pad,
+                  int64_t rpg, OUT* w) {
+  switch (bits) {
+    case 2: dequant<2, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    case 3: dequant<3, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    case 4: dequant<4, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    case 8: dequant<8, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8, got ", bits);
+  }
+}
+
+}  // namespace
+
+// qweight int32 [K_pad*bits/32, N_pad]; scales, zeros fp32 [G, N_pad] -> W^T [K_pad, N_pad] in fp32 or bf16
+torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                           int64_t group_size, bool bf16) {
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
+  const int64_t n_pad = qweight.size(1), k_pad = qweight.size(0) * 32 / bits;
+  TORCH_CHECK(n_pad % NB == 0 && group_size % 32 == 0, "N must be a multiple of 16 and the group size of 32");
+  const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  const int64_t rpg = group_size / 32;
+  if (bf16) {
+    auto w = torch::empty({k_pad, n_pad}, qweight.options().dtype(torch::kBFloat16));
+    dequant_bits<uint16_t>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg,
+                           reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()));
+    return w;
+  }
+  auto w = torch::empty({k_pad, n_pad}, qweight.options().dtype(torch::kFloat32));
+  dequant_bits<float>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg, w.data_ptr<float>());
+  return w;
+}
+
+// x [M, K_pad] fp32; qweight int32 [K_pad*bits/32, N_pad]; scales, zeros fp32 [G, N_pad]; -> y [M, n_out]
+torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
+                        int64_t bits, int64_t group_size, int64_t n_out) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
+  TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
+  const int64_t m = x.size(0), k_pad = x.size(1), n_pad = qweight.size(1), n_groups = scales.size(0);
+  TORCH_CHECK(k_pad % 32 == 0 && n_pad % NB == 0 && group_size % 32 == 0, "K and group size must be multiples of 32");
+  TORCH_CHECK(qweight.size(0) * 32 == k_pad * bits, "qweight rows do not match K and bits");
+  TORCH_CHECK(n_out <= n_pad, "n_out larger than the packed width");
+  // per-row group sums of x: the zero-point term
+  auto xg = torch::zeros({m, n_groups}, x.options());
+  {
+    auto xa = x.accessor<float, 2>();
+    auto ga = xg.accessor<float, 2>();
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t k = 0; k < k_pad; ++k) ga[i][std::min(k / group_size, n_groups - 1)] += xa[i][k];
+  }
+  auto y = torch::empty({m, n_out}, x.options());
+  const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  const int64_t rpg = group_size / 32;
+  switch (bits) {
+    case 2: run<2>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
+    case 3: run<3>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
+    case 4: run<4>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
+    case 8: run<8>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
+    default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8, got ", bits);
+  }
+  return y;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gptq_gemm", &gptq_gemm, "GPTQ packed matmul for few rows (CPU, fp32)");
+  m.def("gptq_dequant", &gptq_dequant, "GPTQ packed codes to a dense transposed weight (CPU, fp32 or bf16)");
+}

@@ -1,0 +1,70 @@
+"""Our C++ GPTQ matmul for CPUs (``cpu_gemm.cpp``), compiled on first use for the machine it runs on.
+
+It is built with ``-march=native`` so the same source becomes AVX2 code on one CPU and AVX-512 on
+another; the build is cached under torch's extension folder, keyed by the source and the CPU's
+instruction-set flags so a cache shared between different machines never runs foreign code.
+Needs a C++ compiler and ninja; :func:`unavailable` says why it cannot be used, and backends that
+need it decline then (``auto`` falls back to the others).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
+BITS = (2, 3, 4, 8)
+TILE_N = 16  # output columns per tile (NB in the source)
+log = logging.getLogger("lightning_gptq")
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() + platform.machine()
+
+
+@functools.cache
+def _load():
+    from torch.utils.cpp_extension import load
+
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
+    start = time.perf_counter()
+    module = load(name=f"lightning_gptq_cpu_gemm_{key}", sources=[str(SOURCE)],
+                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+    log.info("CPU GPTQ kernel ready in %.1f s (built once per machine, then cached)", time.perf_counter() - start)
+    return module
+
+
+@functools.cache
+def unavailable() -> str | None:
+    """Why the kernel cannot be used here (no compiler, build failed), or None when it can."""
+    try:
+        _load()
+    except Exception as error:  # noqa: BLE001 - any build failure means "use another backend"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning("CPU GPTQ kernel unavailable: %s", first)
+        return f"the C++ kernel could not be built: {first}"
+    return None
+
+
+def gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, n_out: int) -> Tensor:
+    """``x`` fp32 [M, K_pad] → fp32 [M, n_out]; ``qweight`` [K_pad·bits/32, N_pad], ``scales``/``zeros`` fp32 [G, N_pad]."""
+    return _load().gptq_gemm(x, qweight, scales, zeros, bits, group_size, n_out)
+
+
+def dequantize_t(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, bf16: bool) -> Tensor:
+    """Dense ``Wᵀ`` [K_pad, N_pad] in fp32 or bf16 from the same buffers as :func:`gemm`."""
+    return _load().gptq_dequant(qweight, scales, zeros, bits, group_size, bf16)

@@ -1,0 +1,91 @@
+"""Shared plumbing for backends that convert the checkpoint layout into a kernel's own, once.
+
+At ``post_init`` the codes are unpacked, act-order columns are sorted so every group is one
+contiguous run (the input is permuted the same way on each call), and the subclass packs them its
+way with the input dimension zero-padded to ``k_pad`` and the output dimension to ``n_pad``; the
+checkpoint ``qweight`` is then dropped, so a layer holds one copy of its codes. ``state_dict``
+rebuilds ``qweight`` from the kernel layout, so what is saved is the ecosystem's layout, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_gptq.kernels.packing import pack_rows, unpack_rows
+
+from .quant_linear import QuantLinear
+
+
+class ConvertedQuantLinear(QuantLinear):
+    """Subclasses set ``k_pad``/``n_pad`` and their kernel buffers in :meth:`convert`, give the codes back
+    in :meth:`kernel_codes`, and compute ``[m, k_pad] → [m, ≥ out]`` in :meth:`compute`."""
+
+    def convert(self, codes: Tensor) -> None:
+        """``codes`` int32 [out, in], columns in kernel order (groups contiguous)."""
+        raise NotImplementedError
+
+    def kernel_codes(self) -> Tensor:
+        """The codes [≥ out, ≥ in] back from the kernel layout, columns in kernel order."""
+        raise NotImplementedError
+
+    def compute(self, kernel: str, rows: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # -- conversion -------------------------------------------------------------------------------
+    def post_init(self) -> None:
+        if self.qweight is None:  # already converted
+            return
+        width = self.group_size if self.group_size > 0 else self.in_features
+        perm = None
+        if self.contiguous_group_size() is None:
+            perm = torch.argsort(self.g_idx.long(), stable=True)
+            if not torch.equal(self.g_idx.long()[perm], torch.arange(self.in_features, device=perm.device) // width):
+                raise ValueError(f"{self.backend}: g_idx does not form groups of {width} columns; use backend='torch'")
+        codes = unpack_rows(self.qweight, self.bits, self.in_features).T.to(torch.int32)  # [out, in]
+        self.register_buffer("k_perm", perm, persistent=False)
+        self.convert(codes if perm is None else codes[:, perm])
+        self.qweight = None  # one copy: the kernel layout
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        codes = self.kernel_codes()[: self.out_features, : self.in_features]
+        if self.k_perm is not None:
+            codes = codes[:, torch.argsort(self.k_perm)]
+        return {"qweight": pack_rows(codes.T, self.bits), "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.packed_tensors()["qweight"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "qweight"
+        if key in state_dict:  # back to the checkpoint layout, then convert again
+            self.qweight = torch.empty_like(state_dict[key], device=self.scales.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def kernel_group_rows(self, values: Tensor, n_kernel_groups: int, kernel_group: int) -> Tensor:
+        """Rows of a per-group tensor ``values`` [n_groups, out] for each kernel group of ``kernel_group``
+        sorted columns (each lies inside one GPTQ group), zero-padded to ``n_pad`` columns."""
+        width = self.group_size if self.group_size > 0 else self.in_features
+        src = torch.clamp(torch.arange(n_kernel_groups, device=values.device) * kernel_group // width, max=values.shape[0] - 1)
+        return torch.nn.functional.pad(values[src], (0, self.n_pad - self.out_features))
+
+    # -- compute ----------------------------------------------------------------------------------
+    def run(self, kernel: str, x: Tensor) -> Tensor:
+        if kernel not in self.kernels:
+            raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
+        if x.device.type != self.scales.device.type:
+            raise RuntimeError(f"{self.backend} layer on {self.scales.device} got input on {x.device}; "
+                               "move the model first, then rebuild its layers with lightning_gptq.nn.to_backend")
+        shape, dtype = x.shape, x.dtype
+        rows = x.reshape(-1, self.in_features)
+        if self.k_perm is not None:
+            rows = rows.index_select(1, self.k_perm)
+        if self.k_pad != self.in_features:
+            rows = torch.nn.functional.pad(rows, (0, self.k_pad - self.in_features))
+        y = self.compute(kernel, rows)
+        if y.shape[1] != self.out_features:
+            y = y[:, : self.out_features]
+        # one op for bias and dtype: adding to the bias (in x's dtype) promotes y to it
+        y = y.to(dtype) if self.bias is None else torch.add(self.bias, y)
+        return y.view(*shape[:-1], self.out_features)

@@ -1,0 +1,61 @@
+"""The CPU backend built on our own C++ kernel (``lightning_gptq.kernels.cpu_gemm``).
+
+It computes straight from GPTQ-packed codes (the checkpoint's bit-stream layout, act-order
+columns sorted, the input dimension padded to 32 and the output dimension to 16) with fp32
+activations and fp32 accumulation: no rounding beyond fp32 summation order, for 2, 3, 4 and 8
+bits. Kernels: ``gemm`` (codes decoded in registers once per tile of 16 outputs and reused for up
+to 8 input rows: the decode path), ``dense-bf16`` and ``dense-fp32`` (the same code expanded into
+a dense transposed weight by the kernel, then one library matmul: the prefill paths).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_gptq.kernels import cpu_gemm
+from lightning_gptq.kernels.packing import pack_rows, unpack_rows
+
+from .converted import ConvertedQuantLinear
+from .quant_linear import LayerSpec, register_quant_linear
+
+
+@register_quant_linear("cpu-packed")
+class CpuPackedQuantLinear(ConvertedQuantLinear):
+    kernels = ("gemm", "dense-bf16", "dense-fp32")
+    #: ``gemm`` and ``dense-fp32`` are exact up to fp32 summation order; ``dense-bf16`` rounds weights
+    #: and activations to bf16 (2⁻⁹ relative each).
+    tolerance = 1e-2
+
+    @classmethod
+    def unsupported(cls, spec: LayerSpec) -> str | None:
+        if spec.device != "cpu":
+            return "CPU only"
+        if spec.bits not in cpu_gemm.BITS:
+            return f"bits must be one of {cpu_gemm.BITS}"
+        if spec.group_size != -1 and spec.group_size % 32:
+            return f"group size {spec.group_size} is not a multiple of 32"
+        return cpu_gemm.unavailable()
+
+    def convert(self, codes: Tensor) -> None:
+        self.k_pad = -(-self.in_features // 32) * 32
+        self.n_pad = -(-self.out_features // cpu_gemm.TILE_N) * cpu_gemm.TILE_N
+        self.k_group = self.group_size if self.group_size > 0 else self.k_pad
+        codes = F.pad(codes, (0, self.k_pad - self.in_features, 0, self.n_pad - self.out_features))
+        self.register_buffer("k_qweight", pack_rows(codes.T, self.bits), persistent=False)
+        n_groups = self.scales.shape[0]
+        self.register_buffer("k_scales", self.kernel_group_rows(self.scales.float(), n_groups, self.k_group), persistent=False)
+        self.register_buffer("k_zeros", self.kernel_group_rows(self.zero_points().float(), n_groups, self.k_group),
+                             persistent=False)
+
+    def kernel_codes(self) -> Tensor:
+        return unpack_rows(self.k_qweight, self.bits, self.k_pad).T
+
+    def compute(self, kernel: str, rows: Tensor) -> Tensor:
+        if kernel == "gemm":
+            return cpu_gemm.gemm(rows.float().contiguous(), self.k_qweight, self.k_scales, self.k_zeros, self.bits,
+                                 self.k_group, self.out_features)
+        bf16 = kernel == "dense-bf16"
+        wt = cpu_gemm.dequantize_t(self.k_qweight, self.k_scales, self.k_zeros, self.bits, self.k_group, bf16)
+        return torch.matmul(rows.to(wt.dtype), wt)
