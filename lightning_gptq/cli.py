@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 
@@ -62,6 +63,7 @@ def main(args=None) -> GPTQCLI:
     error prints one line and exits with status 2 instead of a traceback."""
     for message in EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    _show_our_log()
     try:
         return GPTQCLI(
             GPTQModule,
@@ -75,6 +77,18 @@ def main(args=None) -> GPTQCLI:
             raise
         print(f"lightning-gptq: error: {type(error).__name__}: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def _show_our_log() -> None:
+    """Our INFO lines (which quantized-linear backend ``auto`` chose per layer shape, kernel builds)
+    on stderr, like Lightning's own."""
+    log = logging.getLogger("lightning_gptq")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -60,6 +61,8 @@ def test_fit_end_to_end_then_validate_the_saved_model(tmp_path, arch):
     assert summary["results"]["latency"]["decode_ms_per_token"] > 0
     markdown = (out / "summary.md").read_text()
     assert all(f"| {r['name']} |" in markdown for r in summary["layers"])
+    backends = summary["quantized_linear"]["layers_per_backend"]
+    assert sum(backends.values()) == n_linears and "## Quantized linear backends" in markdown
     quantized, _ = load_quantized(out / "model")
     assert sum(isinstance(m, QuantLinear) for m in quantized.modules()) == n_linears
     cli = main(["validate", *cli_args(out / "model", tmp_path / "val", "--model.latency=false")])
@@ -282,6 +285,37 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (out / "model" / "lightning_gptq.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt"):
         load_quantized(out / "model")
+
+
+def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):
+    """Runs saved before the packed layout (``<layer>.codes`` uint8 [out, in]) load to the same model."""
+    from safetensors.torch import save_file
+
+    from lightning_gptq.checkpoint import FORMAT_V0, MANIFEST, WEIGHTS
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={out}", "--gptq.quant.act_order=false")])
+    packed, _ = load_quantized(out / "model", backend="torch")
+    old = tmp_path / "old"
+    shutil.copytree(out / "model", old)
+    tensors = {k: v.clone() for k, v in packed.state_dict().items()}
+    for name, m in packed.named_modules():
+        if isinstance(m, QuantLinear):
+            for k in ("qweight", "qzeros", "scales", "g_idx"):
+                del tensors[f"{name}.{k}"]
+            tensors.update({f"{name}.codes": m.codes().contiguous(), f"{name}.scales": m.scales.T.contiguous(),
+                            f"{name}.zeros": m.zero_points().T.to(torch.int32).contiguous(), f"{name}.g_idx": m.g_idx})
+    save_file(tensors, str(old / WEIGHTS))
+    manifest = json.loads((old / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT_V0}))
+    loaded, _ = load_quantized(old, backend="torch")
+    ids = torch.randint(0, 100, (1, 12))
+    assert torch.equal(loaded(ids).logits, packed(ids).logits)
+    (old / MANIFEST).write_text(json.dumps({**manifest, "format": "lightning-gptq-codes/7"}))
+    with pytest.raises(CheckpointError, match="unsupported format 'lightning-gptq-codes/7'"):
+        load_quantized(old)
 
 
 def test_layers_reading_the_same_input_share_one_hessian(tmp_path):
