@@ -107,7 +107,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         lat = module.results["latency"]
         lines += ["", "## Latency", "", f"- prefill {lat['prefill_tokens_per_s']:.1f} tokens/s "
                   f"({lat['prompt_tokens']}-token prompt), decode {lat['decode_ms_per_token']:.2f} ms/token "
-                  f"({lat['decode_tokens']} tokens, batch 1) on {lat['device']} {lat['dtype']}, {lat['threads']} threads"]
+                  f"({lat['decode_tokens']} tokens, batch 1) on {lat['device']} {lat['dtype']}, {lat['threads']} threads; "
+                  f"model tensors {lat.get('model_mib', 0):.1f} MiB"]
     if layers:
         lines += ["", "## Quantized linear backends", "",
                   f"- layers per backend: {', '.join(f'{b} {n}' for b, n in backends.items())}",

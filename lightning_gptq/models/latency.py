@@ -18,14 +18,26 @@ class LatencyResult:
     device: str
     dtype: str
     threads: int
+    model_mib: float = 0.0
 
     def __str__(self) -> str:
         return (f"prefill {self.prefill_tokens_per_s:.1f} tokens/s ({self.prompt_tokens}-token prompt, batch 1), "
                 f"decode {self.decode_ms_per_token:.2f} ms/token (batch 1, {self.decode_tokens} tokens, KV cache) "
-                f"on {self.device}, {self.dtype}, {self.threads} threads")
+                f"on {self.device}, {self.dtype}, {self.threads} threads; model tensors {self.model_mib:.1f} MiB")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (shared tensors, e.g. tied embeddings, once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _sync(device: torch.device) -> None:
@@ -72,4 +84,5 @@ def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens
         prefill_tokens_per_s=prompt_tokens / prefill_s, decode_ms_per_token=1000 * decode_s / decode_tokens,
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, device=str(device),
         dtype=str(param.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+        model_mib=model_bytes(model) / 2**20,
     )

@@ -18,24 +18,20 @@ from lightning_gptq.kernels import cpu_gemm
 from lightning_gptq.kernels.packing import pack_rows, unpack_rows
 
 from .converted import ConvertedQuantLinear
-from .quant_linear import LayerSpec, register_quant_linear
+from .quant_linear import Capabilities, register_quant_linear
 
 
 @register_quant_linear("cpu-packed")
 class CpuPackedQuantLinear(ConvertedQuantLinear):
+    capabilities = Capabilities(bits=cpu_gemm.BITS, group_multiple=32, devices=("cpu",),
+                                rounding="none for gemm and dense-fp32; bf16 weights and activations for dense-bf16")
     kernels = ("gemm", "dense-bf16", "dense-fp32")
     #: ``gemm`` and ``dense-fp32`` are exact up to fp32 summation order; ``dense-bf16`` rounds weights
     #: and activations to bf16 (2⁻⁹ relative each).
     tolerance = 1e-2
 
     @classmethod
-    def unsupported(cls, spec: LayerSpec) -> str | None:
-        if spec.device != "cpu":
-            return "CPU only"
-        if spec.bits not in cpu_gemm.BITS:
-            return f"bits must be one of {cpu_gemm.BITS}"
-        if spec.group_size != -1 and spec.group_size % 32:
-            return f"group size {spec.group_size} is not a multiple of 32"
+    def unavailable(cls) -> str | None:
         return cpu_gemm.unavailable()
 
     def convert(self, codes: Tensor) -> None:

@@ -6,9 +6,10 @@ the ecosystem's packed GPTQ layout (``qweight``/``qzeros``/``scales``/``g_idx``,
 once into its kernel's own layout in :meth:`QuantLinear.post_init`, as long as it keeps one copy and
 writes the ecosystem layout back when saved.
 
-A backend declares what it supports through :meth:`QuantLinear.unsupported` and which compute
-paths (``kernels``) it has; ``dispatch`` maps the number of input rows to the path to take, so a
-layer can use a GEMV-like kernel for decode and a dequantize-then-GEMM one for prefill.
+A backend declares what it supports as data (``capabilities``), from which
+:meth:`QuantLinear.unsupported` answers for a given layer, and which compute paths (``kernels``)
+it has; ``dispatch`` maps the number of input rows to the path to take, so a layer can use a
+GEMV-like kernel for decode and a dequantize-then-GEMM one for prefill.
 """
 
 from __future__ import annotations
@@ -47,6 +48,38 @@ class LayerSpec:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can hold. Every backend takes any input-row count (its ``dispatch`` picks the
+    kernel per row count), ragged last groups and both symmetric and asymmetric grids."""
+
+    bits: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+    group_multiple: int = 1  # group sizes it takes are multiples of this (per-row, -1, always)
+    act_order: bool = True  # arbitrary g_idx (permuted groups)
+    devices: tuple[str, ...] = ("cpu", "cuda", "mps", "xpu")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")  # activation dtypes
+    rounding: str = "none: fp32 arithmetic"  # what it rounds beyond fp32 summation order
+
+    def unsupported(self, spec: "LayerSpec") -> str | None:
+        if spec.device not in self.devices:
+            return f"{'/'.join(self.devices)} only" if len(self.devices) < 3 else f"not on {spec.device}"
+        if spec.bits not in self.bits:
+            return f"bits must be one of {self.bits}"
+        if spec.group_size != -1 and spec.group_size % self.group_multiple:
+            return f"group size {spec.group_size} is not a multiple of {self.group_multiple}"
+        if spec.act_order and not self.act_order:
+            return "no act-order (permuted g_idx)"
+        if spec.dtype not in self.dtypes:
+            return f"activations must be {'/'.join(self.dtypes)}"
+        return None
+
+    def describe(self) -> str:
+        groups = "any group size" if self.group_multiple == 1 else f"group size a multiple of {self.group_multiple}"
+        return (f"bits {','.join(map(str, self.bits))}; {groups} or per-row, ragged last group; "
+                f"act-order {'yes' if self.act_order else 'no'}; sym and asym; {'/'.join(self.devices)}; "
+                f"activations {'/'.join(self.dtypes)}; any row count; rounding: {self.rounding}")
+
+
 def n_groups_for(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
@@ -61,6 +94,7 @@ class QuantLinear(nn.Module):
     """
 
     backend = "torch"
+    capabilities = Capabilities()
     kernels: tuple[str, ...] = ("dequant",)
     #: Relative error ``‖y − y_oracle‖ / ‖y_oracle‖`` this backend promises (fp32 summation order only).
     tolerance = 1e-5
@@ -81,7 +115,13 @@ class QuantLinear(nn.Module):
     # -- capabilities -----------------------------------------------------------------------------
     @classmethod
     def unsupported(cls, spec: LayerSpec) -> str | None:
-        """Why this backend cannot hold a layer like ``spec``, or None when it can."""
+        """Why this backend cannot hold a layer like ``spec``, or None when it can: its declared
+        ``capabilities``, then :meth:`unavailable` (a kernel missing on this machine)."""
+        return cls.capabilities.unsupported(spec) or cls.unavailable()
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this backend's kernel cannot run in this installation, or None."""
         return None
 
     # -- construction -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import importlib.util
 
 from torch import Tensor
 
-from .quant_linear import LayerSpec, QuantLinear, register_quant_linear
+from .quant_linear import Capabilities, QuantLinear, register_quant_linear
 
 
 def _kernels():
@@ -22,17 +22,15 @@ def _kernels():
 
 @register_quant_linear("triton")
 class TritonQuantLinear(QuantLinear):
+    # the tests run it on CPU under TRITON_INTERPRET=1, built directly (never an `auto` candidate there)
+    capabilities = Capabilities(devices=("cuda",), rounding="fp16/bf16 activations: the weight tile in their dtype")
     kernels = ("decode", "prefill")
     #: fp32 accumulation; fp16/bf16 activations round the dequantized tile to their dtype before ``tl.dot``.
     tolerance = 1e-5
 
     @classmethod
-    def unsupported(cls, spec: LayerSpec) -> str | None:
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed"
-        if spec.device != "cuda":  # the tests run it on CPU under TRITON_INTERPRET=1, built directly
-            return "CUDA only"
-        return None
+    def unavailable(cls) -> str | None:
+        return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
     def run(self, kernel: str, x: Tensor) -> Tensor:
         k = _kernels()
