@@ -1,0 +1,84 @@
+"""End to end: a quantized model folder against its fp32 base, per quantized-linear backend.
+
+Measures what ``validate`` measures (``measure_latency``: batch-1 prefill throughput and greedy
+decode with a KV cache), the bytes of the model's tensors, and optionally perplexity on the first
+WikiText-2 windows (paper protocol), for the fp32 base and for the quantized model loaded with each
+backend, all in one run so the ratios compare like with like on this machine.
+
+    HF_HUB_OFFLINE=1 python scripts/bench_e2e.py runs/smollm2-135m/lightning_logs/version_0/quantized/model \\
+        --backends auto torch cpu-int4 cpu-packed --ppl-windows 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
+from lightning_gptq.data.evaluation import eval_tokens, perplexity
+from lightning_gptq.models import load_causal_lm
+from lightning_gptq.models.latency import measure_latency
+from lightning_gptq.nn import QuantLinear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("quantized", help="a folder saved by fit")
+    parser.add_argument("--base", default="../shared/models")
+    parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
+    parser.add_argument("--backends", nargs="+", default=["auto", "torch"])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ppl-windows", type=int, default=0, help="also score the first N WikiText-2 windows (0: skip)")
+    parser.add_argument("--wikitext", default="../shared/data/wikitext-2-raw/wiki.test.raw")
+    args = parser.parse_args()
+    if not is_quantized_checkpoint(args.quantized):
+        parser.error(f"not a folder saved by fit: {args.quantized}")
+
+    base, tokenizer = load_causal_lm(args.base, gguf_file=args.gguf_file, dtype="float32")
+    tokens = eval_tokens("wikitext2", tokenizer, path=args.wikitext) if args.ppl_windows else None
+    torch.set_grad_enabled(False)
+
+    def measure(model):
+        lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                              repeats=args.repeats)
+        ppl = perplexity(model, tokens, dataset="wikitext2", max_windows=args.ppl_windows).ppl if tokens is not None else None
+        return lat, ppl
+
+    rows = [("fp32", "-", *measure(base))]
+    print(f"fp32: {rows[0][2]}" + (f"; ppl {rows[0][3]:.4f}" if rows[0][3] else ""), flush=True)
+    for backend in args.backends:
+        start = time.perf_counter()
+        model, _ = load_quantized(args.quantized, backend=backend)
+        load_s = time.perf_counter() - start
+        used = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
+        rows.append((backend, ",".join(used), *measure(model)))
+        print(f"{backend} (layers on {','.join(used)}, loaded in {load_s:.1f} s): {rows[-1][2]}"
+              + (f"; ppl {rows[-1][3]:.4f}" if rows[-1][3] else ""), flush=True)
+        del model
+    # fp32 once more at the end: the ratios use its best run, so a noisy first run cannot flatter us
+    again = measure_latency(base, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
+    fp32 = rows[0][2]
+    decode_ms = min(fp32.decode_ms_per_token, again.decode_ms_per_token)
+    prefill = max(fp32.prefill_tokens_per_s, again.prefill_tokens_per_s)
+
+    reference_ppl = next((r[3] for r in rows if r[0] == "torch"), None)
+    print()
+    print(f"| model | backend used | decode ms/token | decode × fp32 | prefill tokens/s | prefill × fp32 | "
+          f"model MiB | × fp32 | ppl, first {args.ppl_windows} windows | vs torch |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, used, lat, ppl in rows:
+        ppl_cell = f"{ppl:.4f}" if ppl is not None else "–"
+        delta = f"{(ppl - reference_ppl) / reference_ppl:+.2e}" if ppl is not None and reference_ppl and name != "fp32" else "–"
+        print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} | {decode_ms / lat.decode_ms_per_token:.2f}× | "
+              f"{lat.prefill_tokens_per_s:.0f} | {lat.prefill_tokens_per_s / prefill:.2f}× | {lat.model_mib:.1f} | "
+              f"{lat.model_mib / fp32.model_mib:.2f}× | {ppl_cell} | {delta} |")
+    print(f"\n({lat.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens, best of "
+          f"{args.repeats}; fp32 measured first and last, its best run used)")
+
+
+if __name__ == "__main__":
+    main()
