@@ -2,8 +2,10 @@
 //
 //   y[m, n] = sum_g s[g, n] * ( sum_{k in g} x[m, k] * q[k, n]  -  z[g, n] * sum_{k in g} x[m, k] )
 //
-// qweight is int32 [K_pad * BITS / 32, N_pad]: runs of 32 codes along k packed into BITS words,
-// lowest bits first (a code may straddle two words when BITS = 3). Groups are contiguous runs of
+// qweight is int32 [N_pad / 16, K_pad * BITS / 32, 16]: the checkpoint's bit stream (runs of 32
+// codes along k packed into BITS words, lowest bits first; a code may straddle two words when
+// BITS = 3), cut into tiles of 16 output columns stored one after the other, so a tile's codes
+// are one sequential read. Groups are contiguous runs of
 // `group_size` columns (a multiple of 32); the caller permutes act-order columns and pads K and N.
 // Codes are decoded once per tile of NB output columns and reused for every input row, so the
 // weight is read once per call and never expanded in memory. Written as plain loops over a lane
@@ -17,45 +19,62 @@
 
 namespace {
 
-constexpr int NB = 16;    // output columns per tile (one AVX-512 register, two AVX2 ones)
-constexpr int MB = 8;     // input rows per pass over the weight tile
+constexpr int NB = 16;  // output columns per tile: one vector of 16 floats (one AVX-512 register, two AVX2 ones)
+#ifdef __AVX512F__
+constexpr int MB = 8;   // input rows per pass over the weight tile (their accumulators stay in registers: 32 on AVX-512)
+#else
+constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
+#endif
+
+// GCC vector extensions: the compiler lowers these to AVX-512 or pairs of AVX2 instructions.
+typedef float vf __attribute__((vector_size(NB * 4)));
+typedef uint32_t vu __attribute__((vector_size(NB * 4)));
+
+inline vu load_u(const uint32_t* p) {
+  vu v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline vf load_f(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
 
 template <int BITS, int rows>
 void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
           const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out) {
   constexpr uint32_t mask = (1u << BITS) - 1;
-  float out[rows][NB] = {};
-  float acc[rows][NB];  // rows is a compile-time constant so the accumulators stay in registers
+  const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
+  vf out[rows];
+  for (int m = 0; m < rows; ++m) out[m] = vf{};
+  // Independent accumulator chains per row, so that few rows are not bound by the FMA latency.
+  constexpr int chains = rows >= 4 ? 1 : 4 / rows;
   for (int64_t g = 0; g < n_groups; ++g) {
+    vf acc[rows][chains];
     for (int m = 0; m < rows; ++m)
-      for (int l = 0; l < NB; ++l) acc[m][l] = 0.f;
+      for (int c = 0; c < chains; ++c) acc[m][c] = vf{};
     const int64_t run_end = std::min((g + 1) * runs_per_group, k_pad / 32);
     for (int64_t run = g * runs_per_group; run < run_end; ++run) {
-      uint32_t w[BITS + 1][NB];
-      for (int b = 0; b < BITS; ++b)
-        for (int l = 0; l < NB; ++l) w[b][l] = qw[(run * BITS + b) * n_pad + n0 + l];
-      for (int l = 0; l < NB; ++l) w[BITS][l] = 0;
+      vu w[BITS + 1];
+      for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
+      w[BITS] = vu{};
       const float* xr = x + run * 32;
 #pragma GCC unroll 32
       for (int i = 0; i < 32; ++i) {
         const int word = (i * BITS) / 32, off = (i * BITS) % 32;
-        float q[NB];
-        for (int l = 0; l < NB; ++l) {
-          uint32_t v = w[word][l] >> off;
-          if (off + BITS > 32) v |= w[word + 1][l] << (32 - off);
-          q[l] = static_cast<float>(v & mask);
-        }
-        for (int m = 0; m < rows; ++m) {
-          const float xv = xr[m * k_pad + i];
-          for (int l = 0; l < NB; ++l) acc[m][l] += xv * q[l];
-        }
+        vu v = w[word] >> off;
+        if (off + BITS > 32) v |= w[word + 1] << (32 - off);
+        const vf q = __builtin_convertvector(v & mask, vf);
+        for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
       }
     }
-    const float* s = scales + g * n_pad + n0;
-    const float* z = zeros + g * n_pad + n0;
+    const vf s = load_f(scales + g * n_pad + n0);
+    const vf z = load_f(zeros + g * n_pad + n0);
     for (int m = 0; m < rows; ++m) {
-      const float xs = xsum[m * n_groups + g];
-      for (int l = 0; l < NB; ++l) out[m][l] += s[l] * (acc[m][l] - z[l] * xs);
+      vf a = acc[m][0];
+      for (int c = 1; c < chains; ++c) a += acc[m][c];
+      out[m] += s * (a - z * xsum[m * n_groups + g]);
     }
   }
   const int64_t width = std::min<int64_t>(NB, n_out - n0);
@@ -69,19 +88,18 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
   const int64_t tiles = n_pad / NB;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < m_total;) {
-      // passes of 8, 4, 2 or 1 rows, each a separate instantiation with its accumulators in registers
+      // passes of MB, 4, 2 or 1 rows, each a separate instantiation with its accumulators in registers
       const int64_t left = m_total - m0;
       const int rows = left >= MB ? MB : left >= 4 ? 4 : left >= 2 ? 2 : 1;
       for (int64_t t = t0; t < t1; ++t) {
         const float* xm = x + m0 * k_pad;
         const float* xs = xsum + m0 * n_groups;
         float* ym = y + m0 * n_out;
-        switch (rows) {
-          case 8: tile<BITS, 8>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
-          case 4: tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
-          case 2: tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
-          default: tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, t * NB, ym, n_out); break;
-        }
+        const int64_t n0 = t * NB;
+        if (rows == MB) tile<BITS, MB>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
+        else if (rows == 4) tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
+        else if (rows == 2) tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
+        else tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
       }
       m0 += rows;
     }
@@ -100,8 +118,9 @@ void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_
       const int64_t g = run / runs_per_group;
       for (int64_t n0 = 0; n0 < n_pad; n0 += NB) {
         uint32_t wd[BITS + 1][NB];
+        const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
         for (int b = 0; b < BITS; ++b)
-          for (int l = 0; l < NB; ++l) wd[b][l] = qw[(run * BITS + b) * n_pad + n0 + l];
+          for (int l = 0; l < NB; ++l) wd[b][l] = tile_qw[(run * BITS + b) * NB + l];
         for (int l = 0; l < NB; ++l) wd[BITS][l] = 0;
         const float* s = scales + g * n_pad + n0;
         const float* z = zeros + g * n_pad + n0;
@@ -142,12 +161,13 @@ void dequant_bits(int64_t bits, const uint32_t* qw, const float* s, const float*
 
 }  // namespace
 
-// qweight int32 [K_pad*bits/32, N_pad]; scales, zeros fp32 [G, N_pad] -> W^T [K_pad, N_pad] in fp32 or bf16
+// qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad] -> W^T [K_pad, N_pad] in fp32 or bf16
 torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
                            int64_t group_size, bool bf16) {
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
-  const int64_t n_pad = qweight.size(1), k_pad = qweight.size(0) * 32 / bits;
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
+  const int64_t n_pad = qweight.size(0) * NB, k_pad = qweight.size(1) * 32 / bits;
   TORCH_CHECK(n_pad % NB == 0 && group_size % 32 == 0, "N must be a multiple of 16 and the group size of 32");
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   const int64_t rpg = group_size / 32;
@@ -162,15 +182,16 @@ torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::T
   return w;
 }
 
-// x [M, K_pad] fp32; qweight int32 [K_pad*bits/32, N_pad]; scales, zeros fp32 [G, N_pad]; -> y [M, n_out]
+// x [M, K_pad] fp32; qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; -> y [M, n_out]
 torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                         int64_t bits, int64_t group_size, int64_t n_out) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
-  const int64_t m = x.size(0), k_pad = x.size(1), n_pad = qweight.size(1), n_groups = scales.size(0);
+  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
+  const int64_t m = x.size(0), k_pad = x.size(1), n_pad = qweight.size(0) * NB, n_groups = scales.size(0);
   TORCH_CHECK(k_pad % 32 == 0 && n_pad % NB == 0 && group_size % 32 == 0, "K and group size must be multiples of 32");
-  TORCH_CHECK(qweight.size(0) * 32 == k_pad * bits, "qweight rows do not match K and bits");
+  TORCH_CHECK(qweight.size(1) * 32 == k_pad * bits, "qweight rows do not match K and bits");
   TORCH_CHECK(n_out <= n_pad, "n_out larger than the packed width");
   // per-row group sums of x: the zero-point term
   auto xg = torch::zeros({m, n_groups}, x.options());

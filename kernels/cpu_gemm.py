@@ -21,6 +21,8 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 BITS = (2, 3, 4, 8)
 TILE_N = 16  # output columns per tile (NB in the source)
+# -march=native: the instruction set of the machine it runs on; GCC otherwise keeps AVX-512 code at 256 bits
+CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 log = logging.getLogger("lightning_gptq")
 
 
@@ -40,10 +42,11 @@ def _cpu_flags() -> str:
 def _load():
     from torch.utils.cpp_extension import load
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()).hexdigest()[:12]
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+                         + " ".join(CFLAGS).encode()).hexdigest()[:12]
     start = time.perf_counter()
     module = load(name=f"lightning_gptq_cpu_gemm_{key}", sources=[str(SOURCE)],
-                  extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+                  extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     log.info("CPU GPTQ kernel ready in %.1f s (built once per machine, then cached)", time.perf_counter() - start)
     return module
 
@@ -60,8 +63,20 @@ def unavailable() -> str | None:
     return None
 
 
+def tile(qweight: Tensor) -> Tensor:
+    """Checkpoint-layout ``qweight`` [K_pad·bits/32, N_pad] → the kernel's [N_pad/16, K_pad·bits/32, 16]."""
+    words, n_pad = qweight.shape
+    return qweight.view(words, n_pad // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
+
+
+def untile(tiled: Tensor) -> Tensor:
+    """Inverse of :func:`tile`."""
+    tiles, words, _ = tiled.shape
+    return tiled.permute(1, 0, 2).reshape(words, tiles * TILE_N)
+
+
 def gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, n_out: int) -> Tensor:
-    """``x`` fp32 [M, K_pad] → fp32 [M, n_out]; ``qweight`` [K_pad·bits/32, N_pad], ``scales``/``zeros`` fp32 [G, N_pad]."""
+    """``x`` fp32 [M, K_pad] → fp32 [M, n_out]; ``qweight`` tiled (:func:`tile`), ``scales``/``zeros`` fp32 [G, N_pad]."""
     return _load().gptq_gemm(x, qweight, scales, zeros, bits, group_size, n_out)
 
 

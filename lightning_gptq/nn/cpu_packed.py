@@ -1,7 +1,8 @@
 """The CPU backend built on our own C++ kernel (``lightning_gptq.kernels.cpu_gemm``).
 
 It computes straight from GPTQ-packed codes (the checkpoint's bit-stream layout, act-order
-columns sorted, the input dimension padded to 32 and the output dimension to 16) with fp32
+columns sorted, the input dimension padded to 32 and the output dimension to 16, cut into tiles
+of 16 output columns stored one after another) with fp32
 activations and fp32 accumulation: no rounding beyond fp32 summation order, for 2, 3, 4 and 8
 bits. Kernels: ``gemm`` (codes decoded in registers once per tile of 16 outputs and reused for up
 to 8 input rows: the decode path), ``dense-bf16`` and ``dense-fp32`` (the same code expanded into
@@ -39,14 +40,14 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
         self.n_pad = -(-self.out_features // cpu_gemm.TILE_N) * cpu_gemm.TILE_N
         self.k_group = self.group_size if self.group_size > 0 else self.k_pad
         codes = F.pad(codes, (0, self.k_pad - self.in_features, 0, self.n_pad - self.out_features))
-        self.register_buffer("k_qweight", pack_rows(codes.T, self.bits), persistent=False)
+        self.register_buffer("k_qweight", cpu_gemm.tile(pack_rows(codes.T, self.bits)), persistent=False)
         n_groups = self.scales.shape[0]
         self.register_buffer("k_scales", self.kernel_group_rows(self.scales.float(), n_groups, self.k_group), persistent=False)
         self.register_buffer("k_zeros", self.kernel_group_rows(self.zero_points().float(), n_groups, self.k_group),
                              persistent=False)
 
     def kernel_codes(self) -> Tensor:
-        return unpack_rows(self.k_qweight, self.bits, self.k_pad).T
+        return unpack_rows(cpu_gemm.untile(self.k_qweight), self.bits, self.k_pad).T
 
     def compute(self, kernel: str, rows: Tensor) -> Tensor:
         if kernel == "gemm":
