@@ -107,7 +107,9 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
 }
 
 // Dense W^T [K_pad, N_pad] from the packed codes: the dequantize-then-GEMM path for many rows.
-// OUT is float or uint16_t (bf16 bits, round to nearest even, done with integer ops so it vectorises).
+// OUT is float or uint16_t (bf16 bits, rounded to nearest even with integer vector ops).
+typedef uint16_t vh __attribute__((vector_size(NB * 2)));
+
 template <int BITS, typename OUT>
 void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_t k_pad, int64_t n_pad,
              int64_t runs_per_group, OUT* w) {
@@ -117,29 +119,27 @@ void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_
     for (int64_t run = r0; run < r1; ++run) {
       const int64_t g = run / runs_per_group;
       for (int64_t n0 = 0; n0 < n_pad; n0 += NB) {
-        uint32_t wd[BITS + 1][NB];
         const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
-        for (int b = 0; b < BITS; ++b)
-          for (int l = 0; l < NB; ++l) wd[b][l] = tile_qw[(run * BITS + b) * NB + l];
-        for (int l = 0; l < NB; ++l) wd[BITS][l] = 0;
-        const float* s = scales + g * n_pad + n0;
-        const float* z = zeros + g * n_pad + n0;
+        vu wd[BITS + 1];
+        for (int b = 0; b < BITS; ++b) wd[b] = load_u(tile_qw + (run * BITS + b) * NB);
+        wd[BITS] = vu{};
+        const vf s = load_f(scales + g * n_pad + n0);
+        const vf z = load_f(zeros + g * n_pad + n0);
 #pragma GCC unroll 32
         for (int i = 0; i < 32; ++i) {
           const int word = (i * BITS) / 32, off = (i * BITS) % 32;
+          vu v = wd[word] >> off;
+          if (off + BITS > 32) v |= wd[word + 1] << (32 - off);
+          const vf f = s * (__builtin_convertvector(v & mask, vf) - z);  // q − z is exact: one rounding, as the oracle
           OUT* row = w + (run * 32 + i) * n_pad + n0;
-          for (int l = 0; l < NB; ++l) {
-            uint32_t v = wd[word][l] >> off;
-            if (off + BITS > 32) v |= wd[word + 1][l] << (32 - off);
-            const float f = s[l] * (static_cast<float>(v & mask) - z[l]);
-            if constexpr (sizeof(OUT) == 4) {
-              row[l] = f;
-            } else {
-              uint32_t u;
-              std::memcpy(&u, &f, 4);
-              u += 0x7FFFu + ((u >> 16) & 1u);
-              row[l] = static_cast<uint16_t>(u >> 16);
-            }
+          if constexpr (sizeof(OUT) == 4) {
+            std::memcpy(row, &f, sizeof(f));
+          } else {
+            vu u;
+            std::memcpy(&u, &f, sizeof(u));
+            u += 0x7FFFu + ((u >> 16) & 1u);
+            const vh h = __builtin_convertvector(u >> 16, vh);
+            std::memcpy(row, &h, sizeof(h));
           }
         }
       }
@@ -161,9 +161,9 @@ void dequant_bits(int64_t bits, const uint32_t* qw, const float* s, const float*
 
 }  // namespace
 
-// qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad] -> W^T [K_pad, N_pad] in fp32 or bf16
+// qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad] -> W^T written into out [K_pad, N_pad], fp32 or bf16
 torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
-                           int64_t group_size, bool bf16) {
+                           int64_t group_size, torch::Tensor out) {
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
@@ -171,20 +171,22 @@ torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::T
   TORCH_CHECK(n_pad % NB == 0 && group_size % 32 == 0, "N must be a multiple of 16 and the group size of 32");
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   const int64_t rpg = group_size / 32;
-  if (bf16) {
-    auto w = torch::empty({k_pad, n_pad}, qweight.options().dtype(torch::kBFloat16));
+  TORCH_CHECK(out.is_contiguous() && out.size(0) == k_pad && out.size(1) == n_pad, "out must be contiguous [K_pad, N_pad]");
+  if (out.dtype() == torch::kBFloat16) {
     dequant_bits<uint16_t>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg,
-                           reinterpret_cast<uint16_t*>(w.data_ptr<at::BFloat16>()));
-    return w;
+                           reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
+  } else {
+    TORCH_CHECK(out.dtype() == torch::kFloat32, "out must be float32 or bfloat16");
+    dequant_bits<float>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg, out.data_ptr<float>());
   }
-  auto w = torch::empty({k_pad, n_pad}, qweight.options().dtype(torch::kFloat32));
-  dequant_bits<float>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg, w.data_ptr<float>());
-  return w;
+  return out;
 }
 
 // x [M, K_pad] fp32; qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; -> y [M, n_out]
 torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                         int64_t bits, int64_t group_size, int64_t n_out) {
+  TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "the cpu-packed kernel runs on CPU tensors only; "
+              "after moving a model, rebuild its layers with lightning_gptq.nn.to_backend");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");

@@ -57,9 +57,10 @@ def unavailable() -> str | None:
     try:
         _load()
     except Exception as error:  # noqa: BLE001 - any build failure means "use another backend"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        log.warning("CPU GPTQ kernel unavailable: %s", first)
-        return f"the C++ kernel could not be built: {first}"
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        detail = next((line.strip() for line in lines if "error:" in line), lines[0])[:300]
+        log.warning("CPU GPTQ kernel unavailable (the other backends serve): %s", detail)
+        return f"the C++ kernel could not be built: {detail}"
     return None
 
 
@@ -80,6 +81,29 @@ def gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, g
     return _load().gptq_gemm(x, qweight, scales, zeros, bits, group_size, n_out)
 
 
-def dequantize_t(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, bf16: bool) -> Tensor:
-    """Dense ``Wᵀ`` [K_pad, N_pad] in fp32 or bf16 from the same buffers as :func:`gemm`."""
-    return _load().gptq_dequant(qweight, scales, zeros, bits, group_size, bf16)
+def dequantize_t(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, dtype: torch.dtype,
+                 out: Tensor | None = None) -> Tensor:
+    """Dense ``Wᵀ`` [K_pad, N_pad] in fp32 or bf16 from the same buffers as :func:`gemm`, into ``out`` when given."""
+    tiles, words, _ = qweight.shape
+    if out is None:
+        out = torch.empty(words * 32 // bits, tiles * TILE_N, dtype=dtype)
+    return _load().gptq_dequant(qweight, scales, zeros, bits, group_size, out)
+
+
+class Workspace:
+    """One reusable buffer per thread of work for dense weights that live for one matmul.
+
+    A fresh 30 MB tensor per call costs page faults that take longer than filling it; reusing one
+    keeps the extra resident memory to the largest layer's dense weight."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, Tensor] = {}
+
+    def get(self, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < rows * cols:
+            buffer = self._buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+        return buffer[: rows * cols].view(rows, cols)
+
+
+WORKSPACE = Workspace()

@@ -59,9 +59,11 @@ class CpuInt4QuantLinear(ConvertedQuantLinear):
         c = cpu_int4.unpack(self.k_weight, self.n_pad, self.k_pad).to(dtype).view(self.n_pad, -1, self.k_group)
         return ((c - zeros.T[..., None]) * scales.T[..., None]).view(self.n_pad, self.k_pad)
 
-    def compute(self, kernel: str, rows: Tensor) -> Tensor:
+    def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
         if kernel == "int4":
-            return cpu_int4.matmul(rows.to(torch.bfloat16), self.k_weight, self.k_group, self.k_scales_zeros)
+            return cpu_int4.matmul(rows.to(torch.bfloat16), hot["k_weight"], self.k_group, hot["k_scales_zeros"])
         if kernel == "dense-bf16":
             return F.linear(rows.to(torch.bfloat16), self.dequantize_kernel_layout(torch.bfloat16))
-        return F.linear(rows.float(), self.dequantize_kernel_layout(torch.float32))
+        if kernel == "dense-fp32":
+            return F.linear(rows.float(), self.dequantize_kernel_layout(torch.float32))
+        raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")

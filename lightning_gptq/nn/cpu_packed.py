@@ -49,10 +49,13 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
     def kernel_codes(self) -> Tensor:
         return unpack_rows(cpu_gemm.untile(self.k_qweight), self.bits, self.k_pad).T
 
-    def compute(self, kernel: str, rows: Tensor) -> Tensor:
+    def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
         if kernel == "gemm":
-            return cpu_gemm.gemm(rows.float().contiguous(), self.k_qweight, self.k_scales, self.k_zeros, self.bits,
+            return cpu_gemm.gemm(rows.float().contiguous(), hot["k_qweight"], hot["k_scales"], hot["k_zeros"], self.bits,
                                  self.k_group, self.out_features)
-        bf16 = kernel == "dense-bf16"
-        wt = cpu_gemm.dequantize_t(self.k_qweight, self.k_scales, self.k_zeros, self.bits, self.k_group, bf16)
-        return torch.matmul(rows.to(wt.dtype), wt)
+        if kernel not in ("dense-bf16", "dense-fp32"):
+            raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
+        dtype = torch.bfloat16 if kernel == "dense-bf16" else torch.float32
+        out = cpu_gemm.WORKSPACE.get(self.k_pad, self.n_pad, dtype)  # lives for this one matmul
+        wt = cpu_gemm.dequantize_t(hot["k_qweight"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, dtype, out)
+        return torch.matmul(rows.to(dtype), wt)
