@@ -9,6 +9,12 @@ weight bytes alone: dense weight bytes / packed weight bytes (codes + scales + z
     python scripts/bench_kernels.py                       # the issue's shapes and rows, 4-bit g128
     python scripts/bench_kernels.py --bits 2 3 4 8 --quick
     python scripts/bench_kernels.py --markdown bench.md   # also write the table
+    python scripts/bench_kernels.py --cold 512             # weights not in cache, as in a real model
+
+By default one weight is timed over and over, so it sits in the CPU caches (small layers fit
+entirely). ``--cold MB`` cycles through enough copies of every layer (dense and quantized alike)
+that the dense ones span that many MB, so each call reads its weight from memory, as a model's
+forward pass does.
 """
 
 from __future__ import annotations
@@ -41,27 +47,43 @@ def packed_bytes(layer) -> int:
     return sum(t.numel() * t.element_size() for k, t in layer.packed_tensors().items() if k != "g_idx")
 
 
+class Cycle:
+    """Calls ``fn(item)`` on the next of ``items`` each time (one item: always the same, cache-hot)."""
+
+    def __init__(self, items, fn):
+        self.items, self.fn, self.i = items, fn, 0
+
+    def __call__(self):
+        self.i = (self.i + 1) % len(self.items)
+        return self.fn(self.items[self.i])
+
+
 @torch.no_grad()
-def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float) -> list[dict]:
+def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: float) -> list[dict]:
     dtype = getattr(torch, spec.dtype)
     gen = torch.Generator().manual_seed(0)
-    dense_w = torch.randn(spec.out_features, spec.in_features, generator=gen).to(spec.device, dtype)
+    dense_bytes = spec.out_features * spec.in_features * dtype.itemsize
+    copies = max(1, int(cold_mb * 2**20 // dense_bytes)) if cold_mb else 1
+    dense_ws = [torch.randn(spec.out_features, spec.in_features, generator=gen).to(spec.device, dtype) for _ in range(copies)]
     start = time.perf_counter()
     auto_layer = build(spec, AUTO)
     tune_s = time.perf_counter() - start
-    auto_layer.load_state_dict(random_layer(type(auto_layer), spec).state_dict())
-    layers = {name: random_layer(cls, spec) for name, cls in backends().items() if cls.unsupported(spec) is None}
-    bound = spec.out_features * spec.in_features * dense_w.element_size() / packed_bytes(auto_layer)
+    autos = [auto_layer] + [build(spec, AUTO) for _ in range(copies - 1)]
+    for i, layer in enumerate(autos):
+        layer.load_state_dict(random_layer(type(layer), spec, seed=i).state_dict())
+    layers = {name: [random_layer(cls, spec, seed=i) for i in range(copies)]
+              for name, cls in backends().items() if cls.unsupported(spec) is None}
+    bound = dense_bytes / packed_bytes(auto_layer)
     out = []
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
-        dense = time_call(lambda: F.linear(x, dense_w), spec.device, budget_s)
+        dense = time_call(Cycle(dense_ws, lambda w: F.linear(x, w)), spec.device, budget_s)
         row = {"shape": f"{spec.out_features}x{spec.in_features}", "bits": spec.bits, "rows": m, "dense_ms": 1e3 * dense,
                "bytes": bound, "tune_s": tune_s}
-        for name, layer in layers.items():
-            for kernel in layer.kernels:
-                row[f"{name}/{kernel}"] = dense / time_call(lambda: layer.run(kernel, x), spec.device, budget_s)
-        row["auto"] = dense / time_call(lambda: auto_layer(x), spec.device, budget_s)
+        for name, copies_of in layers.items():
+            for kernel in copies_of[0].kernels:
+                row[f"{name}/{kernel}"] = dense / time_call(Cycle(copies_of, lambda q: q.run(kernel, x)), spec.device, budget_s)
+        row["auto"] = dense / time_call(Cycle(autos, lambda q: q(x)), spec.device, budget_s)
         row["auto_path"] = f"{auto_layer.backend}/{auto_layer.kernel_for(m)}"
         out.append(row)
         print(format_row(row), flush=True)
@@ -101,16 +123,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--budget", type=float, default=0.2, help="seconds of repeats per timing")
+    parser.add_argument("--cold", type=float, default=0, metavar="MB",
+                        help="cycle through copies of each layer whose dense weights span this many MB (0: one, cache-hot)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES[:4] if args.quick else SHAPES
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
-          f"group size {args.group_size}, act-order {args.act_order}, asym")
+          f"group size {args.group_size}, act-order {args.act_order}, asym, "
+          + (f"cold: weights cycled through {args.cold:g} MB of dense copies" if args.cold else "hot: one weight, in cache"))
     rows = []
     for bits in args.bits:
         for out_f, in_f in shapes:
             spec = LayerSpec(in_f, out_f, bits, args.group_size, False, args.act_order, False, args.device, args.dtype)
-            rows += bench_layer(spec, args.rows, args.budget)
+            rows += bench_layer(spec, args.rows, args.budget, args.cold)
             print(f"  auto for {spec.describe()}: {choose(spec).describe()} (tuning took {rows[-1]['tune_s']:.1f} s)")
     table = markdown(rows)
     print()
