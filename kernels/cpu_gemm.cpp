@@ -26,6 +26,8 @@ constexpr int MB = 8;   // input rows per pass over the weight tile (their accum
 constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
 #endif
 
+constexpr int PREFETCH_RUNS = 16;  // runs of 32 codes ahead (2 KB at 4 bits)
+
 // GCC vector extensions: the compiler lowers these to AVX-512 or pairs of AVX2 instructions.
 typedef float vf __attribute__((vector_size(NB * 4)));
 typedef uint32_t vu __attribute__((vector_size(NB * 4)));
@@ -59,6 +61,8 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
       vu w[BITS + 1];
       for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
       w[BITS] = vu{};
+      // Codes are read once, from memory (a model's weights are not in cache): ask for them early.
+      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB);
       const float* xr = x + run * 32;
 #pragma GCC unroll 32
       for (int i = 0; i < 32; ++i) {
