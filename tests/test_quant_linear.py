@@ -15,6 +15,7 @@ from lightning_gptq.nn import (
     QuantLinear,
     build,
     choose,
+    exact_kernels,
     make_quant_linear,
     quant_linear_class,
     random_layer,
@@ -204,6 +205,8 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
     for rows, kernel in choice.dispatch:  # each row count takes the chosen backend's fastest kernel
         mine = {k.split("/")[1]: t[rows] for k, t in choice.times.items() if k.startswith(choice.backend + "/")}
         assert mine[kernel] == min(mine.values())
+        exact = dict(choice.exact_dispatch)[rows]
+        assert mine[exact] == min(t for k, t in mine.items() if k in quant_linear_class(choice.backend).exact)
     layer = build(spec)
     assert layer.backend == choice.backend and layer.dispatch == choice.dispatch
     assert choice.to_dict()["backend"] == choice.backend and spec.describe() in choice.describe()
@@ -211,11 +214,16 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
 
 def test_dispatch_picks_the_nearest_measured_row_count_on_a_log_scale():
     layer = QuantLinear(8, 8, bits=4, group_size=-1, sym=True, bias=False)
-    layer.kernels = ("a", "b", "c")
-    layer.set_dispatch([(1, "a"), (16, "b"), (256, "c")])
+    layer.kernels, layer.exact = ("a", "b", "c"), ("a", "c")
+    layer.set_dispatch([(1, "a"), (16, "b"), (256, "c")], [(1, "a"), (64, "c")])
     assert [layer.kernel_for(m) for m in (1, 4, 5, 16, 63, 65, 4096)] == ["a", "a", "b", "b", "b", "c", "c"]
+    with exact_kernels():  # calibration: only kernels that round nothing beyond fp32
+        assert [layer.kernel_for(m) for m in (1, 7, 9, 4096)] == ["a", "a", "c", "c"]
+    assert layer.kernel_for(16) == "b"
     with pytest.raises(ValueError, match="dispatch names"):
         layer.set_dispatch([(1, "nope")])
+    with pytest.raises(ValueError, match="dispatch names"):
+        layer.set_dispatch([(1, "a")], [(1, "b")])  # b rounds: not allowed for calibration
 
 
 def test_make_quant_linear_auto_then_switch_backends():

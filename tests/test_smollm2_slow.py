@@ -60,3 +60,34 @@ def test_whole_model_and_blockwise_perplexity_agree(smollm2):
     assert whole.partial and whole.nsamples == 2 and whole.total_windows == tokens.shape[1] // 2048
     assert blockwise.ppl == pytest.approx(whole.ppl, rel=1e-4)
     assert 5 < whole.ppl < 40, str(whole)
+
+
+def test_every_cpu_backend_scores_the_same_perplexity(smollm2):
+    """RTN 4-bit g128 act-order-free SmolLM2 (576-wide layers: ragged groups) through each backend that
+    holds it: perplexity on 2 WikiText-2 windows within the backends' stated tolerance of the oracle."""
+    import copy
+
+    from lightning_gptq import QuantConfig, rtn_quantize
+    from lightning_gptq.models import weight_out_in
+    from lightning_gptq.nn import QuantLinear, backends, make_quant_linear, replace_submodule, to_backend
+
+    model, tokenizer = smollm2
+    quantized = copy.deepcopy(model)
+    adapter = get_adapter(quantized)
+    for block in adapter.blocks(quantized):
+        for name, layer in adapter.linear_layers(block).items():
+            qw = rtn_quantize(weight_out_in(layer), QuantConfig(bits=4, group_size=128, sym=False))
+            replace_submodule(block, name, make_quant_linear(layer, qw, backend="torch"))
+    tokens = eval_tokens("wikitext2", tokenizer, path=WIKITEXT)
+    score = lambda m: perplexity(m, tokens, seqlen=2048, dataset="wikitext2", max_windows=2, progress=False).ppl
+    oracle = score(quantized)
+    spec = next(m for m in quantized.modules() if isinstance(m, QuantLinear)).spec()
+    tested = []
+    for name, cls in backends().items():
+        if name == "torch" or cls.unsupported(spec):
+            continue
+        to_backend(quantized, name)
+        assert all(m.backend == name for m in quantized.modules() if isinstance(m, QuantLinear))
+        assert score(quantized) == pytest.approx(oracle, rel=cls.tolerance), name
+        tested.append(name)
+    assert tested, "no fast CPU backend could hold SmolLM2's layers"

@@ -35,7 +35,7 @@ from lightning_gptq.data import perplexity
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.latency import measure_latency
-from lightning_gptq.nn import AUTO, QuantLinear, check_backend, to_backend
+from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, to_backend
 
 from .callbacks import GPTQCallback, HessianCapture
 from .hooks import BlockContext, fire_block_hook
@@ -281,7 +281,8 @@ class GPTQModule(LightningModule):
             self.timings["capture"] += time.perf_counter() - start
             return None
         block = self._block(stage.block)
-        hidden = run_block(block, self._inputs.hidden[batch_idx], self._inputs.kwargs_for(stage.block, batch_idx))
+        with exact_kernels():  # quantized layers already swapped in: what later blocks see is machine-independent
+            hidden = run_block(block, self._inputs.hidden[batch_idx], self._inputs.kwargs_for(stage.block, batch_idx))
         if stage.kind == "propagate":
             self._next_hidden.append(hidden.to("cpu", dtype=self._inputs.hidden[batch_idx].dtype))
         return None

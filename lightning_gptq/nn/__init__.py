@@ -10,13 +10,14 @@ from .quant_linear import (
     QuantLinear,
     backends,
     check_backend,
+    exact_kernels,
     quant_linear_class,
     register_quant_linear,
     replace_submodule,
 )
 
 __all__ = [
-    "AUTO", "Choice", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose",
+    "AUTO", "Choice", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
     "make_quant_linear", "quant_linear_class", "random_layer", "register_quant_linear", "replace_submodule",
     "to_backend",
 ]

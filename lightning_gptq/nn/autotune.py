@@ -34,6 +34,7 @@ class Choice:
     spec: LayerSpec
     backend: str
     dispatch: tuple[tuple[int, str], ...]
+    exact_dispatch: tuple[tuple[int, str], ...]
     times: dict[str, dict[int, float]] = field(default_factory=dict)  # "backend/kernel" -> rows -> s
     dense: dict[int, float] = field(default_factory=dict)  # F.linear with a dense weight, same dtype
 
@@ -46,10 +47,12 @@ class Choice:
 
     def describe(self) -> str:
         parts = ", ".join(f"{r}:{k} {self.speedup(r):.2f}x" if r in self.dense else f"{r}:{k}" for r, k in self.dispatch)
-        return f"{self.spec.describe()}: {self.backend} [{parts} vs dense {self.spec.dtype}]"
+        exact = ", ".join(f"{r}:{k}" for r, k in self.exact_dispatch)
+        return f"{self.spec.describe()}: {self.backend} [{parts} vs dense {self.spec.dtype}; calibration: {exact}]"
 
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "backend": self.backend, "dispatch": [list(d) for d in self.dispatch],
+                "exact_dispatch": [list(d) for d in self.exact_dispatch],
                 "speedup_vs_dense": {r: round(self.speedup(r), 3) for r, _ in self.dispatch if r in self.dense}}
 
 
@@ -121,14 +124,10 @@ def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows
         for name, layer in layers.items():
             for kernel in layer.kernels:
                 times.setdefault(f"{name}/{kernel}", {})[m] = time_call(lambda: layer.run(kernel, x), spec.device)
-    best_backend, best_score, best_dispatch = None, math.inf, None
-    for name, layer in layers.items():
-        per_rows = {m: min((times[f"{name}/{k}"][m], k) for k in layer.kernels) for m in rows}
-        score = sum(math.log(t) for t, _ in per_rows.values())
-        if score < best_score:
-            best_backend, best_score = name, score
-            best_dispatch = tuple((m, k) for m, (_, k) in per_rows.items())
-    return Choice(spec, best_backend, best_dispatch, times, dense)
+    fastest = lambda name, kernels: tuple((m, min((times[f"{name}/{k}"][m], k) for k in kernels)[1]) for m in rows)
+    score = lambda name, dispatch: sum(math.log(times[f"{name}/{k}"][m]) for m, k in dispatch)
+    best = min(layers, key=lambda name: score(name, fastest(name, layers[name].kernels)))
+    return Choice(spec, best, fastest(best, layers[best].kernels), fastest(best, layers[best].exact), times, dense)
 
 
 def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
@@ -145,7 +144,7 @@ def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
             classes = {backend: cls}
         if len(classes) == 1 and len(next(iter(classes.values())).kernels) == 1:
             (name, cls), = classes.items()
-            choice = Choice(spec, name, ((1, cls.kernels[0]),))
+            choice = Choice(spec, name, ((1, cls.kernels[0]),), ((1, cls.exact[0]),))
         else:
             choice = measure(spec, classes)
             log.info("quantized linear %s", choice.describe())
@@ -159,7 +158,7 @@ def build(spec: LayerSpec, backend: str = AUTO) -> QuantLinear:
     layer = quant_linear_class(choice.backend)(
         spec.in_features, spec.out_features, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, bias=spec.bias,
         dtype=getattr(torch, spec.dtype), device=spec.device)
-    layer.set_dispatch(choice.dispatch)
+    layer.set_dispatch(choice.dispatch, choice.exact_dispatch)
     return layer
 
 
@@ -187,7 +186,7 @@ def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
         spec = layer.spec()
         new = build(spec, backend)
         if type(new) is type(layer):
-            layer.set_dispatch(new.dispatch)
+            layer.set_dispatch(new.dispatch, new.exact_dispatch)
         else:
             new.load_state_dict(layer.state_dict())
             replace_submodule(model, name, new)

@@ -27,6 +27,7 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
     capabilities = Capabilities(bits=cpu_gemm.BITS, group_multiple=32, devices=("cpu",),
                                 rounding="none for gemm and dense-fp32; bf16 weights and activations for dense-bf16")
     kernels = ("gemm", "dense-bf16", "dense-fp32")
+    exact = ("gemm", "dense-fp32")
     #: ``gemm`` and ``dense-fp32`` are exact up to fp32 summation order; ``dense-bf16`` rounds weights
     #: and activations to bf16 (2⁻⁹ relative each).
     tolerance = 1e-2

@@ -14,9 +14,10 @@ GEMV-like kernel for decode and a dequantize-then-GEMM one for prefill.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -80,6 +81,37 @@ class Capabilities:
                 f"activations {'/'.join(self.dtypes)}; any row count; rounding: {self.rounding}")
 
 
+_EXACT = [0]  # depth of nested exact_kernels() blocks
+
+
+@contextlib.contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Inside this block every quantized layer computes with its fastest kernel among those that round
+    nothing beyond fp32 (``exact_kernels``): calibration runs here, so that the inputs GPTQ sees for
+    later blocks do not depend on which kernels this machine happens to favour."""
+    _EXACT[0] += 1
+    try:
+        yield
+    finally:
+        _EXACT[0] -= 1
+
+
+def _table(dispatch, kernels: tuple[str, ...]) -> tuple[tuple[tuple[int, str], ...], list[float]]:
+    entries = tuple(sorted((int(b), str(k)) for b, k in dispatch))
+    unknown = {k for _, k in entries} - set(kernels)
+    if not entries or unknown:
+        raise ValueError(f"the layer has kernels {kernels}; dispatch names {sorted(unknown) or 'none'}")
+    # switch points: geometric midpoints between neighbouring measured row counts
+    return entries, [math.sqrt(a * b) for (a, _), (b, _) in zip(entries, entries[1:])]
+
+
+def _lookup(entries, bounds, rows: int) -> str:
+    for bound, (_, kernel) in zip(bounds, entries):
+        if rows <= bound:
+            return kernel
+    return entries[-1][1]
+
+
 def n_groups_for(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
@@ -96,6 +128,8 @@ class QuantLinear(nn.Module):
     backend = "torch"
     capabilities = Capabilities()
     kernels: tuple[str, ...] = ("dequant",)
+    #: The kernels that round nothing beyond fp32 summation order (used inside ``exact_kernels()``).
+    exact: tuple[str, ...] = ("dequant",)
     #: Relative error ``‖y − y_oracle‖ / ‖y_oracle‖`` this backend promises (fp32 summation order only).
     tolerance = 1e-5
 
@@ -110,7 +144,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.dispatch: tuple[tuple[int, str], ...] = ((1, self.kernels[0]),)
+        self.set_dispatch([(1, self.kernels[0])], [(1, self.exact[0])])
 
     # -- capabilities -----------------------------------------------------------------------------
     @classmethod
@@ -195,24 +229,17 @@ class QuantLinear(nn.Module):
         return self.dequantize()
 
     # -- compute ----------------------------------------------------------------------------------
-    def set_dispatch(self, dispatch) -> None:
+    def set_dispatch(self, dispatch, exact_dispatch=None) -> None:
         """``dispatch``: ``[(rows, kernel), ...]``; an input of ``m`` rows takes the kernel whose ``rows``
-        is nearest to ``m`` on a log scale."""
-        entries = tuple(sorted((int(b), str(k)) for b, k in dispatch))
-        unknown = {k for _, k in entries} - set(self.kernels)
-        if not entries or unknown:
-            raise ValueError(f"{type(self).__name__} has kernels {self.kernels}; dispatch names {sorted(unknown) or 'none'}")
-        self.dispatch = entries
-        # switch points: geometric midpoints between neighbouring measured batch sizes
-        self._bounds = [math.sqrt(a * b) for (a, _), (b, _) in zip(entries, entries[1:])]
+        is nearest to ``m`` on a log scale. ``exact_dispatch``: the same among ``exact`` kernels, for
+        ``exact_kernels()`` blocks (default: the first exact kernel for every row count)."""
+        self.dispatch, self._bounds = _table(dispatch, self.kernels)
+        self.exact_dispatch, self._exact_bounds = _table(exact_dispatch or [(1, self.exact[0])], self.exact)
 
     def kernel_for(self, rows: int) -> str:
-        if len(self.dispatch) == 1:
-            return self.dispatch[0][1]
-        for bound, (_, kernel) in zip(self._bounds, self.dispatch):
-            if rows <= bound:
-                return kernel
-        return self.dispatch[-1][1]
+        if _EXACT[0]:
+            return _lookup(self.exact_dispatch, self._exact_bounds, rows)
+        return _lookup(self.dispatch, self._bounds, rows)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(self.kernel_for(x.numel() // self.in_features), x)

@@ -25,6 +25,7 @@ class TritonQuantLinear(QuantLinear):
     # the tests run it on CPU under TRITON_INTERPRET=1, built directly (never an `auto` candidate there)
     capabilities = Capabilities(devices=("cuda",), rounding="fp16/bf16 activations: the weight tile in their dtype")
     kernels = ("decode", "prefill")
+    exact = ("decode", "prefill")
     #: fp32 accumulation; fp16/bf16 activations round the dequantized tile to their dtype before ``tl.dot``.
     tolerance = 1e-5
 
