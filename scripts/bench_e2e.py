@@ -20,7 +20,7 @@ from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.data.evaluation import eval_tokens, perplexity
 from lightning_gptq.models import load_causal_lm
 from lightning_gptq.models.latency import measure_latency
-from lightning_gptq.nn import QuantLinear
+from lightning_gptq.nn import QuantLinear, exact_kernels
 
 
 def main() -> None:
@@ -45,19 +45,25 @@ def main() -> None:
     def measure(model):
         lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                               repeats=args.repeats)
-        ppl = perplexity(model, tokens, dataset="wikitext2", max_windows=args.ppl_windows).ppl if tokens is not None else None
-        return lat, ppl
+        if tokens is None:
+            return lat, None, None
+        score = lambda: perplexity(model, tokens, dataset="wikitext2", max_windows=args.ppl_windows, progress=False).ppl
+        fast = score()
+        with exact_kernels():
+            exact = score()
+        return lat, fast, exact
 
+    ppl_text = lambda r: f"; ppl {r[3]:.4f} (exact kernels {r[4]:.4f})" if r[3] else ""
     rows = [("fp32", "-", *measure(base))]
-    print(f"fp32: {rows[0][2]}" + (f"; ppl {rows[0][3]:.4f}" if rows[0][3] else ""), flush=True)
+    print(f"fp32: {rows[0][2]}{ppl_text(rows[0])}", flush=True)
     for backend in args.backends:
         start = time.perf_counter()
         model, _ = load_quantized(args.quantized, backend=backend)
         load_s = time.perf_counter() - start
         used = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
         rows.append((backend, ",".join(used), *measure(model)))
-        print(f"{backend} (layers on {','.join(used)}, loaded in {load_s:.1f} s): {rows[-1][2]}"
-              + (f"; ppl {rows[-1][3]:.4f}" if rows[-1][3] else ""), flush=True)
+        print(f"{backend} (layers on {','.join(used)}, loaded in {load_s:.1f} s): {rows[-1][2]}{ppl_text(rows[-1])}",
+              flush=True)
         del model
     # fp32 once more at the end: the ratios use its best run, so a noisy first run cannot flatter us
     again = measure_latency(base, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
@@ -65,17 +71,19 @@ def main() -> None:
     decode_ms = min(fp32.decode_ms_per_token, again.decode_ms_per_token)
     prefill = max(fp32.prefill_tokens_per_s, again.prefill_tokens_per_s)
 
-    reference_ppl = next((r[3] for r in rows if r[0] == "torch"), None)
+    reference = next((r[4] for r in rows if r[0] == "torch"), None)
+    rel = lambda p: f"{(p - reference) / reference:+.1e}" if p is not None and reference else "–"
     print()
     print(f"| model | backend used | decode ms/token | decode × fp32 | prefill tokens/s | prefill × fp32 | "
-          f"model MiB | × fp32 | ppl, first {args.ppl_windows} windows | vs torch |")
+          f"model MiB | × fp32 | ppl, first {args.ppl_windows} windows (vs torch) | same, exact kernels (vs torch) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, used, lat, ppl in rows:
-        ppl_cell = f"{ppl:.4f}" if ppl is not None else "–"
-        delta = f"{(ppl - reference_ppl) / reference_ppl:+.2e}" if ppl is not None and reference_ppl and name != "fp32" else "–"
+    for name, used, lat, fast, exact in rows:
+        cells = [f"{fast:.4f} ({rel(fast)})" if fast is not None else "–", f"{exact:.4f} ({rel(exact)})" if exact is not None else "–"]
+        if name == "fp32":
+            cells = [c.split(" (")[0] for c in cells]
         print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} | {decode_ms / lat.decode_ms_per_token:.2f}× | "
               f"{lat.prefill_tokens_per_s:.0f} | {lat.prefill_tokens_per_s / prefill:.2f}× | {lat.model_mib:.1f} | "
-              f"{lat.model_mib / fp32.model_mib:.2f}× | {ppl_cell} | {delta} |")
+              f"{lat.model_mib / fp32.model_mib:.2f}× | {cells[0]} | {cells[1]} |")
     print(f"\n({lat.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens, best of "
           f"{args.repeats}; fp32 measured first and last, its best run used)")
 

@@ -356,8 +356,10 @@ class GPTQModule(LightningModule):
         self._place()
         results = {}
         for name in dm.eval_datasets:
-            result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
-                                max_windows=dm.eval_max_windows, progress=self.trainer.progress_bar_callback is not None)
+            with exact_kernels():  # quality, not this machine's bf16 paths: the same number on every CPU
+                result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
+                                    max_windows=dm.eval_max_windows,
+                                    progress=self.trainer.progress_bar_callback is not None)
             rank_zero_info(f"{label}: {result}")
             results[name] = {"ppl": result.ppl, "text": str(result), "windows": result.nsamples,
                              "seqlen": result.seqlen, "tokens": result.n_tokens, "protocol": result.protocol}
@@ -380,7 +382,8 @@ class GPTQModule(LightningModule):
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         ids = batch["input_ids"].to(self.device)
-        self._val_ppl[dataloader_idx].update(self(ids), ids)
+        with exact_kernels():  # as in _evaluate: perplexity does not depend on which fast paths a CPU has
+            self._val_ppl[dataloader_idx].update(self(ids), ids)
 
     def _eval_end(self, prefix: str) -> None:
         dm = self.trainer.datamodule
