@@ -23,6 +23,28 @@ from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import QuantLinear, exact_kernels
 
 
+class _Free(torch.nn.Module):
+    """Stands in for a linear layer and costs (almost) nothing: zeros of the right shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+def with_free_block_linears(model):
+    from lightning_gptq.models import get_adapter
+    from lightning_gptq.nn import replace_submodule
+
+    adapter = get_adapter(model)
+    for block in adapter.blocks(model):
+        for name, layer in list(adapter.linear_layers(block).items()):
+            replace_submodule(block, name, _Free(layer.out_features))
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("quantized", help="a folder saved by fit")
@@ -34,6 +56,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ppl-windows", type=int, default=0, help="also score the first N WikiText-2 windows (0: skip)")
     parser.add_argument("--wikitext", default="../shared/data/wikitext-2-raw/wiki.test.raw")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time the fp32 model with its block linears replaced by zero-cost stubs: the "
+                             "decode time no kernel can go below (framework, attention, norms, LM head)")
     args = parser.parse_args()
     if not is_quantized_checkpoint(args.quantized):
         parser.error(f"not a folder saved by fit: {args.quantized}")
@@ -65,6 +90,11 @@ def main() -> None:
         print(f"{backend} (layers on {','.join(used)}, loaded in {load_s:.1f} s): {rows[-1][2]}{ppl_text(rows[-1])}",
               flush=True)
         del model
+    if args.floor:
+        floor = measure_latency(with_free_block_linears(base), prompt_tokens=args.prompt_tokens,
+                                decode_tokens=args.decode_tokens, repeats=args.repeats)
+        print(f"floor (block linears cost nothing): {floor}", flush=True)
+        base, _ = load_causal_lm(args.base, gguf_file=args.gguf_file, dtype="float32")
     # fp32 once more at the end: the ratios use its best run, so a noisy first run cannot flatter us
     again = measure_latency(base, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
     fp32 = rows[0][2]
