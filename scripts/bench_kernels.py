@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lightning_gptq.kernels.packing import pack_rows, unpack_rows
 from lightning_gptq.nn import AUTO, LayerSpec, backends, build, choose, random_layer
 from lightning_gptq.nn.autotune import time_call
 
@@ -104,6 +105,16 @@ def format_row(row: dict) -> str:
             f"auto {row['auto']:.2f}x ({row['auto_path']}) | {kernels} | bytes bound {row['bytes']:.1f}x")
 
 
+def bench_packing(bits: int, out_features: int = 11008, in_features: int = 4096) -> str:
+    """Seconds to pack and unpack one layer's codes into/from the checkpoint layout (median of 3)."""
+    codes = torch.randint(0, 1 << bits, (in_features, out_features), dtype=torch.uint8)
+    pack = time_call(lambda: pack_rows(codes, bits), budget_s=0, max_reps=3)
+    packed = pack_rows(codes, bits)
+    unpack = time_call(lambda: unpack_rows(packed, bits, in_features), budget_s=0, max_reps=3)
+    assert torch.equal(unpack_rows(packed, bits, in_features), codes)
+    return f"{bits}-bit {out_features}x{in_features}: pack {pack:.3f} s, unpack {unpack:.3f} s (round trip exact)"
+
+
 def markdown(rows: list[dict]) -> str:
     cols = columns(rows)
     head = ["shape [out×in]", "bits", "rows", "dense fp32 ms", "**auto**", "auto path", *cols, "bytes bound"]
@@ -134,6 +145,8 @@ def main() -> None:
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
           f"group size {args.group_size}, act-order {args.act_order}, asym, "
           + (f"cold: weights cycled through {args.cold:g} MB of dense copies" if args.cold else "hot: one weight, in cache"))
+    for bits in args.bits:
+        print("packing:", bench_packing(bits), flush=True)
     rows = []
     for bits in args.bits:
         for out_f, in_f in shapes:
