@@ -254,6 +254,8 @@ def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):
         (["--data.nsamples=0"], "nsamples must be >= 1"),
         (["--data.calibration=EMPTY"], "holds no text"),
         (["--data.calibration=SHORT", "--data.nsamples=4", "--data.seqlen=32"], "the text has only"),
+        (["--gptq.backend=nope"], "GPTQCallback.backend: unknown quantized-linear backend 'nope'"),
+        (["--model.backend=cpu-fast"], "GPTQModule.backend: unknown quantized-linear backend 'cpu-fast'"),
     ],
 )
 def test_bad_input_fails_before_heavy_work(tmp_path, extra, error):
