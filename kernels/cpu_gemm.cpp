@@ -31,6 +31,7 @@ constexpr int PREFETCH_RUNS = 16;  // runs of 32 codes ahead (2 KB at 4 bits)
 // GCC vector extensions: the compiler lowers these to AVX-512 or pairs of AVX2 instructions.
 typedef float vf __attribute__((vector_size(NB * 4)));
 typedef uint32_t vu __attribute__((vector_size(NB * 4)));
+typedef int32_t vi __attribute__((vector_size(NB * 4)));  // codes < 256: a signed convert (AVX2 has no unsigned one)
 
 inline vu load_u(const uint32_t* p) {
   vu v;
@@ -69,7 +70,7 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
         const int word = (i * BITS) / 32, off = (i * BITS) % 32;
         vu v = w[word] >> off;
         if (off + BITS > 32) v |= w[word + 1] << (32 - off);
-        const vf q = __builtin_convertvector(v & mask, vf);
+        const vf q = __builtin_convertvector((vi)(v & mask), vf);
         for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
       }
     }
@@ -134,7 +135,7 @@ void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_
           const int word = (i * BITS) / 32, off = (i * BITS) % 32;
           vu v = wd[word] >> off;
           if (off + BITS > 32) v |= wd[word + 1] << (32 - off);
-          const vf f = s * (__builtin_convertvector(v & mask, vf) - z);  // q − z is exact: one rounding, as the oracle
+          const vf f = s * (__builtin_convertvector((vi)(v & mask), vf) - z);  // q − z is exact: one rounding, as the oracle
           OUT* row = w + (run * 32 + i) * n_pad + n0;
           if constexpr (sizeof(OUT) == 4) {
             std::memcpy(row, &f, sizeof(f));
