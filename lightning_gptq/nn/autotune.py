@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class
+from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class, replace_submodule
 
 log = logging.getLogger("lightning_gptq")
 
@@ -179,8 +179,6 @@ def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> Quan
 def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
     """Rebuild every ``QuantLinear`` in ``model`` with ``backend`` (``auto``: the fastest for its spec and
     the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``."""
-    from .quant_linear import replace_submodule
-
     chosen = {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         spec = layer.spec()
