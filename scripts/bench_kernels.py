@@ -83,6 +83,7 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
         dense = time_call(Cycle(dense_ws, lambda w: F.linear(x, w)), spec.device, budget_s)
         row = {"shape": f"{spec.out_features}x{spec.in_features}", "bits": spec.bits, "rows": m, "dense_ms": 1e3 * dense,
+               "dtype": spec.dtype,
                "bytes": bound, "tune_s": tune_s}
         for name, copies_of in layers.items():
             for kernel in copies_of[0].kernels:
@@ -95,13 +96,13 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
 
 
 def columns(rows: list[dict]) -> list[str]:
-    fixed = {"shape", "bits", "rows", "dense_ms", "bytes", "tune_s", "auto", "auto_path"}
+    fixed = {"shape", "bits", "rows", "dense_ms", "dtype", "bytes", "tune_s", "auto", "auto_path"}
     return sorted({k for r in rows for k in r} - fixed)
 
 
 def format_row(row: dict) -> str:
     kernels = "  ".join(f"{k} {row[k]:.2f}x" for k in sorted(row) if "/" in k and k != "auto_path")
-    return (f"{row['shape']:>11} {row['bits']}-bit rows {row['rows']:>4}: dense fp32 {row['dense_ms']:8.3f} ms | "
+    return (f"{row['shape']:>11} {row['bits']}-bit rows {row['rows']:>4}: dense {row['dtype']} {row['dense_ms']:8.3f} ms | "
             f"auto {row['auto']:.2f}x ({row['auto_path']}) | {kernels} | bytes bound {row['bytes']:.1f}x")
 
 
@@ -117,7 +118,7 @@ def bench_packing(bits: int, out_features: int = 11008, in_features: int = 4096)
 
 def markdown(rows: list[dict]) -> str:
     cols = columns(rows)
-    head = ["shape [out×in]", "bits", "rows", "dense fp32 ms", "**auto**", "auto path", *cols, "bytes bound"]
+    head = ["shape [out×in]", "bits", "rows", f"dense {rows[0]['dtype']} ms", "**auto**", "auto path", *cols, "bytes bound"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["shape"], str(r["bits"]), str(r["rows"]), f"{r['dense_ms']:.3f}", f"**{r['auto']:.2f}×**", r["auto_path"],

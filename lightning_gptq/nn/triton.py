@@ -1,8 +1,9 @@
 """The CUDA backend: Triton kernels over the ecosystem's packed layout (``lightning_gptq.kernels.triton_gptq``).
 
 It keeps the checkpoint buffers as they are. Kernels: ``decode`` (split-K GEMV for a few rows,
-weights dequantized in registers) and ``prefill`` (tiled dequantize + ``tl.dot``); ``auto`` times
-both at each row count and dispatches between them.
+weights dequantized in registers), ``prefill`` (tiled dequantize + ``tl.dot``) and ``dequant``
+(the dense weight in one launch, then a dense matmul); ``auto`` times them at each row count and
+dispatches between them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from .quant_linear import Capabilities, QuantLinear, register_quant_linear
 
 
 def _kernels():
-    from lightning_gptq.kernels import triton_gptq  # imports triton: only when this backend runs
+    from lightning_gptq.kernels import (
+        triton_gptq,  # imports triton: only when this backend runs
+    )
 
     return triton_gptq
 
@@ -24,8 +27,8 @@ def _kernels():
 class TritonQuantLinear(QuantLinear):
     # the tests run it on CPU under TRITON_INTERPRET=1, built directly (never an `auto` candidate there)
     capabilities = Capabilities(devices=("cuda",), rounding="fp16/bf16 activations: the weight tile in their dtype")
-    kernels = ("decode", "prefill")
-    exact = ("decode", "prefill")
+    kernels = ("decode", "prefill", "dequant")
+    exact = ("decode", "prefill", "dequant")
     #: fp32 accumulation; fp16/bf16 activations round the dequantized tile to their dtype before ``tl.dot``.
     tolerance = 1e-5
 
@@ -40,6 +43,9 @@ class TritonQuantLinear(QuantLinear):
             y = k.decode_matmul(rows, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
         elif kernel == "prefill":
             y = k.prefill_matmul(rows, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
+        elif kernel == "dequant":
+            y = rows @ k.dequantize_t(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features,
+                                      rows.dtype)
         else:
             raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
         if self.bias is not None:
