@@ -240,7 +240,7 @@ def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):
                     "--model.output_dir=" + str(tmp_path / "out"), "--trainer.logger=false")
     main(["fit", *args])
     main(["fit", *args])  # config.yaml from the first run is overwritten, not an error
-    assert (tmp_path / "out" / "model" / "lightning_gptq.json").is_file()
+    assert (tmp_path / "out" / "model" / "quantize_config.json").is_file()
     # Lightning's warnings about calibration having no optimizer and no validation data are noise here.
     noise = [str(w.message) for w in recwarn if "configure_optimizers" in str(w.message) or "across ranks is zero" in str(w.message)]
     assert noise == []
@@ -256,6 +256,8 @@ def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):
         (["--data.calibration=SHORT", "--data.nsamples=4", "--data.seqlen=32"], "the text has only"),
         (["--gptq.backend=nope"], "GPTQCallback.backend: unknown quantized-linear backend 'nope'"),
         (["--model.backend=cpu-fast"], "GPTQModule.backend: unknown quantized-linear backend 'cpu-fast'"),
+        (["--model.checkpoint_format=gptq_v3"], "GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2'"),
+        (["--model.max_shard_size=huge"], "GPTQModule.max_shard_size must be a positive size"),
     ],
 )
 def test_bad_input_fails_before_heavy_work(tmp_path, extra, error):
@@ -282,10 +284,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
                            "--model.latency=false", f"--model.output_dir={out}")])
     weights = out / "model" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])
-    with pytest.raises(CheckpointError, match="could not be read"):
+    with pytest.raises(CheckpointError, match="model.safetensors is not a readable safetensors file"):
         load_quantized(out / "model")
-    (out / "model" / "lightning_gptq.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    (out / "model" / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json .*is not valid JSON"):
         load_quantized(out / "model")
 
 
@@ -293,15 +295,19 @@ def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):
     """Runs saved before the packed layout (``<layer>.codes`` uint8 [out, in]) load to the same model."""
     from safetensors.torch import save_file
 
-    from lightning_gptq.checkpoint import FORMAT_V0, MANIFEST, WEIGHTS
+    from lightning_gptq.checkpoint import FORMAT, FORMAT_V0, MANIFEST, WEIGHTS, save_interim
 
     model_dir = tiny_model_dir(tmp_path, "llama")
     out = tmp_path / "out"
     main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
                            "--model.latency=false", f"--model.output_dir={out}", "--gptq.quant.act_order=false")])
-    packed, _ = load_quantized(out / "model", backend="torch")
+    packed, tokenizer = load_quantized(out / "model", backend="torch")
     old = tmp_path / "old"
-    shutil.copytree(out / "model", old)
+    save_interim(packed, tokenizer, old)  # the packed interim layout (FORMAT) of the previous release
+    assert json.loads((old / MANIFEST).read_text())["format"] == FORMAT
+    interim, _ = load_quantized(old, backend="torch")
+    ids = torch.randint(0, 100, (1, 12))
+    assert torch.equal(interim(ids).logits, packed(ids).logits)
     tensors = {k: v.clone() for k, v in packed.state_dict().items()}
     for name, m in packed.named_modules():
         if isinstance(m, QuantLinear):
@@ -313,7 +319,6 @@ def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):
     manifest = json.loads((old / MANIFEST).read_text())
     (old / MANIFEST).write_text(json.dumps({**manifest, "format": FORMAT_V0}))
     loaded, _ = load_quantized(old, backend="torch")
-    ids = torch.randint(0, 100, (1, 12))
     assert torch.equal(loaded(ids).logits, packed(ids).logits)
     (old / MANIFEST).write_text(json.dumps({**manifest, "format": "lightning-gptq-codes/7"}))
     with pytest.raises(CheckpointError, match="unsupported format 'lightning-gptq-codes/7'"):

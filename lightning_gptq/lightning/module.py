@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.data import perplexity
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
@@ -90,7 +91,10 @@ class GPTQModule(LightningModule):
         eval_before: score perplexity of the full-precision model before quantizing.
         eval_after: score perplexity right after quantizing.
         output_dir: where the quantized model and run summary go (default: ``<log dir>/quantized``).
-        save_quantized: write the quantized model after ``fit``.
+        save_quantized: write the quantized model after ``fit`` (Hugging Face GPTQ layout).
+        checkpoint_format: ``"auto"`` (``gptq`` v1, ``zero − 1``, when lossless for the model, else
+            ``gptq_v2``), ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"`` (true zeros).
+        max_shard_size: largest weight file written (e.g. ``"4GB"``); larger models are sharded.
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
         latency_prompt_tokens: prompt length for the prefill measurement.
         latency_decode_tokens: generated tokens for the decode measurement.
@@ -114,6 +118,8 @@ class GPTQModule(LightningModule):
         eval_after: bool = True,
         output_dir: str | None = None,
         save_quantized: bool = True,
+        checkpoint_format: str = "auto",
+        max_shard_size: str = "4GB",
         latency: bool = True,
         latency_prompt_tokens: int = 128,
         latency_decode_tokens: int = 32,
@@ -126,6 +132,13 @@ class GPTQModule(LightningModule):
             check_backend(backend)
         except ValueError as error:
             raise MisconfigurationException(f"GPTQModule.backend: {error}") from None
+        if checkpoint_format not in ("auto", "gptq", "gptq_v2"):
+            raise MisconfigurationException(f"GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', "
+                                            f"got {checkpoint_format!r}")
+        try:
+            parse_size(max_shard_size)
+        except ValueError as error:
+            raise MisconfigurationException(f"GPTQModule.{error}") from None
         for name in ("latency_prompt_tokens", "latency_decode_tokens"):
             if getattr(self.hparams, name) < 1:
                 raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")
@@ -145,7 +158,7 @@ class GPTQModule(LightningModule):
     # -- model -------------------------------------------------------------------------------------
     def _load(self) -> None:
         hp = self.hparams
-        if os.path.isdir(os.path.expanduser(hp.model)) and is_quantized_checkpoint(os.path.expanduser(hp.model)):
+        if is_quantized_checkpoint(hp.model):
             lm, self.tokenizer = load_quantized(os.path.expanduser(hp.model), backend=hp.backend,
                                                 trust_remote_code=hp.trust_remote_code)
         else:
@@ -323,9 +336,15 @@ class GPTQModule(LightningModule):
         if self.hparams.save_quantized and self.trainer.is_global_zero:
             start = time.perf_counter()
             gptq = next(cb for cb in self.trainer.callbacks if isinstance(cb, GPTQCallback))
-            save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model",
-                           extra={"quant": gptq.quant.to_dict(), "method": gptq.method,
-                                  "true_sequential": self.hparams.true_sequential, "source_model": self.hparams.model})
+            hessian = next((cb for cb in self.trainer.callbacks if isinstance(cb, HessianCapture)), None)
+            quant = gptq.quant
+            settings = {"method": gptq.method, "quant": quant.to_dict(), "source_model": self.hparams.model,
+                        "true_sequential": self.hparams.true_sequential,
+                        "sink_tokens": getattr(hessian, "sink_tokens", None), "sink_weight": getattr(hessian, "sink_weight", None)}
+            save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model", checkpoint_format=self.hparams.checkpoint_format,
+                           max_shard_size=self.hparams.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
+                           static_groups=quant.static_groups, true_sequential=self.hparams.true_sequential,
+                           settings=settings)
             self.timings["save"] = time.perf_counter() - start
             rank_zero_info(f"quantized model saved to {out / 'model'}")
         if self.trainer.is_global_zero:

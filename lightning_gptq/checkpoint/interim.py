@@ -1,4 +1,4 @@
-"""Saving and loading a quantized model (interim folder layout until the HF GPTQ format lands).
+"""The interim folder layouts written before the HF GPTQ format (``hf``): still loaded, no longer written by ``fit``.
 
 A folder holds the HF ``config.json`` and tokenizer files, ``model.safetensors`` with every tensor
 (quantized layers in the ecosystem's packed layout: ``<name>.qweight``/``.qzeros``/``.scales``/
@@ -19,7 +19,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from lightning_gptq.nn import AUTO, QuantLinear, check_backend, replace_submodule, to_backend
+from lightning_gptq.nn import (
+    AUTO,
+    QuantLinear,
+    check_backend,
+    replace_submodule,
+    to_backend,
+)
+
+from .gptq_format import CheckpointError
 
 MANIFEST = "lightning_gptq.json"
 WEIGHTS = "model.safetensors"
@@ -27,15 +35,11 @@ FORMAT = "lightning-gptq-packed/1"
 FORMAT_V0 = "lightning-gptq-codes/0"
 
 
-class CheckpointError(RuntimeError):
-    """A quantized checkpoint is missing, incomplete or corrupt."""
-
-
-def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+def is_interim_checkpoint(path: str | os.PathLike) -> bool:
     return Path(path, MANIFEST).is_file()
 
 
-def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, *, extra: dict | None = None) -> Path:
+def save_interim(model: nn.Module, tokenizer, folder: str | os.PathLike, *, extra: dict | None = None) -> Path:
     """Write ``model`` (with ``QuantLinear`` layers) and ``tokenizer`` to ``folder``; returns the folder.
 
     Written to a temporary sibling first and renamed, so an interrupted save never leaves a
@@ -64,8 +68,8 @@ def save_quantized(model: nn.Module, tokenizer, folder: str | os.PathLike, *, ex
     return folder
 
 
-def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, trust_remote_code: bool = False):
-    """``(model, tokenizer)`` from a folder written by ``save_quantized``; eval mode, on CPU.
+def load_interim(folder: str | os.PathLike, *, backend: str = AUTO, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a folder written by ``save_interim``; eval mode, on CPU.
 
     ``backend``: ``"auto"`` (default) picks the fastest backend per layer shape on this machine;
     a registered name forces one.

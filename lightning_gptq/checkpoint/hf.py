@@ -1,0 +1,285 @@
+"""Write and read quantized models in the Hugging Face GPTQ layout (AutoGPTQ / GPTQModel / transformers).
+
+A folder holds ``config.json`` (with ``quantization_config``), ``quantize_config.json``,
+``model.safetensors`` (or shards + ``model.safetensors.index.json``), the tokenizer and the generation
+config. Quantized tensors are the quantized layers' own packed buffers; every other tensor is
+stored as it is in memory. Our checkpoints record each weight file's sha256 in
+``quantization_config.meta.lightning_gptq.sha256``, checked on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_gptq.nn import (
+    AUTO,
+    QuantLinear,
+    check_backend,
+    replace_submodule,
+    to_backend,
+)
+
+from . import shards as shard_io
+from .gptq_format import (
+    FORMATS,
+    QUANTIZE_CONFIG,
+    TOOL,
+    V1,
+    V2,
+    CheckpointError,
+    GPTQSettings,
+    check_layer_header,
+    check_layer_values,
+    natural_g_idx,
+    v1_is_lossless,
+    words_from_file,
+    words_to_file,
+    zeros_from_file,
+    zeros_to_file,
+)
+
+log = logging.getLogger("lightning_gptq")
+AUTO_FORMAT = "auto"
+
+
+def _version() -> str:
+    from lightning_gptq import __version__
+
+    return __version__
+
+
+def is_gptq_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return (folder / QUANTIZE_CONFIG).is_file()
+    return (config.get("quantization_config") or {}).get("quant_method") == "gptq" or (folder / QUANTIZE_CONFIG).is_file()
+
+
+# -- writing -------------------------------------------------------------------------------------
+def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpoint_format: str = AUTO_FORMAT,
+              max_shard_size: int | str = "4GB", desc_act: bool | None = None, damp_percent: float = 0.01,
+              static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None) -> Path:
+    """Write ``model`` (its linears replaced by ``QuantLinear``) to ``folder`` in the HF GPTQ layout.
+
+    ``checkpoint_format``: ``"auto"`` (v1 ``gptq`` when lossless for this model, else ``gptq_v2``),
+    ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"``. ``settings``: our own settings,
+    recorded under ``meta.lightning_gptq``. Written to ``<folder>.partial`` and renamed, so an
+    interrupted save never leaves a half-written checkpoint under the final name.
+    """
+    if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
+        raise ValueError(f"checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    shard_io.parse_size(max_shard_size)  # bad sizes fail before anything is written
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no quantized layers to save")
+    grids = {(m.bits, m.group_size, m.sym) for m in layers.values()}
+    if len(grids) > 1:
+        raise ValueError(f"the GPTQ format holds one (bits, group_size, sym) per model; this one has {sorted(grids)}")
+    bits, group_size, sym = grids.pop()
+    fmt = checkpoint_format
+    if fmt == AUTO_FORMAT:
+        lossless = v1_is_lossless([m.zero_points() for m in layers.values()])
+        fmt = V1 if lossless else V2
+        log.info("checkpoint_format %s: %s", fmt, "every zero point is >= 1, so v1 (zero - 1, read by most loaders) "
+                 "is lossless" if lossless else "some zero points are 0, which v1 (zero - 1) cannot store")
+    if desc_act is None:
+        desc_act = any(m.act_order for m in layers.values())
+
+    state = {}
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.numel()) if tensor.numel() else None
+        if key is not None and key in seen:  # a tied weight (e.g. lm_head = embed_tokens): stored once
+            continue
+        if key is not None:
+            seen[key] = name
+        state[name] = tensor.detach().cpu()
+    for name, m in layers.items():
+        zeros = zeros_to_file(state[f"{name}.qzeros"], bits, m.out_features, fmt)
+        state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, bits, dim=1)
+        state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, bits, dim=0)
+
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    digests = shard_io.write(state, staging, max_shard_size)
+    dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".scales")), torch.float32)
+    meta = {"quantizer": [f"{TOOL}:{_version()}"], "uri": "https://github.com/lightning-gptq/lightning-gptq",
+            "lightning_gptq": {**(settings or {}), "sha256": digests}}
+    gptq = GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt,
+                        damp_percent=damp_percent, static_groups=static_groups, true_sequential=true_sequential, meta=meta)
+    config = model.config.to_dict()
+    config["quantization_config"] = gptq.to_dict()
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    (staging / QUANTIZE_CONFIG).write_text(json.dumps(gptq.to_dict(), indent=2) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_settings(folder: Path) -> GPTQSettings:
+    """The GPTQ settings of ``folder`` (``config.json``'s ``quantization_config``, else ``quantize_config.json``)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} is missing")
+    try:
+        block = json.loads(config_path.read_text()).get("quantization_config")
+        source = config_path
+        if not block and (folder / QUANTIZE_CONFIG).is_file():
+            block, source = json.loads((folder / QUANTIZE_CONFIG).read_text()), folder / QUANTIZE_CONFIG
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{config_path} (or {QUANTIZE_CONFIG}) is not valid JSON: {error}") from None
+    if not block:
+        raise CheckpointError(f"{folder} is not a GPTQ checkpoint: no quantization_config in config.json and no {QUANTIZE_CONFIG}")
+    return GPTQSettings.from_dict(block, str(source))
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters created inside this block live on the meta device (no memory, no initialisation);
+    buffers stay real, so rotary tables and other computed non-persistent buffers are as usual."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+    """``(in_features, out_features, has_bias)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.bias is not None
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # weight [in, out]
+        return module.weight.shape[0], module.nf, getattr(module, "bias", None) is not None
+    return None
+
+
+def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dtype | str = torch.float32,
+              verify: bool = True, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a HF GPTQ folder (ours, AutoGPTQ's, GPTQModel's; v1 or v2; sharded
+    or not), eval mode, on CPU, quantized layers on ``backend``.
+
+    ``dtype``: of every unquantized tensor and the scales (default fp32: this project's CPUs run fp16
+    matmuls 10-100x slower). ``verify``: check our checkpoints' recorded sha256 per weight file.
+    Every header and shape is checked against the config before the model is built; values (finite
+    scales, ``g_idx`` range, v1 zeros) as each layer is read. Raises ``CheckpointError``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_backend(backend)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    folder = Path(folder)
+    start = time.perf_counter()
+    settings = read_settings(folder)
+    files = shard_io.Shards(folder)
+    where = lambda name: f"{folder / files.file_of.get(name, '?')}"
+    recorded = settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
+    if verify and recorded:
+        files.verify(recorded)
+    names = sorted(n[: -len(".qweight")] for n in files.shapes if n.endswith(".qweight"))
+    if not names:
+        raise CheckpointError(f"{folder}: the config says GPTQ but no tensor is named '<layer>.qweight'")
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # transformers would look for a GPTQ integration; we are it
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name in names:  # headers against the skeleton before any data is read
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{where(name + '.qweight')}: layer {name!r} does not exist in a {config.model_type} "
+                                  f"model") from None
+        if _linear_shape(linear) is None:
+            raise CheckpointError(f"{where(name + '.qweight')}: {name!r} is a {type(linear).__name__}, not a linear layer")
+        in_features, out_features, _ = _linear_shape(linear)
+        part = {k: files.shapes[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{k}" in files.shapes}
+        kinds = {k: files.dtypes[f"{name}.{k}"] for k in part}
+        check_layer_header(name, part, kinds, settings, in_features, out_features, where(name + ".qweight"))
+        if settings.desc_act and f"{name}.g_idx" not in files.shapes:
+            raise CheckpointError(f"{where(name + '.qweight')}: desc_act is set but {name}.g_idx is missing")
+
+    quantized = set()
+    for name in names:
+        in_features, out_features, has_bias = _linear_shape(model.get_submodule(name))
+        layer = QuantLinear(in_features, out_features, bits=settings.bits, group_size=settings.group_size,
+                            sym=settings.sym, bias=has_bias, dtype=dtype)
+        at = where(name + ".qweight")
+        g_idx = files.get(f"{name}.g_idx") if f"{name}.g_idx" in files.shapes else natural_g_idx(in_features,
+                                                                                                  settings.group_size)
+        scales = files.get(f"{name}.scales").to(dtype)
+        check_layer_values(name, scales, g_idx, settings.group_size, at)
+        layer.qweight = words_from_file(files.get(f"{name}.qweight"), in_features, settings.bits, dim=0)
+        layer.qzeros = zeros_from_file(words_from_file(files.get(f"{name}.qzeros"), out_features, settings.bits, dim=1),
+                                       settings.bits, out_features, settings.checkpoint_format, f"{at}: {name}.qzeros")
+        layer.scales, layer.g_idx = scales.contiguous(), g_idx.to(torch.int32)
+        bias_key = f"{name}.bias"
+        if bias_key in files.shapes:
+            bias = files.get(bias_key)
+            if layer.bias is not None:
+                layer.bias = bias.to(dtype)
+            elif bool(bias.any()):
+                raise CheckpointError(f"{where(bias_key)}: {bias_key} is non-zero but the model's {name} has no bias")
+        layer.post_init()
+        replace_submodule(model, name, layer)
+        quantized.update(f"{name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx", "bias"))
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    buffers = dict(model.named_buffers())
+    unexpected = []
+    for key in files.shapes:
+        if key in quantized:
+            continue
+        if key in params:
+            tensor = files.get(key)
+            if tuple(tensor.shape) != tuple(params[key].shape):
+                raise CheckpointError(f"{where(key)}: {key} has shape {list(tensor.shape)}, the model expects "
+                                      f"{list(params[key].shape)} (config.json does not match the tensors)")
+            owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+            module = model.get_submodule(owner)
+            module._parameters[leaf] = nn.Parameter(tensor.to(dtype) if tensor.is_floating_point() else tensor,
+                                                    requires_grad=False)
+        elif key in buffers:
+            owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+            model.get_submodule(owner)._buffers[leaf] = files.get(key)
+        else:
+            unexpected.append(key)
+    files.close()
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing or unexpected:
+        raise CheckpointError(f"{folder}: the weights do not match a {config.model_type} model: missing "
+                              f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    to_backend(model, backend)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
+    log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", folder, len(names), settings.checkpoint_format,
+             f"{settings.bits}-bit g{settings.group_size}", files.total_bytes / 1e6, time.perf_counter() - start)
+    return model.eval(), tokenizer

@@ -1,0 +1,135 @@
+"""safetensors files, one or sharded with an index, with a sha256 per file (safetensors has no checksum)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .gptq_format import CheckpointError
+
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """``"4GB"``, ``"500MiB"``, ``1000000`` → bytes."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(size).upper())
+    if not match or float(match.group(1)) <= 0:
+        raise ValueError(f"max_shard_size must be a positive size like '4GB' or '500MiB', got {size!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write(tensors: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> dict[str, str]:
+    """Write ``tensors`` as ``model.safetensors``, or shards + index when larger than ``max_shard_size``.
+    Returns ``{file name: sha256}``."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    digests = {}
+    for file, shard in zip(names, shards):
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        digests[file] = sha256(folder / file)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total, "sha256": digests},
+                 "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
+        (folder / INDEX).write_text(json.dumps(index, indent=2))
+    return digests
+
+
+class Shards:
+    """The safetensors files of a checkpoint folder, their headers read and checked, no data loaded."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.index_sha256: dict[str, str] = {}
+        if (folder / INDEX).is_file():
+            try:
+                index = json.loads((folder / INDEX).read_text())
+                weight_map = index["weight_map"]
+                self.index_sha256 = dict((index.get("metadata") or {}).get("sha256") or {})
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{folder / INDEX} is corrupt: {error}") from None
+            self.files = sorted(set(weight_map.values()))
+        elif (folder / SINGLE).is_file():
+            self.files, weight_map = [SINGLE], None
+        else:
+            raise CheckpointError(f"{folder} has no weights: neither {SINGLE} nor {INDEX}")
+        missing = [f for f in self.files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard file(s) {', '.join(missing)} named in {INDEX} are missing")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, str] = {}
+        self.file_of: dict[str, str] = {}
+        for file in self.files:
+            try:
+                with safe_open(str(folder / file), "pt") as f:
+                    for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                        piece = f.get_slice(name)
+                        self.shapes[name], self.dtypes[name] = tuple(piece.get_shape()), piece.get_dtype()
+                        self.file_of[name] = file
+            except (SafetensorError, OSError, ValueError) as error:
+                raise CheckpointError(f"{folder / file} is not a readable safetensors file (truncated or corrupt?): "
+                                      f"{error}") from None
+        if weight_map is not None:
+            wrong = [n for n, f in weight_map.items() if self.file_of.get(n) != f]
+            if wrong:
+                raise CheckpointError(f"{folder / INDEX} places {len(wrong)} tensors in files that do not hold them, "
+                                      f"e.g. {wrong[0]!r} in {weight_map[wrong[0]]}")
+        self._open: dict[str, object] = {}
+
+    def verify(self, expected: dict[str, str]) -> None:
+        """Compare each file's sha256 with ``expected`` (file → hex digest)."""
+        for file in self.files:
+            if file not in expected:
+                raise CheckpointError(f"{self.folder / file}: no sha256 recorded for it (the checkpoint's file list "
+                                      f"does not match its record)")
+            if sha256(self.folder / file) != expected[file]:
+                raise CheckpointError(f"{self.folder / file} is corrupt: its sha256 differs from the one recorded when "
+                                      f"it was written (pass verify=False to load it anyway)")
+
+    def get(self, name: str) -> Tensor:
+        file = self.file_of[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.folder / file), "pt")
+        try:
+            return self._open[file].get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{self.folder / file}: tensor {name!r} could not be read: {error}") from None
+
+    def close(self) -> None:
+        self._open.clear()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum((self.folder / f).stat().st_size for f in self.files)
+
+
+def dtype_of(code: str) -> torch.dtype:
+    return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}.get(code, torch.float32)
