@@ -1,4 +1,4 @@
-"""``python -m lightning_gptq fit|validate|test --config configs/<model>.yaml``."""
+"""``python -m lightning_gptq fit|validate|test|predict --config configs/<model>.yaml``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
 from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
 from lightning_gptq.quant import QuantConfigError
 
-from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture
+from lightning_gptq.lightning import CalibrationDataModule, CompletionWriter, GPTQCallback, GPTQModule, HessianCapture
 
 def _has_tensorboard() -> bool:
     import importlib.util
@@ -52,6 +52,8 @@ class GPTQCLI(LightningCLI):
         parser.add_lightning_class_args(GPTQCallback, "gptq")
         # How the layer Hessians are gathered (attention-sink weighting), under `hessian:`.
         parser.add_lightning_class_args(HessianCapture, "hessian")
+        # Where ``predict`` writes its completions, under `completions:`.
+        parser.add_lightning_class_args(CompletionWriter, "completions")
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,

@@ -7,12 +7,17 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-
-from lightning_gptq.checkpoint import CheckpointError, load_quantized, read_settings, save_quantized
-from lightning_gptq.models import get_adapter, weight_out_in
-from lightning_gptq.nn import LayerSpec, QuantLinear, random_layer, replace_submodule
 from tiny_lm import char_tokenizer
 from tiny_models import FACTORIES
+
+from lightning_gptq.checkpoint import (
+    CheckpointError,
+    load_quantized,
+    read_settings,
+    save_quantized,
+)
+from lightning_gptq.models import get_adapter, weight_out_in
+from lightning_gptq.nn import LayerSpec, QuantLinear, random_layer, replace_submodule
 
 
 def quantize_randomly(model, bits, group_size, sym, act_order, zero_floor=0, seed=0):

@@ -379,3 +379,32 @@ def test_sink_weighting_weighs_the_first_positions_of_each_sequence(tmp_path):
     for bad in ({"sink_tokens": -1}, {"sink_weight": -2.0}, {"sink_weight": float("inf")}):
         with pytest.raises(MisconfigurationException, match="HessianCapture.sink"):
             HessianCapture(**bad)
+
+
+def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):
+    """`predict` on a saved quantized folder: prompts from the command line and a file, greedy
+    completions equal to calling `generate` on the loaded model, written as JSON lines."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={out}")])
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("the cat\n\nsat on\n")
+    written = tmp_path / "done" / "c.jsonl"
+    main(["predict", *cli_args(out / "model", tmp_path / "pred"), "--data.prompts=[hello world]",
+          f"--data.prompts_file={prompts_file}", "--model.generation.max_new_tokens=6", f"--completions.output={written}"])
+    rows = [json.loads(line) for line in written.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["hello world", "the cat", "sat on"]
+    assert "### prompt 1: the cat" in capsys.readouterr().out
+    model, tokenizer = load_quantized(out / "model")
+    for row in rows:
+        ids = tokenizer(row["prompt"], return_tensors="pt").input_ids
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+        assert row["completion"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
+        assert 1 <= row["new_tokens"] <= 6
+    with pytest.raises(MisconfigurationException, match="predict needs prompts"):
+        main(["predict", *cli_args(out / "model", tmp_path / "pred2")])
+    with pytest.raises((MisconfigurationException, ValueError), match="max_new_tokens must be >= 1"):  # jsonargparse wraps it
+        main(["predict", *cli_args(out / "model", tmp_path / "pred3"), "--data.prompts=[x]",
+              "--model.generation.max_new_tokens=0"])

@@ -2,6 +2,7 @@
 
 from .callbacks import GPTQCallback, HessianCapture, LayerRecord
 from .datamodule import CalibrationDataModule
+from .generation import CompletionWriter, Generation
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
 from .module import GPTQModule
@@ -9,6 +10,8 @@ from .module import GPTQModule
 __all__ = [
     "BlockContext",
     "CalibrationDataModule",
+    "CompletionWriter",
+    "Generation",
     "GPTQCallback",
     "GPTQModule",
     "HessianCapture",

@@ -10,6 +10,9 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_gptq.data import EVAL_DATASETS, calibration_windows, eval_tokens
 
 
+from .generation import PromptDataset, collate_prompts, read_prompts
+
+
 class WindowDataset(Dataset):
     """Rows of ``windows`` [n, seqlen] as ``{"input_ids": [seqlen], "index": int}``."""
 
@@ -36,6 +39,8 @@ class CalibrationDataModule(LightningDataModule):
         eval_paths: local files standing in for hub datasets, by name (e.g. {wikitext2: ../wiki.test.raw}).
         eval_seqlen: evaluation window length (the protocol: 2048).
         eval_max_windows: score only the first windows (quick checks; results then say PARTIAL).
+        prompts: prompts for ``predict`` (config or command line).
+        prompts_file: more prompts for ``predict``: one per line, or JSON lines with a "prompt" field (``.jsonl``).
     """
 
     def __init__(
@@ -49,6 +54,8 @@ class CalibrationDataModule(LightningDataModule):
         eval_paths: dict[str, str] | None = None,
         eval_seqlen: int = 2048,
         eval_max_windows: int | None = None,
+        prompts: list[str] | None = None,
+        prompts_file: str | None = None,
     ) -> None:
         super().__init__()
         for field, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size), ("eval_seqlen", eval_seqlen)):
@@ -62,6 +69,7 @@ class CalibrationDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_paths = dict(eval_paths or {})
         self.eval_seqlen, self.eval_max_windows = eval_seqlen, eval_max_windows
+        self.prompts, self.prompts_file = prompts, prompts_file
         self._calibration: torch.Tensor | None = None
         self._eval: dict[str, torch.Tensor] = {}
 
@@ -106,6 +114,10 @@ class CalibrationDataModule(LightningDataModule):
 
     def test_dataloader(self) -> list[DataLoader]:
         return self._eval_loaders()
+
+    def predict_dataloader(self) -> DataLoader:
+        prompts = read_prompts(self.prompts, self.prompts_file)
+        return DataLoader(PromptDataset(prompts), batch_size=1, collate_fn=collate_prompts)
 
     def _eval_loaders(self) -> list[DataLoader]:
         return [DataLoader(WindowDataset(self.eval_windows(name)[0]), batch_size=1) for name in self.eval_datasets]

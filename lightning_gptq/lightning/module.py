@@ -39,6 +39,7 @@ from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, to_backend
 
 from .callbacks import GPTQCallback, HessianCapture
+from .generation import Generation, complete
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
 from .summary import write_summary
@@ -101,6 +102,7 @@ class GPTQModule(LightningModule):
         backend: quantized-linear backend for a loaded quantized model and whenever the model moves
             to another device (``"auto"``: time the candidates here; the fit's own layers follow
             ``GPTQCallback.backend``).
+        generation: settings for ``predict`` (max_new_tokens, sampling, chat template...).
     """
 
     drives_block_hooks = True
@@ -124,8 +126,10 @@ class GPTQModule(LightningModule):
         latency_prompt_tokens: int = 128,
         latency_decode_tokens: int = 32,
         backend: str = AUTO,
+        generation: Generation = Generation(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
     ) -> None:
         super().__init__()
+        self.generation = generation
         self.save_hyperparameters()
         self.automatic_optimization = False
         try:
@@ -442,3 +446,11 @@ class GPTQModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._eval_end("test")
+
+    # -- predict -----------------------------------------------------------------------------------
+    def on_predict_start(self) -> None:
+        self._place().eval()
+
+    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return [complete(self._lm, self.tokenizer, prompt, index, self.generation, self.device)
+                for index, prompt in zip(batch["index"], batch["prompt"])]

@@ -1,0 +1,148 @@
+"""``predict``: generate completions for prompts, so a user can see at once whether the model still talks.
+
+``Generation`` holds the usual generation settings (``--model.generation.*``); prompts come from the
+data module (``--data.prompts``, ``--data.prompts_file``); ``CompletionWriter`` (``--completions.*``)
+writes what comes back as JSON lines and prints it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import Dataset
+
+
+@dataclass
+class Generation:
+    """Generation settings for ``predict``.
+
+    Args:
+        max_new_tokens: tokens generated per prompt at most.
+        do_sample: sample (with ``temperature``/``top_k``/``top_p``) instead of greedy decoding.
+        temperature: softmax temperature when sampling.
+        top_k: sample among the k most likely tokens (0: all).
+        top_p: nucleus sampling mass (1: off).
+        repetition_penalty: > 1 discourages repeating tokens.
+        seed: sampling seed (each prompt is seeded with ``seed + its index``, so results do not
+            depend on batching).
+        chat_template: wrap each prompt as a user message with the tokenizer's chat template
+            (instruction-tuned models); ``False`` continues the raw text.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise MisconfigurationException(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise MisconfigurationException(
+                f"generation settings out of range: temperature > 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0 "
+                f"(got {self.temperature}, {self.top_p}, {self.top_k}, {self.repetition_penalty})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """Prompts from the config/command line, then from ``prompts_file`` (one per line; or JSON lines
+    with a ``"prompt"`` field when the file ends in ``.jsonl``)."""
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file).expanduser()
+        if not path.is_file():
+            raise MisconfigurationException(f"data.prompts_file {str(path)!r} does not exist")
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        if path.suffix == ".jsonl":
+            try:
+                out += [json.loads(line)["prompt"] for line in lines]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise MisconfigurationException(f"{path}: each line must be a JSON object with a 'prompt' ({error})") from None
+        else:
+            out += lines
+    if not out:
+        raise MisconfigurationException("predict needs prompts: set data.prompts (config or command line) or data.prompts_file")
+    return out
+
+
+class PromptDataset(Dataset):
+    def __init__(self, prompts: list[str]):
+        self.prompts = prompts
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "prompt": self.prompts[i]}
+
+
+def collate_prompts(items: list[dict]) -> dict:
+    return {"index": [it["index"] for it in items], "prompt": [it["prompt"] for it in items]}
+
+
+@torch.no_grad()
+def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, device: torch.device) -> dict:
+    """One prompt → ``{"index", "prompt", "completion", "new_tokens", "seconds"}``."""
+    text = prompt
+    if settings.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MisconfigurationException("generation.chat_template is set but this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not settings.chat_template).input_ids.to(device)
+    kwargs = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
+              "repetition_penalty": settings.repetition_penalty,
+              "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
+    if settings.do_sample:
+        kwargs.update(temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
+        torch.manual_seed(settings.seed + index)
+    else:  # greedy: no sampling knobs (transformers warns about unused ones)
+        kwargs.update(temperature=None, top_k=None, top_p=None)
+    start = time.perf_counter()
+    out = lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return {"index": index, "prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True),
+            "new_tokens": int(new.numel()), "seconds": round(seconds, 3)}
+
+
+class CompletionWriter(BasePredictionWriter):
+    """Writes ``predict``'s completions to ``<output>`` as JSON lines (one per prompt, in prompt
+    order) and prints each one.
+
+    Args:
+        output: file to write; default ``<the module's output_dir>/completions.jsonl``.
+        echo: also print each prompt and completion.
+    """
+
+    def __init__(self, output: str | None = None, echo: bool = True) -> None:
+        super().__init__(write_interval="epoch")
+        self.output, self.echo = output, echo
+        self.path: Path | None = None
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        rows = sorted((row for batch in predictions for row in batch), key=lambda r: r["index"])
+        default = Path(pl_module.output_dir()) / "completions.jsonl" if hasattr(pl_module, "output_dir") else Path("completions.jsonl")
+        self.path = Path(self.output).expanduser() if self.output else default
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        if self.echo:
+            for row in rows:
+                print(f"\n### prompt {row['index']}: {row['prompt']}\n{row['completion']}\n"
+                      f"({row['new_tokens']} tokens, {row['seconds']:.2f} s)")
+        rank_zero_info(f"{len(rows)} completions written to {self.path}")

@@ -1,0 +1,145 @@
+"""Interop with the GPTQ ecosystem, run by hand: it needs a second virtual environment with GPTQModel.
+
+    python3 -m venv ../interop-venv && ../interop-venv/bin/pip install torch==2.13.0 gptqmodel==7.7.0
+    python scripts/check_interop.py --venv ../interop-venv --ours <our quantized folder> \\
+        --fp-model <HF folder of the full-precision model> --work ../interop
+
+1. **Ours → theirs.** ``transformers.AutoModelForCausalLM.from_pretrained(<our folder>)`` in the
+   GPTQModel environment (transformers hands GPTQ checkpoints to GPTQModel) scores fixed WikiText-2
+   windows; we compare its logits and perplexity with our loader's on the same token ids.
+2. **Theirs → ours.** GPTQModel quantizes the full-precision model (its own calibration pass on
+   our calibration text) and saves; GPTQModel loads that and scores the same windows; our
+   ``load_quantized`` loads it and scores them too.
+
+Both sides score with the same function (below: non-overlapping windows, loss over the shifted
+positions), on token ids tokenized once here and handed over in a file. The GPTQModel side runs
+as a subprocess of the other environment's Python on this file (``--their-side``), which therefore
+imports nothing from lightning_gptq at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def score(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``(perplexity, logits of window 0)`` over ``windows`` [n, seqlen] (the paper's protocol)."""
+    nll, count, first = 0.0, 0, None
+    for w in windows:
+        logits = model(w[None]).logits.float()
+        if first is None:
+            first = logits[0].clone()
+        loss = torch.nn.functional.cross_entropy(logits[0, :-1], w[1:], reduction="sum")
+        nll, count = nll + loss.item(), count + w.numel() - 1
+    return float(torch.exp(torch.tensor(nll / count))), first
+
+
+# -- the GPTQModel side (runs in the other environment) -------------------------------------------
+def their_side(args) -> None:
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import gptqmodel
+    import transformers
+
+    windows = torch.load(args.windows_file)
+    report = {"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    if args.ours:
+        start = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.ours, device_map="cpu", dtype=torch.float32).eval()
+        report["load_ours_s"] = time.perf_counter() - start
+        report["ours_qlinear"] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+        ppl, logits = score(model, windows)
+        report["ours_ppl_by_transformers"] = ppl
+        torch.save(logits, Path(args.work) / "logits_transformers_on_ours.pt")
+    if args.fp_model:
+        from gptqmodel import GPTQModel, QuantizeConfig
+
+        calibration = torch.load(args.calibration)
+        config = QuantizeConfig(bits=4, group_size=128, desc_act=True, sym=False)
+        start = time.perf_counter()
+        model = GPTQModel.load(args.fp_model, config)
+        model.quantize([{"input_ids": c.tolist(), "attention_mask": [1] * c.numel()} for c in calibration], batch_size=1)
+        model.save(args.gptqmodel_out)
+        report["gptqmodel_quantize_s"] = time.perf_counter() - start
+        del model
+        loaded = GPTQModel.load(args.gptqmodel_out, device="cpu")
+        report["theirs_ppl_by_gptqmodel"] = score(loaded.model.float().eval(), windows)[0]
+    print("REPORT " + json.dumps(report))
+
+
+# -- our side ------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--venv", help="the GPTQModel environment (its bin/python runs the other side)")
+    parser.add_argument("--ours", help="a checkpoint folder written by lightning-gptq")
+    parser.add_argument("--fp-model", help="HF folder of the full-precision model for GPTQModel to quantize")
+    parser.add_argument("--work", default="interop", help="folder for the hand-over files and GPTQModel's checkpoint")
+    parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows scored (of 2048 tokens)")
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--calibration-windows", type=int, default=32)
+    parser.add_argument("--calibration-seqlen", type=int, default=512)
+    parser.add_argument("--their-side", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--calibration", help=argparse.SUPPRESS)
+    parser.add_argument("--windows-file", help=argparse.SUPPRESS)
+    parser.add_argument("--gptqmodel-out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.their_side:
+        return their_side(args)
+
+    from transformers import AutoTokenizer
+
+    from lightning_gptq.checkpoint import load_quantized, read_settings
+    from lightning_gptq.data import calibration_windows, eval_tokens
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.ours or args.fp_model)
+    tokens = eval_tokens("wikitext2", tokenizer, path=str(shared / "wikitext-2-raw" / "wiki.test.raw"), seqlen=args.seqlen)
+    windows = tokens.reshape(-1)[: args.windows * args.seqlen].view(args.windows, args.seqlen)
+    torch.save(windows, work / "windows.pt")
+    calibration = calibration_windows(str(shared / "calibration" / "wikipedia-vital-leads.txt"), tokenizer,
+                                      nsamples=args.calibration_windows, seqlen=args.calibration_seqlen, seed=0)
+    torch.save(calibration, work / "calibration.pt")
+    gptqmodel_out = work / "gptqmodel-4bit-g128"
+    command = [str(Path(args.venv) / "bin" / "python"), __file__, "--their-side", "--work", str(work),
+               "--windows-file", str(work / "windows.pt"), "--calibration", str(work / "calibration.pt"),
+               "--gptqmodel-out", str(gptqmodel_out)]
+    command += ["--ours", str(Path(args.ours).resolve())] if args.ours else []
+    command += ["--fp-model", str(Path(args.fp_model).resolve())] if args.fp_model else []
+    print("GPTQModel side:", " ".join(command), flush=True)
+    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
+    report_lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    if proc.returncode or not report_lines:
+        print(proc.stdout[-4000:], proc.stderr[-6000:], sep="\n")
+        sys.exit(f"the GPTQModel side failed (exit {proc.returncode})")
+    report = json.loads(report_lines[-1].removeprefix("REPORT "))
+    print(f"GPTQModel side: gptqmodel {report['gptqmodel']}, transformers {report['transformers']}, torch {report['torch']}")
+    if args.ours:
+        model, _ = load_quantized(args.ours, backend="torch")
+        ppl, logits = score(model, windows)
+        theirs = torch.load(work / "logits_transformers_on_ours.pt")
+        diff = (logits - theirs).abs().max().item()
+        rel = ((logits - theirs).norm() / logits.norm()).item()
+        print(f"1. our checkpoint ({read_settings(Path(args.ours)).checkpoint_format}) in transformers.from_pretrained "
+              f"[{', '.join(report['ours_qlinear'])}], loaded in {report['load_ours_s']:.1f} s: "
+              f"perplexity {report['ours_ppl_by_transformers']:.4f} vs ours {ppl:.4f} on {args.windows} windows; "
+              f"logits of window 0: max |diff| {diff:.2e}, relative {rel:.2e}")
+    if args.fp_model:
+        model, _ = load_quantized(gptqmodel_out, backend="torch")
+        ppl = score(model, windows)[0]
+        print(f"2. GPTQModel's checkpoint ({read_settings(gptqmodel_out).checkpoint_format}, quantized in "
+              f"{report['gptqmodel_quantize_s']:.0f} s): perplexity by GPTQModel {report['theirs_ppl_by_gptqmodel']:.4f}, "
+              f"by our loader {ppl:.4f} on {args.windows} windows")
+
+
+if __name__ == "__main__":
+    main()
