@@ -86,6 +86,19 @@ def test_forced_formats_round_trip_and_v1_refuses_a_zero_of_0(tmp_path, fmt):
         assert not (tmp_path / "refused").exists()
 
 
+def test_saving_in_float16_halves_the_unquantized_tensors_and_loads_close(tmp_path):
+    model = quantize_randomly(FACTORIES["llama"](), 4, 16, True, False)
+    full = save_quantized(model, None, tmp_path / "fp32")
+    half = save_quantized(model, None, tmp_path / "fp16", dtype="float16")
+    assert json.loads((half / "config.json").read_text())["torch_dtype"] == "float16"
+    assert (half / "model.safetensors").stat().st_size < 0.75 * (full / "model.safetensors").stat().st_size
+    loaded = load_quantized(half, backend="torch")[0]
+    assert loaded.model.embed_tokens.weight.dtype == torch.float32  # loaded as fp32 by default
+    torch.testing.assert_close(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight, rtol=1e-3, atol=1e-4)
+    with pytest.raises(ValueError, match="dtype must be a floating"):
+        save_quantized(model, None, tmp_path / "int", dtype="int8")
+
+
 def test_tied_head_and_other_architectures_round_trip(tmp_path):
     for arch in ("gpt2", "opt"):  # gpt2: Conv1D layers with bias, tied head
         model = quantize_randomly(FACTORIES[arch](), 4, 16, False, False)
@@ -166,6 +179,22 @@ def unpack_by_hand(words, bits, n):
             pos = i * bits + bit
             out[i] |= ((w[pos // 32] >> (pos % 32)) & 1) << bit
     return out
+
+
+def test_autogptq_file_names_and_quantize_config_only(tmp_path):
+    """Older AutoGPTQ folders: weights as gptq_model-4bit-16g.safetensors, settings only in quantize_config.json."""
+    folder = tmp_path / "autogptq"
+    intended = hand_checkpoint(folder, 4, "gptq", True)
+    (folder / "model.safetensors").rename(folder / "gptq_model-4bit-16g.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "quantize_config.json").write_text(json.dumps(config.pop("quantization_config")))
+    (folder / "config.json").write_text(json.dumps(config))
+    model, _ = load_quantized(folder, backend="torch")
+    name, weight = next(iter(intended.items()))
+    torch.testing.assert_close(model.get_submodule(name).dequantize(), weight, rtol=0, atol=1e-6)
+    (folder / "second.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="several .safetensors files"):
+        load_quantized(folder)
 
 
 @pytest.mark.parametrize("bits,sym", [(3, True), (4, False), (8, True)])

@@ -68,17 +68,23 @@ def is_gptq_folder(folder: Path) -> bool:
 # -- writing -------------------------------------------------------------------------------------
 def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpoint_format: str = AUTO_FORMAT,
               max_shard_size: int | str = "4GB", desc_act: bool | None = None, damp_percent: float = 0.01,
-              static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None) -> Path:
+              static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None,
+              dtype: torch.dtype | str | None = None) -> Path:
     """Write ``model`` (its linears replaced by ``QuantLinear``) to ``folder`` in the HF GPTQ layout.
 
     ``checkpoint_format``: ``"auto"`` (v1 ``gptq`` when lossless for this model, else ``gptq_v2``),
     ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"``. ``settings``: our own settings,
-    recorded under ``meta.lightning_gptq``. Written to ``<folder>.partial`` and renamed, so an
+    recorded under ``meta.lightning_gptq``. ``dtype``: store every floating tensor (unquantized
+    weights, scales, biases) in this dtype (e.g. ``"float16"``, what serving stacks expect, about
+    half the size of fp32 embeddings); default: as in memory (lossless). Written to ``<folder>.partial`` and renamed, so an
     interrupted save never leaves a half-written checkpoint under the final name.
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
         raise ValueError(f"checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
     shard_io.parse_size(max_shard_size)  # bad sizes fail before anything is written
+    cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'float16'), got {dtype!r}")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
@@ -104,6 +110,8 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         if key is not None:
             seen[key] = name
         state[name] = tensor.detach().cpu()
+        if cast is not None and state[name].is_floating_point():
+            state[name] = state[name].to(cast)
     for name, m in layers.items():
         zeros = zeros_to_file(state[f"{name}.qzeros"], bits, m.out_features, fmt)
         state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, bits, dim=1)

@@ -79,8 +79,11 @@ class Shards:
             self.files = sorted(set(weight_map.values()))
         elif (folder / SINGLE).is_file():
             self.files, weight_map = [SINGLE], None
+        elif len(others := sorted(p.name for p in folder.glob("*.safetensors"))) == 1:
+            self.files, weight_map = others, None  # AutoGPTQ's own names, e.g. gptq_model-4bit-128g.safetensors
         else:
-            raise CheckpointError(f"{folder} has no weights: neither {SINGLE} nor {INDEX}")
+            found = f"several .safetensors files ({', '.join(others)}) and no index" if others else "no .safetensors file"
+            raise CheckpointError(f"{folder} has no weights to load: neither {SINGLE} nor {INDEX}, and {found}")
         missing = [f for f in self.files if not (folder / f).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: shard file(s) {', '.join(missing)} named in {INDEX} are missing")

@@ -96,6 +96,8 @@ class GPTQModule(LightningModule):
         checkpoint_format: ``"auto"`` (``gptq`` v1, ``zero − 1``, when lossless for the model, else
             ``gptq_v2``), ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"`` (true zeros).
         max_shard_size: largest weight file written (e.g. ``"4GB"``); larger models are sharded.
+        save_dtype: dtype of the saved unquantized tensors and scales (e.g. ``float16``, what serving
+            stacks expect); default: the model's own (lossless).
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
         latency_prompt_tokens: prompt length for the prefill measurement.
         latency_decode_tokens: generated tokens for the decode measurement.
@@ -122,6 +124,7 @@ class GPTQModule(LightningModule):
         save_quantized: bool = True,
         checkpoint_format: str = "auto",
         max_shard_size: str = "4GB",
+        save_dtype: str | None = None,
         latency: bool = True,
         latency_prompt_tokens: int = 128,
         latency_decode_tokens: int = 32,
@@ -143,6 +146,8 @@ class GPTQModule(LightningModule):
             parse_size(max_shard_size)
         except ValueError as error:
             raise MisconfigurationException(f"GPTQModule.{error}") from None
+        if save_dtype is not None and save_dtype not in ("float16", "bfloat16", "float32"):
+            raise MisconfigurationException(f"GPTQModule.save_dtype must be float16, bfloat16 or float32, got {save_dtype!r}")
         for name in ("latency_prompt_tokens", "latency_decode_tokens"):
             if getattr(self.hparams, name) < 1:
                 raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")
@@ -348,7 +353,7 @@ class GPTQModule(LightningModule):
             save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model", checkpoint_format=self.hparams.checkpoint_format,
                            max_shard_size=self.hparams.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
                            static_groups=quant.static_groups, true_sequential=self.hparams.true_sequential,
-                           settings=settings)
+                           settings=settings, dtype=self.hparams.save_dtype)
             self.timings["save"] = time.perf_counter() - start
             rank_zero_info(f"quantized model saved to {out / 'model'}")
         if self.trainer.is_global_zero:
