@@ -408,3 +408,35 @@ def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):
     with pytest.raises((MisconfigurationException, ValueError), match="max_new_tokens must be >= 1"):  # jsonargparse wraps it
         main(["predict", *cli_args(out / "model", tmp_path / "pred3"), "--data.prompts=[x]",
               "--model.generation.max_new_tokens=0"])
+
+
+def test_own_texts_are_evaluation_sets_under_their_own_names(tmp_path):
+    """eval_datasets takes name=path and bare paths (file, folder of .txt, JSON lines), scored by the
+    protocol on the text as one string and reported under their names; bad ones fail up front."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    story = tmp_path / "story.txt"
+    story.write_text("once upon a time there was a small model that learned to read. " * 20)
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "a.txt").write_text("the first note says hello. " * 15)
+    (folder / "b.txt").write_text("the second note says goodbye. " * 15)
+    lines = tmp_path / "docs.jsonl"
+    lines.write_text("\n".join(json.dumps({"text": f"document {i} is about apples and pears."}) for i in range(30)))
+    cli = main(["validate", *cli_args(model_dir, tmp_path / "val", "--model.latency=false"),
+                f"--data.eval_datasets=[wikitext2, tale={story}, {folder}, {lines}]"])
+    results = cli.model.results["val"]
+    assert set(results) == {"wikitext2", "tale", "notes", "docs"}
+    from lightning_gptq.data import own_eval_tokens
+
+    lm, tokenizer = load_causal_lm(str(model_dir))
+    joined = "the first note says hello. " * 15 + "\n\n" + "the second note says goodbye. " * 15
+    assert torch.equal(own_eval_tokens(folder, tokenizer), tokenizer(joined, return_tensors="pt").input_ids)
+    expected = perplexity(lm, own_eval_tokens(story, tokenizer), seqlen=32, dataset="tale", max_windows=6)
+    assert results["tale"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    assert "perplexity tale" in results["tale"]["text"] and "gptq-paper" in results["tale"]["text"]
+    (tmp_path / "blank.txt").write_text("\n\n  \n")
+    for entries, error in [(f"[{tmp_path / 'nope.txt'}]", "No such file"), (f"[blank={tmp_path / 'blank.txt'}]", "holds no text"),
+                           ("[wikitext3]", "unknown eval dataset 'wikitext3'"), (f"[ptb={story}]", "a name of its own"),
+                           (f"[a={story}, a={lines}]", "named twice")]:
+        with pytest.raises(MisconfigurationException, match=error):
+            main(["validate", *cli_args(model_dir, tmp_path / "bad"), f"--data.eval_datasets={entries}"])

@@ -15,6 +15,9 @@ Texts (`eval_tokens`), hub or local (`path=`):
 | c4-new | first 1,100 validation documents joined `" "`, truncated to `256 * seqlen` tokens | same over the file's documents |
 
 Numbers from a local WikiText-2 copy without blank lines are not identical to the hub text's.
+
+Your own text (``own_eval_tokens``): a text file as it is, a folder's ``.txt`` files or a JSON-lines
+file's ``"text"`` fields joined by a blank line; one string, the same windows.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from lightning_gptq.data.text import (
     load_hub_column,
     read_documents,
     read_lines,
+    read_own_text,
     tokenize_cached,
     tokenizer_fingerprint,
 )
@@ -50,6 +54,7 @@ __all__ = [
     "DatasetUnavailableError",
     "PerplexityResult",
     "eval_tokens",
+    "own_eval_tokens",
     "perplexity",
     "perplexity_blockwise",
     "window_nll",
@@ -131,6 +136,15 @@ def eval_tokens(name: str, tokenizer, *, path: str | None = None, seqlen: int = 
 
     if not text.strip():
         raise ValueError(f"The evaluation text for {name!r} is empty.")
+    return tokenize_cached(text, tokenizer).reshape(1, -1)
+
+
+def own_eval_tokens(path: str | os.PathLike, tokenizer) -> torch.Tensor:
+    """``[1, N]`` tokens of a user's own evaluation text (``read_own_text``), tokenized once and cached;
+    the paper's protocol then cuts it into non-overlapping windows, tail dropped."""
+    text = read_own_text(os.path.expanduser(os.fspath(path)))
+    if not text.strip():
+        raise ValueError(f"The evaluation text {str(path)!r} is empty.")
     return tokenize_cached(text, tokenizer).reshape(1, -1)
 
 

@@ -95,6 +95,18 @@ def read_lines(path: str | os.PathLike) -> list[str]:
     return lines
 
 
+def read_own_text(path: str | os.PathLike) -> str:
+    """A user's evaluation text as one string: a text file as it is, a folder's ``.txt`` files or a
+    JSON-lines file's ``"text"`` fields joined by a blank line."""
+    parts = []
+    for file in _files(path):
+        if is_json_lines(file):
+            parts += [json.loads(line)["text"] for line in _read_text(file).splitlines() if line.strip()]
+        else:
+            parts.append(_read_text(file).strip("\n"))
+    return "\n\n".join(p for p in parts if p.strip())
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
     """A cache key for a local file or folder: resolved paths, sizes and modification times."""
     return short_hash(*[(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _files(path)])

@@ -2,15 +2,55 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_gptq.data import EVAL_DATASETS, calibration_windows, eval_tokens
-
+from lightning_gptq.data import (
+    EVAL_DATASETS,
+    calibration_windows,
+    eval_tokens,
+    own_eval_tokens,
+)
+from lightning_gptq.data.text import read_own_text
 
 from .generation import PromptDataset, collate_prompts, read_prompts
+
+
+def parse_eval_datasets(entries: list[str]) -> tuple[list[str], dict[str, str]]:
+    """``(names in order, {own set name: path})`` from ``eval_datasets`` entries; every own text is
+    checked to exist and hold text here, before any model work."""
+    names, own = [], {}
+    for entry in entries:
+        if entry in EVAL_DATASETS:
+            name = entry
+        else:
+            name, sep, path = entry.partition("=")
+            if not sep:
+                if not (os.sep in entry or Path(entry).suffix or Path(entry).expanduser().exists()):
+                    raise MisconfigurationException(
+                        f"unknown eval dataset {entry!r}: use one of {list(EVAL_DATASETS)}, a path to your own text, "
+                        f"or name=path")
+                path, name = entry, Path(entry.rstrip("/")).name.split(".")[0]
+            name = name.strip()
+            if not name or name in EVAL_DATASETS:
+                raise MisconfigurationException(f"eval dataset {entry!r}: give your text a name of its own (name=path), "
+                                                f"not one of {list(EVAL_DATASETS)}")
+            try:
+                text = read_own_text(Path(path).expanduser())
+            except (OSError, ValueError, KeyError) as error:
+                raise MisconfigurationException(f"eval dataset {name!r}: {error}") from None
+            if not text.strip():
+                raise MisconfigurationException(f"eval dataset {name!r}: {path!r} holds no text")
+            own[name] = path
+        if name in names:
+            raise MisconfigurationException(f"eval dataset {name!r} is named twice in eval_datasets")
+        names.append(name)
+    return names, own
 
 
 class WindowDataset(Dataset):
@@ -35,7 +75,10 @@ class CalibrationDataModule(LightningDataModule):
         seqlen: tokens per calibration window (reference: 2048).
         seed: window choice (reference: 0).
         batch_size: calibration windows per step (results do not depend on it; memory does).
-        eval_datasets: names from wikitext2, ptb, ptb-new, c4, c4-new scored by validate/test.
+        eval_datasets: what validate/test (and fit's eval_before/eval_after) score: names from
+            wikitext2, ptb, ptb-new, c4, c4-new, and your own texts as sets of their own: ``name=path``
+            or a bare path (named after the file or folder). A path is a text file (scored as it
+            is), a folder of .txt files or a JSON-lines file (``"text"`` fields), joined by blank lines.
         eval_paths: local files standing in for hub datasets, by name (e.g. {wikitext2: ../wiki.test.raw}).
         eval_seqlen: evaluation window length (the protocol: 2048).
         eval_max_windows: score only the first windows (quick checks; results then say PARTIAL).
@@ -61,10 +104,7 @@ class CalibrationDataModule(LightningDataModule):
         for field, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size), ("eval_seqlen", eval_seqlen)):
             if value < 1:
                 raise MisconfigurationException(f"CalibrationDataModule.{field} must be >= 1, got {value}")
-        self.eval_datasets = list(eval_datasets if eval_datasets is not None else ["wikitext2"])
-        unknown = [d for d in self.eval_datasets if d not in EVAL_DATASETS]
-        if unknown:
-            raise MisconfigurationException(f"unknown eval dataset(s) {unknown}; choose from {list(EVAL_DATASETS)}")
+        self.eval_datasets, self.own_texts = parse_eval_datasets(eval_datasets if eval_datasets is not None else ["wikitext2"])
         self.calibration, self.nsamples, self.seqlen, self.seed = calibration, nsamples, seqlen, seed
         self.batch_size = batch_size
         self.eval_paths = dict(eval_paths or {})
@@ -90,7 +130,9 @@ class CalibrationDataModule(LightningDataModule):
 
     def eval_tokens(self, name: str, tokenizer=None) -> torch.Tensor:
         """[1, N] tokens of evaluation set ``name``, joined by the protocol's rule."""
-        if name not in self._eval:
+        if name not in self._eval and name in self.own_texts:
+            self._eval[name] = own_eval_tokens(self.own_texts[name], tokenizer or self._tokenizer())
+        elif name not in self._eval:
             self._eval[name] = eval_tokens(name, tokenizer or self._tokenizer(), path=self.eval_paths.get(name),
                                            seqlen=self.eval_seqlen)
         return self._eval[name]

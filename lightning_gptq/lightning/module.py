@@ -421,10 +421,12 @@ class GPTQModule(LightningModule):
             windows, total = tokens // dm.eval_seqlen, dm.eval_windows(name)[1]
             coverage = f"{windows} windows" if windows == total else f"first {windows} of {total} windows, PARTIAL"
             self.log(f"{prefix}/ppl/{name}", value, add_dataloader_idx=False)
-            rank_zero_info(f"{prefix} perplexity {name}: {value.item():.4f} [protocol gptq-paper: non-overlapping "
-                           f"windows, seqlen {dm.eval_seqlen}, {coverage}, {tokens:,} tokens]")
+            text = (f"{prefix} perplexity {name}: {value.item():.4f} [protocol gptq-paper: non-overlapping "
+                    f"windows, seqlen {dm.eval_seqlen}, {coverage}, {tokens:,} tokens]")
+            rank_zero_info(text)
             self.results.setdefault(prefix, {})[name] = {"ppl": value.item(), "tokens": tokens, "seqlen": dm.eval_seqlen,
-                                                         "windows": windows, "total_windows": total}
+                                                         "windows": windows, "total_windows": total,
+                                                         "protocol": "gptq-paper", "text": text}
             metric.reset()
         if self.hparams.latency:
             lat = measure_latency(self._lm, prompt_tokens=self.hparams.latency_prompt_tokens,
