@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+GROUP_GRIDS = ("updated", "block-start")
 
 
 class QuantConfigError(ValueError):
@@ -26,6 +27,11 @@ class QuantConfig:
             Raised automatically, and recorded, when the Cholesky factorisation fails.
         block_size: columns per lazy batch update (``B`` in the paper).
         mse: shrink each grid's range by the reference's MSE grid search instead of plain min/max.
+        group_grid: which weights a group's grid is fitted on when the group starts inside a block
+            (``group_size < block_size``): ``"block-start"`` (the weights as they stood when the
+            block began: the reference code's rule, and better at 2 bits) or ``"updated"`` (as
+            updated by every column quantized so far; independent of ``block_size``, marginally
+            better at 4 bits). README "Decisions" has the measurements.
     """
 
     bits: int = 4
@@ -36,6 +42,7 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     mse: bool = False
+    group_grid: str = "block-start"
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -50,6 +57,8 @@ class QuantConfig:
             raise QuantConfigError(f"QuantConfig.block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not (0.0 <= self.damp < 1e3):
             raise QuantConfigError(f"QuantConfig.damp must be a number >= 0 (fraction of mean diag H), got {self.damp!r}")
+        if self.group_grid not in GROUP_GRIDS:
+            raise QuantConfigError(f"QuantConfig.group_grid must be one of {GROUP_GRIDS}, got {self.group_grid!r}")
         for name in ("sym", "act_order", "static_groups", "mse"):
             if not isinstance(getattr(self, name), bool):
                 raise QuantConfigError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")

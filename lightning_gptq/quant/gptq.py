@@ -5,11 +5,12 @@ The sweep quantizes columns left to right; the error of column ``j`` scaled by `
 spread over the columns still to come through row ``j`` of ``U``. Updates are applied lazily:
 inside a block of ``B`` columns immediately, to the rest of the matrix once per block.
 
-Groups (``group_size = g``): a group's grid is fitted when the sweep reaches its first column, on
-the weights *as updated by every column quantized so far*, including columns of the group that
-lie beyond the current block (their pending lazy update is applied for the fit). The reference
-code instead reads the block-start copy for ``g < B``; our choice makes the result independent of
-``B``, so the blocked sweep equals the plain column-by-column sweep for any ``g`` and ``B``.
+Groups (``group_size = g``): a group's grid is fitted when the sweep reaches its first column.
+``group_grid="updated"`` fits it on the weights *as updated by every column quantized so far*,
+including columns of the group that lie beyond the current block (their pending lazy update is
+applied for the fit); the result is then independent of ``B``. ``"block-start"`` (the reference
+code's rule) fits it on the weights as they stood when the current block began, which differs
+only for groups that start inside a block (``g < B``).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
     u_diag = U.diagonal().tolist()
     loss = torch.zeros((), dtype=dtype, device=Wt.device)
     maxq, B = config.maxq, config.block_size
+    from_block_start = config.group_grid == "block-start"
 
     # Lazy updates at two levels: inside a block of B columns one column at a time, to the rest of a
     # panel of P = k·B columns once per block, to the rest of the matrix once per panel (bigger matmuls).
@@ -166,19 +168,22 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
         E = torch.zeros(p2 - p1, rows, dtype=dtype, device=Wt.device)  # (w - q) / U[j,j] per column
         for i1 in range(p1, p2, B):
             i2 = min(i1 + B, p2)
+            block_start = Wt[i1:i2].clone() if from_block_start else None
             for j in range(i1, i2):
                 k = group_of[j]
                 if config.static_groups:
                     scale, zero = static_grids[k]
                 elif j % g == 0:
-                    # Fit on the group as updated by every column quantized so far: rows past the
-                    # block still miss this block's updates, rows past the panel the whole panel's.
+                    # Fit on the group as updated by every column quantized so far ("updated"), or
+                    # by every column before this block ("block-start"): rows past the block still
+                    # miss this block's updates, rows past the panel the whole panel's.
                     end = min(j + g, cols)
                     b_end, p_end = min(end, i2), min(end, p2)
+                    done = i1 if from_block_start else j
                     current = torch.cat([
-                        Wt[j:b_end],
-                        Wt[b_end:p_end] - U[i1:j, b_end:p_end].T @ E[i1 - p1 : j - p1],
-                        Wt[p_end:end] - U[p1:j, p_end:end].T @ E[: j - p1],
+                        block_start[j - i1 : b_end - i1] if from_block_start else Wt[j:b_end],
+                        Wt[b_end:p_end] - U[i1:done, b_end:p_end].T @ E[i1 - p1 : done - p1],
+                        Wt[p_end:end] - U[p1:done, p_end:end].T @ E[: done - p1],
                     ])
                     scale, zero = fit_grid(current.T, config.bits, config.sym, config.mse)
                     scales[:, k], zeros[:, k] = scale, zero
