@@ -51,3 +51,27 @@ def test_gptq_4bit_g128_beats_rtn_and_stays_close_to_fp32(ppl):
 
 def test_gptq_3bit_g128_is_far_better_than_rtn(ppl):
     assert ppl["gptq3"] < 0.6 * ppl["rtn3"]  # measured 0.53x
+
+
+def test_saved_checkpoint_reloads_to_the_same_perplexity_and_talks(tmp_path):
+    """fit (RTN: seconds) writes the HF GPTQ folder; validate on it scores exactly fit's number;
+    the folder is far smaller than the fp16 model; predict answers."""
+    import json
+
+    out = tmp_path / "out"
+    common = ["--data.eval_max_windows=4", "--gptq.method=rtn"]
+    after = run("fit", tmp_path / "fit", *common, "--model.save_quantized=true", f"--model.output_dir={out}")
+    folder = out / "model"
+    config = json.loads((folder / "quantize_config.json").read_text())
+    assert config["bits"] == 4 and config["checkpoint_format"] in ("gptq", "gptq_v2")
+    assert config["meta"]["quantizer"][0].startswith("lightning-gptq:")
+    assert (folder / "model.safetensors").stat().st_size < 0.7 * 269_030_016  # fp16 SmolLM2: 134.5 M params
+    reloaded = run("validate", tmp_path / "val", *common, f"--model.model={folder}", "--model.gguf_file=null")
+    assert reloaded == after
+    cli = main(["predict", "--config=configs/smollm2-135m.yaml", f"--model.model={folder}", "--model.gguf_file=null",
+                "--data.prompts=[What is the capital of France?]", "--model.generation.max_new_tokens=12",
+                f"--completions.output={tmp_path / 'c.jsonl'}", f"--trainer.default_root_dir={tmp_path / 'pred'}",
+                "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
+    assert cli is not None
+    row = json.loads((tmp_path / "c.jsonl").read_text())
+    assert row["new_tokens"] >= 1 and row["completion"].strip()
