@@ -313,3 +313,23 @@ def test_max_windows_is_reported():
     assert isinstance(full, PerplexityResult)
     with pytest.raises(ValueError, match="fewer than one window"):
         perplexity(model, tokens[:, :10], seqlen=16, progress=False)
+
+
+def test_mixed_calibration_draws_each_source_in_its_share(tmp_path):
+    from lightning_gptq.data import mixed_calibration_windows
+    from tiny_lm import char_tokenizer
+
+    tokenizer = char_tokenizer()
+    (tmp_path / "a.txt").write_text("aaaa bbbb. " * 400)
+    (tmp_path / "z.txt").write_text("zzzz yyyy. " * 400)
+    a, z = str(tmp_path / "a.txt"), str(tmp_path / "z.txt")
+    windows = mixed_calibration_windows({a: 3, z: 1}, tokenizer, nsamples=8, seqlen=16, seed=0)
+    assert windows.shape == (8, 16)
+    z_id = tokenizer.convert_tokens_to_ids("z")
+    from_z = [bool((w == z_id).any()) for w in windows]
+    assert sum(from_z) == 2 and from_z != sorted(from_z, reverse=True)  # 1/4 of 8, shuffled among the rest
+    assert torch.equal(windows, mixed_calibration_windows({a: 3, z: 1}, tokenizer, nsamples=8, seqlen=16, seed=0))
+    with pytest.raises(CalibrationDataError, match="positive"):
+        mixed_calibration_windows({a: 1, z: 0}, tokenizer, nsamples=8, seqlen=16)
+    with pytest.raises(CalibrationDataError, match="too few"):
+        mixed_calibration_windows({a: 100, z: 1}, tokenizer, nsamples=4, seqlen=16)

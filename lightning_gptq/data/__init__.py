@@ -1,6 +1,6 @@
 """Calibration windows and perplexity evaluation (GPTQ-REFERENCE.md §2-§3)."""
 
-from lightning_gptq.data.calibration import CALIBRATION_SOURCES, calibration_windows
+from lightning_gptq.data.calibration import CALIBRATION_SOURCES, calibration_windows, mixed_calibration_windows
 from lightning_gptq.data.evaluation import (
     EVAL_DATASETS,
     PerplexityResult,
@@ -19,6 +19,7 @@ __all__ = [
     "DatasetUnavailableError",
     "PerplexityResult",
     "calibration_windows",
+    "mixed_calibration_windows",
     "eval_tokens",
     "own_eval_tokens",
     "perplexity",

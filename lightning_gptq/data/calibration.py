@@ -131,3 +131,35 @@ def calibration_windows(
     if not text.strip():
         raise CalibrationDataError(f"The calibration source {source!r} holds no text.")
     return text_windows(tokenize_cached(text, tokenizer), nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def mixed_calibration_windows(
+    sources: dict[str, float],
+    tokenizer,
+    *,
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+) -> torch.Tensor:
+    """`[nsamples, seqlen]` windows drawn from several sources in the stated proportions
+    (``{source: share}``, shares > 0, normalised). Each source gives its share of `nsamples`
+    (largest remainder, at least one window each) by `calibration_windows`; the windows are then
+    shuffled together (seeded), so batches mix the sources."""
+    if not sources:
+        raise CalibrationDataError("a calibration mix needs at least one source")
+    bad = {k: v for k, v in sources.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0}
+    if bad:
+        raise CalibrationDataError(f"calibration shares must be positive numbers, got {bad}")
+    total = sum(sources.values())
+    exact = [nsamples * share / total for share in sources.values()]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: exact[i] - counts[i], reverse=True)[: nsamples - sum(counts)]:
+        counts[i] += 1
+    if min(counts) < 1:
+        raise CalibrationDataError(
+            f"nsamples={nsamples} is too few to give every calibration source a window at shares {dict(sources)}")
+    parts = [calibration_windows(source, tokenizer, nsamples=n, seqlen=seqlen, seed=seed)
+             for source, n in zip(sources, counts)]
+    windows = torch.cat(parts)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
+    return windows[order]

@@ -14,6 +14,7 @@ from lightning_gptq.data import (
     EVAL_DATASETS,
     calibration_windows,
     eval_tokens,
+    mixed_calibration_windows,
     own_eval_tokens,
 )
 from lightning_gptq.data.text import read_own_text
@@ -70,7 +71,9 @@ class CalibrationDataModule(LightningDataModule):
     """Token windows cut from text with the module's tokenizer.
 
     Args:
-        calibration: "c4", "wikitext2", "ptb" (hub) or a local text file / folder of .txt files.
+        calibration: "c4", "wikitext2", "ptb" (hub) or a local text file / folder of .txt files; or a
+            mix in stated shares, ``{source: share, ...}`` (e.g. ``{a.txt: 3, b.txt: 1}``: 3/4 and 1/4
+            of ``nsamples``).
         nsamples: calibration windows (reference: 128).
         seqlen: tokens per calibration window (reference: 2048).
         seed: window choice (reference: 0).
@@ -88,7 +91,7 @@ class CalibrationDataModule(LightningDataModule):
 
     def __init__(
         self,
-        calibration: str = "c4",
+        calibration: str | dict[str, float] = "c4",
         nsamples: int = 128,
         seqlen: int = 2048,
         seed: int = 0,
@@ -123,7 +126,8 @@ class CalibrationDataModule(LightningDataModule):
     def calibration_windows(self, tokenizer=None) -> torch.Tensor:
         """[nsamples, seqlen] token ids; cached after the first call."""
         if self._calibration is None:
-            self._calibration = calibration_windows(
+            draw = mixed_calibration_windows if isinstance(self.calibration, dict) else calibration_windows
+            self._calibration = draw(
                 self.calibration, tokenizer or self._tokenizer(), nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed
             )
         return self._calibration
