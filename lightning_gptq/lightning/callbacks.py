@@ -21,10 +21,12 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
-from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule
+from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, HessianAccumulator, QuantConfig, gptq_quantize, rtn_quantize
 
 from .hooks import BlockContext, fire_block_hook
+
+CALIBRATION_BACKEND = "torch"  # the oracle layer, while calibration passes still run through the model
 
 
 class HessianCapture(Callback):
@@ -123,9 +125,11 @@ class GPTQCallback(Callback):
     Args:
         quant: bits, group size, grid and solver settings.
         method: ``"gptq"`` (needs ``HessianCapture`` among the callbacks) or ``"rtn"`` (round to nearest).
-        backend: which quantized-linear backend to swap in: ``"auto"`` (default) times every backend that
-            supports the layer on this machine, once per layer shape, and takes the fastest; or a
-            registered name (``"torch"``, ``"cpu-int4"``, ``"triton"``).
+        backend: which quantized-linear backend the layers end up on: ``"auto"`` (default) times every
+            backend that supports the layer on this machine, once per layer shape, and takes the
+            fastest; or a registered name (``"torch"``, ``"cpu-int4"``, ``"triton"``). While
+            calibration goes on, swapped layers are the plain ``torch`` oracle (so the result does
+            not depend on the machine's fast kernels); they are converted when training ends.
         calibration_batches: on a user's own module, how many training batches to calibrate on.
         exclude: on a user's own module, regular expressions of layer names to leave in full precision.
         forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
@@ -186,9 +190,10 @@ class GPTQCallback(Callback):
             bar.close()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if getattr(pl_module, "drives_block_hooks", False):
-            return  # GPTQModule fires the block hooks itself
-        self.quantize_module(trainer, pl_module)
+        if not getattr(pl_module, "drives_block_hooks", False):  # GPTQModule fires the block hooks itself
+            self.quantize_module(trainer, pl_module)
+        # Calibration ran on the oracle layers; now the backend the user asked for.
+        to_backend(getattr(pl_module, "lm", pl_module), self.backend)
 
     # -- work --------------------------------------------------------------------------------------
     def _quantize_layer(self, ctx: BlockContext, name: str, layer) -> LayerRecord:
@@ -209,7 +214,10 @@ class GPTQCallback(Callback):
             ctx.hessians.pop(name)  # free in_features² floats once no layer of this step needs them
         else:
             qweight = rtn_quantize(weight, self.quant)
-        replace_submodule(ctx.block, name, make_quant_linear(layer, qweight, self.backend))
+        # The oracle ("torch") layer while calibration goes on: later blocks' inputs, hence their
+        # Hessians, must not depend on how a fast kernel rounds (a 1-ulp difference in the dense
+        # weight compounds over 30 blocks into ±1% layer losses); on_train_end converts.
+        replace_submodule(ctx.block, name, make_quant_linear(layer, qweight, CALIBRATION_BACKEND))
         ctx.results[name] = qweight
         return LayerRecord(
             name=full_name, block=ctx.block_index, shape=tuple(weight.shape), method=self.method, loss=qweight.loss,
