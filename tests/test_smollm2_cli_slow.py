@@ -39,18 +39,18 @@ def ppl(tmp_path_factory):
     return results
 
 
-# Measured 2026-11-24 (act-order and sink_weight 64, as configs/smollm2-135m.yaml): fp32 20.82,
-# RTN-4 27.83, GPTQ-4 24.93, RTN-3 110.22, GPTQ-3 58.74. With sink_weight 1 (the reference) GPTQ-4
-# was 26.18 and GPTQ-3 67.69 (2026-11-23). This 135M model (already 4-bit in its GGUF) loses a lot at 4 bits.
+# Measured 2026-11-30 (act-order, sink_weight 16, as configs/smollm2-135m.yaml): fp32 20.82, RTN-4 27.83,
+# GPTQ-4 25.17, RTN-3 110.22, GPTQ-3 55.33. With sink_weight 64 (2026-11-24) GPTQ-4 was 24.93 and GPTQ-3
+# 58.74; with 1 (the reference) 26.18 and 67.69. This 135M model (already 4-bit in its GGUF) loses a lot at 4 bits.
 
 
 def test_gptq_4bit_g128_beats_rtn_and_stays_close_to_fp32(ppl):
-    assert ppl["gptq4"] < 0.95 * ppl["rtn4"]  # measured 0.90x
-    assert ppl["gptq4"] < 1.3 * ppl["fp32"]  # measured 1.20x
+    assert ppl["gptq4"] < 0.95 * ppl["rtn4"]  # measured 0.905x
+    assert ppl["gptq4"] < 1.3 * ppl["fp32"]  # measured 1.21x
 
 
 def test_gptq_3bit_g128_is_far_better_than_rtn(ppl):
-    assert ppl["gptq3"] < 0.6 * ppl["rtn3"]  # measured 0.53x
+    assert ppl["gptq3"] < 0.6 * ppl["rtn3"]  # measured 0.50x
 
 
 def test_saved_checkpoint_reloads_to_the_same_perplexity_and_talks(tmp_path):
