@@ -102,13 +102,12 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         desc_act = any(m.act_order for m in layers.values())
 
     state = {}
-    seen: dict[int, str] = {}
+    seen: set[tuple[int, int]] = set()
     for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.numel()) if tensor.numel() else None
-        if key is not None and key in seen:  # a tied weight (e.g. lm_head = embed_tokens): stored once
+        key = (tensor.data_ptr(), tensor.numel())
+        if tensor.numel() and key in seen:  # a tied weight (e.g. lm_head = embed_tokens): stored once
             continue
-        if key is not None:
-            seen[key] = name
+        seen.add(key)
         state[name] = tensor.detach().cpu()
         if cast is not None and state[name].is_floating_point():
             state[name] = state[name].to(cast)
