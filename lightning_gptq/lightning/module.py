@@ -349,7 +349,9 @@ class GPTQModule(LightningModule):
             quant = gptq.quant
             settings = {"method": gptq.method, "quant": quant.to_dict(), "source_model": self.hparams.model,
                         "true_sequential": self.hparams.true_sequential,
-                        "sink_tokens": getattr(hessian, "sink_tokens", None), "sink_weight": getattr(hessian, "sink_weight", None)}
+                        "sink_tokens": getattr(hessian, "sink_tokens", None), "sink_weight": getattr(hessian, "sink_weight", None),
+                        "sink_layers": getattr(hessian, "sink_layers", None),
+                        "sink_block_weights": dict(getattr(hessian, "block_weights", {}))}
             save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model", checkpoint_format=self.hparams.checkpoint_format,
                            max_shard_size=self.hparams.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
                            static_groups=quant.static_groups, true_sequential=self.hparams.true_sequential,

@@ -49,6 +49,15 @@ def _plot(records: list[dict], path: Path) -> bool:
     return True
 
 
+def _describe_weight(hessian: dict) -> str:
+    where = " (attention in-projections only)" if hessian.get("sink_layers") == "attention" else ""
+    if hessian["sink_weight"] != "attention":
+        return f"{hessian['sink_weight']:g}{where}"
+    weights = list(hessian.get("block_weights", {}).values())
+    span = f", {min(weights):.1f}–{max(weights):.1f} over the blocks" if weights else ""
+    return f"the attention they receive{span}{where}"
+
+
 def write_summary(module, folder: Path) -> tuple[Path, Path]:
     """Write ``summary.json`` and ``summary.md`` (plus ``layer_loss.png`` when matplotlib is there)."""
     from .callbacks import GPTQCallback, HessianCapture
@@ -58,6 +67,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
     capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
     hessian = ({"sink_tokens": capture.sink_tokens, "sink_weight": capture.sink_weight}
                if capture is not None and gptq.method == "gptq" else None)  # RTN reads no Hessian
+    if hessian is not None and (capture.sink_layers != "all" or capture.measured):
+        hessian.update(sink_layers=capture.sink_layers, block_weights=dict(capture.block_weights))
     dm = module.trainer.datamodule
     records = gptq.summary()
     layers = [m for m in module.lm.modules() if isinstance(m, QuantLinear)]
@@ -87,7 +98,7 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         f"- method: **{gptq.method}**, {gptq.quant}",
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
         f" true-sequential: {module.hparams.true_sequential}"
-        + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {hessian['sink_weight']:g}"
+        + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"
            if hessian else ""),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
         "",

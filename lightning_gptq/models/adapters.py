@@ -26,6 +26,7 @@ __all__ = [
     "VERIFIED_MODEL_TYPES",
     "is_conv1d",
     "is_linear",
+    "is_output_projection",
     "linear_weight",
     "weight_out_in",
     "set_weight_out_in",
@@ -246,7 +247,7 @@ def _registered_linears(block: nn.Module) -> OrderedDict[str, nn.Module]:
     return OrderedDict((name, module) for name, module in block.named_modules() if name and is_linear(module))
 
 
-def _is_output_projection(name: str) -> bool:
+def is_output_projection(name: str) -> bool:
     leaf = name.rpartition(".")[2].lower()
     return leaf in _OUTPUT_PROJECTION_NAMES
 
@@ -261,7 +262,7 @@ def _structural_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
         if len(members) == 1:
             groups.append(members)
             continue
-        named_outputs = [n for n in members if _is_output_projection(n)]
+        named_outputs = [n for n in members if is_output_projection(n)]
         output = named_outputs[0] if len(named_outputs) == 1 else members[-1]
         inputs = [n for n in members if n != output]
         # The output projection writes back to the residual stream, whose width the inputs read.

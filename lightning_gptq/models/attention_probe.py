@@ -1,0 +1,138 @@
+"""How much attention each key position receives, read while a transformers model runs unchanged.
+
+``probe_attention(modules, record)`` routes the given attention layers through a registered
+attention function that first calls the layer's own implementation (sdpa, eager, ...; its output is
+returned untouched, so the model computes exactly what it computed before) and then recomputes the
+softmax probabilities from the same ``query``/``key``/mask in fp32 and reports, per key position,
+the attention mass it receives summed over queries: ``record(module, received)`` with ``received``
+``[batch, heads, keys]``. Only layers that call transformers' attention interface (LLaMA, Mistral,
+Qwen2, Gemma, OPT, GPT-NeoX, ... in transformers 5) can be probed; ``attention_layers`` finds them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["PROBE_NAME", "AttentionProbeError", "attention_layers", "probe_attention", "received_attention"]
+
+PROBE_NAME = "lightning_gptq_probe"
+_ACTIVE: dict[int, tuple[Callable, Callable]] = {}  # id(attention module) -> (its own function, record)
+_QUERY_CHUNK = 256  # query rows per softmax, so a 2048-token window needs heads x 256 x 2048 floats at a time
+
+
+class AttentionProbeError(RuntimeError):
+    """The model's attention cannot be probed (it does not go through transformers' attention interface)."""
+
+
+def attention_layers(block: nn.Module) -> list[nn.Module]:
+    """The attention submodules of ``block`` whose forward dispatches on ``config._attn_implementation``."""
+    found = []
+    for module in block.modules():
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "_attn_implementation"):
+            continue
+        source = sys.modules.get(type(module).__module__)
+        if type(module).__name__.endswith("Attention") and source is not None and "ALL_ATTENTION_FUNCTIONS" in vars(source):
+            found.append(module)
+    return found
+
+
+def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None, **kwargs) -> Tensor:
+    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries, in fp32.
+
+    ``query`` ``[batch, heads, queries, dim]``, ``key`` ``[batch, kv_heads, keys, dim]`` as the attention
+    interface receives them (rotary applied, grouped-query keys not yet repeated).
+    """
+    batch, heads, queries, dim = query.shape
+    keys = key.shape[2]
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    scaling = kwargs.get("scaling")
+    scaling = 1.0 / math.sqrt(dim) if scaling is None else float(scaling)
+    softcap = kwargs.get("softcap")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
+    window = kwargs.get("sliding_window")
+    k = key.float().transpose(-1, -2)
+    received = torch.zeros(batch, heads, keys, dtype=torch.float32, device=query.device)
+    key_pos = torch.arange(keys, device=query.device)
+    for start in range(0, queries, _QUERY_CHUNK):
+        stop = min(start + _QUERY_CHUNK, queries)
+        logits = (query[:, :, start:stop].float() @ k) * scaling
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        if attention_mask is not None:
+            mask = attention_mask[:, :, start:stop, :keys]
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+        elif causal and queries > 1:
+            query_pos = torch.arange(start, stop, device=query.device)[:, None] + (keys - queries)
+            allowed = key_pos[None, :] <= query_pos
+            if window:
+                allowed &= key_pos[None, :] > query_pos - window
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        received += torch.softmax(logits, dim=-1).sum(dim=-2)
+    return received
+
+
+def _own_function(module: nn.Module, implementation: str | None) -> Callable:
+    source = sys.modules[type(module).__module__]
+    if implementation in (None, "eager"):
+        return source.eager_attention_forward
+    return source.ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _probe_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    own, record = _ACTIVE[id(module)]
+    output = own(module, query, key, value, attention_mask, *args, **kwargs)
+    with torch.no_grad():
+        record(module, received_attention(module, query, key, attention_mask, **kwargs))
+    return output
+
+
+def _registered_probe(implementation: str | None) -> str:
+    """The probe's name for layers configured with ``implementation``, registered in transformers'
+    attention and mask interfaces: whole-model calls still build the mask that implementation expects."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    own = implementation or "eager"
+    name = f"{PROBE_NAME}[{own}]"
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, _probe_forward)
+        if own in AttentionMaskInterface._global_mapping:
+            AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[own])
+    return name
+
+
+@contextmanager
+def probe_attention(modules: list[nn.Module], record: Callable[[nn.Module, Tensor], None]) -> Iterator[None]:
+    """While active, each module in ``modules`` also calls ``record(module, received [batch, heads, keys])``.
+
+    The modules' configs are switched to the probe's name and restored on exit. A config shared with
+    layers outside ``modules`` (every block of a model shares one) is switched too, so only run the
+    probed layers while the probe is active; others would fail loudly rather than silently.
+    """
+    if not modules:
+        raise AttentionProbeError(
+            "No attention layer here calls transformers' attention interface, so the attention each "
+            "position receives cannot be measured; use a numeric sink_weight instead."
+        )
+    configs = {id(m.config): m.config for m in modules}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    for module in modules:
+        _ACTIVE[id(module)] = (_own_function(module, module.config._attn_implementation), record)
+    try:
+        for config in configs.values():
+            config._attn_implementation_internal = _registered_probe(saved[id(config)])  # sub-configs keep theirs
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation_internal = saved[key]
+        for module in modules:
+            _ACTIVE.pop(id(module), None)

@@ -1,0 +1,46 @@
+"""The attention probe: the model computes exactly what it computed before, and the attention each
+key receives equals what transformers' own eager attention reports (``output_attentions``)."""
+
+import pytest
+import torch
+from tiny_models import FACTORIES, token_ids
+
+from lightning_gptq.models import get_adapter
+from lightning_gptq.models.attention_probe import AttentionProbeError, attention_layers, probe_attention
+
+PROBED = ["llama", "mistral", "qwen2", "gemma", "gemma3", "opt", "gpt_neox", "gpt2"]
+
+
+@pytest.mark.parametrize("arch", PROBED)
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_probe_reports_the_eager_attention_and_changes_nothing(arch, implementation):
+    model = FACTORIES[arch]()
+    model.set_attn_implementation(implementation)
+    ids = token_ids(n=2, seqlen=16)
+    with torch.no_grad():
+        plain = model(ids).logits
+    blocks = get_adapter(model).blocks(model)
+    layers = [m for b in blocks for m in attention_layers(b)]
+    assert len(layers) == len(blocks)
+    got: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), probe_attention(layers, lambda m, received: got.setdefault(id(m), received)):
+        probed = model(ids).logits
+    assert torch.equal(plain, probed), "the probe changed the model's output"
+    assert model.config._attn_implementation == implementation
+
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = model(ids, output_attentions=True).attentions  # per block [batch, heads, q, k]
+    for layer, probs in zip(layers, attentions):
+        torch.testing.assert_close(got[id(layer)], probs.float().sum(dim=-2), rtol=1e-4, atol=1e-5)
+    if arch in ("mistral", "gemma3"):  # sliding layers (window 4 < 16): position 0 is out of reach of late queries
+        assert got[id(layers[0])][..., 0].max() < 5
+
+
+def test_probe_refuses_attention_it_cannot_read():
+    model = FACTORIES["bloom"]()  # BLOOM computes its attention inline, not through the interface
+    block = get_adapter(model).blocks(model)[0]
+    assert attention_layers(block) == []
+    with pytest.raises(AttentionProbeError, match="numeric sink_weight"):
+        with probe_attention(attention_layers(block), lambda m, r: None):
+            pass
