@@ -14,7 +14,8 @@ from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
 from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
 from lightning_gptq.quant import QuantConfigError
 
-from lightning_gptq.lightning import CalibrationDataModule, CompletionWriter, GPTQCallback, GPTQModule, HessianCapture
+from lightning_gptq.lightning import (BlockCheckpoint, CalibrationDataModule, CompletionWriter, GPTQCallback, GPTQModule,
+                                      HessianCapture, ResumeError)
 
 def _has_tensorboard() -> bool:
     import importlib.util
@@ -27,7 +28,7 @@ TRAINER_DEFAULTS = {
     "devices": 1,
     "max_epochs": -1,  # GPTQModule sets the number of stages itself
     "num_sanity_val_steps": 0,  # validation would score the model before it is quantized
-    "enable_checkpointing": False,  # GPTQModule saves the quantized model itself
+    "enable_checkpointing": True,  # only BlockCheckpoint (under `resume:`): a resume point after every block
     "enable_model_summary": False,  # GPTQModule registers no parameters; summary.md describes the run
     "default_root_dir": "runs",
     # CSV always works; TensorBoard when it is installed (per-layer losses plot nicely there).
@@ -52,12 +53,14 @@ class GPTQCLI(LightningCLI):
         parser.add_lightning_class_args(GPTQCallback, "gptq")
         # How the layer Hessians are gathered (attention-sink weighting), under `hessian:`.
         parser.add_lightning_class_args(HessianCapture, "hessian")
+        # A resume checkpoint after every block (`fit --ckpt_path last` continues a killed run), under `resume:`.
+        parser.add_lightning_class_args(BlockCheckpoint, "resume")
         # Where ``predict`` writes its completions, under `completions:`.
         parser.add_lightning_class_args(CompletionWriter, "completions")
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,
-               DatasetUnavailableError, CheckpointError, MisconfigurationException)
+               DatasetUnavailableError, CheckpointError, MisconfigurationException, ResumeError)
 
 
 def main(args=None) -> GPTQCLI:

@@ -6,8 +6,10 @@ from .generation import CompletionWriter, Generation
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
 from .module import GPTQModule
+from .resume import BlockCheckpoint, ResumeError
 
 __all__ = [
+    "BlockCheckpoint",
     "BlockContext",
     "CalibrationDataModule",
     "CompletionWriter",
@@ -17,5 +19,6 @@ __all__ = [
     "HessianCapture",
     "LayerRecord",
     "ProtocolPerplexity",
+    "ResumeError",
     "fire_block_hook",
 ]

@@ -149,6 +149,12 @@ class HessianCapture(Callback):
         elif self._reweighs():
             self.block_weights[ctx.block_index] = self.sink_weight
 
+    def state_dict(self) -> dict:
+        return {"block_weights": dict(self.block_weights)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.block_weights = {int(k): float(v) for k, v in state_dict.get("block_weights", {}).items()}
+
     def measured_weight(self) -> float:
         """Attention received per leading position / per other key, over this block's passes so far."""
         first, rest = self._mass
@@ -251,6 +257,12 @@ class GPTQCallback(Callback):
         self.exclude = [re.compile(p) for p in (exclude or [])]
         self.forward_fn = forward_fn
         self.records: list[LayerRecord] = []
+
+    def state_dict(self) -> dict:
+        return {"records": [asdict(r) for r in self.records]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.records = [LayerRecord(**{**r, "shape": tuple(r["shape"])}) for r in state_dict.get("records", [])]
 
     @property
     def needs_calibration(self) -> bool:

@@ -36,12 +36,13 @@ from lightning_gptq.data import perplexity
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.latency import measure_latency
-from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, to_backend
+from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, quant_linear_class, to_backend
 
-from .callbacks import GPTQCallback, HessianCapture
+from .callbacks import CALIBRATION_BACKEND, GPTQCallback, HessianCapture
 from .generation import Generation, complete
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
+from .resume import BlockCheckpoint, ResumeError, quantized_layers_state, read_activations, restore_quantized_layers
 from .summary import write_summary
 
 
@@ -163,6 +164,8 @@ class GPTQModule(LightningModule):
         self._next_hidden: list[torch.Tensor] = []
         self._ctx: BlockContext | None = None
         self._val_ppl: list[ProtocolPerplexity] = []
+        self._resume_side: dict | None = None  # the activation file a resume checkpoint being written names
+        self._resumed_from: str | None = None
 
     # -- model -------------------------------------------------------------------------------------
     def _load(self) -> None:
@@ -260,8 +263,12 @@ class GPTQModule(LightningModule):
 
     # -- fit ---------------------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        self._fit_start = time.perf_counter()
+        self._fit_start = time.perf_counter() - self.timings.get("total_fit", 0.0)
         dm = self.trainer.datamodule
+        if self._resumed_from is not None:
+            rank_zero_info(f"resumed from {self._resumed_from}: continuing at "
+                           f"{self.stage.describe(len(self.adapter.blocks(self._lm)))}")
+            return
         if self._stages and self._stages[0].kind == "capture":
             dtype = self.hparams.activation_dtype or self.hparams.dtype
             cache = estimate_activation_bytes(self._lm.config, dm.nsamples, dm.seqlen, dtype)
@@ -329,6 +336,13 @@ class GPTQModule(LightningModule):
             self._next_hidden = []
             if self.device.type != "cpu":
                 self._block(stage.block).to("cpu")
+            num_blocks = len(self.adapter.blocks(self._lm))
+            for callback in self.trainer.callbacks:
+                if isinstance(callback, BlockCheckpoint):
+                    self.timings["total_fit"] = time.perf_counter() - self._fit_start
+                    start = time.perf_counter()
+                    callback.on_block_propagated(self.trainer, self, stage.block, num_blocks)
+                    self.timings["resume_checkpoints"] += time.perf_counter() - start
 
     def on_train_end(self) -> None:
         self._inputs = None  # free the activation cache before scoring
@@ -361,6 +375,37 @@ class GPTQModule(LightningModule):
         if self.trainer.is_global_zero:
             paths = write_summary(self, out)
             rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
+
+    # -- resume (see resume.py) --------------------------------------------------------------------
+    @property
+    def activation_cache(self) -> BlockInputs | None:
+        """The cached inputs of the next block to calibrate (between stages)."""
+        return self._inputs
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._resume_side is None:
+            return  # only BlockCheckpoint's saves, at a block boundary, can be resumed
+        checkpoint["gptq_resume"] = {
+            "completed_stage": self.current_epoch, "stages": [dataclasses.astuple(s) for s in self._stages],
+            "model": self.hparams.model, "layers": quantized_layers_state(self._lm), "timings": dict(self.timings),
+            "results": self.results, "activations": dict(self._resume_side),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("gptq_resume")
+        path = self.trainer.ckpt_path if self._trainer is not None else None
+        if state is None:
+            raise ResumeError(f"{path} is not a lightning-gptq resume checkpoint (BlockCheckpoint writes those).")
+        stages = [dataclasses.astuple(s) for s in self._stages]
+        if [tuple(s) for s in state["stages"]] != stages or state["model"] != self.hparams.model:
+            raise ResumeError(f"{path} was written by a run with another model or stage plan "
+                              f"({state['model']!r}, {len(state['stages'])} stages; now {self.hparams.model!r}, "
+                              f"{len(stages)}); resume with the same config, or start again without --ckpt_path.")
+        self._inputs = read_activations(Path(path).parent, state["activations"]["name"], state["activations"]["sha256"])
+        restore_quantized_layers(self._lm, state["layers"], quant_linear_class(CALIBRATION_BACKEND))
+        self.timings.update(state["timings"])
+        self.results.update(state["results"])
+        self._resumed_from = str(path)
 
     def _quantize_without_calibration(self) -> None:
         start = time.perf_counter()

@@ -1,0 +1,190 @@
+"""Resuming a killed ``fit``: a Lightning checkpoint after every quantized block.
+
+``BlockCheckpoint`` is a ``ModelCheckpoint`` that saves ``last.ckpt`` only when ``GPTQModule`` says a
+block is done (its quantized outputs are the next block's inputs), so ``fit --ckpt_path last``
+finds it the Lightning way and the fit loop continues at the next block's first stage.
+
+What a checkpoint holds (``GPTQModule.on_save_checkpoint``): every quantized layer so far (the packed
+checkpoint layout, fp32 scales as calibrated), the run's timings and ``eval_before`` scores, and the
+name and sha256 of a side file with the activation cache (the next block's inputs, which are too
+large and too structured for the checkpoint dict). Callbacks add their own state (layer records,
+measured sink weights).
+
+Atomicity: the side file is written under a new name (temporary file, then rename) *before* the
+checkpoint that names it; Lightning writes ``last.ckpt`` through an fsspec transaction (temporary
+file, then rename); side files no checkpoint names any more are deleted afterwards. A kill at any
+moment leaves the previous checkpoint and its side file intact, and a side file that does not match
+its recorded sha256 is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+import zipfile
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gptq.nn import QuantLinear, replace_submodule
+
+__all__ = ["BlockCheckpoint", "ResumeError", "quantized_layers_state", "restore_quantized_layers",
+           "write_activations", "read_activations"]
+
+SIDE_PREFIX = "activations-"
+
+
+class ResumeError(RuntimeError):
+    """A resume checkpoint (or the activation file it names) is missing, corrupt, or from another run."""
+
+
+class BlockCheckpoint(ModelCheckpoint):
+    """Save ``last.ckpt`` after every ``every_n_blocks`` quantized blocks, for ``fit --ckpt_path last``.
+
+    Args:
+        dirpath: where checkpoints go; default ``<trainer.default_root_dir>/checkpoints`` (fixed, so a
+            re-run with the same ``default_root_dir`` finds it whatever the logger's version folder).
+        every_n_blocks: save after every n-th block (and never otherwise); 0 turns saving off.
+        keep: keep the resume checkpoint after a ``fit`` that finished (by default it is deleted
+            once the quantized model is written: it holds a full activation cache).
+    """
+
+    def __init__(self, dirpath: str | None = None, every_n_blocks: int = 1, keep: bool = False) -> None:
+        if isinstance(every_n_blocks, bool) or not isinstance(every_n_blocks, int) or every_n_blocks < 0:
+            raise MisconfigurationException(f"BlockCheckpoint.every_n_blocks must be an integer >= 0, got {every_n_blocks!r}")
+        super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, save_on_train_epoch_end=False)
+        self.every_n_blocks = every_n_blocks
+        self.keep = keep
+
+    @property
+    def state_key(self) -> str:
+        return "BlockCheckpoint"
+
+    def _directory(self, trainer) -> Path:
+        return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.dirpath = str(self._directory(trainer))
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer) -> set[str]:
+        self.dirpath = str(self._directory(trainer))  # `fit --ckpt_path last` looks before `setup`
+        found = super()._find_last_checkpoints(trainer)
+        for path in found:
+            if not zipfile.is_zipfile(path):  # torch.save's zip container ends with its central directory
+                raise ResumeError(f"The resume checkpoint {path!r} is damaged (cut short or not a checkpoint); "
+                                  "delete it, or run without --ckpt_path to start over.")
+        return found
+
+    # Lightning's own triggers stay silent: only finished blocks make a checkpoint worth resuming.
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_train_epoch_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_validation_end(self, *args, **kwargs) -> None:
+        pass
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if self.keep or trainer.interrupted or not self.dirpath:
+            return
+        folder = Path(self.dirpath)
+        removed = [p for p in [folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", *folder.glob(f"{SIDE_PREFIX}*")]
+                   if p.is_file()]
+        for path in removed:
+            path.unlink()
+        if removed:
+            rank_zero_info(f"fit finished: removed its resume checkpoint from {folder} (keep it with --resume.keep=true)")
+
+    def on_block_propagated(self, trainer, pl_module, block_index: int, num_blocks: int) -> None:
+        """Called by ``GPTQModule`` once block ``block_index``'s outputs are cached as the next inputs."""
+        if self.every_n_blocks == 0 or block_index + 1 == num_blocks:  # the last block: fit is about done
+            return
+        if (block_index + 1) % self.every_n_blocks:
+            return
+        folder = self._directory(trainer)
+        path = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        name = f"{SIDE_PREFIX}block{block_index + 1:04d}-{uuid.uuid4().hex[:8]}.pt"
+        pl_module._resume_side = {"name": name, "sha256": write_activations(pl_module.activation_cache, folder, name)}
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            pl_module._resume_side = None
+        self.last_model_path = str(path)
+        _remove_stale_side_files(folder, keep=name)
+        rank_zero_info(f"resume checkpoint after block {block_index + 1}/{num_blocks}: {path}")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_activations(inputs, folder: Path, name: str) -> str:
+    """Write the activation cache to ``folder/name`` atomically; returns its sha256."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / name
+    partial = folder / f".{name}.partial"
+    torch.save(inputs, partial)
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, target)
+    return _sha256(target)
+
+
+def read_activations(folder: Path, name: str, sha256: str):
+    path = folder / name
+    if not path.is_file():
+        raise ResumeError(f"The resume checkpoint names the activation file {str(path)!r}, which does not exist.")
+    if _sha256(path) != sha256:
+        raise ResumeError(f"The activation file {str(path)!r} does not match the sha256 its checkpoint recorded "
+                          "(written half-way or altered); start the run again without --ckpt_path.")
+    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, checked against the checkpoint
+
+
+def _remove_stale_side_files(folder: Path, keep: str | None) -> None:
+    for path in folder.glob(f"{SIDE_PREFIX}*"):
+        if path.name != keep:
+            path.unlink(missing_ok=True)
+    for path in folder.glob(f".{SIDE_PREFIX}*.partial"):
+        path.unlink(missing_ok=True)
+
+
+def quantized_layers_state(model: torch.nn.Module) -> dict[str, dict]:
+    """Every ``QuantLinear`` of ``model``: its packed tensors and shape/grid settings, by module name."""
+    state = {}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            tensors = {k: v.detach().cpu().clone() for k, v in layer.packed_tensors().items()}
+            if layer.bias is not None:
+                tensors["bias"] = layer.bias.detach().cpu().clone()
+            state[name] = {"in_features": layer.in_features, "out_features": layer.out_features, "bits": layer.bits,
+                           "group_size": layer.group_size, "sym": layer.sym, "tensors": tensors}
+    return state
+
+
+def restore_quantized_layers(model: torch.nn.Module, state: dict[str, dict], backend: type[QuantLinear]) -> None:
+    """Swap ``backend`` layers holding ``state`` (from ``quantized_layers_state``) into ``model``."""
+    for name, entry in state.items():
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise ResumeError(f"The resume checkpoint holds layer {name!r}, which this model does not have: "
+                              "a checkpoint of another model?") from None
+        tensors = entry["tensors"]
+        layer = backend(entry["in_features"], entry["out_features"], bits=entry["bits"], group_size=entry["group_size"],
+                        sym=entry["sym"], bias="bias" in tensors, dtype=tensors["scales"].dtype)
+        expected = (entry["in_features"], entry["out_features"])
+        current = getattr(original, "in_features", None), getattr(original, "out_features", None)
+        if current != expected and not isinstance(original, QuantLinear):
+            raise ResumeError(f"Layer {name!r} is {current} here but {expected} in the resume checkpoint.")
+        layer.load_state_dict(tensors)
+        replace_submodule(model, name, layer.to(tensors["scales"].device))

@@ -1,0 +1,113 @@
+"""Resume: SIGKILL a real `fit` process mid-run, then `fit --ckpt_path last` ends with the weights of a
+run that was never interrupted; a half-written or corrupt resume point is refused, never loaded."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_lightning import cli_args
+from tiny_lm import tiny_model_dir
+
+from lightning_gptq.cli import main
+from lightning_gptq.lightning import ResumeError
+
+KILLER = '''
+import os, signal
+from lightning.pytorch import Callback
+
+class KillAt(Callback):
+    """SIGKILL this process when stage (epoch) `epoch` starts: no cleanup, no exception handlers."""
+    def __init__(self, epoch: int = 0):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _args(model_dir, root, out):
+    # 3 blocks -> stages: capture, (calibrate b, propagate b) x 3; act-order and true-sequential
+    # make the resumed path exercise groups and permutations too.
+    return cli_args(model_dir, root, "--model.eval_after=false", "--model.latency=false", "--gptq.quant.act_order=true",
+                    "--model.true_sequential=false", f"--model.output_dir={out}")
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "model" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("whole")
+    model_dir = tiny_model_dir(tmp, "llama")  # 3 blocks
+    main(["fit", *_args(model_dir, tmp / "runs", tmp / "out")])
+    return model_dir, _weights(tmp / "out"), json.loads((tmp / "out" / "summary.json").read_text())
+
+
+def _killed_run(model_dir, root, out, epoch, tmp_path):
+    (tmp_path / "killer.py").write_text(KILLER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_gptq", "fit", *_args(model_dir, root, out),
+         "--trainer.callbacks+=killer.KillAt", f"--trainer.callbacks.epoch={epoch}"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == -9, proc.stderr[-3000:]  # really killed, not finished or crashed
+    return proc
+
+
+@pytest.mark.parametrize("epoch", [4, 5])  # calibrating block 2; propagating block 2 (after its layers were solved)
+def test_sigkill_then_resume_gives_the_uninterrupted_weights(tmp_path, uninterrupted, epoch):
+    model_dir, expected, expected_summary = uninterrupted
+    root, out = tmp_path / "runs", tmp_path / "out"
+    _killed_run(model_dir, root, out, epoch, tmp_path)
+    checkpoints = root / "checkpoints"
+    assert (checkpoints / "last.ckpt").is_file()
+    assert len(list(checkpoints.glob("activations-*"))) == 1  # older activation files are deleted
+    assert not (out / "model").exists()
+
+    main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+    got = _weights(out)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert not list(checkpoints.iterdir())  # a finished fit removes its resume point
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["name"] for r in summary["layers"]] == [r["name"] for r in expected_summary["layers"]]
+    assert [r["loss"] for r in summary["layers"]] == [r["loss"] for r in expected_summary["layers"]]
+
+
+def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
+    model_dir, _, _ = uninterrupted
+    root, out = tmp_path / "runs", tmp_path / "out"
+    _killed_run(model_dir, root, out, 5, tmp_path)
+    checkpoints = root / "checkpoints"
+    (side,) = checkpoints.glob("activations-*")
+
+    # an activation file that is not the one the checkpoint recorded (e.g. cut short by a kill)
+    data = side.read_bytes()
+    side.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ResumeError, match="sha256"):
+        main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+    side.write_bytes(data)
+
+    # a checkpoint cut short does not load as if complete
+    ckpt = checkpoints / "last.ckpt"
+    whole = ckpt.read_bytes()
+    ckpt.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ResumeError, match="damaged"):
+        main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+    ckpt.write_bytes(whole)
+
+    # another model's run: refused before any work
+    other = tiny_model_dir(tmp_path / "other", "mistral")
+    with pytest.raises(ResumeError, match="another model or stage plan"):
+        main(["fit", *_args(other, root, out), "--ckpt_path=last"])
+    assert not (out / "model").exists()
