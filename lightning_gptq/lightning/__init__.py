@@ -2,6 +2,7 @@
 
 from .callbacks import GPTQCallback, HessianCapture, LayerRecord
 from .datamodule import CalibrationDataModule
+from .distributed import CalibrationDDPStrategy, WindowShards
 from .generation import CompletionWriter, Generation
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
@@ -11,6 +12,7 @@ from .resume import BlockCheckpoint, ResumeError
 __all__ = [
     "BlockCheckpoint",
     "BlockContext",
+    "CalibrationDDPStrategy",
     "CalibrationDataModule",
     "CompletionWriter",
     "Generation",
@@ -20,5 +22,6 @@ __all__ = [
     "LayerRecord",
     "ProtocolPerplexity",
     "ResumeError",
+    "WindowShards",
     "fire_block_hook",
 ]

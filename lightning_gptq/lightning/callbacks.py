@@ -26,6 +26,7 @@ from lightning_gptq.models.attention_probe import attention_layers, probe_attent
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, HessianAccumulator, QuantConfig, gptq_quantize, rtn_quantize
 
+from .distributed import all_reduce_sum, world_size
 from .hooks import BlockContext, fire_block_hook
 
 CALIBRATION_BACKEND = "torch"  # the oracle layer, while calibration passes still run through the model
@@ -133,6 +134,8 @@ class HessianCapture(Callback):
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         self._detach()
+        if world_size(trainer) > 1:
+            self._all_reduce(trainer, ctx)
         if self.measured and self._first:
             weight = self.measured_weight()
             done = set()
@@ -148,6 +151,23 @@ class HessianCapture(Callback):
             )
         elif self._reweighs():
             self.block_weights[ctx.block_index] = self.sink_weight
+
+    def _all_reduce(self, trainer, ctx: BlockContext) -> None:
+        """Every rank saw its own windows: sum ``Σ xxᵀ`` (fp64) and sample counts over the ranks.
+        Dict order is the layers' order, the same on every rank, so the collectives pair up."""
+        done = set()
+        for accumulator in [*ctx.hessians.values(), *self._first.values()]:
+            if id(accumulator) in done:
+                continue
+            done.add(id(accumulator))
+            total = all_reduce_sum(trainer, accumulator.hessian.double() * accumulator.nsamples)
+            count = int(all_reduce_sum(trainer, torch.tensor(float(accumulator.nsamples), dtype=torch.float64,
+                                                             device=total.device)).item())
+            accumulator.hessian = (total / max(count, 1)).to(torch.float32)
+            accumulator.nsamples = count
+        if self.measured and self._first:
+            device = next(iter(self._first.values())).hessian.device
+            self._mass = all_reduce_sum(trainer, torch.tensor(self._mass, dtype=torch.float64, device=device)).tolist()
 
     def state_dict(self) -> dict:
         return {"block_weights": dict(self.block_weights)}
@@ -289,6 +309,20 @@ class GPTQCallback(Callback):
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if world_size(trainer) > 1:
+            self._check_ranks_agree(trainer, ctx)
+
+    def _check_ranks_agree(self, trainer, ctx: BlockContext) -> None:
+        """Every rank solved the same all-reduced problem; prove they got the same layers."""
+        sums = []
+        for name in ctx.results:
+            q = ctx.results[name]
+            sums += [q.codes.to(torch.float64).sum(), q.scales.to(torch.float64).sum(), q.zeros.to(torch.float64).sum()]
+        local = torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
+        gathered = trainer.strategy.all_gather(local)
+        if not bool((gathered == gathered[0]).all()):
+            raise RuntimeError(f"{ctx.describe()}: the processes quantized the block differently (different "
+                               "hardware or library versions across nodes?); the result would depend on the rank.")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not getattr(pl_module, "drives_block_hooks", False):  # GPTQModule fires the block hooks itself

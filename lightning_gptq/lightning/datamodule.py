@@ -19,6 +19,7 @@ from lightning_gptq.data import (
 )
 from lightning_gptq.data.text import read_own_text
 
+from .distributed import WindowShards, world_size
 from .generation import PromptDataset, collate_prompts, read_prompts
 
 
@@ -151,7 +152,15 @@ class CalibrationDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Not shuffled: calibration stages index the activation cache by batch position.
-        return DataLoader(WindowDataset(self.calibration_windows()), batch_size=self.batch_size, shuffle=False)
+        dataset = WindowDataset(self.calibration_windows())
+        world = world_size(self.trainer)
+        if world > 1:  # each process calibrates on its own windows (Hessians are summed across processes)
+            if len(dataset) < world:
+                raise MisconfigurationException(f"data.nsamples={len(dataset)} windows cannot be shared among "
+                                                f"{world} processes; use at least {world}.")
+            sampler = WindowShards(dataset, world, self.trainer.global_rank)
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False)
 
     def val_dataloader(self) -> list[DataLoader]:
         if self.trainer is not None and self.trainer.state.fn == "fit":

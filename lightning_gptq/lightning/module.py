@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
@@ -39,6 +40,7 @@ from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, quant_linear_class, to_backend
 
 from .callbacks import CALIBRATION_BACKEND, GPTQCallback, HessianCapture
+from .distributed import CalibrationDDPStrategy
 from .generation import Generation, complete
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
@@ -231,6 +233,12 @@ class GPTQModule(LightningModule):
                 )
         if stage != "fit":
             return
+        if isinstance(self.trainer.strategy, DDPStrategy) and not isinstance(self.trainer.strategy, CalibrationDDPStrategy):
+            raise MisconfigurationException(
+                "DDP wraps the model to average gradients, and calibration has none: run fit across processes "
+                "with --trainer.strategy=gptq_ddp (or gptq_ddp_spawn), which keeps Lightning's launch and "
+                "process group and sums the Hessians across processes instead."
+            )
         if self.is_quantized:
             raise MisconfigurationException(f"{self.hparams.model} is already quantized; fit needs a full-precision model")
         if not any(isinstance(cb, GPTQCallback) for cb in self.trainer.callbacks):
@@ -401,7 +409,12 @@ class GPTQModule(LightningModule):
             raise ResumeError(f"{path} was written by a run with another model or stage plan "
                               f"({state['model']!r}, {len(state['stages'])} stages; now {self.hparams.model!r}, "
                               f"{len(stages)}); resume with the same config, or start again without --ckpt_path.")
-        self._inputs = read_activations(Path(path).parent, state["activations"]["name"], state["activations"]["sha256"])
+        files = state["activations"]["files"]
+        if len(files) != self.trainer.world_size:
+            raise ResumeError(f"{path} was written by {len(files)} process(es); resume it with as many "
+                              f"(now {self.trainer.world_size}), or start again without --ckpt_path.")
+        mine = files[self.trainer.global_rank]
+        self._inputs = read_activations(Path(path).parent, mine["name"], mine["sha256"])
         restore_quantized_layers(self._lm, state["layers"], quant_linear_class(CALIBRATION_BACKEND))
         self.timings.update(state["timings"])
         self.results.update(state["results"])

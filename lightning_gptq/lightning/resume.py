@@ -94,6 +94,9 @@ class BlockCheckpoint(ModelCheckpoint):
         if self.keep or trainer.interrupted or not self.dirpath:
             return
         folder = Path(self.dirpath)
+        trainer.strategy.barrier("BlockCheckpoint.on_fit_end")
+        if not trainer.is_global_zero:
+            return
         removed = [p for p in [folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", *folder.glob(f"{SIDE_PREFIX}*")]
                    if p.is_file()]
         for path in removed:
@@ -109,14 +112,23 @@ class BlockCheckpoint(ModelCheckpoint):
             return
         folder = self._directory(trainer)
         path = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        name = f"{SIDE_PREFIX}block{block_index + 1:04d}-{uuid.uuid4().hex[:8]}.pt"
-        pl_module._resume_side = {"name": name, "sha256": write_activations(pl_module.activation_cache, folder, name)}
+        # One activation file per process (each holds its own windows' cache); under DDP the folder
+        # must be one every process sees (a shared filesystem across nodes).
+        token = trainer.strategy.broadcast(uuid.uuid4().hex[:8])
+        rank = trainer.global_rank
+        name = f"{SIDE_PREFIX}block{block_index + 1:04d}-{token}-rank{rank}.pt"
+        mine = {"name": name, "sha256": write_activations(pl_module.activation_cache, folder, name)}
+        files = [mine]
+        if trainer.world_size > 1:
+            files = [None] * trainer.world_size
+            torch.distributed.all_gather_object(files, mine)
+        pl_module._resume_side = {"files": files}
         try:
             trainer.save_checkpoint(path)
         finally:
             pl_module._resume_side = None
         self.last_model_path = str(path)
-        _remove_stale_side_files(folder, keep=name)
+        _remove_stale_side_files(folder, keep=name, rank=rank)
         rank_zero_info(f"resume checkpoint after block {block_index + 1}/{num_blocks}: {path}")
 
 
@@ -150,11 +162,12 @@ def read_activations(folder: Path, name: str, sha256: str):
     return torch.load(path, map_location="cpu", weights_only=False)  # our own file, checked against the checkpoint
 
 
-def _remove_stale_side_files(folder: Path, keep: str | None) -> None:
-    for path in folder.glob(f"{SIDE_PREFIX}*"):
+def _remove_stale_side_files(folder: Path, keep: str, rank: int) -> None:
+    """This process's activation files other than ``keep`` (each process removes only its own)."""
+    for path in folder.glob(f"{SIDE_PREFIX}*-rank{rank}.pt"):
         if path.name != keep:
             path.unlink(missing_ok=True)
-    for path in folder.glob(f".{SIDE_PREFIX}*.partial"):
+    for path in folder.glob(f".{SIDE_PREFIX}*-rank{rank}.pt.partial"):
         path.unlink(missing_ok=True)
 
 

@@ -1,0 +1,69 @@
+"""Calibration across processes: Lightning's DDP launch and process group, without the DDP wrapper.
+
+``--trainer.strategy=gptq_ddp`` (or ``gptq_ddp_spawn``) with ``--trainer.devices=N`` /
+``--trainer.num_nodes=M`` runs one process per device:
+
+- each rank calibrates on its own share of the windows (``WindowShards``: window ``i`` goes to rank
+  ``i mod world_size``, each window exactly once, no padding) and keeps only that share's
+  activation cache;
+- before each solve, ``HessianCapture`` all-reduces every layer's ``Σ xxᵀ`` (in fp64) and sample
+  count, so every rank holds the Hessian of all windows;
+- every rank then solves the same problem on the same software, and ``GPTQCallback`` checks that
+  the ranks' quantized layers agree (a checksum per block) instead of broadcasting them.
+
+Why not Lightning's ``ddp``: ``DistributedDataParallel`` exists to average gradients, and
+calibration computes none; it refuses a module without trainable parameters, and putting the
+Hugging Face model in the module tree to please it would have DDP broadcast and move the whole
+model at start-up. ``CalibrationDDPStrategy`` keeps everything else of ``DDPStrategy`` (launchers,
+cluster environments, process group, ``reduce``/``all_gather``/``barrier``).
+"""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from torch.utils.data import DistributedSampler
+
+__all__ = ["CalibrationDDPStrategy", "WindowShards", "all_reduce_sum", "world_size"]
+
+
+class CalibrationDDPStrategy(DDPStrategy):
+    """``DDPStrategy`` that leaves the LightningModule unwrapped (see the module docstring)."""
+
+    def configure_ddp(self) -> None:
+        pass  # no DistributedDataParallel: there are no gradients to synchronise
+
+    @classmethod
+    def register_strategies(cls, strategy_registry) -> None:
+        for name, start_method in (("gptq_ddp", "popen"), ("gptq_ddp_spawn", "spawn")):
+            if name not in strategy_registry:
+                strategy_registry.register(
+                    name, cls, description=f"GPTQ calibration across processes (start method {start_method!r})",
+                    start_method=start_method,
+                )
+
+
+CalibrationDDPStrategy.register_strategies(StrategyRegistry)
+
+
+class WindowShards(DistributedSampler):
+    """Rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...`` in order: every item exactly once over
+    the ranks (``DistributedSampler`` pads with repeats, which would count windows twice)."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def world_size(trainer) -> int:
+    return 1 if trainer is None else int(getattr(trainer, "world_size", 1) or 1)
+
+
+def all_reduce_sum(trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of ``tensor`` over all ranks (every rank gets the same result)."""
+    return trainer.strategy.reduce(tensor, reduce_op="sum")
