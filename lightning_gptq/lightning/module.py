@@ -16,6 +16,7 @@ paper's perplexity on the configured evaluation sets and measure latency.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import resource
 import time
@@ -44,6 +45,7 @@ from .distributed import CalibrationDDPStrategy
 from .generation import Generation, complete
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
+from .plan import measure_plan
 from .resume import BlockCheckpoint, ResumeError, quantized_layers_state, read_activations, restore_quantized_layers
 from .summary import write_summary
 
@@ -108,6 +110,8 @@ class GPTQModule(LightningModule):
             to another device (``"auto"``: time the candidates here; the fit's own layers follow
             ``GPTQCallback.backend``).
         generation: settings for ``predict`` (max_new_tokens, sampling, chat template...).
+        dry_run: ``fit`` prints (and writes to ``plan.json``) the memory, disk and time it would need,
+            from the model, the settings and a quick measurement here, then stops before any heavy work.
     """
 
     drives_block_hooks = True
@@ -133,6 +137,7 @@ class GPTQModule(LightningModule):
         latency_decode_tokens: int = 32,
         backend: str = AUTO,
         generation: Generation = Generation(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
+        dry_run: bool = False,
     ) -> None:
         super().__init__()
         self.generation = generation
@@ -167,6 +172,8 @@ class GPTQModule(LightningModule):
         self._ctx: BlockContext | None = None
         self._val_ppl: list[ProtocolPerplexity] = []
         self._resume_side: dict | None = None  # the activation file a resume checkpoint being written names
+        self.completed = False  # every stage of a fit ran (a resume checkpoint is no longer needed)
+        self.plan = None
         self._resumed_from: str | None = None
 
     # -- model -------------------------------------------------------------------------------------
@@ -251,8 +258,8 @@ class GPTQModule(LightningModule):
                 self._stages.append(Stage("propagate", b))
         else:
             self._stages = [Stage("quantize")]  # round-to-nearest: no calibration passes at all
-        self.trainer.fit_loop.max_epochs = len(self._stages)
-        self.trainer.fit_loop.min_epochs = len(self._stages)
+        self.trainer.fit_loop.max_epochs = 0 if self.hparams.dry_run else len(self._stages)
+        self.trainer.fit_loop.min_epochs = self.trainer.fit_loop.max_epochs
 
     def _groups(self, block: nn.Module) -> list[list[str]]:
         if self.hparams.true_sequential:
@@ -273,6 +280,17 @@ class GPTQModule(LightningModule):
     def on_fit_start(self) -> None:
         self._fit_start = time.perf_counter() - self.timings.get("total_fit", 0.0)
         dm = self.trainer.datamodule
+        if self.hparams.dry_run:
+            gptq = next(cb for cb in self.trainer.callbacks if isinstance(cb, GPTQCallback))
+            self.plan = measure_plan(self, gptq.quant, calibrates=gptq.needs_calibration,
+                                     resume=any(isinstance(cb, BlockCheckpoint) and cb.every_n_blocks
+                                                for cb in self.trainer.callbacks))
+            rank_zero_info(self.plan.describe())
+            if self.trainer.is_global_zero:
+                out = self.output_dir()
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "plan.json").write_text(json.dumps(self.plan.to_dict(), indent=2))
+            return
         if self._resumed_from is not None:
             rank_zero_info(f"resumed from {self._resumed_from}: continuing at "
                            f"{self.stage.describe(len(self.adapter.blocks(self._lm)))}")
@@ -353,6 +371,7 @@ class GPTQModule(LightningModule):
                     self.timings["resume_checkpoints"] += time.perf_counter() - start
 
     def on_train_end(self) -> None:
+        self.completed = True
         self._inputs = None  # free the activation cache before scoring
         self.timings["total_fit"] = time.perf_counter() - self._fit_start
         if self.hparams.eval_after:

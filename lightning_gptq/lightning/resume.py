@@ -91,7 +91,7 @@ class BlockCheckpoint(ModelCheckpoint):
         pass
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.keep or trainer.interrupted or not self.dirpath:
+        if self.keep or trainer.interrupted or not self.dirpath or not getattr(pl_module, "completed", False):
             return
         folder = Path(self.dirpath)
         trainer.strategy.barrier("BlockCheckpoint.on_fit_end")

@@ -1,0 +1,220 @@
+"""``fit --model.dry_run=true``: what a run will need, before any heavy work.
+
+Memory is counted from the model, the calibration settings and this process's resident size now;
+time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
+with and without Hessian hooks; one GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; one evaluation window).
+
+    resident weights    parameters + buffers of the loaded model
+    activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
+    Hessians            in_features² × 4 B per distinct layer input of the largest block (q/k/v share one)
+    block transient     one batch through one block: MLP intermediate and attention rows, fp32
+    solve workspace     the widest layer's weight (×3) and its Hessian (×3), fp32
+    peak                now + the largest of: calibrate, propagate, solve, evaluate
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, run_block
+from lightning_gptq.models.adapters import is_output_projection, linear_in_features, linear_out_features, weight_out_in
+from lightning_gptq.nn import exact_kernels
+from lightning_gptq.nn.quant_linear import n_groups_for
+from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
+
+__all__ = ["FitPlan", "measure_plan", "resident_bytes", "available_bytes"]
+
+MiB = 2**20
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (not the peak)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_bytes() -> int:
+    """Memory the machine can still give (``MemAvailable``), or total RAM where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass
+class FitPlan:
+    """Estimated bytes and seconds of one ``fit`` (see the module docstring for each term)."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    disk: dict[str, int] = field(default_factory=dict)
+    available: int = 0
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def peak(self) -> int:
+        return self.bytes["peak"]
+
+    def describe(self) -> str:
+        lines = ["dry run: the plan for this fit (nothing was quantized)", "", "memory (MiB):"]
+        lines += [f"  {k:<22}{v / MiB:>12,.0f}" for k, v in self.bytes.items()]
+        lines += [f"  {'available now':<22}{self.available / MiB:>12,.0f}", "", "disk (MiB):"]
+        lines += [f"  {k:<22}{v / MiB:>12,.0f}" for k, v in self.disk.items()]
+        lines += ["", "time (s, measured here on a sample and extrapolated):"]
+        lines += [f"  {k:<22}{v:>12,.1f}" for k, v in self.seconds.items()]
+        if self.peak > self.available:
+            lines += ["", f"WARNING: the estimated peak ({self.peak / MiB:,.0f} MiB) exceeds the memory available "
+                          f"({self.available / MiB:,.0f} MiB)."]
+        lines += [f"  - {a}" for a in self.advice]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"bytes": self.bytes, "seconds": self.seconds, "disk": self.disk, "available": self.available,
+                "advice": self.advice}
+
+
+def _distinct_inputs(adapter, block) -> list[int]:
+    """in_features of each distinct input of ``block``'s linears: one per group of layers reading the
+    same tensor (a true-sequential group without its output projection; output projections alone)."""
+    widths = []
+    for group in adapter.sequential_groups(block):
+        linears = {n: block.get_submodule(n) for n in group}
+        outputs = [n for n in linears if is_output_projection(n)]
+        inputs = [n for n in linears if n not in outputs]
+        widths += [linear_in_features(linears[n]) for n in outputs]
+        if inputs:
+            widths.append(linear_in_features(linears[inputs[0]]))
+    return widths
+
+
+def _packed_bytes(layer, quant: QuantConfig, scale_bytes: int) -> int:
+    out_features, in_features = linear_out_features(layer), linear_in_features(layer)
+    groups = n_groups_for(in_features, quant.group_size)
+    return (in_features * out_features * quant.bits // 8 + groups * out_features * scale_bytes
+            + groups * out_features * quant.bits // 8 + in_features * 4)
+
+
+@torch.no_grad()
+def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) -> FitPlan:
+    """Count and time the fit ``module`` (a set-up ``GPTQModule``) is about to run."""
+    lm, adapter, dm = module.lm, module.adapter, module.trainer.datamodule
+    blocks = adapter.blocks(lm)
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    itemsize = next(lm.parameters()).element_size()
+    act_dtype = module.hparams.activation_dtype or module.hparams.dtype
+    world = max(1, module.trainer.world_size)
+    nsamples = -(-dm.nsamples // world)  # this process's share
+    batches = -(-nsamples // dm.batch_size)
+    seqlen, batch = dm.seqlen, dm.batch_size
+    hidden = int(config.hidden_size)
+    intermediate = int(getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 1))
+    plan = FitPlan(available=available_bytes())
+
+    weights = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
+    now = resident_bytes()
+    cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
+    hessians = max(sum(w * w * 4 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
+    transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
+    layers = [m for b in blocks for m in adapter.linear_layers(b).values()]
+    widest = max(layers, key=lambda m: linear_in_features(m) * linear_out_features(m))
+    solve_ws = 4 * 3 * (linear_in_features(widest) * linear_out_features(widest) + linear_in_features(widest) ** 2)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    scoring = 4 * 3 * dm.eval_seqlen * vocab if (module.hparams.eval_after and dm.eval_datasets) else 0
+    plan.bytes = {
+        "resident now": now, "of which weights": weights, "activation cache": cache, "Hessians (one block)": hessians,
+        "block transient": transient, "solve workspace": solve_ws, "scoring logits": scoring,
+    }
+    stages = {"calibrate": cache + hessians + transient, "propagate": 2 * cache + transient,
+              "solve": cache + hessians + solve_ws, "evaluate": scoring + transient}
+    plan.bytes["peak"] = now + max(stages.values())
+
+    scale_bytes = torch.empty((), dtype=getattr(torch, module.hparams.save_dtype or "float32")).element_size() \
+        if module.hparams.save_dtype else itemsize
+    quantized = sum(_packed_bytes(m, quant, scale_bytes) for m in layers)
+    dense_rest = weights - sum(weight_out_in(m).numel() * itemsize for m in layers)
+    plan.disk = {"quantized model": quantized + dense_rest * scale_bytes // itemsize}
+    if resume and calibrates:
+        plan.disk["resume checkpoint"] = cache + quantized  # at the last block; written next to the old one
+        plan.disk["peak"] = plan.disk["quantized model"] + 2 * plan.disk["resume checkpoint"]
+
+    plan.seconds = _time_stages(module, blocks, adapter, quant, batches, calibrates, layers)
+    _advise(plan, module, dm, cache, act_dtype)
+    return plan
+
+
+def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) -> dict[str, float]:
+    lm, dm = module.lm, module.trainer.datamodule
+    ids = dm.calibration_windows()[: dm.batch_size]
+    start = time.perf_counter()
+    inputs = capture_block_inputs(lm, adapter, ids, batch_size=ids.shape[0], storage_dtype=module.hparams.activation_dtype)
+    t_capture = time.perf_counter() - start
+    block = blocks[0]
+    hidden, kwargs = inputs.hidden[0], inputs.kwargs_for(0, 0)
+    run_block(block, hidden, kwargs)  # warm-up (first calls allocate, pick kernels)
+    start = time.perf_counter()
+    run_block(block, hidden, kwargs)
+    t_block = time.perf_counter() - start
+    seconds = {"capture": t_capture * batches}
+    if calibrates:
+        accumulators, handles = {}, []
+        for name, layer in adapter.linear_layers(block).items():
+            accumulators[name] = HessianAccumulator(linear_in_features(layer))
+            handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
+        start = time.perf_counter()
+        run_block(block, hidden, kwargs)
+        t_calibrate = time.perf_counter() - start
+        for handle in handles:
+            handle.remove()
+        passes = len(adapter.sequential_groups(block)) if module.hparams.true_sequential else 1
+        seconds["calibrate"] = t_calibrate * batches * passes * len(blocks)
+        seconds["propagate"] = t_block * batches * len(blocks)
+        own = adapter.linear_layers(block)
+        name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
+        layer, h = own[name], accumulators[name].hessian
+        start = time.perf_counter()
+        gptq_quantize(weight_out_in(layer).detach().clone(), h, quant)
+        t_solve = time.perf_counter() - start
+
+        def cost(m):  # the solve is an in² Cholesky/inverse plus an out × in² sweep
+            i, o = linear_in_features(m), linear_out_features(m)
+            return i ** 3 + o * i * i
+
+        seconds["solve"] = t_solve * sum(cost(m) for m in layers) / cost(layer)
+    else:
+        seconds["quantize (RTN)"] = 0.0
+    if module.hparams.eval_after and dm.eval_datasets:
+        windows = 0
+        for name in dm.eval_datasets:
+            n = dm.eval_tokens(name, module.tokenizer).numel() // dm.eval_seqlen
+            windows += min(n, dm.eval_max_windows or n)
+        sample = dm.eval_tokens(dm.eval_datasets[0], module.tokenizer).reshape(-1)[: dm.eval_seqlen].reshape(1, -1)
+        with exact_kernels():
+            start = time.perf_counter()
+            lm(input_ids=sample.to(next(lm.parameters()).device), use_cache=False)
+            seconds["evaluate"] = (time.perf_counter() - start) * windows
+    seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def _advise(plan: FitPlan, module, dm, cache: int, act_dtype: str) -> None:
+    if plan.peak <= plan.available:
+        return
+    over = plan.peak - plan.available
+    if cache and str(act_dtype) == "float32":
+        plan.advice.append(f"--model.activation_dtype=bfloat16 halves the activation cache ({cache / MiB:,.0f} MiB; "
+                           f"the propagate stage holds it twice)")
+    if cache:
+        need = max(1, int(dm.nsamples * max(0.0, 1 - over / (2 * cache))))
+        plan.advice.append(f"--data.nsamples={need} (from {dm.nsamples}) shrinks the cache enough on its own")
+    if dm.batch_size > 1:
+        plan.advice.append("--data.batch_size=1 shrinks the per-batch transient memory")
+    plan.advice.append("--trainer.strategy=gptq_ddp with more processes splits the windows (and the cache) among them")
