@@ -111,3 +111,26 @@ def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
     with pytest.raises(ResumeError, match="another model or stage plan"):
         main(["fit", *_args(other, root, out), "--ckpt_path=last"])
     assert not (out / "model").exists()
+
+
+def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uninterrupted, monkeypatch):
+    """`--model.dry_run=true`: a plan (memory, disk, time per stage) and advice when it would not fit;
+    no stage runs, nothing is written but plan.json, and a killed run's resume point survives."""
+    from lightning_gptq.lightning import plan as plan_module
+
+    model_dir, _, _ = uninterrupted
+    root, out = tmp_path / "runs", tmp_path / "out"
+    _killed_run(model_dir, root, out, 4, tmp_path)
+    before = sorted(p.name for p in (root / "checkpoints").iterdir())
+    monkeypatch.setattr(plan_module, "available_bytes", lambda: 1)  # a machine with no memory to spare
+    run = main(["fit", *_args(model_dir, root, out), "--model.dry_run=true"])
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == before
+    assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
+    assert not run.model.completed and not run.model.is_quantized
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["bytes"]["peak"] >= plan["bytes"]["resident now"] + plan["bytes"]["activation cache"] > 0
+    assert plan["bytes"]["activation cache"] == 6 * 24 * 32 * 4  # nsamples x seqlen x hidden x fp32
+    assert set(plan["seconds"]) >= {"capture", "calibrate", "propagate", "solve", "total"}
+    assert plan["disk"]["quantized model"] > 0
+    assert any("activation_dtype=bfloat16" in a for a in plan["advice"])
+    assert "WARNING: the estimated peak" in run.model.plan.describe()
