@@ -327,8 +327,10 @@ class GPTQCallback(Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if not getattr(pl_module, "drives_block_hooks", False):  # GPTQModule fires the block hooks itself
             self.quantize_module(trainer, pl_module)
-        # Calibration ran on the oracle layers; now the backend the user asked for.
-        to_backend(getattr(pl_module, "lm", pl_module), self.backend)
+        # Calibration ran on the oracle layers; now the backend the user asked for (streamed blocks
+        # were written out and freed: nothing left to convert).
+        if not getattr(pl_module, "streams_blocks", False):
+            to_backend(getattr(pl_module, "lm", pl_module), self.backend)
 
     # -- work --------------------------------------------------------------------------------------
     def _quantize_layer(self, ctx: BlockContext, name: str, layer) -> LayerRecord:

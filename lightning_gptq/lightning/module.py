@@ -33,10 +33,13 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from lightning_gptq.checkpoint.hf import StreamingWriter
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.data import perplexity
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
+from lightning_gptq.models.loading import gguf_cache_folder, resolve_dtype
+from lightning_gptq.models.streaming import WeightSource, release, skeleton
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, quant_linear_class, to_backend
 
@@ -110,6 +113,11 @@ class GPTQModule(LightningModule):
             to another device (``"auto"``: time the candidates here; the fit's own layers follow
             ``GPTQCallback.backend``).
         generation: settings for ``predict`` (max_new_tokens, sampling, chat template...).
+        streaming: for models bigger than memory: the model is built on the meta device and each
+            block is read from the model folder's safetensors when its turn comes, quantized, written
+            to ``<output_dir>/model`` and freed; peak memory is about one block, its Hessians and the
+            activation cache. Needs a local folder with safetensors (a ``.gguf`` is converted to one
+            first); scoring and latency happen afterwards (``validate --model.model <output_dir>/model``).
         dry_run: ``fit`` prints (and writes to ``plan.json``) the memory, disk and time it would need,
             from the model, the settings and a quick measurement here, then stops before any heavy work.
     """
@@ -137,6 +145,7 @@ class GPTQModule(LightningModule):
         latency_decode_tokens: int = 32,
         backend: str = AUTO,
         generation: Generation = Generation(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
+        streaming: bool = False,
         dry_run: bool = False,
     ) -> None:
         super().__init__()
@@ -179,13 +188,36 @@ class GPTQModule(LightningModule):
     # -- model -------------------------------------------------------------------------------------
     def _load(self) -> None:
         hp = self.hparams
-        if is_quantized_checkpoint(hp.model):
+        self._source = self._writer = None
+        if hp.streaming:
+            if is_quantized_checkpoint(hp.model):
+                raise MisconfigurationException("streaming quantizes a full-precision model; this one is already quantized")
+            folder = self._streaming_folder()
+            lm, self.tokenizer = skeleton(folder, dtype=resolve_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code)
+            self._source = WeightSource(folder, dtype=resolve_dtype(hp.dtype))
+        elif is_quantized_checkpoint(hp.model):
             lm, self.tokenizer = load_quantized(os.path.expanduser(hp.model), backend=hp.backend,
                                                 trust_remote_code=hp.trust_remote_code)
         else:
             lm, self.tokenizer = load_causal_lm(hp.model, gguf_file=hp.gguf_file, dtype=hp.dtype,
                                                 trust_remote_code=hp.trust_remote_code, revision=hp.revision)
         object.__setattr__(self, "_lm", lm)  # not a registered submodule (see __init__)
+
+    def _streaming_folder(self) -> Path:
+        """The local folder whose safetensors streaming reads (a GGUF file is converted to one once)."""
+        hp = self.hparams
+        path = Path(os.path.expanduser(hp.model))
+        gguf = path / hp.gguf_file if hp.gguf_file else path if path.suffix.lower() == ".gguf" else None
+        if gguf is None:
+            return path
+        folder = gguf_cache_folder(gguf)
+        if not (folder / "config.json").is_file():  # the one-time conversion holds the model once
+            load_causal_lm(hp.model, gguf_file=hp.gguf_file, dtype=hp.dtype, trust_remote_code=hp.trust_remote_code)
+        return folder
+
+    @property
+    def streams_blocks(self) -> bool:
+        return bool(self.hparams.streaming)
 
     @property
     def lm(self) -> nn.Module:
@@ -248,6 +280,14 @@ class GPTQModule(LightningModule):
             )
         if self.is_quantized:
             raise MisconfigurationException(f"{self.hparams.model} is already quantized; fit needs a full-precision model")
+        if self.hparams.streaming:
+            wanted = [f"--model.{k}=false" for k in ("eval_before", "eval_after", "latency") if self.hparams[k]]
+            if wanted or not self.hparams.save_quantized:
+                raise MisconfigurationException(
+                    "streaming never holds the whole model, so it cannot score or time it during fit, and the written "
+                    "folder is its only result: " + (f"set {' '.join(wanted)}" if wanted else "keep save_quantized=true")
+                    + "; then score the written model with `validate --model.model <output_dir>/model`."
+                )
         if not any(isinstance(cb, GPTQCallback) for cb in self.trainer.callbacks):
             raise MisconfigurationException("fit quantizes through GPTQCallback: add it to the Trainer's callbacks")
         if any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks):
@@ -309,9 +349,14 @@ class GPTQModule(LightningModule):
         _describe_progress(self.trainer.progress_bar_callback, stage.describe(num_blocks))
         if stage.kind == "capture":
             self._inputs = BlockInputs(hidden=[], kwargs=[], block_overrides=[])
+            if self._source is not None:
+                for module in self._outside_blocks():
+                    self._source.materialize(self._lm, module)
             return
         if stage.kind == "quantize":
             return
+        if self._source is not None and stage.kind == "calibrate" and stage.group == 0:
+            self._source.materialize(self._lm, self._block(stage.block))
         block = self._block(stage.block).to(self.device)
         if stage.kind == "calibrate":
             if stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
@@ -345,6 +390,9 @@ class GPTQModule(LightningModule):
     def on_train_epoch_end(self) -> None:
         stage = self.stage
         if stage.kind == "capture":
+            if self._source is not None:  # not needed again: the writer copies them from the files
+                for module in self._outside_blocks():
+                    release(module)
             return
         if stage.kind == "quantize":
             self._quantize_without_calibration()
@@ -362,6 +410,8 @@ class GPTQModule(LightningModule):
             self._next_hidden = []
             if self.device.type != "cpu":
                 self._block(stage.block).to("cpu")
+            if self._source is not None:
+                self._stream_out(stage.block)
             num_blocks = len(self.adapter.blocks(self._lm))
             for callback in self.trainer.callbacks:
                 if isinstance(callback, BlockCheckpoint):
@@ -393,15 +443,37 @@ class GPTQModule(LightningModule):
                         "sink_tokens": getattr(hessian, "sink_tokens", None), "sink_weight": getattr(hessian, "sink_weight", None),
                         "sink_layers": getattr(hessian, "sink_layers", None),
                         "sink_block_weights": dict(getattr(hessian, "block_weights", {}))}
-            save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model", checkpoint_format=self.hparams.checkpoint_format,
-                           max_shard_size=self.hparams.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
-                           static_groups=quant.static_groups, true_sequential=self.hparams.true_sequential,
-                           settings=settings, dtype=self.hparams.save_dtype)
+            if self._writer is not None:
+                self._writer.finish(self._lm, self.tokenizer, self._source, damp_percent=quant.damp,
+                                    static_groups=quant.static_groups, true_sequential=self.hparams.true_sequential,
+                                    settings={**settings, "streamed": True})
+            else:
+                save_quantized(self._lm.to("cpu"), self.tokenizer, out / "model", checkpoint_format=self.hparams.checkpoint_format,
+                               max_shard_size=self.hparams.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
+                               static_groups=quant.static_groups, true_sequential=self.hparams.true_sequential,
+                               settings=settings, dtype=self.hparams.save_dtype)
             self.timings["save"] = time.perf_counter() - start
             rank_zero_info(f"quantized model saved to {out / 'model'}")
         if self.trainer.is_global_zero:
             paths = write_summary(self, out)
             rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
+
+    def _outside_blocks(self) -> list[nn.Module]:
+        """The blocks' owner's other children (embeddings, rotary, final norm): what capture runs or moves."""
+        owner, attribute = self.adapter.blocks_location(self._lm)
+        return [child for name, child in owner.named_children() if name != attribute]
+
+    def _stream_out(self, index: int) -> None:
+        """Write quantized block ``index`` to the output folder's staging area, then free it."""
+        start = time.perf_counter()
+        block = self._block(index)
+        if self.trainer.is_global_zero:
+            if self._writer is None:
+                self._writer = StreamingWriter(self.output_dir() / "model", checkpoint_format=self.hparams.checkpoint_format,
+                                               dtype=self.hparams.save_dtype)
+            self._writer.add_block(self._block_prefix(index), block)
+        release(block)
+        self.timings["save"] += time.perf_counter() - start
 
     # -- resume (see resume.py) --------------------------------------------------------------------
     @property

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.nn import QuantLinear, replace_submodule
@@ -107,6 +107,10 @@ class BlockCheckpoint(ModelCheckpoint):
     def on_block_propagated(self, trainer, pl_module, block_index: int, num_blocks: int) -> None:
         """Called by ``GPTQModule`` once block ``block_index``'s outputs are cached as the next inputs."""
         if self.every_n_blocks == 0 or block_index + 1 == num_blocks:  # the last block: fit is about done
+            return
+        if getattr(pl_module, "streams_blocks", False):
+            if block_index == 0:
+                rank_zero_warn("BlockCheckpoint: resuming a streaming fit is not supported yet; no resume checkpoints")
             return
         if (block_index + 1) % self.every_n_blocks:
             return

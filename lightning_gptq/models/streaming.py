@@ -1,0 +1,100 @@
+"""Models bigger than memory: a skeleton on the meta device, real weights one block at a time.
+
+``skeleton(folder)`` builds the model from its config with every parameter on the meta device (no
+memory; buffers such as rotary tables stay real). ``WeightSource`` reads a local folder's
+safetensors (one file, or shards with an index) and ``materialize``s the parameters of one module
+(an embedding stage, a decoder block) from them; ``release`` sends a module's tensors back to the
+meta device. Reading goes through memory maps that are closed after each module, so the pages read
+do not stay in the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_gptq.checkpoint.shards import Shards
+
+__all__ = ["WeightSource", "skeleton", "release", "StreamingError"]
+
+
+class StreamingError(ValueError):
+    """The model cannot be streamed (not a local folder with safetensors, or a tensor is missing)."""
+
+
+def skeleton(folder: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code: bool = False):
+    """``(model, tokenizer)``: ``folder``'s causal LM with its parameters on the meta device."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_gptq.checkpoint.hf import parameters_on_meta
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def release(module: nn.Module) -> None:
+    """Free ``module``'s parameters and buffers (they move to the meta device, shapes kept)."""
+    module.to("meta")
+
+
+class WeightSource:
+    """The weights of a local Hugging Face folder, read tensor by tensor."""
+
+    def __init__(self, folder: str | os.PathLike, dtype: torch.dtype):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise StreamingError(f"Streaming reads a local model folder with safetensors; {str(self.folder)!r} is not one.")
+        try:
+            self.shards = Shards(self.folder)
+        except Exception as error:  # noqa: BLE001 - say what streaming needs, with the reader's reason
+            raise StreamingError(f"Streaming needs the model as safetensors files: {error}") from None
+        self.dtype = dtype
+
+    def names(self) -> list[str]:
+        return list(self.shards.shapes)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.shards.get(name)
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def materialize(self, model: nn.Module, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        """Give every meta parameter (and persistent meta buffer) of ``module`` its value from the files."""
+        prefix = next((n for n, m in model.named_modules() if m is module), None)
+        if prefix is None:
+            raise StreamingError(f"{type(module).__name__} is not part of the model")
+        tied = {}
+        embeddings = model.get_input_embeddings()
+        if getattr(model.config, "tie_word_embeddings", False) and model.get_output_embeddings() is not None:
+            tied[id(model.get_output_embeddings().weight)] = embeddings
+        try:
+            for owner_name, owner in module.named_modules():
+                for leaf, param in list(owner._parameters.items()):
+                    if param is None or param.device.type != "meta":
+                        continue
+                    full = ".".join(p for p in (prefix, owner_name, leaf) if p)
+                    if full in self.shards.shapes:
+                        value = self.get(full)
+                    elif id(param) in tied:  # a tied head: the input embedding's weight
+                        if embeddings.weight.device.type == "meta":
+                            self.materialize(model, embeddings, device)
+                        owner._parameters[leaf] = embeddings.weight
+                        continue
+                    else:
+                        raise StreamingError(f"{self.folder}: no tensor {full!r} in the safetensors files")
+                    if tuple(value.shape) != tuple(param.shape):
+                        raise StreamingError(f"{self.folder}: {full!r} has shape {tuple(value.shape)}, the model "
+                                             f"expects {tuple(param.shape)}")
+                    owner._parameters[leaf] = nn.Parameter(value.to(device), requires_grad=False)
+                for leaf, buffer in list(owner._buffers.items()):
+                    full = ".".join(p for p in (prefix, owner_name, leaf) if p)
+                    if buffer is not None and buffer.device.type == "meta" and full in self.shards.shapes:
+                        owner._buffers[leaf] = self.get(full).to(device)
+        finally:
+            self.shards.close()  # unmap: pages read must not stay resident
