@@ -49,3 +49,16 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     (model_dir / "model.safetensors").rename(model_dir / "weights.bin")
     with pytest.raises(Exception, match="safetensors"):
         GPTQModule(str(model_dir), streaming=True)
+
+
+def test_dry_run_of_a_streaming_fit_counts_one_block(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    run = main(["fit", *cli_args(model_dir, tmp_path / "r", "--model.eval_after=false", "--model.latency=false",
+                                 "--model.streaming=true", "--model.dry_run=true", f"--model.output_dir={tmp_path / 'o'}")])
+    plan = run.model.plan.to_dict()
+    lm = run.model.lm
+    block = sum(p.numel() * 4 for p in lm.model.layers[0].parameters())
+    outside = sum(p.numel() * 4 for p in [lm.model.embed_tokens.weight, lm.model.norm.weight])
+    assert plan["bytes"]["of which weights"] == block + outside
+    assert all(p.device.type == "meta" for p in lm.parameters())  # measured, then freed again
+    assert not (tmp_path / "o" / "model").exists()

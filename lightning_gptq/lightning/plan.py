@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, run_block
+from lightning_gptq.models.streaming import release
 from lightning_gptq.models.adapters import is_output_projection, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.quant_linear import n_groups_for
@@ -120,9 +121,19 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     plan = FitPlan(available=available_bytes())
 
     layers = [m for b in blocks for m in adapter.linear_layers(b).values()]
-    plan.seconds = _time_stages(module, blocks, adapter, quant, batches, calibrates, layers)
+    streaming = getattr(module, "streams_blocks", False)
+    outside = module._outside_blocks() if streaming else []
+    if streaming:  # only what streaming holds at once: the embedding stage (capture), then one block
+        for part in [*outside, blocks[0]]:
+            module._source.materialize(lm, part)
+    try:
+        plan.seconds = _time_stages(module, blocks, adapter, quant, batches, calibrates, layers)
+        now = resident_bytes()  # after the timing ran the model: memory-mapped weights are paged in
+    finally:
+        if streaming:
+            for part in [*outside, blocks[0]]:
+                release(part)
     weights = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
-    now = resident_bytes()  # after the timing ran the whole model: memory-mapped weights are all paged in
     cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
     hessians = max(sum(w * w * 4 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
@@ -130,6 +141,12 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     solve_ws = 4 * 3 * (linear_in_features(widest) * linear_out_features(widest) + linear_in_features(widest) ** 2)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     scoring = 4 * 3 * dm.eval_seqlen * vocab if (module.hparams.eval_after and dm.eval_datasets) else 0
+    if streaming:
+        block_bytes = max(sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks)
+        outside_bytes = sum(t.numel() * t.element_size() for m in outside for t in m.parameters())
+        # `now` holds block 0 and the embedding stage; the largest block replaces block 0 later
+        now += block_bytes - sum(t.numel() * t.element_size() for t in blocks[0].parameters())
+        weights = block_bytes + outside_bytes
     plan.bytes = {
         "resident now": now, "of which weights": weights, "activation cache": cache, "Hessians (one block)": hessians,
         "block transient": transient, "solve workspace": solve_ws, "scoring logits": scoring,
@@ -186,7 +203,9 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
         seconds["solve"] = t_solve * sum(cost(m) for m in layers) / cost(layer)
     else:
         seconds["quantize (RTN)"] = 0.0
-    if module.hparams.eval_after and dm.eval_datasets:
+    if getattr(module, "streams_blocks", False):
+        pass  # the whole model never runs while streaming
+    elif module.hparams.eval_after and dm.eval_datasets:
         windows = 0
         for name in dm.eval_datasets:
             n = dm.eval_tokens(name, module.tokenizer).numel() // dm.eval_seqlen
