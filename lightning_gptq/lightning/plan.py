@@ -158,9 +158,9 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     scale_bytes = torch.empty((), dtype=getattr(torch, module.hparams.save_dtype or "float32")).element_size() \
         if module.hparams.save_dtype else itemsize
     quantized = sum(_packed_bytes(m, quant, scale_bytes) for m in layers)
-    dense_rest = weights - sum(weight_out_in(m).numel() * itemsize for m in layers)
+    dense_rest = model_bytes - sum(weight_out_in(m).numel() * itemsize for m in layers)
     plan.disk = {"quantized model": quantized + dense_rest * scale_bytes // itemsize}
-    if resume and calibrates:
+    if resume and calibrates and not streaming:
         plan.disk["resume checkpoint"] = cache + quantized  # at the last block; written next to the old one
         plan.disk["peak"] = plan.disk["quantized model"] + 2 * plan.disk["resume checkpoint"]
 
