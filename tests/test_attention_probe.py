@@ -23,8 +23,11 @@ def test_probe_reports_the_eager_attention_and_changes_nothing(arch, implementat
     layers = [m for b in blocks for m in attention_layers(b)]
     assert len(layers) == len(blocks)
     got: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), probe_attention(layers, lambda m, received: got.setdefault(id(m), received)):
+    firsts: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), probe_attention(layers, lambda m, received, q, k: got.setdefault(id(m), received)):
         probed = model(ids).logits
+    with torch.no_grad(), probe_attention(layers, lambda m, received, q, k: firsts.setdefault(id(m), received), first=2):
+        model(ids)
     assert torch.equal(plain, probed), "the probe changed the model's output"
     assert model.config._attn_implementation == implementation
 
@@ -33,6 +36,7 @@ def test_probe_reports_the_eager_attention_and_changes_nothing(arch, implementat
         attentions = model(ids, output_attentions=True).attentions  # per block [batch, heads, q, k]
     for layer, probs in zip(layers, attentions):
         torch.testing.assert_close(got[id(layer)], probs.float().sum(dim=-2), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(firsts[id(layer)], probs.float().sum(dim=-2)[..., :2], rtol=1e-4, atol=1e-5)
     if arch in ("mistral", "gemma3"):  # sliding layers (window 4 < 16): position 0 is out of reach of late queries
         assert got[id(layers[0])][..., 0].max() < 5
 
@@ -42,5 +46,5 @@ def test_probe_refuses_attention_it_cannot_read():
     block = get_adapter(model).blocks(model)[0]
     assert attention_layers(block) == []
     with pytest.raises(AttentionProbeError, match="numeric sink_weight"):
-        with probe_attention(attention_layers(block), lambda m, r: None):
+        with probe_attention(attention_layers(block), lambda *a: None):
             pass

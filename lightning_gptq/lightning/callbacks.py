@@ -130,7 +130,8 @@ class HessianCapture(Callback):
             self._handles[name] = layer.register_forward_hook(make_hook(name))
         if self.measured and weighted:
             self._mass = [0.0, 0.0]
-            self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention))
+            self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention,
+                                                      first=self.sink_tokens))
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         self._detach()
@@ -182,12 +183,13 @@ class HessianCapture(Callback):
             raise RuntimeError("sink_weight='attention' saw no attention in this block's calibration passes.")
         return first / rest
 
-    def _record_attention(self, module, received: torch.Tensor) -> None:
-        """``received`` [batch, heads, keys]: attention mass per key, summed over queries."""
-        keys = received.shape[-1]
-        s = min(self.sink_tokens, keys - 1)
-        self._mass[0] += received[..., :s].sum().item() / s
-        self._mass[1] += received[..., s:].sum().item() / (keys - s)
+    def _record_attention(self, module, received: torch.Tensor, queries: int, keys: int) -> None:
+        """``received`` [batch, heads, s]: attention mass the first ``s`` keys get, summed over ``queries``
+        (each query's row sums to 1, so the other ``keys − s`` keys share the rest)."""
+        s = received.shape[-1]
+        first = received.sum().item()
+        self._mass[0] += first / s
+        self._mass[1] += (received.shape[0] * received.shape[1] * queries - first) / (keys - s)
 
     def _weighted_layers(self, ctx: BlockContext) -> set[str]:
         if self.sink_layers == "all":

@@ -4,8 +4,8 @@
 attention function that first calls the layer's own implementation (sdpa, eager, ...; its output is
 returned untouched, so the model computes exactly what it computed before) and then recomputes the
 softmax probabilities from the same ``query``/``key``/mask in fp32 and reports, per key position,
-the attention mass it receives summed over queries: ``record(module, received)`` with ``received``
-``[batch, heads, keys]``. Only layers that call transformers' attention interface (LLaMA, Mistral,
+the attention mass it receives summed over queries: ``record(module, received, queries, keys)`` with
+``received`` ``[batch, heads, keys]``. Only layers that call transformers' attention interface (LLaMA, Mistral,
 Qwen2, Gemma, OPT, GPT-NeoX, ... in transformers 5) can be probed; ``attention_layers`` finds them.
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 __all__ = ["PROBE_NAME", "AttentionProbeError", "attention_layers", "probe_attention", "received_attention"]
 
 PROBE_NAME = "lightning_gptq_probe"
-_ACTIVE: dict[int, tuple[Callable, Callable]] = {}  # id(attention module) -> (its own function, record)
+_ACTIVE: dict[int, tuple[Callable, Callable, int | None]] = {}  # id(module) -> (its own function, record, first)
 _QUERY_CHUNK = 256  # query rows per softmax, so a 2048-token window needs heads x 256 x 2048 floats at a time
 
 
@@ -43,8 +43,11 @@ def attention_layers(block: nn.Module) -> list[nn.Module]:
     return found
 
 
-def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None, **kwargs) -> Tensor:
-    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries, in fp32.
+def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
+                       first: int | None = None, **kwargs) -> Tensor:
+    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries, in fp32; with
+    ``first``, only the first ``first`` keys' columns (``[batch, heads, first]``; cheaper: the
+    probabilities are never formed, only each row's log-sum-exp).
 
     ``query`` ``[batch, heads, queries, dim]``, ``key`` ``[batch, kv_heads, keys, dim]`` as the attention
     interface receives them (rotary applied, grouped-query keys not yet repeated).
@@ -60,7 +63,8 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
     causal = getattr(module, "is_causal", True) if causal is None else causal
     window = kwargs.get("sliding_window")
     k = key.float().transpose(-1, -2)
-    received = torch.zeros(batch, heads, keys, dtype=torch.float32, device=query.device)
+    received = torch.zeros(batch, heads, keys if first is None else min(first, keys), dtype=torch.float32,
+                           device=query.device)
     key_pos = torch.arange(keys, device=query.device)
     for start in range(0, queries, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, queries)
@@ -69,14 +73,21 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
             logits = torch.tanh(logits / softcap) * softcap
         if attention_mask is not None:
             mask = attention_mask[:, :, start:stop, :keys]
-            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+            if mask.dtype == torch.bool:
+                logits.masked_fill_(~mask, float("-inf"))
+            else:
+                logits += mask.float()
         elif causal and queries > 1:
             query_pos = torch.arange(start, stop, device=query.device)[:, None] + (keys - queries)
             allowed = key_pos[None, :] <= query_pos
             if window:
                 allowed &= key_pos[None, :] > query_pos - window
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        received += torch.softmax(logits, dim=-1).sum(dim=-2)
+            logits.masked_fill_(~allowed, float("-inf"))
+        if first is None:
+            received += torch.softmax(logits, dim=-1).sum(dim=-2)
+        else:
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            received += torch.exp(logits[..., : received.shape[-1]] - lse).sum(dim=-2)
     return received
 
 
@@ -88,10 +99,11 @@ def _own_function(module: nn.Module, implementation: str | None) -> Callable:
 
 
 def _probe_forward(module, query, key, value, attention_mask, *args, **kwargs):
-    own, record = _ACTIVE[id(module)]
+    own, record, first = _ACTIVE[id(module)]
     output = own(module, query, key, value, attention_mask, *args, **kwargs)
     with torch.no_grad():
-        record(module, received_attention(module, query, key, attention_mask, **kwargs))
+        received = received_attention(module, query, key, attention_mask, first=first, **kwargs)
+        record(module, received, query.shape[2], key.shape[2])
     return output
 
 
@@ -111,8 +123,12 @@ def _registered_probe(implementation: str | None) -> str:
 
 
 @contextmanager
-def probe_attention(modules: list[nn.Module], record: Callable[[nn.Module, Tensor], None]) -> Iterator[None]:
-    """While active, each module in ``modules`` also calls ``record(module, received [batch, heads, keys])``.
+def probe_attention(modules: list[nn.Module], record: Callable[..., None],
+                    first: int | None = None) -> Iterator[None]:
+    """While active, each module in ``modules`` also calls ``record(module, received, queries, keys)`` with
+    ``received`` ``[batch, heads, keys]``
+    (``[batch, heads, first]`` with ``first``: the attention received by the first keys only; every
+    query's row sums to 1, so the rest is ``queries − received.sum(-1)`` per batch and head).
 
     The modules' configs are switched to the probe's name and restored on exit. A config shared with
     layers outside ``modules`` (every block of a model shares one) is switched too, so only run the
@@ -126,7 +142,7 @@ def probe_attention(modules: list[nn.Module], record: Callable[[nn.Module, Tenso
     configs = {id(m.config): m.config for m in modules}
     saved = {key: config._attn_implementation for key, config in configs.items()}
     for module in modules:
-        _ACTIVE[id(module)] = (_own_function(module, module.config._attn_implementation), record)
+        _ACTIVE[id(module)] = (_own_function(module, module.config._attn_implementation), record, first)
     try:
         for config in configs.values():
             config._attn_implementation_internal = _registered_probe(saved[id(config)])  # sub-configs keep theirs
