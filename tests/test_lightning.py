@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import subprocess
+import warnings
 import sys
 
 import pytest
@@ -560,3 +561,26 @@ def test_fit_equals_the_reference_driver_bit_for_bit(tmp_path, monkeypatch):
     assert len(reference) == sum(isinstance(m, QuantLinear) for m in saved.modules())
     for name, weight in reference.items():
         assert torch.equal(saved.get_submodule(name).dequantize(), weight), name
+
+
+def test_measured_sink_weight_falls_back_to_the_reference_where_attention_cannot_be_read(tmp_path):
+    """BLOOM computes attention inline: ``sink_weight='attention'`` warns and uses the plain Hessian."""
+    from lightning_gptq.lightning import BlockContext
+
+    lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "bloom")))
+    adapter = get_adapter(lm)
+    inputs = capture_block_inputs(lm, adapter, torch.randint(4, 90, (2, 10)))
+    block = adapter.blocks(lm)[0]
+    hessians = {}
+    for capture in (HessianCapture(), HessianCapture(sink_weight="attention", sink_layers="attention")):
+        ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            capture.on_block_start(None, None, ctx)
+        for j, h in enumerate(inputs.hidden):
+            run_block(block, h, inputs.kwargs_for(0, j))
+        capture.on_block_end(None, None, ctx)
+        hessians[capture.sink_weight] = {n: a.hessian for n, a in ctx.hessians.items()}
+    assert any("cannot be measured" in str(w.message) for w in caught)
+    for name, h in hessians[1.0].items():
+        assert torch.equal(h, hessians["attention"][name]), name

@@ -82,6 +82,7 @@ class HessianCapture(Callback):
         self._first: dict[str, HessianAccumulator] = {}  # "attention": leading positions, weighed at block end
         self._mass = [0.0, 0.0]  # "attention": attention received by the leading positions, by all others
         self._probe = ExitStack()
+        self._warned = False
 
     @property
     def measured(self) -> bool:
@@ -94,6 +95,13 @@ class HessianCapture(Callback):
         first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
         pending = set(ctx.layers)
         weighted = self._weighted_layers(ctx) if self._reweighs() else set()
+        if self.measured and weighted and not attention_layers(ctx.block):
+            if not self._warned:
+                rank_zero_warn("HessianCapture(sink_weight='attention'): this model computes attention outside "
+                               "transformers' attention interface, so the attention a position receives cannot be "
+                               "measured; every position counts 1 (the reference GPTQ Hessian).")
+                self._warned = True
+            weighted = set()
 
         def make_hook(name: str):
             def hook(module, args, output):
@@ -196,6 +204,8 @@ class HessianCapture(Callback):
             return set(ctx.layers)
         paths = {id(m): n for n, m in ctx.block.named_modules()}
         prefixes = [paths[id(m)] + "." if paths[id(m)] else "" for m in attention_layers(ctx.block)]
+        if not prefixes and self.measured:
+            return set(ctx.layers)  # on_block_start falls back to the plain Hessian, with a warning
         if not prefixes:
             raise MisconfigurationException(
                 "HessianCapture.sink_layers='attention': found no attention layer in this block; use sink_layers='all'."
