@@ -197,8 +197,8 @@ class StreamingWriter:
 
     def finish(self, model: nn.Module, tokenizer, source_tensors, *, damp_percent: float = 0.01,
                static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None) -> Path:
-        """``source_tensors``: name -> tensor loader (``WeightSource``-like: ``names()``, ``get(name)``) for
-        the unquantized tensors outside the blocks."""
+        """``source_tensors``: the model's own files (``WeightSource``: ``names()``, ``dtype_of``,
+        ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks."""
         if not self.blocks or len(self.grids) != 1:
             raise ValueError(f"the GPTQ format holds one (bits, group_size, sym) per model; got {sorted(self.grids)}")
         bits, group_size, sym = next(iter(self.grids))
@@ -222,19 +222,23 @@ class StreamingWriter:
             digests[file] = shard_io.sha256(self.staging / file)
             weight_map.update({n: file for n in state})
             size += sum(t.numel() * t.element_size() for t in state.values())
-        rest = {}
-        for name in source_tensors.names():
-            if any(name.startswith(p) for p in self.prefixes):
-                continue
-            tensor = source_tensors.get(name)
-            rest[name] = tensor.to(self.cast) if self.cast is not None and tensor.is_floating_point() else tensor
-        save_file(rest, str(self.staging / names[-1]), metadata={"format": "pt"})
+        # The unquantized tensors (embeddings, head: the largest tensors of a big model) go straight
+        # from the source files to the last shard in pieces, never whole in memory.
+        rest = [n for n in source_tensors.names() if not any(n.startswith(p) for p in self.prefixes)]
+        entries = [(n, source_tensors.dtype_of(n, self.cast), source_tensors.shape_of(n),
+                    lambda n=n: source_tensors.chunks(n, self.cast)) for n in rest]
+        shard_io.write_streamed(self.staging / names[-1], entries, metadata={"format": "pt"})
         digests[names[-1]] = shard_io.sha256(self.staging / names[-1])
         weight_map.update({n: names[-1] for n in rest})
-        size += sum(t.numel() * t.element_size() for t in rest.values())
+        rest_dtypes = [e[1] for e in entries]
+        for _, dtype, shape, _ in entries:
+            count = 1
+            for d in shape:
+                count *= d
+            size += count * torch.empty((), dtype=dtype).element_size()
         index = {"metadata": {"total_size": size, "sha256": digests}, "weight_map": weight_map}
         (self.staging / shard_io.INDEX).write_text(json.dumps(index, indent=2))
-        dtype = next((t.dtype for t in rest.values() if t.is_floating_point()), torch.float32)
+        dtype = next((d for d in rest_dtypes if d.is_floating_point), torch.float32)
         gptq = GPTQSettings(bits=bits, group_size=group_size, desc_act=self.act_order, sym=sym, checkpoint_format=fmt,
                             damp_percent=damp_percent, static_groups=static_groups, true_sequential=true_sequential,
                             meta=_meta(settings, digests))

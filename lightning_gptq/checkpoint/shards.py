@@ -37,6 +37,57 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+# safetensors' dtype names and torch's
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_CHUNK = 1 << 24  # bytes per read/write when streaming a tensor
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """``(header, data start)`` of a safetensors file: ``header[name] = {dtype, shape, data_offsets}``."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def _bytes_of(tensor: Tensor) -> memoryview:
+    """The tensor's bytes without a copy (contiguous CPU tensors of any dtype, bf16 included)."""
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def write_streamed(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...], object]],
+                   metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor: ``entries`` are ``(name, dtype, shape, chunks)`` with
+    ``chunks()`` yielding the tensor's bytes in order (so no tensor, let alone the file, need be in
+    memory whole). The layout is the format's: 8-byte header length, JSON header, then the data."""
+    header, offset = {}, 0
+    for name, dtype, shape, _ in entries:
+        nbytes = torch.empty((), dtype=dtype).element_size()
+        for d in shape:
+            nbytes *= d
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for name, _, _, chunks in entries:
+            written = 0
+            for chunk in chunks():
+                f.write(chunk)
+                written += len(chunk)
+            start, end = header[name]["data_offsets"]
+            if written != end - start:
+                raise RuntimeError(f"{path}: {name} wrote {written} bytes, expected {end - start}")
+
+
 def write(tensors: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> dict[str, str]:
     """Write ``tensors`` as ``model.safetensors``, or shards + index when larger than ``max_shard_size``.
     Returns ``{file name: sha256}``."""
@@ -128,6 +179,52 @@ class Shards:
 
     def close(self) -> None:
         self._open.clear()
+
+    def _locate(self, name: str) -> tuple[Path, dict, int]:
+        file = self.file_of[name]
+        if not hasattr(self, "_headers"):
+            self._headers: dict[str, tuple[dict, int]] = {}
+        if file not in self._headers:
+            self._headers[file] = read_header(self.folder / file)
+        header, start = self._headers[file]
+        return self.folder / file, header[name], start
+
+    def read(self, name: str) -> Tensor:
+        """``name`` read with plain file I/O into a new tensor: unlike ``get`` (a memory map), the pages
+        read are not counted in this process's resident memory, and nothing else is kept."""
+        path, entry, start = self._locate(name)
+        tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+        begin, end = entry["data_offsets"]
+        view = _bytes_of(tensor) if tensor.numel() else memoryview(b"")
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            if f.readinto(view) != end - begin:
+                raise CheckpointError(f"{path}: tensor {name!r} is cut short (file truncated?)")
+        return tensor
+
+    def chunks(self, name: str, dtype: torch.dtype | None = None):
+        """``name``'s bytes in pieces of about 16 MB, converted to ``dtype`` on the way when given."""
+        path, entry, start = self._locate(name)
+        source = _DTYPES[entry["dtype"]]
+        begin, end = entry["data_offsets"]
+        item = torch.empty((), dtype=source).element_size()
+        step = max(item, _CHUNK // item * item)
+        with open(path, "rb") as f:
+            f.seek(start + begin)
+            remaining = end - begin
+            while remaining:
+                piece = bytearray(f.read(min(step, remaining)))
+                if not piece:
+                    raise CheckpointError(f"{path}: tensor {name!r} is cut short (file truncated?)")
+                remaining -= len(piece)
+                if dtype is None or dtype == source:
+                    yield bytes(piece)
+                else:
+                    values = torch.frombuffer(piece, dtype=source).to(dtype)
+                    yield _bytes_of(values).tobytes()
+
+    def dtype_of(self, name: str) -> torch.dtype:
+        return _DTYPES[self._locate(name)[1]["dtype"]]
 
     @property
     def total_bytes(self) -> int:

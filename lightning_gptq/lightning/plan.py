@@ -133,7 +133,7 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
         if streaming:
             for part in [*outside, blocks[0]]:
                 release(part)
-    weights = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
+    weights = model_bytes = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
     cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
     hessians = max(sum(w * w * 4 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))

@@ -4,8 +4,8 @@
 memory; buffers such as rotary tables stay real). ``WeightSource`` reads a local folder's
 safetensors (one file, or shards with an index) and ``materialize``s the parameters of one module
 (an embedding stage, a decoder block) from them; ``release`` sends a module's tensors back to the
-meta device. Reading goes through memory maps that are closed after each module, so the pages read
-do not stay in the process's resident memory.
+meta device. Reading uses plain file I/O into freshly allocated tensors (no memory maps), so the pages read are
+never counted in the process's resident memory and nothing is read twice.
 """
 
 from __future__ import annotations
@@ -61,8 +61,21 @@ class WeightSource:
         return list(self.shards.shapes)
 
     def get(self, name: str) -> torch.Tensor:
-        tensor = self.shards.get(name)
+        tensor = self.shards.read(name)  # plain file reads: nothing stays mapped into this process
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    def chunks(self, name: str, dtype: torch.dtype | None = None):
+        """``name``'s bytes in pieces (cast to ``dtype``, default the model dtype for floating tensors)."""
+        source = self.shards.dtype_of(name)
+        target = (dtype or self.dtype) if source.is_floating_point else None
+        return self.shards.chunks(name, target)
+
+    def dtype_of(self, name: str, dtype: torch.dtype | None = None) -> torch.dtype:
+        source = self.shards.dtype_of(name)
+        return (dtype or self.dtype) if source.is_floating_point else source
+
+    def shape_of(self, name: str) -> tuple[int, ...]:
+        return tuple(self.shards.shapes[name])
 
     def materialize(self, model: nn.Module, module: nn.Module, device: torch.device | str = "cpu") -> None:
         """Give every meta parameter (and persistent meta buffer) of ``module`` its value from the files."""
