@@ -1,11 +1,15 @@
-"""Peak resident memory of a streaming ``fit`` against the model's fp32 size, and the dry run's estimate.
+"""Peak resident memory and time of a ``fit`` against the model's fp32 size, and the dry run's estimate.
 
-Runs ``python -m lightning_gptq fit --model.streaming=true`` on a local model folder in a child
-process (small calibration: this is about memory), reads the child's peak RSS from the kernel, and
-first runs the same command with ``--model.dry_run=true`` to set its estimate beside the measurement.
+Runs ``python -m lightning_gptq fit`` (``--model.streaming=true`` unless ``--in-memory``) in a child
+process, reads the child's peak RSS from the kernel and its stage times from ``summary.json``, and
+first runs the same command with ``--model.dry_run=true`` to set its estimates beside them. Extra
+CLI arguments go after ``--``.
 
     python scripts/make_synthetic_llama.py --out /tmp/llama-1b
     python scripts/measure_streaming.py /tmp/llama-1b --nsamples 8 --seqlen 512
+    python scripts/measure_streaming.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --in-memory --nsamples 16 \
+        --seqlen 2048 -- --config configs/smollm2-135m.yaml --model.gguf_file=null --data.eval_max_windows=16 \
+        "--data.eval_datasets=[ptb-valid=../shared/data/ptb/ptb.valid.txt]" --model.eval_after=true
 """
 
 from __future__ import annotations
@@ -40,33 +44,39 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--in-memory", action="store_true", help="also run the ordinary in-memory fit")
+    parser.add_argument("--in-memory", action="store_true", help="the ordinary fit (the whole model in memory)")
+    parser.add_argument("extra", nargs="*", help="more CLI arguments (after --)")
     args = parser.parse_args()
 
     folder = Path(args.model)
-    fp32 = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    files = list(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
+    fp32 = sum(p.stat().st_size for p in files)
     root = Path(tempfile.mkdtemp(prefix="streaming-"))
     common = ["fit", f"--model.model={folder}", f"--data.calibration={SHARED / 'data/calibration/wikipedia-vital-leads.txt'}",
               f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}", "--data.eval_datasets=[]",
               "--model.eval_after=false", "--model.latency=false", f"--gptq.quant.bits={args.bits}",
               "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}"]
+    if args.extra:  # a --config must come first for the other arguments to override it
+        configs = [a for a in args.extra if a.startswith("--config")]
+        common = [common[0], *configs, *common[1:], *[a for a in args.extra if a not in configs]]
+    mode = [] if args.in_memory else ["--model.streaming=true"]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    _, _ = run([*common, "--model.streaming=true", "--model.dry_run=true", f"--model.output_dir={root / 'plan'}"])
+    _, _ = run([*common, *mode, "--model.dry_run=true", f"--model.output_dir={root / 'plan'}"])
     plan = json.loads((root / "plan" / "plan.json").read_text())
-    seconds, peak = run([*common, "--model.streaming=true", f"--model.output_dir={root / 'streamed'}"])
-    summary = json.loads((root / "streamed" / "summary.json").read_text())
-    print(f"model {folder}: {fp32 / 2**30:.2f} GiB of fp32 safetensors")
-    print(f"streaming fit: peak RSS {peak / 2**20:,.0f} MiB = {peak / fp32:.1%} of fp32 (goal < 30%), {seconds:.0f} s")
+    seconds, peak = run([*common, *mode, f"--model.output_dir={root / 'fit'}"])
+    summary = json.loads((root / "fit" / "summary.json").read_text())
+    label = "in-memory" if args.in_memory else "streaming"
+    print(f"model {folder}: {fp32 / 2**30:.2f} GiB on disk")
+    print(f"{label} fit: peak RSS {peak / 2**20:,.0f} MiB = {peak / fp32:.1%} of the files, {seconds:.0f} s")
     print(f"dry run estimate: peak {plan['bytes']['peak'] / 2**20:,.0f} MiB ({plan['bytes']['peak'] / peak - 1:+.0%}), "
           f"time {plan['seconds']['total']:.0f} s vs fit {summary['timings_s'].get('total_fit', 0):.0f} s "
           f"({plan['seconds']['total'] / max(summary['timings_s'].get('total_fit', 1), 1e-9) - 1:+.0%})")
-    for stage in ("calibrate", "propagate", "solve"):
-        measured = summary["timings_s"].get("hessian" if stage == "calibrate" else stage)
-        if measured:
-            print(f"  {stage}: estimate {plan['seconds'].get(stage, 0):.1f} s, measured {measured:.1f} s")
-    if args.in_memory:
-        seconds, peak = run([*common, f"--model.output_dir={root / 'whole'}"])
-        print(f"in-memory fit: peak RSS {peak / 2**20:,.0f} MiB = {peak / fp32:.1%} of fp32, {seconds:.0f} s")
+    names = {"calibrate": "hessian", "propagate": "propagate", "solve": "solve", "evaluate": "eval_after"}
+    for stage, key in names.items():
+        measured = summary["timings_s"].get(key)
+        if measured and stage in plan["seconds"]:
+            estimate = plan["seconds"][stage]
+            print(f"  {stage}: estimate {estimate:.1f} s, measured {measured:.1f} s ({estimate / measured - 1:+.0%})")
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--calibration", default=str(SHARED / "data" / "calibration" / "wikipedia-vital-leads.txt"))
     parser.add_argument("--seqlen", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--bos", action="store_true", help="put the BOS token at position 0 of every window")
     args = parser.parse_args()
 
     model, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file, dtype="float32")
@@ -79,8 +80,11 @@ def main() -> None:
     model.set_attn_implementation("eager")
     for seqlen in args.seqlen:
         windows = calibration_windows(args.calibration, tokenizer, nsamples=args.windows, seqlen=seqlen, seed=0)
+        if args.bos:
+            windows = windows.clone()
+            windows[:, 0] = tokenizer.bos_token_id
         rows = statistics(model, windows)
-        print(f"\n{model.config.model_type}, {args.windows} windows of {seqlen} tokens")
+        print(f"\n{model.config.model_type}, {args.windows} windows of {seqlen} tokens" + (", BOS first" if args.bos else ""))
         print("| block | mass | a0 | norm q | norm down |\n|---:|---:|---:|---:|---:|")
         for i, r in enumerate(rows):
             print(f"| {i} | {r['mass']:.1f} | {r['a0']:.3f} | {r['norm_q']:.2f} | {r['norm_down']:.2f} |")
