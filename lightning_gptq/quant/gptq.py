@@ -99,11 +99,17 @@ def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3) -> t
     mean_diag = H.diagonal().mean()
     used, retries = damp, 0
     while used <= max_damp:
-        Hd = H.clone()
+        # flip copies, so the damped, reversed copy is the only one (flipping keeps the diagonal);
+        # each n² intermediate is dropped as soon as the next exists (a big layer's peak memory)
+        Hd = H.flip(0, 1)
         Hd.diagonal().add_(used * mean_diag)
-        L, ok = cholesky_lower(Hd.flip(0, 1))
+        L, ok = cholesky_lower(Hd)
+        del Hd
         if ok:
-            U = inverse_upper(L.flip(0, 1))
+            R = L.flip(0, 1)
+            del L
+            U = inverse_upper(R)
+            del R
             if _all_finite(U):
                 return U, used, retries
         used, retries = max(2 * used, 0.01), retries + 1
@@ -143,6 +149,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
     if config.act_order:
         Wt, H = Wt[perm], H[perm][:, perm]
     U, damp, retries = inverse_hessian_cholesky(H, config.damp)
+    del H  # the sweep needs only U
     if retries:
         warnings.warn(
             f"Cholesky failed at damp={config.damp:g}; succeeded at damp={damp:g} after {retries} increases",

@@ -20,10 +20,13 @@ def cholesky_lower(A: Tensor) -> tuple[Tensor, bool]:
     L11, ok = cholesky_lower(A[:h, :h])
     if not ok:
         return L11, False
-    L21 = torch.linalg.solve_triangular(L11, A[h:, :h].T, upper=False).T  # A21 · L11⁻ᵀ
-    L22, ok = cholesky_lower(torch.addmm(A[h:, h:], L21, L21.T, alpha=-1))  # Schur complement
     L = torch.zeros_like(A)
-    L[:h, :h], L[h:, :h], L[h:, h:] = L11, L21, L22
+    L[:h, :h] = L11
+    del L11
+    L[h:, :h] = torch.linalg.solve_triangular(L[:h, :h], A[h:, :h].T, upper=False).T  # A21 · L11⁻ᵀ
+    L21 = L[h:, :h]
+    L22, ok = cholesky_lower(torch.addmm(A[h:, h:], L21, L21.T, alpha=-1))  # Schur complement
+    L[h:, h:] = L22
     return L, ok
 
 
@@ -33,8 +36,8 @@ def inverse_upper(R: Tensor) -> Tensor:
     if n <= BASE:
         return torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
     h = n // 2
-    A, C = inverse_upper(R[:h, :h]), inverse_upper(R[h:, h:])
     out = torch.zeros_like(R)
-    out[:h, :h], out[h:, h:] = A, C
-    out[:h, h:] = -(A @ R[:h, h:]) @ C
+    out[:h, :h] = inverse_upper(R[:h, :h])
+    out[h:, h:] = inverse_upper(R[h:, h:])
+    out[:h, h:] = -(out[:h, :h] @ R[:h, h:]) @ out[h:, h:]
     return out
