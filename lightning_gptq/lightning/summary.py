@@ -71,7 +71,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         hessian.update(sink_layers=capture.sink_layers, block_weights=dict(capture.block_weights))
     dm = module.trainer.datamodule
     records = gptq.summary()
-    layers = [m for m in module.lm.modules() if isinstance(m, QuantLinear) and m.qweight.device.type != "meta"]
+    layers = [m for m in module.lm.modules()  # streamed blocks were written out and freed (meta): not counted
+              if isinstance(m, QuantLinear) and all(b.device.type != "meta" for b in m.buffers())]
     specs = {m.spec() for m in layers}
     kernels = [c for c in choices() if c.spec in specs]
     backends = {b: sum(m.backend == b for m in layers) for b in sorted({m.backend for m in layers})}
