@@ -6,7 +6,11 @@ import torch
 from tiny_models import FACTORIES, token_ids
 
 from lightning_gptq.models import get_adapter
-from lightning_gptq.models.attention_probe import AttentionProbeError, attention_layers, probe_attention
+from lightning_gptq.models.attention_probe import (
+    AttentionProbeError,
+    attention_layers,
+    probe_attention,
+)
 
 PROBED = ["llama", "mistral", "qwen2", "gemma", "gemma3", "opt", "gpt_neox", "gpt2"]
 

@@ -20,14 +20,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, run_block
+from lightning_gptq.models import (
+    capture_block_inputs,
+    estimate_activation_bytes,
+    run_block,
+)
+from lightning_gptq.models.adapters import (
+    is_output_projection,
+    linear_in_features,
+    linear_out_features,
+    weight_out_in,
+)
 from lightning_gptq.models.streaming import release
-from lightning_gptq.models.adapters import is_output_projection, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.quant_linear import n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
 
-__all__ = ["FitPlan", "measure_plan", "resident_bytes", "available_bytes"]
+__all__ = ["FitPlan", "available_bytes", "measure_plan", "resident_bytes"]
 
 MiB = 2**20
 
@@ -72,8 +81,8 @@ class FitPlan:
         lines += ["", "time (s, measured here on a sample and extrapolated):"]
         lines += [f"  {k:<22}{v:>12,.1f}" for k, v in self.seconds.items()]
         if self.peak > self.available:
-            lines += ["", f"WARNING: the estimated peak ({self.peak / MiB:,.0f} MiB) exceeds the memory available "
-                          f"({self.available / MiB:,.0f} MiB)."]
+            lines += ["", (f"WARNING: the estimated peak ({self.peak / MiB:,.0f} MiB) exceeds the memory available "
+                           f"({self.available / MiB:,.0f} MiB).")]
         lines += [f"  - {a}" for a in self.advice]
         return "\n".join(lines)
 

@@ -32,8 +32,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.nn import QuantLinear, replace_submodule
 
-__all__ = ["BlockCheckpoint", "ResumeError", "quantized_layers_state", "restore_quantized_layers",
-           "write_activations", "read_activations"]
+__all__ = [
+    "BlockCheckpoint",
+    "ResumeError",
+    "quantized_layers_state",
+    "read_activations",
+    "restore_quantized_layers",
+    "write_activations",
+]
 
 SIDE_PREFIX = "activations-"
 

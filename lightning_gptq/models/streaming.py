@@ -18,7 +18,7 @@ from torch import nn
 
 from lightning_gptq.checkpoint.shards import Shards
 
-__all__ = ["WeightSource", "skeleton", "release", "StreamingError"]
+__all__ = ["StreamingError", "WeightSource", "release", "skeleton"]
 
 
 class StreamingError(ValueError):
