@@ -62,3 +62,13 @@ def test_dry_run_of_a_streaming_fit_counts_one_block(tmp_path):
     assert plan["bytes"]["of which weights"] == block + outside
     assert all(p.device.type == "meta" for p in lm.parameters())  # measured, then freed again
     assert not (tmp_path / "o" / "model").exists()
+
+
+def test_validate_streaming_scores_block_by_block_like_the_whole_model(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "gemma3")
+    whole = main(["validate", *cli_args(model_dir, tmp_path / "w", "--model.latency=false")])
+    streamed = main(["validate", *cli_args(model_dir, tmp_path / "s", "--model.latency=false", "--model.streaming=true")])
+    a, b = whole.model.results["val"]["wikitext2"], streamed.model.results["val"]["wikitext2"]
+    assert b["tokens"] == a["tokens"]
+    assert abs(b["ppl"] - a["ppl"]) <= 1e-4 * a["ppl"]  # same windows, fp32 summed in another order
+    assert all(p.device.type == "meta" for n, p in streamed.model.lm.named_parameters() if ".layers." in n)

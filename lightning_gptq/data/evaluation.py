@@ -281,11 +281,14 @@ def perplexity_blockwise(
     dataset: str = "",
     max_windows: int | None = None,
     progress: bool = True,
+    before_block=None,
+    after_block=None,
 ) -> PerplexityResult:
     """Protocol perplexity computed embeddings -> block by block -> final stage, as the reference's eval.
 
     Only one block is on `device` at a time (moved there and back); the hidden states of all
-    windows stay on `device`. Default device: where the embeddings are.
+    windows stay on `device`. Default device: where the embeddings are. `before_block(block)` and
+    `after_block(block)` run around each block (e.g. to read its weights from disk and free them).
     """
     start_time = time.perf_counter()
     windows, total = _windows(tokens, seqlen, max_windows)
@@ -300,6 +303,8 @@ def perplexity_blockwise(
         blocks = adapter.blocks(model)
         for block_index in _progress(range(len(blocks)), progress, desc=f"blockwise {dataset}".strip(), unit="block"):
             block = blocks[block_index]
+            if before_block is not None:
+                before_block(block)
             home = module_device_dtype(block)[0]
             block.to(device)
             try:
@@ -307,6 +312,8 @@ def perplexity_blockwise(
                     hidden[j] = run_block(block, hidden[j], inputs.kwargs_for(block_index, j))
             finally:
                 block.to(home)
+                if after_block is not None:
+                    after_block(block)
         del inputs
 
         final_modules = adapter.final_modules(model)

@@ -36,6 +36,7 @@ from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized, s
 from lightning_gptq.checkpoint.hf import StreamingWriter
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.data import perplexity
+from lightning_gptq.data.evaluation import perplexity_blockwise
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.loading import gguf_cache_folder, resolve_dtype
@@ -271,6 +272,9 @@ class GPTQModule(LightningModule):
                     f"data.{field}={value} is longer than the {limit} positions {type(self._lm).__name__} supports"
                 )
         if stage != "fit":
+            if self.hparams.streaming and self.hparams.latency:
+                raise MisconfigurationException("streaming scores perplexity block by block but cannot time the whole "
+                                                "model: set --model.latency=false")
             return
         if isinstance(self.trainer.strategy, DDPStrategy) and not isinstance(self.trainer.strategy, CalibrationDDPStrategy):
             raise MisconfigurationException(
@@ -555,17 +559,45 @@ class GPTQModule(LightningModule):
 
     # -- validate / test ---------------------------------------------------------------------------
     def _eval_start(self) -> None:
+        if self._source is not None:
+            self._streamed_scores = self._score_streaming()
+            return
         self._place().eval()
         names = self.trainer.datamodule.eval_datasets
         self._val_ppl = [ProtocolPerplexity().to(self.device) for _ in names]
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        if self._source is not None:
+            return  # streaming scored every window block by block in _eval_start
         ids = batch["input_ids"].to(self.device)
         with exact_kernels():  # as in _evaluate: perplexity does not depend on which fast paths a CPU has
             self._val_ppl[dataloader_idx].update(self(ids), ids)
 
+    def _score_streaming(self) -> dict:
+        """Block by block, each block read from the files and freed (``perplexity_blockwise``)."""
+        dm, lm = self.trainer.datamodule, self._lm
+        for module in [*self._outside_blocks(), *self.adapter.final_modules(lm)]:
+            self._source.materialize(lm, module)
+        scores = {}
+        for name in dm.eval_datasets:
+            with exact_kernels():
+                scores[name] = perplexity_blockwise(
+                    lm, self.adapter, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
+                    max_windows=dm.eval_max_windows, device=self.device,
+                    progress=self.trainer.progress_bar_callback is not None,
+                    before_block=lambda block: self._source.materialize(lm, block), after_block=release)
+        return scores
+
     def _eval_end(self, prefix: str) -> None:
         dm = self.trainer.datamodule
+        if self._source is not None:
+            for name, result in self._streamed_scores.items():
+                self.log(f"{prefix}/ppl/{name}", result.ppl, add_dataloader_idx=False)
+                rank_zero_info(f"{prefix} perplexity {name}: {result}")
+                self.results.setdefault(prefix, {})[name] = {
+                    "ppl": result.ppl, "tokens": result.n_tokens, "seqlen": result.seqlen, "windows": result.nsamples,
+                    "protocol": result.protocol, "text": str(result)}
+            return
         for name, metric in zip(dm.eval_datasets, self._val_ppl):
             value = metric.compute()
             tokens = int(metric.tokens)
