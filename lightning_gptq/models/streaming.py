@@ -10,6 +10,7 @@ never counted in the process's resident memory and nothing is read twice.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from pathlib import Path
 
@@ -40,8 +41,18 @@ def skeleton(folder: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code
 
 
 def release(module: nn.Module) -> None:
-    """Free ``module``'s parameters and buffers (they move to the meta device, shapes kept)."""
+    """Free ``module``'s parameters and buffers (they move to the meta device, shapes kept), and hand
+    the freed heap back to the OS: glibc keeps freed blocks under 32 MB in its arenas, so without a
+    trim the process's resident memory would ratchet up by about a block per block."""
     module.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 class WeightSource:
