@@ -113,12 +113,13 @@ def file_fingerprint(path: str | os.PathLike) -> str:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash identifying how `tokenizer` maps text to ids: its class, name, and full definition.
+    """A hash identifying how `tokenizer` maps text to ids: its class and full definition.
 
     For fast tokenizers the definition is the serialized `tokenizers` JSON (vocab, merges,
     normalizer, post-processor with its BOS/EOS rule); otherwise the sorted vocab and special tokens.
+    Not its folder: the same tokenizer saved in two places maps text the same way (and shares the cache).
     """
-    parts: list[object] = [type(tokenizer).__name__, getattr(tokenizer, "name_or_path", "")]
+    parts: list[object] = [type(tokenizer).__name__]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "to_str"):
         parts.append(backend.to_str())
