@@ -584,3 +584,12 @@ def test_measured_sink_weight_falls_back_to_the_reference_where_attention_cannot
     assert any("cannot be measured" in str(w.message) for w in caught)
     for name, h in hessians[1.0].items():
         assert torch.equal(h, hessians["attention"][name]), name
+
+
+def test_round_to_nearest_with_the_measured_sink_rule_configured(tmp_path):
+    """The SmolLM2 config's `sink_weight: attention` stays harmless when `--gptq.method=rtn` runs no calibration pass."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    run = main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--hessian.sink_weight=attention",
+                                 "--hessian.sink_layers=attention", "--model.latency=false",
+                                 f"--model.output_dir={tmp_path / 'out'}")])
+    assert run.model.is_quantized

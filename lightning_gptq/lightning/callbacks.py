@@ -145,6 +145,8 @@ class HessianCapture(Callback):
         self._detach()
         if world_size(trainer) > 1:
             self._all_reduce(trainer, ctx)
+        if self.measured and self._first and not any(a.nsamples for a in self._first.values()):
+            self._first.clear()  # no calibration pass ran (round-to-nearest reads no Hessian)
         if self.measured and self._first:
             weight = self.measured_weight()
             done = set()
