@@ -6,6 +6,8 @@ long session that is cut short keeps what it measured.
 
     python scripts/smollm2_table.py --out runs/smollm2_table.md                # every row
     python scripts/smollm2_table.py --rows gptq-4-g128 rtn-4-g128            # some rows
+    python scripts/smollm2_table.py --rows fp32 -- --data.eval_datasets='[wikitext2, ptb-new]' \
+        --data.eval_paths='{wikitext2: ../shared/data/wikitext-2-raw/wiki.test.raw, ptb-new: ../shared/data/ptb/ptb.test.txt}'
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,8 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
-ROWS = {  # name: (method, bits, group_size)
+ROWS = {  # name: (method, bits, group_size); "gptq" rows use the config's sink rule, "ref" rows sink_weight 1
     "gptq-4-g128": ("gptq", 4, 128),
+    "ref-4-g128": ("ref", 4, 128),
+    "ref-3-g128": ("ref", 3, 128),
+    "ref-4-row": ("ref", 4, -1),
+    "ref-3-row": ("ref", 3, -1),
     "rtn-4-g128": ("rtn", 4, 128),
     "gptq-3-g128": ("gptq", 3, 128),
     "rtn-3-g128": ("rtn", 3, 128),
@@ -40,7 +47,9 @@ def run(name: str, workdir: Path, extra: list[str]) -> dict:
     if method is None:
         cmd = [sys.executable, "-m", "lightning_gptq", "validate", f"--config={CONFIG}", "--model.latency=false", *common]
     else:
-        cmd = [sys.executable, "-m", "lightning_gptq", "fit", f"--config={CONFIG}", f"--gptq.method={method}",
+        reference = ["--hessian.sink_weight=1"] if method == "ref" else []
+        cmd = [sys.executable, "-m", "lightning_gptq", "fit", f"--config={CONFIG}",
+               f"--gptq.method={'gptq' if method == 'ref' else method}", *reference,
                f"--gptq.quant.bits={bits}", f"--gptq.quant.group_size={group}", "--model.latency=false",
                "--model.save_quantized=false", f"--model.output_dir={folder}", *common]
     start = time.perf_counter()
@@ -50,12 +59,14 @@ def run(name: str, workdir: Path, extra: list[str]) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{name} failed (exit {proc.returncode}); see {workdir / f'{name}.log'}")
     if method is None:
-        line = next(l for l in proc.stdout.splitlines() + proc.stderr.splitlines() if "val perplexity wikitext2" in l)
-        ppl = float(line.split("wikitext2:")[1].split()[0])
-        return {"row": name, "ppl": ppl, "wall_s": wall, "detail": line.strip()}
+        lines = [l.strip() for l in proc.stdout.splitlines() + proc.stderr.splitlines()]
+        found = [re.search(r"val perplexity (\S+): ([0-9.]+)", l) for l in lines]
+        ppl = {m.group(1): float(m.group(2)) for m in found if m}
+        return {"row": name, "ppl": ppl, "wall_s": wall, "detail": "; ".join(l for l, m in zip(lines, found) if m)}
     summary = json.loads((folder / "summary.json").read_text())
-    after = summary["results"]["after"]["wikitext2"]
-    return {"row": name, "ppl": after["ppl"], "wall_s": wall, "detail": after["text"], "timings": summary["timings_s"]}
+    after = summary["results"]["after"]
+    return {"row": name, "ppl": {k: v["ppl"] for k, v in after.items()}, "wall_s": wall,
+            "detail": "; ".join(v["text"] for v in after.values()), "timings": summary["timings_s"]}
 
 
 def main() -> None:
@@ -69,17 +80,18 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     out = (ROOT / args.out).resolve()
     if not out.exists():
-        out.write_text("| run | method | bits | group | WikiText-2 ppl | wall time (s) | stage times (s) |\n"
-                       "|---|---|---:|---:|---:|---:|---|\n")
+        out.write_text("| run | method | bits | group | perplexity | wall time (s) | stage times (s) |\n"
+                       "|---|---|---:|---:|---|---:|---|\n")
     for name in args.rows:
         result = run(name, workdir, args.extra)
         method, bits, group = ROWS[name]
+        scores = ", ".join(f"{k} {v:.3f}" for k, v in result["ppl"].items())
         stages = ", ".join(f"{k} {v:.0f}" for k, v in result.get("timings", {}).items())
         with out.open("a") as f:
-            f.write(f"| {name} | {method or 'fp32'} | {bits} | {group if method else '-'} | {result['ppl']:.3f} | "
+            f.write(f"| {name} | {method or 'fp32'} | {bits} | {group if method else '-'} | {scores} | "
                     f"{result['wall_s']:.0f} | {stages} |\n")
         (workdir / f"{name}.json").write_text(json.dumps(result, indent=2))
-        print(f"{name}: ppl {result['ppl']:.4f}, {result['wall_s']:.0f} s -- {result['detail']}", flush=True)
+        print(f"{name}: {scores}, {result['wall_s']:.0f} s -- {result['detail']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,12 +50,12 @@ def uninterrupted(tmp_path_factory):
     return model_dir, _weights(tmp / "out"), json.loads((tmp / "out" / "summary.json").read_text())
 
 
-def _killed_run(model_dir, root, out, epoch, tmp_path):
+def _killed_run(model_dir, root, out, epoch, tmp_path, *extra):
     (tmp_path / "killer.py").write_text(KILLER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_gptq", "fit", *_args(model_dir, root, out),
+        [sys.executable, "-m", "lightning_gptq", "fit", *_args(model_dir, root, out), *extra,
          "--trainer.callbacks+=killer.KillAt", f"--trainer.callbacks.epoch={epoch}"],
         check=False, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -134,3 +134,36 @@ def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uni
     assert plan["disk"]["quantized model"] > 0
     assert any("activation_dtype=bfloat16" in a for a in plan["advice"])
     assert "WARNING: the estimated peak" in run.model.plan.describe()
+
+
+def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp_path, uninterrupted):
+    """The streamed blocks already written are not redone: the checkpoint names their staged files
+    (with sha256), and the resumed run stages the rest beside them."""
+    from lightning_gptq.checkpoint.shards import Shards
+
+    model_dir, expected, _ = uninterrupted
+    root, out = tmp_path / "runs", tmp_path / "out"
+    streaming = "--model.streaming=true"
+    _killed_run(model_dir, root, out, 5, tmp_path, streaming)  # propagating block 2: blocks 0, 1 staged
+    staged = sorted((out / "model.partial").glob("staged-*"))
+    assert [p.name for p in staged] == ["staged-00000.safetensors", "staged-00001.safetensors"]
+
+    # an in-memory resume of a streaming checkpoint is refused, and so is an altered staged block
+    with pytest.raises(ResumeError, match="streaming run"):
+        main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+    data = staged[0].read_bytes()
+    middle = len(data) // 2
+    staged[0].write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
+    with pytest.raises(ResumeError, match="sha256"):
+        main(["fit", *_args(model_dir, root, out), streaming, "--ckpt_path=last"])
+    staged[0].write_bytes(data)
+
+    run = main(["fit", *_args(model_dir, root, out), streaming, "--ckpt_path=last"])
+    assert run.model._resumed_from is not None
+    shards = Shards(out / "model")
+    got = {name: shards.get(name) for name in shards.shapes}
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert not (out / "model.partial").exists()
+    assert not list((root / "checkpoints").iterdir())

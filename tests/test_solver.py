@@ -338,3 +338,69 @@ def test_non_finite_and_bad_shapes_raise():
         gptq_quantize(W, H[:8, :8], cfg)
     with pytest.raises(ValueError, match="weight must be"):
         gptq_quantize(W[0], H, cfg)
+
+
+# -- in-place linear algebra (the solve's peak memory) ----------------------------------------------
+from lightning_gptq.quant import linalg  # noqa: E402
+from lightning_gptq.quant.gptq import inverse_hessian_cholesky  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [7, 256, 513, 700])
+def test_in_place_moves_equal_their_out_of_place_forms(n):
+    gen = torch.Generator().manual_seed(n)
+    A = torch.randn(n, n, generator=gen)
+    flipped = A.clone()
+    linalg.flip_(flipped)
+    assert torch.equal(flipped, A.flip(0, 1))
+    S = A + A.T
+    perm = torch.randperm(n, generator=gen)
+    permuted = S.clone()
+    linalg.permute_symmetric_(permuted, perm)
+    assert torch.equal(permuted, S[perm][:, perm])
+    mirrored = S.triu() + torch.randn(n, n, generator=gen).tril(-1)  # garbage below
+    linalg.mirror_upper_(mirrored)
+    assert torch.equal(mirrored, S)
+
+
+@pytest.mark.parametrize("n", [100, 600])
+def test_in_place_factorisations_write_one_triangle(n):
+    W, X, H = correlated_problem(8, n, dtype=torch.float32)
+    H = H + 0.01 * H.diagonal().mean() * torch.eye(n)
+    A = H.clone()
+    assert linalg.cholesky_lower_(A)
+    torch.testing.assert_close(A.tril(), torch.linalg.cholesky(H), rtol=1e-4, atol=1e-4)
+    assert torch.equal(A.triu(1), H.triu(1))  # the other triangle still holds H
+    R = torch.linalg.cholesky(H).T.contiguous()
+    B = R + H.tril(-1)
+    linalg.inverse_upper_(B)
+    torch.testing.assert_close(B.triu(), torch.linalg.inv(R).triu(), rtol=1e-3, atol=1e-4)
+    assert torch.equal(B.tril(-1), H.tril(-1))
+    indefinite = H - 2 * H.diagonal().max() * torch.eye(n)
+    C = indefinite.clone()
+    assert not linalg.cholesky_lower_(C)
+    assert torch.equal(C.triu(1), indefinite.triu(1))
+
+
+def test_solve_can_run_in_the_hessians_own_storage():
+    """`overwrite_hessian`: the same result, computed in the caller's buffer (one Hessian less of peak
+    memory); without it the input is untouched. The damping retries restore H from the untouched
+    triangle and match a fresh start."""
+    W, _, H = correlated_problem(24, 300, dtype=torch.float32)
+    cfg = QuantConfig(bits=3, group_size=64, act_order=True)
+    kept = H.clone()
+    a = gptq_quantize(W, H, cfg)
+    assert torch.equal(H, kept)
+    b = gptq_quantize(W, H, cfg, overwrite_hessian=True)
+    for field in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert a.loss == b.loss
+    U, _, _ = inverse_hessian_cholesky(kept.clone(), 0.01, overwrite=False)
+    own = kept.clone()
+    U_own, _, _ = inverse_hessian_cholesky(own, 0.01, overwrite=True)
+    assert U_own.data_ptr() == own.data_ptr() and torch.equal(U, U_own)
+    # not positive definite until damping grows: every retry must start from H again
+    indefinite = kept - 0.5 * kept.diagonal().mean() * torch.eye(300)
+    U1, damp1, retries = inverse_hessian_cholesky(indefinite.clone(), 0.01, overwrite=True)
+    assert retries > 0
+    fresh = indefinite + damp1 * indefinite.diagonal().mean() * torch.eye(300)
+    torch.testing.assert_close(U1.T @ U1, torch.linalg.inv(fresh.double()).float(), rtol=1e-3, atol=1e-5)

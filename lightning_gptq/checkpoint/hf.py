@@ -171,7 +171,7 @@ class StreamingWriter:
         self.staging.mkdir(parents=True)
         self.format = checkpoint_format
         self.cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        self.blocks: list[tuple[str, dict]] = []  # staged file, {layer name: (in, out, bits)}
+        self.blocks: list[tuple[str, dict, str]] = []  # staged file, {layer name: (in, out, bits)}, sha256
         self.grids: set[tuple[int, int, bool]] = set()
         self.act_order = False
         self.min_zero: int | None = None
@@ -192,8 +192,36 @@ class StreamingWriter:
             self.min_zero = low if self.min_zero is None else min(self.min_zero, low)
         file = f"staged-{len(self.blocks):05d}.safetensors"
         save_file(state, str(self.staging / file), metadata={"format": "pt"})
-        self.blocks.append((file, {n: (m.in_features, m.out_features, m.bits) for n, m in layers.items()}))
+        self.blocks.append((file, {n: (m.in_features, m.out_features, m.bits) for n, m in layers.items()},
+                            shard_io.sha256(self.staging / file)))
         self.prefixes.append(prefix + ".")
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to stage the remaining blocks beside the ones already staged."""
+        return {"folder": str(self.folder), "format": self.format, "cast": self.cast, "blocks": list(self.blocks),
+                "grids": sorted(self.grids), "act_order": self.act_order, "min_zero": self.min_zero,
+                "prefixes": list(self.prefixes)}
+
+    @classmethod
+    def restore(cls, state: dict) -> "StreamingWriter":
+        """The writer of a killed run, from :meth:`state_dict`; every staged block it names must be
+        on disk with the sha256 recorded when it was staged (files of later blocks are overwritten)."""
+        writer = cls.__new__(cls)
+        writer.folder = Path(state["folder"])
+        writer.staging = writer.folder.with_name(writer.folder.name + ".partial")
+        for file, _, digest in state["blocks"]:
+            path = writer.staging / file
+            if not path.is_file():
+                raise CheckpointError(f"the staged block {str(path)!r} of the interrupted run is missing")
+            if shard_io.sha256(path) != digest:
+                raise CheckpointError(f"the staged block {str(path)!r} does not match the sha256 recorded when it was "
+                                      "written (altered or cut short)")
+        writer.format, writer.cast = state["format"], state["cast"]
+        writer.blocks = [tuple(b) for b in state["blocks"]]
+        writer.grids = {tuple(g) for g in state["grids"]}
+        writer.act_order, writer.min_zero = state["act_order"], state["min_zero"]
+        writer.prefixes = list(state["prefixes"])
+        return writer
 
     def finish(self, model: nn.Module, tokenizer, source_tensors, *, damp_percent: float = 0.01,
                static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None) -> Path:
@@ -211,7 +239,7 @@ class StreamingWriter:
         total = len(self.blocks) + 1
         names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         weight_map, digests, size = {}, {}, 0
-        for (staged, layers), file in zip(self.blocks, names):
+        for (staged, layers, _), file in zip(self.blocks, names):
             state = load_file(str(self.staging / staged))
             for name, (in_features, out_features, b) in layers.items():
                 zeros = zeros_to_file(state[f"{name}.qzeros"], b, out_features, fmt)

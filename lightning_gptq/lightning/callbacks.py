@@ -357,12 +357,16 @@ class GPTQCallback(Callback):
             if accumulator is None or accumulator.nsamples == 0:
                 raise RuntimeError(f"No calibration inputs reached layer {full_name!r}; cannot run GPTQ on it.")
             nsamples = accumulator.nsamples
+            # The last layer reading this Hessian lets the solve consume it (q/k/v share one).
+            last = sum(other is accumulator for other in ctx.hessians.values()) == 1
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
-                qweight = gptq_quantize(weight, accumulator.hessian, self.quant)
+                qweight = gptq_quantize(weight, accumulator.hessian, self.quant, overwrite_hessian=last)
             for w in caught:
                 rank_zero_warn(f"{full_name}: {w.message}")
             ctx.hessians.pop(name)  # free in_features² floats once no layer of this step needs them
+            if last:
+                accumulator.hessian = None  # consumed by the solve
         else:
             qweight = rtn_quantize(weight, self.quant)
         # The oracle ("torch") layer while calibration goes on: later blocks' inputs, hence their

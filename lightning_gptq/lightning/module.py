@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized, save_quantized
+from lightning_gptq.checkpoint import CheckpointError, is_quantized_checkpoint, load_quantized, save_quantized
 from lightning_gptq.checkpoint.hf import StreamingWriter
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.data import perplexity
@@ -490,8 +490,11 @@ class GPTQModule(LightningModule):
             return  # only BlockCheckpoint's saves, at a block boundary, can be resumed
         checkpoint["gptq_resume"] = {
             "completed_stage": self.current_epoch, "stages": [dataclasses.astuple(s) for s in self._stages],
-            "model": self.hparams.model, "layers": quantized_layers_state(self._lm), "timings": dict(self.timings),
-            "results": self.results, "activations": dict(self._resume_side),
+            "model": self.hparams.model, "timings": dict(self.timings), "results": self.results,
+            "activations": dict(self._resume_side), "streaming": self._source is not None,
+            # streamed blocks are staged on disk and freed: the writer's record names them
+            "layers": {} if self._source is not None else quantized_layers_state(self._lm),
+            "writer": self._writer.state_dict() if self._writer is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -508,9 +511,18 @@ class GPTQModule(LightningModule):
         if len(files) != self.trainer.world_size:
             raise ResumeError(f"{path} was written by {len(files)} process(es); resume it with as many "
                               f"(now {self.trainer.world_size}), or start again without --ckpt_path.")
+        if state.get("streaming", False) != (self._source is not None):
+            written = "a streaming" if state.get("streaming") else "an in-memory"
+            raise ResumeError(f"{path} was written by {written} run; resume it with the same model.streaming, or start "
+                              "again without --ckpt_path.")
         mine = files[self.trainer.global_rank]
         self._inputs = read_activations(Path(path).parent, mine["name"], mine["sha256"])
         restore_quantized_layers(self._lm, state["layers"], quant_linear_class(CALIBRATION_BACKEND))
+        if state.get("writer") is not None and self.trainer.is_global_zero:
+            try:
+                self._writer = StreamingWriter.restore(state["writer"])
+            except CheckpointError as error:
+                raise ResumeError(f"{path}: {error}; start again without --ckpt_path.") from None
         self.timings.update(state["timings"])
         self.results.update(state["results"])
         self._resumed_from = str(path)

@@ -8,7 +8,8 @@ with and without Hessian hooks; one GPTQ solve of block 0's largest layer, scale
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
     Hessians            in_features² × 4 B per distinct layer input of the largest block (q/k/v share one)
     block transient     one batch through one block: MLP intermediate and attention rows, fp32
-    solve workspace     the widest layer's weight (×3) and its Hessian (×3), fp32
+    solve workspace     the largest solve beyond its Hessian: fp32 weight copy + codes (1.5 weights), half a
+                        Hessian of temporaries, one more Hessian where later layers share the input
     peak                now + the largest of: calibrate, propagate, solve, evaluate
 """
 
@@ -105,6 +106,14 @@ def _distinct_inputs(adapter, block) -> list[int]:
     return widths
 
 
+def _solve_bytes(name: str, layer) -> int:
+    """Memory a layer's solve adds beyond its Hessian: the fp32 sweep copy of the weight and the codes
+    (1.5 weights), half a Hessian of factorisation temporaries, and a copy of a Hessian that later
+    layers still read (an output projection's input is its own, so its solve consumes it)."""
+    i, o = linear_in_features(layer), linear_out_features(layer)
+    return int(4 * (1.5 * i * o + (0.5 if is_output_projection(name) else 1.5) * i * i))
+
+
 def _packed_bytes(layer, quant: QuantConfig, scale_bytes: int) -> int:
     out_features, in_features = linear_out_features(layer), linear_in_features(layer)
     groups = n_groups_for(in_features, quant.group_size)
@@ -146,8 +155,7 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
     hessians = max(sum(w * w * 4 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
-    widest = max(layers, key=lambda m: linear_in_features(m) * linear_out_features(m))
-    solve_ws = 4 * 3 * (linear_in_features(widest) * linear_out_features(widest) + linear_in_features(widest) ** 2)
+    solve_ws = max(_solve_bytes(name, m) for b in blocks for name, m in adapter.linear_layers(b).items())
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     scoring = 4 * 3 * dm.eval_seqlen * vocab if (module.hparams.eval_after and dm.eval_datasets) else 0
     if streaming:

@@ -5,7 +5,8 @@ block is done (its quantized outputs are the next block's inputs), so ``fit --ck
 finds it the Lightning way and the fit loop continues at the next block's first stage.
 
 What a checkpoint holds (``GPTQModule.on_save_checkpoint``): every quantized layer so far (the packed
-checkpoint layout, fp32 scales as calibrated), the run's timings and ``eval_before`` scores, and the
+checkpoint layout, fp32 scales as calibrated; a streaming run instead records the blocks it staged on
+disk, with their sha256), the run's timings and ``eval_before`` scores, and the
 name and sha256 of a side file with the activation cache (the next block's inputs, which are too
 large and too structured for the checkpoint dict). Callbacks add their own state (layer records,
 measured sink weights).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.nn import QuantLinear, replace_submodule
@@ -113,10 +114,6 @@ class BlockCheckpoint(ModelCheckpoint):
     def on_block_propagated(self, trainer, pl_module, block_index: int, num_blocks: int) -> None:
         """Called by ``GPTQModule`` once block ``block_index``'s outputs are cached as the next inputs."""
         if self.every_n_blocks == 0 or block_index + 1 == num_blocks:  # the last block: fit is about done
-            return
-        if getattr(pl_module, "streams_blocks", False):
-            if block_index == 0:
-                rank_zero_warn("BlockCheckpoint: resuming a streaming fit is not supported yet; no resume checkpoints")
             return
         if (block_index + 1) % self.every_n_blocks:
             return

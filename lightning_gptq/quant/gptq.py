@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import QuantConfig
 from .grid import dequantize_codes, fit_grid, quantize_codes
-from .linalg import cholesky_lower, inverse_upper
+from .linalg import cholesky_lower_, flip_, inverse_upper_, mirror_upper_, permute_symmetric_
 
 
 PANEL_COLUMNS = 512  # columns per trailing-matrix update; the result does not depend on it
@@ -86,7 +86,8 @@ def _check_finite(name: str, t: Tensor) -> None:
         raise NonFiniteError(f"{name} contains NaN or Inf values ({(~torch.isfinite(t)).sum().item()} of {t.numel()})")
 
 
-def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3) -> tuple[Tensor, float, int]:
+def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3, overwrite: bool = False
+                             ) -> tuple[Tensor, float, int]:
     """``U = chol(H⁻¹, upper)`` of the damped Hessian [cols, cols], so that ``H⁻¹ = UᵀU``.
 
     Computed without forming ``H⁻¹``: with ``J`` the order-reversal, ``R = J·chol(JHJ)·J`` is upper
@@ -94,34 +95,39 @@ def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3) -> t
     triangular solve instead of the reference's three factorisation-sized steps).
 
     Adds ``damp · mean(diag H)`` to the diagonal; while the factorisation fails, doubles ``damp``
-    (from at least 0.01) and tries again. Returns ``(U, damp_used, retries)``.
+    (from at least 0.01) and tries again. Returns ``(U, damp_used, retries)``. With ``overwrite``
+    ``U`` is computed in ``H``'s own storage (``H`` is consumed); otherwise in one copy of it.
     """
-    mean_diag = H.diagonal().mean()
+    A = H if overwrite else H.clone()
+    mean_diag = A.diagonal().mean()  # (of the strided view: a contiguous copy sums in another order)
+    diag = A.diagonal().clone()
+    # Every step writes one triangle and leaves the other holding H, so a failed try can restore H.
+    flip_(A)
     used, retries = damp, 0
     while used <= max_damp:
-        # flip copies, so the damped, reversed copy is the only one (flipping keeps the diagonal);
-        # each n² intermediate is dropped as soon as the next exists (a big layer's peak memory)
-        Hd = H.flip(0, 1)
-        Hd.diagonal().add_(used * mean_diag)
-        L, ok = cholesky_lower(Hd)
-        del Hd
-        if ok:
-            R = L.flip(0, 1)
-            del L
-            U = inverse_upper(R)
-            del R
-            if _all_finite(U):
-                return U, used, retries
+        A.diagonal().copy_(diag.flip(0) + used * mean_diag)
+        if cholesky_lower_(A):  # lower: L of JHJ; strict upper: JHJ's
+            flip_(A)  # upper: R = JLJ; strict lower: H's
+            inverse_upper_(A)  # upper: U = R⁻¹
+            if _all_finite(A):  # (the strict lower is H's, finite)
+                return A.triu_(), used, retries
+            mirror_upper_(A.T)  # H back from its strict lower, then JHJ
+            flip_(A)
+        else:
+            mirror_upper_(A)  # JHJ back from its strict upper
         used, retries = max(2 * used, 0.01), retries + 1
     raise HessianNotPositiveDefiniteError(
         f"Hessian not positive definite even with damp={used / 2:g}·mean(diag H); the activations are degenerate"
     )
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> QuantizedWeight:
+def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overwrite_hessian: bool = False
+                  ) -> QuantizedWeight:
     """Quantize ``weight`` [out, in] with GPTQ given the layer Hessian ``hessian`` [in, in].
 
-    Computes in fp64 when either input is fp64, otherwise fp32. Inputs are not modified.
+    Computes in fp64 when either input is fp64, otherwise fp32. ``weight`` is not modified; nor is
+    ``hessian`` unless ``overwrite_hessian``: then, when it already has the compute dtype and device,
+    the solve runs in its storage (one Hessian less of peak memory) and it is left as garbage.
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be [out_features, in_features], got shape {tuple(weight.shape)}")
@@ -133,7 +139,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     # The sweep holds Wᵀ [cols, rows], so that each column of W is one contiguous row in memory.
     Wt = weight.detach().T.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    H = hessian.detach().to(device=Wt.device, dtype=dtype, copy=True)
+    H = hessian.detach().to(device=Wt.device, dtype=dtype, copy=not overwrite_hessian)
     g = cols if config.group_size == -1 else config.group_size
     n_groups = math.ceil(cols / g)
 
@@ -147,9 +153,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
 
     perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(cols, device=Wt.device)
     if config.act_order:
-        Wt, H = Wt[perm], H[perm][:, perm]
-    U, damp, retries = inverse_hessian_cholesky(H, config.damp)
-    del H  # the sweep needs only U
+        Wt = Wt[perm]
+        permute_symmetric_(H, perm)
+    U, damp, retries = inverse_hessian_cholesky(H, config.damp, overwrite=True)  # H is ours by now
+    del H  # U lives in its storage
     if retries:
         warnings.warn(
             f"Cholesky failed at damp={config.damp:g}; succeeded at damp={damp:g} after {retries} increases",
@@ -157,7 +164,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
             stacklevel=2,
         )
 
-    codes = torch.empty_like(Wt)
+    codes = torch.empty_like(Wt, dtype=torch.uint8)
     scales = torch.empty(rows, n_groups, dtype=dtype, device=Wt.device)
     zeros = torch.empty_like(scales)
     # Group of the column at each sweep position; with static groups it follows the original order.
@@ -211,7 +218,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig) -> Quant
     else:
         g_idx = inv // g  # column c sat at sweep position inv[c]
     return QuantizedWeight(
-        codes=codes.T[:, inv].to(torch.uint8),
+        codes=codes.T[:, inv].contiguous(),
         scales=scales,
         zeros=zeros.to(torch.int32),
         g_idx=g_idx.to(torch.int32),

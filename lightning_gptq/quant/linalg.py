@@ -1,5 +1,10 @@
 """Dense factorisations written as recursive 2×2 block steps, so that almost all of their work is
-matrix multiplication (LAPACK's potrf/trsm run at a fraction of matmul speed on small CPUs)."""
+matrix multiplication (LAPACK's potrf/trsm run at a fraction of matmul speed on small CPUs).
+
+They work in place on one triangle (diagonal included) and never write the other, so a symmetric
+input stays recoverable from that other triangle; temporaries stay below half the matrix. A
+5632-wide fp32 Hessian is 121 MB, and the solve of a large layer sets a streamed run's peak memory.
+"""
 
 from __future__ import annotations
 
@@ -7,37 +12,94 @@ import torch
 from torch import Tensor
 
 BASE = 256  # below this size LAPACK's own routine is as fast as recursing further
+CHUNK = 256  # rows per step of the in-place copies (temporaries of CHUNK × n)
 
 
-def cholesky_lower(A: Tensor) -> tuple[Tensor, bool]:
-    """Lower ``L`` with ``A = LLᵀ`` for a symmetric ``A`` [n, n]; returns ``(L, ok)``, ``ok`` False when
-    ``A`` is not positive definite (``L`` is then garbage)."""
+def _copy_lower_(dst: Tensor, src: Tensor) -> None:
+    """``dst``'s lower triangle (diagonal included) := ``src``'s; ``dst``'s strict upper unchanged."""
+    n = dst.shape[0]
+    for r0 in range(0, n, CHUNK):
+        r1 = min(r0 + CHUNK, n)
+        dst[r0:r1, :r0] = src[r0:r1, :r0]
+        dst[r0:r1, r0:r1] = src[r0:r1, r0:r1].tril() + dst[r0:r1, r0:r1].triu(1)
+
+
+def mirror_upper_(A: Tensor) -> None:
+    """``A``'s strict lower triangle := the transpose of its strict upper (a symmetric ``A`` again)."""
+    n = A.shape[0]
+    for r0 in range(0, n, CHUNK):
+        r1 = min(r0 + CHUNK, n)
+        A[r0:r1, :r0] = A[:r0, r0:r1].T
+        block = A[r0:r1, r0:r1]
+        block.copy_(block.triu() + block.triu(1).T)
+
+
+def flip_(A: Tensor) -> None:
+    """``A := JAJ`` in place (rows and columns in reverse order), ``A`` [n, n]."""
+    n = A.shape[0]
+    half = n // 2
+    for r0 in range(0, half, CHUNK):
+        r1 = min(r0 + CHUNK, half)
+        top = A[r0:r1].flip(0, 1)
+        A[r0:r1] = A[n - r1 : n - r0].flip(0, 1)
+        A[n - r1 : n - r0] = top
+    if n % 2:
+        A[half] = A[half].flip(0)
+
+
+def permute_symmetric_(A: Tensor, perm: Tensor) -> None:
+    """``A := A[perm][:, perm]`` in place, ``A`` [n, n]: rows along the permutation's cycles (one row
+    of temporary), then columns a chunk of rows at a time."""
+    order = perm.tolist()
+    seen = [False] * len(order)
+    for start in range(len(order)):
+        if seen[start] or order[start] == start:
+            continue
+        first, i = A[start].clone(), start
+        while True:
+            seen[i] = True
+            source = order[i]
+            if source == start:
+                A[i] = first
+                break
+            A[i] = A[source]
+            i = source
+    for r0 in range(0, A.shape[0], CHUNK):
+        A[r0 : r0 + CHUNK] = A[r0 : r0 + CHUNK].index_select(1, perm)
+
+
+def cholesky_lower_(A: Tensor) -> bool:
+    """In place: the lower triangle of a symmetric ``A`` [n, n] becomes ``L`` with ``A = LLᵀ``; the
+    strict upper triangle is not touched. False when ``A`` is not positive definite (the lower
+    triangle is then garbage)."""
     n = A.shape[0]
     if n <= BASE:
         L, info = torch.linalg.cholesky_ex(A)
-        return L, info.item() == 0
+        if info.item() != 0:
+            return False
+        _copy_lower_(A, L)
+        return True
     h = n // 2
-    L11, ok = cholesky_lower(A[:h, :h])
-    if not ok:
-        return L11, False
-    L = torch.zeros_like(A)
-    L[:h, :h] = L11
-    del L11
-    L[h:, :h] = torch.linalg.solve_triangular(L[:h, :h], A[h:, :h].T, upper=False).T  # A21 · L11⁻ᵀ
-    L21 = L[h:, :h]
-    L22, ok = cholesky_lower(torch.addmm(A[h:, h:], L21, L21.T, alpha=-1))  # Schur complement
-    L[h:, h:] = L22
-    return L, ok
+    if not cholesky_lower_(A[:h, :h]):
+        return False
+    A[h:, :h] = torch.linalg.solve_triangular(A[:h, :h], A[h:, :h].T, upper=False).T  # A21 · L11⁻ᵀ
+    L21 = A[h:, :h]
+    S = torch.addmm(A[h:, h:], L21, L21.T, alpha=-1)  # Schur complement (A22's upper is intact)
+    if not cholesky_lower_(S):
+        return False
+    _copy_lower_(A[h:, h:], S)
+    return True
 
 
-def inverse_upper(R: Tensor) -> Tensor:
-    """``R⁻¹`` [n, n] of an invertible upper-triangular ``R``."""
+def inverse_upper_(R: Tensor) -> None:
+    """In place: the upper triangle of an invertible upper-triangular ``R`` [n, n] (read from there)
+    becomes ``R⁻¹``'s; the strict lower triangle is not touched."""
     n = R.shape[0]
     if n <= BASE:
-        return torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
+        inverse = torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
+        _copy_lower_(R.T, inverse.T)
+        return
     h = n // 2
-    out = torch.zeros_like(R)
-    out[:h, :h] = inverse_upper(R[:h, :h])
-    out[h:, h:] = inverse_upper(R[h:, h:])
-    out[:h, h:] = -(out[:h, :h] @ R[:h, h:]) @ out[h:, h:]
-    return out
+    inverse_upper_(R[:h, :h])
+    inverse_upper_(R[h:, h:])
+    R[:h, h:] = -(R[:h, :h].triu() @ R[:h, h:]) @ R[h:, h:].triu()
