@@ -72,3 +72,43 @@ def test_validate_streaming_scores_block_by_block_like_the_whole_model(tmp_path)
     assert b["tokens"] == a["tokens"]
     assert abs(b["ppl"] - a["ppl"]) <= 1e-4 * a["ppl"]  # same windows, fp32 summed in another order
     assert all(p.device.type == "meta" for n, p in streamed.model.lm.named_parameters() if ".layers." in n)
+
+
+def test_activation_cache_spilled_to_files_gives_the_same_model(tmp_path, monkeypatch):
+    """`activation_storage=disk` keeps every cached batch in a mapped, unlinked file (nothing left on
+    disk after), and quantizes exactly as the in-memory cache does; `auto` spills only when the
+    cache would not fit, and a wrong value is refused."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_gptq.lightning import plan
+    from lightning_gptq.models.spill import SpillFolder, is_spilled
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    spilled = []
+    put = SpillFolder.put
+
+    def counting_put(self, tensor):
+        stored = put(self, tensor)
+        spilled.append(is_spilled(stored))
+        return stored
+
+    monkeypatch.setattr(SpillFolder, "put", counting_put)
+    fit = ["--model.eval_after=false", "--model.latency=false", "--gptq.quant.act_order=true"]
+    main(["fit", *cli_args(model_dir, tmp_path / "m", *fit, "--model.activation_storage=memory",
+                           f"--model.output_dir={tmp_path / 'memory'}")])
+    assert spilled == []
+    main(["fit", *cli_args(model_dir, tmp_path / "d", *fit, "--model.activation_storage=disk",
+                           f"--model.activation_dir={tmp_path / 'act'}", f"--model.output_dir={tmp_path / 'disk'}")])
+    assert spilled and all(spilled)  # capture's batches and every propagate's outputs
+    assert list((tmp_path / "act").iterdir()) == []
+    a, b = _tensors(tmp_path / "memory" / "model"), _tensors(tmp_path / "disk" / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    spilled.clear()
+    main(["fit", *cli_args(model_dir, tmp_path / "a", *fit, f"--model.output_dir={tmp_path / 'auto'}")])
+    assert spilled == []  # a few KiB of cache: kept in memory
+    monkeypatch.setattr(plan, "available_bytes", lambda: 1024)  # a machine with no memory to spare
+    main(["fit", *cli_args(model_dir, tmp_path / "a2", *fit, f"--model.output_dir={tmp_path / 'auto2'}")])
+    assert spilled and all(spilled)
+    with pytest.raises(MisconfigurationException, match="activation_storage"):
+        GPTQModule(str(model_dir), activation_storage="swap")

@@ -41,6 +41,7 @@ from lightning_gptq.models import capture_block_inputs, estimate_activation_byte
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.loading import gguf_cache_folder, resolve_dtype
 from lightning_gptq.models.streaming import WeightSource, release, skeleton
+from lightning_gptq.models.spill import SpillFolder
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, quant_linear_class, to_backend
 
@@ -49,7 +50,7 @@ from .distributed import CalibrationDDPStrategy
 from .generation import Generation, complete
 from .hooks import BlockContext, fire_block_hook
 from .metrics import ProtocolPerplexity
-from .plan import measure_plan
+from .plan import measure_plan, spills_to_disk
 from .resume import BlockCheckpoint, ResumeError, quantized_layers_state, read_activations, restore_quantized_layers
 from .summary import write_summary
 
@@ -98,6 +99,10 @@ class GPTQModule(LightningModule):
         true_sequential: quantize a block's linears group by group (attention in → attention out →
             MLP in → MLP out), re-running the block in between so later groups see quantized inputs.
         activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache).
+        activation_storage: where the cache lives: ``memory``, ``disk`` (files in ``activation_dir``
+            that the kernel pages out when memory runs short), or ``auto`` (disk when twice the
+            cache, what the propagate stage holds, would take over half the memory available).
+        activation_dir: folder for ``disk`` (default ``<trainer.default_root_dir>/activations``).
         eval_before: score perplexity of the full-precision model before quantizing.
         eval_after: score perplexity right after quantizing.
         output_dir: where the quantized model and run summary go (default: ``<log dir>/quantized``).
@@ -134,6 +139,8 @@ class GPTQModule(LightningModule):
         revision: str | None = None,
         true_sequential: bool = False,
         activation_dtype: str | None = None,
+        activation_storage: str = "auto",
+        activation_dir: str | None = None,
         eval_before: bool = False,
         eval_after: bool = True,
         output_dir: str | None = None,
@@ -164,6 +171,9 @@ class GPTQModule(LightningModule):
             parse_size(max_shard_size)
         except ValueError as error:
             raise MisconfigurationException(f"GPTQModule.{error}") from None
+        if activation_storage not in ("memory", "disk", "auto"):
+            raise MisconfigurationException(f"GPTQModule.activation_storage must be 'memory', 'disk' or 'auto', "
+                                            f"got {activation_storage!r}")
         if save_dtype is not None and save_dtype not in ("float16", "bfloat16", "float32"):
             raise MisconfigurationException(f"GPTQModule.save_dtype must be float16, bfloat16 or float32, got {save_dtype!r}")
         for name in ("latency_prompt_tokens", "latency_decode_tokens"):
@@ -179,6 +189,7 @@ class GPTQModule(LightningModule):
         self._stages: list[Stage] = []
         self._inputs: BlockInputs | None = None
         self._next_hidden: list[torch.Tensor] = []
+        self._spill: SpillFolder | bool | None = None  # decided on first use; False: in memory
         self._ctx: BlockContext | None = None
         self._val_ppl: list[ProtocolPerplexity] = []
         self._resume_side: dict | None = None  # the activation file a resume checkpoint being written names
@@ -381,6 +392,7 @@ class GPTQModule(LightningModule):
             start = time.perf_counter()
             got = capture_block_inputs(self._lm, self.adapter, batch["input_ids"], batch_size=batch["input_ids"].shape[0],
                                        storage_dtype=self.hparams.activation_dtype, device=self.device)
+            got.hidden = [self._store(h) for h in got.hidden]
             self._inputs.extend(got)  # shares equal masks / rotary tables across batches
             self.timings["capture"] += time.perf_counter() - start
             return None
@@ -388,7 +400,7 @@ class GPTQModule(LightningModule):
         with exact_kernels():  # quantized layers already swapped in: what later blocks see is machine-independent
             hidden = run_block(block, self._inputs.hidden[batch_idx], self._inputs.kwargs_for(stage.block, batch_idx))
         if stage.kind == "propagate":
-            self._next_hidden.append(hidden.to("cpu", dtype=self._inputs.hidden[batch_idx].dtype))
+            self._next_hidden.append(self._store(hidden.to("cpu", dtype=self._inputs.hidden[batch_idx].dtype)))
         return None
 
     def on_train_epoch_end(self) -> None:
@@ -479,6 +491,22 @@ class GPTQModule(LightningModule):
         release(block)
         self.timings["save"] += time.perf_counter() - start
 
+    def _store(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A batch of cached activations, kept in memory or spilled to a file (``activation_storage``)."""
+        if self._spill is None:
+            self._spill = self._spill_folder() or False
+        return self._spill.put(hidden) if self._spill else hidden
+
+    def _spill_folder(self) -> SpillFolder | None:
+        hp, dm = self.hparams, self.trainer.datamodule
+        share = -(-dm.nsamples // max(1, self.trainer.world_size))
+        cache = estimate_activation_bytes(self._lm.config, share, dm.seqlen, hp.activation_dtype or hp.dtype)
+        if not spills_to_disk(hp.activation_storage, cache):
+            return None
+        folder = Path(os.path.expanduser(hp.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
+        rank_zero_info(f"activation cache: kept in files under {folder} (paged out when memory runs short)")
+        return SpillFolder(folder)
+
     # -- resume (see resume.py) --------------------------------------------------------------------
     @property
     def activation_cache(self) -> BlockInputs | None:
@@ -517,6 +545,7 @@ class GPTQModule(LightningModule):
                               "again without --ckpt_path.")
         mine = files[self.trainer.global_rank]
         self._inputs = read_activations(Path(path).parent, mine["name"], mine["sha256"])
+        self._inputs.hidden = [self._store(h) for h in self._inputs.hidden]
         restore_quantized_layers(self._lm, state["layers"], quant_linear_class(CALIBRATION_BACKEND))
         if state.get("writer") is not None and self.trainer.is_global_zero:
             try:

@@ -106,6 +106,12 @@ def _distinct_inputs(adapter, block) -> list[int]:
     return widths
 
 
+def spills_to_disk(storage: str, cache_bytes: int) -> bool:
+    """Whether ``activation_storage`` keeps a cache of ``cache_bytes`` in files: ``disk``, or ``auto``
+    when the propagate stage's two copies would take over half the memory available now."""
+    return storage == "disk" or (storage == "auto" and 2 * cache_bytes > available_bytes() // 2)
+
+
 def _solve_bytes(name: str, layer) -> int:
     """Memory a layer's solve adds beyond its Hessian: the fp32 sweep copy of the weight and the codes
     (1.5 weights), half a Hessian of factorisation temporaries, and a copy of a Hessian that later
@@ -168,8 +174,10 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
         "resident now": now, "of which weights": weights, "activation cache": cache, "Hessians (one block)": hessians,
         "block transient": transient, "solve workspace": solve_ws, "scoring logits": scoring,
     }
-    stages = {"calibrate": cache + hessians + transient, "propagate": 2 * cache + transient,
-              "solve": cache + hessians + solve_ws, "evaluate": scoring + transient}
+    spilled = bool(cache) and spills_to_disk(module.hparams.activation_storage, cache)
+    held = 0 if spilled else cache  # a spilled cache is file pages the kernel evicts when memory is short
+    stages = {"calibrate": held + hessians + transient, "propagate": 2 * held + transient,
+              "solve": held + hessians + solve_ws, "evaluate": scoring + transient}
     plan.bytes["peak"] = now + max(stages.values())
 
     scale_bytes = torch.empty((), dtype=getattr(torch, module.hparams.save_dtype or "float32")).element_size() \
@@ -181,7 +189,11 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
         plan.disk["resume checkpoint"] = cache + quantized  # at the last block; written next to the old one
         plan.disk["peak"] = plan.disk["quantized model"] + 2 * plan.disk["resume checkpoint"]
 
-    _advise(plan, module, dm, cache, act_dtype)
+    if spilled:
+        plan.disk["activation files"] = 2 * cache  # while propagating: this block's inputs and outputs
+        if "peak" in plan.disk:
+            plan.disk["peak"] += 2 * cache
+    _advise(plan, module, dm, held, act_dtype)
     return plan
 
 
@@ -255,6 +267,8 @@ def _advise(plan: FitPlan, module, dm, cache: int, act_dtype: str) -> None:
         plan.advice.append(f"--model.activation_dtype=bfloat16 halves the activation cache ({cache / MiB:,.0f} MiB; "
                            f"the propagate stage holds it twice)")
     if cache:
+        plan.advice.append("--model.activation_storage=disk keeps the activation cache in files the kernel pages "
+                           f"out when memory runs short (it needs {2 * cache / MiB:,.0f} MiB of disk)")
         need = max(1, int(dm.nsamples * max(0.0, 1 - over / (2 * cache))))
         plan.advice.append(f"--data.nsamples={need} (from {dm.nsamples}) shrinks the cache enough on its own")
     if dm.batch_size > 1:

@@ -166,7 +166,8 @@ def read_activations(folder: Path, name: str, sha256: str):
     if _sha256(path) != sha256:
         raise ResumeError(f"The activation file {str(path)!r} does not match the sha256 its checkpoint recorded "
                           "(written half-way or altered); start the run again without --ckpt_path.")
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file, checked against the checkpoint
+    # mapped, not read: a cache spilled to disk (activation_storage) need not fit in memory on the way back
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # our own file, checked above
 
 
 def _remove_stale_side_files(folder: Path, keep: str, rank: int) -> None:
