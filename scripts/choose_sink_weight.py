@@ -34,19 +34,23 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--rtn", action="store_true")
     parser.add_argument("--fp32", action="store_true")
-    parser.add_argument("--eval", default=f"ptb-valid={SHARED / 'data' / 'ptb' / 'ptb.valid.txt'}",
-                        help="name=path of the text that chooses (never a reported test set)")
+    parser.add_argument("--eval", nargs="+", default=[f"ptb-valid={SHARED / 'data' / 'ptb' / 'ptb.valid.txt'}"],
+                        help="name=path (or a built-in set's name) of the text that chooses (never a reported test "
+                             "set); more sets are scored beside it, the first one ranks")
     parser.add_argument("--jsonl", help="append one JSON line per run here")
     args = parser.parse_args()
 
     from lightning_gptq.cli import main as cli
 
-    name = args.eval.split("=", 1)[0]
+    names = [e.split("=", 1)[0] for e in args.eval]
+    name = names[0]
+    wiki = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
     root = Path(tempfile.mkdtemp(prefix="sink-rule-"))
     common = [
         "--config=configs/smollm2-135m.yaml", f"--model.model={args.model}", "--model.gguf_file=null",
         f"--data.calibration={args.calibration}", f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}",
-        f"--data.eval_datasets=[{args.eval}]", f"--data.eval_max_windows={args.windows}",
+        f"--data.eval_datasets=[{', '.join(args.eval)}]", f"--data.eval_paths={{wikitext2: {wiki}}}",
+        f"--data.eval_max_windows={args.windows}",
         "--model.latency=false", "--model.save_quantized=false", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--gptq.quant.bits={args.bits}",
     ]
@@ -62,14 +66,16 @@ def main() -> None:
         if "before" in run.model.results:
             results["fp32"] = run.model.results["before"][name]["ppl"]
             print(f"fp32: {name} {results['fp32']:.4f}", flush=True)
-        results[label] = ppl = run.model.results["after"][name]["ppl"]
+        scores = {n: run.model.results["after"][n]["ppl"] for n in names}
+        results[label] = ppl = scores[name]
         capture = next((cb for cb in run.trainer.callbacks if type(cb).__name__ == "HessianCapture"), None)
         weights = dict(capture.block_weights) if capture is not None and label != "rtn" else {}
         seconds = time.perf_counter() - start
-        print(f"{label}: {name} {ppl:.4f} ({seconds:.0f} s)", flush=True)
+        print(f"{label}: " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items()) + f" ({seconds:.0f} s)", flush=True)
         if args.jsonl:
             with open(args.jsonl, "a") as f:
-                f.write(json.dumps({"model": args.model, "rule": label, name: ppl, "seconds": round(seconds),
+                f.write(json.dumps({"model": args.model, "rule": label, **scores, "seconds": round(seconds),
+                                    "calibration": args.calibration,
                                     "nsamples": args.nsamples, "seqlen": args.seqlen, "windows": args.windows,
                                     "bits": args.bits, "block_weights": weights}) + "\n")
     print(f"\n{Path(args.model).name}, {args.bits}-bit g128 asym act-order, calibration {args.nsamples}x{args.seqlen} "

@@ -383,13 +383,23 @@ def test_sink_weighting_weighs_the_first_positions_of_each_sequence(tmp_path):
             HessianCapture(**bad)
 
 
+def _block_hessians(capture, adapter, block, inputs):
+    """``capture``'s block hooks around one pass of ``block`` (block 0) over ``inputs``; its Hessians by layer."""
+    from lightning_gptq.lightning import BlockContext
+
+    ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
+    capture.on_block_start(None, None, ctx)
+    for j, h in enumerate(inputs.hidden):
+        run_block(block, h, inputs.kwargs_for(0, j))
+    capture.on_block_end(None, None, ctx)
+    return ctx.hessians
+
+
 @pytest.mark.parametrize("sink_layers", ["all", "attention"])
 def test_sink_weight_from_measured_attention(tmp_path, sink_layers):
     """``sink_weight="attention"``: the weight is the attention the first position receives over the
     attention an average other key receives (recomputed here from eager ``output_attentions``), and it
     reaches only the layers ``sink_layers`` names."""
-    from lightning_gptq.lightning import BlockContext
-
     lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
     adapter = get_adapter(lm)
     ids = torch.randint(4, 90, (3, 12))
@@ -397,12 +407,7 @@ def test_sink_weight_from_measured_attention(tmp_path, sink_layers):
     block = adapter.blocks(lm)[0]
     hessians, xs = {}, {}
     for capture in (HessianCapture(), HessianCapture(sink_weight="attention", sink_layers=sink_layers)):
-        ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
-        capture.on_block_start(None, None, ctx)
-        for j, h in enumerate(inputs.hidden):
-            run_block(block, h, inputs.kwargs_for(0, j))
-        capture.on_block_end(None, None, ctx)
-        hessians[capture.sink_weight] = ctx.hessians
+        hessians[capture.sink_weight] = _block_hessians(capture, adapter, block, inputs)
     assert not lm.config._attn_implementation.startswith("lightning_gptq_probe")  # restored
     handles = [block.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: xs.setdefault(n, []).append(a[0]))
                for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
@@ -565,22 +570,16 @@ def test_fit_equals_the_reference_driver_bit_for_bit(tmp_path, monkeypatch):
 
 def test_measured_sink_weight_falls_back_to_the_reference_where_attention_cannot_be_read(tmp_path):
     """BLOOM computes attention inline: ``sink_weight='attention'`` warns and uses the plain Hessian."""
-    from lightning_gptq.lightning import BlockContext
-
     lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "bloom")))
     adapter = get_adapter(lm)
     inputs = capture_block_inputs(lm, adapter, torch.randint(4, 90, (2, 10)))
     block = adapter.blocks(lm)[0]
     hessians = {}
     for capture in (HessianCapture(), HessianCapture(sink_weight="attention", sink_layers="attention")):
-        ctx = BlockContext(0, 1, block, dict(adapter.linear_layers(block)))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            capture.on_block_start(None, None, ctx)
-        for j, h in enumerate(inputs.hidden):
-            run_block(block, h, inputs.kwargs_for(0, j))
-        capture.on_block_end(None, None, ctx)
-        hessians[capture.sink_weight] = {n: a.hessian for n, a in ctx.hessians.items()}
+            found = _block_hessians(capture, adapter, block, inputs)
+        hessians[capture.sink_weight] = {n: a.hessian for n, a in found.items()}
     assert any("cannot be measured" in str(w.message) for w in caught)
     for name, h in hessians[1.0].items():
         assert torch.equal(h, hessians["attention"][name]), name
