@@ -123,7 +123,7 @@ def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uni
     _killed_run(model_dir, root, out, 4, tmp_path)
     before = sorted(p.name for p in (root / "checkpoints").iterdir())
     monkeypatch.setattr(plan_module, "available_bytes", lambda: 1)  # a machine with no memory to spare
-    run = main(["fit", *_args(model_dir, root, out), "--model.dry_run=true"])
+    run = main(["fit", *_args(model_dir, root, out), "--model.dry_run=true", "--model.activation_storage=memory"])
     assert sorted(p.name for p in (root / "checkpoints").iterdir()) == before
     assert sorted(p.name for p in out.iterdir()) == ["plan.json"]
     assert not run.model.completed and not run.model.is_quantized
@@ -133,7 +133,16 @@ def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uni
     assert set(plan["seconds"]) >= {"capture", "calibrate", "propagate", "solve", "total"}
     assert plan["disk"]["quantized model"] > 0
     assert any("activation_dtype=bfloat16" in a for a in plan["advice"])
+    assert any("activation_storage=disk" in a for a in plan["advice"])
     assert "WARNING: the estimated peak" in run.model.plan.describe()
+
+    # `auto` (the default) would spill the cache on this machine: the plan counts it on disk instead
+    run = main(["fit", *_args(model_dir, root, out), "--model.dry_run=true"])
+    spilled = json.loads((out / "plan.json").read_text())
+    assert spilled["disk"]["activation files"] == 2 * plan["bytes"]["activation cache"]
+    assert "activation files" not in plan["disk"]
+    above = {name: p["bytes"]["peak"] - p["bytes"]["resident now"] for name, p in (("memory", plan), ("disk", spilled))}
+    assert above["disk"] <= above["memory"]
 
 
 def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp_path, uninterrupted):

@@ -34,8 +34,11 @@ from lightning_gptq.models.adapters import (
 )
 from lightning_gptq.models.streaming import release
 from lightning_gptq.nn import exact_kernels
+from lightning_gptq.nn.autotune import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
+
+from .callbacks import CALIBRATION_BACKEND
 
 __all__ = ["FitPlan", "available_bytes", "measure_plan", "resident_bytes"]
 
@@ -224,6 +227,12 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
         layer, h = own[name], accumulators[name].hessian
         weight = weight_out_in(layer).detach()
         t_solve = _best_of(2, lambda: gptq_quantize(weight.clone(), h, quant))
+        # Propagation runs the quantized block, whose (oracle) layers dequantize their weight on
+        # every call: time that extra on the widest layer and scale it by weight size.
+        quantized = make_quant_linear(layer, gptq_quantize(weight.clone(), h, quant), CALIBRATION_BACKEND)
+        x = torch.randn(dm.batch_size, dm.seqlen, linear_in_features(layer), dtype=weight.dtype)
+        extra = max(0.0, _best_of(2, lambda: quantized(x)) - _best_of(2, lambda: layer(x)))
+        seconds["propagate"] += extra * batches * sum(weight_out_in(m).numel() for m in layers) / weight.numel()
 
         def cost(m):  # the solve is an in² Cholesky/inverse plus an out × in² sweep
             i, o = linear_in_features(m), linear_out_features(m)
