@@ -7,6 +7,8 @@ CLI arguments go after ``--``.
 
     python scripts/make_synthetic_llama.py --out /tmp/llama-1b
     python scripts/measure_streaming.py /tmp/llama-1b --nsamples 8 --seqlen 512
+    python scripts/make_synthetic_llama.py --out /tmp/llama-1b-slice --layers 3
+    python scripts/measure_streaming.py /tmp/llama-1b-slice --compare   # + an in-memory fit, tensor for tensor
     python scripts/measure_streaming.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --in-memory --nsamples 16 \
         --seqlen 2048 -- --config configs/smollm2-135m.yaml --model.gguf_file=null --data.eval_max_windows=16 \
         "--data.eval_datasets=[ptb-valid=../shared/data/ptb/ptb.valid.txt]" --model.eval_after=true
@@ -20,6 +22,8 @@ import os
 import sys
 import tempfile
 import time
+
+import torch
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -44,6 +48,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--in-memory", action="store_true", help="the ordinary fit (the whole model in memory)")
+    parser.add_argument("--compare", action="store_true",
+                        help="then also fit in memory and compare the two written models tensor for tensor")
     parser.add_argument("extra", nargs="*", help="more CLI arguments (after --)")
     args = parser.parse_args()
 
@@ -77,6 +83,15 @@ def main() -> None:
         if measured and stage in plan["seconds"]:
             estimate = plan["seconds"][stage]
             print(f"  {stage}: estimate {estimate:.1f} s, measured {measured:.1f} s ({estimate / measured - 1:+.0%})")
+    if args.compare and not args.in_memory:
+        from lightning_gptq.checkpoint.shards import Shards
+
+        seconds, peak = run([*common, f"--model.output_dir={root / 'memory'}"])
+        print(f"in-memory fit: peak RSS {peak / 2**20:,.0f} MiB = {peak / fp32:.1%} of the files, {seconds:.0f} s")
+        a, b = Shards(root / "fit" / "model"), Shards(root / "memory" / "model")
+        same = [n for n in a.shapes if n in b.shapes and torch.equal(a.get(n), b.get(n))]
+        print(f"streamed vs in-memory checkpoint: {len(same)} of {len(b.shapes)} tensors equal "
+              f"({len(a.shapes)} streamed)")
 
 
 if __name__ == "__main__":
