@@ -64,8 +64,9 @@ def main() -> None:
         start = time.perf_counter()
         run = cli([*argv, f"--model.output_dir={root / label.replace(':', '-')}"])
         if "before" in run.model.results:
-            results["fp32"] = run.model.results["before"][name]["ppl"]
-            print(f"fp32: {name} {results['fp32']:.4f}", flush=True)
+            before = {n: run.model.results["before"][n]["ppl"] for n in names}
+            results["fp32"] = before[name]
+            print("fp32: " + ", ".join(f"{n} {v:.4f}" for n, v in before.items()), flush=True)
         scores = {n: run.model.results["after"][n]["ppl"] for n in names}
         results[label] = ppl = scores[name]
         capture = next((cb for cb in run.trainer.callbacks if type(cb).__name__ == "HessianCapture"), None)
