@@ -2,7 +2,9 @@
 
 Memory is counted from the model, the calibration settings and this process's resident size now;
 time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
-with and without Hessian hooks; one GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; one evaluation window).
+with and without Hessian hooks, and through the attention probe when the sink rule is measured; one
+GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; the
+quantized layers' dequantization during propagation, timed on that layer; one evaluation window).
 
     resident weights    parameters + buffers of the loaded model
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
@@ -15,6 +17,7 @@ with and without Hessian hooks; one GPTQ solve of block 0's largest layer, scale
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -32,13 +35,14 @@ from lightning_gptq.models.adapters import (
     linear_out_features,
     weight_out_in,
 )
+from lightning_gptq.models.attention_probe import attention_layers, probe_attention
 from lightning_gptq.models.streaming import release
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.autotune import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
 
-from .callbacks import CALIBRATION_BACKEND
+from .callbacks import CALIBRATION_BACKEND, HessianCapture
 
 __all__ = ["FitPlan", "available_bytes", "measure_plan", "resident_bytes"]
 
@@ -216,7 +220,13 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
         for name, layer in adapter.linear_layers(block).items():
             accumulators[name] = HessianAccumulator(linear_in_features(layer))
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
-        t_calibrate = _best_of(3, lambda: run_block(block, hidden, kwargs))
+        capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
+        probed = capture is not None and capture.measured and bool(attention_layers(block))
+        with contextlib.ExitStack() as stack:
+            if probed:  # the measured sink rule recomputes each attention layer's first-key mass
+                stack.enter_context(probe_attention(attention_layers(block), lambda *args: None,
+                                                    first=capture.sink_tokens))
+            t_calibrate = _best_of(3, lambda: run_block(block, hidden, kwargs))
         for handle in handles:
             handle.remove()
         passes = len(adapter.sequential_groups(block)) if module.hparams.true_sequential else 1
