@@ -50,8 +50,10 @@ def main() -> None:
     parser.add_argument("--in-memory", action="store_true", help="the ordinary fit (the whole model in memory)")
     parser.add_argument("--compare", action="store_true",
                         help="then also fit in memory and compare the two written models tensor for tensor")
-    parser.add_argument("extra", nargs="*", help="more CLI arguments (after --)")
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)  # CLI arguments for the fit, after --
+    args = parser.parse_args(argv[:cut])
+    args.extra = argv[cut + 1 :]
 
     folder = Path(args.model)
     files = list(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
