@@ -53,7 +53,12 @@ def main() -> None:
     argv = sys.argv[1:]
     cut = argv.index("--") if "--" in argv else len(argv)  # CLI arguments for the fit, after --
     args = parser.parse_args(argv[:cut])
-    args.extra = argv[cut + 1 :]
+    args.extra = []
+    for item in argv[cut + 1 :]:  # "--config FILE" -> "--config=FILE", so it can be moved as one
+        if args.extra and args.extra[-1] == "--config":
+            args.extra[-1] = f"--config={item}"
+        else:
+            args.extra.append(item)
 
     folder = Path(args.model)
     files = list(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
