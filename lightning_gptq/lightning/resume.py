@@ -131,7 +131,7 @@ class BlockCheckpoint(ModelCheckpoint):
             torch.distributed.all_gather_object(files, mine)
         pl_module._resume_side = {"files": files}
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: callbacks too
         finally:
             pl_module._resume_side = None
         self.last_model_path = str(path)
