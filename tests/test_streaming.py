@@ -44,8 +44,11 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     model_dir = tiny_model_dir(tmp_path, "llama")
-    with pytest.raises(MisconfigurationException, match="--model.eval_after=false"):
-        main(["fit", *cli_args(model_dir, tmp_path / "r", "--model.streaming=true", "--model.latency=false")])
+    with pytest.raises(MisconfigurationException, match="--model.latency=false"):
+        main(["fit", *cli_args(model_dir, tmp_path / "r", "--model.streaming=true")])
+    with pytest.raises(MisconfigurationException, match="save_quantized=true"):
+        main(["fit", *cli_args(model_dir, tmp_path / "r", "--model.streaming=true", "--model.latency=false",
+                               "--model.save_quantized=false")])
     (model_dir / "model.safetensors").rename(model_dir / "weights.bin")
     with pytest.raises(Exception, match="safetensors"):
         GPTQModule(str(model_dir), streaming=True)
@@ -62,6 +65,14 @@ def test_dry_run_of_a_streaming_fit_counts_one_block(tmp_path):
     assert plan["bytes"]["of which weights"] == block + outside
     assert all(p.device.type == "meta" for p in lm.parameters())  # measured, then freed again
     assert not (tmp_path / "o" / "model").exists()
+    assert "scoring hidden states" not in plan["bytes"] and "evaluate" not in plan["seconds"]
+
+    # scoring block by block after the fit: every window's hidden state is held between blocks
+    run = main(["fit", *cli_args(model_dir, tmp_path / "e", "--model.latency=false", "--model.streaming=true",
+                                 "--model.dry_run=true", f"--model.output_dir={tmp_path / 'o'}")])
+    plan = run.model.plan.to_dict()
+    assert plan["bytes"]["scoring hidden states"] == 6 * 32 * lm.config.hidden_size * 4  # 6 windows of 32
+    assert plan["seconds"]["evaluate"] > 0
 
 
 def test_validate_streaming_scores_block_by_block_like_the_whole_model(tmp_path):
@@ -112,3 +123,61 @@ def test_activation_cache_spilled_to_files_gives_the_same_model(tmp_path, monkey
     assert spilled and all(spilled)
     with pytest.raises(MisconfigurationException, match="activation_storage"):
         GPTQModule(str(model_dir), activation_storage="swap")
+
+
+def test_streaming_fit_scores_its_written_model_block_by_block(tmp_path):
+    """eval_before / eval_after in a streaming fit go block by block (the fp32 folder, then the written
+    checkpoint read back one block at a time) and give what the whole models give; `validate` streams
+    a quantized folder the same way, and `fit` refuses to quantize it again."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_gptq.models.streaming import QuantizedWeightSource
+
+    model_dir = tiny_model_dir(tmp_path, "gemma3")  # tied head: the streamed head must take the embedding
+    scoring = ["--model.latency=false", "--gptq.quant.act_order=true", "--model.eval_before=true",
+               "--model.eval_after=true"]
+    whole = main(["fit", *cli_args(model_dir, tmp_path / "w", *scoring, f"--model.output_dir={tmp_path / 'whole'}")])
+    seen = []
+    materialize = QuantizedWeightSource.materialize
+
+    def counting(self, model, module, device="cpu"):
+        seen.append([n for n, m in model.named_modules() if m is module][0])
+        return materialize(self, model, module, device)
+
+    QuantizedWeightSource.materialize = counting
+    try:
+        streamed = main(["fit", *cli_args(model_dir, tmp_path / "s", *scoring, "--model.streaming=true",
+                                          f"--model.output_dir={tmp_path / 'streamed'}")])
+    finally:
+        QuantizedWeightSource.materialize = materialize
+    blocks = len(whole.model.adapter.blocks(whole.model.lm))
+    assert [n for n in seen if ".layers." in n] == [f"model.layers.{i}" for i in range(blocks)]  # once each
+    for stage in ("before", "after"):
+        a, b = whole.model.results[stage]["wikitext2"], streamed.model.results[stage]["wikitext2"]
+        assert b["text"].endswith("blockwise]") and b["tokens"] == a["tokens"]
+        assert abs(b["ppl"] - a["ppl"]) <= 1e-4 * a["ppl"], stage  # same weights, fp32 summed in another order
+    assert whole.model.results["before"]["wikitext2"]["ppl"] != whole.model.results["after"]["wikitext2"]["ppl"]
+    summary = (tmp_path / "streamed" / "summary.json").read_text()
+    assert '"after"' in summary
+
+    validated = main(["validate", *cli_args(tmp_path / "streamed" / "model", tmp_path / "v", "--model.latency=false",
+                                            "--model.streaming=true")])
+    result = validated.model.results["val"]["wikitext2"]
+    assert abs(result["ppl"] - streamed.model.results["after"]["wikitext2"]["ppl"]) <= 1e-6 * result["ppl"]
+    assert all(t.is_meta for t in validated.model.lm.parameters())  # everything read was freed again
+    with pytest.raises(MisconfigurationException, match="already quantized"):
+        main(["fit", *cli_args(tmp_path / "streamed" / "model", tmp_path / "q", "--model.latency=false",
+                               "--model.streaming=true")])
+
+
+def test_streamed_scoring_of_a_corrupt_checkpoint_fails_before_any_model_work(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    main(["fit", *cli_args(model_dir, tmp_path / "f", *QUIET_FIT, f"--model.output_dir={tmp_path / 'out'}")])
+    weights = tmp_path / "out" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-8] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(MisconfigurationException, match="sha256"):
+        GPTQModule(str(tmp_path / "out" / "model"), streaming=True, latency=False)

@@ -322,6 +322,149 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
+class GPTQReader:
+    """A HF GPTQ folder opened for reading, no tensor data read yet.
+
+    Settings, the recorded sha256 of each weight file, and every tensor's header (name, dtype, shape)
+    are checked against ``model``: the architecture built from ``config.json`` with its parameters on
+    the meta device. ``fill(module)`` then reads one module's tensors (the whole model, or one block
+    at a time for a model bigger than memory). ``plain_io``: read with file reads instead of memory
+    maps, so the pages read are not counted as this process's memory. Raises ``CheckpointError``.
+    """
+
+    QUANTIZED = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+    def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, verify: bool = True,
+                 trust_remote_code: bool = False, plain_io: bool = False):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.folder, self.dtype = Path(folder), dtype
+        self.settings = settings = read_settings(self.folder)
+        self.files = files = shard_io.Shards(self.folder)
+        recorded = settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
+        if verify and recorded:
+            files.verify(recorded)
+        names = sorted(n[: -len(".qweight")] for n in files.shapes if n.endswith(".qweight"))
+        if not names:
+            raise CheckpointError(f"{self.folder}: the config says GPTQ but no tensor is named '<layer>.qweight'")
+
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # transformers would look for a GPTQ integration; we are it
+        with parameters_on_meta():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        self.layers: dict[str, tuple[int, int, bool]] = {}  # quantized layer -> (in, out, has bias)
+        for name in names:
+            try:
+                linear = self.model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"{self._where(name + '.qweight')}: layer {name!r} does not exist in a "
+                                      f"{config.model_type} model") from None
+            if _linear_shape(linear) is None:
+                raise CheckpointError(f"{self._where(name + '.qweight')}: {name!r} is a {type(linear).__name__}, "
+                                      "not a linear layer")
+            in_features, out_features, has_bias = self.layers[name] = _linear_shape(linear)
+            part = {k: files.shapes[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")
+                    if f"{name}.{k}" in files.shapes}
+            kinds = {k: files.dtypes[f"{name}.{k}"] for k in part}
+            check_layer_header(name, part, kinds, settings, in_features, out_features, self._where(name + ".qweight"))
+            if settings.desc_act and f"{name}.g_idx" not in files.shapes:
+                raise CheckpointError(f"{self._where(name + '.qweight')}: desc_act is set but {name}.g_idx is missing")
+        self._quantized_keys = {f"{n}.{k}" for n in names for k in self.QUANTIZED}
+        self._check_other_tensors(config)
+        self._read = files.read if plain_io else files.get
+
+    def _where(self, key: str) -> str:
+        return f"{self.folder / self.files.file_of.get(key, '?')}"
+
+    def _check_other_tensors(self, config) -> None:
+        """Every unquantized tensor names a parameter or buffer of the model with its shape, and every
+        parameter comes from the files (a quantized layer, a tensor, or a tie to one)."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        buffers = dict(self.model.named_buffers())
+        unexpected, provided = [], set()
+        for key, shape in self.files.shapes.items():
+            if key in self._quantized_keys:
+                continue
+            target = params.get(key, buffers.get(key))
+            if target is None:
+                unexpected.append(key)
+            elif tuple(shape) != tuple(target.shape):
+                raise CheckpointError(f"{self._where(key)}: {key} has shape {list(shape)}, the model expects "
+                                      f"{list(target.shape)} (config.json does not match the tensors)")
+            elif key in params:
+                provided.add(id(params[key]))
+        quantized_params = {f"{n}.{k}" for n in self.layers for k in ("weight", "bias")}
+        tied = getattr(config, "tie_word_embeddings", False) and self.model.get_output_embeddings() is not None
+        head = self.model.get_output_embeddings().weight if tied else None
+        missing = [n for n, p in params.items() if n not in quantized_params and id(p) not in provided
+                   and not (p is head and id(self.model.get_input_embeddings().weight) in provided)]
+        if missing or unexpected:
+            raise CheckpointError(f"{self.folder}: the weights do not match a {config.model_type} model: missing "
+                                  f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+        self._tied = tied
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.folder) if (self.folder / "tokenizer_config.json").is_file() else None
+
+    def fill(self, module: nn.Module | None = None) -> None:
+        """Read ``module``'s tensors (default: the whole model) into ``self.model``: each quantized
+        layer is rebuilt from its packed tensors (values checked), every other parameter and buffer
+        read from its file; a tied head takes the input embedding's weight."""
+        model = self.model
+        module = model if module is None else module
+        prefix = next((n for n, m in model.named_modules() if m is module), None)
+        if prefix is None:
+            raise CheckpointError(f"{type(module).__name__} is not part of the model read from {self.folder}")
+        inside = lambda key: not prefix or key.startswith(prefix + ".")
+        try:
+            for name, shape in self.layers.items():
+                if inside(name):
+                    replace_submodule(model, name, self._layer(name, *shape))
+            for key in self.files.shapes:
+                if key in self._quantized_keys or not inside(key):
+                    continue
+                owner_name, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+                owner = model.get_submodule(owner_name)
+                tensor = self._read(key)
+                if leaf in owner._parameters:
+                    value = tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+                    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+                else:
+                    owner._buffers[leaf] = tensor
+            head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+            if self._tied and any(m is head for m in module.modules()):
+                if embeddings.weight.is_meta:
+                    self.fill(embeddings)
+                head.weight = embeddings.weight
+        finally:
+            self.files.close()  # unmap: nothing read stays mapped into this process
+
+    def _layer(self, name: str, in_features: int, out_features: int, has_bias: bool) -> QuantLinear:
+        settings, dtype, at = self.settings, self.dtype, self._where(name + ".qweight")
+        layer = QuantLinear(in_features, out_features, bits=settings.bits, group_size=settings.group_size,
+                            sym=settings.sym, bias=has_bias, dtype=dtype)
+        g_idx = self._read(f"{name}.g_idx") if f"{name}.g_idx" in self.files.shapes else natural_g_idx(
+            in_features, settings.group_size)
+        scales = self._read(f"{name}.scales").to(dtype)
+        check_layer_values(name, scales, g_idx, settings.group_size, at)
+        layer.qweight = words_from_file(self._read(f"{name}.qweight"), in_features, settings.bits, dim=0)
+        layer.qzeros = zeros_from_file(words_from_file(self._read(f"{name}.qzeros"), out_features, settings.bits, dim=1),
+                                       settings.bits, out_features, settings.checkpoint_format, f"{at}: {name}.qzeros")
+        layer.scales, layer.g_idx = scales.contiguous(), g_idx.to(torch.int32)
+        bias_key = f"{name}.bias"
+        if bias_key in self.files.shapes:
+            bias = self._read(bias_key)
+            if layer.bias is not None:
+                layer.bias = bias.to(dtype)
+            elif bool(bias.any()):
+                raise CheckpointError(f"{self._where(bias_key)}: {bias_key} is non-zero but the model's {name} has no bias")
+        layer.post_init()
+        return layer
+
+
 def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dtype | str = torch.float32,
               verify: bool = True, trust_remote_code: bool = False):
     """``(model, tokenizer)`` from a HF GPTQ folder (ours, AutoGPTQ's, GPTQModel's; v1 or v2; sharded
@@ -332,96 +475,17 @@ def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dt
     Every header and shape is checked against the config before the model is built; values (finite
     scales, ``g_idx`` range, v1 zeros) as each layer is read. Raises ``CheckpointError``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     check_backend(backend)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    folder = Path(folder)
     start = time.perf_counter()
-    settings = read_settings(folder)
-    files = shard_io.Shards(folder)
-    where = lambda name: f"{folder / files.file_of.get(name, '?')}"
-    recorded = settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
-    if verify and recorded:
-        files.verify(recorded)
-    names = sorted(n[: -len(".qweight")] for n in files.shapes if n.endswith(".qweight"))
-    if not names:
-        raise CheckpointError(f"{folder}: the config says GPTQ but no tensor is named '<layer>.qweight'")
-
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers would look for a GPTQ integration; we are it
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    for name in names:  # headers against the skeleton before any data is read
-        try:
-            linear = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{where(name + '.qweight')}: layer {name!r} does not exist in a {config.model_type} "
-                                  f"model") from None
-        if _linear_shape(linear) is None:
-            raise CheckpointError(f"{where(name + '.qweight')}: {name!r} is a {type(linear).__name__}, not a linear layer")
-        in_features, out_features, _ = _linear_shape(linear)
-        part = {k: files.shapes[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx") if f"{name}.{k}" in files.shapes}
-        kinds = {k: files.dtypes[f"{name}.{k}"] for k in part}
-        check_layer_header(name, part, kinds, settings, in_features, out_features, where(name + ".qweight"))
-        if settings.desc_act and f"{name}.g_idx" not in files.shapes:
-            raise CheckpointError(f"{where(name + '.qweight')}: desc_act is set but {name}.g_idx is missing")
-
-    quantized = set()
-    for name in names:
-        in_features, out_features, has_bias = _linear_shape(model.get_submodule(name))
-        layer = QuantLinear(in_features, out_features, bits=settings.bits, group_size=settings.group_size,
-                            sym=settings.sym, bias=has_bias, dtype=dtype)
-        at = where(name + ".qweight")
-        g_idx = files.get(f"{name}.g_idx") if f"{name}.g_idx" in files.shapes else natural_g_idx(in_features,
-                                                                                                  settings.group_size)
-        scales = files.get(f"{name}.scales").to(dtype)
-        check_layer_values(name, scales, g_idx, settings.group_size, at)
-        layer.qweight = words_from_file(files.get(f"{name}.qweight"), in_features, settings.bits, dim=0)
-        layer.qzeros = zeros_from_file(words_from_file(files.get(f"{name}.qzeros"), out_features, settings.bits, dim=1),
-                                       settings.bits, out_features, settings.checkpoint_format, f"{at}: {name}.qzeros")
-        layer.scales, layer.g_idx = scales.contiguous(), g_idx.to(torch.int32)
-        bias_key = f"{name}.bias"
-        if bias_key in files.shapes:
-            bias = files.get(bias_key)
-            if layer.bias is not None:
-                layer.bias = bias.to(dtype)
-            elif bool(bias.any()):
-                raise CheckpointError(f"{where(bias_key)}: {bias_key} is non-zero but the model's {name} has no bias")
-        layer.post_init()
-        replace_submodule(model, name, layer)
-        quantized.update(f"{name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx", "bias"))
-
-    params = dict(model.named_parameters(remove_duplicate=False))
-    buffers = dict(model.named_buffers())
-    unexpected = []
-    for key in files.shapes:
-        if key in quantized:
-            continue
-        if key in params:
-            tensor = files.get(key)
-            if tuple(tensor.shape) != tuple(params[key].shape):
-                raise CheckpointError(f"{where(key)}: {key} has shape {list(tensor.shape)}, the model expects "
-                                      f"{list(params[key].shape)} (config.json does not match the tensors)")
-            owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
-            module = model.get_submodule(owner)
-            module._parameters[leaf] = nn.Parameter(tensor.to(dtype) if tensor.is_floating_point() else tensor,
-                                                    requires_grad=False)
-        elif key in buffers:
-            owner, leaf = key.rsplit(".", 1) if "." in key else ("", key)
-            model.get_submodule(owner)._buffers[leaf] = files.get(key)
-        else:
-            unexpected.append(key)
-    files.close()
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+    reader = GPTQReader(folder, dtype=dtype, verify=verify, trust_remote_code=trust_remote_code)
+    reader.fill()
+    model, settings = reader.model, reader.settings
     missing = [n for n, p in model.named_parameters() if p.is_meta]
-    if missing or unexpected:
-        raise CheckpointError(f"{folder}: the weights do not match a {config.model_type} model: missing "
-                              f"{missing[:5]}{' …' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    if missing:  # _check_other_tensors accounts for every parameter: a bug if this fires
+        raise CheckpointError(f"{reader.folder}: parameters left unread: {missing[:5]}")
     to_backend(model, backend)
-    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").is_file() else None
-    log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", folder, len(names), settings.checkpoint_format,
-             f"{settings.bits}-bit g{settings.group_size}", files.total_bytes / 1e6, time.perf_counter() - start)
-    return model.eval(), tokenizer
+    log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", reader.folder, len(reader.layers),
+             settings.checkpoint_format, f"{settings.bits}-bit g{settings.group_size}", reader.files.total_bytes / 1e6,
+             time.perf_counter() - start)
+    return model.eval(), reader.tokenizer()

@@ -283,12 +283,14 @@ def perplexity_blockwise(
     progress: bool = True,
     before_block=None,
     after_block=None,
+    store=None,
 ) -> PerplexityResult:
     """Protocol perplexity computed embeddings -> block by block -> final stage, as the reference's eval.
 
     Only one block is on `device` at a time (moved there and back); the hidden states of all
     windows stay on `device`. Default device: where the embeddings are. `before_block(block)` and
-    `after_block(block)` run around each block (e.g. to read its weights from disk and free them).
+    `after_block(block)` run around each block (e.g. to read its weights from disk and free them);
+    `store(hidden)` keeps each window's hidden state after each block (e.g. in a file).
     """
     start_time = time.perf_counter()
     windows, total = _windows(tokens, seqlen, max_windows)
@@ -299,7 +301,10 @@ def perplexity_blockwise(
     model.eval()
     try:
         inputs = capture_block_inputs(model, adapter, windows, batch_size=1, device=device, progress=progress)
-        hidden = [h.to(device) for h in inputs.hidden]
+        hidden = []
+        for j in range(len(inputs.hidden)):  # dropped from `inputs` one by one: never held twice
+            h, inputs.hidden[j] = inputs.hidden[j].to(device), None
+            hidden.append(h if store is None else store(h))
         blocks = adapter.blocks(model)
         for block_index in _progress(range(len(blocks)), progress, desc=f"blockwise {dataset}".strip(), unit="block"):
             block = blocks[block_index]
@@ -309,7 +314,8 @@ def perplexity_blockwise(
             block.to(device)
             try:
                 for j in range(len(hidden)):
-                    hidden[j] = run_block(block, hidden[j], inputs.kwargs_for(block_index, j))
+                    out = run_block(block, hidden[j].to(device), inputs.kwargs_for(block_index, j))
+                    hidden[j] = out if store is None else store(out)
             finally:
                 block.to(home)
                 if after_block is not None:
@@ -324,7 +330,7 @@ def perplexity_blockwise(
                 module.to(device)
             with torch.no_grad():
                 for j, h in enumerate(_progress(hidden, progress, desc="final stage", unit="window", leave=False)):
-                    logits = adapter.logits(model, h)
+                    logits = adapter.logits(model, h.to(device))
                     nll_sum += float(window_nll(logits, windows[j : j + 1].to(device)).sum())
         finally:
             for module, home in zip(final_modules, homes):

@@ -36,15 +36,15 @@ from lightning_gptq.checkpoint import CheckpointError, is_quantized_checkpoint, 
 from lightning_gptq.checkpoint.hf import StreamingWriter
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.data import perplexity
-from lightning_gptq.data.evaluation import perplexity_blockwise
-from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, get_adapter, load_causal_lm, run_block
+from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.loading import gguf_cache_folder, resolve_dtype
-from lightning_gptq.models.streaming import WeightSource, release, skeleton
+from lightning_gptq.models.streaming import QuantizedWeightSource, WeightSource, release, skeleton
 from lightning_gptq.models.spill import SpillFolder
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, exact_kernels, quant_linear_class, to_backend
 
+from .blockwise import pinned_adapter, score_block_by_block
 from .callbacks import CALIBRATION_BACKEND, GPTQCallback, HessianCapture
 from .distributed import CalibrationDDPStrategy
 from .generation import Generation, complete
@@ -122,8 +122,10 @@ class GPTQModule(LightningModule):
         streaming: for models bigger than memory: the model is built on the meta device and each
             block is read from the model folder's safetensors when its turn comes, quantized, written
             to ``<output_dir>/model`` and freed; peak memory is about one block, its Hessians and the
-            activation cache. Needs a local folder with safetensors (a ``.gguf`` is converted to one
-            first); scoring and latency happen afterwards (``validate --model.model <output_dir>/model``).
+            activation cache. Scoring (``eval_before``, ``eval_after``, ``validate``/``test``) also
+            goes block by block: ``eval_after`` reads the written checkpoint back one block at a
+            time, and ``validate`` streams a quantized folder the same way. Needs a local folder with
+            safetensors (a ``.gguf`` is converted to one first); latency needs the whole model.
         dry_run: ``fit`` prints (and writes to ``plan.json``) the memory, disk and time it would need,
             from the model, the settings and a quick measurement here, then stops before any heavy work.
     """
@@ -201,9 +203,15 @@ class GPTQModule(LightningModule):
     def _load(self) -> None:
         hp = self.hparams
         self._source = self._writer = None
-        if hp.streaming:
-            if is_quantized_checkpoint(hp.model):
-                raise MisconfigurationException("streaming quantizes a full-precision model; this one is already quantized")
+        if hp.streaming and is_quantized_checkpoint(hp.model):  # scored block by block (validate / test)
+            try:
+                self._source = QuantizedWeightSource(os.path.expanduser(hp.model), dtype=resolve_dtype(hp.dtype),
+                                                     backend=hp.backend, trust_remote_code=hp.trust_remote_code)
+            except (CheckpointError, ValueError, OSError) as error:
+                raise MisconfigurationException(f"streaming reads a quantized model in the Hugging Face GPTQ layout "
+                                                f"block by block: {error}") from None
+            lm, self.tokenizer = self._source.model, self._source.tokenizer()
+        elif hp.streaming:
             folder = self._streaming_folder()
             lm, self.tokenizer = skeleton(folder, dtype=resolve_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code)
             self._source = WeightSource(folder, dtype=resolve_dtype(hp.dtype))
@@ -241,11 +249,7 @@ class GPTQModule(LightningModule):
         """The architecture adapter, its block path pinned: structure detection looks for linear
         layers, which a partly quantized model no longer has."""
         if self._adapter is None:
-            adapter = get_adapter(self._lm)
-            owner, attribute = adapter.blocks_location(self._lm)
-            owner_name = next(name for name, m in self._lm.named_modules() if m is owner)
-            path = ".".join(p for p in (owner_name, attribute) if p)
-            self._adapter = dataclasses.replace(adapter, blocks_path=path)
+            self._adapter = pinned_adapter(self._lm)
         return self._adapter
 
     def _place(self) -> nn.Module:
@@ -258,7 +262,7 @@ class GPTQModule(LightningModule):
 
     @property
     def is_quantized(self) -> bool:
-        return any(isinstance(m, QuantLinear) for m in self._lm.modules())
+        return isinstance(self._source, QuantizedWeightSource) or any(isinstance(m, QuantLinear) for m in self._lm.modules())
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._lm(input_ids=input_ids, use_cache=False).logits
@@ -295,14 +299,12 @@ class GPTQModule(LightningModule):
             )
         if self.is_quantized:
             raise MisconfigurationException(f"{self.hparams.model} is already quantized; fit needs a full-precision model")
-        if self.hparams.streaming:
-            wanted = [f"--model.{k}=false" for k in ("eval_before", "eval_after", "latency") if self.hparams[k]]
-            if wanted or not self.hparams.save_quantized:
-                raise MisconfigurationException(
-                    "streaming never holds the whole model, so it cannot score or time it during fit, and the written "
-                    "folder is its only result: " + (f"set {' '.join(wanted)}" if wanted else "keep save_quantized=true")
-                    + "; then score the written model with `validate --model.model <output_dir>/model`."
-                )
+        if self.hparams.streaming and (self.hparams.latency or not self.hparams.save_quantized):
+            raise MisconfigurationException(
+                "streaming never holds the whole model, so it cannot time it (it scores it block by block), and the "
+                "written folder is its only result: " + ("set --model.latency=false" if self.hparams.latency
+                                                         else "keep save_quantized=true") + "."
+            )
         if not any(isinstance(cb, GPTQCallback) for cb in self.trainer.callbacks):
             raise MisconfigurationException("fit quantizes through GPTQCallback: add it to the Trainer's callbacks")
         if any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks):
@@ -356,7 +358,7 @@ class GPTQModule(LightningModule):
             rank_zero_info(f"activation cache: {cache / 2**20:.0f} MiB ({dm.nsamples} × {dm.seqlen} tokens, {dtype}); "
                            f"about twice that while a block's outputs are being collected")
         if self.hparams.eval_before:
-            self.results["before"] = self._evaluate("eval_before")
+            self.results["before"] = self._evaluate("eval_before", self._source)
 
     def on_train_epoch_start(self) -> None:
         stage = self.stage
@@ -440,15 +442,29 @@ class GPTQModule(LightningModule):
         self.completed = True
         self._inputs = None  # free the activation cache before scoring
         self.timings["total_fit"] = time.perf_counter() - self._fit_start
-        if self.hparams.eval_after:
-            self.results["after"] = self._evaluate("eval_after")
-        if self.hparams.latency:
-            self._place()
-            self.results["latency"] = measure_latency(
-                self._lm, prompt_tokens=self.hparams.latency_prompt_tokens, decode_tokens=self.hparams.latency_decode_tokens
-            ).to_dict()
-            rank_zero_info(f"latency: {self.results['latency']}")
         out = self.output_dir()
+        if self._source is None:  # the quantized model is here: score and time it, then write it
+            if self.hparams.eval_after:
+                self.results["after"] = self._evaluate("eval_after")
+            if self.hparams.latency:
+                self._place()
+                self.results["latency"] = measure_latency(
+                    self._lm, prompt_tokens=self.hparams.latency_prompt_tokens,
+                    decode_tokens=self.hparams.latency_decode_tokens).to_dict()
+                rank_zero_info(f"latency: {self.results['latency']}")
+            self._save(out)
+        else:  # streamed: the written folder is the quantized model; score it from there, block by block
+            self._save(out)
+            self.trainer.strategy.barrier("quantized model written")
+            if self.hparams.eval_after:
+                self.results["after"] = self._evaluate("eval_after", QuantizedWeightSource(
+                    out / "model", dtype=resolve_dtype(self.hparams.dtype), backend=self.hparams.backend,
+                    trust_remote_code=self.hparams.trust_remote_code))
+        if self.trainer.is_global_zero:
+            paths = write_summary(self, out)
+            rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
+
+    def _save(self, out: Path) -> None:
         if self.hparams.save_quantized and self.trainer.is_global_zero:
             start = time.perf_counter()
             gptq = next(cb for cb in self.trainer.callbacks if isinstance(cb, GPTQCallback))
@@ -470,9 +486,6 @@ class GPTQModule(LightningModule):
                                settings=settings, dtype=self.hparams.save_dtype)
             self.timings["save"] = time.perf_counter() - start
             rank_zero_info(f"quantized model saved to {out / 'model'}")
-        if self.trainer.is_global_zero:
-            paths = write_summary(self, out)
-            rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
 
     def _outside_blocks(self) -> list[nn.Module]:
         """The blocks' owner's other children (embeddings, rotary, final norm): what capture runs or moves."""
@@ -573,17 +586,23 @@ class GPTQModule(LightningModule):
             return Path(self.hparams.output_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "quantized"
 
-    def _evaluate(self, label: str) -> dict:
-        """Perplexity on every configured eval set with the standalone evaluator (whole model)."""
+    def _evaluate(self, label: str, source=None) -> dict:
+        """Perplexity on every configured eval set with the standalone evaluator: the whole model held
+        here, or block by block from ``source`` (a streaming run's files)."""
         dm = self.trainer.datamodule
         start = time.perf_counter()
-        self._place()
+        streamed = None if source is None else self._score_streaming(source)
+        if source is None:
+            self._place()
         results = {}
         for name in dm.eval_datasets:
-            with exact_kernels():  # quality, not this machine's bf16 paths: the same number on every CPU
-                result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
-                                    max_windows=dm.eval_max_windows,
-                                    progress=self.trainer.progress_bar_callback is not None)
+            if streamed is not None:
+                result = streamed[name]
+            else:
+                with exact_kernels():  # quality, not this machine's bf16 paths: the same number on every CPU
+                    result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen,
+                                        dataset=name, max_windows=dm.eval_max_windows,
+                                        progress=self.trainer.progress_bar_callback is not None)
             rank_zero_info(f"{label}: {result}")
             results[name] = {"ppl": result.ppl, "text": str(result), "windows": result.nsamples,
                              "seqlen": result.seqlen, "tokens": result.n_tokens, "protocol": result.protocol}
@@ -601,7 +620,7 @@ class GPTQModule(LightningModule):
     # -- validate / test ---------------------------------------------------------------------------
     def _eval_start(self) -> None:
         if self._source is not None:
-            self._streamed_scores = self._score_streaming()
+            self._streamed_scores = self._score_streaming(self._source)
             return
         self._place().eval()
         names = self.trainer.datamodule.eval_datasets
@@ -614,20 +633,23 @@ class GPTQModule(LightningModule):
         with exact_kernels():  # as in _evaluate: perplexity does not depend on which fast paths a CPU has
             self._val_ppl[dataloader_idx].update(self(ids), ids)
 
-    def _score_streaming(self) -> dict:
-        """Block by block, each block read from the files and freed (``perplexity_blockwise``)."""
-        dm, lm = self.trainer.datamodule, self._lm
-        for module in [*self._outside_blocks(), *self.adapter.final_modules(lm)]:
-            self._source.materialize(lm, module)
-        scores = {}
-        for name in dm.eval_datasets:
-            with exact_kernels():
-                scores[name] = perplexity_blockwise(
-                    lm, self.adapter, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen, dataset=name,
-                    max_windows=dm.eval_max_windows, device=self.device,
-                    progress=self.trainer.progress_bar_callback is not None,
-                    before_block=lambda block: self._source.materialize(lm, block), after_block=release)
-        return scores
+    def _score_streaming(self, source) -> dict:
+        """Block by block, each block read from ``source``'s files and freed (``blockwise.py``); the
+        windows' hidden states go where the activation cache would (``activation_storage``)."""
+        dm = self.trainer.datamodule
+        lm = source.model if isinstance(source, QuantizedWeightSource) else self._lm
+        adapter = self.adapter if lm is self._lm else None
+        config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+        windows = max(dm.eval_windows(name, self.tokenizer)[0].shape[0] for name in dm.eval_datasets)
+        hidden_bytes = windows * dm.eval_seqlen * int(config.hidden_size) * resolve_dtype(self.hparams.dtype).itemsize
+        store = None
+        if self.device.type == "cpu" and spills_to_disk(self.hparams.activation_storage, hidden_bytes):
+            folder = Path(os.path.expanduser(self.hparams.activation_dir
+                                             or Path(self.trainer.default_root_dir) / "activations"))
+            rank_zero_info(f"scoring: every window's hidden state kept in files under {folder}")
+            store = SpillFolder(folder).put
+        return score_block_by_block(lm, source, dm, self.tokenizer, device=self.device, adapter=adapter, store=store,
+                                    progress=self.trainer.progress_bar_callback is not None)
 
     def _eval_end(self, prefix: str) -> None:
         dm = self.trainer.datamodule

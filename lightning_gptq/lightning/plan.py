@@ -4,7 +4,8 @@ Memory is counted from the model, the calibration settings and this process's re
 time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
 with and without Hessian hooks, and through the attention probe when the sink rule is measured; one
 GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; the
-quantized layers' dequantization during propagation, timed on that layer; one evaluation window).
+quantized layers' dequantization during propagation, timed on that layer; one evaluation window,
+or, when streaming, block 0 per token and a slice of the head, scaled to every window and block).
 
     resident weights    parameters + buffers of the loaded model
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
@@ -12,6 +13,8 @@ quantized layers' dequantization during propagation, timed on that layer; one ev
     block transient     one batch through one block: MLP intermediate and attention rows, fp32
     solve workspace     the largest solve beyond its Hessian: fp32 weight copy + codes (1.5 weights), half a
                         Hessian of temporaries, one more Hessian where later layers share the input
+    scoring             3 × eval_seqlen × vocab × 4 B of logits; streaming also holds every window's hidden
+                        state between blocks (windows × eval_seqlen × hidden × itemsize; on disk when it spills)
     peak                now + the largest of: calibrate, propagate, solve, evaluate
 """
 
@@ -170,7 +173,12 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
     solve_ws = max(_solve_bytes(name, m) for b in blocks for name, m in adapter.linear_layers(b).items())
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    scoring = 4 * 3 * dm.eval_seqlen * vocab if (module.hparams.eval_after and dm.eval_datasets) else 0
+    scores = bool(dm.eval_datasets) and (module.hparams.eval_after or (streaming and module.hparams.eval_before))
+    scoring = 4 * 3 * dm.eval_seqlen * vocab if scores else 0
+    # block-by-block scoring (streaming) holds every window's hidden state between blocks
+    score_hidden = _eval_windows(module) * dm.eval_seqlen * hidden * itemsize if (scores and streaming) else 0
+    if scores and streaming and not getattr(config, "tie_word_embeddings", False):  # an untied head is read too
+        scoring += sum(p.numel() * itemsize for m in adapter.final_modules(lm) for p in m.parameters())
     if streaming:
         block_bytes = max(sum(t.numel() * t.element_size() for t in b.parameters()) for b in blocks)
         outside_bytes = sum(t.numel() * t.element_size() for m in outside for t in m.parameters())
@@ -181,10 +189,13 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
         "resident now": now, "of which weights": weights, "activation cache": cache, "Hessians (one block)": hessians,
         "block transient": transient, "solve workspace": solve_ws, "scoring logits": scoring,
     }
+    hidden_spilled = bool(score_hidden) and spills_to_disk(module.hparams.activation_storage, score_hidden)
+    if score_hidden:
+        plan.bytes["scoring hidden states"] = score_hidden
     spilled = bool(cache) and spills_to_disk(module.hparams.activation_storage, cache)
     held = 0 if spilled else cache  # a spilled cache is file pages the kernel evicts when memory is short
     stages = {"calibrate": held + hessians + transient, "propagate": 2 * held + transient,
-              "solve": held + hessians + solve_ws, "evaluate": scoring + transient}
+              "solve": held + hessians + solve_ws, "evaluate": scoring + transient + (0 if hidden_spilled else score_hidden)}
     plan.bytes["peak"] = now + max(stages.values())
 
     scale_bytes = torch.empty((), dtype=getattr(torch, module.hparams.save_dtype or "float32")).element_size() \
@@ -196,6 +207,8 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
         plan.disk["resume checkpoint"] = cache + quantized  # at the last block; written next to the old one
         plan.disk["peak"] = plan.disk["quantized model"] + 2 * plan.disk["resume checkpoint"]
 
+    if hidden_spilled:
+        plan.disk["scoring files"] = score_hidden
     if spilled:
         plan.disk["activation files"] = 2 * cache  # while propagating: this block's inputs and outputs
         if "peak" in plan.disk:
@@ -215,6 +228,7 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
     run_block(block, hidden, kwargs)  # warm-up (first calls allocate, pick kernels)
     t_block = _best_of(3, lambda: run_block(block, hidden, kwargs))
     seconds = {"capture": t_capture * batches}
+    extra_per_call = 0.0  # round to nearest: propagation and scoring run the same layers
     if calibrates:
         accumulators, handles = {}, []
         for name, layer in adapter.linear_layers(block).items():
@@ -242,7 +256,8 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
         quantized = make_quant_linear(layer, gptq_quantize(weight.clone(), h, quant), CALIBRATION_BACKEND)
         x = torch.randn(dm.batch_size, dm.seqlen, linear_in_features(layer), dtype=weight.dtype)
         extra = max(0.0, _best_of(2, lambda: quantized(x)) - _best_of(2, lambda: layer(x)))
-        seconds["propagate"] += extra * batches * sum(weight_out_in(m).numel() for m in layers) / weight.numel()
+        extra_per_call = extra * sum(weight_out_in(m).numel() for m in layers) / weight.numel()  # every layer once
+        seconds["propagate"] += extra_per_call * batches
 
         def cost(m):  # the solve is an in² Cholesky/inverse plus an out × in² sweep
             i, o = linear_in_features(m), linear_out_features(m)
@@ -252,7 +267,8 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
     else:
         seconds["quantize (RTN)"] = 0.0
     if getattr(module, "streams_blocks", False):
-        pass  # the whole model never runs while streaming
+        if dm.eval_datasets and (module.hparams.eval_after or module.hparams.eval_before):
+            seconds["evaluate"] = _streamed_scoring_seconds(module, blocks, t_block, extra_per_call)
     elif module.hparams.eval_after and dm.eval_datasets:
         windows = 0
         for name in dm.eval_datasets:
@@ -266,6 +282,33 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
     else:  # still run the whole model once, so every weight is paged in before memory is read
         lm(input_ids=ids[:, :16].to(next(lm.parameters()).device), use_cache=False)
     seconds["total"] = sum(seconds.values())
+    return seconds
+
+
+def _eval_windows(module) -> int:
+    """The most windows one eval set scores (block-by-block scoring holds them all between blocks)."""
+    dm = module.trainer.datamodule
+    return max(dm.eval_windows(name, module.tokenizer)[0].shape[0] for name in dm.eval_datasets)
+
+
+def _streamed_scoring_seconds(module, blocks, t_block: float, extra_per_call: float) -> float:
+    """Block-by-block scoring: every block over every window (a full-precision block's measured time
+    per token, plus the quantized layers' per-call dequantization when scoring after quantizing),
+    then the head over every window (timed on a slice of it). Counts eval_before and eval_after."""
+    dm, lm = module.trainer.datamodule, module.lm
+    windows = sum(dm.eval_windows(name, module.tokenizer)[0].shape[0] for name in dm.eval_datasets)
+    per_window = t_block * len(blocks) * dm.eval_seqlen / (dm.batch_size * dm.seqlen)
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    hidden, vocab = int(config.hidden_size), int(getattr(config, "vocab_size", 0) or 0)
+    rows = min(vocab, 8192)
+    if rows:
+        x, w = torch.randn(dm.eval_seqlen, hidden), torch.randn(rows, hidden)
+        per_window += _best_of(2, lambda: torch.nn.functional.linear(x, w)) * vocab / rows
+    seconds = 0.0
+    if module.hparams.eval_before:
+        seconds += windows * per_window
+    if module.hparams.eval_after:
+        seconds += windows * (per_window + extra_per_call)
     return seconds
 
 

@@ -5,7 +5,8 @@ memory; buffers such as rotary tables stay real). ``WeightSource`` reads a local
 safetensors (one file, or shards with an index) and ``materialize``s the parameters of one module
 (an embedding stage, a decoder block) from them; ``release`` sends a module's tensors back to the
 meta device. Reading uses plain file I/O into freshly allocated tensors (no memory maps), so the pages read are
-never counted in the process's resident memory and nothing is read twice.
+never counted in the process's resident memory and nothing is read twice. ``QuantizedWeightSource``
+does the same for a quantized checkpoint (HF GPTQ layout), so it can be scored block by block.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from lightning_gptq.checkpoint.shards import Shards
 
-__all__ = ["StreamingError", "WeightSource", "release", "skeleton"]
+__all__ = ["QuantizedWeightSource", "StreamingError", "WeightSource", "release", "skeleton"]
 
 
 class StreamingError(ValueError):
@@ -41,10 +42,17 @@ def skeleton(folder: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code
 
 
 def release(module: nn.Module) -> None:
-    """Free ``module``'s parameters and buffers (they move to the meta device, shapes kept), and hand
-    the freed heap back to the OS: glibc keeps freed blocks under 32 MB in its arenas, so without a
-    trim the process's resident memory would ratchet up by about a block per block."""
-    module.to("meta")
+    """Free ``module``'s parameters and persistent buffers (they move to the meta device, shapes kept),
+    and hand the freed heap back to the OS: glibc keeps freed blocks under 32 MB in its arenas, so
+    without a trim the process's resident memory would ratchet up by about a block per block.
+    Non-persistent buffers (rotary tables: computed, in no file) stay, so the module can be read again."""
+    for owner in module.modules():
+        for name, param in owner._parameters.items():
+            if param is not None and not param.is_meta:
+                owner._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        for name, buffer in owner._buffers.items():
+            if buffer is not None and name not in owner._non_persistent_buffers_set:
+                owner._buffers[name] = buffer.to("meta")
     _trim_heap()
 
 
@@ -122,3 +130,37 @@ class WeightSource:
                         owner._buffers[leaf] = self.get(full).to(device)
         finally:
             self.shards.close()  # unmap: pages read must not stay resident
+
+
+class QuantizedWeightSource:
+    """A quantized checkpoint folder (HF GPTQ layout) read one module at a time.
+
+    ``model`` is its architecture with every parameter on the meta device; ``materialize`` reads one
+    module (a block: its quantized layers rebuilt from the packed tensors and put on ``backend``),
+    ``release`` frees it again. Every header is checked when the source is opened.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
+                 trust_remote_code: bool = False):
+        from lightning_gptq.checkpoint.hf import GPTQReader
+
+        self.reader = GPTQReader(folder, dtype=dtype, trust_remote_code=trust_remote_code, plain_io=True)
+        self.folder, self.backend = Path(folder), backend
+
+    @property
+    def model(self) -> nn.Module:
+        return self.reader.model
+
+    def tokenizer(self):
+        return self.reader.tokenizer()
+
+    def materialize(self, model: nn.Module, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        from lightning_gptq.nn import to_backend
+
+        if model is not self.reader.model:
+            raise StreamingError(f"{self.folder} is read into its own model (QuantizedWeightSource.model)")
+        if all(not t.is_meta for t in [*module.parameters(), *module.buffers()]):
+            return  # already read (materialize is idempotent, as WeightSource's is)
+        self.reader.fill(module)
+        module.to(device)
+        to_backend(module, self.backend)
