@@ -1,8 +1,8 @@
 """The Lightning module end to end on tiny models, the callbacks in a foreign project, the CLI."""
 
+import dataclasses
 import json
 import math
-import shutil
 import subprocess
 import warnings
 import sys
@@ -432,6 +432,60 @@ def test_sink_weight_from_measured_attention(tmp_path, sink_layers):
         extra = 2 / 3 * (expected - 1) * lead.T @ lead if weighs else 0 * plain
         torch.testing.assert_close(weighted, plain + extra, rtol=1e-4, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
     assert torch.equal(hessians["attention"]["self_attn.q_proj"].hessian, hessians["attention"]["self_attn.v_proj"].hessian)
+
+
+def test_sink_probe_on_the_first_windows_only(tmp_path):
+    """``sink_probe_windows=2``: the weight is measured on the first 2 windows (the same as probing a
+    pass over those 2 alone), the probe is off for the rest of the pass, and every window still
+    feeds the Hessian (the plain part equals a full probe's)."""
+    from lightning_gptq.models import attention_probe
+
+    lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    adapter = get_adapter(lm)
+    inputs = capture_block_inputs(lm, adapter, torch.randint(4, 90, (5, 12)))
+    block = adapter.blocks(lm)[0]
+    calls = []
+    record = HessianCapture._record_attention
+
+    def counting(self, module, received, queries, keys):
+        calls.append(received.shape[0])
+        return record(self, module, received, queries, keys)
+
+    HessianCapture._record_attention = counting
+    try:
+        subset = HessianCapture(sink_weight="attention", sink_probe_windows=2)
+        h_subset = _block_hessians(subset, adapter, block, inputs)
+        assert sum(calls) == 2  # windows 3-5 ran unprobed
+        calls.clear()
+        alone = HessianCapture(sink_weight="attention")
+        two = dataclasses.replace(inputs, hidden=inputs.hidden[:2])
+        _block_hessians(alone, adapter, block, two)
+        every = HessianCapture(sink_weight="attention")
+        h_every = _block_hessians(every, adapter, block, inputs)
+    finally:
+        HessianCapture._record_attention = record
+    assert not lm.config._attn_implementation.startswith(attention_probe.PROBE_NAME)  # restored
+    assert subset.block_weights[0] == pytest.approx(alone.block_weights[0], rel=1e-6)
+    assert subset.block_weights[0] != pytest.approx(every.block_weights[0], rel=1e-6)  # the subset decides
+    w_sub, w_all = subset.block_weights[0], every.block_weights[0]
+    name = "self_attn.q_proj"
+    lead = torch.cat([h[:, :1] for h in _inputs_of(block, name, inputs)]).double().reshape(-1, h_every[name].hessian.shape[0])
+    extra = 2 / 5 * lead.T @ lead
+    torch.testing.assert_close(h_subset[name].hessian.double() - (w_sub - 1) * extra,
+                               h_every[name].hessian.double() - (w_all - 1) * extra, rtol=1e-4, atol=1e-4)
+    with pytest.raises(MisconfigurationException, match="sink_probe_windows"):
+        HessianCapture(sink_weight="attention", sink_probe_windows=0)
+
+
+def _inputs_of(block, name, inputs):
+    """What layer ``name`` of ``block`` (block 0) reads for each window of ``inputs``."""
+    seen = []
+    handle = block.get_submodule(name).register_forward_hook(lambda m, a, o: seen.append(a[0]))
+    with torch.no_grad():
+        for j, h in enumerate(inputs.hidden):
+            run_block(block, h, inputs.kwargs_for(0, j))
+    handle.remove()
+    return seen
 
 
 def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):

@@ -54,6 +54,9 @@ class HessianCapture(Callback):
             have no positions and are weighed plainly.
         sink_layers: ``"all"`` linears of the block, or only the ``"attention"`` in-projections (the
             linears inside an attention layer other than its output projection).
+        sink_probe_windows: with ``"attention"``, measure the mass on only the first this many
+            calibration windows of each pass (every window still feeds ``H``): the probe's
+            recomputed softmax roughly doubles a pass on 2048-token windows. ``None``: every window.
     """
 
     block_hook_order = 0
@@ -63,6 +66,7 @@ class HessianCapture(Callback):
         sink_tokens: int = 1,
         sink_weight: float | Literal["attention"] = 1.0,
         sink_layers: Literal["all", "attention"] = "all",
+        sink_probe_windows: int | None = None,
     ) -> None:
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise MisconfigurationException(f"HessianCapture.sink_tokens must be an integer >= 0, got {sink_tokens!r}")
@@ -74,6 +78,11 @@ class HessianCapture(Callback):
             )
         if sink_layers not in ("all", "attention"):
             raise MisconfigurationException(f"HessianCapture.sink_layers must be 'all' or 'attention', got {sink_layers!r}")
+        if sink_probe_windows is not None and (isinstance(sink_probe_windows, bool)
+                                               or not isinstance(sink_probe_windows, int) or sink_probe_windows < 1):
+            raise MisconfigurationException(
+                f"HessianCapture.sink_probe_windows must be an integer >= 1 or null, got {sink_probe_windows!r}")
+        self.sink_probe_windows = sink_probe_windows
         self.sink_tokens = sink_tokens
         self.sink_weight = sink_weight if measured else float(sink_weight)
         self.sink_layers = sink_layers
@@ -82,6 +91,8 @@ class HessianCapture(Callback):
         self._first: dict[str, HessianAccumulator] = {}  # "attention": leading positions, weighed at block end
         self._mass = [0.0, 0.0]  # "attention": attention received by the leading positions, by all others
         self._probe = ExitStack()
+        self._probing = False
+        self._probed: dict[int, int] = {}  # id(attention layer) -> windows it measured in this pass
         self._warned = False
 
     @property
@@ -106,6 +117,9 @@ class HessianCapture(Callback):
         def make_hook(name: str):
             def hook(module, args, output):
                 x = args[0].detach()
+                if self._probing and self.sink_probe_windows and self.probed_windows() >= self.sink_probe_windows:
+                    self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
+                    self._probing = False
                 if name in pending:
                     pending.discard(name)
                     for seen, owner in first_inputs:
@@ -138,8 +152,10 @@ class HessianCapture(Callback):
             self._handles[name] = layer.register_forward_hook(make_hook(name))
         if self.measured and weighted:
             self._mass = [0.0, 0.0]
+            self._probed = {id(m): 0 for m in attention_layers(ctx.block)}
             self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention,
                                                       first=self.sink_tokens))
+            self._probing = True
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         self._detach()
@@ -197,9 +213,14 @@ class HessianCapture(Callback):
         """``received`` [batch, heads, s]: attention mass the first ``s`` keys get, summed over ``queries``
         (each query's row sums to 1, so the other ``keys − s`` keys share the rest)."""
         s = received.shape[-1]
+        self._probed[id(module)] = self._probed.get(id(module), 0) + received.shape[0]
         first = received.sum().item()
         self._mass[0] += first / s
         self._mass[1] += (received.shape[0] * received.shape[1] * queries - first) / (keys - s)
+
+    def probed_windows(self) -> int:
+        """Windows every probed attention layer of the current pass has measured."""
+        return min(self._probed.values(), default=0)
 
     def _weighted_layers(self, ctx: BlockContext) -> set[str]:
         if self.sink_layers == "all":
@@ -231,6 +252,7 @@ class HessianCapture(Callback):
             handle.remove()
         self._handles.clear()
         self._probe.close()
+        self._probing = False
 
 
 @dataclass

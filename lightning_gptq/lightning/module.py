@@ -474,6 +474,7 @@ class GPTQModule(LightningModule):
                         "true_sequential": self.hparams.true_sequential,
                         "sink_tokens": getattr(hessian, "sink_tokens", None), "sink_weight": getattr(hessian, "sink_weight", None),
                         "sink_layers": getattr(hessian, "sink_layers", None),
+                        "sink_probe_windows": getattr(hessian, "sink_probe_windows", None),
                         "sink_block_weights": dict(getattr(hessian, "block_weights", {}))}
             if self._writer is not None:
                 self._writer.finish(self._lm, self.tokenizer, self._source, damp_percent=quant.damp,

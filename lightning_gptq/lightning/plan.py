@@ -20,7 +20,6 @@ or, when streaming, block 0 per token and a slice of the head, scaled to every w
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -161,7 +160,7 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
         for part in [*outside, blocks[0]]:
             module._source.materialize(lm, part)
     try:
-        plan.seconds = _time_stages(module, blocks, adapter, quant, batches, calibrates, layers)
+        plan.seconds = _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers)
         now = resident_bytes()  # after the timing ran the model: memory-mapped weights are paged in
     finally:
         if streaming:
@@ -217,7 +216,7 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     return plan
 
 
-def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) -> dict[str, float]:
+def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers) -> dict[str, float]:
     lm, dm = module.lm, module.trainer.datamodule
     ids = dm.calibration_windows()[: dm.batch_size]
     start = time.perf_counter()
@@ -236,15 +235,18 @@ def _time_stages(module, blocks, adapter, quant, batches, calibrates, layers) ->
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
         capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
         probed = capture is not None and capture.measured and bool(attention_layers(block))
-        with contextlib.ExitStack() as stack:
-            if probed:  # the measured sink rule recomputes each attention layer's first-key mass
-                stack.enter_context(probe_attention(attention_layers(block), lambda *args: None,
-                                                    first=capture.sink_tokens))
-            t_calibrate = _best_of(3, lambda: run_block(block, hidden, kwargs))
+        t_calibrate = _best_of(3, lambda: run_block(block, hidden, kwargs))
+        probed_batches = 0
+        if probed:  # the measured sink rule recomputes each attention layer's first-key mass
+            windows = min(nsamples, capture.sink_probe_windows or nsamples)
+            probed_batches = min(batches, -(-windows // dm.batch_size))
+            with probe_attention(attention_layers(block), lambda *args: None, first=capture.sink_tokens):
+                t_probed = _best_of(3, lambda: run_block(block, hidden, kwargs))
         for handle in handles:
             handle.remove()
         passes = len(adapter.sequential_groups(block)) if module.hparams.true_sequential else 1
-        seconds["calibrate"] = t_calibrate * batches * passes * len(blocks)
+        per_pass = t_calibrate * (batches - probed_batches) + (t_probed * probed_batches if probed else 0.0)
+        seconds["calibrate"] = per_pass * passes * len(blocks)
         seconds["propagate"] = t_block * batches * len(blocks)
         own = adapter.linear_layers(block)
         name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
