@@ -12,6 +12,8 @@ CLI arguments go after ``--``.
     python scripts/measure_streaming.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf --in-memory --nsamples 16 \
         --seqlen 2048 -- --config configs/smollm2-135m.yaml --model.gguf_file=null --data.eval_max_windows=16 \
         "--data.eval_datasets=[ptb-valid=../shared/data/ptb/ptb.valid.txt]" --model.eval_after=true
+    python scripts/measure_streaming.py /tmp/llama-1b-slice --compare -- --model.eval_after=true \
+        "--data.eval_datasets=[ptb-valid=../shared/data/ptb/ptb.valid.txt]" --data.eval_max_windows=8 --data.eval_seqlen=512
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def main() -> None:
         same = [n for n in a.shapes if n in b.shapes and torch.equal(a.get(n), b.get(n))]
         print(f"streamed vs in-memory checkpoint: {len(same)} of {len(b.shapes)} tensors equal "
               f"({len(a.shapes)} streamed)")
+        whole = json.loads((root / "memory" / "summary.json").read_text())["results"].get("after", {})
+        for name, result in summary["results"].get("after", {}).items():  # eval_after: block by block vs whole
+            if name in whole:
+                print(f"eval_after {name}: streamed (block by block) {result['ppl']:.4f}, in memory "
+                      f"{whole[name]['ppl']:.4f} ({result['ppl'] / whole[name]['ppl'] - 1:+.1e})")
 
 
 if __name__ == "__main__":

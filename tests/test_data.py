@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from lightning_gptq import _hub
 from lightning_gptq.data.calibration import calibration_windows, text_windows
 from lightning_gptq.data.evaluation import (
+    with_bos,
     PerplexityResult,
     eval_tokens,
     perplexity,
@@ -296,6 +297,30 @@ def test_whole_model_and_blockwise_perplexity_agree(arch):
     assert whole.ppl == pytest.approx(by_hand, rel=1e-5)
     assert 20 < whole.ppl < 500  # a random-init model is near-uniform over the 96-token vocabulary
     assert not model.training
+
+
+def test_per_window_bos_protocol_scores_every_token_after_bos():
+    """``bos_token_id``: each window is fed as [BOS, t0 .. t(L-2)] and all L tokens are scored (by hand
+    below); whole-model, blockwise and the validate loop's metric agree, and the result is labelled."""
+    from lightning_gptq.lightning.metrics import ProtocolPerplexity
+
+    model = FACTORIES["llama"]()
+    tokens = torch.randint(3, VOCAB, (1, 3 * 16 + 5), generator=torch.Generator().manual_seed(2))
+    whole = perplexity(model, tokens, seqlen=16, dataset="random", progress=False, bos_token_id=1)
+    blockwise = perplexity_blockwise(model, get_adapter(model), tokens, seqlen=16, progress=False, bos_token_id=1)
+    windows = tokens[0, :48].view(3, 16)
+    with torch.no_grad():
+        logits = model(torch.cat([torch.ones(3, 1, dtype=torch.long), windows[:, :-1]], dim=1)).logits
+    by_hand = math.exp(sum(float(F.cross_entropy(logits[i], windows[i])) * 16 for i in range(3)) / 48)
+    assert whole.ppl == pytest.approx(by_hand, rel=1e-5)
+    assert blockwise.nll_sum == pytest.approx(whole.nll_sum, rel=1e-6)
+    metric = ProtocolPerplexity(bos=True)
+    with torch.no_grad():
+        metric.update(model(with_bos(windows, 1)).logits, windows)
+    assert float(metric.compute()) == pytest.approx(by_hand, rel=1e-5)
+    assert whole.protocol == "gptq-paper+bos" and "BOS put before each window" in str(whole)
+    plain = perplexity(model, tokens, seqlen=16, progress=False)
+    assert plain.nll_sum != pytest.approx(whole.nll_sum, rel=1e-6) and "no per-window BOS" in str(plain)
 
 
 def test_max_windows_is_reported():

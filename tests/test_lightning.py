@@ -549,6 +549,36 @@ def test_own_texts_are_evaluation_sets_under_their_own_names(tmp_path):
             main(["validate", *cli_args(model_dir, tmp_path / "bad"), f"--data.eval_datasets={entries}"])
 
 
+def test_bos_per_window_for_calibration_and_scoring(tmp_path):
+    """``data.calibration_bos``: every calibration window starts with BOS (its text shifted by one);
+    ``data.eval_bos``: fit's eval_after and validate score windows with BOS put first, equal to the
+    standalone evaluator's ``gptq-paper+bos``; a tokenizer without BOS is refused with the option named."""
+    from lightning_gptq.data.calibration import calibration_windows
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    run = main(["fit", *cli_args(model_dir, tmp_path / "f", "--model.latency=false", "--data.calibration_bos=true",
+                                 "--data.eval_bos=true", f"--model.output_dir={out}")])
+    lm, tokenizer = run.model.lm, run.model.tokenizer
+    plain = calibration_windows(str(CALIBRATION_TEXT), tokenizer, nsamples=6, seqlen=24, seed=0)
+    windows = run.datamodule.calibration_windows()
+    assert (windows[:, 0] == tokenizer.bos_token_id).all() and torch.equal(windows[:, 1:], plain[:, :-1])
+    after = run.model.results["after"]["wikitext2"]
+    assert after["protocol"].startswith("gptq-paper+bos")
+    validated = main(["validate", *cli_args(out / "model", tmp_path / "v", "--model.latency=false", "--data.eval_bos=true")])
+    result = validated.model.results["val"]["wikitext2"]
+    assert result["protocol"].startswith("gptq-paper+bos") and "BOS put before each window" in result["text"]
+    assert result["ppl"] == pytest.approx(after["ppl"], rel=1e-5)
+    expected = perplexity(validated.model.lm, run.datamodule.eval_tokens("wikitext2"), seqlen=32, max_windows=6,
+                          progress=False, bos_token_id=tokenizer.bos_token_id)
+    assert result["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
+    no_bos = main(["validate", *cli_args(out / "model", tmp_path / "n", "--model.latency=false")])
+    assert no_bos.model.results["val"]["wikitext2"]["ppl"] != pytest.approx(result["ppl"], rel=1e-6)
+    tokenizer.bos_token = None
+    with pytest.raises(MisconfigurationException, match="data.eval_bos=true, but"):
+        run.datamodule.eval_bos_token_id(tokenizer)
+
+
 @torch.no_grad()
 def reference_style_driver(model, windows, config):
     """The reference code's llama driver, plainly: catch block 0's inputs, then per block hook every

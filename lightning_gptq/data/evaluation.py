@@ -58,6 +58,7 @@ __all__ = [
     "perplexity",
     "perplexity_blockwise",
     "window_nll",
+    "with_bos",
 ]
 
 EVAL_DATASETS = ("wikitext2", "ptb", "ptb-new", "c4", "c4-new")
@@ -66,6 +67,8 @@ C4_EVAL_WINDOWS = 256
 C4_NEW_DOCUMENTS = 1100
 PROTOCOL = "gptq-paper"
 _PROTOCOL_TEXT = "non-overlapping windows, tail dropped, no per-window BOS, loss over seqlen-1 shifted positions"
+_PROTOCOL_TEXT_BOS = ("non-overlapping windows, tail dropped, BOS put before each window (its last token then only a "
+                      "target), loss over all seqlen positions")
 
 _LOCAL_FILES = {
     "wikitext2": "'../shared/data/wikitext-2-raw/wiki.test.raw'",
@@ -177,6 +180,7 @@ class PerplexityResult:
     text_tokens: int = 0
     evaluator: str = "whole-model"
     seconds: float = 0.0
+    bos: bool = False
 
     @property
     def partial(self) -> bool:
@@ -190,13 +194,27 @@ class PerplexityResult:
         )
         return (
             f"{self.dataset or 'text'} perplexity {self.ppl:.4f} "
-            f"[protocol {self.protocol}: {_PROTOCOL_TEXT}; seqlen {self.seqlen}; {coverage}; "
+            f"[protocol {self.protocol}: {protocol_text(self.bos)}; seqlen {self.seqlen}; {coverage}; "
             f"{self.n_tokens:,} of {self.text_tokens:,} tokens; {self.evaluator}]"
         )
 
 
-def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def protocol_text(bos: bool = False) -> str:
+    return _PROTOCOL_TEXT_BOS if bos else _PROTOCOL_TEXT
+
+
+def with_bos(windows: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
+    """The model's input for `windows` `[b, seqlen]`: themselves, or with `bos_token_id` put first
+    and their last token dropped (it is only a target then; the input keeps `seqlen` tokens)."""
+    if bos_token_id is None:
+        return windows
+    return torch.cat([torch.full_like(windows[:, :1], bos_token_id), windows[:, :-1]], dim=1)
+
+
+def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, *, bos: bool = False) -> torch.Tensor:
     """Per-window protocol term `[b]`: mean fp32 cross-entropy of the `seqlen-1` shifted positions x `seqlen`.
+    With `bos`, `logits` came from `with_bos(input_ids)`: position t predicts token t, and all `seqlen`
+    positions are scored (mean x `seqlen`).
 
     `logits` `[b, seqlen, vocab]`, `input_ids` `[b, seqlen]`; position t predicts token t+1.
     """
@@ -204,11 +222,14 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     # Score every position with the last one ignored instead of slicing logits[:, :-1], which
     # would copy the whole [b, seqlen, vocab] tensor to make it contiguous.
     targets = torch.full((batch, seqlen), -100, dtype=torch.long, device=logits.device)
-    targets[:, :-1] = input_ids[:, 1:].to(logits.device)
+    if bos:
+        targets[:] = input_ids.to(logits.device)
+    else:
+        targets[:, :-1] = input_ids[:, 1:].to(logits.device)
     losses = F.cross_entropy(
         logits.float().reshape(batch * seqlen, -1), targets.reshape(-1), reduction="none", ignore_index=-100
     ).view(batch, seqlen)
-    return losses[:, :-1].mean(dim=1) * seqlen
+    return (losses if bos else losses[:, :-1]).mean(dim=1) * seqlen
 
 
 def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
@@ -222,13 +243,17 @@ def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> tupl
     return tokens[: count * seqlen].view(count, seqlen), total
 
 
+def protocol_name(count: int, total: int, bos: bool = False) -> str:
+    name = PROTOCOL + ("+bos" if bos else "")
+    return name if count == total else f"{name}/first-{count}-of-{total}-windows"
+
+
 def _result(nll_sum: float, count: int, total: int, seqlen: int, text_tokens: int, dataset: str,
-            evaluator: str, seconds: float) -> PerplexityResult:
-    protocol = PROTOCOL if count == total else f"{PROTOCOL}/first-{count}-of-{total}-windows"
+            evaluator: str, seconds: float, bos: bool = False) -> PerplexityResult:
     return PerplexityResult(
         ppl=math.exp(nll_sum / (count * seqlen)), nll_sum=nll_sum, nsamples=count, seqlen=seqlen,
-        n_tokens=count * seqlen, dataset=dataset, protocol=protocol, total_windows=total,
-        text_tokens=text_tokens, evaluator=evaluator, seconds=seconds,
+        n_tokens=count * seqlen, dataset=dataset, protocol=protocol_name(count, total, bos), total_windows=total,
+        text_tokens=text_tokens, evaluator=evaluator, seconds=seconds, bos=bos,
     )
 
 
@@ -248,10 +273,12 @@ def perplexity(
     dataset: str = "",
     max_windows: int | None = None,
     progress: bool = True,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Protocol perplexity of the whole model (one window at a time) on `tokens` `[1, N]`.
 
     `max_windows` scores only the first windows (for tests); the result then says so.
+    `bos_token_id`: put it before every window (`with_bos`; the protocol is then named `gptq-paper+bos`).
     """
     start_time = time.perf_counter()
     windows, total = _windows(tokens, seqlen, max_windows)
@@ -263,12 +290,12 @@ def perplexity(
         with torch.no_grad():
             for window in _progress(windows, progress, desc=f"perplexity {dataset}".strip(), unit="window"):
                 ids = window.unsqueeze(0).to(device)
-                logits = model(input_ids=ids, use_cache=False).logits
-                nll_sum += float(window_nll(logits, ids).sum())
+                logits = model(input_ids=with_bos(ids, bos_token_id), use_cache=False).logits
+                nll_sum += float(window_nll(logits, ids, bos=bos_token_id is not None).sum())
     finally:
         model.train(was_training)
     return _result(nll_sum, windows.shape[0], total, seqlen, tokens.numel(), dataset, "whole-model",
-                   time.perf_counter() - start_time)
+                   time.perf_counter() - start_time, bos=bos_token_id is not None)
 
 
 def perplexity_blockwise(
@@ -284,6 +311,7 @@ def perplexity_blockwise(
     before_block=None,
     after_block=None,
     store=None,
+    bos_token_id: int | None = None,
 ) -> PerplexityResult:
     """Protocol perplexity computed embeddings -> block by block -> final stage, as the reference's eval.
 
@@ -300,7 +328,8 @@ def perplexity_blockwise(
     was_training = model.training
     model.eval()
     try:
-        inputs = capture_block_inputs(model, adapter, windows, batch_size=1, device=device, progress=progress)
+        inputs = capture_block_inputs(model, adapter, with_bos(windows, bos_token_id), batch_size=1, device=device,
+                                      progress=progress)
         hidden = []
         for j in range(len(inputs.hidden)):  # dropped from `inputs` one by one: never held twice
             h, inputs.hidden[j] = inputs.hidden[j].to(device), None
@@ -331,11 +360,11 @@ def perplexity_blockwise(
             with torch.no_grad():
                 for j, h in enumerate(_progress(hidden, progress, desc="final stage", unit="window", leave=False)):
                     logits = adapter.logits(model, h.to(device))
-                    nll_sum += float(window_nll(logits, windows[j : j + 1].to(device)).sum())
+                    nll_sum += float(window_nll(logits, windows[j : j + 1].to(device), bos=bos_token_id is not None).sum())
         finally:
             for module, home in zip(final_modules, homes):
                 module.to(home)
     finally:
         model.train(was_training)
     return _result(nll_sum, windows.shape[0], total, seqlen, tokens.numel(), dataset, "blockwise",
-                   time.perf_counter() - start_time)
+                   time.perf_counter() - start_time, bos=bos_token_id is not None)

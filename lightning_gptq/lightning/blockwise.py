@@ -24,7 +24,7 @@ def pinned_adapter(lm: nn.Module):
 
 
 def score_block_by_block(lm: nn.Module, source, dm, tokenizer, *, device, progress: bool, adapter=None,
-                         store=None) -> dict[str, PerplexityResult]:
+                         store=None, bos_token_id: int | None = None) -> dict[str, PerplexityResult]:
     """``{eval set: result}`` for every set ``dm`` scores. Only the embedding stage, the final stage
     and one block are in memory at a time, plus every window's hidden state ([windows, seqlen,
     hidden]; ``store`` may move each to disk). Everything read is freed again before returning."""
@@ -41,6 +41,7 @@ def score_block_by_block(lm: nn.Module, source, dm, tokenizer, *, device, progre
                 scores[name] = perplexity_blockwise(
                     lm, adapter, dm.eval_tokens(name, tokenizer), seqlen=dm.eval_seqlen, dataset=name,
                     max_windows=dm.eval_max_windows, device=device, progress=progress, store=store,
+                    bos_token_id=bos_token_id,
                     before_block=lambda block: source.materialize(lm, block), after_block=release)
     finally:
         for module in ends:

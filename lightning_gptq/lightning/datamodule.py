@@ -18,6 +18,7 @@ from lightning_gptq.data import (
     own_eval_tokens,
 )
 from lightning_gptq.data.text import read_own_text
+from lightning_gptq.data.evaluation import with_bos
 
 from .distributed import WindowShards, world_size
 from .generation import PromptDataset, collate_prompts, read_prompts
@@ -86,6 +87,12 @@ class CalibrationDataModule(LightningDataModule):
         eval_paths: local files standing in for hub datasets, by name (e.g. {wikitext2: ../wiki.test.raw}).
         eval_seqlen: evaluation window length (the protocol: 2048).
         eval_max_windows: score only the first windows (quick checks; results then say PARTIAL).
+        calibration_bos: put the tokenizer's BOS token first in every calibration window (its last
+            token drops off), as models trained with BOS before every document see their text; the
+            reference's windows have none.
+        eval_bos: score every window with BOS put first (its last token is then only a target, and
+            all ``eval_seqlen`` tokens are scored); reported as protocol ``gptq-paper+bos``. Default:
+            the paper's protocol, no BOS.
         prompts: prompts for ``predict`` (config or command line).
         prompts_file: more prompts for ``predict``: one per line, or JSON lines with a "prompt" field (``.jsonl``).
     """
@@ -101,6 +108,8 @@ class CalibrationDataModule(LightningDataModule):
         eval_paths: dict[str, str] | None = None,
         eval_seqlen: int = 2048,
         eval_max_windows: int | None = None,
+        calibration_bos: bool = False,
+        eval_bos: bool = False,
         prompts: list[str] | None = None,
         prompts_file: str | None = None,
     ) -> None:
@@ -113,6 +122,7 @@ class CalibrationDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.eval_paths = dict(eval_paths or {})
         self.eval_seqlen, self.eval_max_windows = eval_seqlen, eval_max_windows
+        self.calibration_bos, self.eval_bos = calibration_bos, eval_bos
         self.prompts, self.prompts_file = prompts, prompts_file
         self._calibration: torch.Tensor | None = None
         self._eval: dict[str, torch.Tensor] = {}
@@ -128,10 +138,23 @@ class CalibrationDataModule(LightningDataModule):
         """[nsamples, seqlen] token ids; cached after the first call."""
         if self._calibration is None:
             draw = mixed_calibration_windows if isinstance(self.calibration, dict) else calibration_windows
-            self._calibration = draw(
-                self.calibration, tokenizer or self._tokenizer(), nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed
-            )
+            tokenizer = tokenizer or self._tokenizer()
+            windows = draw(self.calibration, tokenizer, nsamples=self.nsamples, seqlen=self.seqlen, seed=self.seed)
+            if self.calibration_bos:
+                windows = with_bos(windows, self._bos_token_id(tokenizer, "calibration_bos"))
+            self._calibration = windows
         return self._calibration
+
+    def eval_bos_token_id(self, tokenizer=None) -> int | None:
+        """The token put before every evaluation window (``eval_bos``), else None."""
+        return self._bos_token_id(tokenizer or self._tokenizer(), "eval_bos") if self.eval_bos else None
+
+    @staticmethod
+    def _bos_token_id(tokenizer, option: str) -> int:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise MisconfigurationException(f"data.{option}=true, but this model's tokenizer has no BOS token")
+        return int(bos)
 
     def eval_tokens(self, name: str, tokenizer=None) -> torch.Tensor:
         """[1, N] tokens of evaluation set ``name``, joined by the protocol's rule."""

@@ -17,14 +17,15 @@ class ProtocolPerplexity(Metric):
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, bos: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.bos = bos  # logits come from the windows with BOS put first (``with_bos``)
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, logits: torch.Tensor, input_ids: torch.Tensor) -> None:
         """``logits`` [b, seqlen, vocab] for windows ``input_ids`` [b, seqlen]."""
-        self.nll_sum += window_nll(logits, input_ids).double().sum()
+        self.nll_sum += window_nll(logits, input_ids, bos=self.bos).double().sum()
         self.tokens += input_ids.numel()
 
     def compute(self) -> torch.Tensor:

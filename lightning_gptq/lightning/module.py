@@ -36,6 +36,7 @@ from lightning_gptq.checkpoint import CheckpointError, is_quantized_checkpoint, 
 from lightning_gptq.checkpoint.hf import StreamingWriter
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.data import perplexity
+from lightning_gptq.data.evaluation import protocol_name, protocol_text, with_bos
 from lightning_gptq.models import capture_block_inputs, estimate_activation_bytes, load_causal_lm, run_block
 from lightning_gptq.models.capture import BlockInputs
 from lightning_gptq.models.loading import gguf_cache_folder, resolve_dtype
@@ -603,7 +604,8 @@ class GPTQModule(LightningModule):
                 with exact_kernels():  # quality, not this machine's bf16 paths: the same number on every CPU
                     result = perplexity(self._lm, dm.eval_tokens(name, self.tokenizer), seqlen=dm.eval_seqlen,
                                         dataset=name, max_windows=dm.eval_max_windows,
-                                        progress=self.trainer.progress_bar_callback is not None)
+                                        progress=self.trainer.progress_bar_callback is not None,
+                                        bos_token_id=self._eval_bos(dm))
             rank_zero_info(f"{label}: {result}")
             results[name] = {"ppl": result.ppl, "text": str(result), "windows": result.nsamples,
                              "seqlen": result.seqlen, "tokens": result.n_tokens, "protocol": result.protocol}
@@ -625,14 +627,19 @@ class GPTQModule(LightningModule):
             return
         self._place().eval()
         names = self.trainer.datamodule.eval_datasets
-        self._val_ppl = [ProtocolPerplexity().to(self.device) for _ in names]
+        self._val_ppl = [ProtocolPerplexity(bos=self._eval_bos(self.trainer.datamodule) is not None).to(self.device)
+                         for _ in names]
 
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         if self._source is not None:
             return  # streaming scored every window block by block in _eval_start
         ids = batch["input_ids"].to(self.device)
         with exact_kernels():  # as in _evaluate: perplexity does not depend on which fast paths a CPU has
-            self._val_ppl[dataloader_idx].update(self(ids), ids)
+            self._val_ppl[dataloader_idx].update(self(with_bos(ids, self._eval_bos(self.trainer.datamodule))), ids)
+
+    def _eval_bos(self, dm) -> int | None:
+        """The token put before every evaluation window (``data.eval_bos``), else None."""
+        return dm.eval_bos_token_id(self.tokenizer) if getattr(dm, "eval_bos", False) else None
 
     def _score_streaming(self, source) -> dict:
         """Block by block, each block read from ``source``'s files and freed (``blockwise.py``); the
@@ -650,7 +657,8 @@ class GPTQModule(LightningModule):
             rank_zero_info(f"scoring: every window's hidden state kept in files under {folder}")
             store = SpillFolder(folder).put
         return score_block_by_block(lm, source, dm, self.tokenizer, device=self.device, adapter=adapter, store=store,
-                                    progress=self.trainer.progress_bar_callback is not None)
+                                    progress=self.trainer.progress_bar_callback is not None,
+                                    bos_token_id=self._eval_bos(dm))
 
     def _eval_end(self, prefix: str) -> None:
         dm = self.trainer.datamodule
@@ -668,12 +676,14 @@ class GPTQModule(LightningModule):
             windows, total = tokens // dm.eval_seqlen, dm.eval_windows(name)[1]
             coverage = f"{windows} windows" if windows == total else f"first {windows} of {total} windows, PARTIAL"
             self.log(f"{prefix}/ppl/{name}", value, add_dataloader_idx=False)
-            text = (f"{prefix} perplexity {name}: {value.item():.4f} [protocol gptq-paper: non-overlapping "
-                    f"windows, seqlen {dm.eval_seqlen}, {coverage}, {tokens:,} tokens]")
+            bos = self._eval_bos(dm) is not None
+            protocol = protocol_name(windows, total, bos)
+            text = (f"{prefix} perplexity {name}: {value.item():.4f} [protocol {protocol}: {protocol_text(bos)}; "
+                    f"seqlen {dm.eval_seqlen}; {coverage}; {tokens:,} tokens]")
             rank_zero_info(text)
             self.results.setdefault(prefix, {})[name] = {"ppl": value.item(), "tokens": tokens, "seqlen": dm.eval_seqlen,
                                                          "windows": windows, "total_windows": total,
-                                                         "protocol": "gptq-paper", "text": text}
+                                                         "protocol": protocol, "text": text}
             metric.reset()
         if self.hparams.latency:
             lat = measure_latency(self._lm, prompt_tokens=self.hparams.latency_prompt_tokens,
