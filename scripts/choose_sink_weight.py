@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--eval", nargs="+", default=[f"ptb-valid={SHARED / 'data' / 'ptb' / 'ptb.valid.txt'}"],
                         help="name=path (or a built-in set's name) of the text that chooses (never a reported test "
                              "set); more sets are scored beside it, the first one ranks")
+    parser.add_argument("--bos", action="store_true",
+                        help="BOS before every calibration and evaluation window (data.calibration_bos, data.eval_bos)")
     parser.add_argument("--jsonl", help="append one JSON line per run here")
     args = parser.parse_args()
 
@@ -53,6 +55,7 @@ def main() -> None:
         f"--data.eval_max_windows={args.windows}",
         "--model.latency=false", "--model.save_quantized=false", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--gptq.quant.bits={args.bits}",
+        *(["--data.calibration_bos=true", "--data.eval_bos=true"] if args.bos else []),
     ]
     runs = [("rtn", ["fit", *common, "--gptq.method=rtn", f"--model.eval_before={str(args.fp32).lower()}"])] \
         if args.rtn or args.fp32 else []
@@ -76,7 +79,7 @@ def main() -> None:
         if args.jsonl:
             with open(args.jsonl, "a") as f:
                 f.write(json.dumps({"model": args.model, "rule": label, **scores, "seconds": round(seconds),
-                                    "calibration": args.calibration,
+                                    "calibration": args.calibration, "bos": args.bos,
                                     "nsamples": args.nsamples, "seqlen": args.seqlen, "windows": args.windows,
                                     "bits": args.bits, "block_weights": weights}) + "\n")
     print(f"\n{Path(args.model).name}, {args.bits}-bit g128 asym act-order, calibration {args.nsamples}x{args.seqlen} "
