@@ -69,6 +69,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
                if capture is not None and gptq.method == "gptq" else None)  # RTN reads no Hessian
     if hessian is not None and (capture.sink_layers != "all" or capture.measured):
         hessian.update(sink_layers=capture.sink_layers, block_weights=dict(capture.block_weights))
+        if capture.measured:
+            hessian["sink_probe_windows"] = capture.sink_probe_windows
     dm = module.trainer.datamodule
     records = gptq.summary()
     layers = [m for m in module.lm.modules()  # streamed blocks were written out and freed (meta): not counted
@@ -84,7 +86,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
         "quant": gptq.quant.to_dict(),
         "method": gptq.method,
         "hessian": hessian,
-        "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed},
+        "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed,
+                        "bos": getattr(dm, "calibration_bos", False)},
         "timings_s": dict(module.timings),
         "peak_memory": module.peak_memory(),
         "results": module.results,
