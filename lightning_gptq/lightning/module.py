@@ -207,8 +207,7 @@ class GPTQModule(LightningModule):
         if hp.streaming and is_quantized_checkpoint(hp.model):  # scored block by block (validate / test)
             try:
                 self._source = QuantizedWeightSource(os.path.expanduser(hp.model), dtype=resolve_dtype(hp.dtype),
-                                                     backend=CALIBRATION_BACKEND,  # scored with exact kernels:
-                                                     trust_remote_code=hp.trust_remote_code)  # no backend to time
+                                                     trust_remote_code=hp.trust_remote_code)
             except (CheckpointError, ValueError, OSError) as error:
                 raise MisconfigurationException(f"streaming reads a quantized model in the Hugging Face GPTQ layout "
                                                 f"block by block: {error}") from None
@@ -460,8 +459,7 @@ class GPTQModule(LightningModule):
             self.trainer.strategy.barrier("quantized model written")
             if self.hparams.eval_after:
                 self.results["after"] = self._evaluate("eval_after", QuantizedWeightSource(
-                    out / "model", dtype=resolve_dtype(self.hparams.dtype), backend=CALIBRATION_BACKEND,
-                    trust_remote_code=self.hparams.trust_remote_code))
+                    out / "model", dtype=resolve_dtype(self.hparams.dtype), trust_remote_code=self.hparams.trust_remote_code))
         if self.trainer.is_global_zero:
             paths = write_summary(self, out)
             rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")

@@ -136,16 +136,16 @@ class QuantizedWeightSource:
     """A quantized checkpoint folder (HF GPTQ layout) read one module at a time.
 
     ``model`` is its architecture with every parameter on the meta device; ``materialize`` reads one
-    module (a block: its quantized layers rebuilt from the packed tensors and put on ``backend``),
+    module (a block: its quantized layers rebuilt from the packed tensors as the oracle ``QuantLinear``:
+    block-by-block scoring runs under ``exact_kernels`` anyway, so no faster backend is worth timing),
     ``release`` frees it again. Every header is checked when the source is opened.
     """
 
-    def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, backend: str = "auto",
-                 trust_remote_code: bool = False):
+    def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
         from lightning_gptq.checkpoint.hf import GPTQReader
 
         self.reader = GPTQReader(folder, dtype=dtype, trust_remote_code=trust_remote_code, plain_io=True)
-        self.folder, self.backend = Path(folder), backend
+        self.folder = Path(folder)
 
     @property
     def model(self) -> nn.Module:
@@ -155,12 +155,9 @@ class QuantizedWeightSource:
         return self.reader.tokenizer()
 
     def materialize(self, model: nn.Module, module: nn.Module, device: torch.device | str = "cpu") -> None:
-        from lightning_gptq.nn import to_backend
-
         if model is not self.reader.model:
             raise StreamingError(f"{self.folder} is read into its own model (QuantizedWeightSource.model)")
         if all(not t.is_meta for t in [*module.parameters(), *module.buffers()]):
             return  # already read (materialize is idempotent, as WeightSource's is)
         self.reader.fill(module)
         module.to(device)
-        to_backend(module, self.backend)
