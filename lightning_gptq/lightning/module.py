@@ -517,9 +517,13 @@ class GPTQModule(LightningModule):
         cache = estimate_activation_bytes(self._lm.config, share, dm.seqlen, hp.activation_dtype or hp.dtype)
         if not spills_to_disk(hp.activation_storage, cache):
             return None
-        folder = Path(os.path.expanduser(hp.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
+        folder = self._activation_folder()
         rank_zero_info(f"activation cache: kept in files under {folder} (paged out when memory runs short)")
         return SpillFolder(folder)
+
+    def _activation_folder(self) -> Path:
+        """Where spilled activations go (``activation_dir``, default ``<default_root_dir>/activations``)."""
+        return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
 
     # -- resume (see resume.py) --------------------------------------------------------------------
     @property
@@ -651,8 +655,7 @@ class GPTQModule(LightningModule):
         hidden_bytes = windows * dm.eval_seqlen * int(config.hidden_size) * resolve_dtype(self.hparams.dtype).itemsize
         store = None
         if self.device.type == "cpu" and spills_to_disk(self.hparams.activation_storage, hidden_bytes):
-            folder = Path(os.path.expanduser(self.hparams.activation_dir
-                                             or Path(self.trainer.default_root_dir) / "activations"))
+            folder = self._activation_folder()
             rank_zero_info(f"scoring: every window's hidden state kept in files under {folder}")
             store = SpillFolder(folder).put
         return score_block_by_block(lm, source, dm, self.tokenizer, device=self.device, adapter=adapter, store=store,
