@@ -14,8 +14,11 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
+#include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -27,6 +30,13 @@ constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
 #endif
 
 constexpr int PREFETCH_RUNS = 16;  // runs of 32 codes ahead (2 KB at 4 bits)
+
+// Tiles per thread's share: a call smaller than SERIAL_WORK row-weights runs on the calling thread, since
+// waking the pool costs more than it saves there (SmolLM2's 576x576 layers at one row).
+int64_t serial_work = 1 << 19;
+inline int64_t grain(int64_t tiles, int64_t m, int64_t k_pad) {
+  return m * k_pad * tiles * NB < serial_work ? tiles : 1;
+}
 
 // GCC vector extensions: the compiler lowers these to AVX-512 or pairs of AVX2 instructions.
 typedef float vf __attribute__((vector_size(NB * 4)));
@@ -44,9 +54,18 @@ inline vf load_f(const float* p) {
   return v;
 }
 
+// y[m, n0 .. n0+15] = out[m] (+ bias), cut at n_out
+template <int rows>
+inline void store(const vf* out, float* y, int64_t n_out, int64_t n0, const float* bias) {
+  const int64_t width = std::min<int64_t>(NB, n_out - n0);
+  for (int m = 0; m < rows; ++m)
+    for (int l = 0; l < width; ++l) y[m * n_out + n0 + l] = out[m][l] + (bias ? bias[n0 + l] : 0.f);
+}
+
 template <int BITS, int rows>
 void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
-          const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out) {
+          const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
+          const float* bias) {
   constexpr uint32_t mask = (1u << BITS) - 1;
   const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
   vf out[rows];
@@ -82,16 +101,15 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
       out[m] += s * (a - z * xsum[m * n_groups + g]);
     }
   }
-  const int64_t width = std::min<int64_t>(NB, n_out - n0);
-  for (int m = 0; m < rows; ++m)
-    for (int l = 0; l < width; ++l) y[m * n_out + n0 + l] = out[m][l];
+  store<rows>(out, y, n_out, n0, bias);
 }
 
 template <int BITS>
 void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
-         const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y, int64_t n_out) {
+         const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y, int64_t n_out,
+         const float* bias) {
   const int64_t tiles = n_pad / NB;
-  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < m_total;) {
       // passes of MB, 4, 2 or 1 rows, each a separate instantiation with its accumulators in registers
       const int64_t left = m_total - m0;
@@ -101,10 +119,159 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
         const float* xs = xsum + m0 * n_groups;
         float* ym = y + m0 * n_out;
         const int64_t n0 = t * NB;
-        if (rows == MB) tile<BITS, MB>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
-        else if (rows == 4) tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
-        else if (rows == 2) tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
-        else tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out);
+        if (rows == MB) tile<BITS, MB>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else if (rows == 4) tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else if (rows == 2) tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+      }
+      m0 += rows;
+    }
+  });
+}
+
+// ---- int8 activations: integer dot products (VNNI) ------------------------------------------------
+//
+//   y[m, n] = sum_g s[g, n] * ( sum_{r in g} d[m, r] * sum_{k in r} xq[m, k] * q[k, n]  -  z[g, n] * xs[m, g] )
+//
+// Each run r of 32 inputs of a row is rounded to int8 with its own scale d = max|x| / 127 (xq = round(x / d)),
+// and xs[m, g] = sum_{r in g} d[m, r] * sum_{k in r} xq[m, k] is the zero-point term of the rounded inputs, so
+// the result is exactly the oracle's matmul of the rounded activations. Codes (unsigned bytes) times xq (signed)
+// are summed four at a time into int32 lanes: one vpdpbusd per 64 products with AVX-512 VNNI, two with AVX-VNNI,
+// plain integer vector code elsewhere (correct, slower: `auto` will not pick it there).
+typedef int8_t vb __attribute__((vector_size(NB)));
+
+inline vi dot4(vi acc, vu codes, int32_t x4) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)codes, _mm512_set1_epi32(x4));
+#elif defined(__AVXVNNI__)
+  __m256i a[2], c[2];
+  std::memcpy(a, &acc, sizeof(acc));
+  std::memcpy(c, &codes, sizeof(codes));
+  const __m256i xb = _mm256_set1_epi32(x4);
+  a[0] = _mm256_dpbusd_avx_epi32(a[0], c[0], xb);
+  a[1] = _mm256_dpbusd_avx_epi32(a[1], c[1], xb);
+  std::memcpy(&acc, a, sizeof(acc));
+  return acc;
+#else
+  for (int t = 0; t < 4; ++t)
+    acc += (vi)((codes >> (8 * t)) & 0xFFu) * (int32_t)(int8_t)(x4 >> (8 * t));
+  return acc;
+#endif
+}
+
+// Where input k (0..31) of a run sits in the rounded row: the order in which the kernel takes bytes.
+// For 2, 4 and 8 bits a word of codes is split into bytes by one shift and mask per code in a byte
+// (byte t of word b, after shifting by j*BITS, holds code b*32/BITS + t*(8/BITS) + j), so the inputs are
+// stored in that order; 3-bit codes are gathered one by one, in natural order.
+constexpr int i8_position(int bits, int k) {
+  if (bits == 3) return k;
+  const int per_byte = 8 / bits, per_word = 32 / bits;
+  const int b = k / per_word, t = (k % per_word) / per_byte, j = k % per_byte;
+  return b * per_word + j * 4 + t;
+}
+
+template <int BITS>
+void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups, int64_t runs_per_group, int8_t* xq,
+                float* d, float* xs) {  // x: the rows in kernel order, padded to k_pad
+  const int64_t runs = k_pad / 32;
+  for (int64_t m = 0; m < m_total; ++m) {
+    for (int64_t g = 0; g < n_groups; ++g) xs[m * n_groups + g] = 0.f;
+    for (int64_t r = 0; r < runs; ++r) {
+      const float* xr = x + m * k_pad + r * 32;
+      float amax = 0.f;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      int8_t* out = xq + m * k_pad + r * 32;
+      int32_t sum = 0;
+      for (int k = 0; k < 32; ++k) {
+        const int32_t v = (int32_t)std::nearbyint(xr[k] * inv);
+        out[i8_position(BITS, k)] = (int8_t)v;
+        sum += v;
+      }
+      d[m * runs + r] = scale;
+      xs[m * n_groups + std::min(r / runs_per_group, n_groups - 1)] += scale * (float)sum;
+    }
+  }
+}
+
+template <int BITS, int rows>
+void tile_i8(const int8_t* xq, const float* d, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
+             const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
+             const float* bias) {
+  constexpr uint32_t mask = (1u << BITS) - 1;
+  const int64_t runs = k_pad / 32;
+  const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
+  vf out[rows];
+  for (int m = 0; m < rows; ++m) out[m] = vf{};
+  for (int64_t g = 0; g < n_groups; ++g) {
+    vf acc[rows];
+    for (int m = 0; m < rows; ++m) acc[m] = vf{};
+    const int64_t run_end = std::min((g + 1) * runs_per_group, runs);
+    for (int64_t run = g * runs_per_group; run < run_end; ++run) {
+      vu w[BITS + 1];
+      for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
+      w[BITS] = vu{};
+      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB);
+      vi dots[rows][2];  // two chains per row against the dot-product latency
+      for (int m = 0; m < rows; ++m) dots[m][0] = dots[m][1] = vi{};
+      const int8_t* xr = xq + run * 32;
+      if constexpr (BITS == 3) {
+#pragma GCC unroll 8
+        for (int a = 0; a < 8; ++a) {  // inputs 4a .. 4a+3 into the bytes of one lane
+          vu c = vu{};
+          for (int t = 0; t < 4; ++t) {
+            const int i = 4 * a + t, word = (i * BITS) / 32, off = (i * BITS) % 32;
+            vu v = w[word] >> off;
+            if (off + BITS > 32) v |= w[word + 1] << (32 - off);
+            c |= (v & mask) << (8 * t);
+          }
+          for (int m = 0; m < rows; ++m) {
+            int32_t x4;
+            std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
+            dots[m][a & 1] = dot4(dots[m][a & 1], c, x4);
+          }
+        }
+      } else {
+        constexpr int per_byte = 8 / BITS;
+        constexpr uint32_t byte_mask = 0x01010101u * mask;
+#pragma GCC unroll 8
+        for (int a = 0; a < 8; ++a) {  // word a / per_byte, shifted by (a % per_byte) * BITS
+          const vu c = (w[a / per_byte] >> ((a % per_byte) * BITS)) & byte_mask;
+          for (int m = 0; m < rows; ++m) {
+            int32_t x4;
+            std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
+            dots[m][a & 1] = dot4(dots[m][a & 1], c, x4);
+          }
+        }
+      }
+      for (int m = 0; m < rows; ++m)
+        acc[m] += __builtin_convertvector(dots[m][0] + dots[m][1], vf) * d[m * runs + run];
+    }
+    const vf s = load_f(scales + g * n_pad + n0);
+    const vf z = load_f(zeros + g * n_pad + n0);
+    for (int m = 0; m < rows; ++m) out[m] += s * (acc[m] - z * xs[m * n_groups + g]);
+  }
+  store<rows>(out, y, n_out, n0, bias);
+}
+
+template <int BITS>
+void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales,
+            const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y,
+            int64_t n_out, const float* bias) {
+  const int64_t tiles = n_pad / NB, runs = k_pad / 32;
+  at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
+    for (int64_t m0 = 0; m0 < m_total;) {
+      const int64_t left = m_total - m0;
+      const int rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int8_t* xm = xq + m0 * k_pad;
+        const float* dm = d + m0 * runs;
+        const float* xsm = xs + m0 * n_groups;
+        float* ym = y + m0 * n_out;
+        const int64_t n0 = t * NB;
+        if (rows == 4) tile_i8<BITS, 4>(xm, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else if (rows == 2) tile_i8<BITS, 2>(xm, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else tile_i8<BITS, 1>(xm, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
       }
       m0 += rows;
     }
@@ -187,41 +354,89 @@ torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::T
   return out;
 }
 
-// x [M, K_pad] fp32; qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; -> y [M, n_out]
-torch::Tensor gptq_gemm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
-                        int64_t bits, int64_t group_size, int64_t n_out) {
+// The rows of x [M, K] in kernel order (x[:, perm] when perm is given) padded with zeros to k_pad, into a
+// buffer reused by the calling thread (a fresh tensor per call costs more than a small layer's matmul).
+const float* kernel_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, int64_t k_pad) {
+  thread_local std::vector<float> buffer;
+  const int64_t m = x.size(0), k = x.size(1);
+  const float* src = x.data_ptr<float>();
+  if (!perm.has_value() && k == k_pad) return src;
+  buffer.assign(m * k_pad, 0.f);
+  const int64_t* p = perm.has_value() ? perm->data_ptr<int64_t>() : nullptr;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) buffer[i * k_pad + j] = src[i * k + (p ? p[j] : j)];
+  return buffer.data();
+}
+
+// x [M, K] fp32 (K ≤ K_pad); perm int64 [K] or None: the kernel's column order; qweight int32
+// [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; bias fp32 [≥ n_out] or None -> y [M, n_out].
+// int8: each run of 32 inputs rounded to int8 (round_rows) and integer dot products; else exact fp32.
+torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qweight, torch::Tensor scales,
+                          torch::Tensor zeros, c10::optional<torch::Tensor> bias, int64_t bits, int64_t group_size,
+                          int64_t n_out, bool int8) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "the cpu-packed kernel runs on CPU tensors only; "
               "after moving a model, rebuild its layers with lightning_gptq.nn.to_backend");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
-  const int64_t m = x.size(0), k_pad = x.size(1), n_pad = qweight.size(0) * NB, n_groups = scales.size(0);
-  TORCH_CHECK(k_pad % 32 == 0 && n_pad % NB == 0 && group_size % 32 == 0, "K and group size must be multiples of 32");
-  TORCH_CHECK(qweight.size(1) * 32 == k_pad * bits, "qweight rows do not match K and bits");
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
+  const int64_t m = x.size(0), k_pad = qweight.size(1) * 32 / bits, n_pad = qweight.size(0) * NB, n_groups = scales.size(0);
+  TORCH_CHECK(qweight.size(1) * 32 == k_pad * bits && k_pad % 32 == 0, "qweight rows do not match a K that is a multiple of 32");
+  TORCH_CHECK(x.size(1) <= k_pad, "x has more columns than the packed weight");
+  TORCH_CHECK(group_size % 32 == 0, "the group size must be a multiple of 32");
   TORCH_CHECK(n_out <= n_pad, "n_out larger than the packed width");
-  // per-row group sums of x: the zero-point term
-  auto xg = torch::zeros({m, n_groups}, x.options());
-  {
-    auto xa = x.accessor<float, 2>();
-    auto ga = xg.accessor<float, 2>();
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t k = 0; k < k_pad; ++k) ga[i][std::min(k / group_size, n_groups - 1)] += xa[i][k];
-  }
+  TORCH_CHECK(!perm.has_value() || (perm->dtype() == torch::kInt64 && perm->numel() == x.size(1) && perm->is_contiguous()),
+              "perm must be contiguous int64 [K]");
+  TORCH_CHECK(!bias.has_value() || (bias->dtype() == torch::kFloat32 && bias->numel() >= n_out && bias->is_contiguous()),
+              "bias must be contiguous fp32 [n_out]");
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const float* rows = kernel_rows(x, perm, k_pad);
+  const int64_t rpg = group_size / 32, runs = k_pad / 32;
   auto y = torch::empty({m, n_out}, x.options());
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
-  const int64_t rpg = group_size / 32;
-  switch (bits) {
-    case 2: run<2>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
-    case 3: run<3>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
-    case 4: run<4>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
-    case 8: run<8>(x.data_ptr<float>(), m, k_pad, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), xg.data_ptr<float>(), n_groups, rpg, n_pad, y.data_ptr<float>(), n_out); break;
-    default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8, got ", bits);
+  const float *s = scales.data_ptr<float>(), *z = zeros.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  thread_local std::vector<float> sums, steps;
+  thread_local std::vector<int8_t> rounded;
+  sums.assign(m * n_groups, 0.f);
+  if (int8) {
+    rounded.resize(m * k_pad);
+    steps.resize(m * runs);
+#define GPTQ_I8(B)                                                                                   \
+  case B:                                                                                            \
+    round_rows<B>(rows, m, k_pad, n_groups, rpg, rounded.data(), steps.data(), sums.data());         \
+    run_i8<B>(rounded.data(), steps.data(), m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp); \
+    break;
+    switch (bits) { GPTQ_I8(2) GPTQ_I8(3) GPTQ_I8(4) GPTQ_I8(8) }
+#undef GPTQ_I8
+  } else {
+    for (int64_t i = 0; i < m; ++i)  // per-row group sums of x: the zero-point term
+      for (int64_t k = 0; k < k_pad; ++k) sums[i * n_groups + std::min(k / group_size, n_groups - 1)] += rows[i * k_pad + k];
+#define GPTQ_F32(B)                                                                                  \
+  case B:                                                                                            \
+    run<B>(rows, m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);              \
+    break;
+    switch (bits) { GPTQ_F32(2) GPTQ_F32(3) GPTQ_F32(4) GPTQ_F32(8) }
+#undef GPTQ_F32
   }
   return y;
 }
 
+// Which integer dot product this build uses: "avx512-vnni", "avx-vnni" or "generic".
+std::string int8_dot_isa() {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+  return "avx512-vnni";
+#elif defined(__AVXVNNI__)
+  return "avx-vnni";
+#else
+  return "generic";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gptq_gemm", &gptq_gemm, "GPTQ packed matmul for few rows (CPU, fp32)");
+  m.def("gptq_matmul", &gptq_matmul, "GPTQ packed matmul for few rows (CPU): exact fp32, or int8 activations");
+  m.def("set_serial_work", [](int64_t v) { serial_work = v; }, "calls below this many row-weights run on one thread");
+  m.def("int8_dot_isa", &int8_dot_isa, "the instruction set of the int8 dot product");
   m.def("gptq_dequant", &gptq_dequant, "GPTQ packed codes to a dense transposed weight (CPU, fp32 or bf16)");
 }

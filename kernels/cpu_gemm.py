@@ -76,9 +76,18 @@ def untile(tiled: Tensor) -> Tensor:
     return tiled.permute(1, 0, 2).reshape(words, tiles * TILE_N)
 
 
-def gemm(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, n_out: int) -> Tensor:
-    """``x`` fp32 [M, K_pad] → fp32 [M, n_out]; ``qweight`` tiled (:func:`tile`), ``scales``/``zeros`` fp32 [G, N_pad]."""
-    return _load().gptq_gemm(x, qweight, scales, zeros, bits, group_size, n_out)
+def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
+           bits: int, group_size: int, n_out: int, int8: bool = False) -> Tensor:
+    """``x`` fp32 [M, K] → fp32 [M, n_out] (+ ``bias``); ``perm`` int64 [K] or None: the kernel's column
+    order (``x[:, perm]``, zero-padded to K_pad inside); ``qweight`` tiled (:func:`tile`), ``scales``/``zeros``
+    fp32 [G, N_pad]. ``int8``: each run of 32 inputs of a row is rounded to int8 (step max|x|/127, about
+    2⁻⁸ relative) for integer dot products (VNNI where the CPU has it); otherwise exact up to fp32 summation order."""
+    return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, int8)
+
+
+def int8_dot_isa() -> str:
+    """The instruction set the ``int8`` path was built for here: ``avx512-vnni``, ``avx-vnni`` or ``generic``."""
+    return _load().int8_dot_isa()
 
 
 def dequantize_t(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, dtype: torch.dtype,

@@ -24,7 +24,7 @@ from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_c
 
 log = logging.getLogger("lightning_gptq")
 
-ROWS = (1, 4, 16, 64, 256, 1024)
+ROWS = (1, 4, 16, 64, 128, 256, 1024)
 
 
 @dataclass

@@ -132,6 +132,13 @@ class QuantLinear(nn.Module):
     exact: tuple[str, ...] = ("dequant",)
     #: Relative error ``‖y − y_oracle‖ / ‖y_oracle‖`` this backend promises (fp32 summation order only).
     tolerance = 1e-5
+    #: Promises for single kernels that differ from ``tolerance`` (the loosest of them all).
+    kernel_tolerance: dict[str, float] = {}
+
+    @classmethod
+    def tolerance_of(cls, kernel: str) -> float:
+        """The relative error ``kernel`` promises: 1e-5 for the exact ones (fp32 summation order only)."""
+        return 1e-5 if kernel in cls.exact else cls.kernel_tolerance.get(kernel, cls.tolerance)
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, sym: bool, bias: bool,
                  dtype: torch.dtype = torch.float32, device=None):
