@@ -2,11 +2,11 @@
 //
 //   y[m, n] = sum_g s[g, n] * ( sum_{k in g} x[m, k] * q[k, n]  -  z[g, n] * sum_{k in g} x[m, k] )
 //
-// qweight is int32 [N_pad / 16, K_pad * BITS / 32, 16]: the checkpoint's bit stream (runs of 32
-// codes along k packed into BITS words, lowest bits first; a code may straddle two words when
-// BITS = 3), cut into tiles of 16 output columns stored one after the other, so a tile's codes
-// are one sequential read. Groups are contiguous runs of
-// `group_size` columns (a multiple of 32); the caller permutes act-order columns and pads K and N.
+// qweight is int32 [N_pad / 16, K_pad * BITS / 32, 16]: runs of 32 codes along k, each in BITS words
+// (lowest bits first), cut into tiles of 16 output columns stored one after the other, so a tile's codes are
+// one sequential read. For 2, 4 and 8 bits a run is the checkpoint's bit stream; 3-bit runs are stored as
+// planes (see code_at) so that no code straddles two words. Groups are contiguous runs of `group_size`
+// columns (a multiple of 32); the caller permutes act-order columns and pads K and N.
 // Codes are decoded once per tile of NB output columns and reused for every input row, so the
 // weight is read once per call and never expanded in memory. Written as plain loops over a lane
 // array that the compiler vectorises for the machine it is built on (-march=native: AVX2 or AVX-512).
@@ -62,11 +62,25 @@ inline void store(const vf* out, float* y, int64_t n_out, int64_t n0, const floa
     for (int l = 0; l < width; ++l) y[m * n_out + n0 + l] = out[m][l] + (bias ? bias[n0 + l] : 0.f);
 }
 
+// Code i (0..31) of a run held in words w[0 .. BITS-1], one per lane. 3 bits: words 0 and 1 hold the low two
+// bits of codes 0-15 and 16-31 as 2-bit codes; word 2 holds the high bit of code 16b + 4t + j at bit
+// 8t + 4b + j, so that one shift lines up the high bits of four codes with their low bits byte by byte
+// (the int8 path decodes four codes per lane with five operations).
+constexpr int high_bit_position(int i) { return 8 * ((i % 16) / 4) + 4 * (i / 16) + i % 4; }
+
+template <int BITS>
+inline vu code_at(const vu* w, int i) {
+  if constexpr (BITS == 3) {
+    return ((w[i / 16] >> (2 * (i % 16))) & 3u) | (((w[2] >> high_bit_position(i)) & 1u) << 2);
+  } else {
+    return (w[(i * BITS) / 32] >> ((i * BITS) % 32)) & ((1u << BITS) - 1);
+  }
+}
+
 template <int BITS, int rows>
 void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
           const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
           const float* bias) {
-  constexpr uint32_t mask = (1u << BITS) - 1;
   const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
   vf out[rows];
   for (int m = 0; m < rows; ++m) out[m] = vf{};
@@ -78,18 +92,14 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
       for (int c = 0; c < chains; ++c) acc[m][c] = vf{};
     const int64_t run_end = std::min((g + 1) * runs_per_group, k_pad / 32);
     for (int64_t run = g * runs_per_group; run < run_end; ++run) {
-      vu w[BITS + 1];
+      vu w[BITS];
       for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
-      w[BITS] = vu{};
       // Codes are read once, from memory (a model's weights are not in cache): ask for them early.
       for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB);
       const float* xr = x + run * 32;
 #pragma GCC unroll 32
       for (int i = 0; i < 32; ++i) {
-        const int word = (i * BITS) / 32, off = (i * BITS) % 32;
-        vu v = w[word] >> off;
-        if (off + BITS > 32) v |= w[word + 1] << (32 - off);
-        const vf q = __builtin_convertvector((vi)(v & mask), vf);
+        const vf q = __builtin_convertvector((vi)code_at<BITS>(w, i), vf);
         for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
       }
     }
@@ -160,19 +170,22 @@ inline vi dot4(vi acc, vu codes, int32_t x4) {
 }
 
 // Where input k (0..31) of a run sits in the rounded row: the order in which the kernel takes bytes.
-// For 2, 4 and 8 bits a word of codes is split into bytes by one shift and mask per code in a byte
-// (byte t of word b, after shifting by j*BITS, holds code b*32/BITS + t*(8/BITS) + j), so the inputs are
-// stored in that order; 3-bit codes are gathered one by one, in natural order.
+// A word of codes is split into bytes by one shift and mask per code in a byte (byte t of word b, after
+// shifting by j*BITS, holds code b*32/BITS + t*(8/BITS) + j), so the inputs are stored in that order;
+// 3-bit runs are decoded as 2-bit ones (code_at).
 constexpr int i8_position(int bits, int k) {
-  if (bits == 3) return k;
+  if (bits == 3) bits = 2;
   const int per_byte = 8 / bits, per_word = 32 / bits;
   const int b = k / per_word, t = (k % per_word) / per_byte, j = k % per_byte;
   return b * per_word + j * 4 + t;
 }
 
-template <int BITS>
+// Rounds x (the rows in kernel order, padded to k_pad) run by run: f = x / d with d = max|x| / 127, the high
+// digit q = round(f) and, with DIGITS = 2, the low digit r = round((f - q) * 254), so x ≈ d * (q + r / 254)
+// (relative step about 2^-15 instead of 2^-8). Digit planes of [M, k_pad] follow each other in xq.
+template <int BITS, int DIGITS>
 void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups, int64_t runs_per_group, int8_t* xq,
-                float* d, float* xs) {  // x: the rows in kernel order, padded to k_pad
+                float* d, float* xs) {
   const int64_t runs = k_pad / 32;
   for (int64_t m = 0; m < m_total; ++m) {
     for (int64_t g = 0; g < n_groups; ++g) xs[m * n_groups + g] = 0.f;
@@ -181,24 +194,30 @@ void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups
       float amax = 0.f;
       for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xr[k]));
       const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-      int8_t* out = xq + m * k_pad + r * 32;
-      int32_t sum = 0;
+      int8_t* high = xq + m * k_pad + r * 32;
+      int8_t* low = high + m_total * k_pad;
+      int32_t sum_high = 0, sum_low = 0;
       for (int k = 0; k < 32; ++k) {
-        const int32_t v = (int32_t)std::nearbyint(xr[k] * inv);
-        out[i8_position(BITS, k)] = (int8_t)v;
-        sum += v;
+        const float f = xr[k] * inv;
+        const float q = std::nearbyint(f);
+        high[i8_position(BITS, k)] = (int8_t)q;
+        sum_high += (int32_t)q;
+        if constexpr (DIGITS == 2) {
+          const int32_t v = (int32_t)std::nearbyint((f - q) * 254.f);
+          low[i8_position(BITS, k)] = (int8_t)v;
+          sum_low += v;
+        }
       }
       d[m * runs + r] = scale;
-      xs[m * n_groups + std::min(r / runs_per_group, n_groups - 1)] += scale * (float)sum;
+      xs[m * n_groups + std::min(r / runs_per_group, n_groups - 1)] += scale * ((float)sum_high + (float)sum_low / 254.f);
     }
   }
 }
 
-template <int BITS, int rows>
-void tile_i8(const int8_t* xq, const float* d, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
-             const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
-             const float* bias) {
-  constexpr uint32_t mask = (1u << BITS) - 1;
+template <int BITS, int DIGITS, int rows>
+void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad, const uint32_t* qw, const float* scales,
+             const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0,
+             float* y, int64_t n_out, const float* bias) {
   const int64_t runs = k_pad / 32;
   const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
   vf out[rows];
@@ -208,44 +227,40 @@ void tile_i8(const int8_t* xq, const float* d, int64_t k_pad, const uint32_t* qw
     for (int m = 0; m < rows; ++m) acc[m] = vf{};
     const int64_t run_end = std::min((g + 1) * runs_per_group, runs);
     for (int64_t run = g * runs_per_group; run < run_end; ++run) {
-      vu w[BITS + 1];
+      vu w[BITS];
       for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
-      w[BITS] = vu{};
       for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB);
-      vi dots[rows][2];  // two chains per row against the dot-product latency
+      // two chains per row against the dot-product latency: alternate inputs, or the two digits
+      vi dots[rows][2];
       for (int m = 0; m < rows; ++m) dots[m][0] = dots[m][1] = vi{};
       const int8_t* xr = xq + run * 32;
-      if constexpr (BITS == 3) {
 #pragma GCC unroll 8
-        for (int a = 0; a < 8; ++a) {  // inputs 4a .. 4a+3 into the bytes of one lane
-          vu c = vu{};
-          for (int t = 0; t < 4; ++t) {
-            const int i = 4 * a + t, word = (i * BITS) / 32, off = (i * BITS) % 32;
-            vu v = w[word] >> off;
-            if (off + BITS > 32) v |= w[word + 1] << (32 - off);
-            c |= (v & mask) << (8 * t);
-          }
-          for (int m = 0; m < rows; ++m) {
-            int32_t x4;
-            std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
-            dots[m][a & 1] = dot4(dots[m][a & 1], c, x4);
-          }
+      for (int a = 0; a < 8; ++a) {  // byte t of lane c: the code at input position 4a + t of the rounded row
+        vu c;
+        if constexpr (BITS == 3) {  // as 2-bit codes, plus the high bits lined up by one shift (see code_at)
+          c = ((w[a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[2] >> a) << 2) & 0x04040404u);
+        } else {  // word a / per_byte, shifted by (a % per_byte) * BITS
+          constexpr int per_byte = 8 / BITS;
+          c = (w[a / per_byte] >> ((a % per_byte) * BITS)) & (0x01010101u * ((1u << BITS) - 1));
         }
-      } else {
-        constexpr int per_byte = 8 / BITS;
-        constexpr uint32_t byte_mask = 0x01010101u * mask;
-#pragma GCC unroll 8
-        for (int a = 0; a < 8; ++a) {  // word a / per_byte, shifted by (a % per_byte) * BITS
-          const vu c = (w[a / per_byte] >> ((a % per_byte) * BITS)) & byte_mask;
-          for (int m = 0; m < rows; ++m) {
-            int32_t x4;
-            std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
+        for (int m = 0; m < rows; ++m) {
+          int32_t x4;
+          std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
+          if constexpr (DIGITS == 2) {
+            dots[m][0] = dot4(dots[m][0], c, x4);
+            std::memcpy(&x4, xr + low_plane + m * k_pad + 4 * a, 4);
+            dots[m][1] = dot4(dots[m][1], c, x4);
+          } else {
             dots[m][a & 1] = dot4(dots[m][a & 1], c, x4);
           }
         }
       }
-      for (int m = 0; m < rows; ++m)
-        acc[m] += __builtin_convertvector(dots[m][0] + dots[m][1], vf) * d[m * runs + run];
+      const float step = 1.f / 254.f;
+      for (int m = 0; m < rows; ++m) {
+        const vf sum = DIGITS == 2 ? __builtin_convertvector(dots[m][0], vf) + __builtin_convertvector(dots[m][1], vf) * step
+                                   : __builtin_convertvector(dots[m][0] + dots[m][1], vf);
+        acc[m] += sum * d[m * runs + run];
+      }
     }
     const vf s = load_f(scales + g * n_pad + n0);
     const vf z = load_f(zeros + g * n_pad + n0);
@@ -254,11 +269,11 @@ void tile_i8(const int8_t* xq, const float* d, int64_t k_pad, const uint32_t* qw
   store<rows>(out, y, n_out, n0, bias);
 }
 
-template <int BITS>
+template <int BITS, int DIGITS>
 void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales,
             const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y,
             int64_t n_out, const float* bias) {
-  const int64_t tiles = n_pad / NB, runs = k_pad / 32;
+  const int64_t tiles = n_pad / NB, runs = k_pad / 32, low_plane = m_total * k_pad;
   at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < m_total;) {
       const int64_t left = m_total - m0;
@@ -269,9 +284,12 @@ void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, co
         const float* xsm = xs + m0 * n_groups;
         float* ym = y + m0 * n_out;
         const int64_t n0 = t * NB;
-        if (rows == 4) tile_i8<BITS, 4>(xm, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
-        else if (rows == 2) tile_i8<BITS, 2>(xm, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
-        else tile_i8<BITS, 1>(xm, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+#define GPTQ_TILE(R) tile_i8<BITS, DIGITS, R>(xm, low_plane, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, \
+                                              n_pad, n0, ym, n_out, bias)
+        if (rows == 4) GPTQ_TILE(4);
+        else if (rows == 2) GPTQ_TILE(2);
+        else GPTQ_TILE(1);
+#undef GPTQ_TILE
       }
       m0 += rows;
     }
@@ -285,24 +303,19 @@ typedef uint16_t vh __attribute__((vector_size(NB * 2)));
 template <int BITS, typename OUT>
 void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_t k_pad, int64_t n_pad,
              int64_t runs_per_group, OUT* w) {
-  constexpr uint32_t mask = (1u << BITS) - 1;
   const int64_t runs = k_pad / 32;
   at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t run = r0; run < r1; ++run) {
       const int64_t g = run / runs_per_group;
       for (int64_t n0 = 0; n0 < n_pad; n0 += NB) {
         const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
-        vu wd[BITS + 1];
+        vu wd[BITS];
         for (int b = 0; b < BITS; ++b) wd[b] = load_u(tile_qw + (run * BITS + b) * NB);
-        wd[BITS] = vu{};
         const vf s = load_f(scales + g * n_pad + n0);
         const vf z = load_f(zeros + g * n_pad + n0);
 #pragma GCC unroll 32
         for (int i = 0; i < 32; ++i) {
-          const int word = (i * BITS) / 32, off = (i * BITS) % 32;
-          vu v = wd[word] >> off;
-          if (off + BITS > 32) v |= wd[word + 1] << (32 - off);
-          const vf f = s * (__builtin_convertvector((vi)(v & mask), vf) - z);  // q − z is exact: one rounding, as the oracle
+          const vf f = s * (__builtin_convertvector((vi)code_at<BITS>(wd, i), vf) - z);  // q − z is exact: one rounding, as the oracle
           OUT* row = w + (run * 32 + i) * n_pad + n0;
           if constexpr (sizeof(OUT) == 4) {
             std::memcpy(row, &f, sizeof(f));
@@ -370,10 +383,11 @@ const float* kernel_rows(const torch::Tensor& x, const c10::optional<torch::Tens
 
 // x [M, K] fp32 (K ≤ K_pad); perm int64 [K] or None: the kernel's column order; qweight int32
 // [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; bias fp32 [≥ n_out] or None -> y [M, n_out].
-// int8: each run of 32 inputs rounded to int8 (round_rows) and integer dot products; else exact fp32.
+// digits 1 or 2: each run of 32 inputs rounded to one or two int8 digits (round_rows) for integer dot
+// products; digits 0: exact fp32.
 torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qweight, torch::Tensor scales,
                           torch::Tensor zeros, c10::optional<torch::Tensor> bias, int64_t bits, int64_t group_size,
-                          int64_t n_out, bool int8) {
+                          int64_t n_out, int64_t digits) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "the cpu-packed kernel runs on CPU tensors only; "
               "after moving a model, rebuild its layers with lightning_gptq.nn.to_backend");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
@@ -400,15 +414,23 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
   thread_local std::vector<float> sums, steps;
   thread_local std::vector<int8_t> rounded;
   sums.assign(m * n_groups, 0.f);
-  if (int8) {
-    rounded.resize(m * k_pad);
+  TORCH_CHECK(digits >= 0 && digits <= 2, "digits must be 0 (fp32), 1 or 2");
+  if (digits > 0) {
+    rounded.resize(digits * m * k_pad);
     steps.resize(m * runs);
-#define GPTQ_I8(B)                                                                                   \
-  case B:                                                                                            \
-    round_rows<B>(rows, m, k_pad, n_groups, rpg, rounded.data(), steps.data(), sums.data());         \
-    run_i8<B>(rounded.data(), steps.data(), m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp); \
+#define GPTQ_I8(B, D)                                                                                \
+  round_rows<B, D>(rows, m, k_pad, n_groups, rpg, rounded.data(), steps.data(), sums.data());        \
+  run_i8<B, D>(rounded.data(), steps.data(), m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);
+#define GPTQ_I8_BITS(B) \
+  case B:               \
+    if (digits == 1) {  \
+      GPTQ_I8(B, 1)     \
+    } else {            \
+      GPTQ_I8(B, 2)     \
+    }                   \
     break;
-    switch (bits) { GPTQ_I8(2) GPTQ_I8(3) GPTQ_I8(4) GPTQ_I8(8) }
+    switch (bits) { GPTQ_I8_BITS(2) GPTQ_I8_BITS(3) GPTQ_I8_BITS(4) GPTQ_I8_BITS(8) }
+#undef GPTQ_I8_BITS
 #undef GPTQ_I8
   } else {
     for (int64_t i = 0; i < m; ++i)  // per-row group sums of x: the zero-point term

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .packing import pack_rows, unpack_rows
+
 SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 BITS = (2, 3, 4, 8)
 TILE_N = 16  # output columns per tile (NB in the source)
@@ -65,7 +67,7 @@ def unavailable() -> str | None:
 
 
 def tile(qweight: Tensor) -> Tensor:
-    """Checkpoint-layout ``qweight`` [K_pad·bits/32, N_pad] → the kernel's [N_pad/16, K_pad·bits/32, 16]."""
+    """Words [K_pad·bits/32, N_pad] → the kernel's tiles [N_pad/16, K_pad·bits/32, 16]."""
     words, n_pad = qweight.shape
     return qweight.view(words, n_pad // TILE_N, TILE_N).permute(1, 0, 2).contiguous()
 
@@ -76,13 +78,46 @@ def untile(tiled: Tensor) -> Tensor:
     return tiled.permute(1, 0, 2).reshape(words, tiles * TILE_N)
 
 
+# 3-bit runs are kept as planes, so that no code straddles two words: words 0 and 1 hold the low two bits
+# of codes 0-15 and 16-31 (as 2-bit codes), word 2 the high bit of code 16b + 4t + j at bit 8t + 4b + j,
+# where one shift lines the high bits of four codes up with their low bits, byte by byte (``code_at`` in
+# the C++ source).
+_HIGH_BIT = [8 * ((i % 16) // 4) + 4 * (i // 16) + i % 4 for i in range(32)]
+
+
+def pack(codes_t: Tensor, bits: int) -> Tensor:
+    """``codes_t`` [K_pad, N_pad] (K_pad a multiple of 32, N_pad of 16) → the kernel's int32 tiles."""
+    if bits != 3:
+        return tile(pack_rows(codes_t, bits))
+    k_pad, n_pad = codes_t.shape
+    c = codes_t.to(torch.int32).view(k_pad // 32, 32, n_pad)
+    low = pack_rows((c & 3).view(k_pad, n_pad), 2).view(k_pad // 32, 2, n_pad)
+    high = torch.zeros(k_pad // 32, 1, n_pad, dtype=torch.int32, device=codes_t.device)
+    for i, position in enumerate(_HIGH_BIT):
+        high[:, 0] |= ((c[:, i] >> 2) & 1) << position  # int32: bit 31 wraps into the sign, as intended
+    return tile(torch.cat([low, high], dim=1).view(k_pad // 32 * 3, n_pad))
+
+
+def unpack(tiled: Tensor, bits: int, k_pad: int) -> Tensor:
+    """Inverse of :func:`pack`: → uint8 [K_pad, N_pad]."""
+    words = untile(tiled)
+    if bits != 3:
+        return unpack_rows(words, bits, k_pad)
+    runs, n_pad = k_pad // 32, words.shape[1]
+    w = words.view(runs, 3, n_pad)
+    low = unpack_rows(w[:, :2].reshape(runs * 2, n_pad), 2, k_pad).view(runs, 32, n_pad)
+    high = torch.stack([(w[:, 2] >> position) & 1 for position in _HIGH_BIT], dim=1).to(torch.uint8)
+    return (low | (high << 2)).view(k_pad, n_pad)
+
+
 def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
-           bits: int, group_size: int, n_out: int, int8: bool = False) -> Tensor:
+           bits: int, group_size: int, n_out: int, digits: int = 0) -> Tensor:
     """``x`` fp32 [M, K] → fp32 [M, n_out] (+ ``bias``); ``perm`` int64 [K] or None: the kernel's column
-    order (``x[:, perm]``, zero-padded to K_pad inside); ``qweight`` tiled (:func:`tile`), ``scales``/``zeros``
-    fp32 [G, N_pad]. ``int8``: each run of 32 inputs of a row is rounded to int8 (step max|x|/127, about
-    2⁻⁸ relative) for integer dot products (VNNI where the CPU has it); otherwise exact up to fp32 summation order."""
-    return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, int8)
+    order (``x[:, perm]``, zero-padded to K_pad inside); ``qweight`` from :func:`pack`, ``scales``/``zeros``
+    fp32 [G, N_pad]. ``digits`` 0: exact up to fp32 summation order. 1 or 2: each run of 32 inputs of a row
+    is rounded to one int8 digit (step max|x|/127, about 2⁻⁸ relative) or two (about 2⁻¹⁵) for integer
+    dot products (VNNI where the CPU has it)."""
+    return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, digits)
 
 
 def int8_dot_isa() -> str:

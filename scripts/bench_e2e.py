@@ -12,6 +12,7 @@ backend, all in one run so the ratios compare like with like on this machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -45,6 +46,21 @@ def with_free_block_linears(model):
     return model
 
 
+@contextlib.contextmanager
+def decode_kernels(model):
+    """Every quantized layer computes every input with the kernel it uses for one row (the decode path),
+    so that path's rounding shows in a perplexity (which otherwise runs the many-row kernels)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [(layer.dispatch, layer.exact_dispatch) for layer in layers]
+    for layer in layers:
+        layer.set_dispatch([(1, layer.kernel_for(1))], layer.exact_dispatch)
+    try:
+        yield
+    finally:
+        for layer, (dispatch, exact) in zip(layers, saved):
+            layer.set_dispatch(dispatch, exact)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("quantized", help="a folder saved by fit")
@@ -71,14 +87,16 @@ def main() -> None:
         lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                               repeats=args.repeats)
         if tokens is None:
-            return lat, None, None
+            return lat, None, None, None
         score = lambda: perplexity(model, tokens, dataset="wikitext2", max_windows=args.ppl_windows, progress=False).ppl
         fast = score()
         with exact_kernels():
             exact = score()
-        return lat, fast, exact
+        with decode_kernels(model):
+            decode = score() if any(isinstance(m, QuantLinear) for m in model.modules()) else fast
+        return lat, fast, exact, decode
 
-    ppl_text = lambda r: f"; ppl {r[3]:.4f} (exact kernels {r[4]:.4f})" if r[3] else ""
+    ppl_text = lambda r: f"; ppl {r[3]:.4f} (exact kernels {r[4]:.4f}, one-row kernels {r[5]:.4f})" if r[3] else ""
     rows = [("fp32", "-", *measure(base))]
     print(f"fp32: {rows[0][2]}{ppl_text(rows[0])}", flush=True)
     for backend in args.backends:
@@ -105,15 +123,16 @@ def main() -> None:
     rel = lambda p: f"{(p - reference) / reference:+.1e}" if p is not None and reference else "–"
     print()
     print(f"| model | backend used | decode ms/token | decode × fp32 | prefill tokens/s | prefill × fp32 | "
-          f"model MiB | × fp32 | ppl, first {args.ppl_windows} windows (vs torch) | same, exact kernels (vs torch) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, used, lat, fast, exact in rows:
-        cells = [f"{fast:.4f} ({rel(fast)})" if fast is not None else "–", f"{exact:.4f} ({rel(exact)})" if exact is not None else "–"]
+          f"model MiB | × fp32 | ppl, first {args.ppl_windows} windows (vs torch) | same, exact kernels (vs torch) | "
+          f"same, the one-row (decode) kernel for every input (vs torch) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, used, lat, fast, exact, decode in rows:
+        cells = [f"{p:.4f} ({rel(p)})" if p is not None else "–" for p in (fast, exact, decode)]
         if name == "fp32":
             cells = [c.split(" (")[0] for c in cells]
         print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} | {decode_ms / lat.decode_ms_per_token:.2f}× | "
               f"{lat.prefill_tokens_per_s:.0f} | {lat.prefill_tokens_per_s / prefill:.2f}× | {lat.model_mib:.1f} | "
-              f"{lat.model_mib / fp32.model_mib:.2f}× | {cells[0]} | {cells[1]} |")
+              f"{lat.model_mib / fp32.model_mib:.2f}× | {cells[0]} | {cells[1]} | {cells[2]} |")
     print(f"\n({lat.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens, best of "
           f"{args.repeats}; fp32 measured first and last, its best run used)")
 

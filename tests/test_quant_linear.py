@@ -22,6 +22,7 @@ from lightning_gptq.nn import (
     register_quant_linear,
     to_backend,
 )
+from lightning_gptq.nn.autotune import AUTO_TOLERANCE
 from lightning_gptq.nn.cpu_int4 import CpuInt4QuantLinear
 from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
 from lightning_gptq.nn.triton import TritonQuantLinear
@@ -149,23 +150,29 @@ def test_cpu_backends_equal_the_oracle(bits, shape, group_size, act_order, bias)
                 assert_matches_oracle(layer, kernel, x)
 
 
-def rounded_to_int8_runs(layer: CpuPackedQuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the ``int8`` kernel sees it, written plainly: in the kernel's column order, zero-padded,
-    each run of 32 inputs rounded to a step of max|x|/127 (half to even), then back in the layer's order."""
+def rounded_to_int8_runs(layer: CpuPackedQuantLinear, x: torch.Tensor, digits: int) -> torch.Tensor:
+    """``x`` as the ``int8``/``int8x2`` kernels see it, written plainly: in the kernel's column order,
+    zero-padded, each run of 32 inputs divided by its step max|x|/127 and rounded half to even (one
+    digit), plus the remainder's 1/254ths rounded (second digit); then back in the layer's order."""
     perm = layer.k_perm if layer.k_perm is not None else torch.arange(layer.in_features)
-    xp = F.pad(x.double()[:, perm], (0, layer.k_pad - layer.in_features)).view(x.shape[0], -1, 32)
-    step = (xp.abs().amax(-1, keepdim=True).float() / 127).double()
-    rounded = torch.where(step > 0, torch.round(xp / step), 0) * step
+    xp = F.pad(x[:, perm], (0, layer.k_pad - layer.in_features)).view(x.shape[0], -1, 32)  # fp32, as the kernel
+    amax = xp.abs().amax(-1, keepdim=True)
+    f = xp * torch.where(amax > 0, 127 / amax, 0)
+    value = torch.round(f).double()
+    if digits == 2:
+        value += torch.round((f - torch.round(f)) * 254).double() / 254
+    rounded = value * (amax / 127).double()
     out = torch.empty_like(x, dtype=torch.float64)
     out[:, perm] = rounded.view(x.shape[0], -1)[:, : layer.in_features]
     return out
 
 
+@pytest.mark.parametrize("kernel", ["int8", "int8x2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape,group_size,act_order", CASES)
-def test_int8_kernel_is_the_exact_matmul_of_the_rounded_inputs(bits, shape, group_size, act_order):
-    """The ``int8`` kernel's only rounding is of the activations: with the rounding done by hand, it matches
-    the fp64 oracle to fp32 precision (the 2e-2 tolerance would hide a wrong code or a lost run)."""
+def test_int8_kernels_are_the_exact_matmul_of_the_rounded_inputs(kernel, bits, shape, group_size, act_order):
+    """The ``int8`` kernels' only rounding is of the activations: with the rounding done by hand, they match
+    the fp64 oracle to fp32 precision (the stated tolerance would hide a wrong code or a lost run)."""
     if cpu_gemm.unavailable():
         pytest.skip(f"the C++ kernel is unavailable here: {cpu_gemm.unavailable()}")
     out_features, in_features = shape
@@ -174,10 +181,12 @@ def test_int8_kernel_is_the_exact_matmul_of_the_rounded_inputs(bits, shape, grou
     for rows in (1, 2, 3, 4, 5, 9):
         x = torch.randn(rows, in_features, generator=gen) * torch.linspace(0.01, 3, in_features)  # uneven runs
         x[0, :40] = 0  # an all-zero run
-        y = layer.run("int8", x)
-        ref = oracle(layer, rounded_to_int8_runs(layer, x))
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
-        assert ((y.double() - oracle(layer, x)).norm() / ref.norm()).item() < CpuPackedQuantLinear.tolerance_of("int8")
+        y = layer.run(kernel, x).double()
+        ref = oracle(layer, rounded_to_int8_runs(layer, x, 2 if kernel == "int8x2" else 1))
+        assert ((y - ref).norm() / ref.norm()).item() < 1e-5
+        assert ((y - oracle(layer, x)).norm() / ref.norm()).item() < CpuPackedQuantLinear.tolerance_of(kernel)
+    if kernel == "int8x2":  # the second digit takes the rounding from about 2^-8 to 2^-15
+        assert ((y - oracle(layer, x)).norm() / ref.norm()).item() < 1e-4
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -233,6 +242,11 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
     expected = {"torch"} | ({"cpu-int4"} if cpu_int4.is_available() else set()) | \
         (set() if cpu_gemm.unavailable() else {"cpu-packed"})
     assert {k.split("/")[0] for k in choice.times} == expected
+    # kernels that round more than AUTO_TOLERANCE are neither timed nor chosen (cpu-packed's one-digit int8)
+    timed = {k for k in choice.times}
+    assert all(quant_linear_class(k.split("/")[0]).tolerance_of(k.split("/")[1]) <= AUTO_TOLERANCE for k in timed)
+    if not cpu_gemm.unavailable():
+        assert "cpu-packed/int8x2" in timed and "cpu-packed/int8" not in timed
     assert set(choice.dense) == {r for r, _ in choice.dispatch}
     for rows, kernel in choice.dispatch:  # each row count takes the chosen backend's fastest kernel
         mine = {k.split("/")[1]: t[rows] for k, t in choice.times.items() if k.startswith(choice.backend + "/")}

@@ -1,14 +1,14 @@
 """The CPU backend built on our own C++ kernel (``lightning_gptq.kernels.cpu_gemm``).
 
-It computes straight from GPTQ-packed codes (the checkpoint's bit-stream layout, act-order
-columns sorted, the input dimension padded to 32 and the output dimension to 16, cut into tiles
-of 16 output columns stored one after another) with fp32
-activations and fp32 accumulation: no rounding beyond fp32 summation order, for 2, 3, 4 and 8
+It computes straight from GPTQ-packed codes (the checkpoint's bit-stream layout, 3-bit codes split
+into planes so that none straddles two words, act-order columns sorted, the input dimension padded
+to 32 and the output dimension to 16, cut into tiles of 16 output columns stored one after another)
+with fp32 activations and fp32 accumulation: no rounding beyond fp32 summation order, for 2, 3, 4 and 8
 bits. Kernels: ``gemm`` (codes decoded in registers once per tile of 16 outputs and reused for up
-to 8 input rows: the decode path), ``int8`` (the same tiles with each run of 32 inputs rounded to
-int8, step max|x|/127, and integer dot products: one AVX-512 VNNI instruction per 64 products, about
-4× fewer instructions per weight than ``gemm``), ``dense-bf16`` and ``dense-fp32`` (the same codes
-expanded into a dense transposed weight by the kernel, then one library matmul: the prefill paths).
+to 8 input rows: the decode path), ``int8x2`` and ``int8`` (the same tiles, with each run of 32
+inputs rounded to two int8 digits, or one, for integer dot products: one AVX-512 VNNI instruction per
+64 products), ``dense-bf16`` and ``dense-fp32`` (the same codes expanded into a dense transposed
+weight by the kernel, then one library matmul: the prefill paths).
 """
 
 from __future__ import annotations
@@ -18,25 +18,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_gptq.kernels import cpu_gemm
-from lightning_gptq.kernels.packing import pack_rows, unpack_rows
 
 from .converted import ConvertedQuantLinear
 from .quant_linear import Capabilities, register_quant_linear
 
 
+DIGITS = {"gemm": 0, "int8": 1, "int8x2": 2}  # the C++ kernel's activation digits per kernel (0: fp32)
+
+
 @register_quant_linear("cpu-packed")
 class CpuPackedQuantLinear(ConvertedQuantLinear):
     capabilities = Capabilities(bits=cpu_gemm.BITS, group_multiple=32, devices=("cpu",),
-                                rounding="none for gemm and dense-fp32; int8 activations (per 32 inputs) for int8; "
-                                             "bf16 weights and activations for dense-bf16")
-    kernels = ("gemm", "int8", "dense-bf16", "dense-fp32")
+                                rounding="none for gemm and dense-fp32; int8 activations per 32 inputs (two digits "
+                                         "for int8x2, one for int8); bf16 weights and activations for dense-bf16")
+    kernels = ("gemm", "int8", "int8x2", "dense-bf16", "dense-fp32")
     exact = ("gemm", "dense-fp32")
     #: ``gemm`` and ``dense-fp32`` are exact up to fp32 summation order; ``dense-bf16`` rounds weights
-    #: and activations to bf16 (2⁻⁹ relative each); ``int8`` rounds each input to a step of
-    #: max|x|/127 over its run of 32 (measured about 0.5% relative on Gaussian inputs, up to 1.1% on a
-    #: single 96-input row).
+    #: and activations to bf16 (2⁻⁹ relative each); ``int8x2`` rounds each input to a step of
+    #: max|x|/(127·254) over its run of 32, ``int8`` to max|x|/127 (about 0.5% of a matmul on Gaussian
+    #: inputs, up to 1.1% on a single 96-input row; too coarse for ``auto``, see ``AUTO_TOLERANCE``).
     tolerance = 2e-2
-    kernel_tolerance = {"dense-bf16": 1e-2}
+    kernel_tolerance = {"dense-bf16": 1e-2, "int8x2": 1e-4}
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -47,31 +49,31 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
         self.n_pad = -(-self.out_features // cpu_gemm.TILE_N) * cpu_gemm.TILE_N
         self.k_group = self.group_size if self.group_size > 0 else self.k_pad
         codes = F.pad(codes, (0, self.k_pad - self.in_features, 0, self.n_pad - self.out_features))
-        self.register_buffer("k_qweight", cpu_gemm.tile(pack_rows(codes.T, self.bits)), persistent=False)
+        self.register_buffer("k_qweight", cpu_gemm.pack(codes.T, self.bits), persistent=False)
         n_groups = self.scales.shape[0]
         self.register_buffer("k_scales", self.kernel_group_rows(self.scales.float(), n_groups, self.k_group), persistent=False)
         self.register_buffer("k_zeros", self.kernel_group_rows(self.zero_points().float(), n_groups, self.k_group),
                              persistent=False)
 
     def kernel_codes(self) -> Tensor:
-        return unpack_rows(cpu_gemm.untile(self.k_qweight), self.bits, self.k_pad).T
+        return cpu_gemm.unpack(self.k_qweight, self.bits, self.k_pad).T
 
     def run(self, kernel: str, x: Tensor) -> Tensor:
         bias = self.__dict__["_hot"]["bias"]
-        if kernel in ("gemm", "int8") and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
+        if kernel in DIGITS and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
             # one call does the column order, padding, matmul and bias: at one row on small layers the
             # Python around the kernel took as long as the kernel
             hot = self.__dict__["_hot"]
             y = cpu_gemm.matmul(x.reshape(-1, self.in_features).contiguous(), hot["k_perm"], hot["k_qweight"],
                                 hot["k_scales"], hot["k_zeros"], hot["bias"], self.bits, self.k_group, self.out_features,
-                                kernel == "int8")
+                                DIGITS[kernel])
             return y.view(*x.shape[:-1], self.out_features)
         return super().run(kernel, x)
 
     def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
-        if kernel in ("gemm", "int8"):
+        if kernel in DIGITS:
             return cpu_gemm.matmul(rows.float().contiguous(), None, hot["k_qweight"], hot["k_scales"], hot["k_zeros"], None,
-                                   self.bits, self.k_group, self.out_features, kernel == "int8")
+                                   self.bits, self.k_group, self.out_features, DIGITS[kernel])
         if kernel not in ("dense-bf16", "dense-fp32"):
             raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
         dtype = torch.bfloat16 if kernel == "dense-bf16" else torch.float32
