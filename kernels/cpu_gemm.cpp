@@ -33,7 +33,7 @@ constexpr int PREFETCH_RUNS = 16;  // runs of 32 codes ahead (2 KB at 4 bits)
 
 // Tiles per thread's share: a call smaller than SERIAL_WORK row-weights runs on the calling thread, since
 // waking the pool costs more than it saves there (SmolLM2's 576x576 layers at one row).
-int64_t serial_work = 1 << 19;
+int64_t serial_work = 1 << 15;
 inline int64_t grain(int64_t tiles, int64_t m, int64_t k_pad) {
   return m * k_pad * tiles * NB < serial_work ? tiles : 1;
 }
@@ -183,33 +183,69 @@ constexpr int i8_position(int bits, int k) {
 // Rounds x (the rows in kernel order, padded to k_pad) run by run: f = x / d with d = max|x| / 127, the high
 // digit q = round(f) and, with DIGITS = 2, the low digit r = round((f - q) * 254), so x ≈ d * (q + r / 254)
 // (relative step about 2^-15 instead of 2^-8). Digit planes of [M, k_pad] follow each other in xq.
+typedef int8_t vb32 __attribute__((vector_size(32)));
+
+// The byte shuffle that puts a run's 32 digits (natural order) into the kernel's order (i8_position).
+template <int BITS>
+vb32 i8_order() {
+  int8_t table[32];
+  for (int k = 0; k < 32; ++k) table[i8_position(BITS, k)] = (int8_t)k;
+  vb32 order;
+  std::memcpy(&order, table, 32);
+  return order;
+}
+
+inline float lanes_max(vf v) {
+  float m = v[0];
+  for (int l = 1; l < NB; ++l) m = std::max(m, v[l]);
+  return m;
+}
+
+inline float lanes_sum(vf v) {
+  float s = 0.f;
+  for (int l = 0; l < NB; ++l) s += v[l];
+  return s;
+}
+
 template <int BITS, int DIGITS>
 void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups, int64_t runs_per_group, int8_t* xq,
                 float* d, float* xs) {
+  typedef int8_t vb16 __attribute__((vector_size(NB)));
+  static const vb32 order = i8_order<BITS>();
   const int64_t runs = k_pad / 32;
+  // rounding half to even by the float adder: exact for |f| < 2^22 (here |f| <= 127)
+  const vf magic = vf{} + 12582912.f;
+  const auto round_even = [&](vf f) { return (f + magic) - magic; };
+  const auto digits_of = [&](vf lo, vf hi) {  // two runs of 16 integral floats -> 32 int8 in kernel order
+    const vb16 a = __builtin_convertvector(__builtin_convertvector(lo, vi), vb16);
+    const vb16 b = __builtin_convertvector(__builtin_convertvector(hi, vi), vb16);
+    vb32 both;
+    std::memcpy(&both, &a, NB);
+    std::memcpy(reinterpret_cast<int8_t*>(&both) + NB, &b, NB);
+    return __builtin_shuffle(both, order);
+  };
   for (int64_t m = 0; m < m_total; ++m) {
     for (int64_t g = 0; g < n_groups; ++g) xs[m * n_groups + g] = 0.f;
     for (int64_t r = 0; r < runs; ++r) {
       const float* xr = x + m * k_pad + r * 32;
-      float amax = 0.f;
-      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const vf x0 = load_f(xr), x1 = load_f(xr + NB);
+      const vf a0 = x0 < 0 ? -x0 : x0, a1 = x1 < 0 ? -x1 : x1;
+      const float amax = lanes_max(a0 > a1 ? a0 : a1);
       const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+      const vf f0 = x0 * inv, f1 = x1 * inv;
+      const vf q0 = round_even(f0), q1 = round_even(f1);
       int8_t* high = xq + m * k_pad + r * 32;
-      int8_t* low = high + m_total * k_pad;
-      int32_t sum_high = 0, sum_low = 0;
-      for (int k = 0; k < 32; ++k) {
-        const float f = xr[k] * inv;
-        const float q = std::nearbyint(f);
-        high[i8_position(BITS, k)] = (int8_t)q;
-        sum_high += (int32_t)q;
-        if constexpr (DIGITS == 2) {
-          const int32_t v = (int32_t)std::nearbyint((f - q) * 254.f);
-          low[i8_position(BITS, k)] = (int8_t)v;
-          sum_low += v;
-        }
+      const vb32 hd = digits_of(q0, q1);
+      std::memcpy(high, &hd, 32);
+      float total = lanes_sum(q0 + q1);
+      if constexpr (DIGITS == 2) {
+        const vf l0 = round_even((f0 - q0) * 254.f), l1 = round_even((f1 - q1) * 254.f);
+        const vb32 ld = digits_of(l0, l1);
+        std::memcpy(high + m_total * k_pad, &ld, 32);
+        total += lanes_sum(l0 + l1) / 254.f;
       }
       d[m * runs + r] = scale;
-      xs[m * n_groups + std::min(r / runs_per_group, n_groups - 1)] += scale * ((float)sum_high + (float)sum_low / 254.f);
+      xs[m * n_groups + std::min(r / runs_per_group, n_groups - 1)] += scale * total;
     }
   }
 }
@@ -434,7 +470,12 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
 #undef GPTQ_I8
   } else {
     for (int64_t i = 0; i < m; ++i)  // per-row group sums of x: the zero-point term
-      for (int64_t k = 0; k < k_pad; ++k) sums[i * n_groups + std::min(k / group_size, n_groups - 1)] += rows[i * k_pad + k];
+      for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t end = g == n_groups - 1 ? k_pad : (g + 1) * group_size;
+        float total = 0.f;
+        for (int64_t k = g * group_size; k < end; ++k) total += rows[i * k_pad + k];
+        sums[i * n_groups + g] = total;
+      }
 #define GPTQ_F32(B)                                                                                  \
   case B:                                                                                            \
     run<B>(rows, m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);              \

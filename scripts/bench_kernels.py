@@ -32,6 +32,7 @@ from lightning_gptq.nn.autotune import time_call
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
 ROWS = [1, 4, 16, 128, 2048]
+MAX_REPS = 10_000  # repeats within --budget: cold runs need many calls so that the median is not one copy's luck
 
 
 def cpu_name() -> str:
@@ -81,14 +82,15 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
     out = []
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
-        dense = time_call(Cycle(dense_ws, lambda w: F.linear(x, w)), spec.device, budget_s)
+        dense = time_call(Cycle(dense_ws, lambda w: F.linear(x, w)), spec.device, budget_s, MAX_REPS)
         row = {"shape": f"{spec.out_features}x{spec.in_features}", "bits": spec.bits, "rows": m, "dense_ms": 1e3 * dense,
                "dtype": spec.dtype,
                "bytes": bound, "tune_s": tune_s}
         for name, copies_of in layers.items():
             for kernel in copies_of[0].kernels:
-                row[f"{name}/{kernel}"] = dense / time_call(Cycle(copies_of, lambda q: q.run(kernel, x)), spec.device, budget_s)
-        row["auto"] = dense / time_call(Cycle(autos, lambda q: q(x)), spec.device, budget_s)
+                run = Cycle(copies_of, lambda q: q.run(kernel, x))
+                row[f"{name}/{kernel}"] = dense / time_call(run, spec.device, budget_s, MAX_REPS)
+        row["auto"] = dense / time_call(Cycle(autos, lambda q: q(x)), spec.device, budget_s, MAX_REPS)
         row["auto_path"] = f"{auto_layer.backend}/{auto_layer.kernel_for(m)}"
         out.append(row)
         print(format_row(row), flush=True)
