@@ -143,12 +143,12 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
 //
 //   y[m, n] = sum_g s[g, n] * ( sum_{r in g} d[m, r] * sum_{k in r} xq[m, k] * q[k, n]  -  z[g, n] * xs[m, g] )
 //
-// Each run r of 32 inputs of a row is rounded to int8 with its own scale d = max|x| / 127 (xq = round(x / d)),
-// and xs[m, g] = sum_{r in g} d[m, r] * sum_{k in r} xq[m, k] is the zero-point term of the rounded inputs, so
-// the result is exactly the oracle's matmul of the rounded activations. Codes (unsigned bytes) times xq (signed)
-// are summed four at a time into int32 lanes: one vpdpbusd per 64 products with AVX-512 VNNI, two with AVX-VNNI,
-// plain integer vector code elsewhere (correct, slower: `auto` will not pick it there).
-typedef int8_t vb __attribute__((vector_size(NB)));
+// Each run r of 32 inputs of a row is rounded with its own scale d = max|x| / 127 to one int8 digit
+// (xq = round(x / d)) or two (round_rows), and xs[m, g] = sum_{r in g} d[m, r] * sum_{k in r} xq[m, k] is the
+// zero-point term of the rounded inputs, so the result is exactly the oracle's matmul of the rounded
+// activations. Codes (unsigned bytes) times digits (signed) are summed four at a time into int32 lanes: one
+// vpdpbusd per 64 products with AVX-512 VNNI, two with AVX-VNNI, plain integer vector code elsewhere (correct,
+// slower: `auto` will not pick it there).
 
 inline vi dot4(vi acc, vu codes, int32_t x4) {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
@@ -180,9 +180,7 @@ constexpr int i8_position(int bits, int k) {
   return b * per_word + j * 4 + t;
 }
 
-// Rounds x (the rows in kernel order, padded to k_pad) run by run: f = x / d with d = max|x| / 127, the high
-// digit q = round(f) and, with DIGITS = 2, the low digit r = round((f - q) * 254), so x ≈ d * (q + r / 254)
-// (relative step about 2^-15 instead of 2^-8). Digit planes of [M, k_pad] follow each other in xq.
+typedef int8_t vb16 __attribute__((vector_size(NB)));
 typedef int8_t vb32 __attribute__((vector_size(32)));
 
 // The byte shuffle that puts a run's 32 digits (natural order) into the kernel's order (i8_position).
@@ -207,10 +205,12 @@ inline float lanes_sum(vf v) {
   return s;
 }
 
+// Rounds x (the rows in kernel order, padded to k_pad) run by run: f = x / d with d = max|x| / 127, the high
+// digit q = round(f) and, with DIGITS = 2, the low digit r = round((f - q) * 254), so x ≈ d * (q + r / 254)
+// (relative step about 2^-15 instead of 2^-8). Digit planes of [M, k_pad] follow each other in xq.
 template <int BITS, int DIGITS>
 void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups, int64_t runs_per_group, int8_t* xq,
                 float* d, float* xs) {
-  typedef int8_t vb16 __attribute__((vector_size(NB)));
   static const vb32 order = i8_order<BITS>();
   const int64_t runs = k_pad / 32;
   // rounding half to even by the float adder: exact for |f| < 2^22 (here |f| <= 127)
