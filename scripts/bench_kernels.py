@@ -148,6 +148,10 @@ def main() -> None:
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
           f"group size {args.group_size}, act-order {args.act_order}, asym, "
           + (f"cold: weights cycled through {args.cold:g} MB of dense copies" if args.cold else "hot: one weight, in cache"))
+    from lightning_gptq.kernels import cpu_gemm
+
+    if not cpu_gemm.unavailable():  # which dot product the int8 kernels run on this CPU
+        print(f"# cpu-packed int8 dot product: {cpu_gemm.int8_dot_isa()}")
     for bits in args.bits:
         print("packing:", bench_packing(bits), flush=True)
     rows = []
