@@ -417,8 +417,8 @@ const float* kernel_rows(const torch::Tensor& x, const c10::optional<torch::Tens
   return buffer.data();
 }
 
-// x [M, K] fp32 (K ≤ K_pad); perm int64 [K] or None: the kernel's column order; qweight int32
-// [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; bias fp32 [≥ n_out] or None -> y [M, n_out].
+// x [..., K] fp32 (K ≤ K_pad; the leading dimensions are the rows M); perm int64 [K] or None: the kernel's column order; qweight int32
+// [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; bias fp32 [≥ n_out] or None -> y [..., n_out].
 // digits 1 or 2: each run of 32 inputs rounded to one or two int8 digits (round_rows) for integer dot
 // products; digits 0: exact fp32.
 torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qweight, torch::Tensor scales,
@@ -426,7 +426,10 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
                           int64_t n_out, int64_t digits) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "the cpu-packed kernel runs on CPU tensors only; "
               "after moving a model, rebuild its layers with lightning_gptq.nn.to_backend");
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous fp32 [M, K]");
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1, "x must be fp32 [..., K]");
+  std::vector<int64_t> y_shape = x.sizes().vec();
+  y_shape.back() = n_out;
+  x = x.reshape({-1, x.size(-1)}).contiguous();  // in here: each Python-side tensor op costs about a microsecond
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
@@ -443,7 +446,7 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const float* rows = kernel_rows(x, perm, k_pad);
   const int64_t rpg = group_size / 32, runs = k_pad / 32;
-  auto y = torch::empty({m, n_out}, x.options());
+  auto y = torch::empty(y_shape, x.options());
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   const float *s = scales.data_ptr<float>(), *z = zeros.data_ptr<float>();
   float* yp = y.data_ptr<float>();

@@ -112,7 +112,7 @@ def unpack(tiled: Tensor, bits: int, k_pad: int) -> Tensor:
 
 def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
            bits: int, group_size: int, n_out: int, digits: int = 0) -> Tensor:
-    """``x`` fp32 [M, K] → fp32 [M, n_out] (+ ``bias``); ``perm`` int64 [K] or None: the kernel's column
+    """``x`` fp32 [..., K] (the leading dimensions are the rows) → fp32 [..., n_out] (+ ``bias``); ``perm`` int64 [K] or None: the kernel's column
     order (``x[:, perm]``, zero-padded to K_pad inside); ``qweight`` from :func:`pack`, ``scales``/``zeros``
     fp32 [G, N_pad]. ``digits`` 0: exact up to fp32 summation order. 1 or 2: each run of 32 inputs of a row
     is rounded to one int8 digit (step max|x|/127, about 2⁻⁸ relative) or two (about 2⁻¹⁵) for integer

@@ -150,6 +150,26 @@ def test_cpu_backends_equal_the_oracle(bits, shape, group_size, act_order, bias)
                 assert_matches_oracle(layer, kernel, x)
 
 
+@pytest.mark.parametrize("cls", [QuantLinear, CpuInt4QuantLinear, CpuPackedQuantLinear])
+def test_backends_take_any_leading_dims_and_strided_inputs(cls):
+    """Models call layers with [batch, seq, in] activations, sometimes views that are not contiguous: every
+    kernel gives the same numbers as on the same rows as one contiguous [rows, in] matrix."""
+    spec = LayerSpec(100, 70, 4, 32, False, True, True)
+    if cls.unsupported(spec):
+        pytest.skip(f"{cls.backend} is unavailable here: {cls.unsupported(spec)}")
+    layer = random_layer(cls, spec)
+    gen = torch.Generator().manual_seed(3)
+    for x in (torch.randn(2, 3, 100, generator=gen),  # batch, seq
+              torch.randn(100, 2, 5, generator=gen).permute(1, 2, 0),  # strided
+              torch.randn(2, 4, 200, generator=gen)[:, 1:3, ::2],  # strided, sliced
+              torch.randn(100, generator=gen)):  # one vector
+        for kernel in layer.kernels:
+            y = layer.run(kernel, x)
+            flat = layer.run(kernel, x.reshape(-1, 100).contiguous())
+            assert y.shape == (*x.shape[:-1], 70)
+            torch.testing.assert_close(y.reshape(-1, 70), flat, rtol=0, atol=0)
+
+
 def rounded_to_int8_runs(layer: CpuPackedQuantLinear, x: torch.Tensor, digits: int) -> torch.Tensor:
     """``x`` as the ``int8``/``int8x2`` kernels see it, written plainly: in the kernel's column order,
     zero-padded, each run of 32 inputs divided by its step max|x|/127 and rounded half to even (one

@@ -58,16 +58,21 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
     def kernel_codes(self) -> Tensor:
         return cpu_gemm.unpack(self.k_qweight, self.bits, self.k_pad).T
 
+    def _cache_tensors(self) -> None:
+        super()._cache_tensors()
+        hot = self.__dict__["_hot"]
+        bias = hot["bias"]
+        # everything but x and the digits of a kernel call, prepared once: at one row on small layers the
+        # Python around the kernel took as long as the kernel
+        self.__dict__["_matmul_args"] = (hot["k_perm"], hot["k_qweight"], hot["k_scales"], hot["k_zeros"], bias,
+                                         self.bits, self.k_group, self.out_features)
+        self.__dict__["_fp32_bias"] = bias is None or bias.dtype == torch.float32
+
     def run(self, kernel: str, x: Tensor) -> Tensor:
-        bias = self.__dict__["_hot"]["bias"]
-        if kernel in DIGITS and x.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32):
-            # one call does the column order, padding, matmul and bias: at one row on small layers the
-            # Python around the kernel took as long as the kernel
-            hot = self.__dict__["_hot"]
-            y = cpu_gemm.matmul(x.reshape(-1, self.in_features).contiguous(), hot["k_perm"], hot["k_qweight"],
-                                hot["k_scales"], hot["k_zeros"], hot["bias"], self.bits, self.k_group, self.out_features,
-                                DIGITS[kernel])
-            return y.view(*x.shape[:-1], self.out_features)
+        digits = DIGITS.get(kernel)
+        if digits is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
+            # one call does the reshape, column order, padding, matmul and bias
+            return cpu_gemm.matmul(x, *self.__dict__["_matmul_args"], digits)
         return super().run(kernel, x)
 
     def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
