@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class, replace_submodule
+from .shared_input import join_shared_inputs
 
 log = logging.getLogger("lightning_gptq")
 
@@ -209,7 +210,8 @@ def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> Quan
 @torch.no_grad()
 def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
     """Rebuild every ``QuantLinear`` in ``model`` with ``backend`` (``auto``: the fastest for its spec and
-    the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``."""
+    the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``. Layers that
+    read one input are then joined to be computed by one call (:func:`join_shared_inputs`)."""
     chosen = {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         spec = layer.spec()
@@ -220,4 +222,5 @@ def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
             new.load_state_dict(layer.state_dict())
             replace_submodule(model, name, new)
         chosen[name] = new.backend
+    join_shared_inputs(model)
     return chosen
