@@ -146,3 +146,12 @@ def join_shared_inputs(model: nn.Module) -> int:
                 layer.__dict__["_shared"] = group
             joined += 1
     return joined
+
+
+def separate_shared_inputs(model: nn.Module) -> int:
+    """Undo :func:`join_shared_inputs`: every layer computes alone again (its buffers stay views of the joined
+    tensors, still one copy); returns how many layers were separated."""
+    layers = [m for m in model.modules() if isinstance(m, CpuPackedQuantLinear) and m.__dict__.get("_shared")]
+    for layer in layers:
+        layer.__dict__["_shared"] = None
+    return len(layers)
