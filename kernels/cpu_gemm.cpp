@@ -79,7 +79,7 @@ inline vu code_at(const vu* w, int i) {
 
 template <int BITS, int rows>
 void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
-          const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t ld, int64_t n0, float* y, int64_t n_out,
+          const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
           const float* bias) {
   const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
   vf out[rows];
@@ -103,8 +103,8 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
         for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
       }
     }
-    const vf s = load_f(scales + g * ld + n0);
-    const vf z = load_f(zeros + g * ld + n0);
+    const vf s = load_f(scales + g * n_pad + n0);
+    const vf z = load_f(zeros + g * n_pad + n0);
     for (int m = 0; m < rows; ++m) {
       vf a = acc[m][0];
       for (int c = 1; c < chains; ++c) a += acc[m][c];
@@ -116,7 +116,7 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
 
 template <int BITS>
 void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
-         const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t ld, float* y, int64_t n_out,
+         const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y, int64_t n_out,
          const float* bias) {
   const int64_t tiles = n_pad / NB;
   at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
@@ -129,10 +129,10 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
         const float* xs = xsum + m0 * n_groups;
         float* ym = y + m0 * n_out;
         const int64_t n0 = t * NB;
-        if (rows == MB) tile<BITS, MB>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, ld, n0, ym, n_out, bias);
-        else if (rows == 4) tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, ld, n0, ym, n_out, bias);
-        else if (rows == 2) tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, ld, n0, ym, n_out, bias);
-        else tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, ld, n0, ym, n_out, bias);
+        if (rows == MB) tile<BITS, MB>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else if (rows == 4) tile<BITS, 4>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else if (rows == 2) tile<BITS, 2>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
+        else tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
       }
       m0 += rows;
     }
@@ -252,7 +252,7 @@ void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups
 
 template <int BITS, int DIGITS, int rows>
 void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad, const uint32_t* qw, const float* scales,
-             const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t ld, int64_t n0,
+             const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0,
              float* y, int64_t n_out, const float* bias) {
   const int64_t runs = k_pad / 32;
   const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
@@ -298,8 +298,8 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
         acc[m] += sum * d[m * runs + run];
       }
     }
-    const vf s = load_f(scales + g * ld + n0);
-    const vf z = load_f(zeros + g * ld + n0);
+    const vf s = load_f(scales + g * n_pad + n0);
+    const vf z = load_f(zeros + g * n_pad + n0);
     for (int m = 0; m < rows; ++m) out[m] += s * (acc[m] - z * xs[m * n_groups + g]);
   }
   store<rows>(out, y, n_out, n0, bias);
@@ -307,8 +307,8 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
 
 template <int BITS, int DIGITS>
 void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales,
-            const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t ld,
-            float* y, int64_t n_out, const float* bias) {
+            const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, float* y,
+            int64_t n_out, const float* bias) {
   const int64_t tiles = n_pad / NB, runs = k_pad / 32, low_plane = m_total * k_pad;
   at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
     for (int64_t m0 = 0; m0 < m_total;) {
@@ -321,7 +321,7 @@ void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, co
         float* ym = y + m0 * n_out;
         const int64_t n0 = t * NB;
 #define GPTQ_TILE(R) tile_i8<BITS, DIGITS, R>(xm, low_plane, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, \
-                                              ld, n0, ym, n_out, bias)
+                                              n_pad, n0, ym, n_out, bias)
         if (rows == 4) GPTQ_TILE(4);
         else if (rows == 2) GPTQ_TILE(2);
         else GPTQ_TILE(1);
@@ -337,7 +337,7 @@ void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, co
 typedef uint16_t vh __attribute__((vector_size(NB * 2)));
 
 template <int BITS, typename OUT>
-void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_t ld, int64_t k_pad, int64_t n_pad,
+void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_t k_pad, int64_t n_pad,
              int64_t runs_per_group, OUT* w) {
   const int64_t runs = k_pad / 32;
   at::parallel_for(0, runs, 1, [&](int64_t r0, int64_t r1) {
@@ -347,8 +347,8 @@ void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_
         const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
         vu wd[BITS];
         for (int b = 0; b < BITS; ++b) wd[b] = load_u(tile_qw + (run * BITS + b) * NB);
-        const vf s = load_f(scales + g * ld + n0);
-        const vf z = load_f(zeros + g * ld + n0);
+        const vf s = load_f(scales + g * n_pad + n0);
+        const vf z = load_f(zeros + g * n_pad + n0);
 #pragma GCC unroll 32
         for (int i = 0; i < 32; ++i) {
           const vf f = s * (__builtin_convertvector((vi)code_at<BITS>(wd, i), vf) - z);  // q − z is exact: one rounding, as the oracle
@@ -369,47 +369,36 @@ void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_
 }
 
 template <typename OUT>
-void dequant_bits(int64_t bits, const uint32_t* qw, const float* s, const float* z, int64_t ld, int64_t k_pad, int64_t n_pad,
+void dequant_bits(int64_t bits, const uint32_t* qw, const float* s, const float* z, int64_t k_pad, int64_t n_pad,
                   int64_t rpg, OUT* w) {
   switch (bits) {
-    case 2: dequant<2, OUT>(qw, s, z, ld, k_pad, n_pad, rpg, w); break;
-    case 3: dequant<3, OUT>(qw, s, z, ld, k_pad, n_pad, rpg, w); break;
-    case 4: dequant<4, OUT>(qw, s, z, ld, k_pad, n_pad, rpg, w); break;
-    case 8: dequant<8, OUT>(qw, s, z, ld, k_pad, n_pad, rpg, w); break;
+    case 2: dequant<2, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    case 3: dequant<3, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    case 4: dequant<4, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
+    case 8: dequant<8, OUT>(qw, s, z, k_pad, n_pad, rpg, w); break;
     default: TORCH_CHECK(false, "bits must be 2, 3, 4 or 8, got ", bits);
   }
 }
 
-// scales and zeros fp32 [G, N_pad], columns adjacent, rows LD apart (a layer's columns of the tensors of layers
-// computed together are such views); returns LD.
-int64_t group_rows_ld(const torch::Tensor& scales, const torch::Tensor& zeros, int64_t n_pad) {
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
-  TORCH_CHECK(scales.dim() == 2 && scales.sizes() == zeros.sizes() && scales.size(1) == n_pad,
-              "scales/zeros must be [G, N_pad] with N_pad = 16 x the tiles of qweight");
-  TORCH_CHECK(scales.stride(1) == 1 && zeros.stride(1) == 1 && scales.stride(0) == zeros.stride(0),
-              "scales/zeros must have adjacent columns and the same row stride");
-  return scales.stride(0);
-}
-
 }  // namespace
 
-// qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad] (rows may be further apart) -> W^T written into out [K_pad, N_pad], fp32 or bf16
+// qweight int32 [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad] -> W^T written into out [K_pad, N_pad], fp32 or bf16
 torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
                            int64_t group_size, torch::Tensor out) {
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
   const int64_t n_pad = qweight.size(0) * NB, k_pad = qweight.size(1) * 32 / bits;
-  const int64_t ld = group_rows_ld(scales, zeros, n_pad);
   TORCH_CHECK(n_pad % NB == 0 && group_size % 32 == 0, "N must be a multiple of 16 and the group size of 32");
   const auto* qw = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
   const int64_t rpg = group_size / 32;
   TORCH_CHECK(out.is_contiguous() && out.size(0) == k_pad && out.size(1) == n_pad, "out must be contiguous [K_pad, N_pad]");
   if (out.dtype() == torch::kBFloat16) {
-    dequant_bits<uint16_t>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), ld, k_pad, n_pad, rpg,
+    dequant_bits<uint16_t>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg,
                            reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()));
   } else {
     TORCH_CHECK(out.dtype() == torch::kFloat32, "out must be float32 or bfloat16");
-    dequant_bits<float>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), ld, k_pad, n_pad, rpg, out.data_ptr<float>());
+    dequant_bits<float>(bits, qw, scales.data_ptr<float>(), zeros.data_ptr<float>(), k_pad, n_pad, rpg, out.data_ptr<float>());
   }
   return out;
 }
@@ -429,7 +418,7 @@ const float* kernel_rows(const torch::Tensor& x, const c10::optional<torch::Tens
 }
 
 // x [..., K] fp32 (K ≤ K_pad; the leading dimensions are the rows M); perm int64 [K] or None: the kernel's column order; qweight int32
-// [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad] (rows may be further apart: group_rows_ld); bias fp32 [≥ n_out] or None -> y [..., n_out].
+// [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; bias fp32 [≥ n_out] or None -> y [..., n_out].
 // digits 1 or 2: each run of 32 inputs rounded to one or two int8 digits (round_rows) for integer dot
 // products; digits 0: exact fp32.
 torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qweight, torch::Tensor scales,
@@ -442,10 +431,10 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
   y_shape.back() = n_out;
   x = x.reshape({-1, x.size(-1)}).contiguous();  // in here: each Python-side tensor op costs about a microsecond
   TORCH_CHECK(qweight.dtype() == torch::kInt32 && qweight.is_contiguous(), "qweight must be contiguous int32");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros must be fp32");
   TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == NB, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "bits must be 2, 3, 4 or 8, got ", bits);
   const int64_t m = x.size(0), k_pad = qweight.size(1) * 32 / bits, n_pad = qweight.size(0) * NB, n_groups = scales.size(0);
-  const int64_t ld = group_rows_ld(scales, zeros, n_pad);
   TORCH_CHECK(qweight.size(1) * 32 == k_pad * bits && k_pad % 32 == 0, "qweight rows do not match a K that is a multiple of 32");
   TORCH_CHECK(x.size(1) <= k_pad, "x has more columns than the packed weight");
   TORCH_CHECK(group_size % 32 == 0, "the group size must be a multiple of 32");
@@ -470,7 +459,7 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
     steps.resize(m * runs);
 #define GPTQ_I8(B, D)                                                                                \
   round_rows<B, D>(rows, m, k_pad, n_groups, rpg, rounded.data(), steps.data(), sums.data());        \
-  run_i8<B, D>(rounded.data(), steps.data(), m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, ld, yp, n_out, bp);
+  run_i8<B, D>(rounded.data(), steps.data(), m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);
 #define GPTQ_I8_BITS(B) \
   case B:               \
     if (digits == 1) {  \
@@ -492,7 +481,7 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
       }
 #define GPTQ_F32(B)                                                                                  \
   case B:                                                                                            \
-    run<B>(rows, m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, ld, yp, n_out, bp);              \
+    run<B>(rows, m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);              \
     break;
     switch (bits) { GPTQ_F32(2) GPTQ_F32(3) GPTQ_F32(4) GPTQ_F32(8) }
 #undef GPTQ_F32

@@ -22,7 +22,6 @@ from lightning_gptq.data.evaluation import eval_tokens, perplexity
 from lightning_gptq.models import load_causal_lm
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import QuantLinear, exact_kernels
-from lightning_gptq.nn.shared_input import separate_shared_inputs
 
 
 class _Free(torch.nn.Module):
@@ -73,9 +72,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ppl-windows", type=int, default=0, help="also score the first N WikiText-2 windows (0: skip)")
     parser.add_argument("--wikitext", default="../shared/data/wikitext-2-raw/wiki.test.raw")
-    parser.add_argument("--separate", action="store_true",
-                        help="also time the first backend with every layer called on its own (not q/k/v and gate/up "
-                             "in one call each): what joining layers that read one input buys")
     parser.add_argument("--floor", action="store_true",
                         help="also time the fp32 model with its block linears replaced by zero-cost stubs: the "
                              "decode time no kernel can go below (framework, attention, norms, LM head)")
@@ -111,10 +107,6 @@ def main() -> None:
         rows.append((backend, ",".join(used), *measure(model)))
         print(f"{backend} (layers on {','.join(used)}, loaded in {load_s:.1f} s): {rows[-1][2]}{ppl_text(rows[-1])}",
               flush=True)
-        if args.separate and backend == args.backends[0]:
-            separated = separate_shared_inputs(model)
-            rows.append((f"{backend}, layers one by one", ",".join(used), *measure(model)))
-            print(f"{rows[-1][0]} ({separated} layers separated): {rows[-1][2]}{ppl_text(rows[-1])}", flush=True)
         del model
     if args.floor:
         floor = measure_latency(with_free_block_linears(base), prompt_tokens=args.prompt_tokens,

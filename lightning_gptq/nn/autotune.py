@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class, replace_submodule
-from .shared_input import join_shared_inputs
 
 log = logging.getLogger("lightning_gptq")
 
@@ -210,8 +209,7 @@ def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> Quan
 @torch.no_grad()
 def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
     """Rebuild every ``QuantLinear`` in ``model`` with ``backend`` (``auto``: the fastest for its spec and
-    the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``. Layers that
-    read one input are then joined to be computed by one call (:func:`join_shared_inputs`)."""
+    the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``."""
     chosen = {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         spec = layer.spec()
@@ -222,5 +220,4 @@ def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
             new.load_state_dict(layer.state_dict())
             replace_submodule(model, name, new)
         chosen[name] = new.backend
-    join_shared_inputs(model)
     return chosen

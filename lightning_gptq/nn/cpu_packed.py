@@ -68,13 +68,6 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
                                          self.bits, self.k_group, self.out_features)
         self.__dict__["_fp32_bias"] = bias is None or bias.dtype == torch.float32
 
-    def forward(self, x: Tensor) -> Tensor:
-        shared = self.__dict__.get("_shared")  # layers reading one input, computed together (shared_input.py)
-        return self.compute_alone(x) if shared is None else shared.forward(self, x)
-
-    def compute_alone(self, x: Tensor) -> Tensor:
-        return self.run(self.kernel_for(x.numel() // self.in_features), x)
-
     def run(self, kernel: str, x: Tensor) -> Tensor:
         digits = DIGITS.get(kernel)
         if digits is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
