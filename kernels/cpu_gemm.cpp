@@ -29,7 +29,18 @@ constexpr int MB = 8;   // input rows per pass over the weight tile (their accum
 constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
 #endif
 
-constexpr int PREFETCH_RUNS = 16;  // runs of 32 codes ahead (2 KB at 4 bits)
+// Codes are asked for this many runs of 32 ahead (16 KB at 4 bits), into L2 (hint 1): inside a model's decode
+// step the weights come from memory, and 16 runs into L1 measured 0.4-1.0 ms/token slower on SmolLM2
+// (scripts/bench_stream.py shows the one-row kernel near the speed of a plain read of its bytes).
+constexpr int PREFETCH_RUNS = 128;
+
+// The scales and zeros of the tile after n0 (one line per group each; they are read at every group's end).
+inline void prefetch_next_groups(const float* scales, const float* zeros, int64_t n_groups, int64_t ld, int64_t n0) {
+  for (int64_t g = 0; g < n_groups; ++g) {
+    __builtin_prefetch(scales + g * ld + n0 + NB, 0, 1);
+    __builtin_prefetch(zeros + g * ld + n0 + NB, 0, 1);
+  }
+}
 
 // Tiles per thread's share: a call smaller than SERIAL_WORK row-weights runs on the calling thread, since
 // waking the pool costs more than it saves there (SmolLM2's 576x576 layers at one row).
@@ -82,6 +93,7 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
           const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
           const float* bias) {
   const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
+  prefetch_next_groups(scales, zeros, n_groups, n_pad, n0);
   vf out[rows];
   for (int m = 0; m < rows; ++m) out[m] = vf{};
   // Independent accumulator chains per row, so that few rows are not bound by the FMA latency.
@@ -95,7 +107,7 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
       vu w[BITS];
       for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
       // Codes are read once, from memory (a model's weights are not in cache): ask for them early.
-      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB);
+      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
       const float* xr = x + run * 32;
 #pragma GCC unroll 32
       for (int i = 0; i < 32; ++i) {
@@ -256,6 +268,7 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
              float* y, int64_t n_out, const float* bias) {
   const int64_t runs = k_pad / 32;
   const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
+  prefetch_next_groups(scales, zeros, n_groups, n_pad, n0);
   vf out[rows];
   for (int m = 0; m < rows; ++m) out[m] = vf{};
   for (int64_t g = 0; g < n_groups; ++g) {
@@ -265,7 +278,7 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
     for (int64_t run = g * runs_per_group; run < run_end; ++run) {
       vu w[BITS];
       for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
-      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB);
+      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
       // two chains per row against the dot-product latency: alternate inputs, or the two digits
       vi dots[rows][2];
       for (int m = 0; m < rows; ++m) dots[m][0] = dots[m][1] = vi{};
