@@ -47,7 +47,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---:|---:|")
     gen = torch.Generator().manual_seed(0)
     for shape in args.shapes:
-        n, k = (int(v) for v in shape.split("x"))
+        try:
+            n, k = (int(v) for v in shape.split("x"))
+        except ValueError:
+            parser.error(f"--shapes takes OUTxIN, e.g. 576x576; got {shape!r}")
         groups = -(-k // args.group_size)
         codes = torch.randint(0, 1 << args.bits, (k, n), dtype=torch.int32, generator=gen)
         qweight = cpu_gemm.pack(codes, args.bits)

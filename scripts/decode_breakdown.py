@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lightning_gptq.checkpoint import load_quantized
+from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.models import load_causal_lm
 from lightning_gptq.nn import QuantLinear
 
@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    if not is_quantized_checkpoint(args.quantized):
+        parser.error(f"not a folder saved by fit: {args.quantized}")
 
     base, _ = load_causal_lm(args.base, gguf_file=args.gguf_file, dtype="float32")
     quantized, _ = load_quantized(args.quantized, backend=args.backend)
