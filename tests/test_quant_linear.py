@@ -126,7 +126,7 @@ def assert_matches_oracle(layer: QuantLinear, kernel: str, x: torch.Tensor):
 
 CASES = [  # (out, in), group size, act-order: ragged groups, per-row, shapes off every tile
     ((70, 100), 32, False), ((64, 96), -1, False), ((130, 160), 32, True), ((48, 576), 128, False),
-    ((100, 576), 128, True), ((64, 256), 64, True),
+    ((100, 576), 128, True), ((64, 256), 64, True), ((40, 608), -1, True),  # one group of 19 runs of 32
 ]
 
 
@@ -144,7 +144,7 @@ def test_cpu_backends_equal_the_oracle(bits, shape, group_size, act_order, bias)
                 cls is CpuPackedQuantLinear and cpu_gemm.unavailable()
             continue
         layer = random_layer(cls, spec)
-        for rows in (1, 3, 17, 64, 512):
+        for rows in (1, 3, 5, 9, 17, 64, 512):  # around the kernels' passes of 4 and 8 rows
             x = torch.randn(rows, in_features, generator=gen)
             for kernel in layer.kernels:
                 assert_matches_oracle(layer, kernel, x)
@@ -153,7 +153,8 @@ def test_cpu_backends_equal_the_oracle(bits, shape, group_size, act_order, bias)
 @pytest.mark.parametrize("cls", [QuantLinear, CpuInt4QuantLinear, CpuPackedQuantLinear])
 def test_backends_take_any_leading_dims_and_strided_inputs(cls):
     """Models call layers with [batch, seq, in] activations, sometimes views that are not contiguous: every
-    kernel gives the same numbers as on the same rows as one contiguous [rows, in] matrix."""
+    kernel gives the same numbers as on the same rows as one contiguous [rows, in] matrix (the torch
+    backend: up to fp32 summation order)."""
     spec = LayerSpec(100, 70, 4, 32, False, True, True)
     if cls.unsupported(spec):
         pytest.skip(f"{cls.backend} is unavailable here: {cls.unsupported(spec)}")
@@ -167,7 +168,9 @@ def test_backends_take_any_leading_dims_and_strided_inputs(cls):
             y = layer.run(kernel, x)
             flat = layer.run(kernel, x.reshape(-1, 100).contiguous())
             assert y.shape == (*x.shape[:-1], 70)
-            torch.testing.assert_close(y.reshape(-1, 70), flat, rtol=0, atol=0)
+            # the torch backend is torch.matmul, which may sum a strided input in another order (AVX2 machines)
+            tolerance = dict(rtol=1e-5, atol=1e-6) if cls is QuantLinear else dict(rtol=0, atol=0)
+            torch.testing.assert_close(y.reshape(-1, 70), flat, **tolerance)
 
 
 def rounded_to_int8_runs(layer: CpuPackedQuantLinear, x: torch.Tensor, digits: int) -> torch.Tensor:
