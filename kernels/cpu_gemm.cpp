@@ -175,9 +175,11 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
 // (xq = round(x / d)) or two (round_rows), and xs[m, g] = sum_{r in g} d[m, r] * sum_{k in r} xq[m, k] is the
 // zero-point term of the rounded inputs, so the result is exactly the oracle's matmul of the rounded
 // activations. Codes (unsigned bytes) times digits (signed) are summed four at a time into int32 lanes: one
-// vpdpbusd per 64 products with AVX-512 VNNI, two with AVX-VNNI, plain integer vector code elsewhere (correct,
-// slower: `auto` will not pick it there).
+// vpdpbusd per 64 products with AVX-512 VNNI, two with AVX-VNNI, six with plain AVX2 (vpmaddubsw, vpmaddwd, vpaddd
+// per half; codes of up to 4 bits), plain integer vector code elsewhere (correct, slower: `auto` times it and
+// will not pick it there).
 
+template <int BITS>
 inline vi dot4(vi acc, vu codes, int32_t x4) {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
   return (vi)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)codes, _mm512_set1_epi32(x4));
@@ -191,6 +193,21 @@ inline vi dot4(vi acc, vu codes, int32_t x4) {
   std::memcpy(&acc, a, sizeof(acc));
   return acc;
 #else
+#if defined(__AVX2__)
+  if constexpr (BITS <= 4) {
+    // AVX2 without VNNI: pairs of code x digit products summed to int16, then pairs of those to int32 (three
+    // instructions per 32 products). The int16 sums cannot saturate: 2 * 15 * 127 < 2^15 for codes below 16;
+    // 8-bit codes (2 * 255 * 127) take the plain path below.
+    __m256i a[2], c[2];
+    std::memcpy(a, &acc, sizeof(acc));
+    std::memcpy(c, &codes, sizeof(codes));
+    const __m256i xb = _mm256_set1_epi32(x4), ones = _mm256_set1_epi16(1);
+    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(_mm256_maddubs_epi16(c[0], xb), ones));
+    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(_mm256_maddubs_epi16(c[1], xb), ones));
+    std::memcpy(&acc, a, sizeof(acc));
+    return acc;
+  }
+#endif
   for (int t = 0; t < 4; ++t)
     acc += (vi)((codes >> (8 * t)) & 0xFFu) * (int32_t)(int8_t)(x4 >> (8 * t));
   return acc;
@@ -312,11 +329,11 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
           int32_t x4;
           std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
           if constexpr (DIGITS == 2) {
-            dots[m][0] = dot4(dots[m][0], c, x4);
+            dots[m][0] = dot4<BITS>(dots[m][0], c, x4);
             std::memcpy(&x4, xr + low_plane + m * k_pad + 4 * a, 4);
-            dots[m][1] = dot4(dots[m][1], c, x4);
+            dots[m][1] = dot4<BITS>(dots[m][1], c, x4);
           } else {
-            dots[m][a & 1] = dot4(dots[m][a & 1], c, x4);
+            dots[m][a & 1] = dot4<BITS>(dots[m][a & 1], c, x4);
           }
         }
       }
@@ -518,12 +535,14 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
   return y;
 }
 
-// Which integer dot product this build uses: "avx512-vnni", "avx-vnni" or "generic".
+// Which integer dot product this build uses: "avx512-vnni", "avx-vnni", "avx2" or "generic".
 std::string int8_dot_isa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
   return "avx512-vnni";
 #elif defined(__AVXVNNI__)
   return "avx-vnni";
+#elif defined(__AVX2__)
+  return "avx2";  // maddubs for codes of up to 4 bits, plain integer code for 8
 #else
   return "generic";
 #endif

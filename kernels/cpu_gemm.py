@@ -116,12 +116,12 @@ def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zero
     order (``x[:, perm]``, zero-padded to K_pad inside); ``qweight`` from :func:`pack`, ``scales``/``zeros``
     fp32 [G, N_pad]. ``digits`` 0: exact up to fp32 summation order. 1 or 2: each run of 32 inputs of a row
     is rounded to one int8 digit (step max|x|/127, about 2⁻⁸ relative) or two (about 2⁻¹⁵) for integer
-    dot products (VNNI where the CPU has it)."""
+    dot products (VNNI where the CPU has it, AVX2 multiply-adds for codes of up to 4 bits otherwise)."""
     return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, digits)
 
 
 def int8_dot_isa() -> str:
-    """The instruction set the ``int8`` path was built for here: ``avx512-vnni``, ``avx-vnni`` or ``generic``."""
+    """The instruction set the ``int8`` path was built for here: ``avx512-vnni``, ``avx-vnni``, ``avx2`` or ``generic``."""
     return _load().int8_dot_isa()
 
 
