@@ -1,6 +1,7 @@
 """The packed GPTQ layout, the quantized linear's backends against the oracle, and ``auto``."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from lightning_gptq.nn import (
     register_quant_linear,
     to_backend,
 )
-from lightning_gptq.nn.autotune import AUTO_TOLERANCE
+from lightning_gptq.nn.autotune import AUTO_TOLERANCE, measure, worth_timing
 from lightning_gptq.nn.cpu_int4 import CpuInt4QuantLinear
 from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
 from lightning_gptq.nn.triton import TritonQuantLinear
@@ -272,13 +273,38 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
         assert "cpu-packed/int8x2" in timed and "cpu-packed/int8" not in timed
     assert set(choice.dense) == {r for r, _ in choice.dispatch}
     for rows, kernel in choice.dispatch:  # each row count takes the chosen backend's fastest kernel
-        mine = {k.split("/")[1]: t[rows] for k, t in choice.times.items() if k.startswith(choice.backend + "/")}
+        mine = {k.split("/")[1]: t[rows] for k, t in choice.times.items() if k.startswith(choice.backend + "/") and rows in t}
         assert mine[kernel] == min(mine.values())
         exact = dict(choice.exact_dispatch)[rows]
         assert mine[exact] == min(t for k, t in mine.items() if k in quant_linear_class(choice.backend).exact)
     layer = build(spec)
     assert layer.backend == choice.backend and layer.dispatch == choice.dispatch
     assert choice.to_dict()["backend"] == choice.backend and spec.describe() in choice.describe()
+
+
+def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow():
+    """A kernel far slower than dense and falling further behind is not timed at larger row counts (on AVX2
+    CPUs a bf16 matmul of 1,024 rows of a 7B layer would take minutes to time); the others still are."""
+    assert worth_timing([0.05])  # one point: no trend yet
+    assert not worth_timing([0.08, 0.05])  # below HOPELESS and falling
+    assert worth_timing([0.02, 0.05])  # below HOPELESS but catching up (dense paths at many rows)
+    assert worth_timing([0.9, 0.5])  # falling but not hopeless
+
+    class Slow(QuantLinear):
+        kernels, exact = ("dequant", "slow"), ("dequant",)
+        calls: dict[int, int] = {}
+
+        def run(self, kernel, x):
+            if kernel == "slow":
+                Slow.calls[x.shape[0]] = Slow.calls.get(x.shape[0], 0) + 1
+                time.sleep(0.002 * x.shape[0])  # 2 ms a row: hundreds of times a small dense matmul
+            return super().run(kernel, x)
+
+    spec = LayerSpec(64, 32, 4, 32, False, False, False)
+    choice = measure(spec, {"slow": Slow}, rows=(1, 4, 16, 64))
+    assert set(Slow.calls) == {1, 4}  # given up on after two row counts
+    assert set(choice.times["slow/slow"]) == {1, 4} and set(choice.times["slow/dequant"]) == {1, 4, 16, 64}
+    assert choice.dispatch == ((1, "dequant"), (4, "dequant"), (16, "dequant"), (64, "dequant"))
 
 
 def test_dispatch_picks_the_nearest_measured_row_count_on_a_log_scale():

@@ -139,9 +139,23 @@ def _time_cuda(fn, budget_s: float) -> float:
     return sorted(times)[1]
 
 
+#: A kernel slower than this fraction of dense ``F.linear``'s speed, and losing ground to it as rows grow, is
+#: not timed at larger row counts: on CPUs without fast bf16 a bf16 matmul of 1,024 rows on a 4096×11008 layer
+#: runs at 1% of fp32's speed and would take minutes to time, for a kernel that cannot win.
+HOPELESS = 0.1
+
+
+def worth_timing(ratios: list[float]) -> bool:
+    """Whether a kernel whose speed ratios to dense (dense time / its time) at the row counts timed so far
+    were ``ratios`` should be timed at the next, larger row count."""
+    return len(ratios) < 2 or not (ratios[-1] < HOPELESS and ratios[-1] < ratios[-2])
+
+
 @torch.no_grad()
 def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows: tuple[int, ...] = ROWS) -> Choice:
-    """Time every kernel of every given backend, and a dense ``F.linear``, at each row count."""
+    """Time every kernel of every given backend, and a dense ``F.linear``, at each row count (a kernel that
+    :func:`worth_timing` gives up on is left out at the larger row counts; a backend's last kernel, and its
+    last exact one, never are)."""
     dtype = getattr(torch, spec.dtype)
     gen = torch.Generator().manual_seed(1)
     dense_weight = torch.randn(spec.out_features, spec.in_features, generator=gen).to(spec.device, dtype)
@@ -149,13 +163,21 @@ def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows
     dense: dict[int, float] = {}
     layers = {name: random_layer(cls, spec) for name, cls in backend_classes.items()}
     allowed = {name: [k for k in layer.kernels if layer.tolerance_of(k) <= AUTO_TOLERANCE] for name, layer in layers.items()}
+    timing = {name: list(kernels) for name, kernels in allowed.items()}  # less the kernels given up on
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
         dense[m] = time_call(lambda: F.linear(x, dense_weight), spec.device)
         for name, layer in layers.items():
-            for kernel in allowed[name]:
+            for kernel in timing[name]:
                 times.setdefault(f"{name}/{kernel}", {})[m] = time_call(lambda: layer.run(kernel, x), spec.device)
-    fastest = lambda name, kernels: tuple((m, min((times[f"{name}/{k}"][m], k) for k in kernels)[1]) for m in rows)
+            for kernel in list(timing[name]):
+                ratios = [dense[r] / t for r, t in times[f"{name}/{kernel}"].items()]
+                exact_left = [k for k in timing[name] if k in layer.exact]
+                if not worth_timing(ratios) and len(timing[name]) > 1 and exact_left != [kernel]:
+                    timing[name].remove(kernel)
+                    log.debug("auto: %s/%s not timed above %d rows (%.3fx dense)", name, kernel, m, ratios[-1])
+    fastest = lambda name, kernels: tuple(
+        (m, min((times[f"{name}/{k}"][m], k) for k in kernels if m in times.get(f"{name}/{k}", {}))[1]) for m in rows)
     score = lambda name, dispatch: sum(math.log(times[f"{name}/{k}"][m]) for m, k in dispatch)
     best = min(layers, key=lambda name: score(name, fastest(name, allowed[name])))
     return Choice(spec, best, fastest(best, allowed[best]), fastest(best, layers[best].exact), times, dense)
