@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from lightning_gptq.kernels.packing import pack_rows, unpack_rows
 from lightning_gptq.nn import AUTO, LayerSpec, backends, build, choose, random_layer
-from lightning_gptq.nn.autotune import time_call
+from lightning_gptq.nn.autotune import time_call, worth_timing
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
 ROWS = [1, 4, 16, 128, 2048]
@@ -64,7 +64,9 @@ class Cycle:
 
 
 @torch.no_grad()
-def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: float) -> list[dict]:
+def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: float, every: bool = False) -> list[dict]:
+    """One line per row count; a kernel below 0.1x dense and falling further behind is not timed at larger
+    row counts (as ``auto`` does) unless ``every``."""
     dtype = getattr(torch, spec.dtype)
     gen = torch.Generator().manual_seed(0)
     dense_bytes = spec.out_features * spec.in_features * dtype.itemsize
@@ -80,6 +82,7 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
               for name, cls in backends().items() if cls.unsupported(spec) is None}
     bound = dense_bytes / packed_bytes(auto_layer)
     out = []
+    history: dict[str, list[float]] = {}
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
         dense = time_call(Cycle(dense_ws, lambda w: F.linear(x, w)), spec.device, budget_s, MAX_REPS)
@@ -88,8 +91,12 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
                "bytes": bound, "tune_s": tune_s}
         for name, copies_of in layers.items():
             for kernel in copies_of[0].kernels:
+                key = f"{name}/{kernel}"
+                if not (every or worth_timing(history.get(key, []))):
+                    continue  # shown as "–"
                 run = Cycle(copies_of, lambda q: q.run(kernel, x))
-                row[f"{name}/{kernel}"] = dense / time_call(run, spec.device, budget_s, MAX_REPS)
+                row[key] = dense / time_call(run, spec.device, budget_s, MAX_REPS)
+                history.setdefault(key, []).append(row[key])
         row["auto"] = dense / time_call(Cycle(autos, lambda q: q(x)), spec.device, budget_s, MAX_REPS)
         row["auto_path"] = f"{auto_layer.backend}/{auto_layer.kernel_for(m)}"
         out.append(row)
@@ -143,6 +150,9 @@ def main() -> None:
     parser.add_argument("--cold", type=float, default=0, metavar="MB",
                         help="cycle through copies of each layer whose dense weights span this many MB (0: one, cache-hot)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
+    parser.add_argument("--every", action="store_true",
+                        help="time every kernel at every row count (default: as auto, a kernel below 0.1x dense that "
+                             "falls further behind is not timed at larger row counts and shows as -)")
     args = parser.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES[:4] if args.quick else SHAPES
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
@@ -158,7 +168,7 @@ def main() -> None:
     for bits in args.bits:
         for out_f, in_f in shapes:
             spec = LayerSpec(in_f, out_f, bits, args.group_size, False, args.act_order, False, args.device, args.dtype)
-            rows += bench_layer(spec, args.rows, args.budget, args.cold)
+            rows += bench_layer(spec, args.rows, args.budget, args.cold, args.every)
             print(f"  auto for {spec.describe()}: {choose(spec).describe()} (tuning took {rows[-1]['tune_s']:.1f} s)")
     table = markdown(rows)
     print()

@@ -139,16 +139,17 @@ def _time_cuda(fn, budget_s: float) -> float:
     return sorted(times)[1]
 
 
-#: A kernel slower than this fraction of dense ``F.linear``'s speed, and losing ground to it as rows grow, is
-#: not timed at larger row counts: on CPUs without fast bf16 a bf16 matmul of 1,024 rows on a 4096×11008 layer
+#: A kernel slower than this fraction of dense ``F.linear``'s speed at two row counts in a row, and losing
+#: ground to it, is not timed at larger row counts: on CPUs without fast bf16 a bf16 matmul of 1,024 rows on a 4096×11008 layer
 #: runs at 1% of fp32's speed and would take minutes to time, for a kernel that cannot win.
 HOPELESS = 0.1
 
 
 def worth_timing(ratios: list[float]) -> bool:
     """Whether a kernel whose speed ratios to dense (dense time / its time) at the row counts timed so far
-    were ``ratios`` should be timed at the next, larger row count."""
-    return len(ratios) < 2 or not (ratios[-1] < HOPELESS and ratios[-1] < ratios[-2])
+    were ``ratios`` should be timed at the next, larger row count: not when the last two are both below
+    ``HOPELESS`` and falling (two, so that one timing disturbed by other work cannot drop a kernel)."""
+    return len(ratios) < 2 or not (max(ratios[-2:]) < HOPELESS and ratios[-1] < ratios[-2])
 
 
 @torch.no_grad()
