@@ -140,8 +140,9 @@ def _time_cuda(fn, budget_s: float) -> float:
 
 
 #: A kernel slower than this fraction of dense ``F.linear``'s speed at two row counts in a row, and losing
-#: ground to it, is not timed at larger row counts: on CPUs without fast bf16 a bf16 matmul of 1,024 rows on a 4096×11008 layer
-#: runs at 1% of fp32's speed and would take minutes to time, for a kernel that cannot win.
+#: ground to it, is not timed at larger row counts: on CPUs without fast bf16, a bf16 matmul of 1,024 rows
+#: on a 4096×11008 layer runs at 1% of fp32's speed and would take minutes to time, for a kernel that
+#: cannot win.
 HOPELESS = 0.1
 
 
