@@ -23,6 +23,7 @@ from lightning_gptq.nn import (
     register_quant_linear,
     to_backend,
 )
+from lightning_gptq.nn import autotune
 from lightning_gptq.nn.autotune import AUTO_TOLERANCE, measure, worth_timing
 from lightning_gptq.nn.cpu_int4 import CpuInt4QuantLinear
 from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
@@ -282,7 +283,7 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
     assert choice.to_dict()["backend"] == choice.backend and spec.describe() in choice.describe()
 
 
-def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow():
+def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow(monkeypatch):
     """A kernel far slower than dense and falling further behind is not timed at larger row counts (on AVX2
     CPUs a bf16 matmul of 1,024 rows of a 7B layer would take minutes to time); the others still are."""
     assert worth_timing([0.05])  # one point: no trend yet
@@ -291,16 +292,34 @@ def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow():
     assert worth_timing([0.9, 0.5])  # falling but not hopeless
     assert worth_timing([0.29, 0.01])  # one bad timing (other work on the cores) after a good one: keep it
 
+    cost: dict[str, float] = {}  # seconds each call "takes": a model of the times, so that the test cannot
+    # depend on what else runs on the machine
+
     class Slow(QuantLinear):
         kernels, exact = ("dequant", "slow"), ("dequant",)
         calls: dict[int, int] = {}
 
         def run(self, kernel, x):
+            rows = x.shape[0]
             if kernel == "slow":
-                Slow.calls[x.shape[0]] = Slow.calls.get(x.shape[0], 0) + 1
-                time.sleep(0.0005 * x.shape[0] ** 2)  # far slower than a small dense matmul, and worse with rows
+                Slow.calls[rows] = Slow.calls.get(rows, 0) + 1
+                cost["s"] = 0.005 * rows ** 2  # 5 ms at 1 row, 80 ms at 4: far behind dense, and falling
+            else:
+                cost["s"] = 1e-4 * rows
             return super().run(kernel, x)
 
+    class ModelledDense:
+        @staticmethod
+        def linear(x, w):
+            cost["s"] = 2e-4
+            return F.linear(x, w)
+
+    def modelled_time(fn, *args, **kwargs):
+        fn()
+        return cost["s"]
+
+    monkeypatch.setattr(autotune, "F", ModelledDense)
+    monkeypatch.setattr(autotune, "time_call", modelled_time)
     spec = LayerSpec(64, 32, 4, 32, False, False, False)
     choice = measure(spec, {"slow": Slow}, rows=(1, 4, 16, 64))
     assert set(Slow.calls) == {1, 4}  # given up on after two row counts
