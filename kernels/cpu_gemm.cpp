@@ -75,6 +75,17 @@ inline vf load_f(const float* p) {
   return v;
 }
 
+// 16 floats to p: with AVX2 as two explicit 8-float stores (GCC lowered a 64-byte memcpy there through the stack
+// and general registers, several times slower)
+inline void store_f(float* p, vf v) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  _mm256_storeu_ps(p, __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7));
+  _mm256_storeu_ps(p + 8, __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+
 // y[m, n0 .. n0+15] = out[m] (+ bias), cut at n_out
 template <int rows>
 inline void store(const vf* out, float* y, int64_t n_out, int64_t n0, const float* bias) {
@@ -174,6 +185,122 @@ void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, con
         else tile<BITS, 1>(xm, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad, n0, ym, n_out, bias);
       }
       m0 += rows;
+    }
+  });
+}
+
+// ---- many rows: dequantize a slice, then a register-blocked fp32 kernel --------------------------------
+//
+// For many rows, decoding inside the row loop (tile) costs as many decodes as there are passes of rows. Here each
+// slice of K_BLOCK inputs x 16 outputs is dequantized once into a buffer that stays in L1, and every row then runs
+// over it with the inner loop of a dense GEMM: per input, one load of 16 weights and one multiply-add per row,
+// BLOCK_ROWS rows' accumulators held in registers. Rows' partial sums go to y between slices.
+constexpr int K_BLOCK = 256;  // 16 KB of fp32 weights, beside BLOCK_ROWS rows' 1 KB slices of x, in a 32 KB L1
+#ifdef __AVX512F__
+constexpr int BLOCK_ROWS = 12;  // 12 accumulators hide the FMA latency (not yet measured on an AVX-512 machine)
+#else
+constexpr int BLOCK_ROWS = 6;  // 12 accumulators + 2 weight registers + 1 broadcast of the 16 AVX2 registers
+#endif
+
+template <int BITS>
+void dequant_slice(const uint32_t* tile_qw, const float* scales, const float* zeros, int64_t n_pad, int64_t n0,
+                   int64_t run0, int64_t run1, int64_t runs_per_group, float* panel) {
+  for (int64_t run = run0; run < run1; ++run) {
+    const int64_t g = run / runs_per_group;
+    vu w[BITS];
+    for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
+    const vf s = load_f(scales + g * n_pad + n0);
+    const vf z = load_f(zeros + g * n_pad + n0);
+    float* p = panel + (run - run0) * 32 * NB;
+#pragma GCC unroll 32
+    for (int i = 0; i < 32; ++i) {
+      store_f(p + i * NB, s * (__builtin_convertvector((vi)code_at<BITS>(w, i), vf) - z));  // as dequant: one rounding
+    }
+  }
+}
+
+// y[m, 0..15] (row stride ld) = (init or y[m]) + x[m, 0..kb) . panel[0..kb) for `rows` rows (x row stride k_pad).
+// AVX2 gets intrinsics: GCC's lowering of the 16-float vector type to pairs of AVX2 registers kept this loop's
+// accumulators on the stack (0.1x dense); with AVX-512 the same vector type becomes one FMA with a broadcast
+// operand per row.
+template <int rows>
+inline void block_rows(const float* x, int64_t k_pad, const float* panel, int64_t kb, float* y, int64_t ld, const float* init) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  __m256 lo[rows], hi[rows];
+#pragma GCC unroll 16
+  for (int m = 0; m < rows; ++m) {
+    lo[m] = _mm256_loadu_ps(init ? init : y + m * ld);
+    hi[m] = _mm256_loadu_ps(init ? init + 8 : y + m * ld + 8);
+  }
+  for (int64_t k = 0; k < kb; ++k) {
+    const __m256 w0 = _mm256_load_ps(panel + k * NB), w1 = _mm256_load_ps(panel + k * NB + 8);
+#pragma GCC unroll 16
+    for (int m = 0; m < rows; ++m) {
+      const __m256 a = _mm256_broadcast_ss(x + m * k_pad + k);
+      lo[m] = _mm256_fmadd_ps(a, w0, lo[m]);
+      hi[m] = _mm256_fmadd_ps(a, w1, hi[m]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < rows; ++m) {
+    _mm256_storeu_ps(y + m * ld, lo[m]);
+    _mm256_storeu_ps(y + m * ld + 8, hi[m]);
+  }
+#else
+  vf acc[rows];
+#pragma GCC unroll 16
+  for (int m = 0; m < rows; ++m) acc[m] = load_f(init ? init : y + m * ld);
+  for (int64_t k = 0; k < kb; ++k) {
+    const vf w = load_f(panel + k * NB);
+#pragma GCC unroll 16
+    for (int m = 0; m < rows; ++m) acc[m] += x[m * k_pad + k] * w;
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < rows; ++m) std::memcpy(y + m * ld, &acc[m], sizeof(vf));
+#endif
+}
+
+// y [M, N_pad] (row stride N_pad): chunk by chunk of M_BLOCK rows (their slices of x, 96 KB, stay in L2 while every
+// tile of 16 outputs runs over them), slice by slice of K
+constexpr int64_t M_BLOCK = 96;
+
+template <int BITS>
+void run_blocked(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales,
+                 const float* zeros, int64_t runs_per_group, int64_t n_pad, float* y, const float* bias, int64_t n_out) {
+  const int64_t tiles = n_pad / NB, runs = k_pad / 32;
+  at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
+    alignas(64) static thread_local float panel[K_BLOCK * NB];
+    for (int64_t mc = 0; mc < m_total; mc += M_BLOCK) {
+      const int64_t m_end = std::min(m_total, mc + M_BLOCK);
+      for (int64_t run0 = 0; run0 < runs; run0 += K_BLOCK / 32) {
+        const int64_t run1 = std::min(runs, run0 + K_BLOCK / 32), kb = (run1 - run0) * 32;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t n0 = t * NB;
+          dequant_slice<BITS>(qw + t * runs * BITS * NB, scales, zeros, n_pad, n0, run0, run1, runs_per_group, panel);
+          alignas(64) float start[NB] = {};
+          for (int l = 0; bias && l < NB && n0 + l < n_out; ++l) start[l] = bias[n0 + l];
+          const float* init = run0 == 0 ? start : nullptr;
+          const float* xk = x + run0 * 32;
+          for (int64_t m0 = mc; m0 < m_end;) {
+            const int64_t left = m_end - m0;
+            const float* xm = xk + m0 * k_pad;
+            float* ym = y + m0 * n_pad + n0;
+            if (left >= BLOCK_ROWS) {
+              block_rows<BLOCK_ROWS>(xm, k_pad, panel, kb, ym, n_pad, init);
+              m0 += BLOCK_ROWS;
+            } else if (left >= 4) {
+              block_rows<4>(xm, k_pad, panel, kb, ym, n_pad, init);
+              m0 += 4;
+            } else if (left >= 2) {
+              block_rows<2>(xm, k_pad, panel, kb, ym, n_pad, init);
+              m0 += 2;
+            } else {
+              block_rows<1>(xm, k_pad, panel, kb, ym, n_pad, init);
+              m0 += 1;
+            }
+          }
+        }
+      }
     }
   });
 }
@@ -411,7 +538,7 @@ void dequant(const uint32_t* qw, const float* scales, const float* zeros, int64_
           const vf f = s * (__builtin_convertvector((vi)code_at<BITS>(wd, i), vf) - z);  // q − z is exact: one rounding, as the oracle
           OUT* row = w + (run * 32 + i) * n_pad + n0;
           if constexpr (sizeof(OUT) == 4) {
-            std::memcpy(row, &f, sizeof(f));
+            store_f(row, f);
           } else {
             vu u;
             std::memcpy(&u, &f, sizeof(u));
@@ -476,11 +603,11 @@ const float* kernel_rows(const torch::Tensor& x, const c10::optional<torch::Tens
 
 // x [..., K] fp32 (K ≤ K_pad; the leading dimensions are the rows M); perm int64 [K] or None: the kernel's column order; qweight int32
 // [N_pad/16, K_pad*bits/32, 16]; scales, zeros fp32 [G, N_pad]; bias fp32 [≥ n_out] or None -> y [..., n_out].
-// digits 1 or 2: each run of 32 inputs rounded to one or two int8 digits (round_rows) for integer dot
-// products; digits 0: exact fp32.
+// kernel 0 (gemm) and 3 (blocked): exact fp32; 1 and 2 (int8, int8x2): each run of 32 inputs rounded to one or
+// two int8 digits (round_rows) for integer dot products.
 torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, torch::Tensor qweight, torch::Tensor scales,
                           torch::Tensor zeros, c10::optional<torch::Tensor> bias, int64_t bits, int64_t group_size,
-                          int64_t n_out, int64_t digits) {
+                          int64_t n_out, int64_t kernel) {
   TORCH_CHECK(x.device().is_cpu() && qweight.device().is_cpu(), "the cpu-packed kernel runs on CPU tensors only; "
               "after moving a model, rebuild its layers with lightning_gptq.nn.to_backend");
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1, "x must be fp32 [..., K]");
@@ -510,7 +637,20 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
   thread_local std::vector<float> sums, steps;
   thread_local std::vector<int8_t> rounded;
   sums.assign(m * n_groups, 0.f);
-  TORCH_CHECK(digits >= 0 && digits <= 2, "digits must be 0 (fp32), 1 or 2");
+  TORCH_CHECK(kernel >= 0 && kernel <= 3, "kernel must be 0 (gemm), 1 (int8), 2 (int8x2) or 3 (blocked), got ", kernel);
+  if (kernel == 3) {
+    // full tiles are written: straight into y when N is a multiple of 16, else into a padded buffer first
+    auto out = n_out == n_pad ? y : torch::empty({m, n_pad}, x.options());
+#define GPTQ_BLOCKED(B)                                                                                  \
+  case B:                                                                                                \
+    run_blocked<B>(rows, m, k_pad, qw, s, z, rpg, n_pad, out.data_ptr<float>(), bp, n_out);              \
+    break;
+    switch (bits) { GPTQ_BLOCKED(2) GPTQ_BLOCKED(3) GPTQ_BLOCKED(4) GPTQ_BLOCKED(8) }
+#undef GPTQ_BLOCKED
+    if (n_out != n_pad) y.view({m, n_out}).copy_(out.narrow(1, 0, n_out));
+    return y;
+  }
+  const int64_t digits = kernel;
   if (digits > 0) {
     rounded.resize(digits * m * k_pad);
     steps.resize(m * runs);

@@ -23,6 +23,7 @@ from .packing import pack_rows, unpack_rows
 SOURCE = Path(__file__).with_name("cpu_gemm.cpp")
 BITS = (2, 3, 4, 8)
 TILE_N = 16  # output columns per tile (NB in the source)
+KERNELS = {"gemm": 0, "int8": 1, "int8x2": 2, "blocked": 3}  # the C++ matmul's kernels, by id
 # -march=native: the instruction set of the machine it runs on; GCC otherwise keeps AVX-512 code at 256 bits
 CFLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp"]
 log = logging.getLogger("lightning_gptq")
@@ -111,13 +112,16 @@ def unpack(tiled: Tensor, bits: int, k_pad: int) -> Tensor:
 
 
 def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
-           bits: int, group_size: int, n_out: int, digits: int = 0) -> Tensor:
+           bits: int, group_size: int, n_out: int, kernel: int = 0) -> Tensor:
     """``x`` fp32 [..., K] (the leading dimensions are the rows) → fp32 [..., n_out] (+ ``bias``); ``perm`` int64 [K] or None: the kernel's column
     order (``x[:, perm]``, zero-padded to K_pad inside); ``qweight`` from :func:`pack`, ``scales``/``zeros``
-    fp32 [G, N_pad]. ``digits`` 0: exact up to fp32 summation order. 1 or 2: each run of 32 inputs of a row
-    is rounded to one int8 digit (step max|x|/127, about 2⁻⁸ relative) or two (about 2⁻¹⁵) for integer
-    dot products (VNNI where the CPU has it, AVX2 multiply-adds for codes of up to 4 bits otherwise)."""
-    return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, digits)
+    fp32 [G, N_pad]. ``kernel``, an id from :data:`KERNELS`: 0, ``gemm``: codes decoded in registers for each
+    pass of a few rows; 3, ``blocked``: each 256×16 slice dequantized once into an L1 buffer, then a
+    register-blocked fp32 loop over all rows (for many rows); both exact up to fp32 summation order. 1 and 2,
+    ``int8``/``int8x2``: each run of 32 inputs of a row is rounded to one int8 digit (step max|x|/127, about
+    2⁻⁸ relative) or two (about 2⁻¹⁵) for integer dot products (VNNI where the CPU has it, AVX2
+    multiply-adds for codes of up to 4 bits otherwise)."""
+    return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, kernel)
 
 
 def int8_dot_isa() -> str:

@@ -6,7 +6,7 @@ that the two builds agree. Cache-hot (one weight); this machine's noise per cell
 for a ratio that holds across shapes and runs, not one cell.
 
     python scripts/ab_kernel.py --rev HEAD~1 --bits 3 4 --rows 1 6 16 --shapes 576x576 4096x4096
-    python scripts/ab_kernel.py --rev HEAD~1 --digits 2      # the int8x2 kernel instead of fp32 gemm
+    python scripts/ab_kernel.py --rev HEAD~1 --kernel int8x2   # another kernel than fp32 gemm
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--shapes", nargs="+", default=["576x576", "1536x576", "576x1536", "4096x4096"], help="OUTxIN")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--digits", type=int, default=0, choices=(0, 1, 2), help="0: fp32 gemm; 1: int8; 2: int8x2")
+    parser.add_argument("--kernel", default="gemm", choices=list(cpu_gemm.KERNELS),
+                        help="which of the C++ matmul's kernels (a revision older than the kernel cannot run it)")
     args = parser.parse_args()
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
@@ -79,7 +80,7 @@ def main() -> None:
         raise SystemExit(cpu_gemm.unavailable())
 
     a, b = load_revision(args.rev), cpu_gemm._load()
-    print(f"# {args.rev} against the working tree, {torch.get_num_threads()} threads, digits {args.digits}, "
+    print(f"# {args.rev} against the working tree, {torch.get_num_threads()} threads, kernel {args.kernel}, "
           f"group size {args.group_size}; µs per call (working-tree speed-up; fp32 F.linear over the working tree)")
     gen = torch.Generator().manual_seed(0)
     for n, k in shapes:
@@ -95,7 +96,7 @@ def main() -> None:
             for m in args.rows:
                 x = torch.randn(m, k, generator=gen)
                 call = lambda module: module.gptq_matmul(x, None, qweight, scales, zeros, None, bits, args.group_size, n,
-                                                         args.digits)
+                                                         cpu_gemm.KERNELS[args.kernel])
                 if not torch.allclose(call(a), call(b), rtol=1e-4, atol=1e-3):
                     raise SystemExit(f"the two builds disagree on {n}x{k} {bits}-bit at {m} rows")
                 t_a = min(per_call_us(lambda: call(a)), per_call_us(lambda: call(a)))

@@ -17,7 +17,6 @@ import time
 import torch
 
 from lightning_gptq.kernels import cpu_gemm
-from lightning_gptq.nn.cpu_packed import DIGITS
 
 
 def best_per_call(fn, calls: int, repeats: int = 5) -> float:
@@ -60,7 +59,7 @@ def main() -> None:
         x = torch.randn(1, k, generator=gen)
 
         def kernel(name):
-            return lambda: [cpu_gemm.matmul(x, None, q, s, z, None, args.bits, args.group_size, n, DIGITS[name])
+            return lambda: [cpu_gemm.matmul(x, None, q, s, z, None, args.bits, args.group_size, n, cpu_gemm.KERNELS[name])
                             for q, s, z in copies]
 
         gemm = best_per_call(kernel("gemm"), len(copies))

@@ -5,10 +5,12 @@ into planes so that none straddles two words, act-order columns sorted, the inpu
 to 32 and the output dimension to 16, cut into tiles of 16 output columns stored one after another)
 with fp32 activations and fp32 accumulation: no rounding beyond fp32 summation order, for 2, 3, 4 and 8
 bits. Kernels: ``gemm`` (codes decoded in registers once per tile of 16 outputs and reused for up
-to 8 input rows: the decode path), ``int8x2`` and ``int8`` (the same tiles, with each run of 32
-inputs rounded to two int8 digits, or one, for integer dot products: one AVX-512 VNNI instruction per
-64 products), ``dense-bf16`` and ``dense-fp32`` (the same codes expanded into a dense transposed
-weight by the kernel, then one library matmul: the prefill paths).
+to 8 input rows: the decode path), ``blocked`` (each 256×16 slice of the weight dequantized once into an
+L1 buffer, then a register-blocked fp32 loop runs every input row over it: the prefill path),
+``int8x2`` and ``int8`` (the same tiles as ``gemm``, with each run of 32 inputs rounded to two int8
+digits, or one, for integer dot products: one AVX-512 VNNI instruction per 64 products), ``dense-bf16``
+and ``dense-fp32`` (the same codes expanded into a dense transposed weight by the kernel, then one
+library matmul).
 """
 
 from __future__ import annotations
@@ -23,17 +25,16 @@ from .converted import ConvertedQuantLinear
 from .quant_linear import Capabilities, register_quant_linear
 
 
-DIGITS = {"gemm": 0, "int8": 1, "int8x2": 2}  # the C++ kernel's activation digits per kernel (0: fp32)
 
 
 @register_quant_linear("cpu-packed")
 class CpuPackedQuantLinear(ConvertedQuantLinear):
     capabilities = Capabilities(bits=cpu_gemm.BITS, group_multiple=32, devices=("cpu",),
-                                rounding="none for gemm and dense-fp32; int8 activations per 32 inputs (two digits "
+                                rounding="none for gemm, blocked and dense-fp32; int8 activations per 32 inputs (two digits "
                                          "for int8x2, one for int8); bf16 weights and activations for dense-bf16")
-    kernels = ("gemm", "int8", "int8x2", "dense-bf16", "dense-fp32")
-    exact = ("gemm", "dense-fp32")
-    #: ``gemm`` and ``dense-fp32`` are exact up to fp32 summation order; ``dense-bf16`` rounds weights
+    kernels = ("gemm", "blocked", "int8", "int8x2", "dense-bf16", "dense-fp32")
+    exact = ("gemm", "blocked", "dense-fp32")
+    #: ``gemm``, ``blocked`` and ``dense-fp32`` are exact up to fp32 summation order; ``dense-bf16`` rounds weights
     #: and activations to bf16 (2⁻⁹ relative each); ``int8x2`` rounds each input to a step of
     #: max|x|/(127·254) over its run of 32, ``int8`` to max|x|/127 (about 0.5% of a matmul on Gaussian
     #: inputs, up to 1.1% on a single 96-input row; too coarse for ``auto``, see ``AUTO_TOLERANCE``).
@@ -62,23 +63,23 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
         super()._cache_tensors()
         hot = self.__dict__["_hot"]
         bias = hot["bias"]
-        # everything but x and the digits of a kernel call, prepared once: at one row on small layers the
+        # everything but x and the kernel id of a kernel call, prepared once: at one row on small layers the
         # Python around the kernel took as long as the kernel
         self.__dict__["_matmul_args"] = (hot["k_perm"], hot["k_qweight"], hot["k_scales"], hot["k_zeros"], bias,
                                          self.bits, self.k_group, self.out_features)
         self.__dict__["_fp32_bias"] = bias is None or bias.dtype == torch.float32
 
     def run(self, kernel: str, x: Tensor) -> Tensor:
-        digits = DIGITS.get(kernel)
-        if digits is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
+        kernel_id = cpu_gemm.KERNELS.get(kernel)
+        if kernel_id is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
             # one call does the reshape, column order, padding, matmul and bias
-            return cpu_gemm.matmul(x, *self.__dict__["_matmul_args"], digits)
+            return cpu_gemm.matmul(x, *self.__dict__["_matmul_args"], kernel_id)
         return super().run(kernel, x)
 
     def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
-        if kernel in DIGITS:
+        if kernel in cpu_gemm.KERNELS:
             return cpu_gemm.matmul(rows.float().contiguous(), None, hot["k_qweight"], hot["k_scales"], hot["k_zeros"], None,
-                                   self.bits, self.k_group, self.out_features, DIGITS[kernel])
+                                   self.bits, self.k_group, self.out_features, cpu_gemm.KERNELS[kernel])
         if kernel not in ("dense-bf16", "dense-fp32"):
             raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
         dtype = torch.bfloat16 if kernel == "dense-bf16" else torch.float32
