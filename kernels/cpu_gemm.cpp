@@ -109,6 +109,103 @@ inline vu code_at(const vu* w, int i) {
   }
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: the same loop, written with intrinsics on pairs of 8-lane registers. GCC kept the 16-float vector type's
+// accumulators on the stack here, so each multiply-add waited on a store and a load (3-4x slower at one row).
+typedef __m256i vu2[2];
+typedef __m256 vf2[2];
+
+// code i of a run (0..31) for the 8 lanes of half h of the tile, from its BITS words at w (int32 [BITS][16])
+template <int BITS>
+inline __m256i code8(const uint32_t* w, int h, int i) {
+  const auto word = [&](int b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * NB + 8 * h)); };
+  if constexpr (BITS == 3) {
+    const __m256i low = _mm256_and_si256(_mm256_srli_epi32(word(i / 16), 2 * (i % 16)), _mm256_set1_epi32(3));
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi32(word(2), high_bit_position(i)), _mm256_set1_epi32(1));
+    return _mm256_or_si256(low, _mm256_slli_epi32(high, 2));
+  } else if constexpr ((32 / BITS) * BITS == 32) {
+    const int shift = (i * BITS) % 32;
+    const __m256i w32 = word((i * BITS) / 32);
+    if (shift + BITS == 32) return _mm256_srli_epi32(w32, shift);  // the top code needs no mask
+    return _mm256_and_si256(_mm256_srli_epi32(w32, shift), _mm256_set1_epi32((1 << BITS) - 1));
+  }
+}
+
+template <int BITS, int rows>
+void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
+          const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
+          const float* bias) {
+  const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
+  prefetch_next_groups(scales, zeros, n_groups, n_pad, n0);
+  __m256 out[rows][2];
+  for (int m = 0; m < rows; ++m) out[m][0] = out[m][1] = _mm256_setzero_ps();
+  constexpr int chains = rows >= 4 ? 1 : 4 / rows;  // independent accumulator chains against the FMA latency
+  for (int64_t g = 0; g < n_groups; ++g) {
+    __m256 acc[rows][chains][2];
+#pragma GCC unroll 16
+    for (int m = 0; m < rows; ++m)
+#pragma GCC unroll 4
+      for (int c = 0; c < chains; ++c) acc[m][c][0] = acc[m][c][1] = _mm256_setzero_ps();
+    const int64_t run_end = std::min((g + 1) * runs_per_group, k_pad / 32);
+    for (int64_t run = g * runs_per_group; run < run_end; ++run) {
+      const uint32_t* w = tile_qw + run * BITS * NB;
+      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
+      const float* xr = x + run * 32;
+      const auto step = [&](int i, __m256 q0, __m256 q1) {
+#pragma GCC unroll 16
+        for (int m = 0; m < rows; ++m) {
+          const __m256 a = _mm256_broadcast_ss(xr + m * k_pad + i);
+          acc[m][i % chains][0] = _mm256_fmadd_ps(a, q0, acc[m][i % chains][0]);
+          acc[m][i % chains][1] = _mm256_fmadd_ps(a, q1, acc[m][i % chains][1]);
+        }
+      };
+      if constexpr (BITS == 3) {
+        // four codes per lane at a time, one per byte (see the generic loop below)
+#pragma GCC unroll 8
+        for (int a = 0; a < 8; ++a) {
+          __m256i c[2];
+          for (int h = 0; h < 2; ++h) {
+            const __m256i lw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (a / 4) * NB + 8 * h));
+            const __m256i hw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * NB + 8 * h));
+            c[h] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lw, (a % 4) * 2), _mm256_set1_epi32(0x03030303)),
+                                   _mm256_and_si256(_mm256_slli_epi32(_mm256_srli_epi32(hw, a), 2), _mm256_set1_epi32(0x04040404)));
+          }
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) {
+            __m256 q[2];
+            for (int h = 0; h < 2; ++h) {
+              const __m256i code = t == 3 ? _mm256_srli_epi32(c[h], 24)
+                                          : _mm256_and_si256(_mm256_srli_epi32(c[h], 8 * t), _mm256_set1_epi32(0xFF));
+              q[h] = _mm256_cvtepi32_ps(code);
+            }
+            step(16 * (a / 4) + 4 * t + a % 4, q[0], q[1]);
+          }
+        }
+      } else {
+#pragma GCC unroll 32
+        for (int i = 0; i < 32; ++i) step(i, _mm256_cvtepi32_ps(code8<BITS>(w, 0, i)), _mm256_cvtepi32_ps(code8<BITS>(w, 1, i)));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_loadu_ps(scales + g * n_pad + n0 + 8 * h);
+      const __m256 z = _mm256_loadu_ps(zeros + g * n_pad + n0 + 8 * h);
+#pragma GCC unroll 16
+      for (int m = 0; m < rows; ++m) {
+        __m256 a = acc[m][0][h];
+        for (int c = 1; c < chains; ++c) a = _mm256_add_ps(a, acc[m][c][h]);
+        const __m256 centred = _mm256_sub_ps(a, _mm256_mul_ps(z, _mm256_set1_ps(xsum[m * n_groups + g])));
+        out[m][h] = _mm256_add_ps(out[m][h], _mm256_mul_ps(s, centred));
+      }
+    }
+  }
+  vf o[rows];
+  for (int m = 0; m < rows; ++m) {
+    std::memcpy(&o[m], &out[m][0], 32);
+    std::memcpy(reinterpret_cast<float*>(&o[m]) + 8, &out[m][1], 32);
+  }
+  store<rows>(o, y, n_out, n0, bias);
+}
+#else
 template <int BITS, int rows>
 void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
           const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
@@ -162,6 +259,8 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
   }
   store<rows>(out, y, n_out, n0, bias);
 }
+
+#endif
 
 template <int BITS>
 void run(const float* x, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
