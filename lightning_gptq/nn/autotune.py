@@ -98,17 +98,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str = "cpu", budget_s: float = 0.05, max_reps: int = 25) -> float:
-    """Median seconds of ``fn()`` after one warm-up, repeating within ``budget_s`` (at least 3 times).
+def time_call(fn, device: str = "cpu", budget_s: float = 0.05, max_reps: int = 25, min_reps: int = 3,
+              warmup: bool = True) -> float:
+    """Median seconds of ``fn()`` after one warm-up, repeating within ``budget_s`` (at least ``min_reps`` times).
     On CUDA: seconds per call of back-to-back calls between CUDA events (median of 3 batches), so
     the GPU's time is measured, and the launch cost where it is larger."""
     if device == "cuda":
         return _time_cuda(fn, budget_s)
-    fn()
-    _sync(device)
+    if warmup:
+        fn()
+        _sync(device)
     times: list[float] = []
     spent = 0.0
-    while len(times) < 3 or (spent < budget_s and len(times) < max_reps):
+    while len(times) < min_reps or (spent < budget_s and len(times) < max_reps):
         start = time.perf_counter()
         fn()
         _sync(device)
@@ -145,6 +147,11 @@ def _time_cuda(fn, budget_s: float) -> float:
 #: cannot win.
 HOPELESS = 0.1
 
+#: Each row count is timed in this many rounds, every candidate once per round, and a candidate's best round
+#: counts: a burst of other work on the cores (these machines are shared) then spoils one round of one
+#: candidate, not the choice. The time per candidate is about the same as one long timing.
+ROUNDS = 3
+
 
 def worth_timing(ratios: list[float]) -> bool:
     """Whether a kernel whose speed ratios to dense (dense time / its time) at the row counts timed so far
@@ -168,10 +175,19 @@ def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows
     timing = {name: list(kernels) for name, kernels in allowed.items()}  # less the kernels given up on
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
-        dense[m] = time_call(lambda: F.linear(x, dense_weight), spec.device)
+        calls = {"dense": lambda: F.linear(x, dense_weight)}
         for name, layer in layers.items():
             for kernel in timing[name]:
-                times.setdefault(f"{name}/{kernel}", {})[m] = time_call(lambda: layer.run(kernel, x), spec.device)
+                calls[f"{name}/{kernel}"] = lambda layer=layer, kernel=kernel: layer.run(kernel, x)
+        seconds: dict[str, float] = {}  # each call's best round
+        for round_ in range(ROUNDS):  # interleaved: see ROUNDS
+            for key, call in calls.items():
+                t = time_call(call, spec.device, budget_s=0.05 / ROUNDS, min_reps=1, warmup=round_ == 0)
+                seconds[key] = min(seconds.get(key, math.inf), t)
+        dense[m] = seconds.pop("dense")
+        for key, t in seconds.items():
+            times.setdefault(key, {})[m] = t
+        for name, layer in layers.items():
             for kernel in list(timing[name]):
                 ratios = [dense[r] / t for r, t in times[f"{name}/{kernel}"].items()]
                 exact_left = [k for k in timing[name] if k in layer.exact]
