@@ -331,6 +331,7 @@ inline void block_rows(const float* x, int64_t k_pad, const float* panel, int64_
     lo[m] = _mm256_loadu_ps(init ? init : y + m * ld);
     hi[m] = _mm256_loadu_ps(init ? init + 8 : y + m * ld + 8);
   }
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kb; ++k) {
     const __m256 w0 = _mm256_load_ps(panel + k * NB), w1 = _mm256_load_ps(panel + k * NB + 8);
 #pragma GCC unroll 16
