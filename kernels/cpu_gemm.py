@@ -124,6 +124,13 @@ def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zero
     return _load().gptq_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, kernel)
 
 
+def dense_gemv(x: Tensor, weight: Tensor) -> Tensor:
+    """``x`` fp32 [..., K] (few rows) → ``x @ weight.T`` fp32 [..., N], ``weight`` fp32 contiguous [N, K] (a dense
+    layer): each output a dot product along a weight row, the rows split between threads. Exact up to fp32
+    summation order."""
+    return _load().dense_gemv(x, weight)
+
+
 def int8_dot_isa() -> str:
     """The instruction set the ``int8`` path was built for here: ``avx512-vnni``, ``avx-vnni``, ``avx2`` or ``generic``."""
     return _load().int8_dot_isa()

@@ -32,12 +32,12 @@ def load_revision(rev: str):
         raise SystemExit(f"cannot read kernels/cpu_gemm.cpp at {rev!r}: {error.stderr.strip()}") from error
     from torch.utils.cpp_extension import load
 
-    folder = Path(tempfile.mkdtemp(prefix="ab_kernel_"))
-    path = folder / "cpu_gemm_ab.cpp"
-    path.write_text(source)
     name = "ab_cpu_gemm_" + subprocess.run(["git", "rev-parse", "--short", rev], capture_output=True, text=True,
                                            cwd=cpu_gemm.SOURCE.parent).stdout.strip()
-    return load(name=name, sources=[str(path)], extra_cflags=cpu_gemm.CFLAGS, extra_ldflags=["-fopenmp"])
+    with tempfile.TemporaryDirectory(prefix="ab_kernel_") as folder:  # the source only; torch caches the build
+        path = Path(folder) / "cpu_gemm_ab.cpp"
+        path.write_text(source)
+        return load(name=name, sources=[str(path)], extra_cflags=cpu_gemm.CFLAGS, extra_ldflags=["-fopenmp"])
 
 
 def per_call_us(fn, seconds: float = 0.2, repeats: int = 5) -> float:

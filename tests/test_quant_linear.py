@@ -373,3 +373,50 @@ def test_backend_registry():
     layer = make_quant_linear(nn.Linear(8, 4, bias=False), qw, backend="test-backend")
     assert isinstance(layer, Doubling) and layer.backend == "test-backend" and layer.bias is None
     torch.testing.assert_close(layer(torch.ones(1, 8)), 2 * F.linear(torch.ones(1, 8), qw.dequantize()))
+
+
+# -- the LM head's decode GEMV ----------------------------------------------------------------------
+@pytest.mark.skipif(bool(cpu_gemm.unavailable()), reason="the C++ kernel cannot be built here (no compiler)")
+def test_dense_gemv_equals_f_linear_for_few_rows_and_odd_shapes():
+    gen = torch.Generator().manual_seed(5)
+    for n, k in ((49, 576), (300, 37), (1024, 1000), (7, 16)):  # K off 16, N off every chunk
+        w = torch.randn(n, k, generator=gen)
+        for x in (torch.randn(k, generator=gen), torch.randn(1, 1, k, generator=gen), torch.randn(3, k, generator=gen),
+                  torch.randn(4, 2 * k, generator=gen)[:, ::2]):  # strided
+            y, ref = cpu_gemm.dense_gemv(x, w), F.linear(x.double(), w.double())
+            assert y.shape == ref.shape and y.dtype == torch.float32
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-6  # fp32 summation order only
+    with pytest.raises(RuntimeError, match="K"):
+        cpu_gemm.dense_gemv(torch.randn(1, 5), torch.randn(3, 4))
+
+
+@pytest.mark.skipif(bool(cpu_gemm.unavailable()), reason="the C++ kernel cannot be built here (no compiler)")
+def test_speed_up_head_keeps_the_weight_tie_and_state_and_is_decided_by_timing(monkeypatch):
+    from lightning_gptq.nn import GemvHead, head as head_module, speed_up_head
+
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(300, 64)
+            self.lm_head = nn.Linear(64, 300, bias=False)
+            self.lm_head.weight = self.embed.weight  # tied, as SmolLM2's
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    # the decision follows the timing: ours "slower" -> unchanged; ours "faster" -> switched
+    speeds = iter([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])  # 3 timings of ours, then 3 of F.linear
+    monkeypatch.setattr("lightning_gptq.nn.autotune.time_call", lambda fn, **kw: (fn(), next(speeds))[1])
+    model = TinyLM()
+    assert "left on F.linear" in speed_up_head(model) and type(model.lm_head) is nn.Linear
+    speeds = iter([0.5, 0.5, 0.5, 1.0, 1.0, 1.0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "use our GEMV" in speed_up_head(model) and type(model.lm_head) is GemvHead
+    assert model.lm_head.weight is model.embed.weight  # still tied
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    x = torch.randn(1, 1, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm_head(x), F.linear(x, model.embed.weight), rtol=1e-5, atol=1e-5)
+        many = torch.randn(2, 9, 64)  # more rows than max_rows: F.linear, bit for bit
+        assert torch.equal(model.lm_head(many), F.linear(many, model.embed.weight))
+    assert head_module.MARGIN > 1
