@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .head import speed_up_head
 from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class, replace_submodule
 
 log = logging.getLogger("lightning_gptq")
@@ -262,7 +263,5 @@ def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
             replace_submodule(model, name, new)
         chosen[name] = new.backend
     if backend == AUTO:
-        from .head import speed_up_head
-
         log.info(speed_up_head(model))
     return chosen

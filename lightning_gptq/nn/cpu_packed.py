@@ -25,8 +25,6 @@ from .converted import ConvertedQuantLinear
 from .quant_linear import Capabilities, register_quant_linear
 
 
-
-
 @register_quant_linear("cpu-packed")
 class CpuPackedQuantLinear(ConvertedQuantLinear):
     capabilities = Capabilities(bits=cpu_gemm.BITS, group_multiple=32, devices=("cpu",),
