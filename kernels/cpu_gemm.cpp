@@ -112,23 +112,16 @@ inline vu code_at(const vu* w, int i) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // AVX2: the same loop, written with intrinsics on pairs of 8-lane registers. GCC kept the 16-float vector type's
 // accumulators on the stack here, so each multiply-add waited on a store and a load (3-4x slower at one row).
-typedef __m256i vu2[2];
-typedef __m256 vf2[2];
 
-// code i of a run (0..31) for the 8 lanes of half h of the tile, from its BITS words at w (int32 [BITS][16])
+// code i of a run (0..31) for the 8 lanes of half h of the tile, from its BITS words at w (int32 [BITS][16]);
+// 2, 4 and 8 bits (tile takes 3-bit codes from bytes, four at a time)
 template <int BITS>
 inline __m256i code8(const uint32_t* w, int h, int i) {
-  const auto word = [&](int b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * NB + 8 * h)); };
-  if constexpr (BITS == 3) {
-    const __m256i low = _mm256_and_si256(_mm256_srli_epi32(word(i / 16), 2 * (i % 16)), _mm256_set1_epi32(3));
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi32(word(2), high_bit_position(i)), _mm256_set1_epi32(1));
-    return _mm256_or_si256(low, _mm256_slli_epi32(high, 2));
-  } else if constexpr ((32 / BITS) * BITS == 32) {
-    const int shift = (i * BITS) % 32;
-    const __m256i w32 = word((i * BITS) / 32);
-    if (shift + BITS == 32) return _mm256_srli_epi32(w32, shift);  // the top code needs no mask
-    return _mm256_and_si256(_mm256_srli_epi32(w32, shift), _mm256_set1_epi32((1 << BITS) - 1));
-  }
+  static_assert(32 % BITS == 0, "3-bit codes are decoded in tile");
+  const int shift = (i * BITS) % 32;
+  const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((i * BITS) / 32) * NB + 8 * h));
+  if (shift + BITS == 32) return _mm256_srli_epi32(word, shift);  // the top code needs no mask
+  return _mm256_and_si256(_mm256_srli_epi32(word, shift), _mm256_set1_epi32((1 << BITS) - 1));
 }
 
 template <int BITS, int rows>

@@ -97,7 +97,11 @@ def main() -> None:
                 x = torch.randn(m, k, generator=gen)
                 call = lambda module: module.gptq_matmul(x, None, qweight, scales, zeros, None, bits, args.group_size, n,
                                                          cpu_gemm.KERNELS[args.kernel])
-                if not torch.allclose(call(a), call(b), rtol=1e-4, atol=1e-3):
+                try:
+                    old = call(a)
+                except RuntimeError as error:  # e.g. a revision from before the kernel was added
+                    raise SystemExit(f"the kernel at {args.rev} cannot run {args.kernel!r}: {error}") from error
+                if not torch.allclose(old, call(b), rtol=1e-4, atol=1e-3):
                     raise SystemExit(f"the two builds disagree on {n}x{k} {bits}-bit at {m} rows")
                 t_a = min(per_call_us(lambda: call(a)), per_call_us(lambda: call(a)))
                 t_b = min(per_call_us(lambda: call(b)), per_call_us(lambda: call(b)))
