@@ -115,13 +115,16 @@ inline vu code_at(const vu* w, int i) {
 
 // code i of a run (0..31) for the 8 lanes of half h of the tile, from its BITS words at w (int32 [BITS][16]);
 // 2, 4 and 8 bits (tile takes 3-bit codes from bytes, four at a time)
+// The code is masked where it sits, not shifted down: its value is code * 2^shift, and the input it multiplies was
+// pre-multiplied by 2^-shift (prescale_rows), so the product is the same float. One operation fewer per code (the
+// top code of a word is shifted down instead: it needs no mask, and a mask would reach the sign bit).
 template <int BITS>
 inline __m256i code8(const uint32_t* w, int h, int i) {
   static_assert(32 % BITS == 0, "3-bit codes are decoded in tile");
   const int shift = (i * BITS) % 32;
   const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((i * BITS) / 32) * NB + 8 * h));
-  if (shift + BITS == 32) return _mm256_srli_epi32(word, shift);  // the top code needs no mask
-  return _mm256_and_si256(_mm256_srli_epi32(word, shift), _mm256_set1_epi32((1 << BITS) - 1));
+  if (shift + BITS == 32) return _mm256_srli_epi32(word, shift);
+  return _mm256_and_si256(word, _mm256_set1_epi32(((1 << BITS) - 1) << shift));
 }
 
 template <int BITS, int rows>
@@ -680,6 +683,28 @@ torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::T
   return out;
 }
 
+// The fp32 kernel's inputs, pre-multiplied by 2^-shift where the AVX2 kernel takes a code masked in place
+// (code8): input k of a run (0..31) by 2^-((k * bits) % 32), except the top code of each word. Powers of two,
+// so the products are unchanged (unless an input falls below 2^-98, into fp32's subnormal range). Other builds
+// and 3-bit codes take the rows as they are.
+const float* prescale_rows(const float* rows, int64_t m, int64_t k_pad, int64_t bits) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if (bits == 3) return rows;
+  float factor[32];
+  for (int k = 0; k < 32; ++k) {
+    const int shift = (k * bits) % 32;
+    factor[k] = shift + bits == 32 ? 1.f : std::ldexp(1.f, -shift);
+  }
+  thread_local std::vector<float> buffer;
+  buffer.resize(m * k_pad);
+  for (int64_t j = 0; j < m * k_pad; j += 32)
+    for (int k = 0; k < 32; ++k) buffer[j + k] = rows[j + k] * factor[k];
+  return buffer.data();
+#else
+  return rows;
+#endif
+}
+
 // The rows of x [M, K] in kernel order (x[:, perm] when perm is given) padded with zeros to k_pad, into a
 // buffer reused by the calling thread (a fresh tensor per call costs more than a small layer's matmul).
 const float* kernel_rows(const torch::Tensor& x, const c10::optional<torch::Tensor>& perm, int64_t k_pad) {
@@ -769,9 +794,10 @@ torch::Tensor gptq_matmul(torch::Tensor x, c10::optional<torch::Tensor> perm, to
         for (int64_t k = g * group_size; k < end; ++k) total += rows[i * k_pad + k];
         sums[i * n_groups + g] = total;
       }
+    const float* scaled = prescale_rows(rows, m, k_pad, bits);
 #define GPTQ_F32(B)                                                                                  \
   case B:                                                                                            \
-    run<B>(rows, m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);              \
+    run<B>(scaled, m, k_pad, qw, s, z, sums.data(), n_groups, rpg, n_pad, yp, n_out, bp);            \
     break;
     switch (bits) { GPTQ_F32(2) GPTQ_F32(3) GPTQ_F32(4) GPTQ_F32(8) }
 #undef GPTQ_F32
