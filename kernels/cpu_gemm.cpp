@@ -4,8 +4,8 @@
 //
 // qweight is int32 [N_pad / 16, K_pad * BITS / 32, 16]: runs of 32 codes along k, each in BITS words
 // (lowest bits first), cut into tiles of 16 output columns stored one after the other, so a tile's codes are
-// one sequential read. For 2, 4 and 8 bits a run is the checkpoint's bit stream; 3-bit runs are stored as
-// planes (see code_at) so that no code straddles two words. Groups are contiguous runs of `group_size`
+// one sequential read. For 2, 4 and 8 bits a run is the checkpoint's bit stream; 3-bit runs hold ten codes per
+// word and split only the last two (see code_at), so that 30 of 32 codes are decoded as 2-, 4- and 8-bit ones. Groups are contiguous runs of `group_size`
 // columns (a multiple of 32); the caller permutes act-order columns and pads K and N.
 // Codes are decoded once per tile of NB output columns and reused for every input row, so the
 // weight is read once per call and never expanded in memory. Written as plain loops over a lane
@@ -28,14 +28,14 @@ constexpr int MB = 8;   // input rows per pass over the weight tile (their accum
 #else
 constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
 #endif
-// The fp32 kernel's rows per pass: on AVX2 six rows' accumulators (12 registers) still fit beside 2-, 4- and 8-bit
-// codes (1.3-1.6x faster than passes of 4 at 6 rows, 4-bit); 3-bit decoding needs more registers and spills.
+// The fp32 kernel's rows per pass: on AVX2 six rows' accumulators (12 registers) still fit beside the codes
+// (1.3-1.6x faster than passes of 4 at 6 rows, 4-bit).
 template <int BITS>
 constexpr int rows_per_pass() {
 #ifdef __AVX512F__
   return MB;
 #else
-  return BITS == 3 ? 4 : 6;
+  return 6;
 #endif
 }
 
@@ -94,16 +94,14 @@ inline void store(const vf* out, float* y, int64_t n_out, int64_t n0, const floa
     for (int l = 0; l < width; ++l) y[m * n_out + n0 + l] = out[m][l] + (bias ? bias[n0 + l] : 0.f);
 }
 
-// Code i (0..31) of a run held in words w[0 .. BITS-1], one per lane. 3 bits: words 0 and 1 hold the low two
-// bits of codes 0-15 and 16-31 as 2-bit codes; word 2 holds the high bit of code 16b + 4t + j at bit
-// 8t + 4b + j, so that one shift lines up the high bits of four codes with their low bits byte by byte
-// (the int8 path decodes four codes per lane with five operations).
-constexpr int high_bit_position(int i) { return 8 * ((i % 16) / 4) + 4 * (i / 16) + i % 4; }
-
+// Code i (0..31) of a run held in words w[0 .. BITS-1], one per lane. 3 bits: word b holds codes 10b + j at bit
+// 3j (j < 10); its top two bits hold the low bits of code 30 (word 0) and 31 (word 1), whose high bits are
+// bits 30 and 31 of word 2.
 template <int BITS>
 inline vu code_at(const vu* w, int i) {
   if constexpr (BITS == 3) {
-    return ((w[i / 16] >> (2 * (i % 16))) & 3u) | (((w[2] >> high_bit_position(i)) & 1u) << 2);
+    if (i < 30) return (w[i / 10] >> (3 * (i % 10))) & 7u;
+    return (w[i - 30] >> 30) | ((w[2] >> (i - 2)) & 4u);
   } else {
     return (w[(i * BITS) / 32] >> ((i * BITS) % 32)) & ((1u << BITS) - 1);
   }
@@ -120,11 +118,17 @@ inline vu code_at(const vu* w, int i) {
 // top code of a word is shifted down instead: it needs no mask, and a mask would reach the sign bit).
 template <int BITS>
 inline __m256i code8(const uint32_t* w, int h, int i) {
-  static_assert(32 % BITS == 0, "3-bit codes are decoded in tile");
-  const int shift = (i * BITS) % 32;
-  const __m256i word = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ((i * BITS) / 32) * NB + 8 * h));
-  if (shift + BITS == 32) return _mm256_srli_epi32(word, shift);
-  return _mm256_and_si256(word, _mm256_set1_epi32(((1 << BITS) - 1) << shift));
+  const auto word = [&](int b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * NB + 8 * h)); };
+  if constexpr (BITS == 3) {
+    if (i < 30) return _mm256_and_si256(word(i / 10), _mm256_set1_epi32(7 << (3 * (i % 10))));
+    // codes 30 and 31: two bits from the top of word 0 or 1, the high bit from word 2 (shifted down, not pre-scaled)
+    return _mm256_or_si256(_mm256_srli_epi32(word(i - 30), 30),
+                           _mm256_and_si256(_mm256_srli_epi32(word(2), i - 2), _mm256_set1_epi32(4)));
+  } else {
+    const int shift = (i * BITS) % 32;
+    if (shift + BITS == 32) return _mm256_srli_epi32(word((i * BITS) / 32), shift);
+    return _mm256_and_si256(word((i * BITS) / 32), _mm256_set1_epi32(((1 << BITS) - 1) << shift));
+  }
 }
 
 template <int BITS, int rows>
@@ -155,32 +159,8 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
           acc[m][i % chains][1] = _mm256_fmadd_ps(a, q1, acc[m][i % chains][1]);
         }
       };
-      if constexpr (BITS == 3) {
-        // four codes per lane at a time, one per byte (see the generic loop below)
-#pragma GCC unroll 8
-        for (int a = 0; a < 8; ++a) {
-          __m256i c[2];
-          for (int h = 0; h < 2; ++h) {
-            const __m256i lw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (a / 4) * NB + 8 * h));
-            const __m256i hw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 2 * NB + 8 * h));
-            c[h] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(lw, (a % 4) * 2), _mm256_set1_epi32(0x03030303)),
-                                   _mm256_and_si256(_mm256_slli_epi32(_mm256_srli_epi32(hw, a), 2), _mm256_set1_epi32(0x04040404)));
-          }
-#pragma GCC unroll 4
-          for (int t = 0; t < 4; ++t) {
-            __m256 q[2];
-            for (int h = 0; h < 2; ++h) {
-              const __m256i code = t == 3 ? _mm256_srli_epi32(c[h], 24)
-                                          : _mm256_and_si256(_mm256_srli_epi32(c[h], 8 * t), _mm256_set1_epi32(0xFF));
-              q[h] = _mm256_cvtepi32_ps(code);
-            }
-            step(16 * (a / 4) + 4 * t + a % 4, q[0], q[1]);
-          }
-        }
-      } else {
 #pragma GCC unroll 32
-        for (int i = 0; i < 32; ++i) step(i, _mm256_cvtepi32_ps(code8<BITS>(w, 0, i)), _mm256_cvtepi32_ps(code8<BITS>(w, 1, i)));
-      }
+      for (int i = 0; i < 32; ++i) step(i, _mm256_cvtepi32_ps(code8<BITS>(w, 0, i)), _mm256_cvtepi32_ps(code8<BITS>(w, 1, i)));
     }
     for (int h = 0; h < 2; ++h) {
       const __m256 s = _mm256_loadu_ps(scales + g * n_pad + n0 + 8 * h);
@@ -223,26 +203,10 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
       // Codes are read once, from memory (a model's weights are not in cache): ask for them early.
       for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
       const float* xr = x + run * 32;
-      if constexpr (BITS == 3) {
-        // four codes per lane at a time, one per byte, as the int8 path takes them: 11 operations for four
-        // codes instead of 6 for each (code_at)
-#pragma GCC unroll 8
-        for (int a = 0; a < 8; ++a) {
-          const vu c = ((w[a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[2] >> a) << 2) & 0x04040404u);
-#pragma GCC unroll 4
-          for (int t = 0; t < 4; ++t) {
-            const int i = 16 * (a / 4) + 4 * t + a % 4;  // byte t holds code i (see high_bit_position)
-            const vu code = t == 0 ? c & 0xFFu : t == 3 ? c >> 24 : (c >> (8 * t)) & 0xFFu;
-            const vf q = __builtin_convertvector((vi)code, vf);
-            for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
-          }
-        }
-      } else {
 #pragma GCC unroll 32
-        for (int i = 0; i < 32; ++i) {
-          const vf q = __builtin_convertvector((vi)code_at<BITS>(w, i), vf);
-          for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
-        }
+      for (int i = 0; i < 32; ++i) {
+        const vf q = __builtin_convertvector((vi)code_at<BITS>(w, i), vf);
+        for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
       }
     }
     const vf s = load_f(scales + g * n_pad + n0);
@@ -451,9 +415,9 @@ inline vi dot4(vi acc, vu codes, int32_t x4) {
 // Where input k (0..31) of a run sits in the rounded row: the order in which the kernel takes bytes.
 // A word of codes is split into bytes by one shift and mask per code in a byte (byte t of word b, after
 // shifting by j*BITS, holds code b*32/BITS + t*(8/BITS) + j), so the inputs are stored in that order;
-// 3-bit runs are decoded as 2-bit ones (code_at).
+// 3-bit codes are gathered into bytes one by one (code_at), in their natural order.
 constexpr int i8_position(int bits, int k) {
-  if (bits == 3) bits = 2;
+  if (bits == 3) return k;
   const int per_byte = 8 / bits, per_word = 32 / bits;
   const int b = k / per_word, t = (k % per_word) / per_byte, j = k % per_byte;
   return b * per_word + j * 4 + t;
@@ -553,8 +517,9 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
 #pragma GCC unroll 8
       for (int a = 0; a < 8; ++a) {  // byte t of lane c: the code at input position 4a + t of the rounded row
         vu c;
-        if constexpr (BITS == 3) {  // as 2-bit codes, plus the high bits lined up by one shift (see code_at)
-          c = ((w[a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[2] >> a) << 2) & 0x04040404u);
+        if constexpr (BITS == 3) {  // codes 4a .. 4a + 3, one per byte
+          c = code_at<3>(w, 4 * a) | (code_at<3>(w, 4 * a + 1) << 8) | (code_at<3>(w, 4 * a + 2) << 16) |
+              (code_at<3>(w, 4 * a + 3) << 24);
         } else {  // word a / per_byte, shifted by (a % per_byte) * BITS
           constexpr int per_byte = 8 / BITS;
           c = (w[a / per_byte] >> ((a % per_byte) * BITS)) & (0x01010101u * ((1u << BITS) - 1));
@@ -684,15 +649,14 @@ torch::Tensor gptq_dequant(torch::Tensor qweight, torch::Tensor scales, torch::T
 }
 
 // The fp32 kernel's inputs, pre-multiplied by 2^-shift where the AVX2 kernel takes a code masked in place
-// (code8): input k of a run (0..31) by 2^-((k * bits) % 32), except the top code of each word. Powers of two,
-// so the products are unchanged (unless an input falls below 2^-98, into fp32's subnormal range). Other builds
-// and 3-bit codes take the rows as they are.
+// (code8): input k of a run (0..31) by 2^-((k * bits) % 32), except the top code of each word (3 bits: by
+// 2^-(3 (k % 10)) for k < 30). Powers of two, so the products are unchanged (unless an input falls below 2^-98,
+// into fp32's subnormal range). Other builds take the rows as they are.
 const float* prescale_rows(const float* rows, int64_t m, int64_t k_pad, int64_t bits) {
 #if defined(__AVX2__) && !defined(__AVX512F__)
-  if (bits == 3) return rows;
   float factor[32];
   for (int k = 0; k < 32; ++k) {
-    const int shift = (k * bits) % 32;
+    const int shift = bits == 3 ? (k < 30 ? 3 * (k % 10) : 0) : (k * bits) % 32;
     factor[k] = shift + bits == 32 ? 1.f : std::ldexp(1.f, -shift);
   }
   thread_local std::vector<float> buffer;

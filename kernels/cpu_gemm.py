@@ -79,11 +79,9 @@ def untile(tiled: Tensor) -> Tensor:
     return tiled.permute(1, 0, 2).reshape(words, tiles * TILE_N)
 
 
-# 3-bit runs are kept as planes, so that no code straddles two words: words 0 and 1 hold the low two bits
-# of codes 0-15 and 16-31 (as 2-bit codes), word 2 the high bit of code 16b + 4t + j at bit 8t + 4b + j,
-# where one shift lines the high bits of four codes up with their low bits, byte by byte (``code_at`` in
-# the C++ source).
-_HIGH_BIT = [8 * ((i % 16) // 4) + 4 * (i // 16) + i % 4 for i in range(32)]
+# 3-bit runs of 32 codes take three words: word b holds codes 10b + j at bit 3j (j < 10), so that 30 codes are
+# masked and converted like 2-, 4- and 8-bit ones; the top two bits of words 0 and 1 hold the low bits of codes
+# 30 and 31, and bits 30 and 31 of word 2 their high bits (``code_at`` in the C++ source).
 
 
 def pack(codes_t: Tensor, bits: int) -> Tensor:
@@ -92,11 +90,12 @@ def pack(codes_t: Tensor, bits: int) -> Tensor:
         return tile(pack_rows(codes_t, bits))
     k_pad, n_pad = codes_t.shape
     c = codes_t.to(torch.int32).view(k_pad // 32, 32, n_pad)
-    low = pack_rows((c & 3).view(k_pad, n_pad), 2).view(k_pad // 32, 2, n_pad)
-    high = torch.zeros(k_pad // 32, 1, n_pad, dtype=torch.int32, device=codes_t.device)
-    for i, position in enumerate(_HIGH_BIT):
-        high[:, 0] |= ((c[:, i] >> 2) & 1) << position  # int32: bit 31 wraps into the sign, as intended
-    return tile(torch.cat([low, high], dim=1).view(k_pad // 32 * 3, n_pad))
+    shifts = 3 * torch.arange(10, dtype=torch.int32, device=codes_t.device).view(1, 1, 10, 1)
+    words = (c[:, :30].view(k_pad // 32, 3, 10, n_pad) << shifts).sum(dim=2, dtype=torch.int32)  # disjoint bits
+    last = c[:, 30:]  # [runs, 2, N]
+    words[:, :2] |= (last & 3) << 30  # int32: bit 31 wraps into the sign, as intended
+    words[:, 2] |= ((last[:, 0] >> 2) << 30) | ((last[:, 1] >> 2) << 31)
+    return tile(words.view(k_pad // 32 * 3, n_pad))
 
 
 def unpack(tiled: Tensor, bits: int, k_pad: int) -> Tensor:
@@ -105,10 +104,13 @@ def unpack(tiled: Tensor, bits: int, k_pad: int) -> Tensor:
     if bits != 3:
         return unpack_rows(words, bits, k_pad)
     runs, n_pad = k_pad // 32, words.shape[1]
-    w = words.view(runs, 3, n_pad)
-    low = unpack_rows(w[:, :2].reshape(runs * 2, n_pad), 2, k_pad).view(runs, 32, n_pad)
-    high = torch.stack([(w[:, 2] >> position) & 1 for position in _HIGH_BIT], dim=1).to(torch.uint8)
-    return (low | (high << 2)).view(k_pad, n_pad)
+    w = words.view(runs, 3, 1, n_pad)
+    shifts = 3 * torch.arange(10, dtype=torch.int32, device=words.device).view(1, 1, 10, 1)
+    first = ((w >> shifts) & 7).view(runs, 30, n_pad)
+    high = w[:, 2, 0]
+    last = torch.stack([((w[:, 0, 0] >> 30) & 3) | (((high >> 30) & 1) << 2),
+                        ((w[:, 1, 0] >> 30) & 3) | (((high >> 31) & 1) << 2)], dim=1)
+    return torch.cat([first, last], dim=1).to(torch.uint8).view(k_pad, n_pad)
 
 
 def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,
