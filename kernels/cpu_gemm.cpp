@@ -28,14 +28,15 @@ constexpr int MB = 8;   // input rows per pass over the weight tile (their accum
 #else
 constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
 #endif
-// The fp32 kernel's rows per pass: on AVX2 six rows' accumulators (12 registers) still fit beside the codes
-// (1.3-1.6x faster than passes of 4 at 6 rows, 4-bit).
+// The fp32 kernel's rows per pass: on AVX2 six rows' accumulators (12 registers) still fit beside 2-, 4- and 8-bit
+// codes (1.3-1.6x faster than passes of 4 at 6 rows, 4-bit); 3-bit codes take more masks, which then spill
+// (passes of 4 and 2 were 1.04-1.25x faster than one of 6 at 6 rows, one thread).
 template <int BITS>
 constexpr int rows_per_pass() {
 #ifdef __AVX512F__
   return MB;
 #else
-  return 6;
+  return BITS == 3 ? 4 : 6;
 #endif
 }
 
