@@ -4,7 +4,8 @@ For every weight shape [out, in], bit width and input row count it times each ke
 backend that supports the layer on this device, and ``auto`` (the layer ``auto`` builds, through
 its own ``forward``, including the time ``auto`` does not see: row counts between the ones it
 measured), and prints speed-ups over dense fp32 (``> 1`` = faster). ``bytes`` is the bound from
-weight bytes alone: dense weight bytes / packed weight bytes (codes + scales + zeros).
+weight bytes alone: dense weight bytes / packed weight bytes (codes + scales + zeros). Dense, every
+kernel and ``auto`` are timed in turn, ``--rounds`` times over, and each one's best round counts.
 
     python scripts/bench_kernels.py                       # the issue's shapes and rows, 4-bit g128
     python scripts/bench_kernels.py --bits 2 3 4 8 --quick
@@ -64,7 +65,8 @@ class Cycle:
 
 
 @torch.no_grad()
-def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: float, every: bool = False) -> list[dict]:
+def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: float, every: bool = False,
+                rounds: int = 3) -> list[dict]:
     """One line per row count; a kernel below 0.1x dense and falling further behind is not timed at larger
     row counts (as ``auto`` does) unless ``every``."""
     dtype = getattr(torch, spec.dtype)
@@ -85,19 +87,27 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
     history: dict[str, list[float]] = {}
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
-        dense = time_call(Cycle(dense_ws, lambda w: F.linear(x, w)), spec.device, budget_s, MAX_REPS)
-        row = {"shape": f"{spec.out_features}x{spec.in_features}", "bits": spec.bits, "rows": m, "dense_ms": 1e3 * dense,
-               "dtype": spec.dtype,
-               "bytes": bound, "tune_s": tune_s}
+        calls = {"dense": Cycle(dense_ws, lambda w: F.linear(x, w))}
         for name, copies_of in layers.items():
             for kernel in copies_of[0].kernels:
                 key = f"{name}/{kernel}"
-                if not (every or worth_timing(history.get(key, []))):
-                    continue  # shown as "–"
-                run = Cycle(copies_of, lambda q: q.run(kernel, x))
-                row[key] = dense / time_call(run, spec.device, budget_s, MAX_REPS)
+                if every or worth_timing(history.get(key, [])):  # else shown as "–"
+                    calls[key] = Cycle(copies_of, lambda q, kernel=kernel: q.run(kernel, x))
+        calls["auto"] = Cycle(autos, lambda q: q(x))
+        # Interleaved rounds, each candidate's best round: this machine's speed drifts within seconds, and a
+        # baseline timed once, before the others, put `auto` at 0.68x and the kernel it ran at 1.04x in the same row.
+        seconds: dict[str, float] = {}
+        for round_ in range(rounds):
+            for key, call in calls.items():
+                t = time_call(call, spec.device, budget_s / rounds, MAX_REPS, min_reps=1, warmup=round_ == 0)
+                seconds[key] = min(seconds.get(key, float("inf")), t)
+        dense = seconds.pop("dense")
+        row = {"shape": f"{spec.out_features}x{spec.in_features}", "bits": spec.bits, "rows": m, "dense_ms": 1e3 * dense,
+               "dtype": spec.dtype, "bytes": bound, "tune_s": tune_s}
+        for key, t in seconds.items():
+            row[key] = dense / t
+            if key != "auto":
                 history.setdefault(key, []).append(row[key])
-        row["auto"] = dense / time_call(Cycle(autos, lambda q: q(x)), spec.device, budget_s, MAX_REPS)
         row["auto_path"] = f"{auto_layer.backend}/{auto_layer.kernel_for(m)}"
         out.append(row)
         print(format_row(row), flush=True)
@@ -146,7 +156,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the three SmolLM2 shapes and 4096x4096 only")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--budget", type=float, default=0.2, help="seconds of repeats per timing")
+    parser.add_argument("--budget", type=float, default=0.2, help="seconds of repeats per timing, over all rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each candidate's best round counts")
     parser.add_argument("--cold", type=float, default=0, metavar="MB",
                         help="cycle through copies of each layer whose dense weights span this many MB (0: one, cache-hot)")
     parser.add_argument("--markdown", default=None, help="also write the table to this file")
@@ -168,7 +179,7 @@ def main() -> None:
     for bits in args.bits:
         for out_f, in_f in shapes:
             spec = LayerSpec(in_f, out_f, bits, args.group_size, False, args.act_order, False, args.device, args.dtype)
-            rows += bench_layer(spec, args.rows, args.budget, args.cold, args.every)
+            rows += bench_layer(spec, args.rows, args.budget, args.cold, args.every, args.rounds)
             print(f"  auto for {spec.describe()}: {choose(spec).describe()} (tuning took {rows[-1]['tune_s']:.1f} s)")
     table = markdown(rows)
     print()
