@@ -1,5 +1,6 @@
 """Where a decode step's time goes: the block linears (each kind timed inside the real forward pass) and
-everything else, for the fp32 model and a quantized folder, in one run.
+everything else, for the fp32 model and a quantized folder, in one run. ``--prefill``: the same for the
+prompt's forward pass (all its rows at once, as ``validate``'s prefill latency runs it).
 
 Each linear's ``forward`` is wrapped with a timer, so the numbers are what the layers cost where they
 run (weights coming from memory, caches holding whatever the rest of the step left), not in a loop
@@ -7,6 +8,7 @@ over one weight. ``rest`` is the step minus the block linears: embedding, norms,
 KV-cache updates, the LM head and the framework's Python.
 
     HF_HUB_OFFLINE=1 python scripts/decode_breakdown.py runs/smollm2-135m/lightning_logs/version_0/quantized/model
+    HF_HUB_OFFLINE=1 python scripts/decode_breakdown.py <folder> --prefill
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def breakdown(model, spent: dict[str, float], prompt_tokens: int, tokens: int, r
     return best
 
 
+@torch.no_grad()
+def prefill_breakdown(model, spent: dict[str, float], prompt_tokens: int, repeats: int) -> tuple[float, dict[str, float]]:
+    """Best of ``repeats`` forward passes over a ``prompt_tokens`` prompt without a cache: ms per pass, and ms per
+    linear kind."""
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    best = None
+    for _ in range(repeats + 1):  # the first is a warm-up
+        spent.clear()
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        ms = (time.perf_counter() - start) * 1e3
+        if best is None or ms < best[0]:
+            best = (ms, {k: v * 1e3 for k, v in spent.items()})
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("quantized", help="a folder saved by fit")
@@ -68,6 +86,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prefill", action="store_true", help="break down the prompt's forward pass instead")
     args = parser.parse_args()
     if not is_quantized_checkpoint(args.quantized):
         parser.error(f"not a folder saved by fit: {args.quantized}")
@@ -78,13 +97,17 @@ def main() -> None:
     for label, model, kinds in (("fp32", base, torch.nn.Linear), (args.backend, quantized, QuantLinear)):
         model.eval()
         spent = time_linears(model, kinds)
-        ms, parts = breakdown(model, spent, args.prompt_tokens, args.tokens, args.repeats)
+        if args.prefill:
+            ms, parts = prefill_breakdown(model, spent, args.prompt_tokens, args.repeats)
+        else:
+            ms, parts = breakdown(model, spent, args.prompt_tokens, args.tokens, args.repeats)
         linears = sum(parts.values())
         results.append((label, ms, linears, parts))
-        print(f"{label}: {ms:.2f} ms/token = block linears {linears:.2f} + rest {ms - linears:.2f}; "
+        unit = f"ms per {args.prompt_tokens}-token prompt" if args.prefill else "ms/token"
+        print(f"{label}: {ms:.2f} {unit} = block linears {linears:.2f} + rest {ms - linears:.2f}; "
               + ", ".join(f"{k} {v:.2f}" for k, v in sorted(parts.items())), flush=True)
     (_, fp32_ms, fp32_lin, _), (_, q_ms, q_lin, _) = results
-    print(f"decode {fp32_ms / q_ms:.2f}x fp32; block linears {fp32_lin / q_lin:.2f}x; rest {(fp32_ms - fp32_lin) / (q_ms - q_lin):.2f}x "
+    print(f"{'prefill' if args.prefill else 'decode'} {fp32_ms / q_ms:.2f}x fp32; block linears {fp32_lin / q_lin:.2f}x; rest {(fp32_ms - fp32_lin) / (q_ms - q_lin):.2f}x "
           f"({torch.get_num_threads()} threads)")
 
 
