@@ -4,8 +4,8 @@
 //
 // qweight is int32 [N_pad / 16, K_pad * BITS / 32, 16]: runs of 32 codes along k, each in BITS words
 // (lowest bits first), cut into tiles of 16 output columns stored one after the other, so a tile's codes are
-// one sequential read. For 2, 4 and 8 bits a run is the checkpoint's bit stream; 3-bit runs hold ten codes per
-// word and split only the last two (see code_at), so that 30 of 32 codes are decoded as 2-, 4- and 8-bit ones. Groups are contiguous runs of `group_size`
+// one sequential read. For 2, 4 and 8 bits a run is the checkpoint's bit stream; 3-bit runs are laid out in the way
+// the build decodes cheaply (THREE_BIT_TENS, code_at). Groups are contiguous runs of `group_size`
 // columns (a multiple of 32); the caller permutes act-order columns and pads K and N.
 // Codes are decoded once per tile of NB output columns and reused for every input row, so the
 // weight is read once per call and never expanded in memory. Written as plain loops over a lane
@@ -95,14 +95,28 @@ inline void store(const vf* out, float* y, int64_t n_out, int64_t n0, const floa
     for (int l = 0; l < width; ++l) y[m * n_out + n0 + l] = out[m][l] + (bias ? bias[n0 + l] : 0.f);
 }
 
-// Code i (0..31) of a run held in words w[0 .. BITS-1], one per lane. 3 bits: word b holds codes 10b + j at bit
-// 3j (j < 10); its top two bits hold the low bits of code 30 (word 0) and 31 (word 1), whose high bits are
-// bits 30 and 31 of word 2.
+// The layout of 3-bit runs, by build. AVX2-only builds ("tens"): word b holds codes 10b + j at bit 3j (j < 10);
+// its top two bits hold the low bits of code 30 (word 0) and 31 (word 1), whose high bits are bits 30 and 31 of
+// word 2, so 30 of 32 codes are masked and converted like 2-, 4- and 8-bit ones (on the AVX2 EPYC: 3-bit one-row
+// time 1.06-1.18x 4-bit's in cache, 0.78-1.05x from memory, where the planes took 1.26-1.41x). Other builds
+// ("planes", as measured on the AVX-512 VNNI Xeon): words 0 and 1 hold the low two bits of codes 0-15 and 16-31 as
+// 2-bit codes; word 2 holds the high bit of code 16b + 4t + j at bit 8t + 4b + j, so that one shift lines up the
+// high bits of four codes with their low bits byte by byte (the int8 path decodes four codes per lane with five
+// operations; with tens it would take about 18).
+#if defined(__AVX2__) && !defined(__AVX512F__)
+constexpr bool THREE_BIT_TENS = true;
+#else
+constexpr bool THREE_BIT_TENS = false;
+#endif
+constexpr int high_bit_position(int i) { return 8 * ((i % 16) / 4) + 4 * (i / 16) + i % 4; }
+
 template <int BITS>
 inline vu code_at(const vu* w, int i) {
-  if constexpr (BITS == 3) {
+  if constexpr (BITS == 3 && THREE_BIT_TENS) {
     if (i < 30) return (w[i / 10] >> (3 * (i % 10))) & 7u;
     return (w[i - 30] >> 30) | ((w[2] >> (i - 2)) & 4u);
+  } else if constexpr (BITS == 3) {
+    return ((w[i / 16] >> (2 * (i % 16))) & 3u) | (((w[2] >> high_bit_position(i)) & 1u) << 2);
   } else {
     return (w[(i * BITS) / 32] >> ((i * BITS) % 32)) & ((1u << BITS) - 1);
   }
@@ -120,7 +134,7 @@ inline vu code_at(const vu* w, int i) {
 template <int BITS>
 inline __m256i code8(const uint32_t* w, int h, int i) {
   const auto word = [&](int b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * NB + 8 * h)); };
-  if constexpr (BITS == 3) {
+  if constexpr (BITS == 3) {  // tens (THREE_BIT_TENS)
     if (i < 30) return _mm256_and_si256(word(i / 10), _mm256_set1_epi32(7 << (3 * (i % 10))));
     // codes 30 and 31: two bits from the top of word 0 or 1, the high bit from word 2 (shifted down, not pre-scaled)
     return _mm256_or_si256(_mm256_srli_epi32(word(i - 30), 30),
@@ -187,6 +201,7 @@ template <int BITS, int rows>
 void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales, const float* zeros,
           const float* xsum, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0, float* y, int64_t n_out,
           const float* bias) {
+  static_assert(!THREE_BIT_TENS, "builds with the tens layout use the AVX2 tile");
   const uint32_t* tile_qw = qw + (n0 / NB) * (k_pad / 32 * BITS) * NB;
   prefetch_next_groups(scales, zeros, n_groups, n_pad, n0);
   vf out[rows];
@@ -204,10 +219,26 @@ void tile(const float* x, int64_t k_pad, const uint32_t* qw, const float* scales
       // Codes are read once, from memory (a model's weights are not in cache): ask for them early.
       for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
       const float* xr = x + run * 32;
+      if constexpr (BITS == 3) {
+        // planes: four codes per lane at a time, one per byte, as the int8 path takes them: 11 operations for
+        // four codes instead of 6 for each (code_at)
+#pragma GCC unroll 8
+        for (int a = 0; a < 8; ++a) {
+          const vu c = ((w[a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[2] >> a) << 2) & 0x04040404u);
+#pragma GCC unroll 4
+          for (int t = 0; t < 4; ++t) {
+            const int i = 16 * (a / 4) + 4 * t + a % 4;  // byte t holds code i (see high_bit_position)
+            const vu code = t == 0 ? c & 0xFFu : t == 3 ? c >> 24 : (c >> (8 * t)) & 0xFFu;
+            const vf q = __builtin_convertvector((vi)code, vf);
+            for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
+          }
+        }
+      } else {
 #pragma GCC unroll 32
-      for (int i = 0; i < 32; ++i) {
-        const vf q = __builtin_convertvector((vi)code_at<BITS>(w, i), vf);
-        for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
+        for (int i = 0; i < 32; ++i) {
+          const vf q = __builtin_convertvector((vi)code_at<BITS>(w, i), vf);
+          for (int m = 0; m < rows; ++m) acc[m][i % chains] += xr[m * k_pad + i] * q;
+        }
       }
     }
     const vf s = load_f(scales + g * n_pad + n0);
@@ -416,9 +447,11 @@ inline vi dot4(vi acc, vu codes, int32_t x4) {
 // Where input k (0..31) of a run sits in the rounded row: the order in which the kernel takes bytes.
 // A word of codes is split into bytes by one shift and mask per code in a byte (byte t of word b, after
 // shifting by j*BITS, holds code b*32/BITS + t*(8/BITS) + j), so the inputs are stored in that order;
-// 3-bit codes are gathered into bytes one by one (code_at), in their natural order.
+// 3-bit planes are decoded as 2-bit codes (code_at); 3-bit tens are gathered into bytes one by one, in their
+// natural order.
 constexpr int i8_position(int bits, int k) {
-  if (bits == 3) return k;
+  if (bits == 3 && THREE_BIT_TENS) return k;
+  if (bits == 3) bits = 2;
   const int per_byte = 8 / bits, per_word = 32 / bits;
   const int b = k / per_word, t = (k % per_word) / per_byte, j = k % per_byte;
   return b * per_word + j * 4 + t;
@@ -518,9 +551,11 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
 #pragma GCC unroll 8
       for (int a = 0; a < 8; ++a) {  // byte t of lane c: the code at input position 4a + t of the rounded row
         vu c;
-        if constexpr (BITS == 3) {  // codes 4a .. 4a + 3, one per byte
+        if constexpr (BITS == 3 && THREE_BIT_TENS) {  // codes 4a .. 4a + 3, one per byte
           c = code_at<3>(w, 4 * a) | (code_at<3>(w, 4 * a + 1) << 8) | (code_at<3>(w, 4 * a + 2) << 16) |
               (code_at<3>(w, 4 * a + 3) << 24);
+        } else if constexpr (BITS == 3) {  // planes: as 2-bit codes, plus the high bits lined up by one shift
+          c = ((w[a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[2] >> a) << 2) & 0x04040404u);
         } else {  // word a / per_byte, shifted by (a % per_byte) * BITS
           constexpr int per_byte = 8 / BITS;
           c = (w[a / per_byte] >> ((a % per_byte) * BITS)) & (0x01010101u * ((1u << BITS) - 1));
@@ -826,5 +861,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dense_gemv", &dense_gemv, "y = x . w^T in fp32 for few rows of x (a dense layer's decode step)");
   m.def("set_serial_work", [](int64_t v) { serial_work = v; }, "calls below this many row-weights run on one thread");
   m.def("int8_dot_isa", &int8_dot_isa, "the instruction set of the int8 dot product");
+  m.def("three_bit_layout", []() { return std::string(THREE_BIT_TENS ? "tens" : "planes"); },
+        "how this build lays out 3-bit runs (see code_at)");
   m.def("gptq_dequant", &gptq_dequant, "GPTQ packed codes to a dense transposed weight (CPU, fp32 or bf16)");
 }

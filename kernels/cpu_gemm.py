@@ -79,38 +79,70 @@ def untile(tiled: Tensor) -> Tensor:
     return tiled.permute(1, 0, 2).reshape(words, tiles * TILE_N)
 
 
-# 3-bit runs of 32 codes take three words: word b holds codes 10b + j at bit 3j (j < 10), so that 30 codes are
-# masked and converted like 2-, 4- and 8-bit ones; the top two bits of words 0 and 1 hold the low bits of codes
-# 30 and 31, and bits 30 and 31 of word 2 their high bits (``code_at`` in the C++ source).
+# 3-bit runs of 32 codes take three words, in one of two layouts; a build uses the one it decodes cheaply
+# (:func:`three_bit_layout`; ``code_at`` in the C++ source).
+# "tens" (AVX2-only builds): word b holds codes 10b + j at bit 3j (j < 10), so that 30 codes are masked and
+# converted like 2-, 4- and 8-bit ones; the top two bits of words 0 and 1 hold the low bits of codes 30 and 31,
+# and bits 30 and 31 of word 2 their high bits.
+# "planes" (other builds): words 0 and 1 hold the low two bits of codes 0-15 and 16-31 as 2-bit codes, word 2
+# the high bit of code 16b + 4t + j at bit 8t + 4b + j, where one shift lines the high bits of four codes up
+# with their low bits, byte by byte (the int8 path's four codes per lane).
+LAYOUTS = ("tens", "planes")
+_HIGH_BIT = [8 * ((i % 16) // 4) + 4 * (i // 16) + i % 4 for i in range(32)]
 
 
-def pack(codes_t: Tensor, bits: int) -> Tensor:
-    """``codes_t`` [K_pad, N_pad] (K_pad a multiple of 32, N_pad of 16) → the kernel's int32 tiles."""
+def three_bit_layout() -> str:
+    """How the kernel built here lays out 3-bit runs: ``tens`` or ``planes``."""
+    return _load().three_bit_layout()
+
+
+def pack(codes_t: Tensor, bits: int, layout: str | None = None) -> Tensor:
+    """``codes_t`` [K_pad, N_pad] (K_pad a multiple of 32, N_pad of 16) → the kernel's int32 tiles; 3-bit runs in
+    ``layout`` (default: this build's)."""
     if bits != 3:
         return tile(pack_rows(codes_t, bits))
+    layout = layout or three_bit_layout()
     k_pad, n_pad = codes_t.shape
-    c = codes_t.to(torch.int32).view(k_pad // 32, 32, n_pad)
-    shifts = 3 * torch.arange(10, dtype=torch.int32, device=codes_t.device).view(1, 1, 10, 1)
-    words = (c[:, :30].view(k_pad // 32, 3, 10, n_pad) << shifts).sum(dim=2, dtype=torch.int32)  # disjoint bits
-    last = c[:, 30:]  # [runs, 2, N]
-    words[:, :2] |= (last & 3) << 30  # int32: bit 31 wraps into the sign, as intended
-    words[:, 2] |= ((last[:, 0] >> 2) << 30) | ((last[:, 1] >> 2) << 31)
-    return tile(words.view(k_pad // 32 * 3, n_pad))
+    runs = k_pad // 32
+    c = codes_t.to(torch.int32).view(runs, 32, n_pad)
+    if layout == "tens":
+        shifts = 3 * torch.arange(10, dtype=torch.int32, device=codes_t.device).view(1, 1, 10, 1)
+        words = (c[:, :30].view(runs, 3, 10, n_pad) << shifts).sum(dim=2, dtype=torch.int32)  # disjoint bits
+        last = c[:, 30:]  # [runs, 2, N]
+        words[:, :2] |= (last & 3) << 30  # int32: bit 31 wraps into the sign, as intended
+        words[:, 2] |= ((last[:, 0] >> 2) << 30) | ((last[:, 1] >> 2) << 31)
+    elif layout == "planes":
+        low = pack_rows((c & 3).view(k_pad, n_pad), 2).view(runs, 2, n_pad)
+        high = torch.zeros(runs, 1, n_pad, dtype=torch.int32, device=codes_t.device)
+        for i, position in enumerate(_HIGH_BIT):
+            high[:, 0] |= ((c[:, i] >> 2) & 1) << position  # int32: bit 31 wraps into the sign, as intended
+        words = torch.cat([low, high], dim=1)
+    else:
+        raise ValueError(f"3-bit layout must be one of {LAYOUTS}, got {layout!r}")
+    return tile(words.view(runs * 3, n_pad))
 
 
-def unpack(tiled: Tensor, bits: int, k_pad: int) -> Tensor:
+def unpack(tiled: Tensor, bits: int, k_pad: int, layout: str | None = None) -> Tensor:
     """Inverse of :func:`pack`: → uint8 [K_pad, N_pad]."""
     words = untile(tiled)
     if bits != 3:
         return unpack_rows(words, bits, k_pad)
+    layout = layout or three_bit_layout()
     runs, n_pad = k_pad // 32, words.shape[1]
-    w = words.view(runs, 3, 1, n_pad)
-    shifts = 3 * torch.arange(10, dtype=torch.int32, device=words.device).view(1, 1, 10, 1)
-    first = ((w >> shifts) & 7).view(runs, 30, n_pad)
-    high = w[:, 2, 0]
-    last = torch.stack([((w[:, 0, 0] >> 30) & 3) | (((high >> 30) & 1) << 2),
-                        ((w[:, 1, 0] >> 30) & 3) | (((high >> 31) & 1) << 2)], dim=1)
-    return torch.cat([first, last], dim=1).to(torch.uint8).view(k_pad, n_pad)
+    if layout == "tens":
+        w = words.view(runs, 3, 1, n_pad)
+        shifts = 3 * torch.arange(10, dtype=torch.int32, device=words.device).view(1, 1, 10, 1)
+        first = ((w >> shifts) & 7).view(runs, 30, n_pad)
+        high = w[:, 2, 0]
+        last = torch.stack([((w[:, 0, 0] >> 30) & 3) | (((high >> 30) & 1) << 2),
+                            ((w[:, 1, 0] >> 30) & 3) | (((high >> 31) & 1) << 2)], dim=1)
+        return torch.cat([first, last], dim=1).to(torch.uint8).view(k_pad, n_pad)
+    if layout != "planes":
+        raise ValueError(f"3-bit layout must be one of {LAYOUTS}, got {layout!r}")
+    w = words.view(runs, 3, n_pad)
+    low = unpack_rows(w[:, :2].reshape(runs * 2, n_pad), 2, k_pad).view(runs, 32, n_pad)
+    high = torch.stack([(w[:, 2] >> position) & 1 for position in _HIGH_BIT], dim=1).to(torch.uint8)
+    return (low | (high << 2)).view(k_pad, n_pad)
 
 
 def matmul(x: Tensor, perm: Tensor | None, qweight: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None,

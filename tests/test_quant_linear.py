@@ -65,6 +65,24 @@ def test_pack_layout_by_hand():
     assert torch.equal(unpack_rows(pack_rows(codes, 3), 3, 32), codes.to(torch.uint8))
 
 
+@pytest.mark.parametrize("layout", cpu_gemm.LAYOUTS)
+def test_cpu_gemm_3bit_layouts_round_trip_and_put_codes_where_the_kernel_reads_them(layout):
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 8, (96, 32), generator=gen, dtype=torch.uint8)
+    tiled = cpu_gemm.pack(codes, 3, layout)
+    assert tiled.shape == (2, 9, 16) and torch.equal(cpu_gemm.unpack(tiled, 3, 96, layout), codes)
+    # one run, one output column, by hand
+    one = torch.zeros(32, 16, dtype=torch.uint8)
+    one[12, 0], one[30, 0], one[31, 0] = 0b101, 0b110, 0b011
+    words = [w & 0xFFFFFFFF for w in cpu_gemm.pack(one, 3, layout)[0, :, 0].tolist()]
+    if layout == "tens":  # code 10b + j at bit 3j of word b; codes 30/31: low bits at the top of words 0/1, high bits in word 2
+        assert words == [0b10 << 30, 0b101 << 6 | 0b11 << 30, 1 << 30]
+    else:  # low two bits as 2-bit codes (0-15 in word 0, 16-31 in word 1); high bit of code 16b + 4t + j at 8t + 4b + j
+        assert words == [0b01 << 24, 0b10 << 28 | 0b11 << 30, 1 << 24 | 1 << 30]
+    with pytest.raises(ValueError, match="layout"):
+        cpu_gemm.pack(one, 3, "thirds")
+
+
 def test_pack_cols_is_pack_rows_along_the_output_dim():
     zeros = torch.randint(0, 8, (3, 70))
     packed = pack_cols(zeros, 3)

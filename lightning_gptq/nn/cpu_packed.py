@@ -1,7 +1,7 @@
 """The CPU backend built on our own C++ kernel (``lightning_gptq.kernels.cpu_gemm``).
 
-It computes straight from GPTQ-packed codes (the checkpoint's bit-stream layout, 3-bit runs of 32
-codes as ten codes per word plus the last two in the words' spare top bits, act-order columns sorted, the input dimension padded
+It computes straight from GPTQ-packed codes (the checkpoint's bit-stream layout, 3-bit runs in the
+layout the build decodes cheaply (``cpu_gemm.three_bit_layout``), act-order columns sorted, the input dimension padded
 to 32 and the output dimension to 16, cut into tiles of 16 output columns stored one after another)
 with fp32 activations and fp32 accumulation: no rounding beyond fp32 summation order, for 2, 3, 4 and 8
 bits. Kernels: ``gemm`` (codes decoded in registers once per tile of 16 outputs and reused for up
