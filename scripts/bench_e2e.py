@@ -122,6 +122,7 @@ def main() -> None:
         base, _ = load_causal_lm(args.base, gguf_file=args.gguf_file, dtype="float32")
     # fp32 once more at the end: the ratios use its best run, so a noisy first run cannot flatter us
     again = measure_latency(base, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
+    print(f"fp32 again: {again}", flush=True)
     fp32 = rows[0][2]
     decode_ms = min(fp32.decode_ms_per_token, again.decode_ms_per_token)
     prefill = max(fp32.prefill_tokens_per_s, again.prefill_tokens_per_s)
