@@ -126,8 +126,7 @@ inline vu code_at(const vu* w, int i) {
 // AVX2: the same loop, written with intrinsics on pairs of 8-lane registers. GCC kept the 16-float vector type's
 // accumulators on the stack here, so each multiply-add waited on a store and a load (3-4x slower at one row).
 
-// code i of a run (0..31) for the 8 lanes of half h of the tile, from its BITS words at w (int32 [BITS][16]);
-// 2, 4 and 8 bits (tile takes 3-bit codes from bytes, four at a time)
+// code i of a run (0..31) for the 8 lanes of half h of the tile, from its BITS words at w (int32 [BITS][16]).
 // The code is masked where it sits, not shifted down: its value is code * 2^shift, and the input it multiplies was
 // pre-multiplied by 2^-shift (prescale_rows), so the product is the same float. One operation fewer per code (the
 // top code of a word is shifted down instead: it needs no mask, and a mask would reach the sign bit).
