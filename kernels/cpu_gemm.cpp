@@ -30,7 +30,7 @@ constexpr int MB = 4;   // (16 registers on AVX2, and each vector takes two)
 #endif
 // The fp32 kernel's rows per pass: on AVX2 six rows' accumulators (12 registers) still fit beside 2-, 4- and 8-bit
 // codes (1.3-1.6x faster than passes of 4 at 6 rows, 4-bit); 3-bit codes take more masks, which then spill
-// (passes of 4 and 2 were 1.04-1.25x faster than one of 6 at 6 rows, one thread).
+// (3-bit over 4-bit time at 6 rows, one thread: 1.05-1.18 with passes of 6, 0.92-1.07 with passes of 4 and 2).
 template <int BITS>
 constexpr int rows_per_pass() {
 #ifdef __AVX512F__
