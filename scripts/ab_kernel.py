@@ -40,6 +40,11 @@ def load_revision(rev: str):
         return load(name=name, sources=[str(path)], extra_cflags=cpu_gemm.CFLAGS, extra_ldflags=["-fopenmp"])
 
 
+def layout_of(module) -> str:
+    """The 3-bit layout a build reads (builds from before ``three_bit_layout`` existed read planes)."""
+    return module.three_bit_layout() if hasattr(module, "three_bit_layout") else "planes"
+
+
 def per_call_us(fn, seconds: float = 0.2, repeats: int = 5) -> float:
     """Best of ``repeats`` loops of about ``seconds`` each, µs per call."""
     fn()
@@ -87,7 +92,8 @@ def main() -> None:
         for bits in args.bits:
             k_pad, n_pad = -(-k // 32) * 32, -(-n // 16) * 16
             codes = torch.randint(0, 1 << bits, (k_pad, n_pad), dtype=torch.uint8, generator=gen)
-            qweight = cpu_gemm.pack(codes, bits)
+            # each build gets the codes in its own 3-bit layout (revisions before the layouts existed: planes)
+            qweights = {id(module): cpu_gemm.pack(codes, bits, layout_of(module)) for module in (a, b)}
             groups = -(-k_pad // args.group_size)
             scales = torch.rand(groups, n_pad, generator=gen) * 0.01
             zeros = torch.rand(groups, n_pad, generator=gen) * (1 << bits)
@@ -95,8 +101,8 @@ def main() -> None:
             cells = []
             for m in args.rows:
                 x = torch.randn(m, k, generator=gen)
-                call = lambda module: module.gptq_matmul(x, None, qweight, scales, zeros, None, bits, args.group_size, n,
-                                                         cpu_gemm.KERNELS[args.kernel])
+                call = lambda module: module.gptq_matmul(x, None, qweights[id(module)], scales, zeros, None, bits,
+                                                         args.group_size, n, cpu_gemm.KERNELS[args.kernel])
                 try:
                     old = call(a)
                 except RuntimeError as error:  # e.g. a revision from before the kernel was added

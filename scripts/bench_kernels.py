@@ -165,6 +165,8 @@ def main() -> None:
                         help="time every kernel at every row count (default: as auto, a kernel below 0.1x dense that "
                              "falls further behind is not timed at larger row counts and shows as -)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES[:4] if args.quick else SHAPES
     print(f"# {cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device} {args.dtype}, "
           f"group size {args.group_size}, act-order {args.act_order}, asym, "
