@@ -3,7 +3,8 @@
 Measures what ``validate`` measures (``measure_latency``: batch-1 prefill throughput and greedy
 decode with a KV cache), the bytes of the model's tensors, and optionally perplexity on the first
 WikiText-2 windows (paper protocol), for the fp32 base and for the quantized model loaded with each
-backend, all in one run so the ratios compare like with like on this machine.
+backend, all in one run so the ratios compare like with like on this machine: every model is loaded
+first and their latencies are timed in interleaved rounds (``--rounds``), each model's best round counting.
 
     HF_HUB_OFFLINE=1 python scripts/bench_e2e.py runs/smollm2-135m/lightning_logs/version_0/quantized/model \\
         --backends auto torch cpu-int4 cpu-packed --ppl-windows 16
@@ -69,13 +70,17 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["auto", "torch"])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timings per round (the best counts)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds over all models; each model's best round counts")
     parser.add_argument("--ppl-windows", type=int, default=0, help="also score the first N WikiText-2 windows (0: skip)")
     parser.add_argument("--wikitext", default="../shared/data/wikitext-2-raw/wiki.test.raw")
     parser.add_argument("--floor", action="store_true",
                         help="also time the fp32 model with its block linears replaced by zero-cost stubs: the "
                              "decode time no kernel can go below (framework, attention, norms, LM head)")
     args = parser.parse_args()
+    if args.rounds < 1 or args.repeats < 1:
+        parser.error("--rounds and --repeats must be at least 1")
     if not is_quantized_checkpoint(args.quantized):
         parser.error(f"not a folder saved by fit: {args.quantized}")
 
@@ -83,49 +88,60 @@ def main() -> None:
     tokens = eval_tokens("wikitext2", tokenizer, path=args.wikitext) if args.ppl_windows else None
     torch.set_grad_enabled(False)
 
-    def measure(model):
-        lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                              repeats=args.repeats)
+    def perplexities(model):
+        """(fast, exact kernels, one-row kernels) perplexity on the first windows, or Nones."""
         if tokens is None:
-            return lat, None, None, None
+            return None, None, None
         score = lambda: perplexity(model, tokens, dataset="wikitext2", max_windows=args.ppl_windows, progress=False).ppl
         fast = score()
         with exact_kernels():
             exact = score()
         with decode_kernels(model):
             decode = score() if any(isinstance(m, QuantLinear) for m in model.modules()) else fast
-        return lat, fast, exact, decode
+        return fast, exact, decode
 
-    ppl_text = lambda r: f"; ppl {r[3]:.4f} (exact kernels {r[4]:.4f}, one-row kernels {r[5]:.4f})" if r[3] else ""
-    rows = [("fp32", "-", *measure(base))]
-    print(f"fp32: {rows[0][2]}{ppl_text(rows[0])}", flush=True)
+    ppl_text = lambda p: f"; ppl {p[0]:.4f} (exact kernels {p[1]:.4f}, one-row kernels {p[2]:.4f})" if p[0] else ""
+    # Every model is loaded first, then their latencies are timed in interleaved rounds and each model's best
+    # round counts: this machine's speed drifts by tens of percent within minutes, and timing one model after
+    # the other would hand that drift to the ratios.
+    entries = [("fp32", "-", base, torch.nn.Linear)]  # name, backends used, model, LM head class to time it with
     # like for like: the fp32 model with the LM head that `auto` gives quantized models (speed_up_head)
-    decision = speed_up_head(base)
-    print(decision, flush=True)
+    print(speed_up_head(base), flush=True)
     if isinstance(base.get_output_embeddings(), GemvHead):
-        rows.append(("fp32, GEMV head", "-", *measure(base)))
-        print(f"fp32, GEMV head: {rows[-1][2]}{ppl_text(rows[-1])}", flush=True)
+        entries.append(("fp32, GEMV head", "-", base, GemvHead))
         base.get_output_embeddings().__class__ = torch.nn.Linear
     for backend in args.backends:
         start = time.perf_counter()
         model, _ = load_quantized(args.quantized, backend=backend)
-        load_s = time.perf_counter() - start
         used = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
-        rows.append((backend, ",".join(used), *measure(model)))
-        print(f"{backend} (layers on {','.join(used)}, loaded in {load_s:.1f} s): {rows[-1][2]}{ppl_text(rows[-1])}",
-              flush=True)
-        del model
+        print(f"{backend}: layers on {','.join(used)}, loaded in {time.perf_counter() - start:.1f} s", flush=True)
+        entries.append((backend, ",".join(used), model, None))
+    scores = {}
+    for name, _, model, head in entries:
+        if head is not None:
+            model.get_output_embeddings().__class__ = head
+        scores[name] = perplexities(model)
+    best = {}
+    for round_ in range(1, args.rounds + 1):
+        for name, _, model, head in entries:
+            if head is not None:
+                model.get_output_embeddings().__class__ = head
+            lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                                  repeats=args.repeats)
+            print(f"round {round_}, {name}: {lat}", flush=True)
+            kept = best.setdefault(name, lat)
+            kept.decode_ms_per_token = min(kept.decode_ms_per_token, lat.decode_ms_per_token)
+            kept.prefill_tokens_per_s = max(kept.prefill_tokens_per_s, lat.prefill_tokens_per_s)
+    base.get_output_embeddings().__class__ = torch.nn.Linear
+    for name, _, _, _ in entries:
+        print(f"{name}: best of {args.rounds} rounds: {best[name]}{ppl_text(scores[name])}", flush=True)
     if args.floor:
         floor = measure_latency(with_free_block_linears(base), prompt_tokens=args.prompt_tokens,
                                 decode_tokens=args.decode_tokens, repeats=args.repeats)
         print(f"floor (block linears cost nothing): {floor}", flush=True)
-        base, _ = load_causal_lm(args.base, gguf_file=args.gguf_file, dtype="float32")
-    # fp32 once more at the end: the ratios use its best run, so a noisy first run cannot flatter us
-    again = measure_latency(base, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens, repeats=args.repeats)
-    print(f"fp32 again: {again}", flush=True)
-    fp32 = rows[0][2]
-    decode_ms = min(fp32.decode_ms_per_token, again.decode_ms_per_token)
-    prefill = max(fp32.prefill_tokens_per_s, again.prefill_tokens_per_s)
+    fp32 = best["fp32"]
+    decode_ms, prefill = fp32.decode_ms_per_token, fp32.prefill_tokens_per_s
+    rows = [(name, used, best[name], *scores[name]) for name, used, _, _ in entries]
 
     reference = next((r[4] for r in rows if r[0] == "torch"), None)
     rel = lambda p: f"{(p - reference) / reference:+.1e}" if p is not None and reference else "–"
@@ -141,8 +157,8 @@ def main() -> None:
         print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} | {decode_ms / lat.decode_ms_per_token:.2f}× | "
               f"{lat.prefill_tokens_per_s:.0f} | {lat.prefill_tokens_per_s / prefill:.2f}× | {lat.model_mib:.1f} | "
               f"{lat.model_mib / fp32.model_mib:.2f}× | {cells[0]} | {cells[1]} | {cells[2]} |")
-    print(f"\n({lat.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens, best of "
-          f"{args.repeats}; fp32 measured first and last, its best run used)")
+    print(f"\n({fp32.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens; each "
+          f"model's best of {args.rounds} interleaved rounds of best-of-{args.repeats})")
 
 
 if __name__ == "__main__":
