@@ -1,5 +1,6 @@
 """The packed GPTQ layout, the quantized linear's backends against the oracle, and ``auto``."""
 
+import json
 import math
 import time
 
@@ -302,6 +303,91 @@ def test_auto_times_the_candidates_and_dispatches_by_rows():
     layer = build(spec)
     assert layer.backend == choice.backend and layer.dispatch == choice.dispatch
     assert choice.to_dict()["backend"] == choice.backend and spec.describe() in choice.describe()
+
+
+@pytest.fixture
+def timing_cache(monkeypatch, tmp_path):
+    """auto's on-disk timing cache switched on (conftest switches it off), in a fresh folder, with this
+    process's memory of earlier choices cleared; yields a function that forgets them again ("a new process")."""
+    from lightning_gptq.nn import autotune_cache
+
+    monkeypatch.setenv("LIGHTNING_GPTQ_CACHE", str(tmp_path))
+    monkeypatch.setenv(autotune_cache.ENV, "1")
+    monkeypatch.setattr(autotune, "_CACHE", {})
+    monkeypatch.setattr(autotune_cache, "_files", {})
+
+    def new_process():
+        autotune._CACHE.clear()
+        autotune_cache._files.clear()
+
+    yield new_process
+
+
+def _counting_measure(monkeypatch):
+    """Replace ``measure`` by the real one, counting calls."""
+    calls = []
+    real = autotune.measure
+
+    def counted(spec, classes, rows=autotune.ROWS):
+        calls.append(spec)
+        return real(spec, classes, rows=(1, 4))
+    monkeypatch.setattr(autotune, "measure", counted)
+    return calls
+
+
+def test_auto_reuses_the_timings_stored_on_this_machine(timing_cache, monkeypatch):
+    from lightning_gptq.nn import autotune_cache
+
+    calls = _counting_measure(monkeypatch)
+    spec = LayerSpec(96, 64, 4, 32, False, False, True)
+    first = choose(spec)
+    assert len(calls) == 1 and not first.cached and first.to_dict()["from_cache"] is False
+    file = autotune_cache.path("cpu")
+    assert file.exists() and len(json.loads(file.read_text())) == 1
+    timing_cache()  # a later process on the same machine: nothing is timed, the same choice comes back
+    again = choose(spec)
+    assert len(calls) == 1 and again.cached and "autotune cache" in again.describe()
+    assert (again.backend, again.dispatch, again.exact_dispatch, again.times, again.dense) == \
+        (first.backend, first.dispatch, first.exact_dispatch, first.times, first.dense)
+    layer = build(spec)
+    assert layer.dispatch == first.dispatch
+    # another layer spec, or the same spec with another thread count (another fingerprint), is timed
+    choose(LayerSpec(96, 64, 3, 32, False, False, True))
+    assert len(calls) == 2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)
+        timing_cache()
+        assert not choose(spec).cached and len(calls) == 3
+        assert autotune_cache.path("cpu") != file
+    finally:
+        torch.set_num_threads(threads)
+    # switched off: timed every process, nothing written
+    monkeypatch.setenv(autotune_cache.ENV, "0")
+    timing_cache()
+    assert not choose(spec).cached and len(calls) == 4
+
+
+def test_auto_times_again_when_the_stored_timing_is_unreadable_or_does_not_fit(timing_cache, monkeypatch, caplog):
+    from lightning_gptq.nn import autotune_cache
+
+    calls = _counting_measure(monkeypatch)
+    spec = LayerSpec(96, 64, 4, 32, False, False, False)
+    choose(spec)
+    file = autotune_cache.path("cpu")
+    file.write_text('{"truncated": ')  # e.g. a disk that filled up
+    timing_cache()
+    with caplog.at_level("WARNING", logger="lightning_gptq"):
+        assert not choose(spec).cached
+    assert len(calls) == 2 and "unreadable timing cache" in caplog.text
+    (key, record), = json.loads(file.read_text()).items()  # rewritten whole
+    record["dispatch"] = [[1, "no-such-kernel"]]  # e.g. a kernel since renamed
+    file.write_text(json.dumps({key: record}))
+    timing_cache()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_gptq"):
+        assert not choose(spec).cached
+    assert len(calls) == 3 and "cannot be used" in caplog.text and "no-such-kernel" not in file.read_text()
 
 
 def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow(monkeypatch):

@@ -6,7 +6,8 @@ device, dtype) is seen, every backend that supports it is built on random codes 
 each of its kernels within ``AUTO_TOLERANCE`` is timed at several input row counts, next to a dense
 ``F.linear`` of the same shape as the yardstick. The backend with the best geometric-mean time over those row counts wins,
 and its fastest kernel at each row count becomes the layer's dispatch. Results are cached per
-process (and thread count); :func:`choices` reports them for the run summary.
+process (and thread count) and on disk per machine (``autotune_cache``: a later load on the same
+machine reuses them); :func:`choices` reports them for the run summary.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import autotune_cache
 from .head import speed_up_head
 from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class, replace_submodule
 
@@ -42,6 +44,7 @@ class Choice:
     exact_dispatch: tuple[tuple[int, str], ...]
     times: dict[str, dict[int, float]] = field(default_factory=dict)  # "backend/kernel" -> rows -> s
     dense: dict[int, float] = field(default_factory=dict)  # F.linear with a dense weight, same dtype
+    cached: bool = False  # read from this machine's timing cache rather than timed in this process
 
     def speedup(self, rows: int) -> float | None:
         """Dense time / chosen time at ``rows`` (None when nothing was timed: a single choice)."""
@@ -53,12 +56,39 @@ class Choice:
     def describe(self) -> str:
         parts = ", ".join(f"{r}:{k} {self.speedup(r):.2f}x" if r in self.dense else f"{r}:{k}" for r, k in self.dispatch)
         exact = ", ".join(f"{r}:{k}" for r, k in self.exact_dispatch)
-        return f"{self.spec.describe()}: {self.backend} [{parts} vs dense {self.spec.dtype}; calibration: {exact}]"
+        cached = " (timed earlier on this machine: autotune cache)" if self.cached else ""
+        return f"{self.spec.describe()}: {self.backend} [{parts} vs dense {self.spec.dtype}; calibration: {exact}]{cached}"
 
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "backend": self.backend, "dispatch": [list(d) for d in self.dispatch],
                 "exact_dispatch": [list(d) for d in self.exact_dispatch],
-                "speedup_vs_dense": {r: round(self.speedup(r), 3) for r, _ in self.dispatch if r in self.dense}}
+                "speedup_vs_dense": {r: round(self.speedup(r), 3) for r, _ in self.dispatch if r in self.dense},
+                "from_cache": self.cached}
+
+    def to_record(self) -> dict:
+        """Everything but the spec, as JSON (the timing cache's entry)."""
+        return {"backend": self.backend, "dispatch": [list(d) for d in self.dispatch],
+                "exact_dispatch": [list(d) for d in self.exact_dispatch],
+                "times": {k: {str(r): t for r, t in v.items()} for k, v in self.times.items()},
+                "dense": {str(r): t for r, t in self.dense.items()}}
+
+    @classmethod
+    def from_record(cls, spec: LayerSpec, record: dict, classes: dict[str, type[QuantLinear]]) -> "Choice":
+        """The inverse of :meth:`to_record`; ``ValueError`` when the record does not fit ``classes``."""
+        try:
+            backend = record["backend"]
+            dispatch = tuple((int(r), str(k)) for r, k in record["dispatch"])
+            exact = tuple((int(r), str(k)) for r, k in record["exact_dispatch"])
+            times = {str(k): {int(r): float(t) for r, t in v.items()} for k, v in record["times"].items()}
+            dense = {int(r): float(t) for r, t in record["dense"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise ValueError(f"malformed record: {error!r}") from error
+        if backend not in classes:
+            raise ValueError(f"backend {backend!r} is not among the candidates {sorted(classes)}")
+        kernels, exact_kernels = classes[backend].kernels, classes[backend].exact
+        if not dispatch or not exact or any(k not in kernels for _, k in dispatch) or any(k not in exact_kernels for _, k in exact):
+            raise ValueError(f"a kernel it names is not one of {backend}'s {kernels}")
+        return cls(spec, backend, dispatch, exact, times, dense, cached=True)
 
 
 _CACHE: dict[tuple, Choice] = {}
@@ -203,7 +233,8 @@ def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows
 
 
 def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
-    """The backend (``auto``: any; else just that one) and dispatch for ``spec``, measured once per process."""
+    """The backend (``auto``: any; else just that one) and dispatch for ``spec``, measured once per process,
+    or read from this machine's timing cache when it was measured here before (``autotune_cache``)."""
     key = (spec, backend, torch.get_num_threads())
     if key not in _CACHE:
         if backend == AUTO:
@@ -218,10 +249,29 @@ def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
             (name, cls), = classes.items()
             choice = Choice(spec, name, ((1, cls.kernels[0]),), ((1, cls.exact[0]),))
         else:
-            choice = measure(spec, classes)
+            choice = _stored(spec, backend, classes)
+            if choice is None:
+                choice = measure(spec, classes)
+                autotune_cache.store(spec.device, _entry_key(spec, backend, classes), choice.to_record())
             log.info("quantized linear %s", choice.describe())
         _CACHE[key] = choice
     return _CACHE[key]
+
+
+def _entry_key(spec: LayerSpec, backend: str, classes: dict[str, type[QuantLinear]]) -> str:
+    return autotune_cache.entry_key(spec.to_dict(), backend, {name: cls.kernels for name, cls in classes.items()})
+
+
+def _stored(spec: LayerSpec, backend: str, classes: dict[str, type[QuantLinear]]) -> Choice | None:
+    key = _entry_key(spec, backend, classes)
+    record = autotune_cache.lookup(spec.device, key)
+    if record is None:
+        return None
+    try:
+        return Choice.from_record(spec, record, classes)
+    except ValueError as error:
+        autotune_cache.forget(spec.device, key, str(error))
+        return None
 
 
 def build(spec: LayerSpec, backend: str = AUTO) -> QuantLinear:
