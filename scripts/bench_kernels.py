@@ -16,6 +16,10 @@ By default one weight is timed over and over, so it sits in the CPU caches (smal
 entirely). ``--cold MB`` cycles through enough copies of every layer (dense and quantized alike)
 that the dense ones span that many MB, so each call reads its weight from memory, as a model's
 forward pass does.
+
+``auto``'s choice comes from this machine's timing cache when it timed the same layer spec before
+(``(timed earlier on this machine: autotune cache)`` beside it, tuning 0 s);
+``LIGHTNING_GPTQ_AUTOTUNE_CACHE=0`` makes it time afresh.
 """
 
 from __future__ import annotations

@@ -315,6 +315,7 @@ def timing_cache(monkeypatch, tmp_path):
     monkeypatch.setenv(autotune_cache.ENV, "1")
     monkeypatch.setattr(autotune, "_CACHE", {})
     monkeypatch.setattr(autotune_cache, "_files", {})
+    monkeypatch.setattr(autotune_cache, "_warned", set())
 
     def new_process():
         autotune._CACHE.clear()
@@ -388,6 +389,15 @@ def test_auto_times_again_when_the_stored_timing_is_unreadable_or_does_not_fit(t
     with caplog.at_level("WARNING", logger="lightning_gptq"):
         assert not choose(spec).cached
     assert len(calls) == 3 and "cannot be used" in caplog.text and "no-such-kernel" not in file.read_text()
+    # a cache folder that cannot be made (here: under a file) leaves timing per process, with one warning
+    blocker = file.parent / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("LIGHTNING_GPTQ_CACHE", str(blocker / "cache"))
+    timing_cache()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_gptq"):
+        assert not choose(spec).cached and not choose(LayerSpec(96, 64, 2, 32, False, False, False)).cached
+    assert len(calls) == 5 and caplog.text.count("no timing cache") == 1
 
 
 def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow(monkeypatch):

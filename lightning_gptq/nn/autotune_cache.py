@@ -27,6 +27,7 @@ log = logging.getLogger("lightning_gptq")
 ENV = "LIGHTNING_GPTQ_AUTOTUNE_CACHE"
 _PACKAGE = Path(__file__).resolve().parents[1]
 _files: dict[Path, dict] = {}  # what each file held when first read, plus what this process added
+_warned: set[str] = set()
 
 
 def enabled() -> bool:
@@ -99,25 +100,39 @@ def _read(file: Path) -> dict:
     return _files[file]
 
 
-def lookup(device: str, key: str) -> dict | None:
-    """The stored record for ``key`` on this machine, or None (cache off, nothing stored)."""
+def _file(device: str) -> Path | None:
+    """This machine's file, or None when the cache is off or its folder cannot be made (reported)."""
     if not enabled():
         return None
-    return _read(path(device)).get(key)
+    try:
+        return path(device)
+    except OSError as error:  # e.g. a read-only home: time in memory only
+        if str(error) not in _warned:
+            _warned.add(str(error))
+            log.warning("auto: no timing cache (%s); layers are timed in every process", error)
+        return None
+
+
+def lookup(device: str, key: str) -> dict | None:
+    """The stored record for ``key`` on this machine, or None (cache off, nothing stored)."""
+    file = _file(device)
+    return None if file is None else _read(file).get(key)
 
 
 def forget(device: str, key: str, why: str) -> None:
     """Drop a stored record that cannot be used (it is timed again and replaced)."""
-    log.warning("auto: a stored timing in %s cannot be used (%s); timing again", path(device), why)
-    _read(path(device)).pop(key, None)
+    file = _file(device)
+    if file is not None:
+        log.warning("auto: a stored timing in %s cannot be used (%s); timing again", file, why)
+        _read(file).pop(key, None)
 
 
 def store(device: str, key: str, record: dict) -> None:
     """Add ``record`` to this machine's file: merged with what another process may have written since, then
     written whole to a temporary file and renamed over it, so a reader never sees half a file."""
-    if not enabled():
+    file = _file(device)
+    if file is None:
         return
-    file = path(device)
     entries = _read(file)
     entries[key] = record
     try:
