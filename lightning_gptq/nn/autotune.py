@@ -251,7 +251,11 @@ def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
         else:
             choice = _stored(spec, backend, classes)
             if choice is None:
+                # a large layer takes tens of seconds on a slow CPU: say what the wait is for
+                log.info("auto: timing %s's kernels for %s (once per machine)", ", ".join(classes), spec.describe())
+                start = time.perf_counter()
                 choice = measure(spec, classes)
+                log.info("auto: timed in %.1f s", time.perf_counter() - start)
                 autotune_cache.store(spec.device, _entry_key(spec, backend, classes), choice.to_record())
             log.info("quantized linear %s", choice.describe())
         _CACHE[key] = choice
