@@ -345,6 +345,7 @@ def test_auto_reuses_the_timings_stored_on_this_machine(timing_cache, monkeypatc
     assert len(calls) == 1 and not first.cached and first.to_dict()["from_cache"] is False
     file = autotune_cache.path("cpu")
     assert file.exists() and len(json.loads(file.read_text())) == 1
+    assert cpu_gemm.SOURCE.resolve() in autotune_cache.source_files()  # a changed kernel is another fingerprint
     timing_cache()  # a later process on the same machine: nothing is timed, the same choice comes back
     again = choose(spec)
     assert len(calls) == 1 and again.cached and "autotune cache" in again.describe()

@@ -88,6 +88,8 @@ class Choice:
         kernels, exact_kernels = classes[backend].kernels, classes[backend].exact
         if not dispatch or not exact or any(k not in kernels for _, k in dispatch) or any(k not in exact_kernels for _, k in exact):
             raise ValueError(f"a kernel it names is not one of {backend}'s {kernels}")
+        if any(r in dense and r not in times.get(f"{backend}/{k}", {}) for r, k in dispatch):
+            raise ValueError("a chosen kernel's time is missing")
         return cls(spec, backend, dispatch, exact, times, dense, cached=True)
 
 

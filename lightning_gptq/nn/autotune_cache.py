@@ -25,7 +25,6 @@ import torch
 log = logging.getLogger("lightning_gptq")
 
 ENV = "LIGHTNING_GPTQ_AUTOTUNE_CACHE"
-_PACKAGE = Path(__file__).resolve().parents[1]
 _files: dict[Path, dict] = {}  # what each file held when first read, plus what this process added
 _warned: set[str] = set()
 
@@ -34,14 +33,21 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
+def source_files() -> list[Path]:
+    """Our kernels' and backends' source files (the kernels may live outside the package: an editable install
+    maps ``lightning_gptq.kernels`` to the repository's ``kernels/``)."""
+    from lightning_gptq import kernels
+
+    folders = [Path(kernels.__file__).resolve().parent, Path(__file__).resolve().parent]
+    return sorted(f for folder in folders for f in [*folder.glob("*.py"), *folder.glob("*.cpp")])
+
+
 @functools.cache
 def _sources() -> str:
     """A digest of the kernels' and backends' source: a change to either may change which kernel wins."""
     from lightning_gptq._hub import short_hash
 
-    files = sorted([*(_PACKAGE / "kernels").glob("*.py"), *(_PACKAGE / "kernels").glob("*.cpp"),
-                    *(_PACKAGE / "nn").glob("*.py")])
-    return short_hash(*[(f.name, f.read_bytes()) for f in files])
+    return short_hash(*[(f.name, f.read_bytes()) for f in source_files()])
 
 
 @functools.cache
