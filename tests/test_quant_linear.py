@@ -401,6 +401,39 @@ def test_auto_times_again_when_the_stored_timing_is_unreadable_or_does_not_fit(t
     assert len(calls) == 5 and caplog.text.count("no timing cache") == 1
 
 
+def test_auto_times_few_rows_with_the_weights_coming_from_memory(monkeypatch):
+    """Up to COLD_ROWS rows each timed call takes the next of enough copies of the layer, and of the dense weight,
+    to span twice the last-level cache (as in a model's forward pass, where every other layer was read since);
+    more rows are timed on one layer."""
+    seen: dict[int, set[int]] = {}
+
+    class Recording(QuantLinear):
+        kernels, exact = ("dequant",), ("dequant",)
+
+        def run(self, kernel, x):
+            seen.setdefault(x.shape[0], set()).add(id(self))
+            return super().run(kernel, x)
+
+    dense_seen: dict[int, set[int]] = {}
+
+    class RecordingDense:
+        @staticmethod
+        def linear(x, w):
+            dense_seen.setdefault(x.shape[0], set()).add(id(w))
+            return F.linear(x, w)
+
+    assert autotune.cache_bytes() >= 2**20  # the machine's (sysfs), or 32 MiB where unreadable
+    spec = LayerSpec(256, 64, 4, 32, False, False, False)
+    layer_bytes = autotune._layer_bytes(random_layer(Recording, spec))
+    monkeypatch.setattr(autotune, "cache_bytes", lambda: 4 * layer_bytes)  # 8 copies span twice the "cache"
+    monkeypatch.setattr(autotune, "F", RecordingDense)
+    assert autotune.COLD_ROWS >= 16
+    measure(spec, {"rec": Recording}, rows=(1, 16, 64))
+    assert len(seen[1]) == len(seen[16]) == 8 and seen[1] == seen[16] and len(seen[64]) == 1
+    dense_bytes = 64 * 256 * 4  # dense copies: ceil(2 * cache / dense bytes)
+    assert len(dense_seen[1]) == -(-8 * layer_bytes // dense_bytes) and len(dense_seen[64]) == 1
+
+
 def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow(monkeypatch):
     """A kernel far slower than dense and falling further behind is not timed at larger row counts (on AVX2
     CPUs a bf16 matmul of 1,024 rows of a 7B layer would take minutes to time); the others still are."""

@@ -4,7 +4,8 @@ CPUs differ (this project's machines have been AVX2-only AMD and AVX-512/AMX Int
 the fastest path, so nothing is assumed: the first time a layer spec (shape, bits, group, act-order,
 device, dtype) is seen, every backend that supports it is built on random codes of that spec and
 each of its kernels within ``AUTO_TOLERANCE`` is timed at several input row counts, next to a dense
-``F.linear`` of the same shape as the yardstick. The backend with the best geometric-mean time over those row counts wins,
+``F.linear`` of the same shape as the yardstick (on CPU, up to ``COLD_ROWS`` rows with the weights coming from
+memory, as in a model's forward pass). The backend with the best geometric-mean time over those row counts wins,
 and its fastest kernel at each row count becomes the layer's dispatch. Results are cached per
 process (and thread count) and on disk per machine (``autotune_cache``: a later load on the same
 machine reuses them); :func:`choices` reports them for the run summary.
@@ -12,10 +13,13 @@ machine reuses them); :func:`choices` reports them for the run summary.
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +190,45 @@ HOPELESS = 0.1
 ROUNDS = 3
 
 
+#: Calls of up to this many rows are bound by reading the weight, and in a model's forward pass that weight comes
+#: from memory (every other layer's weights were read since its last call). They are timed that way: each call
+#: takes the next of enough copies of the layer (and of the dense weight) to overflow the CPU's last-level cache.
+#: Timed in cache, `auto` took `blocked` at 4 rows on the SmolLM2 shapes where `gemm` runs 1.4-1.8x faster from
+#: memory (scripts/bench_kernels.py --cold, AVX2 EPYC). Larger row counts are bound by arithmetic: one copy.
+COLD_ROWS = 16
+#: At most this many copies of a layer (tiny layers would otherwise need thousands to fill the cache).
+MAX_COPIES = 512
+
+
+@functools.cache
+def cache_bytes() -> int:
+    """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip().upper()
+            sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20, "G": 2**30}[text[-1]] if text[-1] in "KMG" else int(text))
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+    return max(sizes, default=32 * 2**20)
+
+
+def _copies(item, nbytes: int) -> list:
+    """``item`` and enough deep copies of it that together they span twice the last-level cache."""
+    count = min(MAX_COPIES, max(1, -(-2 * cache_bytes() // max(nbytes, 1))))
+    return [item] + [copy.deepcopy(item) for _ in range(count - 1)]
+
+
+def _cycle(items: list, fn):
+    """A call that runs ``fn`` on the next of ``items`` each time."""
+    at = [0]
+
+    def call():
+        at[0] = (at[0] + 1) % len(items)
+        return fn(items[at[0]])
+    return call
+
+
 def worth_timing(ratios: list[float]) -> bool:
     """Whether a kernel whose speed ratios to dense (dense time / its time) at the row counts timed so far
     were ``ratios`` should be timed at the next, larger row count: not when the last two are both below
@@ -197,7 +240,7 @@ def worth_timing(ratios: list[float]) -> bool:
 def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows: tuple[int, ...] = ROWS) -> Choice:
     """Time every kernel of every given backend, and a dense ``F.linear``, at each row count (a kernel that
     :func:`worth_timing` gives up on is left out at the larger row counts; a backend's last kernel, and its
-    last exact one, never are)."""
+    last exact one, never are); on CPU, up to ``COLD_ROWS`` rows with the weights coming from memory."""
     dtype = getattr(torch, spec.dtype)
     gen = torch.Generator().manual_seed(1)
     dense_weight = torch.randn(spec.out_features, spec.in_features, generator=gen).to(spec.device, dtype)
@@ -206,12 +249,21 @@ def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows
     layers = {name: random_layer(cls, spec) for name, cls in backend_classes.items()}
     allowed = {name: [k for k in layer.kernels if layer.tolerance_of(k) <= AUTO_TOLERANCE] for name, layer in layers.items()}
     timing = {name: list(kernels) for name, kernels in allowed.items()}  # less the kernels given up on
+    cold = None  # copies of the dense weight and of each layer, for the row counts timed from memory (COLD_ROWS)
     for m in rows:
         x = torch.randn(m, spec.in_features, generator=gen).to(spec.device, dtype)
-        calls = {"dense": lambda: F.linear(x, dense_weight)}
-        for name, layer in layers.items():
+        if spec.device == "cpu" and m <= COLD_ROWS:
+            if cold is None:
+                cold = {"dense": _copies(dense_weight, dense_weight.numel() * dense_weight.element_size())}
+                cold.update({name: _copies(layer, _layer_bytes(layer)) for name, layer in layers.items()})
+            copies = cold
+        else:
+            cold = None  # past COLD_ROWS: the copies are freed
+            copies = {"dense": [dense_weight], **{name: [layer] for name, layer in layers.items()}}
+        calls = {"dense": _cycle(copies["dense"], lambda w: F.linear(x, w))}
+        for name in layers:
             for kernel in timing[name]:
-                calls[f"{name}/{kernel}"] = lambda layer=layer, kernel=kernel: layer.run(kernel, x)
+                calls[f"{name}/{kernel}"] = _cycle(copies[name], lambda layer, kernel=kernel: layer.run(kernel, x))
         seconds: dict[str, float] = {}  # each call's best round
         for round_ in range(ROUNDS):  # interleaved: see ROUNDS
             for key, call in calls.items():
@@ -232,6 +284,10 @@ def measure(spec: LayerSpec, backend_classes: dict[str, type[QuantLinear]], rows
     score = lambda name, dispatch: sum(math.log(times[f"{name}/{k}"][m]) for m, k in dispatch)
     best = min(layers, key=lambda name: score(name, fastest(name, allowed[name])))
     return Choice(spec, best, fastest(best, allowed[best]), fastest(best, layers[best].exact), times, dense)
+
+
+def _layer_bytes(layer: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*layer.buffers(), *layer.parameters()])
 
 
 def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
