@@ -92,6 +92,10 @@ def main() -> None:
     parser.add_argument("--work", default="interop", help="folder for the hand-over files and GPTQModel's checkpoint")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows scored (of 2048 tokens)")
     parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--wikitext", default="../shared/data/wikitext-2-raw/wiki.test.raw",
+                        help="WikiText-2 test text (wiki.test.raw) the windows are cut from")
+    parser.add_argument("--calibration-text", default="../shared/data/calibration/wikipedia-vital-leads.txt",
+                        help="text GPTQModel calibrates on (part 2)")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--calibration-seqlen", type=int, default=512)
     parser.add_argument("--their-side", action="store_true", help=argparse.SUPPRESS)
@@ -107,14 +111,13 @@ def main() -> None:
     from lightning_gptq.checkpoint import load_quantized, read_settings
     from lightning_gptq.data import calibration_windows, eval_tokens
 
-    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.ours or args.fp_model)
-    tokens = eval_tokens("wikitext2", tokenizer, path=str(shared / "wikitext-2-raw" / "wiki.test.raw"), seqlen=args.seqlen)
+    tokens = eval_tokens("wikitext2", tokenizer, path=args.wikitext, seqlen=args.seqlen)
     windows = tokens.reshape(-1)[: args.windows * args.seqlen].view(args.windows, args.seqlen)
     torch.save(windows, work / "windows.pt")
-    calibration = calibration_windows(str(shared / "calibration" / "wikipedia-vital-leads.txt"), tokenizer,
+    calibration = calibration_windows(args.calibration_text, tokenizer,
                                       nsamples=args.calibration_windows, seqlen=args.calibration_seqlen, seed=0)
     torch.save(calibration, work / "calibration.pt")
     gptqmodel_out = work / "gptqmodel-4bit-g128"

@@ -2,7 +2,8 @@
 
 The reported evaluations are WikiText-2 test and PTB test (``ptb-new``). This fits a model once per
 candidate rule (small calibration: ``--nsamples`` × ``--seqlen`` windows of the calibration text)
-and scores the first ``--windows`` windows of ``../shared/data/ptb/ptb.valid.txt`` (PTB *valid*).
+and scores the first ``--windows`` windows of ``--eval`` (default ``../shared/data/ptb/ptb.valid.txt``,
+PTB *valid*). Run it from the repository root (it reads ``configs/smollm2-135m.yaml``).
 A candidate is a weight (``16``), ``attention`` (the weight each block measures: the attention its
 first position receives over an average key's), optionally ``:attention`` to weigh only the
 attention in-projections (``16:attention``, ``attention:attention``). ``--rtn`` adds the
@@ -20,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path("../shared")  # the defaults below: the project's offline model and texts, beside the checkout
 
 
 def main() -> None:
@@ -39,6 +40,8 @@ def main() -> None:
                              "set); more sets are scored beside it, the first one ranks")
     parser.add_argument("--bos", action="store_true",
                         help="BOS before every calibration and evaluation window (data.calibration_bos, data.eval_bos)")
+    parser.add_argument("--wikitext", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"),
+                        help="local WikiText-2 test text, used when --eval names wikitext2")
     parser.add_argument("--jsonl", help="append one JSON line per run here")
     args = parser.parse_args()
 
@@ -46,7 +49,7 @@ def main() -> None:
 
     names = [e.split("=", 1)[0] for e in args.eval]
     name = names[0]
-    wiki = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+    wiki = args.wikitext
     root = Path(tempfile.mkdtemp(prefix="sink-rule-"))
     common = [
         "--config=configs/smollm2-135m.yaml", f"--model.model={args.model}", "--model.gguf_file=null",

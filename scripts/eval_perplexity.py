@@ -3,8 +3,8 @@
 Example (the shared SmolLM2 and WikiText-2 copy):
 
     HF_HUB_OFFLINE=1 python scripts/eval_perplexity.py \\
-        --model /work/shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
-        --dataset wikitext2 --path /work/shared/data/wikitext-2-raw/wiki.test.raw --both
+        --model ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --dataset wikitext2 --path ../shared/data/wikitext-2-raw/wiki.test.raw --both
 """
 
 from __future__ import annotations

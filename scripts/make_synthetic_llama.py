@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def main() -> None:
@@ -27,13 +24,17 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--shard", default="1GB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default="../shared/models",
+                        help="model (hub id, folder or .gguf) whose tokenizer the synthetic model gets")
+    parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf",
+                        help="GGUF file name inside --tokenizer's folder (empty: none)")
     args = parser.parse_args()
 
     import transformers as tf
 
     from lightning_gptq.models import load_causal_lm
 
-    _, tokenizer = load_causal_lm(str(SHARED / "models"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    _, tokenizer = load_causal_lm(args.tokenizer, gguf_file=args.gguf_file or None)
     config = tf.LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.intermediate,
                             num_hidden_layers=args.layers, num_attention_heads=args.heads,
                             num_key_value_heads=args.kv_heads, max_position_embeddings=4096, tie_word_embeddings=False,

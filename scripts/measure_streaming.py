@@ -28,8 +28,6 @@ import time
 import torch
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
 
 def run(argv: list[str]) -> tuple[float, float]:
     """(seconds, peak RSS in bytes) of one child process."""
@@ -49,6 +47,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--calibration", default="../shared/data/calibration/wikipedia-vital-leads.txt",
+                        help="calibration text (data.calibration)")
     parser.add_argument("--in-memory", action="store_true", help="the ordinary fit (the whole model in memory)")
     parser.add_argument("--compare", action="store_true",
                         help="then also fit in memory and compare the two written models tensor for tensor")
@@ -66,7 +66,7 @@ def main() -> None:
     files = list(folder.glob("*.safetensors")) if folder.is_dir() else [folder]
     fp32 = sum(p.stat().st_size for p in files)
     root = Path(tempfile.mkdtemp(prefix="streaming-"))
-    common = ["fit", f"--model.model={folder}", f"--data.calibration={SHARED / 'data/calibration/wikipedia-vital-leads.txt'}",
+    common = ["fit", f"--model.model={folder}", f"--data.calibration={args.calibration}",
               f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}", "--data.eval_datasets=[]",
               "--model.eval_after=false", "--model.latency=false", f"--gptq.quant.bits={args.bits}",
               "--trainer.logger=false", "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}"]

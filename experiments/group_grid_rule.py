@@ -6,8 +6,8 @@
 held-out inputs, ``‖(W − Q)Xᵀ‖² / ‖WXᵀ‖²``, and prints the ratio updated / block-start (< 1: updated
 is better), as a geometric mean over layers (or seeds).
 
-    python scripts/group_grid_rule.py --synthetic     # 256x512 problems with outlier channels, 6 seeds
-    python scripts/group_grid_rule.py --real          # SmolLM2 layers from ../shared, fp model inputs
+    python experiments/group_grid_rule.py --synthetic     # 256x512 problems with outlier channels, 6 seeds
+    python experiments/group_grid_rule.py --real          # SmolLM2 layers from ../shared, fp model inputs
 
 Real problems: the inputs of every linear in a few blocks of the full-precision model, on
 calibration windows of ``wikipedia-vital-leads.txt`` (seed 0) for the Hessian and on *other*
@@ -58,12 +58,11 @@ def synthetic(seed: int, rows: int = 256, cols: int = 512, tokens: int = 4096):
     return torch.randn(rows, cols, generator=gen) * 0.02, acc.hessian, x_test
 
 
-def real_problems(blocks: list[int], nsamples: int, seqlen: int):
+def real_problems(blocks: list[int], nsamples: int, seqlen: int, model_path: str, text: str):
     from lightning_gptq.data import calibration_windows
     from lightning_gptq.models import get_adapter, load_causal_lm
 
-    model, tokenizer = load_causal_lm(str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    text = str(SHARED / "data" / "calibration" / "wikipedia-vital-leads.txt")
+    model, tokenizer = load_causal_lm(model_path)
     both = calibration_windows(text, tokenizer, nsamples=2 * nsamples, seqlen=seqlen, seed=0)
     cal, test = both[:nsamples], both[nsamples:]  # disjoint windows of one draw
     adapter = get_adapter(model)
@@ -93,6 +92,9 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 10, 20, 29])
     parser.add_argument("--nsamples", type=int, default=16)
     parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--model", default=str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"), help="for --real")
+    parser.add_argument("--calibration", default=str(SHARED / "data" / "calibration" / "wikipedia-vital-leads.txt"),
+                        help="for --real: the text both window sets are drawn from")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.synthetic:
@@ -106,7 +108,7 @@ def main() -> None:
                 print(f"  {bits}-bit act-order {act_order!s:>5}: " + "  ".join(cells), flush=True)
     if args.real:
         start = time.perf_counter()
-        problems = list(real_problems(args.blocks, args.nsamples, args.seqlen))
+        problems = list(real_problems(args.blocks, args.nsamples, args.seqlen, args.model, args.calibration))
         print(f"SmolLM2 blocks {args.blocks}: {len(problems)} layers, Hessians on {args.nsamples}x{args.seqlen} tokens, "
               f"error on {args.nsamples}x{args.seqlen} other tokens ({time.perf_counter() - start:.0f} s to capture); "
               f"ratio updated / block-start: geometric mean [min, max] over layers")

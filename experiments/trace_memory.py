@@ -1,7 +1,7 @@
 """Resident memory of a ``fit`` stage by stage: prints RSS at each stage's start and the peak so far
 (sampled every 50 ms in a thread), for finding what a streaming run holds at its peak.
 
-    python scripts/trace_memory.py fit --model.model=/tmp/llama-1b-slice --model.streaming=true \
+    python experiments/trace_memory.py fit --model.model=/tmp/llama-1b-slice --model.streaming=true \
         --data.nsamples=8 --data.seqlen=512 "--data.eval_datasets=[]" --model.eval_after=false --model.latency=false
 """
 import sys

@@ -7,7 +7,7 @@ quantizes all linears (not true-sequential), writes the dequantized weight back 
 exactly that with our solver (which equals the reference's on layer problems), so what differs
 from ``fit`` is the driver alone. Both score the first ``--eval-windows`` WikiText-2 windows.
 
-    python scripts/driver_compare.py --seeds 0 1 2 --nsamples 32 --seqlen 512
+    python experiments/driver_compare.py --seeds 0 1 2 --nsamples 32 --seqlen 512
 
 Variants of ``fit``: the default (``auto`` backend: layers of the int4 CPU layout, exact fp32
 kernels during calibration) and ``--gptq.backend=torch`` (the plain dequantize-then-matmul layer).
@@ -113,13 +113,18 @@ def block_ratios(ours: dict, ref: dict) -> list[float]:
 
 
 def main() -> None:
+    global GGUF, TEXT, WIKI
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--backends", nargs="+", default=["auto", "torch"])
+    parser.add_argument("--model", default=str(GGUF), help="the SmolLM2 GGUF file (its folder goes to the config)")
+    parser.add_argument("--calibration", default=str(TEXT))
+    parser.add_argument("--wikitext", default=str(WIKI), help="WikiText-2 test text (wiki.test.raw)")
     args = parser.parse_args()
+    GGUF, TEXT, WIKI = Path(args.model), Path(args.calibration), Path(args.wikitext)
 
     from lightning_gptq.data import calibration_windows, eval_tokens, perplexity
     from lightning_gptq.models import load_causal_lm

@@ -3,7 +3,7 @@
 If GPTQ beats RTN here but not on held-out text, the calibration set does not generalise; if it
 loses here too, the per-layer objective is not adding up to a better model.
 
-    python scripts/calibration_ppl.py fp32 runs/a/model runs/b/model --windows 16
+    python experiments/calibration_ppl.py fp32 runs/a/model runs/b/model --windows 16
 """
 
 from __future__ import annotations
