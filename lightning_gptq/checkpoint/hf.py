@@ -9,7 +9,6 @@ stored as it is in memory. Our checkpoints record each weight file's sha256 in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -295,24 +294,6 @@ def read_settings(folder: Path) -> GPTQSettings:
     return GPTQSettings.from_dict(block, str(source))
 
 
-@contextlib.contextmanager
-def parameters_on_meta():
-    """Parameters created inside this block live on the meta device (no memory, no initialisation);
-    buffers stay real, so rotary tables and other computed non-persistent buffers are as usual."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     """``(in_features, out_features, has_bias)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
     if isinstance(module, nn.Linear):
@@ -336,6 +317,7 @@ class GPTQReader:
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, verify: bool = True,
                  trust_remote_code: bool = False, plain_io: bool = False):
+        from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder, self.dtype = Path(folder), dtype
@@ -351,7 +333,7 @@ class GPTQReader:
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # transformers would look for a GPTQ integration; we are it
-        with parameters_on_meta():
+        with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.layers: dict[str, tuple[int, int, bool]] = {}  # quantized layer -> (in, out, has bias)
         for name in names:

@@ -29,13 +29,12 @@ class StreamingError(ValueError):
 
 def skeleton(folder: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code: bool = False):
     """``(model, tokenizer)``: ``folder``'s causal LM with its parameters on the meta device."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from lightning_gptq.checkpoint.hf import parameters_on_meta
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    with parameters_on_meta():
+    with init_empty_weights(include_buffers=False):  # buffers stay real: rotary tables are computed, in no file
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     return model.eval(), tokenizer
