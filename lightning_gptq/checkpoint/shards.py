@@ -8,13 +8,15 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from .gptq_format import CheckpointError
 
-SINGLE = "model.safetensors"
+PATTERN = "model{suffix}.safetensors"  # huggingface_hub's suffix: "" or "-00001-of-00003"
+SINGLE = PATTERN.format(suffix="")
 INDEX = "model.safetensors.index.json"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -88,28 +90,29 @@ def write_streamed(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, 
                 raise RuntimeError(f"{path}: {name} wrote {written} bytes, expected {end - start}")
 
 
+def _own_storage(tensor: Tensor) -> Tensor:
+    """``tensor``, or a contiguous copy when it is a view into a larger storage: huggingface_hub sizes a tensor
+    by its storage and keeps tensors sharing one together, which would misjudge views."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def write(tensors: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> dict[str, str]:
     """Write ``tensors`` as ``model.safetensors``, or shards + index when larger than ``max_shard_size``.
-    Returns ``{file name: sha256}``."""
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    names = [SINGLE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    Returns ``{file name: sha256}``, which the index also records under ``metadata.sha256``.
+
+    The split is ``huggingface_hub``'s: in key order, a new shard when the next tensor would pass the limit,
+    a tensor larger than the limit in a shard of its own; files ``model-00001-of-0000N.safetensors``."""
+    tensors = {name: _own_storage(t) for name, t in tensors.items()}
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern=PATTERN, max_shard_size=parse_size(max_shard_size))
     digests = {}
-    for file, shard in zip(names, shards):
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
+    for file, names in split.filename_to_tensors.items():
+        save_file({name: tensors[name] for name in names}, str(folder / file), metadata={"format": "pt"})
         digests[file] = sha256(folder / file)
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        index = {"metadata": {"total_size": total, "sha256": digests},
-                 "weight_map": {name: file for file, shard in zip(names, shards) for name in shard}}
+    if split.is_sharded:
+        total = sum(t.numel() * t.element_size() for t in tensors.values())  # bytes of tensor data, as before
+        index = {"metadata": {"total_size": total, "sha256": digests}, "weight_map": dict(split.tensor_to_filename)}
         (folder / INDEX).write_text(json.dumps(index, indent=2))
     return digests
 
