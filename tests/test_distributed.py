@@ -56,7 +56,7 @@ def test_two_processes_give_the_single_process_weights(runs):
         total += codes.numel()
         torch.testing.assert_close(ddp[name].scales, layer.scales, rtol=1e-4, atol=1e-6)
     # Only the order of the fp sums differs (per-rank sums, then one all-reduce), so a code may
-    # flip where a value sits on a rounding boundary; README: at most 0.1%.
+    # flip where a value sits on a rounding boundary; docs/big-models.md: at most 0.1%.
     assert differ <= 0.001 * total, f"{differ} of {total} codes differ"
 
 

@@ -626,7 +626,7 @@ def test_fit_equals_the_reference_driver_bit_for_bit(tmp_path, monkeypatch):
     """Same windows, same solver: every quantized weight of `fit` equals the reference-style driver's
     exactly. Calibration runs through the oracle layer whatever backend was asked for, and the layers
     end on that backend: calibrating through a fast kernel's dense weight (rounded differently by one
-    ulp) drifted SmolLM2's layer losses by ±1% over 30 blocks (scripts/driver_compare.py)."""
+    ulp) drifted SmolLM2's layer losses by ±1% over 30 blocks (experiments/driver_compare.py)."""
     from lightning_gptq.data import calibration_windows
     from lightning_gptq.lightning import callbacks
     from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear

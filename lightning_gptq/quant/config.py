@@ -31,7 +31,7 @@ class QuantConfig:
             (``group_size < block_size``): ``"block-start"`` (the weights as they stood when the
             block began: the reference code's rule, and better at 2 bits) or ``"updated"`` (as
             updated by every column quantized so far; independent of ``block_size``, marginally
-            better at 4 bits). README "Decisions" has the measurements.
+            better at 4 bits). docs/results.md ("Group grids inside a block") has the measurements.
     """
 
     bits: int = 4
