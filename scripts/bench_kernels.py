@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_gptq.kernels.packing import pack_rows, unpack_rows
-from lightning_gptq.nn import AUTO, LayerSpec, backends, build, choose, random_layer
-from lightning_gptq.nn.autotune import time_call, worth_timing
+from lightning_gptq.nn import AUTO, LayerSpec, backends, build, choose
+from lightning_gptq.nn.timing import random_layer, time_call, worth_timing
 
 SHAPES = [(576, 576), (1536, 576), (576, 1536), (4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
 ROWS = [1, 4, 16, 128, 2048]

@@ -16,7 +16,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from lightning_gptq.nn import LayerSpec, random_layer
+from lightning_gptq.nn import LayerSpec
+from lightning_gptq.nn.timing import random_layer
 from lightning_gptq.nn.triton import TritonQuantLinear
 
 # relative error (‖y − ref‖ / ‖ref‖) allowed per activation dtype: the output's own rounding, and the

@@ -17,7 +17,8 @@ from lightning_gptq.checkpoint import (
     save_quantized,
 )
 from lightning_gptq.models import get_adapter, weight_out_in
-from lightning_gptq.nn import LayerSpec, QuantLinear, random_layer, replace_submodule
+from lightning_gptq.nn import LayerSpec, QuantLinear, replace_submodule
+from lightning_gptq.nn.timing import random_layer
 
 
 def quantize_randomly(model, bits, group_size, sym, act_order, zero_floor=0, seed=0):

@@ -20,12 +20,12 @@ from lightning_gptq.nn import (
     exact_kernels,
     make_quant_linear,
     quant_linear_class,
-    random_layer,
     register_quant_linear,
     to_backend,
 )
-from lightning_gptq.nn import autotune
-from lightning_gptq.nn.autotune import AUTO_TOLERANCE, measure, worth_timing
+from lightning_gptq.nn import selection, timing
+from lightning_gptq.nn.selection import AUTO_TOLERANCE, measure
+from lightning_gptq.nn.timing import random_layer, worth_timing
 from lightning_gptq.nn.cpu_int4 import CpuInt4QuantLinear
 from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
 from lightning_gptq.nn.triton import TritonQuantLinear
@@ -313,12 +313,12 @@ def timing_cache(monkeypatch, tmp_path):
 
     monkeypatch.setenv("LIGHTNING_GPTQ_CACHE", str(tmp_path))
     monkeypatch.setenv(autotune_cache.ENV, "1")
-    monkeypatch.setattr(autotune, "_CACHE", {})
+    monkeypatch.setattr(selection, "_CACHE", {})
     monkeypatch.setattr(autotune_cache, "_files", {})
     monkeypatch.setattr(autotune_cache, "_warned", set())
 
     def new_process():
-        autotune._CACHE.clear()
+        selection._CACHE.clear()
         autotune_cache._files.clear()
 
     yield new_process
@@ -327,12 +327,12 @@ def timing_cache(monkeypatch, tmp_path):
 def _counting_measure(monkeypatch):
     """Replace ``measure`` by the real one, counting calls."""
     calls = []
-    real = autotune.measure
+    real = selection.measure
 
-    def counted(spec, classes, rows=autotune.ROWS):
+    def counted(spec, classes, rows=selection.ROWS):
         calls.append(spec)
         return real(spec, classes, rows=(1, 4))
-    monkeypatch.setattr(autotune, "measure", counted)
+    monkeypatch.setattr(selection, "measure", counted)
     return calls
 
 
@@ -422,12 +422,12 @@ def test_auto_times_few_rows_with_the_weights_coming_from_memory(monkeypatch):
             dense_seen.setdefault(x.shape[0], set()).add(id(w))
             return F.linear(x, w)
 
-    assert autotune.cache_bytes() >= 2**20  # the machine's (sysfs), or 32 MiB where unreadable
+    assert timing.cache_bytes() >= 2**20  # the machine's (sysfs), or 32 MiB where unreadable
     spec = LayerSpec(256, 64, 4, 32, False, False, False)
-    layer_bytes = autotune._layer_bytes(random_layer(Recording, spec))
-    monkeypatch.setattr(autotune, "cache_bytes", lambda: 4 * layer_bytes)  # 8 copies span twice the "cache"
-    monkeypatch.setattr(autotune, "F", RecordingDense)
-    assert autotune.COLD_ROWS >= 16
+    layer_bytes = timing._layer_bytes(random_layer(Recording, spec))
+    monkeypatch.setattr(timing, "cache_bytes", lambda: 4 * layer_bytes)  # 8 copies span twice the "cache"
+    monkeypatch.setattr(timing, "F", RecordingDense)
+    assert timing.COLD_ROWS >= 16
     measure(spec, {"rec": Recording}, rows=(1, 16, 64))
     assert len(seen[1]) == len(seen[16]) == 8 and seen[1] == seen[16] and len(seen[64]) == 1
     dense_bytes = 64 * 256 * 4  # dense copies: ceil(2 * cache / dense bytes)
@@ -469,8 +469,8 @@ def test_auto_stops_timing_a_hopeless_kernel_as_rows_grow(monkeypatch):
         fn()
         return cost["s"]
 
-    monkeypatch.setattr(autotune, "F", ModelledDense)
-    monkeypatch.setattr(autotune, "time_call", modelled_time)
+    monkeypatch.setattr(timing, "F", ModelledDense)
+    monkeypatch.setattr(timing, "time_call", modelled_time)
     spec = LayerSpec(64, 32, 4, 32, False, False, False)
     choice = measure(spec, {"slow": Slow}, rows=(1, 4, 16, 64))
     assert set(Slow.calls) == {1, 4}  # given up on after two row counts
@@ -554,7 +554,7 @@ def test_speed_up_head_keeps_the_weight_tie_and_state_and_is_decided_by_timing(m
 
     # the decision follows the timing: ours "slower" -> unchanged; ours "faster" -> switched
     speeds = iter([1.0, 1.0, 1.0, 0.5, 0.5, 0.5])  # 3 timings of ours, then 3 of F.linear
-    monkeypatch.setattr("lightning_gptq.nn.autotune.time_call", lambda fn, **kw: (fn(), next(speeds))[1])
+    monkeypatch.setattr("lightning_gptq.nn.timing.time_call", lambda fn, **kw: (fn(), next(speeds))[1])
     model = TinyLM()
     assert "left on F.linear" in speed_up_head(model) and type(model.lm_head) is nn.Linear
     speeds = iter([0.5, 0.5, 0.5, 1.0, 1.0, 1.0])

@@ -40,7 +40,7 @@ from lightning_gptq.models.adapters import (
 from lightning_gptq.models.attention_probe import attention_layers, probe_attention
 from lightning_gptq.models.streaming import release
 from lightning_gptq.nn import exact_kernels
-from lightning_gptq.nn.autotune import make_quant_linear
+from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
 

@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from lightning_gptq.kernels import cpu_gemm
 
+from . import timing
+
 log = logging.getLogger("lightning_gptq")
 
 #: our GEMV must beat ``F.linear`` by this factor to be used (a margin over timing noise)
@@ -45,8 +47,6 @@ def speed_up_head(model: nn.Module) -> str:
     """Switch ``model``'s output head (``get_output_embeddings()``, a plain fp32 ``nn.Linear`` on CPU) to
     :class:`GemvHead` in place when our GEMV, timed here on the head's weight at one row, beats ``F.linear`` by
     ``MARGIN``. Returns what was decided, for the log."""
-    from .autotune import time_call
-
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, GemvHead):
         return "LM head: already on our GEMV"
@@ -59,8 +59,8 @@ def speed_up_head(model: nn.Module) -> str:
     if reason:
         return f"LM head: left on F.linear ({reason})"
     x = torch.randn(1, head.in_features)
-    ours = min(time_call(lambda: cpu_gemm.dense_gemv(x, w), min_reps=1) for _ in range(3))
-    theirs = min(time_call(lambda: F.linear(x, w), min_reps=1) for _ in range(3))
+    ours = min(timing.time_call(lambda: cpu_gemm.dense_gemv(x, w), min_reps=1) for _ in range(3))
+    theirs = min(timing.time_call(lambda: F.linear(x, w), min_reps=1) for _ in range(3))
     verdict = (f"LM head {head.out_features}x{head.in_features} at 1 row: our GEMV {ours * 1e3:.2f} ms, "
                f"F.linear {theirs * 1e3:.2f} ms")
     if theirs > MARGIN * ours:

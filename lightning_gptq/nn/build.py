@@ -1,0 +1,58 @@
+"""Building quantized layers and putting them into a model: from a solver result (:func:`make_quant_linear`),
+from a layer spec (:func:`build`), or by moving a model's layers to another backend (:func:`to_backend`)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor, nn
+
+from .head import speed_up_head
+from .quant_linear import AUTO, LayerSpec, QuantLinear, quant_linear_class, replace_submodule
+from .selection import choose
+
+log = logging.getLogger("lightning_gptq")
+
+
+def build(spec: LayerSpec, backend: str = AUTO) -> QuantLinear:
+    """An empty layer for ``spec`` from the chosen backend, dispatch set (fill it with ``set_weight``/``load_state_dict``)."""
+    choice = choose(spec, backend)
+    layer = quant_linear_class(choice.backend)(
+        spec.in_features, spec.out_features, bits=spec.bits, group_size=spec.group_size, sym=spec.sym, bias=spec.bias,
+        dtype=getattr(torch, spec.dtype), device=spec.device)
+    layer.set_dispatch(choice.dispatch, choice.exact_dispatch)
+    return layer
+
+
+def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> QuantLinear:
+    """A quantized layer standing in for ``original`` (``nn.Linear`` or GPT-2 ``Conv1D``) from a solver result."""
+    bias: Tensor | None = getattr(original, "bias", None)
+    out_features, in_features = qweight.codes.shape
+    width = qweight.group_size if qweight.group_size > 0 else in_features
+    act_order = not torch.equal(qweight.g_idx.long(), torch.arange(in_features, device=qweight.g_idx.device) // width)
+    spec = LayerSpec(in_features, out_features, qweight.bits, qweight.group_size, qweight.sym, act_order, bias is not None,
+                     qweight.codes.device.type, str(qweight.dtype).removeprefix("torch."))
+    layer = build(spec, backend)
+    layer.set_weight(qweight.codes, qweight.scales, qweight.zeros, qweight.g_idx, bias)
+    return layer
+
+
+@torch.no_grad()
+def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
+    """Rebuild every ``QuantLinear`` in ``model`` with ``backend`` (``auto``: the fastest for its spec and
+    the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``. With
+    ``auto``, the model's fp32 LM head gets the faster GEMV for its decode calls too (``head.speed_up_head``)."""
+    chosen = {}
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+        spec = layer.spec()
+        new = build(spec, backend)
+        if type(new) is type(layer):
+            layer.set_dispatch(new.dispatch, new.exact_dispatch)
+        else:
+            new.load_state_dict(layer.state_dict())
+            replace_submodule(model, name, new)
+        chosen[name] = new.backend
+    if backend == AUTO:
+        log.info(speed_up_head(model))
+    return chosen
