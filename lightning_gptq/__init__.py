@@ -12,6 +12,8 @@ from .quant import (
     rtn_quantize,
 )
 
+from .api import load_quantized, quantize, save_quantized
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -24,5 +26,8 @@ __all__ = [
     "QuantizedWeight",
     "__version__",
     "gptq_quantize",
+    "load_quantized",
+    "quantize",
     "rtn_quantize",
+    "save_quantized",
 ]

@@ -540,7 +540,7 @@ def test_own_texts_are_evaluation_sets_under_their_own_names(tmp_path):
     assert torch.equal(own_eval_tokens(folder, tokenizer), tokenizer(joined, return_tensors="pt").input_ids)
     expected = perplexity(lm, own_eval_tokens(story, tokenizer), seqlen=32, dataset="tale", max_windows=6)
     assert results["tale"]["ppl"] == pytest.approx(expected.ppl, rel=1e-5)
-    assert "perplexity tale" in results["tale"]["text"] and "gptq-paper" in results["tale"]["text"]
+    assert "tale perplexity" in results["tale"]["text"] and "gptq-paper" in results["tale"]["text"]
     (tmp_path / "blank.txt").write_text("\n\n  \n")
     for entries, error in [(f"[{tmp_path / 'nope.txt'}]", "No such file"), (f"[blank={tmp_path / 'blank.txt'}]", "holds no text"),
                            ("[wikitext3]", "unknown eval dataset 'wikitext3'"), (f"[ptb={story}]", "a name of its own"),

@@ -150,7 +150,7 @@ def test_streaming_fit_scores_its_written_model_block_by_block(tmp_path):
                                           f"--model.output_dir={tmp_path / 'streamed'}")])
     finally:
         QuantizedWeightSource.materialize = materialize
-    blocks = len(whole.model.adapter.blocks(whole.model.lm))
+    blocks = len(whole.model.driver.adapter.blocks(whole.model.lm))
     assert [n for n in seen if ".layers." in n] == [f"model.layers.{i}" for i in range(blocks)]  # once each
     for stage in ("before", "after"):
         a, b = whole.model.results[stage]["wikitext2"], streamed.model.results[stage]["wikitext2"]

@@ -4,7 +4,7 @@ from .callbacks import GPTQCallback, HessianCapture, LayerRecord
 from .datamodule import CalibrationDataModule
 from .distributed import CalibrationDDPStrategy, WindowShards
 from .generation import CompletionWriter, Generation
-from .hooks import BlockContext, fire_block_hook
+from .hooks import BlockContext, BlockHooks, fire_block_hook
 from .metrics import ProtocolPerplexity
 from .module import GPTQModule
 from .resume import BlockCheckpoint, ResumeError
@@ -12,6 +12,7 @@ from .resume import BlockCheckpoint, ResumeError
 __all__ = [
     "BlockCheckpoint",
     "BlockContext",
+    "BlockHooks",
     "CalibrationDDPStrategy",
     "CalibrationDataModule",
     "CompletionWriter",

@@ -127,6 +127,17 @@ class CalibrationDataModule(LightningDataModule):
         self._calibration: torch.Tensor | None = None
         self._eval: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def from_windows(cls, windows: torch.Tensor, **kwargs) -> "CalibrationDataModule":
+        """Calibrate on ``windows`` ``[n, seqlen]`` (token ids) exactly as given; ``kwargs``: the
+        evaluation settings and ``batch_size``."""
+        if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.is_floating_point():
+            raise MisconfigurationException("calibration windows must be an integer tensor [n, seqlen] of token ids, got "
+                                            f"{type(windows).__name__} {tuple(getattr(windows, 'shape', ()))}")
+        dm = cls(calibration="token windows", nsamples=windows.shape[0], seqlen=windows.shape[1], **kwargs)
+        dm._calibration = windows.long()
+        return dm
+
     def _tokenizer(self):
         module = self.trainer.lightning_module if self.trainer is not None else None
         tokenizer = getattr(module, "tokenizer", None)

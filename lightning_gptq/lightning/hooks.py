@@ -1,49 +1,54 @@
 """The block-level hooks our callbacks implement, and how a driver fires them.
 
-Lightning's ``Callback`` knows epochs and batches, not decoder blocks. A driver (``GPTQModule``, or
-``GPTQCallback`` on a user's own module) calls ``fire_block_hook`` around each calibration step;
-every callback that defines the hook gets it, in ascending ``block_hook_order`` (Hessians are
-finished before anyone solves with them).
+Lightning's ``Callback`` knows epochs and batches, not decoder blocks. ``GPTQModule`` runs a
+``CalibrationDriver`` whose every block step fires these hooks on the Trainer's callbacks, in ascending
+``block_hook_order`` (Hessians are finished before anyone solves with them):
+
+    on_calibration_start(trainer, pl_module, driver)   fit is set up (also in a dry run)
+    on_block_start(trainer, pl_module, ctx)            a block's calibration passes begin
+    on_block_end(trainer, pl_module, ctx)              they ended: solve and swap
+    on_block_propagated(trainer, pl_module, ctx)       the block's outputs are the next inputs
+    on_calibration_end(trainer, pl_module, driver)     every block is done
+
+``ctx`` is a ``BlockContext`` (``lightning_gptq.driver``): which block and layers, the activation
+cache, the stage. ``driver`` is the ``CalibrationDriver`` (``model``, ``streams``, ``inputs``).
+``GPTQCallback`` on a user's own module fires the block hooks itself around its one "block".
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from lightning_gptq.driver import BlockContext
 
-from torch import nn
+__all__ = ["BlockContext", "BlockHooks", "fire_block_hook", "run_report"]
+
+HOOKS = ("on_calibration_start", "on_block_start", "on_block_end", "on_block_propagated", "on_calibration_end")
 
 
-@dataclass
-class BlockContext:
-    """One calibration step: the linears of one block (or of one true-sequential group of it).
+class BlockHooks:
+    """Mixin for a callback that takes part in block-by-block calibration. Every hook is optional.
 
-    ``block`` is the module the calibration passes run through (a decoder block, or a whole user
-    model); ``layers`` maps names relative to ``block`` to the linears to quantize in this step.
-    Callbacks share results through ``hessians`` (name -> HessianAccumulator) and ``results``
-    (name -> QuantizedWeight).
+    ``needs_calibration``: whether the driver must run calibration passes (GPTQ reads Hessians;
+    round to nearest reads nothing). ``report()``: what this callback contributes to the saved
+    checkpoint's settings and the run summary (e.g. ``{"quant": QuantConfig, "method": "gptq"}``).
     """
 
-    block_index: int
-    num_blocks: int
-    block: nn.Module
-    layers: dict[str, nn.Module]
-    group_index: int = 0
-    num_groups: int = 1
-    prefix: str = ""  # dotted path of ``block`` in the model, for names in logs and checkpoints
-    hessians: dict[str, Any] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
+    block_hook_order = 100
+    needs_calibration = False
 
-    def full_name(self, name: str) -> str:
-        return f"{self.prefix}.{name}" if self.prefix else name
-
-    def describe(self) -> str:
-        group = f" group {self.group_index + 1}/{self.num_groups}" if self.num_groups > 1 else ""
-        return f"block {self.block_index + 1}/{self.num_blocks}{group}"
+    def report(self) -> dict:
+        return {}
 
 
-def fire_block_hook(trainer, pl_module, hook: str, ctx: BlockContext) -> None:
+def fire_block_hook(trainer, pl_module, hook: str, ctx) -> None:
     """Call ``callback.<hook>(trainer, pl_module, ctx)`` on every callback that has it."""
     callbacks = [cb for cb in trainer.callbacks if callable(getattr(cb, hook, None))]
     for cb in sorted(callbacks, key=lambda cb: getattr(cb, "block_hook_order", 100)):
         getattr(cb, hook)(trainer, pl_module, ctx)
+
+
+def run_report(trainer) -> dict:
+    """Every ``BlockHooks`` callback's ``report()``, merged in hook order."""
+    report: dict = {}
+    for cb in sorted((cb for cb in trainer.callbacks if isinstance(cb, BlockHooks)), key=lambda cb: cb.block_hook_order):
+        report.update(cb.report())
+    return report

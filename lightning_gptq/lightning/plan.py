@@ -38,13 +38,12 @@ from lightning_gptq.models.adapters import (
     weight_out_in,
 )
 from lightning_gptq.models.attention_probe import attention_layers, probe_attention
-from lightning_gptq.models.streaming import release
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
 
-from .callbacks import CALIBRATION_BACKEND, HessianCapture
+from .callbacks import CALIBRATION_BACKEND
 
 __all__ = ["FitPlan", "available_bytes", "measure_plan", "resident_bytes"]
 
@@ -137,9 +136,11 @@ def _packed_bytes(layer, quant: QuantConfig, scale_bytes: int) -> int:
 
 
 @torch.no_grad()
-def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) -> FitPlan:
-    """Count and time the fit ``module`` (a set-up ``GPTQModule``) is about to run."""
-    lm, adapter, dm = module.lm, module.adapter, module.trainer.datamodule
+def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
+    """Count and time the fit ``module`` (a set-up ``GPTQModule``, its ``driver`` built) is about to run;
+    ``report``: the callbacks' merged ``report()`` (quantization settings, sink rule, resume)."""
+    lm, adapter, dm = module.lm, module.driver.adapter, module.trainer.datamodule
+    quant, resume = report["quant"], bool(report.get("resume_every_n_blocks"))
     blocks = adapter.blocks(lm)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     itemsize = next(lm.parameters()).element_size()
@@ -154,18 +155,19 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     plan = FitPlan(available=available_bytes())
 
     layers = [m for b in blocks for m in adapter.linear_layers(b).values()]
-    streaming = getattr(module, "streams_blocks", False)
-    outside = module._outside_blocks() if streaming else []
+    streaming = module.driver.streams
+    outside = module.driver.outside_blocks() if streaming else []
     if streaming:  # only what streaming holds at once: the embedding stage (capture), then one block
         for part in [*outside, blocks[0]]:
-            module._source.materialize(lm, part)
+            module.source.fetch(part)
     try:
-        plan.seconds = _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers)
+        plan.seconds = _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers,
+                                    report.get("hessian"))
         now = resident_bytes()  # after the timing ran the model: memory-mapped weights are paged in
     finally:
         if streaming:
             for part in [*outside, blocks[0]]:
-                release(part)
+                module.source.free(part)
     weights = model_bytes = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
     cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
     hessians = max(sum(w * w * 4 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
@@ -216,7 +218,7 @@ def measure_plan(module, quant: QuantConfig, *, calibrates: bool, resume: bool) 
     return plan
 
 
-def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers) -> dict[str, float]:
+def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers, hessian) -> dict[str, float]:
     lm, dm = module.lm, module.trainer.datamodule
     ids = dm.calibration_windows()[: dm.batch_size]
     start = time.perf_counter()
@@ -233,14 +235,13 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
         for name, layer in adapter.linear_layers(block).items():
             accumulators[name] = HessianAccumulator(linear_in_features(layer))
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
-        capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
-        probed = capture is not None and capture.measured and bool(attention_layers(block))
+        probed = hessian is not None and hessian["measured"] and bool(attention_layers(block))
         t_calibrate = _best_of(3, lambda: run_block(block, hidden, kwargs))
         probed_batches = 0
         if probed:  # the measured sink rule recomputes each attention layer's first-key mass
-            windows = min(nsamples, capture.sink_probe_windows or nsamples)
+            windows = min(nsamples, hessian["sink_probe_windows"] or nsamples)
             probed_batches = min(batches, -(-windows // dm.batch_size))
-            with probe_attention(attention_layers(block), lambda *args: None, first=capture.sink_tokens):
+            with probe_attention(attention_layers(block), lambda *args: None, first=hessian["sink_tokens"]):
                 t_probed = _best_of(3, lambda: run_block(block, hidden, kwargs))
         for handle in handles:
             handle.remove()
@@ -268,7 +269,7 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
         seconds["solve"] = t_solve * sum(cost(m) for m in layers) / cost(layer)
     else:
         seconds["quantize (RTN)"] = 0.0
-    if getattr(module, "streams_blocks", False):
+    if module.driver.streams:
         if dm.eval_datasets and (module.hparams.eval_after or module.hparams.eval_before):
             seconds["evaluate"] = _streamed_scoring_seconds(module, blocks, t_block, extra_per_call)
     elif module.hparams.eval_after and dm.eval_datasets:

@@ -1,7 +1,7 @@
 """Resuming a killed ``fit``: a Lightning checkpoint after every quantized block.
 
-``BlockCheckpoint`` is a ``ModelCheckpoint`` that saves ``last.ckpt`` only when ``GPTQModule`` says a
-block is done (its quantized outputs are the next block's inputs), so ``fit --ckpt_path last``
+``BlockCheckpoint`` is a ``ModelCheckpoint`` that saves ``last.ckpt`` only in the ``on_block_propagated``
+hook, once a block is done (its quantized outputs are the next block's inputs), so ``fit --ckpt_path last``
 finds it the Lightning way and the fit loop continues at the next block's first stage.
 
 What a checkpoint holds (``GPTQModule.on_save_checkpoint``): every quantized layer so far (the packed
@@ -20,6 +20,7 @@ its recorded sha256 is refused on load.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import uuid
@@ -31,11 +32,18 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gptq.nn import QuantLinear, replace_submodule
+from lightning_gptq.checkpoint import CheckpointError
+from lightning_gptq.nn import QuantLinear, quant_linear_class, replace_submodule
+
+from .callbacks import CALIBRATION_BACKEND
+
+from .hooks import BlockHooks
 
 __all__ = [
     "BlockCheckpoint",
     "ResumeError",
+    "restore_run",
+    "run_state",
     "quantized_layers_state",
     "read_activations",
     "restore_quantized_layers",
@@ -49,7 +57,7 @@ class ResumeError(RuntimeError):
     """A resume checkpoint (or the activation file it names) is missing, corrupt, or from another run."""
 
 
-class BlockCheckpoint(ModelCheckpoint):
+class BlockCheckpoint(BlockHooks, ModelCheckpoint):
     """Save ``last.ckpt`` after every ``every_n_blocks`` quantized blocks, for ``fit --ckpt_path last``.
 
     Args:
@@ -66,6 +74,11 @@ class BlockCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, save_on_train_epoch_end=False)
         self.every_n_blocks = every_n_blocks
         self.keep = keep
+        self._saving: dict | None = None  # the activation files of the checkpoint being written
+        self._completed = False  # every block of the fit was calibrated: the resume point is not needed
+
+    def report(self) -> dict:
+        return {"resume_every_n_blocks": self.every_n_blocks}
 
     @property
     def state_key(self) -> str:
@@ -75,6 +88,7 @@ class BlockCheckpoint(ModelCheckpoint):
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self._completed = False
         self.dirpath = str(self._directory(trainer))
         super().setup(trainer, pl_module, stage)
 
@@ -98,7 +112,7 @@ class BlockCheckpoint(ModelCheckpoint):
         pass
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if self.keep or trainer.interrupted or not self.dirpath or not getattr(pl_module, "completed", False):
+        if self.keep or trainer.interrupted or not self.dirpath or not self._completed:
             return
         folder = Path(self.dirpath)
         trainer.strategy.barrier("BlockCheckpoint.on_fit_end")
@@ -111,8 +125,18 @@ class BlockCheckpoint(ModelCheckpoint):
         if removed:
             rank_zero_info(f"fit finished: removed its resume checkpoint from {folder} (keep it with --resume.keep=true)")
 
-    def on_block_propagated(self, trainer, pl_module, block_index: int, num_blocks: int) -> None:
-        """Called by ``GPTQModule`` once block ``block_index``'s outputs are cached as the next inputs."""
+    def on_calibration_end(self, trainer, pl_module, driver) -> None:
+        self._completed = True
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Only our own saves, at a block boundary, can be resumed: they name the activation files,
+        # and the module adds the rest of the run's state under the same key.
+        if self._saving is not None:
+            checkpoint["gptq_resume"] = {"activations": dict(self._saving)}
+
+    def on_block_propagated(self, trainer, pl_module, ctx) -> None:
+        """Block ``ctx.block_index`` is done and ``ctx.inputs`` holds the next block's inputs."""
+        block_index, num_blocks = ctx.block_index, ctx.num_blocks
         if self.every_n_blocks == 0 or block_index + 1 == num_blocks:  # the last block: fit is about done
             return
         if (block_index + 1) % self.every_n_blocks:
@@ -124,16 +148,16 @@ class BlockCheckpoint(ModelCheckpoint):
         token = trainer.strategy.broadcast(uuid.uuid4().hex[:8])
         rank = trainer.global_rank
         name = f"{SIDE_PREFIX}block{block_index + 1:04d}-{token}-rank{rank}.pt"
-        mine = {"name": name, "sha256": write_activations(pl_module.activation_cache, folder, name)}
+        mine = {"name": name, "sha256": write_activations(ctx.inputs, folder, name)}
         files = [mine]
         if trainer.world_size > 1:
             files = [None] * trainer.world_size
             torch.distributed.all_gather_object(files, mine)
-        pl_module._resume_side = {"files": files}
+        self._saving = {"files": files}
         try:
             trainer.save_checkpoint(path, weights_only=False)  # the full state: callbacks too
         finally:
-            pl_module._resume_side = None
+            self._saving = None
         self.last_model_path = str(path)
         _remove_stale_side_files(folder, keep=name, rank=rank)
         rank_zero_info(f"resume checkpoint after block {block_index + 1}/{num_blocks}: {path}")
@@ -209,3 +233,50 @@ def restore_quantized_layers(model: torch.nn.Module, state: dict[str, dict], bac
             raise ResumeError(f"Layer {name!r} is {current} here but {expected} in the resume checkpoint.")
         layer.load_state_dict(tensors)
         replace_submodule(model, name, layer.to(tensors["scales"].device))
+
+
+def run_state(module, stages: list) -> dict:
+    """What ``GPTQModule`` adds to a resume point (beside the activation files ``BlockCheckpoint`` names)."""
+    driver = module.driver
+    return {
+        "completed_stage": module.current_epoch, "stages": [dataclasses.astuple(s) for s in stages],
+        "model": module.hparams.model, "timings": dict(module.timings), "results": module.results,
+        "streaming": driver.streams,
+        # streamed blocks are staged on disk and freed: the writer's record names them
+        "layers": {} if driver.streams else quantized_layers_state(driver.model),
+        "writer": module.output.state_dict(),
+    }
+
+
+def restore_run(module, state: dict | None, stages: list, path) -> None:
+    """Put ``module`` back where the resume point ``state`` (from ``path``) left it: the next block's
+    inputs, the quantized layers, the streaming writer, timings and scores. Refuses a resume point of
+    another model, stage plan, process count or streaming mode."""
+    trainer = module.trainer
+    if state is None:
+        raise ResumeError(f"{path} is not a lightning-gptq resume checkpoint (BlockCheckpoint writes those).")
+    mine = [dataclasses.astuple(s) for s in stages]
+    if [tuple(s) for s in state["stages"]] != mine or state["model"] != module.hparams.model:
+        raise ResumeError(f"{path} was written by a run with another model or stage plan "
+                          f"({state['model']!r}, {len(state['stages'])} stages; now {module.hparams.model!r}, "
+                          f"{len(mine)}); resume with the same config, or start again without --ckpt_path.")
+    files = state["activations"]["files"]
+    if len(files) != trainer.world_size:
+        raise ResumeError(f"{path} was written by {len(files)} process(es); resume it with as many "
+                          f"(now {trainer.world_size}), or start again without --ckpt_path.")
+    driver = module.driver
+    if state.get("streaming", False) != driver.streams:
+        written = "a streaming" if state.get("streaming") else "an in-memory"
+        raise ResumeError(f"{path} was written by {written} run; resume it with the same model.streaming, or start "
+                          "again without --ckpt_path.")
+    inputs = read_activations(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
+    inputs.hidden = [driver.store(h) for h in inputs.hidden]
+    driver.inputs = inputs
+    restore_quantized_layers(driver.model, state["layers"], quant_linear_class(CALIBRATION_BACKEND))
+    if state.get("writer") is not None and trainer.is_global_zero:
+        try:
+            module.output.load_state_dict(state["writer"])
+        except CheckpointError as error:
+            raise ResumeError(f"{path}: {error}; start again without --ckpt_path.") from None
+    module.timings.update(state["timings"])
+    module.results.update(state["results"])

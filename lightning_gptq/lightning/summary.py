@@ -58,21 +58,20 @@ def _describe_weight(hessian: dict) -> str:
     return f"the attention they receive{span}{where}"
 
 
-def write_summary(module, folder: Path) -> tuple[Path, Path]:
-    """Write ``summary.json`` and ``summary.md`` (plus ``layer_loss.png`` when matplotlib is there)."""
-    from .callbacks import GPTQCallback, HessianCapture
-
+def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
+    """Write ``summary.json`` and ``summary.md`` (plus ``layer_loss.png`` when matplotlib is there);
+    ``report``: the callbacks' merged ``report()`` (method, quant, layers, hessian)."""
     folder.mkdir(parents=True, exist_ok=True)
-    gptq = next(cb for cb in module.trainer.callbacks if isinstance(cb, GPTQCallback))
-    capture = next((cb for cb in module.trainer.callbacks if isinstance(cb, HessianCapture)), None)
-    hessian = ({"sink_tokens": capture.sink_tokens, "sink_weight": capture.sink_weight}
-               if capture is not None and gptq.method == "gptq" else None)  # RTN reads no Hessian
-    if hessian is not None and (capture.sink_layers != "all" or capture.measured):
-        hessian.update(sink_layers=capture.sink_layers, block_weights=dict(capture.block_weights))
-        if capture.measured:
-            hessian["sink_probe_windows"] = capture.sink_probe_windows
+    method, quant = report["method"], report["quant"]
+    capture = report.get("hessian")
+    hessian = ({"sink_tokens": capture["sink_tokens"], "sink_weight": capture["sink_weight"]}
+               if capture is not None and method == "gptq" else None)  # RTN reads no Hessian
+    if hessian is not None and (capture["sink_layers"] != "all" or capture["measured"]):
+        hessian.update(sink_layers=capture["sink_layers"], block_weights=dict(capture["block_weights"]))
+        if capture["measured"]:
+            hessian["sink_probe_windows"] = capture["sink_probe_windows"]
     dm = module.trainer.datamodule
-    records = gptq.summary()
+    records = report.get("layers", [])
     layers = [m for m in module.lm.modules()  # streamed blocks were written out and freed (meta): not counted
               if isinstance(m, QuantLinear) and all(b.device.type != "meta" for b in m.buffers())]
     specs = {m.spec() for m in layers}
@@ -83,8 +82,8 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
                  "python": platform.python_version(), "threads": torch.get_num_threads()},
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": dict(module.hparams),
-        "quant": gptq.quant.to_dict(),
-        "method": gptq.method,
+        "quant": quant.to_dict(),
+        "method": method,
         "hessian": hessian,
         "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed,
                         "bos": getattr(dm, "calibration_bos", False)},
@@ -99,7 +98,7 @@ def write_summary(module, folder: Path) -> tuple[Path, Path]:
     lines = [
         f"# lightning-gptq run: {module.hparams.model}",
         "",
-        f"- method: **{gptq.method}**, {gptq.quant}",
+        f"- method: **{method}**, {quant}",
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
         f" true-sequential: {module.hparams.true_sequential}"
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"

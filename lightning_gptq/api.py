@@ -1,0 +1,95 @@
+"""One call: ``quantize(model, calibration, QuantConfig(...)) -> quantized model``.
+
+It runs the same Lightning ``fit`` as ``python -m lightning_gptq fit`` (``GPTQModule`` with
+``HessianCapture`` and ``GPTQCallback``), with no logger and no resume points, and hands back the
+Hugging Face model with its linears replaced by quantized ones.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_gptq.checkpoint import load_quantized, save_quantized
+from lightning_gptq.quant import QuantConfig
+
+__all__ = ["load_quantized", "quantize", "save_quantized"]
+
+
+def quantize(
+    model: str | os.PathLike | nn.Module,
+    calibration: torch.Tensor | str | os.PathLike,
+    config: QuantConfig | None = None,
+    *,
+    tokenizer=None,
+    method: str = "gptq",
+    nsamples: int = 128,
+    seqlen: int = 2048,
+    seed: int = 0,
+    batch_size: int = 1,
+    sink_weight: float | str = 1.0,
+    sink_tokens: int = 1,
+    sink_layers: str = "all",
+    sink_probe_windows: int | None = None,
+    backend: str = "auto",
+    output_dir: str | os.PathLike | None = None,
+    accelerator: str = "auto",
+    progress: bool = False,
+    **module_options,
+) -> nn.Module:
+    """Quantize ``model`` with GPTQ (or round to nearest) and return it.
+
+    Args:
+        model: a Hugging Face causal LM (``nn.Module``), or what ``GPTQModule.model`` takes: hub id,
+            local folder, ``.gguf`` file (give ``gguf_file=`` for one inside a folder).
+        calibration: token windows ``[n, seqlen]`` (used as given: ``nsamples``/``seqlen``/``seed``
+            are then ignored), a text file, a folder of ``.txt`` files, or a dataset name
+            (``"c4"``, ``"wikitext2"``, ``"ptb"``), cut into ``nsamples`` windows of ``seqlen`` tokens.
+        config: bits, group size, act-order, damping... (default ``QuantConfig()``: 4-bit, g128).
+        tokenizer: needed with an ``nn.Module`` and text calibration (a path brings its own).
+        method: ``"gptq"`` or ``"rtn"``.
+        sink_weight, sink_tokens, sink_layers, sink_probe_windows: the attention-sink rule
+            (``HessianCapture``; the default 1.0 is the reference GPTQ Hessian, ``"attention"``
+            measures it per block as ``configs/smollm2-135m.yaml`` does).
+        backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
+        output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
+            summary to ``output_dir`` (default: nothing is written).
+        accelerator: Lightning's (``"auto"``, ``"cpu"``, ``"gpu"``).
+        progress: show progress bars.
+        module_options: any other ``GPTQModule`` argument (``dtype``, ``true_sequential``,
+            ``activation_dtype``, ``checkpoint_format``, ``save_dtype``, ``eval_after``...).
+    """
+    from lightning.pytorch import Trainer
+
+    from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture
+
+    if module_options.get("streaming"):
+        raise ValueError("quantize() returns the model in memory; for a model bigger than memory use "
+                         "`python -m lightning_gptq fit --model.streaming=true` (it writes the folder block by block)")
+    with tempfile.TemporaryDirectory(prefix="lightning-gptq-") as scratch:
+        out = Path(output_dir) if output_dir is not None else Path(scratch)
+        options = {"eval_after": False, "latency": False, "backend": backend, **module_options,
+                   "save_quantized": output_dir is not None, "output_dir": str(out)}
+        if isinstance(model, nn.Module) and tokenizer is None and not isinstance(calibration, torch.Tensor):
+            raise ValueError("quantize(nn.Module, text calibration) needs tokenizer=; or pass token windows [n, seqlen]")
+        module = GPTQModule(model if isinstance(model, nn.Module) else str(model), **options)
+        if tokenizer is not None:
+            module.tokenizer = tokenizer
+        eval_sets = {"eval_datasets": []} if not (options["eval_after"] or options.get("eval_before")) else {}
+        if isinstance(calibration, torch.Tensor):
+            data = CalibrationDataModule.from_windows(calibration, batch_size=batch_size, **eval_sets)
+        else:
+            data = CalibrationDataModule(calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
+                                         batch_size=batch_size, **eval_sets)
+        callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend),
+                     HessianCapture(sink_tokens=sink_tokens, sink_weight=sink_weight, sink_layers=sink_layers,
+                                    sink_probe_windows=sink_probe_windows)]
+        trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
+                          enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+                          default_root_dir=scratch, callbacks=callbacks)
+        trainer.fit(module, datamodule=data)
+    return module.lm

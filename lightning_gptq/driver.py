@@ -1,0 +1,272 @@
+"""GPTQ's sequential calibration of a causal LM, block by block, with no framework inside.
+
+The model-level loop of the paper (and of the reference ``opt.py``)::
+
+    capture      run the embeddings on every calibration window -> the inputs of block 0
+    for each block b:
+        for each group of its linears (all at once, or one after another when true-sequential):
+            on_block_start(ctx)      hooks start accumulating each layer's Hessian
+            run block b on every batch of cached inputs
+            on_block_end(ctx)        hooks solve each layer and swap in its quantized version
+        propagate    run the quantized block again: its outputs are block b+1's inputs
+        on_block_propagated(ctx)     e.g. write a resume point
+
+``CalibrationDriver.run(windows)`` is that loop. A framework that wants every step as one of its own
+(``GPTQModule`` maps stages to fit epochs and batches to training steps) calls ``start(stage)``,
+``step(stage, j, batch)`` and ``end(stage)`` for each ``Stage`` of ``stages`` instead; ``run`` does the
+same calls. What is quantized and how is up to the hooks (``fire(name, ctx)``); the driver only
+moves data, runs blocks and tells the hooks where it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lightning_gptq.models import capture_block_inputs, get_adapter, run_block
+from lightning_gptq.models.capture import BlockInputs
+from lightning_gptq.nn import exact_kernels
+
+__all__ = ["BlockContext", "CalibrationDriver", "Stage", "pinned_adapter"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pass over the calibration batches: ``capture``, ``calibrate`` (block, group), ``propagate``
+    (block), or ``quantize`` (every block at once, for methods that need no calibration)."""
+
+    kind: str
+    block: int = -1
+    group: int = 0
+    num_groups: int = 1
+
+    def describe(self, num_blocks: int) -> str:
+        if self.kind == "capture":
+            return "capture block inputs"
+        if self.kind == "quantize":
+            return "quantize (round to nearest)"
+        group = f" group {self.group + 1}/{self.num_groups}" if self.kind == "calibrate" and self.num_groups > 1 else ""
+        return f"{self.kind} block {self.block + 1}/{num_blocks}{group}"
+
+
+@dataclass
+class BlockContext:
+    """What the block hooks get: one calibration step of one block (or of one true-sequential group).
+
+    ``block`` is the module the calibration passes run through (a decoder block, or a whole user
+    model); ``layers`` maps names relative to ``block`` to the linears to quantize in this step.
+    ``stage`` is ``"calibrate"``, ``"quantize"`` (no calibration passes) or ``"propagated"`` (after
+    ``on_block_propagated``: the block's outputs are cached as the next block's inputs).
+    ``inputs`` is the activation cache: this block's inputs while calibrating, the next block's
+    once propagated (``None`` outside a driver). Hooks share results through ``hessians``
+    (name -> ``HessianAccumulator``) and ``results`` (name -> ``QuantizedWeight``).
+    """
+
+    block_index: int
+    num_blocks: int
+    block: nn.Module
+    layers: dict[str, nn.Module]
+    group_index: int = 0
+    num_groups: int = 1
+    prefix: str = ""  # dotted path of ``block`` in the model, for names in logs and checkpoints
+    hessians: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    stage: str = "calibrate"
+    inputs: BlockInputs | None = None
+
+    def full_name(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def describe(self) -> str:
+        group = f" group {self.group_index + 1}/{self.num_groups}" if self.num_groups > 1 else ""
+        return f"block {self.block_index + 1}/{self.num_blocks}{group}"
+
+
+def pinned_adapter(lm: nn.Module):
+    """``lm``'s architecture adapter with its block path fixed now: structure detection looks for
+    linear layers, which a quantized block no longer has."""
+    adapter = get_adapter(lm)
+    owner, attribute = adapter.blocks_location(lm)
+    owner_name = next(name for name, m in lm.named_modules() if m is owner)
+    return dataclasses.replace(adapter, blocks_path=".".join(p for p in (owner_name, attribute) if p))
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+class CalibrationDriver:
+    """Calibrates ``source.model`` (a weight source: ``model``, ``streams``, ``fetch``, ``free``).
+
+    Args:
+        source: where the weights are (``lightning_gptq.sources``); streamed sources have each
+            block read before its first pass and freed once it is written out.
+        fire: ``fire(hook_name, ctx)`` calls the hooks (``on_block_start``, ``on_block_end``,
+            ``on_block_propagated``) with a ``BlockContext``.
+        device: where the block being worked on runs (the rest of the model stays where it is).
+        true_sequential: one calibration pass per group of a block's linears.
+        activation_dtype: dtype of the cached block inputs (default: as computed).
+        store: puts a cached activation where it lives (in memory, or a file: ``SpillFolder.put``).
+        write_block: ``write_block(prefix, block)`` for a streamed source, before the block is freed.
+    """
+
+    def __init__(self, source, *, fire: Callable[[str, BlockContext], None], device: torch.device | str = "cpu",
+                 true_sequential: bool = False, activation_dtype: str | torch.dtype | None = None,
+                 store: Callable[[torch.Tensor], torch.Tensor] = _keep,
+                 write_block: Callable[[str, nn.Module], None] | None = None) -> None:
+        self.source = source
+        self.model = source.model
+        self.adapter = pinned_adapter(self.model)
+        self.fire = fire
+        self.device = torch.device(device)
+        self.true_sequential = true_sequential
+        self.activation_dtype = activation_dtype
+        self.store = store
+        self.write_block = write_block
+        self.inputs: BlockInputs | None = None  # the cached inputs of the next block to calibrate
+        self.timings: dict[str, float] = defaultdict(float)
+        self._outputs: list[torch.Tensor] = []
+        self._groups: list[list[str]] = []
+        self._ctx: BlockContext | None = None
+        self._started = 0.0
+
+    @property
+    def streams(self) -> bool:
+        return self.source.streams
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return self.adapter.blocks(self.model)
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.adapter.blocks_path}.{index}"
+
+    def outside_blocks(self) -> list[nn.Module]:
+        """The blocks' owner's other children (embeddings, rotary, final norm): what capture runs."""
+        owner, attribute = self.adapter.blocks_location(self.model)
+        return [child for name, child in owner.named_children() if name != attribute]
+
+    def groups(self, block: nn.Module) -> list[list[str]]:
+        """The linears of ``block`` quantized together, in order (one group unless true-sequential)."""
+        if self.true_sequential:
+            return self.adapter.sequential_groups(block)
+        return [list(self.adapter.linear_layers(block))]
+
+    def stages(self, calibrates: bool = True) -> list[Stage]:
+        """Every pass of a run: capture, then per block its calibration pass(es) and propagation; or
+        one ``quantize`` stage where the method reads no Hessian (round to nearest)."""
+        if not calibrates:
+            return [Stage("quantize")]
+        stages = [Stage("capture")]
+        for b, block in enumerate(self.blocks):
+            groups = self.groups(block)
+            stages += [Stage("calibrate", b, g, len(groups)) for g in range(len(groups))]
+            stages.append(Stage("propagate", b))
+        return stages
+
+    # -- the whole loop ----------------------------------------------------------------------------
+    def run(self, windows: torch.Tensor, batch_size: int = 1, calibrates: bool = True) -> None:
+        """Calibrate on ``windows`` ``[n, seqlen]`` (token ids), ``batch_size`` windows per batch."""
+        batches = [windows[i: i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+        for stage in self.stages(calibrates):
+            self.start(stage)
+            if stage.kind != "quantize":
+                for j, batch in enumerate(batches):
+                    self.step(stage, j, batch)
+            self.end(stage)
+
+    # -- one stage at a time -----------------------------------------------------------------------
+    def start(self, stage: Stage) -> None:
+        self._started = time.perf_counter()
+        if stage.kind == "capture":
+            self.inputs = BlockInputs(hidden=[], kwargs=[], block_overrides=[])
+            for module in self.outside_blocks():
+                self.source.fetch(module)
+            return
+        if stage.kind == "quantize":
+            return
+        block = self.blocks[stage.block]
+        if stage.kind == "calibrate" and stage.group == 0:
+            self.source.fetch(block)
+        block.to(self.device)
+        if stage.kind == "calibrate":
+            if stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
+                self._groups = self.groups(block)
+            layers = {name: block.get_submodule(name) for name in self._groups[stage.group]}
+            self._ctx = BlockContext(stage.block, len(self.blocks), block, layers, stage.group, stage.num_groups,
+                                     prefix=self.block_prefix(stage.block), inputs=self.inputs)
+            self.fire("on_block_start", self._ctx)
+        else:
+            self._outputs = []
+
+    def step(self, stage: Stage, j: int, input_ids: torch.Tensor) -> None:
+        """Batch ``j`` of ``stage`` (``input_ids`` ``[b, seqlen]`` is read by the capture stage only)."""
+        if stage.kind == "quantize":
+            return
+        if stage.kind == "capture":
+            start = time.perf_counter()
+            got = capture_block_inputs(self.model, self.adapter, input_ids, batch_size=input_ids.shape[0],
+                                       storage_dtype=self.activation_dtype, device=self.device)
+            got.hidden = [self.store(h) for h in got.hidden]
+            self.inputs.extend(got)  # shares equal masks / rotary tables across batches
+            self.timings["capture"] += time.perf_counter() - start
+            return
+        block, cached = self.blocks[stage.block], self.inputs.hidden[j]
+        with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
+            hidden = run_block(block, cached, self.inputs.kwargs_for(stage.block, j))
+        if stage.kind == "propagate":
+            self._outputs.append(self.store(hidden.to("cpu", dtype=cached.dtype)))
+
+    def end(self, stage: Stage) -> None:
+        if stage.kind == "capture":
+            if self.streams:  # not needed again: the writer copies them from the files
+                for module in self.outside_blocks():
+                    self.source.free(module)
+            return
+        if stage.kind == "quantize":
+            self._quantize_every_block()
+            return
+        self.timings["hessian" if stage.kind == "calibrate" else "propagate"] += time.perf_counter() - self._started
+        if stage.kind == "calibrate":
+            start = time.perf_counter()
+            self.fire("on_block_end", self._ctx)
+            self._ctx = None
+            self.timings["solve"] += time.perf_counter() - start
+            return
+        if len(self._outputs) != len(self.inputs.hidden):
+            raise RuntimeError("propagate stage saw fewer batches than were captured (limit_train_batches < 1?)")
+        self.inputs.hidden, self._outputs = self._outputs, []
+        self._finish_block(stage.block)
+        ctx = BlockContext(stage.block, len(self.blocks), self.blocks[stage.block], {},
+                           prefix=self.block_prefix(stage.block), stage="propagated", inputs=self.inputs)
+        self.fire("on_block_propagated", ctx)
+
+    def _finish_block(self, index: int) -> None:
+        """Block ``index`` is final: back to the CPU, or written out and freed when streamed."""
+        block = self.blocks[index]
+        if self.device.type != "cpu":
+            block.to("cpu")
+        if self.streams:
+            start = time.perf_counter()
+            if self.write_block is not None:
+                self.write_block(self.block_prefix(index), block)
+            self.source.free(block)
+            self.timings["save"] += time.perf_counter() - start
+
+    def _quantize_every_block(self) -> None:
+        start = time.perf_counter()
+        for b, block in enumerate(self.blocks):
+            self.source.fetch(block)
+            block.to(self.device)
+            ctx = BlockContext(b, len(self.blocks), block, dict(self.adapter.linear_layers(block)),
+                               prefix=self.block_prefix(b), stage="quantize")
+            self.fire("on_block_start", ctx)
+            self.fire("on_block_end", ctx)
+            self._finish_block(b)
+        self.timings["solve"] += time.perf_counter() - start

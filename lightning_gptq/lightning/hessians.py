@@ -1,0 +1,248 @@
+"""``HessianCapture``: the layer Hessians of the block being calibrated, from its forward inputs."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Literal
+
+import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gptq.models.adapters import is_output_projection, linear_in_features, weight_out_in
+from lightning_gptq.models.attention_probe import attention_layers, probe_attention
+from lightning_gptq.quant import HessianAccumulator
+
+from .distributed import all_reduce_sum, world_size
+from .hooks import BlockContext, BlockHooks
+
+__all__ = ["HessianCapture"]
+
+
+class HessianCapture(BlockHooks, Callback):
+    """Accumulates ``H = 2/n Σ xxᵀ`` for every layer of the current block from its forward inputs.
+
+    ``on_block_start`` attaches a forward hook to each layer in ``ctx.layers`` and puts a
+    ``HessianAccumulator`` in ``ctx.hessians[name]``; ``on_block_end`` detaches the hooks. Layers that
+    read the very same input tensor (q/k/v, gate/up) share one accumulator: the Hessian is computed
+    once per input, not once per layer.
+
+    Args:
+        sink_tokens: how many leading positions of each sequence ``sink_weight`` applies to.
+        sink_weight: how much each of those positions counts in ``H`` relative to any other token
+            (1 = the reference's plain mean). A causal LM may turn the first position into an
+            attention sink that every later query reads, so an error in its keys/values reaches the
+            whole sequence, while the plain Hessian weighs it as one token in ``seqlen``.
+            ``"attention"`` measures it per block instead: during the block's calibration passes the
+            attention probabilities are recomputed beside the model's own attention (which runs
+            unchanged), and the weight is the attention mass each leading position receives divided
+            by the mass an average other key receives (about 1 where there is no sink; hundreds to
+            thousands in SmolLM2's later blocks). Applies to ``[batch, seq, in]`` inputs; 2-D inputs
+            have no positions and are weighed plainly.
+        sink_layers: ``"all"`` linears of the block, or only the ``"attention"`` in-projections (the
+            linears inside an attention layer other than its output projection).
+        sink_probe_windows: with ``"attention"``, measure the mass on only the first this many
+            calibration windows of each pass (every window still feeds ``H``): the probe's
+            recomputed softmax roughly doubles a pass on 2048-token windows. ``None``: every window.
+    """
+
+    block_hook_order = 0
+
+    def __init__(
+        self,
+        sink_tokens: int = 1,
+        sink_weight: float | Literal["attention"] = 1.0,
+        sink_layers: Literal["all", "attention"] = "all",
+        sink_probe_windows: int | None = None,
+    ) -> None:
+        if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+            raise MisconfigurationException(f"HessianCapture.sink_tokens must be an integer >= 0, got {sink_tokens!r}")
+        measured = sink_weight == "attention"
+        if not measured and (isinstance(sink_weight, bool) or not isinstance(sink_weight, (int, float))
+                             or not 0 <= sink_weight < float("inf")):
+            raise MisconfigurationException(
+                f"HessianCapture.sink_weight must be a finite number >= 0 or 'attention', got {sink_weight!r}"
+            )
+        if sink_layers not in ("all", "attention"):
+            raise MisconfigurationException(f"HessianCapture.sink_layers must be 'all' or 'attention', got {sink_layers!r}")
+        if sink_probe_windows is not None and (isinstance(sink_probe_windows, bool)
+                                               or not isinstance(sink_probe_windows, int) or sink_probe_windows < 1):
+            raise MisconfigurationException(
+                f"HessianCapture.sink_probe_windows must be an integer >= 1 or null, got {sink_probe_windows!r}")
+        self.sink_probe_windows = sink_probe_windows
+        self.sink_tokens = sink_tokens
+        self.sink_weight = sink_weight if measured else float(sink_weight)
+        self.sink_layers = sink_layers
+        self.block_weights: dict[int, float] = {}  # block index -> the weight used (measured or fixed)
+        self._handles: dict[str, object] = {}
+        self._first: dict[str, HessianAccumulator] = {}  # "attention": leading positions, weighed at block end
+        self._mass = [0.0, 0.0]  # "attention": attention received by the leading positions, by all others
+        self._probe = ExitStack()
+        self._probing = False
+        self._probed: dict[int, int] = {}  # id(attention layer) -> windows it measured in this pass
+        self._warned = False
+
+    @property
+    def measured(self) -> bool:
+        return self.sink_weight == "attention"
+
+    def _reweighs(self) -> bool:
+        return self.sink_tokens > 0 and (self.measured or self.sink_weight != 1.0)
+
+    def on_block_start(self, trainer, pl_module, ctx: BlockContext) -> None:
+        first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
+        pending = set(ctx.layers)
+        weighted = self._weighted_layers(ctx) if self._reweighs() else set()
+        if self.measured and weighted and not attention_layers(ctx.block):
+            if not self._warned:
+                rank_zero_warn("HessianCapture(sink_weight='attention'): this model computes attention outside "
+                               "transformers' attention interface, so the attention a position receives cannot be "
+                               "measured; every position counts 1 (the reference GPTQ Hessian).")
+                self._warned = True
+            weighted = set()
+
+        def make_hook(name: str):
+            def hook(module, args, output):
+                x = args[0].detach()
+                if self._probing and self.sink_probe_windows and self.probed_windows() >= self.sink_probe_windows:
+                    self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
+                    self._probing = False
+                if name in pending:
+                    pending.discard(name)
+                    for seen, owner in first_inputs:
+                        # Same storage, shape and strides while both tensors are alive: the same input.
+                        if (seen.data_ptr(), seen.shape, seen.stride()) == (x.data_ptr(), x.shape, x.stride()):
+                            ctx.hessians[name] = ctx.hessians[owner]
+                            if owner in self._first:
+                                self._first[name] = self._first[owner]
+                            self._handles.pop(name).remove()
+                            return
+                    first_inputs.append((x, name))
+                    if not pending:
+                        first_inputs.clear()
+                if name not in weighted or x.dim() != 3:
+                    ctx.hessians[name].add(x)
+                elif not self.measured:
+                    ctx.hessians[name].add(x, self._token_weights(x, self.sink_weight))
+                else:  # the leading positions apart, weighed once the block's attention is measured
+                    ctx.hessians[name].add(x, self._token_weights(x, 0.0))
+                    self._first[name].add(x[:, : self.sink_tokens])
+
+            return hook
+
+        self._first.clear()
+        for name, layer in ctx.layers.items():
+            weight = weight_out_in(layer)
+            ctx.hessians[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
+            if self.measured and name in weighted:
+                self._first[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
+            self._handles[name] = layer.register_forward_hook(make_hook(name))
+        if self.measured and weighted:
+            self._mass = [0.0, 0.0]
+            self._probed = {id(m): 0 for m in attention_layers(ctx.block)}
+            self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention,
+                                                      first=self.sink_tokens))
+            self._probing = True
+
+    def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
+        self._detach()
+        if world_size(trainer) > 1:
+            self._all_reduce(trainer, ctx)
+        if self.measured and self._first and not any(a.nsamples for a in self._first.values()):
+            self._first.clear()  # no calibration pass ran (round-to-nearest reads no Hessian)
+        if self.measured and self._first:
+            weight = self.measured_weight()
+            done = set()
+            for name, first in self._first.items():
+                if id(first) not in done and name in ctx.hessians:
+                    done.add(id(first))
+                    ctx.hessians[name].hessian.add_(first.hessian.to(ctx.hessians[name].hessian.device), alpha=weight)
+            self._first.clear()
+            self.block_weights[ctx.block_index] = weight
+            rank_zero_info(
+                f"{ctx.describe()}: the first {self.sink_tokens} position(s) receive {weight:.1f}x the attention of an "
+                f"average other key; Hessian weight {weight:.1f}"
+            )
+        elif self._reweighs():
+            self.block_weights[ctx.block_index] = self.sink_weight
+
+    def _all_reduce(self, trainer, ctx: BlockContext) -> None:
+        """Every rank saw its own windows: sum ``Σ xxᵀ`` (fp64) and sample counts over the ranks.
+        Dict order is the layers' order, the same on every rank, so the collectives pair up."""
+        done = set()
+        for accumulator in [*ctx.hessians.values(), *self._first.values()]:
+            if id(accumulator) in done:
+                continue
+            done.add(id(accumulator))
+            total = all_reduce_sum(trainer, accumulator.hessian.double() * accumulator.nsamples)
+            count = int(all_reduce_sum(trainer, torch.tensor(float(accumulator.nsamples), dtype=torch.float64,
+                                                             device=total.device)).item())
+            accumulator.hessian = (total / max(count, 1)).to(torch.float32)
+            accumulator.nsamples = count
+        if self.measured and self._first:
+            device = next(iter(self._first.values())).hessian.device
+            self._mass = all_reduce_sum(trainer, torch.tensor(self._mass, dtype=torch.float64, device=device)).tolist()
+
+    def report(self) -> dict:
+        return {"hessian": {"sink_tokens": self.sink_tokens, "sink_weight": self.sink_weight,
+                            "sink_layers": self.sink_layers, "sink_probe_windows": self.sink_probe_windows,
+                            "measured": self.measured, "block_weights": dict(self.block_weights)}}
+
+    def state_dict(self) -> dict:
+        return {"block_weights": dict(self.block_weights)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.block_weights = {int(k): float(v) for k, v in state_dict.get("block_weights", {}).items()}
+
+    def measured_weight(self) -> float:
+        """Attention received per leading position / per other key, over this block's passes so far."""
+        first, rest = self._mass
+        if first <= 0 or rest <= 0:
+            raise RuntimeError("sink_weight='attention' saw no attention in this block's calibration passes.")
+        return first / rest
+
+    def _record_attention(self, module, received: torch.Tensor, queries: int, keys: int) -> None:
+        """``received`` [batch, heads, s]: attention mass the first ``s`` keys get, summed over ``queries``
+        (each query's row sums to 1, so the other ``keys − s`` keys share the rest)."""
+        s = received.shape[-1]
+        self._probed[id(module)] = self._probed.get(id(module), 0) + received.shape[0]
+        first = received.sum().item()
+        self._mass[0] += first / s
+        self._mass[1] += (received.shape[0] * received.shape[1] * queries - first) / (keys - s)
+
+    def probed_windows(self) -> int:
+        """Windows every probed attention layer of the current pass has measured."""
+        return min(self._probed.values(), default=0)
+
+    def _weighted_layers(self, ctx: BlockContext) -> set[str]:
+        if self.sink_layers == "all":
+            return set(ctx.layers)
+        paths = {id(m): n for n, m in ctx.block.named_modules()}
+        prefixes = [paths[id(m)] + "." if paths[id(m)] else "" for m in attention_layers(ctx.block)]
+        if not prefixes and self.measured:
+            return set(ctx.layers)  # on_block_start falls back to the plain Hessian, with a warning
+        if not prefixes:
+            raise MisconfigurationException(
+                "HessianCapture.sink_layers='attention': found no attention layer in this block; use sink_layers='all'."
+            )
+        return {
+            name for name in ctx.layers
+            if any(name.startswith(p) for p in prefixes) and not is_output_projection(name)
+        }
+
+    def _token_weights(self, x: torch.Tensor, weight: float) -> torch.Tensor:
+        """``[seq]`` weights for a ``[batch, seq, in]`` input: ``weight`` for the leading positions, else 1."""
+        weights = torch.ones(x.shape[1], device=x.device)
+        weights[: self.sink_tokens] = weight
+        return weights
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._detach()  # a run that stopped mid-block must not leave hooks behind
+
+    def _detach(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+        self._probe.close()
+        self._probing = False

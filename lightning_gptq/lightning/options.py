@@ -1,0 +1,75 @@
+"""``GPTQModule``'s settings checked before any heavy work: each bad value is one clear line."""
+
+from __future__ import annotations
+
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_gptq.checkpoint.shards import parse_size
+from lightning_gptq.nn import check_backend
+
+from .hooks import run_report
+
+__all__ = ["check_fit", "check_options", "max_positions"]
+
+
+def check_options(hp) -> None:
+    """The constructor's arguments on their own (``hp``: the module's hparams)."""
+    try:
+        check_backend(hp.backend)
+    except ValueError as error:
+        raise MisconfigurationException(f"GPTQModule.backend: {error}") from None
+    if hp.checkpoint_format not in ("auto", "gptq", "gptq_v2"):
+        raise MisconfigurationException(f"GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', "
+                                        f"got {hp.checkpoint_format!r}")
+    try:
+        parse_size(hp.max_shard_size)
+    except ValueError as error:
+        raise MisconfigurationException(f"GPTQModule.{error}") from None
+    if hp.activation_storage not in ("memory", "disk", "auto"):
+        raise MisconfigurationException(f"GPTQModule.activation_storage must be 'memory', 'disk' or 'auto', "
+                                        f"got {hp.activation_storage!r}")
+    if hp.save_dtype is not None and hp.save_dtype not in ("float16", "bfloat16", "float32"):
+        raise MisconfigurationException(f"GPTQModule.save_dtype must be float16, bfloat16 or float32, got {hp.save_dtype!r}")
+    for name in ("latency_prompt_tokens", "latency_decode_tokens"):
+        if getattr(hp, name) < 1:
+            raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's config allows, where it says."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> None:
+    """What ``stage`` (``fit``/``validate``/...) needs of the module, the data and the Trainer."""
+    hp = module.hparams
+    scores = bool(getattr(dm, "eval_datasets", None)) and (stage != "fit" or hp.eval_before or hp.eval_after)
+    lengths = {"seqlen": getattr(dm, "seqlen", None) if stage == "fit" else None,
+               "eval_seqlen": getattr(dm, "eval_seqlen", None) if scores else None}
+    for field, value in lengths.items():
+        if limit is not None and value is not None and value > limit:
+            raise MisconfigurationException(
+                f"data.{field}={value} is longer than the {limit} positions {type(module.lm).__name__} supports")
+    if stage != "fit":
+        if hp.streaming and hp.latency:
+            raise MisconfigurationException("streaming scores perplexity block by block but cannot time the whole "
+                                            "model: set --model.latency=false")
+        return
+    if plain_ddp:
+        raise MisconfigurationException(
+            "DDP wraps the model to average gradients, and calibration has none: run fit across processes "
+            "with --trainer.strategy=gptq_ddp (or gptq_ddp_spawn), which keeps Lightning's launch and "
+            "process group and sums the Hessians across processes instead.")
+    if module.is_quantized:
+        raise MisconfigurationException(f"{hp.model} is already quantized; fit needs a full-precision model")
+    if hp.streaming and (hp.latency or not hp.save_quantized):
+        raise MisconfigurationException(
+            "streaming never holds the whole model, so it cannot time it (it scores it block by block), and the "
+            "written folder is its only result: " + ("set --model.latency=false" if hp.latency
+                                                     else "keep save_quantized=true") + ".")
+    if "quant" not in run_report(module.trainer):
+        raise MisconfigurationException("fit quantizes through GPTQCallback: add it to the Trainer's callbacks")

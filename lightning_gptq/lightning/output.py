@@ -1,0 +1,64 @@
+"""Where a fit's quantized model goes: a Hugging Face GPTQ folder, ``<output_dir>/model``.
+
+In memory, the model is written whole once ``fit`` ends (``save``). Streaming writes each block as
+soon as it is quantized (``add_block``: staged on disk, then freed) and ``save`` finishes the folder
+from the staged blocks and the source's files. The writer's state is part of a resume point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from lightning_gptq.checkpoint import save_quantized
+from lightning_gptq.checkpoint.hf import StreamingWriter
+
+__all__ = ["QuantizedOutput", "checkpoint_settings"]
+
+
+def checkpoint_settings(report: dict, source_model: str, true_sequential: bool) -> dict:
+    """Our settings recorded in the checkpoint (``meta.lightning_gptq``), from the callbacks' report."""
+    hessian = report.get("hessian") or {}
+    return {"method": report["method"], "quant": report["quant"].to_dict(), "source_model": source_model,
+            "true_sequential": true_sequential, "sink_tokens": hessian.get("sink_tokens"),
+            "sink_weight": hessian.get("sink_weight"), "sink_layers": hessian.get("sink_layers"),
+            "sink_probe_windows": hessian.get("sink_probe_windows"),
+            "sink_block_weights": dict(hessian.get("block_weights", {}))}
+
+
+class QuantizedOutput:
+    """The quantized folder ``folder`` (``checkpoint_format``, ``max_shard_size``, ``save_dtype``: see
+    ``GPTQModule``)."""
+
+    def __init__(self, folder: Path, *, checkpoint_format: str, max_shard_size: str, save_dtype: str | None) -> None:
+        self.folder = folder
+        self.checkpoint_format, self.max_shard_size, self.save_dtype = checkpoint_format, max_shard_size, save_dtype
+        self.writer: StreamingWriter | None = None
+
+    def add_block(self, prefix: str, block: nn.Module) -> None:
+        """Stage quantized ``block`` (at ``prefix`` in the model) on disk."""
+        if self.writer is None:
+            self.writer = StreamingWriter(self.folder, checkpoint_format=self.checkpoint_format, dtype=self.save_dtype)
+        self.writer.add_block(prefix, block)
+
+    def save(self, lm: nn.Module, tokenizer, source, report: dict, settings: dict) -> Path:
+        """Write the folder: from the staged blocks when streaming, else ``lm`` whole."""
+        quant = report["quant"]
+        true_sequential = settings["true_sequential"]
+        if self.writer is not None:
+            self.writer.finish(lm, tokenizer, source.files, damp_percent=quant.damp, static_groups=quant.static_groups,
+                               true_sequential=true_sequential, settings={**settings, "streamed": True})
+        else:
+            save_quantized(lm.to("cpu"), tokenizer, self.folder, checkpoint_format=self.checkpoint_format,
+                           max_shard_size=self.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
+                           static_groups=quant.static_groups, true_sequential=true_sequential, settings=settings,
+                           dtype=self.save_dtype)
+        return self.folder
+
+    def state_dict(self) -> dict | None:
+        return self.writer.state_dict() if self.writer is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """Restore a killed run's writer (``CheckpointError`` when a staged block is missing or altered)."""
+        self.writer = StreamingWriter.restore(state) if state is not None else None
