@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -41,8 +42,19 @@ def _cpu_flags() -> str:
     return platform.processor() + platform.machine()
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()
+_built: list = []  # the module, once built in this process
+
+
+@functools.cache  # the hot path: one cache hit per kernel call
 def _load():
+    with _BUILD_LOCK:  # two threads' first calls: one builds, the other waits for it and imports nothing twice
+        if not _built:
+            _built.append(_build())
+        return _built[0]
+
+
+def _build():
     from torch.utils.cpp_extension import load
 
     key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
@@ -180,18 +192,23 @@ def dequantize_t(qweight: Tensor, scales: Tensor, zeros: Tensor, bits: int, grou
 
 
 class Workspace:
-    """One reusable buffer per thread of work for dense weights that live for one matmul.
+    """One reusable buffer per thread (and dtype) for dense weights that live for one matmul.
 
     A fresh 30 MB tensor per call costs page faults that take longer than filling it; reusing one
-    keeps the extra resident memory to the largest layer's dense weight."""
+    keeps the extra resident memory to the largest layer's dense weight, per thread that runs the dense
+    kernels. Per thread, because two threads running a model at once would otherwise write their dense
+    weights into the same buffer while the other's matmul reads it; a thread's buffers go when it ends."""
 
     def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, Tensor] = {}
+        self._local = threading.local()
 
     def get(self, rows: int, cols: int, dtype: torch.dtype) -> Tensor:
-        buffer = self._buffers.get(dtype)
+        buffers: dict[torch.dtype, Tensor] | None = getattr(self._local, "buffers", None)
+        if buffers is None:
+            buffers = self._local.buffers = {}
+        buffer = buffers.get(dtype)
         if buffer is None or buffer.numel() < rows * cols:
-            buffer = self._buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
+            buffer = buffers[dtype] = torch.empty(rows * cols, dtype=dtype)
         return buffer[: rows * cols].view(rows, cols)
 
 

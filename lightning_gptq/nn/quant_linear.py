@@ -15,6 +15,7 @@ GEMV-like kernel for decode and a dequantize-then-GEMM one for prefill.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
@@ -81,19 +82,29 @@ class Capabilities:
                 f"activations {'/'.join(self.dtypes)}; any row count; rounding: {self.rounding}")
 
 
-_EXACT = [0]  # depth of nested exact_kernels() blocks
+#: Depth of nested ``exact_kernels()`` blocks in the current context: each thread (and asyncio task) has its own,
+#: so a thread calibrating under ``exact_kernels()`` does not change the kernels another thread's forward pass takes.
+_EXACT: contextvars.ContextVar[int] = contextvars.ContextVar("lightning_gptq_exact_kernels", default=0)
 
 
 @contextlib.contextmanager
 def exact_kernels() -> Iterator[None]:
     """Inside this block every quantized layer computes with its fastest kernel among those that round
     nothing beyond fp32 (``exact_kernels``): calibration runs here, so that the inputs GPTQ sees for
-    later blocks do not depend on which kernels this machine happens to favour."""
-    _EXACT[0] += 1
+    later blocks do not depend on which kernels this machine happens to favour.
+
+    The block holds for the code it wraps, in the thread (or asyncio task) that entered it: other threads
+    running the same model meanwhile keep their own dispatch (a new thread starts outside any block)."""
+    token = _EXACT.set(_EXACT.get() + 1)
     try:
         yield
     finally:
-        _EXACT[0] -= 1
+        _EXACT.reset(token)
+
+
+def exact_depth() -> int:
+    """How many ``exact_kernels()`` blocks the current thread (or task) is inside."""
+    return _EXACT.get()
 
 
 def _table(dispatch, kernels: tuple[str, ...]) -> tuple[tuple[tuple[int, str], ...], list[float]]:
@@ -244,7 +255,7 @@ class QuantLinear(nn.Module):
         self.exact_dispatch, self._exact_bounds = _table(exact_dispatch or [(1, self.exact[0])], self.exact)
 
     def kernel_for(self, rows: int) -> str:
-        if _EXACT[0]:
+        if _EXACT.get():
             return _lookup(self.exact_dispatch, self._exact_bounds, rows)
         return _lookup(self.dispatch, self._bounds, rows)
 
