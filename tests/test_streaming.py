@@ -131,7 +131,7 @@ def test_streaming_fit_scores_its_written_model_block_by_block(tmp_path):
     a quantized folder the same way, and `fit` refuses to quantize it again."""
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from lightning_gptq.models.streaming import QuantizedWeightSource
+    from lightning_gptq.sources import QuantizedWeightSource
 
     model_dir = tiny_model_dir(tmp_path, "gemma3")  # tied head: the streamed head must take the embedding
     scoring = ["--model.latency=false", "--gptq.quant.act_order=true", "--model.eval_before=true",

@@ -12,7 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from lightning_gptq.checkpoint import save_quantized
-from lightning_gptq.checkpoint.hf import StreamingWriter
+from lightning_gptq.checkpoint.hf_streaming import StreamingWriter
 
 __all__ = ["QuantizedOutput", "checkpoint_settings"]
 
