@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_gptq import QuantConfig, gptq_quantize
+from lightning_gptq import QuantConfig, gptq_quantize, rtn_quantize
 from lightning_gptq.checkpoint import CheckpointError, load_quantized
 from lightning_gptq.cli import main
 from lightning_gptq.data import perplexity
@@ -248,26 +248,52 @@ def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):
 
 
 @pytest.mark.parametrize(
-    "extra,error",
+    "extra,error,before_load",
     [
-        (["--model.model=/no/such/model"], "does not exist"),
-        (["--data.seqlen=100"], "longer than the 64 positions"),
-        (["--data.nsamples=0"], "nsamples must be >= 1"),
-        (["--data.calibration=EMPTY"], "holds no text"),
-        (["--data.calibration=SHORT", "--data.nsamples=4", "--data.seqlen=32"], "the text has only"),
-        (["--gptq.backend=nope"], "GPTQCallback.backend: unknown quantized-linear backend 'nope'"),
-        (["--model.backend=cpu-fast"], "GPTQModule.backend: unknown quantized-linear backend 'cpu-fast'"),
-        (["--model.checkpoint_format=gptq_v3"], "GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2'"),
-        (["--model.max_shard_size=huge"], "GPTQModule.max_shard_size must be a positive size"),
+        (["--model.model=/no/such/model"], "does not exist", False),
+        (["--data.seqlen=100"], "longer than the 64 positions", False),  # the limit is the loaded model's
+        (["--data.nsamples=0"], "nsamples must be >= 1", False),
+        (["--data.calibration=EMPTY"], "holds no text", False),
+        (["--data.calibration=SHORT", "--data.nsamples=4", "--data.seqlen=32"], "the text has only", False),
+        (["--gptq.backend=nope"], "GPTQCallback.backend: unknown quantized-linear backend 'nope'", False),
+        # the module's own options are checked before it loads the model
+        (["--model.backend=cpu-fast"], "GPTQModule.backend: unknown quantized-linear backend 'cpu-fast'", True),
+        (["--model.checkpoint_format=gptq_v3"], "GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2'", True),
+        (["--model.max_shard_size=huge"], "GPTQModule.max_shard_size must be a positive size", True),
+        ([], "heavy work reached: calibration", False),  # the control: good input reaches the patched entry points
     ],
 )
-def test_bad_input_fails_before_heavy_work(tmp_path, extra, error):
+def test_bad_input_fails_before_heavy_work(tmp_path, monkeypatch, extra, error, before_load):
+    """A bad option or input fails with its own message before any calibration pass (capture, Hessians, solves:
+    minutes to hours on a real model) starts; the module's own options fail before the model is even loaded."""
+    from lightning_gptq.driver import CalibrationDriver
+    from lightning_gptq.lightning import module as module_py
+
+    reached = []
+
+    def heavy(name, real=None):
+        def call(*args, **kwargs):
+            reached.append(name)
+            if real is None:
+                raise AssertionError(f"heavy work reached: {name}")
+            return real(*args, **kwargs)
+        return call
+
+    for step in ("run", "start", "step"):  # every pass (capture, calibrate and solve, propagate) begins in one of these
+        monkeypatch.setattr(CalibrationDriver, step, heavy("calibration"))
+    monkeypatch.setattr(module_py, "open_model", heavy("model load", module_py.open_model))
     model_dir = tiny_model_dir(tmp_path, "llama")
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "short.txt").write_text("A short text of about sixty characters, far too few here.")
     extra = [e.replace("EMPTY", str(tmp_path / "empty.txt")).replace("SHORT", str(tmp_path / "short.txt")) for e in extra]
     with pytest.raises(Exception, match=error):
         main(["fit", *cli_args(model_dir, tmp_path / "runs", *extra)])
+    if not extra:
+        assert reached == ["model load", "calibration"]
+        return
+    assert "calibration" not in reached
+    if before_load:
+        assert reached == []
 
 
 def test_wrong_bits_is_one_clear_line_from_the_command_line():
@@ -676,3 +702,15 @@ def test_round_to_nearest_with_the_measured_sink_rule_configured(tmp_path):
                                  "--hessian.sink_layers=attention", "--model.latency=false",
                                  f"--model.output_dir={tmp_path / 'out'}")])
     assert run.model.is_quantized
+    # RTN reads no Hessian, so the sink rule cannot change it: no calibration pass ran (nothing was captured)
+    # and every layer holds exactly the plain round-to-nearest codes and grid of the original weight
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert "capture" not in summary["timings_s"] and "hessian" not in summary["timings_s"]
+    original, _ = load_causal_lm(str(model_dir))
+    cfg = QuantConfig(bits=4, group_size=12, sym=False)
+    quantized = {n: m for n, m in run.model.lm.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quantized) == 3 * 7
+    for name, layer in quantized.items():
+        plain = rtn_quantize(weight_out_in(original.get_submodule(name)), cfg)
+        assert torch.equal(layer.codes(), plain.codes), name
+        assert torch.equal(layer.dequantize(), plain.dequantize()), name
