@@ -245,7 +245,9 @@ class CalibrationDriver:
         self._finish_block(stage.block)
         ctx = BlockContext(stage.block, len(self.blocks), self.blocks[stage.block], {},
                            prefix=self.block_prefix(stage.block), stage="propagated", inputs=self.inputs)
-        self.fire("on_block_propagated", ctx)
+        start = time.perf_counter()
+        self.fire("on_block_propagated", ctx)  # e.g. BlockCheckpoint's resume point
+        self.timings["on_block_propagated"] += time.perf_counter() - start
 
     def _finish_block(self, index: int) -> None:
         """Block ``index`` is final: back to the CPU, or written out and freed when streamed."""
