@@ -20,6 +20,7 @@ moves data, runs blocks and tells the hooks where it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections import defaultdict
@@ -30,8 +31,9 @@ import torch
 from torch import nn
 
 from lightning_gptq.models import capture_block_inputs, get_adapter, run_block
-from lightning_gptq.models.capture import BlockInputs
+from lightning_gptq.models.capture import BlockInputs, module_device_dtype
 from lightning_gptq.nn import exact_kernels
+from lightning_gptq.nn.quant_linear import dense_weights_held
 
 __all__ = ["BlockContext", "CalibrationDriver", "Stage", "pinned_adapter"]
 
@@ -135,6 +137,7 @@ class CalibrationDriver:
         self._groups: list[list[str]] = []
         self._ctx: BlockContext | None = None
         self._started = 0.0
+        self._held = contextlib.ExitStack()  # the block's quantized layers keep their dense weight for a stage
 
     @property
     def streams(self) -> bool:
@@ -195,6 +198,8 @@ class CalibrationDriver:
         if stage.kind == "calibrate" and stage.group == 0:
             self.source.fetch(block)
         block.to(self.device)
+        # Layers swapped in so far dequantize once for the whole pass, not once per batch (same numbers).
+        self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))
         if stage.kind == "calibrate":
             if stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
                 self._groups = self.groups(block)
@@ -232,6 +237,7 @@ class CalibrationDriver:
         if stage.kind == "quantize":
             self._quantize_every_block()
             return
+        self._held.close()
         self.timings["hessian" if stage.kind == "calibrate" else "propagate"] += time.perf_counter() - self._started
         if stage.kind == "calibrate":
             start = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import os
 import uuid
 import zipfile
@@ -171,16 +172,32 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it (one pass over the bytes, not a re-read)."""
+
+    def __init__(self, file) -> None:
+        self.file, self.digest = file, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+
 def write_activations(inputs, folder: Path, name: str) -> str:
-    """Write the activation cache to ``folder/name`` atomically; returns its sha256."""
+    """Write the activation cache to ``folder/name`` atomically; returns its sha256 (computed as it is written)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
     partial = folder / f".{name}.partial"
-    torch.save(inputs, partial)
-    with open(partial, "rb+") as f:
+    with open(partial, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(inputs, writer)
+        f.flush()
         os.fsync(f.fileno())
     os.replace(partial, target)
-    return _sha256(target)
+    return writer.digest.hexdigest()
 
 
 def read_activations(folder: Path, name: str, sha256: str):

@@ -102,6 +102,24 @@ def exact_kernels() -> Iterator[None]:
         _EXACT.reset(token)
 
 
+@contextlib.contextmanager
+def dense_weights_held(module: nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[None]:
+    """Inside this block every oracle layer (the ``torch`` backend) under ``module`` dequantizes its
+    weight once and keeps it, instead of once per call: the same numbers (the same dense weight, the
+    same matmul), for the memory of the dense weights. Calibration runs each quantized block over
+    every batch this way, as the reference runs its fake-quantized dense layers."""
+    layers = [m for m in module.modules() if type(m) is QuantLinear]
+    for layer in layers:
+        t = layer.packed_tensors()
+        layer._held_dense_t = torch_ref.dequantize_t(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], layer.bits,
+                                                     layer.in_features, dtype, group_size=layer.contiguous_group_size())
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._held_dense_t = None
+
+
 def exact_depth() -> int:
     """How many ``exact_kernels()`` blocks the current thread (or task) is inside."""
     return _EXACT.get()
@@ -264,8 +282,14 @@ class QuantLinear(nn.Module):
 
     def run(self, kernel: str, x: Tensor) -> Tensor:
         """Compute with a named kernel (what ``forward`` does after picking one)."""
-        return torch_ref.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
-                                      group_size=self.contiguous_group_size())
+        dense_t = self._held_dense_t
+        if dense_t is None or dense_t.dtype != x.dtype:
+            return torch_ref.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
+                                          group_size=self.contiguous_group_size())
+        y = torch.matmul(x, dense_t)  # what quant_matmul computes, minus the dequantization
+        return y if self.bias is None else y + self.bias
+
+    _held_dense_t: Tensor | None = None  # set inside ``dense_weights_held`` (the oracle only)
 
     def extra_repr(self) -> str:
         path = ", ".join(f"{b}:{k}" for b, k in self.dispatch)
