@@ -580,8 +580,10 @@ def test_a_quantized_model_runs_from_two_threads_at_once(cpu_gemm_kernel):
     jobs = [(i, exact) for _ in range(3) for i in range(len(inputs)) for exact in (False, True)]
     with ThreadPoolExecutor(2) as pool:
         results = list(pool.map(lambda job: forward(inputs[job[0]], job[1]), jobs))
-    for job, y in zip(jobs, results):
-        assert torch.equal(y, alone[job]), job
+    for job, y in zip(jobs, results):  # the same kernels on the same rows: equal up to how a library matmul may
+        # split its sums when two threads call it at once (a shared buffer or flag is off by 1e-3 or far more)
+        error = ((y - alone[job]).norm() / alone[job].norm()).item()
+        assert error <= 1e-6, (job, error)
 
 
 def test_make_quant_linear_auto_then_switch_backends():
