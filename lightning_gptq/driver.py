@@ -103,6 +103,10 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+class _PassDone(Exception):
+    """Raised inside a calibration pass once it has given every layer its input."""
+
+
 class CalibrationDriver:
     """Calibrates ``source.model`` (a weight source: ``model``, ``streams``, ``fetch``, ``free``).
 
@@ -137,7 +141,8 @@ class CalibrationDriver:
         self._groups: list[list[str]] = []
         self._ctx: BlockContext | None = None
         self._started = 0.0
-        self._held = contextlib.ExitStack()  # the block's quantized layers keep their dense weight for a stage
+        self._held = contextlib.ExitStack()  # what a stage sets up on its block (dense weights, stop hooks)
+        self._entered: set[str] = set()
 
     @property
     def streams(self) -> bool:
@@ -207,6 +212,7 @@ class CalibrationDriver:
             self._ctx = BlockContext(stage.block, len(self.blocks), block, layers, stage.group, stage.num_groups,
                                      prefix=self.block_prefix(stage.block), inputs=self.inputs)
             self.fire("on_block_start", self._ctx)
+            self._stop_after_last_linear(block)
         else:
             self._outputs = []
 
@@ -223,8 +229,12 @@ class CalibrationDriver:
             self.timings["capture"] += time.perf_counter() - start
             return
         block, cached = self.blocks[stage.block], self.inputs.hidden[j]
-        with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
-            hidden = run_block(block, cached, self.inputs.kwargs_for(stage.block, j))
+        self._entered.clear()
+        try:
+            with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
+                hidden = run_block(block, cached, self.inputs.kwargs_for(stage.block, j))
+        except _PassDone:  # a calibration pass: every linear of the block has read its input
+            return
         if stage.kind == "propagate":
             self._outputs.append(self.store(hidden.to("cpu", dtype=cached.dtype)))
 
@@ -237,7 +247,7 @@ class CalibrationDriver:
         if stage.kind == "quantize":
             self._quantize_every_block()
             return
-        self._held.close()
+        self._held.close()  # also removes the calibration pass's stop hooks
         self.timings["hessian" if stage.kind == "calibrate" else "propagate"] += time.perf_counter() - self._started
         if stage.kind == "calibrate":
             start = time.perf_counter()
@@ -254,6 +264,21 @@ class CalibrationDriver:
         start = time.perf_counter()
         self.fire("on_block_propagated", ctx)  # e.g. BlockCheckpoint's resume point
         self.timings["on_block_propagated"] += time.perf_counter() - start
+
+    def _stop_after_last_linear(self, block: nn.Module) -> None:
+        """End each calibration pass once every linear of ``block`` has been entered (the hooks, which
+        run first, have read the inputs): the last linear's product and what follows it are never used."""
+        names = [name for group in self._groups for name in group]
+
+        def enter(name: str):
+            def hook(module, args):
+                self._entered.add(name)
+                if len(self._entered) == len(names):
+                    raise _PassDone
+            return hook
+
+        for name in names:
+            self._held.callback(block.get_submodule(name).register_forward_pre_hook(enter(name)).remove)
 
     def _finish_block(self, index: int) -> None:
         """Block ``index`` is final: back to the CPU, or written out and freed when streamed."""

@@ -23,7 +23,7 @@ __all__ = ["HessianCapture"]
 class HessianCapture(BlockHooks, Callback):
     """Accumulates ``H = 2/n Σ xxᵀ`` for every layer of the current block from its forward inputs.
 
-    ``on_block_start`` attaches a forward hook to each layer in ``ctx.layers`` and puts a
+    ``on_block_start`` attaches a forward pre-hook (the input is all it reads) to each layer in ``ctx.layers`` and puts a
     ``HessianAccumulator`` in ``ctx.hessians[name]``; ``on_block_end`` detaches the hooks. Layers that
     read the very same input tensor (q/k/v, gate/up) share one accumulator: the Hessian is computed
     once per input, not once per layer.
@@ -103,7 +103,7 @@ class HessianCapture(BlockHooks, Callback):
             weighted = set()
 
         def make_hook(name: str):
-            def hook(module, args, output):
+            def hook(module, args):
                 x = args[0].detach()
                 if self._probing and self.sink_probe_windows and self.probed_windows() >= self.sink_probe_windows:
                     self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
@@ -137,7 +137,7 @@ class HessianCapture(BlockHooks, Callback):
             ctx.hessians[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
             if self.measured and name in weighted:
                 self._first[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
-            self._handles[name] = layer.register_forward_hook(make_hook(name))
+            self._handles[name] = layer.register_forward_pre_hook(make_hook(name))
         if self.measured and weighted:
             self._mass = [0.0, 0.0]
             self._probed = {id(m): 0 for m in attention_layers(ctx.block)}
