@@ -55,8 +55,9 @@ def test_two_processes_give_the_single_process_weights(runs):
         differ += int((codes != other).sum())
         total += codes.numel()
         torch.testing.assert_close(ddp[name].scales, layer.scales, rtol=1e-4, atol=1e-6)
-    # Only the order of the fp sums differs (per-rank sums, then one all-reduce), so a code may
-    # flip where a value sits on a rounding boundary; docs/big-models.md: at most 0.1%.
+    # Only the order of the fp sums differs (per-rank sums, then one all-reduce), so a code may flip
+    # where a value sits on a rounding boundary. Three blocks leave GPTQ's cascade no room to grow; on
+    # SmolLM2's 30 blocks most codes after block 1 differ (docs/big-models.md), which this cannot see.
     assert differ <= 0.001 * total, f"{differ} of {total} codes differ"
 
 
