@@ -714,3 +714,7 @@ def test_round_to_nearest_with_the_measured_sink_rule_configured(tmp_path):
         plain = rtn_quantize(weight_out_in(original.get_submodule(name)), cfg)
         assert torch.equal(layer.codes(), plain.codes), name
         assert torch.equal(layer.dequantize(), plain.dequantize()), name
+    # nothing was measured, so no block weight is recorded, and the callback's state (a resume point's) reloads
+    capture = next(cb for cb in run.trainer.callbacks if isinstance(cb, HessianCapture))
+    assert capture.block_weights == {}
+    HessianCapture(sink_weight="attention").load_state_dict(capture.state_dict())

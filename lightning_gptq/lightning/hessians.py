@@ -164,7 +164,7 @@ class HessianCapture(BlockHooks, Callback):
                 f"{ctx.describe()}: the first {self.sink_tokens} position(s) receive {weight:.1f}x the attention of an "
                 f"average other key; Hessian weight {weight:.1f}"
             )
-        elif self._reweighs():
+        elif self._reweighs() and not self.measured:  # measured, but nothing was: round to nearest
             self.block_weights[ctx.block_index] = self.sink_weight
 
     def _all_reduce(self, trainer, ctx: BlockContext) -> None:
