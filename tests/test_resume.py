@@ -90,13 +90,19 @@ def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
     _killed_run(model_dir, root, out, 5, tmp_path)
     checkpoints = root / "checkpoints"
     (side,) = checkpoints.glob("activations-*")
+    # each finished block's quantized layers are written once, to a file of their own, not again per save
+    assert sorted(p.name.split("-")[1] for p in checkpoints.glob("layers-*")) == ["block0000", "block0001"]
+    state = torch.load(checkpoints / "last.ckpt", weights_only=False)["gptq_resume"]
+    assert state["layers"] == {} and [f["block"] for f in state["layer_files"]] == [0, 1]
 
-    # an activation file that is not the one the checkpoint recorded (e.g. cut short by a kill)
-    data = side.read_bytes()
-    side.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ResumeError, match="sha256"):
-        main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
-    side.write_bytes(data)
+    # an activation or layer file that is not the one the checkpoint recorded (e.g. cut short by a kill)
+    (layers,) = checkpoints.glob("layers-block0000-*")
+    for damaged in (side, layers):
+        data = damaged.read_bytes()
+        damaged.write_bytes(data[: len(data) // 2])
+        with pytest.raises(ResumeError, match="sha256"):
+            main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+        damaged.write_bytes(data)
 
     # a checkpoint cut short does not load as if complete
     ckpt = checkpoints / "last.ckpt"

@@ -267,7 +267,8 @@ class GPTQModule(ScoringLoops, LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if "gptq_resume" in checkpoint:  # BlockCheckpoint's saves, at a block boundary, named the activations
             self.timings["total_fit"] = time.perf_counter() - self._fit_start
-            checkpoint["gptq_resume"].update(run_state(self, self._stages))
+            resume = checkpoint["gptq_resume"]
+            resume.update(run_state(self, self._stages, layers="layer_files" not in resume))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         path = self.trainer.ckpt_path if self._trainer is not None else None

@@ -4,12 +4,13 @@
 hook, once a block is done (its quantized outputs are the next block's inputs), so ``fit --ckpt_path last``
 finds it the Lightning way and the fit loop continues at the next block's first stage.
 
-What a checkpoint holds (``GPTQModule.on_save_checkpoint``): every quantized layer so far (the packed
-checkpoint layout, fp32 scales as calibrated; a streaming run instead records the blocks it staged on
-disk, with their sha256), the run's timings and ``eval_before`` scores, and the
-name and sha256 of a side file with the activation cache (the next block's inputs, which are too
-large and too structured for the checkpoint dict). Callbacks add their own state (layer records,
-measured sink weights).
+What a checkpoint holds: the name and sha256 of a side file with the activation cache (the next
+block's inputs, too large and too structured for the checkpoint dict) and of one side file per
+finished block with its quantized layers (the packed layout, fp32 scales as calibrated; written once,
+when the first resume point after that block is saved; a streaming run's writer records the blocks it
+staged instead), plus (``GPTQModule.on_save_checkpoint``) the stage plan, timings and ``eval_before``
+scores. Callbacks add their own state (layer records, measured sink weights). Resume points written
+before layer files existed hold every layer in the checkpoint itself and still load.
 
 Atomicity: the side file is written under a new name (temporary file, then rename) *before* the
 checkpoint that names it; Lightning writes ``last.ckpt`` through an fsspec transaction (temporary
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 SIDE_PREFIX = "activations-"
+LAYERS_PREFIX = "layers-"
 
 
 class ResumeError(RuntimeError):
@@ -77,6 +79,15 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         self.keep = keep
         self._saving: dict | None = None  # the activation files of the checkpoint being written
         self._completed = False  # every block of the fit was calibrated: the resume point is not needed
+        self._driver = None
+        self._layer_files: list[dict] = []  # one file per finished block's quantized layers, each written once
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "layer_files": list(self._layer_files)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._layer_files = list(state_dict.get("layer_files", []))
 
     def report(self) -> dict:
         return {"resume_every_n_blocks": self.every_n_blocks}
@@ -89,7 +100,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._completed = False
+        self._completed, self._layer_files = False, []
         self.dirpath = str(self._directory(trainer))
         super().setup(trainer, pl_module, stage)
 
@@ -119,21 +130,40 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         trainer.strategy.barrier("BlockCheckpoint.on_fit_end")
         if not trainer.is_global_zero:
             return
-        removed = [p for p in [folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", *folder.glob(f"{SIDE_PREFIX}*")]
-                   if p.is_file()]
+        removed = [p for p in [folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}", *folder.glob(f"{SIDE_PREFIX}*"),
+                               *folder.glob(f"{LAYERS_PREFIX}*")] if p.is_file()]
         for path in removed:
             path.unlink()
         if removed:
             rank_zero_info(f"fit finished: removed its resume checkpoint from {folder} (keep it with --resume.keep=true)")
 
+    def on_calibration_start(self, trainer, pl_module, driver) -> None:
+        self._driver = driver
+
     def on_calibration_end(self, trainer, pl_module, driver) -> None:
         self._completed = True
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        # Only our own saves, at a block boundary, can be resumed: they name the activation files,
-        # and the module adds the rest of the run's state under the same key.
+        # Only our own saves, at a block boundary, can be resumed: they name the activation files and
+        # the finished blocks' layer files, and the module adds the rest of the run's state there.
         if self._saving is not None:
             checkpoint["gptq_resume"] = {"activations": dict(self._saving)}
+            if not self._driver.streams:  # a streaming run's writer names its staged blocks
+                checkpoint["gptq_resume"]["layer_files"] = list(self._layer_files)
+
+    def _write_layer_files(self, trainer, folder: Path, token: str, upto: int) -> None:
+        """Blocks ``..upto`` not written yet: each block's quantized layers to a file of its own, once (rank 0;
+        every rank holds the same layers), so a resume point costs one block's layers, not all so far."""
+        written = {entry["block"] for entry in self._layer_files}
+        new = []
+        if trainer.is_global_zero and not self._driver.streams:
+            for b in range(upto + 1):
+                if b not in written:
+                    block, prefix = self._driver.blocks[b], self._driver.block_prefix(b)
+                    state = {f"{prefix}.{name}": entry for name, entry in quantized_layers_state(block).items()}
+                    name = f"{LAYERS_PREFIX}block{b:04d}-{token}.pt"
+                    new.append({"block": b, "name": name, "sha256": write_activations(state, folder, name)})
+        self._layer_files += trainer.strategy.broadcast(new)
 
     def on_block_propagated(self, trainer, pl_module, ctx) -> None:
         """Block ``ctx.block_index`` is done and ``ctx.inputs`` holds the next block's inputs."""
@@ -150,6 +180,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         rank = trainer.global_rank
         name = f"{SIDE_PREFIX}block{block_index + 1:04d}-{token}-rank{rank}.pt"
         mine = {"name": name, "sha256": write_activations(ctx.inputs, folder, name)}
+        self._write_layer_files(trainer, folder, token, block_index)
         files = [mine]
         if trainer.world_size > 1:
             files = [None] * trainer.world_size
@@ -161,6 +192,11 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
             self._saving = None
         self.last_model_path = str(path)
         _remove_stale_side_files(folder, keep=name, rank=rank)
+        if trainer.is_global_zero:  # layer files of another run in this folder
+            keep = {entry["name"] for entry in self._layer_files}
+            for stale in folder.glob(f"{LAYERS_PREFIX}*.pt"):
+                if stale.name not in keep:
+                    stale.unlink(missing_ok=True)
         rank_zero_info(f"resume checkpoint after block {block_index + 1}/{num_blocks}: {path}")
 
 
@@ -203,9 +239,9 @@ def write_activations(inputs, folder: Path, name: str) -> str:
 def read_activations(folder: Path, name: str, sha256: str):
     path = folder / name
     if not path.is_file():
-        raise ResumeError(f"The resume checkpoint names the activation file {str(path)!r}, which does not exist.")
+        raise ResumeError(f"The resume checkpoint names the file {str(path)!r}, which does not exist.")
     if _sha256(path) != sha256:
-        raise ResumeError(f"The activation file {str(path)!r} does not match the sha256 its checkpoint recorded "
+        raise ResumeError(f"The resume file {str(path)!r} does not match the sha256 its checkpoint recorded "
                           "(written half-way or altered); start the run again without --ckpt_path.")
     # mapped, not read: a cache spilled to disk (activation_storage) need not fit in memory on the way back
     return torch.load(path, map_location="cpu", weights_only=False, mmap=True)  # our own file, checked above
@@ -252,15 +288,16 @@ def restore_quantized_layers(model: torch.nn.Module, state: dict[str, dict], bac
         replace_submodule(model, name, layer.to(tensors["scales"].device))
 
 
-def run_state(module, stages: list) -> dict:
-    """What ``GPTQModule`` adds to a resume point (beside the activation files ``BlockCheckpoint`` names)."""
+def run_state(module, stages: list, layers: bool = True) -> dict:
+    """What ``GPTQModule`` adds to a resume point (beside the files ``BlockCheckpoint`` names); ``layers``:
+    also every quantized layer so far (resume points that name no layer files)."""
     driver = module.driver
     return {
         "completed_stage": module.current_epoch, "stages": [dataclasses.astuple(s) for s in stages],
         "model": module.hparams.model, "timings": dict(module.timings), "results": module.results,
         "streaming": driver.streams,
         # streamed blocks are staged on disk and freed: the writer's record names them
-        "layers": {} if driver.streams else quantized_layers_state(driver.model),
+        "layers": quantized_layers_state(driver.model) if layers and not driver.streams else {},
         "writer": module.output.state_dict(),
     }
 
@@ -289,7 +326,10 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
     inputs = read_activations(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
     inputs.hidden = [driver.store(h) for h in inputs.hidden]
     driver.inputs = inputs
-    restore_quantized_layers(driver.model, state["layers"], quant_linear_class(CALIBRATION_BACKEND))
+    oracle = quant_linear_class(CALIBRATION_BACKEND)
+    restore_quantized_layers(driver.model, state["layers"], oracle)
+    for entry in state.get("layer_files", []):
+        restore_quantized_layers(driver.model, read_activations(Path(path).parent, entry["name"], entry["sha256"]), oracle)
     if state.get("writer") is not None and trainer.is_global_zero:
         try:
             module.output.load_state_dict(state["writer"])
