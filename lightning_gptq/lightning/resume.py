@@ -47,9 +47,9 @@ __all__ = [
     "restore_run",
     "run_state",
     "quantized_layers_state",
-    "read_activations",
+    "read_side_file",
     "restore_quantized_layers",
-    "write_activations",
+    "write_side_file",
 ]
 
 SIDE_PREFIX = "activations-"
@@ -162,7 +162,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
                     block, prefix = self._driver.blocks[b], self._driver.block_prefix(b)
                     state = {f"{prefix}.{name}": entry for name, entry in quantized_layers_state(block).items()}
                     name = f"{LAYERS_PREFIX}block{b:04d}-{token}.pt"
-                    new.append({"block": b, "name": name, "sha256": write_activations(state, folder, name)})
+                    new.append({"block": b, "name": name, "sha256": write_side_file(state, folder, name)})
         self._layer_files += trainer.strategy.broadcast(new)
 
     def on_block_propagated(self, trainer, pl_module, ctx) -> None:
@@ -179,7 +179,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         token = trainer.strategy.broadcast(uuid.uuid4().hex[:8])
         rank = trainer.global_rank
         name = f"{SIDE_PREFIX}block{block_index + 1:04d}-{token}-rank{rank}.pt"
-        mine = {"name": name, "sha256": write_activations(ctx.inputs, folder, name)}
+        mine = {"name": name, "sha256": write_side_file(ctx.inputs, folder, name)}
         self._write_layer_files(trainer, folder, token, block_index)
         files = [mine]
         if trainer.world_size > 1:
@@ -194,7 +194,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         _remove_stale_side_files(folder, keep=name, rank=rank)
         if trainer.is_global_zero:  # layer files of another run in this folder
             keep = {entry["name"] for entry in self._layer_files}
-            for stale in folder.glob(f"{LAYERS_PREFIX}*.pt"):
+            for stale in [*folder.glob(f"{LAYERS_PREFIX}*.pt"), *folder.glob(f".{LAYERS_PREFIX}*.partial")]:
                 if stale.name not in keep:
                     stale.unlink(missing_ok=True)
         rank_zero_info(f"resume checkpoint after block {block_index + 1}/{num_blocks}: {path}")
@@ -222,21 +222,22 @@ class _HashingWriter(io.RawIOBase):
         return self.file.write(data)
 
 
-def write_activations(inputs, folder: Path, name: str) -> str:
-    """Write the activation cache to ``folder/name`` atomically; returns its sha256 (computed as it is written)."""
+def write_side_file(value, folder: Path, name: str) -> str:
+    """Write ``value`` (an activation cache, a block's layers) to ``folder/name`` atomically; returns its
+    sha256 (computed as it is written)."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / name
     partial = folder / f".{name}.partial"
     with open(partial, "wb") as f:
         writer = _HashingWriter(f)
-        torch.save(inputs, writer)
+        torch.save(value, writer)
         f.flush()
         os.fsync(f.fileno())
     os.replace(partial, target)
     return writer.digest.hexdigest()
 
 
-def read_activations(folder: Path, name: str, sha256: str):
+def read_side_file(folder: Path, name: str, sha256: str):
     path = folder / name
     if not path.is_file():
         raise ResumeError(f"The resume checkpoint names the file {str(path)!r}, which does not exist.")
@@ -323,13 +324,13 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
         written = "a streaming" if state.get("streaming") else "an in-memory"
         raise ResumeError(f"{path} was written by {written} run; resume it with the same model.streaming, or start "
                           "again without --ckpt_path.")
-    inputs = read_activations(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
+    inputs = read_side_file(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
     inputs.hidden = [driver.store(h) for h in inputs.hidden]
     driver.inputs = inputs
     oracle = quant_linear_class(CALIBRATION_BACKEND)
     restore_quantized_layers(driver.model, state["layers"], oracle)
     for entry in state.get("layer_files", []):
-        restore_quantized_layers(driver.model, read_activations(Path(path).parent, entry["name"], entry["sha256"]), oracle)
+        restore_quantized_layers(driver.model, read_side_file(Path(path).parent, entry["name"], entry["sha256"]), oracle)
     if state.get("writer") is not None and trainer.is_global_zero:
         try:
             module.output.load_state_dict(state["writer"])
