@@ -15,6 +15,7 @@ import os
 import resource
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
@@ -123,7 +124,7 @@ class GPTQModule(ScoringLoops, LightningModule):
 
     @property
     def is_quantized(self) -> bool:
-        return self.source.quantized or any(isinstance(m, QuantLinear) for m in self.lm.modules())
+        return self.source.quantized
 
     def _place(self) -> nn.Module:
         """The whole model on the compute device; quantized layers whose backend cannot run there
@@ -142,9 +143,7 @@ class GPTQModule(ScoringLoops, LightningModule):
     def configure_callbacks(self):
         return [] if any(isinstance(cb, HessianCapture) for cb in self.trainer.callbacks) else [HessianCapture()]
 
-    def output_dir(self):
-        from pathlib import Path
-
+    def output_dir(self) -> Path:
         if self.hparams.output_dir:
             return Path(self.hparams.output_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "quantized"
@@ -187,9 +186,7 @@ class GPTQModule(ScoringLoops, LightningModule):
 
         return store
 
-    def _activation_folder(self):
-        from pathlib import Path
-
+    def _activation_folder(self) -> Path:
         return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
 
     @property
