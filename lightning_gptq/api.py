@@ -67,6 +67,8 @@ def quantize(
 
     from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture
 
+    if config is not None and not isinstance(config, QuantConfig):
+        raise TypeError(f"quantize(config=...) takes a lightning_gptq.QuantConfig, got {type(config).__name__}")
     if module_options.get("streaming"):
         raise ValueError("quantize() returns the model in memory; for a model bigger than memory use "
                          "`python -m lightning_gptq fit --model.streaming=true` (it writes the folder block by block)")

@@ -79,7 +79,7 @@ def run_reference(args) -> dict:
 
     times = {}
     start = time.perf_counter()
-    lm, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file)
+    lm, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file or None)
     times["load"] = time.perf_counter() - start
     dm = CalibrationDataModule(calibration=args.calibration, nsamples=args.nsamples, seqlen=args.seqlen, seed=0,
                                eval_paths={"wikitext2": args.wikitext}, eval_seqlen=2048,
@@ -149,7 +149,7 @@ def run_fit(args) -> dict:
 
     out = Path(args.scratch) / "fit"
     start = time.perf_counter()
-    main(["fit", f"--config={args.config}", f"--model.model={args.model}", f"--model.gguf_file={args.gguf_file}",
+    main(["fit", f"--config={args.config}", f"--model.model={args.model}", f"--model.gguf_file={args.gguf_file or 'null'}",
           f"--data.calibration={args.calibration}", f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}",
           "--data.eval_datasets=[wikitext2]", f"--data.eval_paths={{wikitext2: {args.wikitext}}}",
           f"--data.eval_max_windows={'null' if args.eval_windows is None else args.eval_windows}",

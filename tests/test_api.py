@@ -83,6 +83,8 @@ def test_quantize_refuses_what_it_cannot_do(tmp_path):
     lm, _ = load_causal_lm(str(model_dir))
     with pytest.raises(ValueError, match="tokenizer="):
         lg.quantize(lm, CALIBRATION_TEXT)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        lg.quantize(lm, torch.zeros(2, 8, dtype=torch.long), {"bits": 4})
     with pytest.raises(ValueError, match="streaming"):
         lg.quantize(model_dir, CALIBRATION_TEXT, streaming=True)
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
