@@ -231,6 +231,11 @@ def main() -> None:
           + (f" {peak[1] / peak[0]:.2f} |" if len(peak) == 2 else ""))
     ppl = [results[s]["ppl"] for s in results]
     print("| WikiText-2 ppl | " + " | ".join(f"{p:.4f}" for p in ppl) + " |" + (" |" if len(ppl) == 2 else ""))
+    if "fit" in results:
+        times = results["fit"]["times"]
+        staged = sum(times.get(k, 0.0) for k in rows[:5])
+        print(f"\nfit, every timing (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items()))
+              + f"; calibration outside the stages {times.get('calibration', 0.0) - staged:.1f}")
 
 
 if __name__ == "__main__":

@@ -404,3 +404,34 @@ def test_solve_can_run_in_the_hessians_own_storage():
     assert retries > 0
     fresh = indefinite + damp1 * indefinite.diagonal().mean() * torch.eye(300)
     torch.testing.assert_close(U1.T @ U1, torch.linalg.inv(fresh.double()).float(), rtol=1e-3, atol=1e-5)
+
+
+def test_hessian_does_not_depend_on_batching_order_or_split():
+    """Bit for bit (what makes DDP equal one process): per-sample fp32 products summed in fp64."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 40, 200, generator=gen) * torch.logspace(-3, 2, 200)  # features of very different size
+    w = torch.rand(40, generator=gen) * 50
+    whole = HessianAccumulator(200)
+    whole.add(x, w)
+    shuffled = HessianAccumulator(200)
+    for i in (4, 1, 5):
+        shuffled.add(x[i: i + 1], w)
+    other = HessianAccumulator(200)  # "another rank"
+    other.add(x[[0, 2, 3]], w)
+    shuffled.merge_(other)
+    assert torch.equal(whole.hessian, shuffled.hessian) and shuffled.nsamples == 6
+    H = whole.hessian
+    assert torch.equal(H, H.T)  # the upper tiles mirror the lower ones
+    X = (x * w.sqrt()[:, None]).reshape(-1, 200).double()
+    scale = float(H.abs().max())  # fp32 products: errors relative to the largest entry
+    torch.testing.assert_close(H.double(), 2 / 6 * X.T @ X, rtol=1e-5, atol=1e-6 * scale)
+    for tiles in (1, 3):
+        tiled = HessianAccumulator(200, tiles=tiles)
+        tiled.add(x, w)
+        torch.testing.assert_close(tiled.hessian, H, rtol=1e-5, atol=1e-6 * scale)
+    restored = HessianAccumulator(200)
+    restored.load_state_dict(whole.state_dict())
+    assert torch.equal(restored.hessian, H)
+    whole.release()
+    with pytest.raises(RuntimeError, match="released"):
+        whole.hessian

@@ -28,7 +28,7 @@ FACTORIES = {
         max_position_embeddings=64, word_embed_proj_dim=16, do_layer_norm_before=False, **IDS, **kw)),
     "bloom": lambda **kw: _build(tf.BloomForCausalLM, tf.BloomConfig(
         vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4, **IDS, **kw)),
-    "llama": lambda **kw: _build(tf.LlamaForCausalLM, tf.LlamaConfig(**_LLAMA_LIKE, **kw)),
+    "llama": lambda **kw: _build(tf.LlamaForCausalLM, tf.LlamaConfig(**{**_LLAMA_LIKE, **kw})),
     "mistral": lambda **kw: _build(tf.MistralForCausalLM, tf.MistralConfig(**_LLAMA_LIKE, **SLIDING, **kw)),
     "qwen2": lambda **kw: _build(tf.Qwen2ForCausalLM, tf.Qwen2Config(
         **_LLAMA_LIKE, use_sliding_window=True, max_window_layers=1, **SLIDING, **kw)),

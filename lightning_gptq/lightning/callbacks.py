@@ -177,7 +177,7 @@ class GPTQCallback(BlockHooks, Callback):
                 rank_zero_warn(f"{full_name}: {w.message}")
             ctx.hessians.pop(name)  # free in_features² floats once no layer of this step needs them
             if last:
-                accumulator.hessian = None  # consumed by the solve
+                accumulator.release()  # its Hessian was consumed by the solve
         else:
             qweight = rtn_quantize(weight, self.quant)
         # The oracle ("torch") layer while calibration goes on: later blocks' inputs, hence their

@@ -57,7 +57,7 @@ def parse_eval_datasets(entries: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 class WindowDataset(Dataset):
-    """Rows of ``windows`` [n, seqlen] as ``{"input_ids": [seqlen], "index": int}``."""
+    """Rows of ``windows`` [n, seqlen] as ``{"input_ids": [seqlen], "index": int}`` (index -1: padding)."""
 
     def __init__(self, windows: torch.Tensor):
         self.windows = windows
@@ -66,6 +66,8 @@ class WindowDataset(Dataset):
         return self.windows.shape[0]
 
     def __getitem__(self, i: int) -> dict:
+        if i < 0:  # WindowShards.PAD: a step this process sits out (it has one window fewer than others)
+            return {"input_ids": torch.zeros_like(self.windows[0]), "index": -1}
         return {"input_ids": self.windows[i], "index": i}
 
 

@@ -48,16 +48,22 @@ CalibrationDDPStrategy.register_strategies(StrategyRegistry)
 
 class WindowShards(DistributedSampler):
     """Rank ``r`` of ``W`` takes items ``r, r + W, r + 2W, ...`` in order: every item exactly once over
-    the ranks (``DistributedSampler`` pads with repeats, which would count windows twice)."""
+    the ranks (``DistributedSampler`` pads with repeats, which would count windows twice). Ranks with
+    one item fewer get ``-1`` (``PAD``) at the end instead, so every rank runs the same number of steps
+    (Lightning's loop holds a collective per step: unequal step counts would hang); the module skips it.
+    """
+
+    PAD = -1
 
     def __init__(self, dataset, num_replicas: int, rank: int) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
 
     def __iter__(self):
-        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+        own = list(range(self.rank, len(self.dataset), self.num_replicas))
+        return iter(own + [self.PAD] * (len(self) - len(own)))
 
     def __len__(self) -> int:
-        return len(range(self.rank, len(self.dataset), self.num_replicas))
+        return -(-len(self.dataset) // self.num_replicas)
 
 
 def world_size(trainer) -> int:

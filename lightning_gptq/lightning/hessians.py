@@ -77,7 +77,12 @@ class HessianCapture(BlockHooks, Callback):
         self.block_weights: dict[int, float] = {}  # block index -> the weight used (measured or fixed)
         self._handles: dict[str, object] = {}
         self._first: dict[str, HessianAccumulator] = {}  # "attention": leading positions, weighed at block end
-        self._mass = [0.0, 0.0]  # "attention": attention received by the leading positions, by all others
+        # "attention": attention mass the leading positions received, and per key count k the mass all
+        # others received (summed over windows with k - sink_tokens other keys). Sums of fp32 numbers of
+        # similar size, so exact in fp64 and independent of window order and split.
+        self._received = 0.0
+        self._rest: dict[int, float] = {}
+        self._probe_limit: int | None = None  # windows this process probes per pass (DDP: its share of the first N)
         self._probe = ExitStack()
         self._probing = False
         self._probed: dict[int, int] = {}  # id(attention layer) -> windows it measured in this pass
@@ -105,7 +110,7 @@ class HessianCapture(BlockHooks, Callback):
         def make_hook(name: str):
             def hook(module, args):
                 x = args[0].detach()
-                if self._probing and self.sink_probe_windows and self.probed_windows() >= self.sink_probe_windows:
+                if self._probing and self._probe_limit is not None and self.probed_windows() >= self._probe_limit:
                     self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
                     self._probing = False
                 if name in pending:
@@ -139,7 +144,11 @@ class HessianCapture(BlockHooks, Callback):
                 self._first[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
             self._handles[name] = layer.register_forward_pre_hook(make_hook(name))
         if self.measured and weighted:
-            self._mass = [0.0, 0.0]
+            self._received, self._rest = 0.0, {}
+            # Window i of the run is window i // W of rank i % W (WindowShards): the first N windows
+            # of the run, the ones the single-process run probes, are each rank's first few.
+            rank, world = (0, 1) if trainer is None else (trainer.global_rank, world_size(trainer))
+            self._probe_limit = None if self.sink_probe_windows is None else len(range(rank, self.sink_probe_windows, world))
             self._probed = {id(m): 0 for m in attention_layers(ctx.block)}
             self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention,
                                                       first=self.sink_tokens))
@@ -157,7 +166,7 @@ class HessianCapture(BlockHooks, Callback):
             for name, first in self._first.items():
                 if id(first) not in done and name in ctx.hessians:
                     done.add(id(first))
-                    ctx.hessians[name].hessian.add_(first.hessian.to(ctx.hessians[name].hessian.device), alpha=weight)
+                    ctx.hessians[name].add_scaled_(first, weight)
             self._first.clear()
             self.block_weights[ctx.block_index] = weight
             rank_zero_info(
@@ -168,21 +177,26 @@ class HessianCapture(BlockHooks, Callback):
             self.block_weights[ctx.block_index] = self.sink_weight
 
     def _all_reduce(self, trainer, ctx: BlockContext) -> None:
-        """Every rank saw its own windows: sum ``Σ xxᵀ`` (fp64) and sample counts over the ranks.
-        Dict order is the layers' order, the same on every rank, so the collectives pair up."""
+        """Every rank saw its own windows: sum ``Σ xxᵀ`` (fp64, exact: see ``HessianAccumulator``), the
+        sample counts and the attention masses over the ranks. Dict order is the layers' order, the
+        same on every rank, so the collectives pair up."""
         done = set()
         for accumulator in [*ctx.hessians.values(), *self._first.values()]:
             if id(accumulator) in done:
                 continue
             done.add(id(accumulator))
-            total = all_reduce_sum(trainer, accumulator.hessian.double() * accumulator.nsamples)
-            count = int(all_reduce_sum(trainer, torch.tensor(float(accumulator.nsamples), dtype=torch.float64,
-                                                             device=total.device)).item())
-            accumulator.hessian = (total / max(count, 1)).to(torch.float32)
-            accumulator.nsamples = count
+            accumulator.total = all_reduce_sum(trainer, accumulator.total)
+            accumulator.nsamples = int(all_reduce_sum(trainer, torch.tensor(
+                float(accumulator.nsamples), dtype=torch.float64, device=accumulator.total.device)).item())
         if self.measured and self._first:
-            device = next(iter(self._first.values())).hessian.device
-            self._mass = all_reduce_sum(trainer, torch.tensor(self._mass, dtype=torch.float64, device=device)).tolist()
+            device = next(iter(self._first.values())).total.device
+            keys = sorted(self._rest)
+            if int(all_reduce_sum(trainer, torch.tensor(float(len(keys)), dtype=torch.float64, device=device)).item()) \
+                    != world_size(trainer) * len(keys):
+                raise RuntimeError("sink_weight='attention' across processes needs calibration windows of one length")
+            masses = torch.tensor([self._received, *(self._rest[k] for k in keys)], dtype=torch.float64, device=device)
+            masses = all_reduce_sum(trainer, masses).tolist()
+            self._received, self._rest = masses[0], dict(zip(keys, masses[1:]))
 
     def report(self) -> dict:
         return {"hessian": {"sink_tokens": self.sink_tokens, "sink_weight": self.sink_weight,
@@ -197,7 +211,8 @@ class HessianCapture(BlockHooks, Callback):
 
     def measured_weight(self) -> float:
         """Attention received per leading position / per other key, over this block's passes so far."""
-        first, rest = self._mass
+        first = self._received / self.sink_tokens
+        rest = sum(mass / others for others, mass in sorted(self._rest.items()))
         if first <= 0 or rest <= 0:
             raise RuntimeError("sink_weight='attention' saw no attention in this block's calibration passes.")
         return first / rest
@@ -207,9 +222,9 @@ class HessianCapture(BlockHooks, Callback):
         (each query's row sums to 1, so the other ``keys − s`` keys share the rest)."""
         s = received.shape[-1]
         self._probed[id(module)] = self._probed.get(id(module), 0) + received.shape[0]
-        first = received.sum().item()
-        self._mass[0] += first / s
-        self._mass[1] += (received.shape[0] * received.shape[1] * queries - first) / (keys - s)
+        for window in received.sum(dim=(1, 2)).tolist():  # one fp32 sum per window, whatever the batch
+            self._received += window
+            self._rest[keys - s] = self._rest.get(keys - s, 0.0) + (received.shape[1] * queries - window)
 
     def probed_windows(self) -> int:
         """Windows every probed attention layer of the current pass has measured."""

@@ -221,7 +221,12 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.driver.start(self.stage)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        self.driver.step(self.stage, batch_idx, batch["input_ids"])
+        ids = batch["input_ids"]
+        if "index" in batch and bool((batch["index"] < 0).any()):  # WindowShards' padding (DDP)
+            ids = ids[batch["index"] >= 0]
+            if ids.shape[0] == 0:
+                return
+        self.driver.step(self.stage, batch_idx, ids)
 
     def on_train_epoch_end(self) -> None:
         self.driver.end(self.stage)

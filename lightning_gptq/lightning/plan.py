@@ -9,7 +9,7 @@ or, when streaming, block 0 per token and a slice of the head, scaled to every w
 
     resident weights    parameters + buffers of the loaded model
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
-    Hessians            in_features² × 4 B per distinct layer input of the largest block (q/k/v share one)
+    Hessians            in_features² × 8 B (fp64 sums) per distinct layer input of the largest block (q/k/v share one)
     block transient     one batch through one block: MLP intermediate and attention rows, fp32
     solve workspace     the largest solve beyond its Hessian: fp32 weight copy + codes (1.5 weights), half a
                         Hessian of temporaries, one more Hessian where later layers share the input
@@ -170,7 +170,7 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
                 module.source.free(part)
     weights = model_bytes = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
     cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
-    hessians = max(sum(w * w * 4 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
+    hessians = max(sum(w * w * 8 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
     solve_ws = max(_solve_bytes(name, m) for b in blocks for name, m in adapter.linear_layers(b).items())
     vocab = int(getattr(config, "vocab_size", 0) or 0)
