@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_gptq.models import capture_block_inputs, get_adapter, run_block
 from lightning_gptq.models.capture import BlockInputs, module_device_dtype
+from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.quant_linear import dense_weights_held
 
@@ -117,13 +118,18 @@ class CalibrationDriver:
             ``on_block_propagated``) with a ``BlockContext``.
         device: where the block being worked on runs (the rest of the model stays where it is).
         true_sequential: one calibration pass per group of a block's linears.
-        activation_dtype: dtype of the cached block inputs (default: as computed).
+        activation_dtype: dtype of the cached block inputs (default: ``compute_dtype`` if given, else
+            as computed).
+        compute_dtype: run the blocks' calibration and propagation passes in this dtype (e.g. bf16
+            where this machine's bf16 matmuls are fast; ``models.compute_dtype``); the Hessians
+            stay fp32 and the solve reads the model's own weights. ``None``: the model's dtype.
         store: puts a cached activation where it lives (in memory, or a file: ``SpillFolder.put``).
         write_block: ``write_block(prefix, block)`` for a streamed source, before the block is freed.
     """
 
     def __init__(self, source, *, fire: Callable[[str, BlockContext], None], device: torch.device | str = "cpu",
                  true_sequential: bool = False, activation_dtype: str | torch.dtype | None = None,
+                 compute_dtype: torch.dtype | None = None,
                  store: Callable[[torch.Tensor], torch.Tensor] = _keep,
                  write_block: Callable[[str, nn.Module], None] | None = None) -> None:
         self.source = source
@@ -132,7 +138,8 @@ class CalibrationDriver:
         self.fire = fire
         self.device = torch.device(device)
         self.true_sequential = true_sequential
-        self.activation_dtype = activation_dtype
+        self.compute_dtype = compute_dtype
+        self.activation_dtype = activation_dtype if activation_dtype is not None else compute_dtype
         self.store = store
         self.write_block = write_block
         self.inputs: BlockInputs | None = None  # the cached inputs of the next block to calibrate
@@ -203,6 +210,7 @@ class CalibrationDriver:
         if stage.kind == "calibrate" and stage.group == 0:
             self.source.fetch(block)
         block.to(self.device)
+        self._held.enter_context(running_in(block, self.compute_dtype))
         # Layers swapped in so far dequantize once for the whole pass, not once per batch (same numbers).
         self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))
         if stage.kind == "calibrate":
@@ -232,7 +240,7 @@ class CalibrationDriver:
         self._entered.clear()
         try:
             with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
-                hidden = run_block(block, cached, self.inputs.kwargs_for(stage.block, j))
+                hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), self.compute_dtype))
         except _PassDone:  # a calibration pass: every linear of the block has read its input
             return
         if stage.kind == "propagate":

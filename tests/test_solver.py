@@ -435,3 +435,25 @@ def test_hessian_does_not_depend_on_batching_order_or_split():
     whole.release()
     with pytest.raises(RuntimeError, match="released"):
         whole.hessian
+
+
+def test_solve_gives_the_same_bits_on_any_thread_count():
+    """LAPACK's factorisation rounds differently on 1 and 2 threads; the solve pins its small LAPACK
+    steps to one thread, so a DDP process (fewer threads) solves exactly as a single process does."""
+    from lightning_gptq.quant.gptq import inverse_hessian_cholesky
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(2048, 600, generator=gen) * torch.rand(600, generator=gen) * 3 + torch.randn(600, generator=gen)
+    H = 2 / 2048 * x.T @ x
+    W = torch.randn(96, 600, generator=gen)
+    config = QuantConfig(bits=4, group_size=128, sym=False, act_order=True)
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results[n] = inverse_hessian_cholesky(H, 0.01)[0], gptq_quantize(W, H, config)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[1][0], results[2][0])
+    assert torch.equal(results[1][1].dequantize(), results[2][1].dequantize())

@@ -28,6 +28,8 @@ from torch import nn
 from lightning_gptq.checkpoint import CheckpointError
 from lightning_gptq.driver import CalibrationDriver
 from lightning_gptq.models import estimate_activation_bytes
+from lightning_gptq.models.capture import module_device_dtype
+from lightning_gptq.models.compute_dtype import resolve_calibration_dtype
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.models.spill import SpillFolder
@@ -57,7 +59,13 @@ class GPTQModule(ScoringLoops, LightningModule):
         revision: hub revision.
         true_sequential: quantize a block's linears group by group (attention in → attention out →
             MLP in → MLP out), re-running the block in between so later groups see quantized inputs.
-        activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache).
+        activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache; default:
+            the calibration dtype).
+        calibration_dtype: dtype the calibration and propagation passes run the blocks in (Hessians
+            stay fp32, the solve reads the model's own weights): ``null`` (the model's), ``bfloat16``,
+            or ``auto`` (bf16 where a bf16 matmul of the block's shape times at least 2x fp32's speed on
+            this machine, e.g. AVX-512-BF16/AMX CPUs; the model's dtype elsewhere). Its quality cost
+            is measured in docs/results.md.
         activation_storage: where the cache lives: ``memory``, ``disk`` (files in ``activation_dir``
             that the kernel pages out when memory runs short), or ``auto`` (disk when twice the
             cache, what the propagate stage holds, would take over half the memory available).
@@ -90,6 +98,7 @@ class GPTQModule(ScoringLoops, LightningModule):
     def __init__(
         self, model: str, gguf_file: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
         revision: str | None = None, true_sequential: bool = False, activation_dtype: str | None = None,
+        calibration_dtype: str | None = None,
         activation_storage: str = "auto", activation_dir: str | None = None, eval_before: bool = False,
         eval_after: bool = True, output_dir: str | None = None, save_quantized: bool = True,
         checkpoint_format: str = "auto", max_shard_size: str = "4GB", save_dtype: str | None = None,
@@ -161,6 +170,8 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.driver = CalibrationDriver(
             self.source, fire=lambda hook, ctx: fire_block_hook(self.trainer, self, hook, ctx), device=self.device,
             true_sequential=hp.true_sequential, activation_dtype=hp.activation_dtype, store=self._activation_store(),
+            compute_dtype=resolve_calibration_dtype(hp.calibration_dtype, self.lm.config, module_device_dtype(self.lm)[1],
+                                                    self.device),
             write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None)
         self.driver.timings = self.timings
         self._stages = self.driver.stages(calibrates=any(getattr(cb, "needs_calibration", False)
@@ -177,7 +188,7 @@ class GPTQModule(ScoringLoops, LightningModule):
             if not chosen:
                 hp, dm = self.hparams, self.trainer.datamodule
                 share = -(-dm.nsamples // max(1, self.trainer.world_size))
-                cache = estimate_activation_bytes(self.lm.config, share, dm.seqlen, hp.activation_dtype or hp.dtype)
+                cache = estimate_activation_bytes(self.lm.config, share, dm.seqlen, self.activation_dtype())
                 folder = self._activation_folder() if spills_to_disk(hp.activation_storage, cache) else None
                 if folder is not None:
                     rank_zero_info(f"activation cache: kept in files under {folder} (paged out when memory runs short)")
@@ -185,6 +196,12 @@ class GPTQModule(ScoringLoops, LightningModule):
             return chosen[0](hidden) if chosen[0] is not None else hidden
 
         return store
+
+    def activation_dtype(self) -> str | torch.dtype:
+        """What the activation cache is stored as."""
+        driver = self.driver
+        return (driver.activation_dtype if driver is not None and driver.activation_dtype is not None
+                else self.hparams.activation_dtype or self.hparams.dtype)
 
     def _activation_folder(self) -> Path:
         return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
@@ -209,7 +226,7 @@ class GPTQModule(ScoringLoops, LightningModule):
                            f"{self.stage.describe(len(self.driver.blocks))}")
         else:
             if self._stages[0].kind == "capture":
-                dtype = hp.activation_dtype or hp.dtype
+                dtype = self.activation_dtype()
                 cache = estimate_activation_bytes(self.lm.config, dm.nsamples, dm.seqlen, dtype)
                 rank_zero_info(f"activation cache: {cache / 2**20:.0f} MiB ({dm.nsamples} × {dm.seqlen} tokens, "
                                f"{dtype}); about twice that while a block's outputs are being collected")

@@ -30,6 +30,9 @@ def check_options(hp) -> None:
                                         f"got {hp.activation_storage!r}")
     if hp.save_dtype is not None and hp.save_dtype not in ("float16", "bfloat16", "float32"):
         raise MisconfigurationException(f"GPTQModule.save_dtype must be float16, bfloat16 or float32, got {hp.save_dtype!r}")
+    if hp.calibration_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+        raise MisconfigurationException(f"GPTQModule.calibration_dtype must be null, 'auto', 'float32', 'bfloat16' or "
+                                        f"'float16', got {hp.calibration_dtype!r}")
     for name in ("latency_prompt_tokens", "latency_decode_tokens"):
         if getattr(hp, name) < 1:
             raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")

@@ -8,6 +8,9 @@ input stays recoverable from that other triangle; temporaries stay below half th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor
 
@@ -68,13 +71,31 @@ def permute_symmetric_(A: Tensor, perm: Tensor) -> None:
         A[r0 : r0 + CHUNK] = A[r0 : r0 + CHUNK].index_select(1, perm)
 
 
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """LAPACK's CPU factorisations round differently with the number of threads (measured: SmolLM2's
+    Hessians factor to other bits on 1 and 2 threads); the small base cases run on one, so a solve
+    gives the same bits on any core count and in every DDP process. The large products stay threaded
+    (matmuls split rows and columns among threads, not the summed dimension)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def cholesky_lower_(A: Tensor) -> bool:
     """In place: the lower triangle of a symmetric ``A`` [n, n] becomes ``L`` with ``A = LLᵀ``; the
     strict upper triangle is not touched. False when ``A`` is not positive definite (the lower
     triangle is then garbage)."""
     n = A.shape[0]
     if n <= BASE:
-        L, info = torch.linalg.cholesky_ex(A)
+        with one_thread():
+            L, info = torch.linalg.cholesky_ex(A)
         if info.item() != 0:
             return False
         _copy_lower_(A, L)
@@ -96,7 +117,8 @@ def inverse_upper_(R: Tensor) -> None:
     becomes ``R⁻¹``'s; the strict lower triangle is not touched."""
     n = R.shape[0]
     if n <= BASE:
-        inverse = torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
+        with one_thread():
+            inverse = torch.linalg.solve_triangular(R, torch.eye(n, dtype=R.dtype, device=R.device), upper=True)
         _copy_lower_(R.T, inverse.T)
         return
     h = n // 2
