@@ -49,7 +49,14 @@ def differing_words(a: Path, b: Path) -> dict[int, float]:
             block = int(name.split(".layers.")[1].split(".")[0])
             differ[block] += int((x[name] != y[name]).sum())
             total[block] += x[name].numel()
+    print(f"tensors bit-equal between the two checkpoints: {sum(torch_equal(x[n], y[n]) for n in x)} of {len(x)}")
     return {b: differ[b] / total[b] for b in sorted(total)}
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return a.shape == b.shape and bool(torch.equal(a, b))
 
 
 def main() -> None:

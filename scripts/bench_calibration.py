@@ -144,12 +144,12 @@ def run_reference(args) -> dict:
             "flops": calibration_flops(lm, windows.numel(), args.seqlen)}
 
 
-def run_fit(args) -> dict:
+def run_fit(args, dry_run: bool = False) -> dict:
     from lightning_gptq.cli import main
 
-    out = Path(args.scratch) / "fit"
+    out = Path(args.scratch) / ("plan" if dry_run else "fit")
     start = time.perf_counter()
-    main(["fit", f"--config={args.config}", f"--model.model={args.model}", f"--model.gguf_file={args.gguf_file or 'null'}",
+    main(["fit", f"--model.dry_run={str(dry_run).lower()}", f"--config={args.config}", f"--model.model={args.model}", f"--model.gguf_file={args.gguf_file or 'null'}",
           f"--data.calibration={args.calibration}", f"--data.nsamples={args.nsamples}", f"--data.seqlen={args.seqlen}",
           "--data.eval_datasets=[wikitext2]", f"--data.eval_paths={{wikitext2: {args.wikitext}}}",
           f"--data.eval_max_windows={'null' if args.eval_windows is None else args.eval_windows}",
@@ -157,6 +157,9 @@ def run_fit(args) -> dict:
           f"--trainer.default_root_dir={Path(args.scratch) / 'root'}", "--trainer.logger=false",
           "--trainer.enable_progress_bar=false", *args.fit_args])
     wall = time.perf_counter() - start
+    if dry_run:
+        plan = json.loads((out / "plan.json").read_text())
+        return {"times": {"wall": wall}, "ppl": None, "plan": plan}
     summary = json.loads((out / "summary.json").read_text())
     times = {k: v for k, v in summary["timings_s"].items()}
     times["calibration"] = times.get("total_fit", 0.0)  # fit start to train end, before eval_after and saving
@@ -167,7 +170,7 @@ def run_fit(args) -> dict:
 
 
 def child(args) -> None:
-    result = run_reference(args) if args.side == "reference" else run_fit(args)
+    result = run_reference(args) if args.side == "reference" else run_fit(args, dry_run=args.side == "plan")
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(args.result).write_text(json.dumps(result))
 
@@ -186,7 +189,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="128 x 2048 calibration windows, every eval window")
     parser.add_argument("--quant", default='{"bits": 4, "group_size": 128, "sym": false, "act_order": true, '
                         '"damp": 0.01, "block_size": 128}', help="the reference side's QuantConfig (JSON)")
-    parser.add_argument("--sides", nargs="+", default=["reference", "fit"], choices=["reference", "fit"])
+    parser.add_argument("--sides", nargs="+", default=["reference", "fit", "plan"], choices=["reference", "fit", "plan"])
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scratch", help=argparse.SUPPRESS)
@@ -207,7 +210,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--side", side, "--result", str(path), "--scratch", scratch, *own,
                        "--", *args.fit_args]
             print(f"running {side} ...", flush=True)
-            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL if side == "fit" else None)
+            subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL if side != "reference" else None)
             results[side] = json.loads(path.read_text())
     fp32, bf16 = matmul_rate("float32"), matmul_rate("bfloat16")
     print(f"\n{args.nsamples} x {args.seqlen} calibration windows, {args.eval_windows or 'all'} WikiText-2 windows; "
@@ -216,6 +219,7 @@ def main() -> None:
     if "reference" in results:
         flops = results["reference"]["flops"]
         print(f"calibration FLOPs {flops / 1e12:.2f} T: floor {flops / fp32:.1f} s at fp32, {flops / bf16:.1f} s at bf16")
+    plan = results.pop("plan", None)
     rows = ["capture", "hessian", "solve", "propagate", "on_block_propagated", "calibration", "scoring"]
     print("(fit's calibration is its whole fit up to scoring: the stages, the loop, resume points, the swap to"
           " the chosen kernels)")
@@ -231,6 +235,12 @@ def main() -> None:
           + (f" {peak[1] / peak[0]:.2f} |" if len(peak) == 2 else ""))
     ppl = [results[s]["ppl"] for s in results]
     print("| WikiText-2 ppl | " + " | ".join(f"{p:.4f}" for p in ppl) + " |" + (" |" if len(ppl) == 2 else ""))
+    if plan is not None:
+        predicted = plan["plan"]["bytes"]["peak"] / 2**20
+        line = f"\ndry run (--model.dry_run=true) predicts a peak RSS of {predicted:,.0f} MiB"
+        if "fit" in results:
+            line += f": {predicted / results['fit']['peak_rss_mib']:.2f}x fit's measured peak"
+        print(line + " (" + ", ".join(f"{k} {v / 2**20:,.0f}" for k, v in plan["plan"]["bytes"].items()) + " MiB)")
     if "fit" in results:
         times = results["fit"]["times"]
         staged = sum(times.get(k, 0.0) for k in rows[:5])

@@ -52,3 +52,20 @@ def test_probe_refuses_attention_it_cannot_read():
     with pytest.raises(AttentionProbeError, match="numeric sink_weight"):
         with probe_attention(attention_layers(block), lambda *a: None):
             pass
+
+
+@pytest.mark.parametrize("first", [1, 3])
+def test_probe_from_the_fused_kernels_log_sum_exp_equals_the_softmax(first):
+    """The fast path of the attention probe (each query's log-sum-exp from the fused CPU kernel) gives
+    the mass the plain causal softmax gives the first keys."""
+    from lightning_gptq.models.attention_probe import received_attention
+
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 6, 300, 16, generator=gen) * 2, torch.randn(2, 2, 300, 16, generator=gen) * 2
+    k[:, :, 0] *= 3  # a sink-like first key
+    module = type("Attention", (), {"is_causal": True})()
+    fast = received_attention(module, q, k, None, first=first)
+    mask = torch.ones(300, 300, dtype=torch.bool).tril()[None, None]  # the same causal mask, given explicitly
+    plain = received_attention(module, q, k, mask, first=None)[..., :first]
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    assert fast.shape == (2, 6, first)

@@ -82,3 +82,4 @@ def test_bf16_passes_feed_the_hessian_and_the_solve_reads_fp32_weights(tmp_path)
             run_block(block, hidden, inputs.kwargs_for(0, j))
         handle.remove()
         assert torch.equal(fp32.hessian, accs["mlp.down_proj"].hessian)
+

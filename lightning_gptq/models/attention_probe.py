@@ -62,6 +62,10 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     window = kwargs.get("sliding_window")
+    if first is not None and attention_mask is None and causal and not softcap and not window and queries == keys:
+        fast = _first_keys_from_flash_lse(query.float(), key.float(), scaling, min(first, keys))
+        if fast is not None:
+            return fast
     k = key.float().transpose(-1, -2)
     received = torch.zeros(batch, heads, keys if first is None else min(first, keys), dtype=torch.float32,
                            device=query.device)
@@ -89,6 +93,25 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             received += torch.exp(logits[..., : received.shape[-1]] - lse).sum(dim=-2)
     return received
+
+
+def _first_keys_from_flash_lse(query: Tensor, key: Tensor, scaling: float, first: int) -> Tensor | None:
+    """``received_attention(..., first=first)`` for plain causal self-attention, from each query's
+    log-sum-exp as PyTorch's fused CPU attention returns it (4x faster at 2048 tokens than forming the
+    scores here: it skips the masked half and never writes the scores out). ``None`` off the CPU or
+    where that kernel is unavailable."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None or query.device.type != "cpu":
+        return None
+    try:
+        lse = flash(query, key, key, 0.0, True, scale=scaling)[1]  # [batch, heads, queries]
+    except RuntimeError:
+        return None
+    logits = (query @ key[:, :, :first].transpose(-1, -2)) * scaling  # [batch, heads, queries, first]
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    if first > 1:  # query p sees key j only when j <= p
+        probs = probs.masked_fill(torch.arange(first) > torch.arange(query.shape[2])[:, None], 0.0)
+    return probs.sum(dim=-2)
 
 
 def _own_function(module: nn.Module, implementation: str | None) -> Callable:
