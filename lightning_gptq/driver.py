@@ -120,9 +120,11 @@ class CalibrationDriver:
         true_sequential: one calibration pass per group of a block's linears.
         activation_dtype: dtype of the cached block inputs (default: ``compute_dtype`` if given, else
             as computed).
-        compute_dtype: run the blocks' calibration and propagation passes in this dtype (e.g. bf16
-            where this machine's bf16 matmuls are fast; ``models.compute_dtype``); the Hessians
-            stay fp32 and the solve reads the model's own weights. ``None``: the model's dtype.
+        compute_dtype: run the blocks' calibration passes (the ones that feed the Hessians) in this
+            dtype (e.g. bf16 where this machine's bf16 matmuls are fast; ``models.compute_dtype``).
+            The Hessians stay fp32, the solve reads the model's own weights, and propagation runs in
+            the model's dtype, so the next block's inputs carry no bf16 rounding and errors do not
+            build up from block to block. ``None``: the model's dtype.
         store: puts a cached activation where it lives (in memory, or a file: ``SpillFolder.put``).
         write_block: ``write_block(prefix, block)`` for a streamed source, before the block is freed.
     """
@@ -139,7 +141,7 @@ class CalibrationDriver:
         self.device = torch.device(device)
         self.true_sequential = true_sequential
         self.compute_dtype = compute_dtype
-        self.activation_dtype = activation_dtype if activation_dtype is not None else compute_dtype
+        self.activation_dtype = activation_dtype
         self.store = store
         self.write_block = write_block
         self.inputs: BlockInputs | None = None  # the cached inputs of the next block to calibrate
@@ -210,7 +212,8 @@ class CalibrationDriver:
         if stage.kind == "calibrate" and stage.group == 0:
             self.source.fetch(block)
         block.to(self.device)
-        self._held.enter_context(running_in(block, self.compute_dtype))
+        pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
+        self._held.enter_context(running_in(block, pass_dtype))
         # Layers swapped in so far dequantize once for the whole pass, not once per batch (same numbers).
         self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))
         if stage.kind == "calibrate":
@@ -240,7 +243,8 @@ class CalibrationDriver:
         self._entered.clear()
         try:
             with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
-                hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), self.compute_dtype))
+                pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
+                hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), pass_dtype))
         except _PassDone:  # a calibration pass: every linear of the block has read its input
             return
         if stage.kind == "propagate":

@@ -4,7 +4,8 @@ Both sides run in their own child process (so each one's peak RSS is its own), o
 the same calibration windows and the same evaluation windows, one after the other:
 
 - ``reference``: the 2022 research script's loop, written plainly: catch block 0's inputs, then per
-  block hook every linear to accumulate its Hessian while the block runs on each window, solve each
+  block hook every linear to accumulate its Hessian (its fp32 running mean, ``ReferenceHessian``)
+  while the block runs on each window, solve each
   linear with our solver (equal to the reference's on layer problems), write the dequantized weight
   back into the dense ``nn.Linear`` (fake quantization) and run the block again for the next inputs.
   Scored window by window through the whole dense model (``perplexity``).
@@ -67,11 +68,30 @@ def calibration_flops(lm, tokens: int, seqlen: int) -> float:
 
 
 # -- the two sides, each in a child process ----------------------------------------------------------
+class ReferenceHessian:
+    """The 2022 script's ``add_batch``: an fp32 running mean ``H = 2/n · Σ xxᵀ``, one full fp32
+    product per call (what the reference side times; ours sums per-window products in fp64)."""
+
+    def __init__(self, columns: int) -> None:
+        import torch
+
+        self.hessian, self.nsamples = torch.zeros(columns, columns), 0
+
+    def add(self, x) -> None:
+        batch = x.shape[0] if x.dim() > 2 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.hessian *= self.nsamples / (self.nsamples + batch)
+        self.nsamples += batch
+        x = x * (2 / self.nsamples) ** 0.5
+        self.hessian.addmm_(x.T, x)
+
+
+
 def run_reference(args) -> dict:
     import torch
     from torch import nn
 
-    from lightning_gptq import HessianAccumulator, QuantConfig, gptq_quantize
+    from lightning_gptq import QuantConfig, gptq_quantize
     from lightning_gptq.data import perplexity
     from lightning_gptq.driver import pinned_adapter
     from lightning_gptq.lightning import CalibrationDataModule
@@ -115,7 +135,7 @@ def run_reference(args) -> dict:
     for block in blocks:
         start = time.perf_counter()
         linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        accs = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
+        accs = {n: ReferenceHessian(m.in_features) for n, m in linears.items()}
         hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: accs[n].add(inp[0].data)) for n, m in linears.items()]
         for h, kw in zip(hidden, kwargs):
             block(h, **kw)

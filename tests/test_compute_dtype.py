@@ -41,7 +41,7 @@ def test_auto_takes_bf16_only_where_it_times_faster(monkeypatch):
         cd.resolve_calibration_dtype("int8", config, torch.float32)
 
 
-def test_bf16_passes_feed_the_hessian_and_the_solve_reads_fp32_weights(tmp_path):
+def test_bf16_calibration_passes_feed_the_hessian_and_the_solve_reads_fp32_weights(tmp_path):
     """Block 0 of a bf16-pass fit equals GPTQ on the model's fp32 weights with the Hessian of the
     block's bf16 inputs (a bf16 copy of block 0 run on the captured inputs cast to bf16)."""
     model_dir = tiny_model_dir(tmp_path, "llama")
@@ -53,6 +53,7 @@ def test_bf16_passes_feed_the_hessian_and_the_solve_reads_fp32_weights(tmp_path)
                       enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
     trainer.fit(module, dm)
     assert module.driver.compute_dtype == torch.bfloat16
+    assert module.activation_dtype() == "float32"  # propagation runs (and caches) in the model's dtype
     assert all(p.dtype == torch.float32 for p in module.lm.parameters())  # the model itself is untouched
     fitted = {n: m.codes() for n, m in module.lm.named_modules() if isinstance(m, QuantLinear)}
 

@@ -77,7 +77,7 @@ def test_plain_ddp_is_refused_with_the_strategy_to_use(runs, tmp_path):
 def test_two_processes_killed_then_resumed(runs, tmp_path):
     tmp, model_dir = runs
     root, out = tmp_path / "runs", tmp_path / "out"
-    args = cli_args(model_dir, root, *EXTRA, f"--model.output_dir={out}")
+    args = cli_args(model_dir, root, *EXTRA, *EXACT, "--resume.min_interval_s=0", f"--model.output_dir={out}")
     proc = _fit(args, tmp_path, *DDP, "--trainer.callbacks+=killer.KillAt", "--trainer.callbacks.epoch=5", killer=True)
     assert proc.returncode != 0 and not (out / "model").exists()
     assert sorted(p.name.rsplit("-", 1)[1] for p in (root / "checkpoints").glob("activations-*")) == ["rank0.pt", "rank1.pt"]

@@ -35,7 +35,7 @@ def _args(model_dir, root, out):
     # 3 blocks -> stages: capture, (calibrate b, propagate b) x 3; act-order and true-sequential
     # make the resumed path exercise groups and permutations too.
     return cli_args(model_dir, root, "--model.eval_after=false", "--model.latency=false", "--gptq.quant.act_order=true",
-                    "--model.true_sequential=false", f"--model.output_dir={out}")
+                    "--model.true_sequential=false", "--resume.min_interval_s=0", f"--model.output_dir={out}")
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -182,3 +182,14 @@ def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp
         assert torch.equal(got[name], tensor), name
     assert not (out / "model.partial").exists()
     assert not list((root / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("interval,saved", [(0, True), (1e9, False)])
+def test_resume_points_wait_for_min_interval(tmp_path, interval, saved):
+    """A resume point writes the whole activation cache: with ``min_interval_s`` it is skipped until that
+    long has passed since the last one (here: never within the run, or after every block)."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    root, out = tmp_path / "runs", tmp_path / "out"
+    args = [a for a in _args(model_dir, root, out) if not a.startswith("--resume.min_interval_s")]
+    main(["fit", *args, f"--resume.min_interval_s={interval}", "--resume.keep=true"])
+    assert (root / "checkpoints" / "last.ckpt").exists() == saved

@@ -42,7 +42,7 @@ from .generation import Generation, complete
 from .hooks import fire_block_hook, run_report
 from .options import check_fit, check_options, max_positions
 from .output import QuantizedOutput, checkpoint_settings
-from .plan import measure_plan, spills_to_disk
+from .plan import measure_plan, memory_breakdown, spills_to_disk
 from .resume import restore_run, run_state
 from .scoring import ScoringLoops
 from .summary import write_summary
@@ -59,13 +59,12 @@ class GPTQModule(ScoringLoops, LightningModule):
         revision: hub revision.
         true_sequential: quantize a block's linears group by group (attention in → attention out →
             MLP in → MLP out), re-running the block in between so later groups see quantized inputs.
-        activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache; default:
-            the calibration dtype).
-        calibration_dtype: dtype the calibration and propagation passes run the blocks in (Hessians
-            stay fp32, the solve reads the model's own weights): ``null`` (the model's), ``bfloat16``,
-            or ``auto`` (bf16 where a bf16 matmul of the block's shape times at least 2x fp32's speed on
-            this machine, e.g. AVX-512-BF16/AMX CPUs; the model's dtype elsewhere). Its quality cost
-            is measured in docs/results.md.
+        activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache).
+        calibration_dtype: dtype the calibration passes (the block forwards that feed the Hessians)
+            run in: ``null`` (the model's), ``bfloat16``, or ``auto`` (bf16 where a bf16 matmul of the
+            block's shape times at least 2x fp32's speed on this machine, e.g. AVX-512-BF16/AMX CPUs;
+            the model's dtype elsewhere). Hessians stay fp32, the solve reads the model's own weights,
+            propagation runs in the model's dtype. Its quality cost is measured in docs/results.md.
         activation_storage: where the cache lives: ``memory``, ``disk`` (files in ``activation_dir``
             that the kernel pages out when memory runs short), or ``auto`` (disk when twice the
             cache, what the propagate stage holds, would take over half the memory available).
@@ -128,6 +127,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.timings: dict[str, float] = defaultdict(float)
         self.results: dict[str, dict] = {}
         self.plan = None
+        self.memory: dict[str, int] = {}  # what the fit holds (plan.memory_breakdown), for the summary
         self.completed = False  # every stage of a fit ran
         self._stages, self._val_ppl, self._resumed_from, self._streamed_scores = [], [], None, {}
 
@@ -197,11 +197,12 @@ class GPTQModule(ScoringLoops, LightningModule):
 
         return store
 
-    def activation_dtype(self) -> str | torch.dtype:
-        """What the activation cache is stored as."""
+    def activation_dtype(self) -> str:
+        """What the activation cache is stored as (``"float32"``, ``"bfloat16"``, ...)."""
         driver = self.driver
-        return (driver.activation_dtype if driver is not None and driver.activation_dtype is not None
-                else self.hparams.activation_dtype or self.hparams.dtype)
+        dtype = (driver.activation_dtype if driver is not None and driver.activation_dtype is not None
+                 else self.hparams.activation_dtype or self.hparams.dtype)
+        return str(dtype).removeprefix("torch.")
 
     def _activation_folder(self) -> Path:
         return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
@@ -225,6 +226,7 @@ class GPTQModule(ScoringLoops, LightningModule):
             rank_zero_info(f"resumed from {self._resumed_from}: continuing at "
                            f"{self.stage.describe(len(self.driver.blocks))}")
         else:
+            self.memory = memory_breakdown(self, calibrates=self._stages[0].kind == "capture")
             if self._stages[0].kind == "capture":
                 dtype = self.activation_dtype()
                 cache = estimate_activation_bytes(self.lm.config, dm.nsamples, dm.seqlen, dtype)
@@ -277,7 +279,8 @@ class GPTQModule(ScoringLoops, LightningModule):
             rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
 
     def peak_memory(self) -> dict:
-        memory = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        memory = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  **{f"{name} (MiB)": value / 2**20 for name, value in self.memory.items()}}
         if torch.cuda.is_available():
             memory["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
         return memory

@@ -38,6 +38,7 @@ from lightning_gptq.models.adapters import (
     weight_out_in,
 )
 from lightning_gptq.models.attention_probe import attention_layers, probe_attention
+from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
@@ -114,6 +115,27 @@ def _distinct_inputs(adapter, block) -> list[int]:
     return widths
 
 
+def memory_breakdown(module, calibrates: bool = True) -> dict[str, int]:
+    """Bytes of the main things a fit of ``module`` (its driver built) holds, for the dry run and the
+    run summary: the model's parameters and buffers as now, this process's activation cache (twice
+    that while a block's outputs are collected), one block's Hessians (fp64 sums, the largest block),
+    and the scoring logits (3 × eval_seqlen × vocab × 4 B: logits, their log-softmax, a temporary)."""
+    lm, adapter, dm = module.lm, module.driver.adapter, module.trainer.datamodule
+    config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+    share = -(-dm.nsamples // max(1, module.trainer.world_size))
+    blocks = adapter.blocks(lm)
+    streaming = module.driver.streams
+    scores = bool(dm.eval_datasets) and (module.hparams.eval_after or (streaming and module.hparams.eval_before))
+    return {
+        "weights": sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]),
+        "activation cache": estimate_activation_bytes(config, share, dm.seqlen, module.activation_dtype())
+        if calibrates else 0,
+        "Hessians (one block)": max(sum(w * w * 8 for w in _distinct_inputs(adapter, b)) for b in blocks)
+        if calibrates else 0,
+        "scoring logits": 4 * 3 * dm.eval_seqlen * int(getattr(config, "vocab_size", 0) or 0) if scores else 0,
+    }
+
+
 def spills_to_disk(storage: str, cache_bytes: int) -> bool:
     """Whether ``activation_storage`` keeps a cache of ``cache_bytes`` in files: ``disk``, or ``auto``
     when the propagate stage's two copies would take over half the memory available now."""
@@ -144,7 +166,7 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
     blocks = adapter.blocks(lm)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     itemsize = next(lm.parameters()).element_size()
-    act_dtype = module.hparams.activation_dtype or module.hparams.dtype
+    act_dtype = module.activation_dtype()
     world = max(1, module.trainer.world_size)
     nsamples = -(-dm.nsamples // world)  # this process's share
     batches = -(-nsamples // dm.batch_size)
@@ -168,14 +190,12 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
         if streaming:
             for part in [*outside, blocks[0]]:
                 module.source.free(part)
-    weights = model_bytes = sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()])
-    cache = estimate_activation_bytes(config, nsamples, seqlen, act_dtype) if calibrates else 0
-    hessians = max(sum(w * w * 8 for w in _distinct_inputs(adapter, b)) for b in blocks) if calibrates else 0
+    parts = memory_breakdown(module, calibrates)
+    weights = model_bytes = parts["weights"]
+    cache, hessians, scoring = parts["activation cache"], parts["Hessians (one block)"], parts["scoring logits"]
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
     solve_ws = max(_solve_bytes(name, m) for b in blocks for name, m in adapter.linear_layers(b).items())
-    vocab = int(getattr(config, "vocab_size", 0) or 0)
-    scores = bool(dm.eval_datasets) and (module.hparams.eval_after or (streaming and module.hparams.eval_before))
-    scoring = 4 * 3 * dm.eval_seqlen * vocab if scores else 0
+    scores = bool(scoring)
     # block-by-block scoring (streaming) holds every window's hidden state between blocks
     score_hidden = _eval_windows(module) * dm.eval_seqlen * hidden * itemsize if (scores and streaming) else 0
     if scores and streaming and not getattr(config, "tie_word_embeddings", False):  # an untied head is read too
@@ -225,9 +245,15 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
     inputs = capture_block_inputs(lm, adapter, ids, batch_size=ids.shape[0], storage_dtype=module.hparams.activation_dtype)
     t_capture = time.perf_counter() - start
     block = blocks[0]
-    hidden, kwargs = inputs.hidden[0], inputs.kwargs_for(0, 0)
-    run_block(block, hidden, kwargs)  # warm-up (first calls allocate, pick kernels)
-    t_block = _best_of(3, lambda: run_block(block, hidden, kwargs))
+    compute = module.driver.compute_dtype  # the passes' dtype (calibration_dtype); the cast is timed too
+    hidden, kwargs = inputs.hidden[0], floating_to(inputs.kwargs_for(0, 0), compute)
+
+    def run():
+        with running_in(block, compute):
+            return run_block(block, hidden, kwargs)
+
+    run()  # warm-up (first calls allocate, pick kernels)
+    t_block = _best_of(3, run)
     seconds = {"capture": t_capture * batches}
     extra_per_call = 0.0  # round to nearest: propagation and scoring run the same layers
     if calibrates:
@@ -236,13 +262,13 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
             accumulators[name] = HessianAccumulator(linear_in_features(layer))
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
         probed = hessian is not None and hessian["measured"] and bool(attention_layers(block))
-        t_calibrate = _best_of(3, lambda: run_block(block, hidden, kwargs))
+        t_calibrate = _best_of(3, run)
         probed_batches = 0
         if probed:  # the measured sink rule recomputes each attention layer's first-key mass
             windows = min(nsamples, hessian["sink_probe_windows"] or nsamples)
             probed_batches = min(batches, -(-windows // dm.batch_size))
             with probe_attention(attention_layers(block), lambda *args: None, first=hessian["sink_tokens"]):
-                t_probed = _best_of(3, lambda: run_block(block, hidden, kwargs))
+                t_probed = _best_of(3, run)
         for handle in handles:
             handle.remove()
         passes = len(adapter.sequential_groups(block)) if module.hparams.true_sequential else 1

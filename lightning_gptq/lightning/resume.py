@@ -25,6 +25,7 @@ import dataclasses
 import hashlib
 import io
 import os
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -67,13 +68,22 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         dirpath: where checkpoints go; default ``<trainer.default_root_dir>/checkpoints`` (fixed, so a
             re-run with the same ``default_root_dir`` finds it whatever the logger's version folder).
         every_n_blocks: save after every n-th block (and never otherwise); 0 turns saving off.
+        min_interval_s: and only once this many seconds have passed since the last resume point (or
+            the start of calibration). A resume point writes the whole activation cache (SmolLM2 at
+            128 × 2048 windows: 604 MB, about 2 s), which blocks of a few seconds should not pay every
+            time; a killed run loses at most this long plus one block. 0: after every n-th block.
         keep: keep the resume checkpoint after a ``fit`` that finished (by default it is deleted
             once the quantized model is written: it holds a full activation cache).
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_blocks: int = 1, keep: bool = False) -> None:
+    def __init__(self, dirpath: str | None = None, every_n_blocks: int = 1, min_interval_s: float = 60.0,
+                 keep: bool = False) -> None:
         if isinstance(every_n_blocks, bool) or not isinstance(every_n_blocks, int) or every_n_blocks < 0:
             raise MisconfigurationException(f"BlockCheckpoint.every_n_blocks must be an integer >= 0, got {every_n_blocks!r}")
+        if isinstance(min_interval_s, bool) or not isinstance(min_interval_s, (int, float)) or not min_interval_s >= 0:
+            raise MisconfigurationException(f"BlockCheckpoint.min_interval_s must be a number >= 0, got {min_interval_s!r}")
+        self.min_interval_s = float(min_interval_s)
+        self._last_saved = time.monotonic()
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0, save_on_train_epoch_end=False)
         self.every_n_blocks = every_n_blocks
         self.keep = keep
@@ -90,7 +100,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         self._layer_files = list(state_dict.get("layer_files", []))
 
     def report(self) -> dict:
-        return {"resume_every_n_blocks": self.every_n_blocks}
+        return {"resume_every_n_blocks": self.every_n_blocks, "resume_min_interval_s": self.min_interval_s}
 
     @property
     def state_key(self) -> str:
@@ -123,6 +133,9 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
     def on_validation_end(self, *args, **kwargs) -> None:
         pass
 
+    def on_train_end(self, *args, **kwargs) -> None:
+        pass  # (Lightning's would write a last.ckpt of the finished run: nothing to resume, a whole model to write)
+
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.keep or trainer.interrupted or not self.dirpath or not self._completed:
             return
@@ -139,6 +152,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
 
     def on_calibration_start(self, trainer, pl_module, driver) -> None:
         self._driver = driver
+        self._last_saved = time.monotonic()
 
     def on_calibration_end(self, trainer, pl_module, driver) -> None:
         self._completed = True
@@ -172,6 +186,12 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
             return
         if (block_index + 1) % self.every_n_blocks:
             return
+        if self.min_interval_s > 0:
+            due = time.monotonic() - self._last_saved >= self.min_interval_s
+            if trainer.world_size > 1:  # every process must take the same branch: it holds collectives
+                due = trainer.strategy.broadcast(due)
+            if not due:
+                return
         folder = self._directory(trainer)
         path = folder / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
         # One activation file per process (each holds its own windows' cache); under DDP the folder
@@ -191,6 +211,7 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         finally:
             self._saving = None
         self.last_model_path = str(path)
+        self._last_saved = time.monotonic()
         _remove_stale_side_files(folder, keep=name, rank=rank)
         if trainer.is_global_zero:  # layer files of another run in this folder
             keep = {entry["name"] for entry in self._layer_files}

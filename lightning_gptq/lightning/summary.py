@@ -86,7 +86,9 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "method": method,
         "hessian": hessian,
         "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed,
-                        "bos": getattr(dm, "calibration_bos", False)},
+                        "bos": getattr(dm, "calibration_bos", False),
+                        "pass_dtype": str(getattr(module.driver, "compute_dtype", None)
+                                          or module.hparams.dtype).removeprefix("torch.")},
         "timings_s": dict(module.timings),
         "peak_memory": module.peak_memory(),
         "results": module.results,
@@ -100,7 +102,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "",
         f"- method: **{method}**, {quant}",
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
-        f" true-sequential: {module.hparams.true_sequential}"
+        f" true-sequential: {module.hparams.true_sequential}, passes in {data['calibration']['pass_dtype']}"
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"
            if hessian else ""),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
