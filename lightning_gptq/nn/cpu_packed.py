@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_gptq.kernels import cpu_gemm
 
+from . import ops
 from .converted import ConvertedQuantLinear
 from .quant_linear import Capabilities, register_quant_linear
 
@@ -71,16 +72,21 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
         kernel_id = cpu_gemm.KERNELS.get(kernel)
         if kernel_id is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
             # one call does the reshape, column order, padding, matmul and bias
-            return cpu_gemm.matmul(x, *self.__dict__["_matmul_args"], kernel_id)
+            matmul = ops.packed_matmul if ops.tracing() else cpu_gemm.matmul
+            return matmul(x, *self.__dict__["_matmul_args"], kernel_id)
         return super().run(kernel, x)
 
     def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
         if kernel in cpu_gemm.KERNELS:
-            return cpu_gemm.matmul(rows.float().contiguous(), None, hot["k_qweight"], hot["k_scales"], hot["k_zeros"], None,
-                                   self.bits, self.k_group, self.out_features, cpu_gemm.KERNELS[kernel])
+            matmul = ops.packed_matmul if ops.tracing() else cpu_gemm.matmul
+            return matmul(rows.float().contiguous(), None, hot["k_qweight"], hot["k_scales"], hot["k_zeros"], None,
+                          self.bits, self.k_group, self.out_features, cpu_gemm.KERNELS[kernel])
         if kernel not in ("dense-bf16", "dense-fp32"):
             raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
         dtype = torch.bfloat16 if kernel == "dense-bf16" else torch.float32
+        if ops.tracing():
+            wt = ops.packed_dequant_t(hot["k_qweight"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, dtype)
+            return torch.matmul(rows.to(dtype), wt)
         out = cpu_gemm.WORKSPACE.get(self.k_pad, self.n_pad, dtype)  # lives for this one matmul
         wt = cpu_gemm.dequantize_t(hot["k_qweight"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, dtype, out)
         return torch.matmul(rows.to(dtype), wt)

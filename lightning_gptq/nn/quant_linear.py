@@ -120,6 +120,13 @@ def dense_weights_held(module: nn.Module, dtype: torch.dtype = torch.float32) ->
             layer._held_dense_t = None
 
 
+@torch._dynamo.assume_constant_result
+def _exact_when_traced() -> int:
+    """``exact_depth()`` read once while a graph is traced (dynamo cannot read a ContextVar): a compiled
+    model keeps the kernels chosen when it was traced."""
+    return _EXACT.get()
+
+
 def exact_depth() -> int:
     """How many ``exact_kernels()`` blocks the current thread (or task) is inside."""
     return _EXACT.get()
@@ -213,6 +220,7 @@ class QuantLinear(nn.Module):
         self.g_idx = g_idx.to(self.g_idx)
         if bias is not None:
             self.bias = bias.detach().to(self.bias).clone()
+        self.contiguous_group_size()
         self.post_init()
 
     def post_init(self) -> None:
@@ -220,6 +228,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.contiguous_group_size()
         self.post_init()
 
     # -- reading the weight -----------------------------------------------------------------------
@@ -232,10 +241,15 @@ class QuantLinear(nn.Module):
                          self.bias is not None, self.g_idx.device.type, str(self.scales.dtype).removeprefix("torch."))
 
     def contiguous_group_size(self) -> int | None:
-        """The group width when ``g_idx`` is the plain ``i // group_size`` (no act-order reordering)."""
+        """The group width when ``g_idx`` is the plain ``i // group_size`` (no act-order reordering).
+        While a graph is traced, the answer of the last eager call (refreshed whenever ``g_idx`` is
+        written): comparing tensors to decide is a data-dependent branch, a graph break."""
+        if torch.compiler.is_compiling() and "_group_width" in self.__dict__:
+            return self.__dict__["_group_width"]
         width = self.group_size if self.group_size > 0 else self.in_features
         natural = torch.arange(self.in_features, device=self.g_idx.device) // width
-        return width if torch.equal(self.g_idx.long(), natural) else None
+        self.__dict__["_group_width"] = width if torch.equal(self.g_idx.long(), natural) else None
+        return self.__dict__["_group_width"]
 
     def packed_tensors(self) -> dict[str, Tensor]:
         """The checkpoint-layout tensors (what ``state_dict`` holds), whatever this backend keeps in memory."""
@@ -273,7 +287,7 @@ class QuantLinear(nn.Module):
         self.exact_dispatch, self._exact_bounds = _table(exact_dispatch or [(1, self.exact[0])], self.exact)
 
     def kernel_for(self, rows: int) -> str:
-        if _EXACT.get():
+        if (_exact_when_traced() if torch.compiler.is_compiling() else _EXACT.get()):
             return _lookup(self.exact_dispatch, self._exact_bounds, rows)
         return _lookup(self.dispatch, self._bounds, rows)
 
