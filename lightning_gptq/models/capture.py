@@ -124,16 +124,21 @@ def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return device or torch.device("cpu"), dtype or torch.get_default_dtype()
 
 
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`value` with `fn` applied to every tensor inside (dicts, lists, tuples, named tuples)."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: map_tensors(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        mapped = [map_tensors(v, fn) for v in value]
+        return type(value)(mapped) if not hasattr(value, "_fields") else type(value)(*mapped)
+    return value
+
+
 def tensors_to_device(value: Any, device: torch.device) -> Any:
     """`value` with every tensor inside (dicts, lists, tuples) moved to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: tensors_to_device(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        moved = [tensors_to_device(v, device) for v in value]
-        return type(value)(moved) if not hasattr(value, "_fields") else type(value)(*moved)
-    return value
+    return map_tensors(value, lambda t: t.to(device))
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:

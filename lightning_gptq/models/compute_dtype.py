@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .capture import map_tensors
+
 log = logging.getLogger("lightning_gptq")
 
 #: bf16 must beat fp32 by this much on the block's matmul shape: the block's attention, norms and
@@ -94,11 +96,4 @@ def floating_to(value: Any, dtype: torch.dtype | None) -> Any:
     """``value`` with every floating tensor inside (dicts, lists, tuples) cast to ``dtype``."""
     if dtype is None:
         return value
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    if isinstance(value, dict):
-        return {k: floating_to(v, dtype) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        cast = [floating_to(v, dtype) for v in value]
-        return type(value)(cast) if not hasattr(value, "_fields") else type(value)(*cast)
-    return value
+    return map_tensors(value, lambda t: t.to(dtype) if t.is_floating_point() else t)
