@@ -22,6 +22,8 @@ args = p.parse_args()
 torch.set_grad_enabled(False)
 model = quantize(str(SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"), torch.randint(0, 1000, (1, 16)),
                  QuantConfig(bits=4, group_size=128, sym=False), method="rtn")
+torch.set_grad_enabled(False)  # (the fit inside quantize() leaves grad mode on)
+model.requires_grad_(False)
 ids = torch.randint(0, model.config.vocab_size, (1, args.prompt), generator=torch.Generator().manual_seed(0))
 
 
