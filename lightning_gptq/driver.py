@@ -118,8 +118,7 @@ class CalibrationDriver:
             ``on_block_propagated``) with a ``BlockContext``.
         device: where the block being worked on runs (the rest of the model stays where it is).
         true_sequential: one calibration pass per group of a block's linears.
-        activation_dtype: dtype of the cached block inputs (default: ``compute_dtype`` if given, else
-            as computed).
+        activation_dtype: dtype of the cached block inputs (default: as computed).
         compute_dtype: run the blocks' calibration passes (the ones that feed the Hessians) in this
             dtype (e.g. bf16 where this machine's bf16 matmuls are fast; ``models.compute_dtype``).
             The Hessians stay fp32, the solve reads the model's own weights, and propagation runs in
@@ -141,6 +140,7 @@ class CalibrationDriver:
         self.device = torch.device(device)
         self.true_sequential = true_sequential
         self.compute_dtype = compute_dtype
+        self._pass_dtype: torch.dtype | None = None  # the current stage's: compute_dtype while calibrating
         self.activation_dtype = activation_dtype
         self.store = store
         self.write_block = write_block
@@ -212,8 +212,8 @@ class CalibrationDriver:
         if stage.kind == "calibrate" and stage.group == 0:
             self.source.fetch(block)
         block.to(self.device)
-        pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
-        self._held.enter_context(running_in(block, pass_dtype))
+        self._pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
+        self._held.enter_context(running_in(block, self._pass_dtype))
         # Layers swapped in so far dequantize once for the whole pass, not once per batch (same numbers).
         self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))
         if stage.kind == "calibrate":
@@ -243,8 +243,7 @@ class CalibrationDriver:
         self._entered.clear()
         try:
             with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
-                pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
-                hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), pass_dtype))
+                hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), self._pass_dtype))
         except _PassDone:  # a calibration pass: every linear of the block has read its input
             return
         if stage.kind == "propagate":

@@ -27,18 +27,22 @@ def test_running_in_puts_the_very_same_weights_back():
 
 
 def test_auto_takes_bf16_only_where_it_times_faster(monkeypatch):
-    config = type("C", (), {"hidden_size": 64, "intermediate_size": 128})()
+    def model(dtype):
+        m = torch.nn.Linear(4, 4).to(dtype)
+        m.config = type("C", (), {"hidden_size": 64, "intermediate_size": 128})()
+        return m
+
     cd.matmul_speedup.cache_clear()
     monkeypatch.setattr(cd, "matmul_speedup", lambda *a, **k: 4.5)
-    assert cd.resolve_calibration_dtype("auto", config, torch.float32) == torch.bfloat16
+    assert cd.resolve_calibration_dtype("auto", model(torch.float32)) == torch.bfloat16
     monkeypatch.setattr(cd, "matmul_speedup", lambda *a, **k: 0.05)  # AVX2-only CPUs
-    assert cd.resolve_calibration_dtype("auto", config, torch.float32) is None
-    assert cd.resolve_calibration_dtype("auto", config, torch.bfloat16) is None  # already 16-bit
-    assert cd.resolve_calibration_dtype(None, config, torch.float32) is None
-    assert cd.resolve_calibration_dtype("float32", config, torch.float32) is None
-    assert cd.resolve_calibration_dtype("bfloat16", config, torch.float32) == torch.bfloat16
+    assert cd.resolve_calibration_dtype("auto", model(torch.float32)) is None
+    assert cd.resolve_calibration_dtype("auto", model(torch.bfloat16)) is None  # already 16-bit
+    assert cd.resolve_calibration_dtype(None, model(torch.float32)) is None
+    assert cd.resolve_calibration_dtype("float32", model(torch.float32)) is None
+    assert cd.resolve_calibration_dtype("bfloat16", model(torch.float32)) == torch.bfloat16
     with pytest.raises(ValueError, match="calibration_dtype"):
-        cd.resolve_calibration_dtype("int8", config, torch.float32)
+        cd.resolve_calibration_dtype("int8", model(torch.float32))
 
 
 def test_bf16_calibration_passes_feed_the_hessian_and_the_solve_reads_fp32_weights(tmp_path):

@@ -66,8 +66,8 @@ class WindowDataset(Dataset):
         return self.windows.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        if i < 0:  # WindowShards.PAD: a step this process sits out (it has one window fewer than others)
-            return {"input_ids": torch.zeros_like(self.windows[0]), "index": -1}
+        if i == WindowShards.PAD:  # a step this process sits out (it has one window fewer than others)
+            return {"input_ids": torch.zeros_like(self.windows[0]), "index": WindowShards.PAD}
         return {"input_ids": self.windows[i], "index": i}
 
 

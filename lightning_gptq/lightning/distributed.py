@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.utils.data import DistributedSampler
 
-__all__ = ["CalibrationDDPStrategy", "WindowShards", "all_reduce_sum", "world_size"]
+__all__ = ["CalibrationDDPStrategy", "WindowShards", "all_reduce_sum", "without_padding", "world_size"]
 
 
 class CalibrationDDPStrategy(DDPStrategy):
@@ -64,6 +64,12 @@ class WindowShards(DistributedSampler):
 
     def __len__(self) -> int:
         return -(-len(self.dataset) // self.num_replicas)
+
+
+def without_padding(batch: dict) -> torch.Tensor:
+    """A batch's ``input_ids`` without ``WindowShards``' padding rows (``index`` -1): maybe none."""
+    ids, index = batch["input_ids"], batch.get("index")
+    return ids if index is None or not bool((index < 0).any()) else ids[index >= 0]
 
 
 def world_size(trainer) -> int:

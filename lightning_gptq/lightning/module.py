@@ -27,8 +27,6 @@ from torch import nn
 
 from lightning_gptq.checkpoint import CheckpointError
 from lightning_gptq.driver import CalibrationDriver
-from lightning_gptq.models import estimate_activation_bytes
-from lightning_gptq.models.capture import module_device_dtype
 from lightning_gptq.models.compute_dtype import resolve_calibration_dtype
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.models.loading import resolve_dtype
@@ -37,7 +35,7 @@ from lightning_gptq.nn import AUTO, QuantLinear, to_backend
 from lightning_gptq.sources import LoadedModel, StreamedGPTQ, open_model
 
 from .callbacks import HessianCapture
-from .distributed import CalibrationDDPStrategy
+from .distributed import CalibrationDDPStrategy, without_padding
 from .generation import Generation, complete
 from .hooks import fire_block_hook, run_report
 from .options import check_fit, check_options, max_positions
@@ -60,11 +58,9 @@ class GPTQModule(ScoringLoops, LightningModule):
         true_sequential: quantize a block's linears group by group (attention in → attention out →
             MLP in → MLP out), re-running the block in between so later groups see quantized inputs.
         activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache).
-        calibration_dtype: dtype the calibration passes (the block forwards that feed the Hessians)
-            run in: ``null`` (the model's), ``bfloat16``, or ``auto`` (bf16 where a bf16 matmul of the
-            block's shape times at least 2x fp32's speed on this machine, e.g. AVX-512-BF16/AMX CPUs;
-            the model's dtype elsewhere). Hessians stay fp32, the solve reads the model's own weights,
-            propagation runs in the model's dtype. Its quality cost is measured in docs/results.md.
+        calibration_dtype: dtype of the passes that feed the Hessians: ``null`` (the model's),
+            ``bfloat16``, or ``auto`` (bf16 where it times 2x faster here; ``models.compute_dtype``).
+            Propagation stays in the model's dtype. Quality cost: docs/results.md.
         activation_storage: where the cache lives: ``memory``, ``disk`` (files in ``activation_dir``
             that the kernel pages out when memory runs short), or ``auto`` (disk when twice the
             cache, what the propagate stage holds, would take over half the memory available).
@@ -170,8 +166,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.driver = CalibrationDriver(
             self.source, fire=lambda hook, ctx: fire_block_hook(self.trainer, self, hook, ctx), device=self.device,
             true_sequential=hp.true_sequential, activation_dtype=hp.activation_dtype, store=self._activation_store(),
-            compute_dtype=resolve_calibration_dtype(hp.calibration_dtype, self.lm.config, module_device_dtype(self.lm)[1],
-                                                    self.device),
+            compute_dtype=resolve_calibration_dtype(hp.calibration_dtype, self.lm, self.device),
             write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None)
         self.driver.timings = self.timings
         self._stages = self.driver.stages(calibrates=any(getattr(cb, "needs_calibration", False)
@@ -186,10 +181,8 @@ class GPTQModule(ScoringLoops, LightningModule):
 
         def store(hidden: torch.Tensor) -> torch.Tensor:
             if not chosen:
-                hp, dm = self.hparams, self.trainer.datamodule
-                share = -(-dm.nsamples // max(1, self.trainer.world_size))
-                cache = estimate_activation_bytes(self.lm.config, share, dm.seqlen, self.activation_dtype())
-                folder = self._activation_folder() if spills_to_disk(hp.activation_storage, cache) else None
+                cache = (self.memory or memory_breakdown(self))["activation cache"]  # (a resume restores before fit start)
+                folder = self._activation_folder() if spills_to_disk(self.hparams.activation_storage, cache) else None
                 if folder is not None:
                     rank_zero_info(f"activation cache: kept in files under {folder} (paged out when memory runs short)")
                 chosen.append(SpillFolder(folder).put if folder is not None else None)
@@ -199,10 +192,7 @@ class GPTQModule(ScoringLoops, LightningModule):
 
     def activation_dtype(self) -> str:
         """What the activation cache is stored as (``"float32"``, ``"bfloat16"``, ...)."""
-        driver = self.driver
-        dtype = (driver.activation_dtype if driver is not None and driver.activation_dtype is not None
-                 else self.hparams.activation_dtype or self.hparams.dtype)
-        return str(dtype).removeprefix("torch.")
+        return self.hparams.activation_dtype or self.hparams.dtype
 
     def _activation_folder(self) -> Path:
         return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
@@ -216,6 +206,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.driver.device = self.device  # the strategy placed the module after setup
         self._fit_start = time.perf_counter() - self.timings.get("total_fit", 0.0)
         hp, dm = self.hparams, self.trainer.datamodule
+        self.memory = memory_breakdown(self, calibrates=self._stages[0].kind == "capture")
         if hp.dry_run:
             self.plan = measure_plan(self, run_report(self.trainer), calibrates=self._stages[0].kind == "capture")
             rank_zero_info(self.plan.describe())
@@ -226,12 +217,10 @@ class GPTQModule(ScoringLoops, LightningModule):
             rank_zero_info(f"resumed from {self._resumed_from}: continuing at "
                            f"{self.stage.describe(len(self.driver.blocks))}")
         else:
-            self.memory = memory_breakdown(self, calibrates=self._stages[0].kind == "capture")
             if self._stages[0].kind == "capture":
-                dtype = self.activation_dtype()
-                cache = estimate_activation_bytes(self.lm.config, dm.nsamples, dm.seqlen, dtype)
-                rank_zero_info(f"activation cache: {cache / 2**20:.0f} MiB ({dm.nsamples} × {dm.seqlen} tokens, "
-                               f"{dtype}); about twice that while a block's outputs are being collected")
+                rank_zero_info(f"activation cache: {self.memory['activation cache'] / 2**20:.0f} MiB ({dm.nsamples} × "
+                               f"{dm.seqlen} tokens, {self.activation_dtype()}); about twice that while a block's "
+                               "outputs are being collected")
             if hp.eval_before:
                 self.results["before"] = self._score("eval_before", self.source)
 
@@ -240,12 +229,9 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.driver.start(self.stage)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        ids = batch["input_ids"]
-        if "index" in batch and bool((batch["index"] < 0).any()):  # WindowShards' padding (DDP)
-            ids = ids[batch["index"] >= 0]
-            if ids.shape[0] == 0:
-                return
-        self.driver.step(self.stage, batch_idx, ids)
+        ids = without_padding(batch)
+        if ids.shape[0]:
+            self.driver.step(self.stage, batch_idx, ids)
 
     def on_train_epoch_end(self) -> None:
         self.driver.end(self.stage)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,7 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import map_tensors
+from lightning_gptq.nn.timing import time_call
+
+from .capture import map_tensors, module_device_dtype
 
 log = logging.getLogger("lightning_gptq")
 
@@ -30,29 +31,20 @@ AUTO_SPEEDUP = 2.0
 
 @functools.lru_cache(maxsize=None)
 def matmul_speedup(dtype: torch.dtype, rows: int, inner: int, cols: int, device: str = "cpu") -> float:
-    """fp32 time / ``dtype`` time of a ``[rows, inner] × [inner, cols]`` matmul here (best of a few)."""
-    def best(d: torch.dtype) -> float:
+    """fp32 time / ``dtype`` time of a ``[rows, inner] × [inner, cols]`` matmul here (``time_call``'s median)."""
+    def seconds(d: torch.dtype) -> float:
         a = torch.randn(rows, inner, device=device).to(d)
         b = torch.randn(inner, cols, device=device).to(d)
-        a @ b
-        fastest, end = float("inf"), time.perf_counter() + 0.25
-        while time.perf_counter() < end:
-            if device != "cpu":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            a @ b
-            if device != "cpu":
-                torch.cuda.synchronize()
-            fastest = min(fastest, time.perf_counter() - start)
-        return fastest
+        return time_call(lambda: a @ b, device=device, budget_s=0.25)
 
-    return best(torch.float32) / best(dtype)
+    return seconds(torch.float32) / seconds(dtype)
 
 
-def resolve_calibration_dtype(setting: str | None, config, model_dtype: torch.dtype,
+def resolve_calibration_dtype(setting: str | None, model: nn.Module,
                               device: torch.device | str = "cpu") -> torch.dtype | None:
-    """``None`` (run blocks as loaded), or the dtype ``setting`` (``None``, ``"float32"``,
+    """``None`` (run ``model``'s blocks as loaded), or the dtype ``setting`` (``None``, ``"float32"``,
     ``"bfloat16"``, ``"float16"``, ``"auto"``) asks for; ``auto`` decides by timing (module docstring)."""
+    config, model_dtype = model.config, module_device_dtype(model)[1]
     if setting is None:
         return None
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
