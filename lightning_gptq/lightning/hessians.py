@@ -43,8 +43,8 @@ class HessianCapture(BlockHooks, Callback):
         sink_layers: ``"all"`` linears of the block, or only the ``"attention"`` in-projections (the
             linears inside an attention layer other than its output projection).
         sink_probe_windows: with ``"attention"``, measure the mass on only the first this many
-            calibration windows of each pass (every window still feeds ``H``): the probe's
-            recomputed softmax roughly doubles a pass on 2048-token windows. ``None``: every window.
+            calibration windows of the run (every window still feeds ``H``; under DDP the same
+            windows, whichever process holds them). ``None``: every window.
     """
 
     block_hook_order = 0
