@@ -35,6 +35,7 @@ def quantize(
     sink_tokens: int = 1,
     sink_layers: str = "all",
     sink_probe_windows: int | None = None,
+    asymmetric: bool = False,
     backend: str = "auto",
     output_dir: str | os.PathLike | None = None,
     accelerator: str = "auto",
@@ -55,6 +56,8 @@ def quantize(
         sink_weight, sink_tokens, sink_layers, sink_probe_windows: the attention-sink rule
             (``HessianCapture``; the default 1.0 is the reference GPTQ Hessian, ``"attention"``
             measures it per block as ``configs/smollm2-135m.yaml`` does).
+        asymmetric: GPTAQ's asymmetric calibration (``HessianCapture(asymmetric=True)``): each layer
+            also corrects the error earlier quantized blocks left, weighed by ``config.gptaq_alpha``.
         backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
         output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
             summary to ``output_dir`` (default: nothing is written).
@@ -89,7 +92,7 @@ def quantize(
                                          batch_size=batch_size, **eval_sets)
         callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend),
                      HessianCapture(sink_tokens=sink_tokens, sink_weight=sink_weight, sink_layers=sink_layers,
-                                    sink_probe_windows=sink_probe_windows)]
+                                    sink_probe_windows=sink_probe_windows, asymmetric=asymmetric)]
         trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
                           enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                           default_root_dir=scratch, callbacks=callbacks)

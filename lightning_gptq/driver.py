@@ -68,7 +68,8 @@ class BlockContext:
     ``on_block_propagated``: the block's outputs are cached as the next block's inputs).
     ``inputs`` is the activation cache: this block's inputs while calibrating, the next block's
     once propagated (``None`` outside a driver). Hooks share results through ``hessians``
-    (name -> ``HessianAccumulator``) and ``results`` (name -> ``QuantizedWeight``).
+    (name -> ``HessianAccumulator``), ``mismatches`` (name -> ``MismatchAccumulator``, asymmetric
+    calibration) and ``results`` (name -> ``QuantizedWeight``).
     """
 
     block_index: int
@@ -82,6 +83,12 @@ class BlockContext:
     results: dict[str, Any] = field(default_factory=dict)
     stage: str = "calibrate"
     inputs: BlockInputs | None = None
+    # Asymmetric calibration: before each calibration batch the still full-precision block runs on
+    # the full-precision model's inputs (``reference_pass`` is True meanwhile: hooks that accumulate
+    # must skip it), and ``reference_inputs`` holds what each layer read in that run.
+    reference_inputs: dict[str, torch.Tensor] | None = None
+    reference_pass: bool = False
+    mismatches: dict[str, Any] = field(default_factory=dict)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -126,13 +133,21 @@ class CalibrationDriver:
             build up from block to block. ``None``: the model's dtype.
         store: puts a cached activation where it lives (in memory, or a file: ``SpillFolder.put``).
         write_block: ``write_block(prefix, block)`` for a streamed source, before the block is freed.
+        reference_stream: also carry the full-precision model's block inputs (twice the activation
+            cache) and, before each calibration batch, run the block unquantized on them, recording
+            each linear's input in ``ctx.reference_inputs`` (asymmetric calibration, GPTAQ). One more
+            block forward per batch; needs ``true_sequential=False`` (the block is then unquantized
+            for its whole calibration pass).
     """
 
     def __init__(self, source, *, fire: Callable[[str, BlockContext], None], device: torch.device | str = "cpu",
                  true_sequential: bool = False, activation_dtype: str | torch.dtype | None = None,
                  compute_dtype: torch.dtype | None = None,
                  store: Callable[[torch.Tensor], torch.Tensor] = _keep,
-                 write_block: Callable[[str, nn.Module], None] | None = None) -> None:
+                 write_block: Callable[[str, nn.Module], None] | None = None, reference_stream: bool = False) -> None:
+        if reference_stream and true_sequential:
+            raise ValueError("asymmetric calibration (the full-precision reference stream) needs true_sequential=False: "
+                             "a true-sequential pass runs a block whose earlier layers are already quantized")
         self.source = source
         self.model = source.model
         self.adapter = pinned_adapter(self.model)
@@ -144,6 +159,8 @@ class CalibrationDriver:
         self.activation_dtype = activation_dtype
         self.store = store
         self.write_block = write_block
+        self.reference_stream = reference_stream
+        self._reference_outputs: list[torch.Tensor] = []
         self.inputs: BlockInputs | None = None  # the cached inputs of the next block to calibrate
         self.timings: dict[str, float] = defaultdict(float)
         self._outputs: list[torch.Tensor] = []
@@ -237,9 +254,13 @@ class CalibrationDriver:
                                        storage_dtype=self.activation_dtype, device=self.device)
             got.hidden = [self.store(h) for h in got.hidden]
             self.inputs.extend(got)  # shares equal masks / rotary tables across batches
+            if self.reference_stream:  # block 0's inputs are the same in both models
+                self.inputs.reference = [*(self.inputs.reference or []), *got.hidden]
             self.timings["capture"] += time.perf_counter() - start
             return
         block, cached = self.blocks[stage.block], self.inputs.hidden[j]
+        if stage.kind == "calibrate" and self.reference_stream:
+            self._reference_step(block, stage, j)
         self._entered.clear()
         try:
             with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
@@ -248,6 +269,32 @@ class CalibrationDriver:
             return
         if stage.kind == "propagate":
             self._outputs.append(self.store(hidden.to("cpu", dtype=cached.dtype)))
+
+    def _reference_step(self, block: nn.Module, stage: Stage, j: int) -> None:
+        """The unquantized block on the full-precision model's inputs of batch ``j``: records what each
+        linear of this step reads (``ctx.reference_inputs``) and keeps the output for the next block."""
+        if self.inputs.reference is None or len(self.inputs.reference) != len(self.inputs.hidden):
+            raise RuntimeError("asymmetric calibration: the full-precision block inputs are missing (a resume point "
+                               "written without them?)")
+        ctx, recorded = self._ctx, {}
+
+        def record(name: str):
+            def hook(module, args):
+                recorded[name] = args[0].detach()
+            return hook
+
+        handles = [ctx.block.get_submodule(name).register_forward_pre_hook(record(name)) for name in ctx.layers]
+        ctx.reference_pass = True
+        try:
+            with exact_kernels():
+                cached = self.inputs.reference[j]
+                hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), self._pass_dtype))
+        finally:
+            ctx.reference_pass = False
+            for handle in handles:
+                handle.remove()
+        ctx.reference_inputs = recorded
+        self._reference_outputs.append(self.store(hidden.to("cpu", dtype=cached.dtype)))
 
     def end(self, stage: Stage) -> None:
         if stage.kind == "capture":
@@ -269,6 +316,8 @@ class CalibrationDriver:
         if len(self._outputs) != len(self.inputs.hidden):
             raise RuntimeError("propagate stage saw fewer batches than were captured (limit_train_batches < 1?)")
         self.inputs.hidden, self._outputs = self._outputs, []
+        if self.reference_stream:
+            self.inputs.reference, self._reference_outputs = self._reference_outputs, []
         self._finish_block(stage.block)
         ctx = BlockContext(stage.block, len(self.blocks), self.blocks[stage.block], {},
                            prefix=self.block_prefix(stage.block), stage="propagated", inputs=self.inputs)
@@ -283,6 +332,8 @@ class CalibrationDriver:
 
         def enter(name: str):
             def hook(module, args):
+                if self._ctx is not None and self._ctx.reference_pass:
+                    return  # the reference stream's output is kept: that run goes to the end
                 self._entered.add(name)
                 if len(self._entered) == len(names):
                     raise _PassDone

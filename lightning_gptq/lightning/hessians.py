@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.models.adapters import is_output_projection, linear_in_features, weight_out_in
 from lightning_gptq.models.attention_probe import attention_layers, probe_attention
-from lightning_gptq.quant import HessianAccumulator
+from lightning_gptq.quant import HessianAccumulator, MismatchAccumulator
 
 from .distributed import all_reduce_sum, world_size
 from .hooks import BlockContext, BlockHooks
@@ -45,6 +45,11 @@ class HessianCapture(BlockHooks, Callback):
         sink_probe_windows: with ``"attention"``, measure the mass on only the first this many
             calibration windows of the run (every window still feeds ``H``; under DDP the same
             windows, whichever process holds them). ``None``: every window.
+        asymmetric: also accumulate each layer's input mismatch ``D = 2/n Σ (x_fp − x)xᵀ`` against
+            the full-precision model's inputs (``ctx.mismatches``), so the solve corrects the error the
+            blocks before it left (GPTAQ; ``QuantConfig.gptaq_alpha`` weighs it). The calibration
+            driver then carries the full-precision activations too: twice the activation cache and
+            one more block forward per window. Token weights apply to ``D`` as to ``H``.
     """
 
     block_hook_order = 0
@@ -55,6 +60,7 @@ class HessianCapture(BlockHooks, Callback):
         sink_weight: float | Literal["attention"] = 1.0,
         sink_layers: Literal["all", "attention"] = "all",
         sink_probe_windows: int | None = None,
+        asymmetric: bool = False,
     ) -> None:
         if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
             raise MisconfigurationException(f"HessianCapture.sink_tokens must be an integer >= 0, got {sink_tokens!r}")
@@ -70,6 +76,9 @@ class HessianCapture(BlockHooks, Callback):
                                                or not isinstance(sink_probe_windows, int) or sink_probe_windows < 1):
             raise MisconfigurationException(
                 f"HessianCapture.sink_probe_windows must be an integer >= 1 or null, got {sink_probe_windows!r}")
+        if not isinstance(asymmetric, bool):
+            raise MisconfigurationException(f"HessianCapture.asymmetric must be true or false, got {asymmetric!r}")
+        self.asymmetric = asymmetric
         self.sink_probe_windows = sink_probe_windows
         self.sink_tokens = sink_tokens
         self.sink_weight = sink_weight if measured else float(sink_weight)
@@ -77,6 +86,8 @@ class HessianCapture(BlockHooks, Callback):
         self.block_weights: dict[int, float] = {}  # block index -> the weight used (measured or fixed)
         self._handles: dict[str, object] = {}
         self._first: dict[str, HessianAccumulator] = {}  # "attention": leading positions, weighed at block end
+        self._first_mismatch: dict[str, MismatchAccumulator] = {}  # the same for D (asymmetric)
+        self._ctx = None
         # "attention": attention mass the leading positions received, and per key count k the mass all
         # others received (summed over windows with k - sink_tokens other keys). Sums of fp32 numbers of
         # similar size, so exact in fp64 and independent of window order and split.
@@ -96,6 +107,12 @@ class HessianCapture(BlockHooks, Callback):
         return self.sink_tokens > 0 and (self.measured or self.sink_weight != 1.0)
 
     def on_block_start(self, trainer, pl_module, ctx: BlockContext) -> None:
+        if self.asymmetric and (ctx.inputs is None or ctx.inputs.reference is None):
+            raise MisconfigurationException(
+                "HessianCapture(asymmetric=True) needs the full-precision model's activations, which the calibration "
+                "driver keeps only when asked (GPTQModule builds it so when this callback is in the Trainer; "
+                "true_sequential must be false).")
+        self._ctx = ctx
         first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
         pending = set(ctx.layers)
         weighted = self._weighted_layers(ctx) if self._reweighs() else set()
@@ -109,6 +126,8 @@ class HessianCapture(BlockHooks, Callback):
 
         def make_hook(name: str):
             def hook(module, args):
+                if ctx.reference_pass:
+                    return  # the full-precision stream: read through ctx.reference_inputs below
                 x = args[0].detach()
                 if self._probing and self._probe_limit is not None and self.probed_windows() >= self._probe_limit:
                     self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
@@ -121,27 +140,41 @@ class HessianCapture(BlockHooks, Callback):
                             ctx.hessians[name] = ctx.hessians[owner]
                             if owner in self._first:
                                 self._first[name] = self._first[owner]
+                            if owner in ctx.mismatches:
+                                ctx.mismatches[name] = ctx.mismatches[owner]
+                            if owner in self._first_mismatch:
+                                self._first_mismatch[name] = self._first_mismatch[owner]
                             self._handles.pop(name).remove()
                             return
                     first_inputs.append((x, name))
                     if not pending:
                         first_inputs.clear()
-                if name not in weighted or x.dim() != 3:
-                    ctx.hessians[name].add(x)
-                elif not self.measured:
-                    ctx.hessians[name].add(x, self._token_weights(x, self.sink_weight))
-                else:  # the leading positions apart, weighed once the block's attention is measured
-                    ctx.hessians[name].add(x, self._token_weights(x, 0.0))
+                reference = ctx.reference_inputs[name] if self.asymmetric else None
+                weights = None
+                if name in weighted and x.dim() == 3:
+                    # measured: the leading positions apart, weighed once the block's attention is known
+                    weights = self._token_weights(x, 0.0 if self.measured else self.sink_weight)
+                ctx.hessians[name].add(x, weights)
+                if reference is not None:
+                    ctx.mismatches[name].add(x, reference, weights)
+                if name in weighted and x.dim() == 3 and self.measured:
                     self._first[name].add(x[:, : self.sink_tokens])
+                    if reference is not None:
+                        self._first_mismatch[name].add(x[:, : self.sink_tokens], reference[:, : self.sink_tokens])
 
             return hook
 
         self._first.clear()
+        self._first_mismatch.clear()
         for name, layer in ctx.layers.items():
-            weight = weight_out_in(layer)
-            ctx.hessians[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
+            weight, width = weight_out_in(layer), linear_in_features(layer)
+            ctx.hessians[name] = HessianAccumulator(width, device=weight.device)
+            if self.asymmetric:
+                ctx.mismatches[name] = MismatchAccumulator(width, device=weight.device)
             if self.measured and name in weighted:
-                self._first[name] = HessianAccumulator(linear_in_features(layer), device=weight.device)
+                self._first[name] = HessianAccumulator(width, device=weight.device)
+                if self.asymmetric:
+                    self._first_mismatch[name] = MismatchAccumulator(width, device=weight.device)
             self._handles[name] = layer.register_forward_pre_hook(make_hook(name))
         if self.measured and weighted:
             self._received, self._rest = 0.0, {}
@@ -163,11 +196,13 @@ class HessianCapture(BlockHooks, Callback):
         if self.measured and self._first:
             weight = self.measured_weight()
             done = set()
-            for name, first in self._first.items():
-                if id(first) not in done and name in ctx.hessians:
-                    done.add(id(first))
-                    ctx.hessians[name].add_scaled_(first, weight)
+            for parts, whole in ((self._first, ctx.hessians), (self._first_mismatch, ctx.mismatches)):
+                for name, first in parts.items():
+                    if id(first) not in done and name in whole:
+                        done.add(id(first))
+                        whole[name].add_scaled_(first, weight)
             self._first.clear()
+            self._first_mismatch.clear()
             self.block_weights[ctx.block_index] = weight
             rank_zero_info(
                 f"{ctx.describe()}: the first {self.sink_tokens} position(s) receive {weight:.1f}x the attention of an "
@@ -181,7 +216,8 @@ class HessianCapture(BlockHooks, Callback):
         sample counts and the attention masses over the ranks. Dict order is the layers' order, the
         same on every rank, so the collectives pair up."""
         done = set()
-        for accumulator in [*ctx.hessians.values(), *self._first.values()]:
+        for accumulator in [*ctx.hessians.values(), *self._first.values(), *ctx.mismatches.values(),
+                            *self._first_mismatch.values()]:
             if id(accumulator) in done:
                 continue
             done.add(id(accumulator))
@@ -201,7 +237,8 @@ class HessianCapture(BlockHooks, Callback):
     def report(self) -> dict:
         return {"hessian": {"sink_tokens": self.sink_tokens, "sink_weight": self.sink_weight,
                             "sink_layers": self.sink_layers, "sink_probe_windows": self.sink_probe_windows,
-                            "measured": self.measured, "block_weights": dict(self.block_weights)}}
+                            "measured": self.measured, "asymmetric": self.asymmetric,
+                            "block_weights": dict(self.block_weights)}}
 
     def state_dict(self) -> dict:
         return {"block_weights": dict(self.block_weights)}
@@ -220,6 +257,8 @@ class HessianCapture(BlockHooks, Callback):
     def _record_attention(self, module, received: torch.Tensor, queries: int, keys: int) -> None:
         """``received`` [batch, heads, s]: attention mass the first ``s`` keys get, summed over ``queries``
         (each query's row sums to 1, so the other ``keys − s`` keys share the rest)."""
+        if self._ctx is not None and self._ctx.reference_pass:
+            return  # the full-precision stream's attention is not the model being calibrated
         s = received.shape[-1]
         self._probed[id(module)] = self._probed.get(id(module), 0) + received.shape[0]
         for window in received.sum(dim=(1, 2)).tolist():  # one fp32 sum per window, whatever the batch

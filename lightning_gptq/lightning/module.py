@@ -167,7 +167,8 @@ class GPTQModule(ScoringLoops, LightningModule):
             self.source, fire=lambda hook, ctx: fire_block_hook(self.trainer, self, hook, ctx), device=self.device,
             true_sequential=hp.true_sequential, activation_dtype=hp.activation_dtype, store=self._activation_store(),
             compute_dtype=resolve_calibration_dtype(hp.calibration_dtype, self.lm, self.device),
-            write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None)
+            write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None,
+            reference_stream=any(getattr(cb, "asymmetric", False) for cb in self.trainer.callbacks))
         self.driver.timings = self.timings
         self._stages = self.driver.stages(calibrates=any(getattr(cb, "needs_calibration", False)
                                                          for cb in self.trainer.callbacks))

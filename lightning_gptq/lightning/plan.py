@@ -119,18 +119,21 @@ def memory_breakdown(module, calibrates: bool = True) -> dict[str, int]:
     """Bytes of the main things a fit of ``module`` (its driver built) holds, for the dry run and the
     run summary: the model's parameters and buffers as now, this process's activation cache (twice
     that while a block's outputs are collected), one block's Hessians (fp64 sums, the largest block),
-    and the scoring logits (3 × eval_seqlen × vocab × 4 B: logits, their log-softmax, a temporary)."""
+    and the scoring logits (3 × eval_seqlen × vocab × 4 B: logits, their log-softmax, a temporary).
+    Asymmetric calibration (the driver's reference stream) doubles the activation cache and the Hessians
+    (each layer input's mismatch ``D`` is as large as its ``H``)."""
     lm, adapter, dm = module.lm, module.driver.adapter, module.trainer.datamodule
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     share = -(-dm.nsamples // max(1, module.trainer.world_size))
     blocks = adapter.blocks(lm)
     streaming = module.driver.streams
     scores = bool(dm.eval_datasets) and (module.hparams.eval_after or (streaming and module.hparams.eval_before))
+    streams = 2 if module.driver.reference_stream else 1
     return {
         "weights": sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]),
-        "activation cache": estimate_activation_bytes(config, share, dm.seqlen, module.activation_dtype())
+        "activation cache": streams * estimate_activation_bytes(config, share, dm.seqlen, module.activation_dtype())
         if calibrates else 0,
-        "Hessians (one block)": max(sum(w * w * 8 for w in _distinct_inputs(adapter, b)) for b in blocks)
+        "Hessians (one block)": streams * max(sum(w * w * 8 for w in _distinct_inputs(adapter, b)) for b in blocks)
         if calibrates else 0,
         "scoring logits": 4 * 3 * dm.eval_seqlen * int(getattr(config, "vocab_size", 0) or 0) if scores else 0,
     }

@@ -347,6 +347,12 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
                           "again without --ckpt_path.")
     inputs = read_side_file(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
     inputs.hidden = [driver.store(h) for h in inputs.hidden]
+    if driver.reference_stream != (getattr(inputs, "reference", None) is not None):
+        raise ResumeError(f"{path} was written by a run {'with' if driver.reference_stream is False else 'without'} "
+                          "asymmetric calibration (hessian.asymmetric); resume it with the same setting, or start again "
+                          "without --ckpt_path.")
+    if driver.reference_stream:
+        inputs.reference = [driver.store(h) for h in inputs.reference]
     driver.inputs = inputs
     oracle = quant_linear_class(CALIBRATION_BACKEND)
     restore_quantized_layers(driver.model, state["layers"], oracle)

@@ -48,11 +48,14 @@ class BlockInputs:
     tensors are stored once across batches.
     `block_overrides[j]`: `{block index: {name: value}}` for blocks that received something
     different from block 0 (empty for most architectures); use `kwargs_for`.
+    `reference[j]`: where kept (asymmetric calibration), the *full-precision* model's input of the
+    current block for batch `j` (`hidden` is the partly quantized model's); `None` otherwise.
     """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
     block_overrides: list[dict[int, dict[str, Any]]] = dataclasses.field(default_factory=list)
+    reference: list[torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.hidden)

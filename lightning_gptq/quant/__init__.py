@@ -11,12 +11,13 @@ from .gptq import (
     rtn_quantize,
 )
 from .grid import dequantize_codes, fit_grid, quantize_codes
-from .hessian import HessianAccumulator
+from .hessian import HessianAccumulator, MismatchAccumulator
 
 __all__ = [
     "DampingIncreasedWarning",
     "HessianAccumulator",
     "HessianNotPositiveDefiniteError",
+    "MismatchAccumulator",
     "NonFiniteError",
     "QuantConfig",
     "QuantConfigError",

@@ -32,6 +32,9 @@ class QuantConfig:
             block began: the reference code's rule, and better at 2 bits) or ``"updated"`` (as
             updated by every column quantized so far; independent of ``block_size``, marginally
             better at 4 bits). docs/results.md ("Group grids inside a block") has the measurements.
+        gptaq_alpha: weight of the asymmetric-calibration term (GPTAQ) when the solve is given the
+            full-precision model's input mismatch (``HessianCapture(asymmetric=True)``); 0 turns it
+            off, 1 is the full least-squares correction. Unused otherwise.
     """
 
     bits: int = 4
@@ -43,6 +46,7 @@ class QuantConfig:
     block_size: int = 128
     mse: bool = False
     group_grid: str = "block-start"
+    gptaq_alpha: float = 0.25
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -57,6 +61,10 @@ class QuantConfig:
             raise QuantConfigError(f"QuantConfig.block_size must be a positive integer, got {self.block_size!r}")
         if not isinstance(self.damp, (int, float)) or isinstance(self.damp, bool) or not (0.0 <= self.damp < 1e3):
             raise QuantConfigError(f"QuantConfig.damp must be a number >= 0 (fraction of mean diag H), got {self.damp!r}")
+        if isinstance(self.gptaq_alpha, bool) or not isinstance(self.gptaq_alpha, (int, float)) or not (
+            0.0 <= self.gptaq_alpha <= 1.0
+        ):
+            raise QuantConfigError(f"QuantConfig.gptaq_alpha must be a number in [0, 1], got {self.gptaq_alpha!r}")
         if self.group_grid not in GROUP_GRIDS:
             raise QuantConfigError(f"QuantConfig.group_grid must be one of {GROUP_GRIDS}, got {self.group_grid!r}")
         for name in ("sym", "act_order", "static_groups", "mse"):

@@ -121,9 +121,18 @@ def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3, over
     )
 
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overwrite_hessian: bool = False
-                  ) -> QuantizedWeight:
+def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overwrite_hessian: bool = False,
+                  asymmetry: Tensor | None = None) -> QuantizedWeight:
     """Quantize ``weight`` [out, in] with GPTQ given the layer Hessian ``hessian`` [in, in].
+
+    ``asymmetry`` (GPTAQ, Li et al. 2025), ``D = 2/n · Σ (X_fp − X)ᵀX`` [in, in] on the same samples
+    as ``H = 2/n · ΣXᵀX``: ``X`` [tokens, in] are the layer's inputs in the model being quantized
+    (earlier blocks already quantized), ``X_fp`` the full-precision model's. The target becomes the
+    full-precision *output* ``X_fp Wᵀ``, so the layer also corrects the error the blocks before it
+    left: as column ``j`` is quantized, the part of its input mismatch the columns still to come can
+    absorb, ``α · w_j · D[j, >j] · H[>j, >j]⁻¹`` (``w_j`` as it stood before rounding, ``α`` =
+    ``config.gptaq_alpha``), is added to them. With ``U = chol(H⁻¹)ᵀ`` that is row ``j`` of
+    ``P = α · triu₁(D·Uᵀ)·U``, applied lazily like the error updates.
 
     Computes in fp64 when either input is fp64, otherwise fp32. ``weight`` is not modified; nor is
     ``hessian`` unless ``overwrite_hessian``: then, when it already has the compute dtype and device,
@@ -136,6 +145,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
         raise ValueError(f"Hessian must be [{cols}, {cols}] for a weight of shape {tuple(weight.shape)}, got {tuple(hessian.shape)}")
     _check_finite("weight", weight)
     _check_finite("Hessian", hessian)
+    if asymmetry is not None:
+        if tuple(asymmetry.shape) != (cols, cols):
+            raise ValueError(f"asymmetry must be [{cols}, {cols}] like the Hessian, got {tuple(asymmetry.shape)}")
+        _check_finite("asymmetry", asymmetry)
     dtype = torch.float64 if torch.float64 in (weight.dtype, hessian.dtype) else torch.float32
     # The sweep holds Wᵀ [cols, rows], so that each column of W is one contiguous row in memory.
     Wt = weight.detach().T.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
@@ -157,6 +170,12 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
         permute_symmetric_(H, perm)
     U, damp, retries = inverse_hessian_cholesky(H, config.damp, overwrite=True)  # H is ours by now
     del H  # U lives in its storage
+    P = None
+    if asymmetry is not None:
+        D = asymmetry.detach().to(device=Wt.device, dtype=dtype)[perm][:, perm]
+        D[:, dead[perm]] = 0
+        P = (D @ U.T).triu_(1).mul_(config.gptaq_alpha) @ U
+        del D
     if retries:
         warnings.warn(
             f"Cholesky failed at damp={config.damp:g}; succeeded at damp={damp:g} after {retries} increases",
@@ -175,10 +194,16 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
     from_block_start = config.group_grid == "block-start"
 
     # Lazy updates at two levels: inside a block of B columns one column at a time, to the rest of a
-    # panel of P = k·B columns once per block, to the rest of the matrix once per panel (bigger matmuls).
-    P = B * max(1, PANEL_COLUMNS // B)
-    for p1 in range(0, cols, P):
-        p2 = min(p1 + P, cols)
+    # panel of k·B columns once per block, to the rest of the matrix once per panel (bigger matmuls).
+    panel = B * max(1, PANEL_COLUMNS // B)
+
+    def pending(c1: int, c2: int, r1: int, r2: int) -> Tensor:
+        """What columns ``c1:c2`` (quantized) owe rows ``r1:r2`` of ``Wt`` that has not been applied."""
+        owed = U[c1:c2, r1:r2].T @ E[c1 - p1 : c2 - p1]
+        return owed if P is None else owed.addmm_(P[c1:c2, r1:r2].T, Wt[c1:c2], alpha=-1)
+
+    for p1 in range(0, cols, panel):
+        p2 = min(p1 + panel, cols)
         E = torch.zeros(p2 - p1, rows, dtype=dtype, device=Wt.device)  # (w - q) / U[j,j] per column
         for i1 in range(p1, p2, B):
             i2 = min(i1 + B, p2)
@@ -196,8 +221,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
                     done = i1 if from_block_start else j
                     current = torch.cat([
                         block_start[j - i1 : b_end - i1] if from_block_start else Wt[j:b_end],
-                        Wt[b_end:p_end] - U[i1:done, b_end:p_end].T @ E[i1 - p1 : done - p1],
-                        Wt[p_end:end] - U[p1:done, p_end:end].T @ E[: done - p1],
+                        Wt[b_end:p_end] - pending(i1, done, b_end, p_end),
+                        Wt[p_end:end] - pending(p1, done, p_end, end),
                     ])
                     scale, zero = fit_grid(current.T, config.bits, config.sym, config.mse)
                     scales[:, k], zeros[:, k] = scale, zero
@@ -205,8 +230,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
                 q = codes[j] = quantize_codes(w, scale, zero, maxq)
                 torch.sub(w, dequantize_codes(q, scale, zero), out=err).div_(u_diag[j])
                 Wt[j + 1 : i2].addr_(U[j, j + 1 : i2], err, alpha=-1)
-            Wt[i2:p2].addmm_(U[i1:i2, i2:p2].T, E[i1 - p1 : i2 - p1], alpha=-1)
-        Wt[p2:].addmm_(U[p1:p2, p2:].T, E, alpha=-1)
+                if P is not None:  # (Wt[j] still holds w_j: the codes go elsewhere)
+                    Wt[j + 1 : i2].addr_(P[j, j + 1 : i2], w)
+            Wt[i2:p2] -= pending(i1, i2, i2, p2)
+        Wt[p2:] -= pending(p1, p2, p2, cols)
         loss += E.square().sum() / 2
 
     if config.static_groups:

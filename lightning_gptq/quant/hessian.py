@@ -111,3 +111,48 @@ class HessianAccumulator:
             raise ValueError(f"Hessian state was summed on {state['tiles']} tiles, expected {self.tiles}")
         self.total = total.to(dtype=torch.float64, device=self.total.device if self.total is not None else None).clone()
         self.nsamples = int(state["nsamples"])
+
+
+class MismatchAccumulator(HessianAccumulator):
+    """Accumulates GPTAQ's input mismatch ``D = 2/n · Σᵢ (X_fp,ᵢ − Xᵢ)ᵀXᵢ`` [in, in] beside a layer's
+    Hessian: ``Xᵢ`` [tokens, in] is the sample's input in the model being quantized, ``X_fp,ᵢ`` the
+    full-precision model's input for the same tokens. Same sample count, fp32 products and fp64 sum
+    as ``HessianAccumulator`` (order-, batch- and split-independent); ``D`` is not symmetric, so the
+    product is computed whole (one tile)."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        super().__init__(in_features, device=device, tiles=1)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, reference: Tensor | None = None, token_weights: Tensor | None = None) -> None:
+        """Add ``x`` [..., in] and the full-precision ``reference`` of the same shape; ``token_weights``
+        as in ``HessianAccumulator.add`` (token ``t`` adds ``w_t · (ref_t − x_t) x_tᵀ``)."""
+        if self.total is None:
+            raise RuntimeError("this MismatchAccumulator was released (its matrix went to a solve)")
+        if reference is None or reference.shape != x.shape or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected inputs and full-precision inputs [..., {self.in_features}] of one shape, got "
+                             f"{tuple(x.shape)} and {None if reference is None else tuple(reference.shape)}")
+        x = x.to(device=self.total.device, dtype=torch.float32)
+        delta = reference.to(device=x.device, dtype=torch.float32) - x
+        if token_weights is not None:
+            w = torch.as_tensor(token_weights, dtype=torch.float32, device=x.device)
+            if bool((w < 0).any()):
+                raise ValueError("token_weights must be >= 0")
+            delta = delta * w.broadcast_to(x.shape[:-1]).unsqueeze(-1)
+        if x.dim() <= 2:
+            x, delta = x[None], delta[None]
+        x, delta = x.reshape(x.shape[0], -1, self.in_features), delta.reshape(x.shape[0], -1, self.in_features)
+        for sample, diff in zip(x, delta):
+            self.total += diff.T @ sample
+        self.nsamples += x.shape[0]
+
+    @property
+    def hessian(self) -> Tensor:
+        raise AttributeError("a MismatchAccumulator holds D, not a Hessian: use .mismatch")
+
+    @property
+    def mismatch(self) -> Tensor:
+        """``2/n · Σ (X_fp − X)ᵀX`` in fp32 (a new tensor each call)."""
+        if self.total is None:
+            raise RuntimeError("this MismatchAccumulator was released (its matrix went to a solve)")
+        return (self.total * (2.0 / max(self.nsamples, 1))).to(torch.float32)
