@@ -167,11 +167,10 @@ class GPTQModule(ScoringLoops, LightningModule):
             self.source, fire=lambda hook, ctx: fire_block_hook(self.trainer, self, hook, ctx), device=self.device,
             true_sequential=hp.true_sequential, activation_dtype=hp.activation_dtype, store=self._activation_store(),
             compute_dtype=resolve_calibration_dtype(hp.calibration_dtype, self.lm, self.device),
-            write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None,
-            reference_stream=any(getattr(cb, "asymmetric", False) for cb in self.trainer.callbacks))
+            reference_stream=any(getattr(cb, "asymmetric", False) for cb in self.trainer.callbacks),
+            write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None)
         self.driver.timings = self.timings
-        self._stages = self.driver.stages(calibrates=any(getattr(cb, "needs_calibration", False)
-                                                         for cb in self.trainer.callbacks))
+        self._stages = self.driver.stages(any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks))
         self.trainer.fit_loop.max_epochs = 0 if hp.dry_run else len(self._stages)
         self.trainer.fit_loop.min_epochs = self.trainer.fit_loop.max_epochs
         fire_block_hook(self.trainer, self, "on_calibration_start", self.driver)
