@@ -11,6 +11,7 @@
 // weight is read once per call and never expanded in memory. Written as plain loops over a lane
 // array that the compiler vectorises for the machine it is built on (-march=native: AVX2 or AVX-512).
 #include <torch/extension.h>
+#include <torch/library.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -857,6 +858,94 @@ torch::Tensor dense_gemv(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// sum_c w[c] * x[c], int8 codes widened to fp32 in registers, four independent accumulators (a single one would wait
+// on each fused multiply-add's latency). Written with intrinsics: GCC left the plain loop's int8 widening scalar.
+inline float dot_i8_f32(const int8_t* w, const float* x, int64_t k) {
+  int64_t c = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  auto widen = [](const int8_t* p) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))); };
+  for (; c + 64 <= k; c += 64)
+    for (int u = 0; u < 4; ++u) acc[u] = _mm512_fmadd_ps(widen(w + c + 16 * u), _mm512_loadu_ps(x + c + 16 * u), acc[u]);
+  for (; c + 16 <= k; c += 16) acc[0] = _mm512_fmadd_ps(widen(w + c), _mm512_loadu_ps(x + c), acc[0]);
+  total = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  auto widen = [](const int8_t* p) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))); };
+  for (; c + 32 <= k; c += 32)
+    for (int u = 0; u < 4; ++u) acc[u] = _mm256_fmadd_ps(widen(w + c + 8 * u), _mm256_loadu_ps(x + c + 8 * u), acc[u]);
+  for (; c + 8 <= k; c += 8) acc[0] = _mm256_fmadd_ps(widen(w + c), _mm256_loadu_ps(x + c), acc[0]);
+  const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  const __m128 half = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+  const __m128 pair = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  total = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1)));
+#endif
+  for (; c < k; ++c) total += static_cast<float>(w[c]) * x[c];
+  return total;
+}
+
+// y [..., N] = (x [..., K] . q [N, K]^T) * scale [N] for few rows of x: a dense layer stored as int8 rows with one fp32
+// step per row (an LM head quantized per row). Like dense_gemv, but each weight row is a quarter of the bytes; codes are
+// widened to fp32 in registers, so the only rounding is the weight's own (and fp32 summation order).
+torch::Tensor int8_row_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scale) {
+  TORCH_CHECK(x.device().is_cpu() && q.device().is_cpu() && scale.device().is_cpu(), "int8_row_gemv runs on CPU tensors only");
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be fp32");
+  TORCH_CHECK(q.dtype() == torch::kInt8 && q.dim() == 2 && q.is_contiguous(), "q must be contiguous int8 [N, K]");
+  TORCH_CHECK(scale.dtype() == torch::kFloat32 && scale.is_contiguous() && scale.numel() == q.size(0), "scale must be fp32 [N]");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == q.size(1), "x must be [..., K] with q's K");
+  const int64_t n = q.size(0), k = q.size(1);
+  std::vector<int64_t> y_shape = x.sizes().vec();
+  y_shape.back() = n;
+  x = x.reshape({-1, k}).contiguous();
+  const int64_t m = x.size(0);
+  auto y = torch::empty(y_shape, x.options());
+  const float *xp = x.data_ptr<float>(), *sp = scale.data_ptr<float>();
+  const int8_t* qp = q.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 512, [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; ++j) {
+      const int8_t* row = qp + j * k;
+      __builtin_prefetch(row + 16 * k, 0, 0);
+      for (int64_t i = 0; i < m; ++i) yp[i * n + j] = dot_i8_f32(row, xp + i * k, k) * sp[j];
+    }
+  });
+  return y;
+}
+
+torch::Tensor gptq_dequant_new(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
+                               int64_t group_size, at::ScalarType dtype) {
+  TORCH_CHECK(qweight.dim() == 3, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
+  auto out = torch::empty({qweight.size(1) * 32 / bits, qweight.size(0) * NB}, qweight.options().dtype(dtype));
+  return gptq_dequant(qweight, scales, zeros, bits, group_size, out);
+}
+
+// The kernels as operators of the dispatcher (namespace lightning_gptq), so torch.compile and torch.export hold one
+// opaque node per call and the compiled code calls them without Python in between. Registered when Python asks
+// (register_ops), not when the library loads: a second build of this file loaded into the same process (an A/B of two
+// revisions) must not define the same operators again.
+std::vector<std::unique_ptr<torch::Library>> libraries;
+
+bool register_ops() {
+  if (!libraries.empty()) return false;
+  auto defs = std::make_unique<torch::Library>(torch::Library::FRAGMENT, "lightning_gptq", c10::nullopt, __FILE__, __LINE__);
+  defs->def("packed_matmul(Tensor x, Tensor? perm, Tensor qweight, Tensor scales, Tensor zeros, Tensor? bias, int bits, "
+            "int group_size, int n_out, int kernel) -> Tensor");
+  defs->def("packed_dequant_t(Tensor qweight, Tensor scales, Tensor zeros, int bits, int group_size, ScalarType dtype) "
+            "-> Tensor");
+  defs->def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
+  defs->def("int8_row_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  auto impls = std::make_unique<torch::Library>(torch::Library::IMPL, "lightning_gptq", c10::DispatchKey::CPU, __FILE__,
+                                                __LINE__);
+  impls->impl("packed_matmul", &gptq_matmul);
+  impls->impl("packed_dequant_t", &gptq_dequant_new);
+  impls->impl("dense_gemv", &dense_gemv);
+  impls->impl("int8_row_gemv", &int8_row_gemv);
+  libraries.push_back(std::move(defs));
+  libraries.push_back(std::move(impls));
+  return true;
+}
+
 // Which integer dot product this build uses: "avx512-vnni", "avx-vnni", "avx2" or "generic".
 std::string int8_dot_isa() {
 #if defined(__AVX512VNNI__) && defined(__AVX512F__)
@@ -877,5 +966,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_dot_isa", &int8_dot_isa, "the instruction set of the int8 dot product");
   m.def("three_bit_layout", []() { return std::string(THREE_BIT_TENS ? "tens" : "planes"); },
         "how this build lays out 3-bit runs (see code_at)");
+  m.def("int8_row_gemv", &int8_row_gemv, "y = (x . q^T) * scale for few rows of x, q int8 [N, K] with a step per row");
+  m.def("register_ops", &register_ops, "define the lightning_gptq:: operators (once per process; false if done)");
   m.def("gptq_dequant", &gptq_dequant, "GPTQ packed codes to a dense transposed weight (CPU, fp32 or bf16)");
 }

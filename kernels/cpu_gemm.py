@@ -50,8 +50,28 @@ _built: list = []  # the module, once built in this process
 def _load():
     with _BUILD_LOCK:  # two threads' first calls: one builds, the other waits for it and imports nothing twice
         if not _built:
-            _built.append(_build())
+            module = _build()
+            if module.register_ops():
+                _register_fakes()
+            _built.append(module)
         return _built[0]
+
+
+def _register_fakes() -> None:
+    """Shapes of the ``lightning_gptq::`` operators' outputs, for tracing (``torch.compile``, ``torch.export``)."""
+    def packed_matmul(x, perm, qweight, scales, zeros, bias, bits, group_size, n_out, kernel):
+        return x.new_empty((*x.shape[:-1], n_out))
+
+    def packed_dequant_t(qweight, scales, zeros, bits, group_size, dtype):
+        tiles, words, _ = qweight.shape
+        return qweight.new_empty((words * 32 // bits, tiles * TILE_N), dtype=dtype)
+
+    def gemv(x, weight, scale=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+    for name, fake in (("packed_matmul", packed_matmul), ("packed_dequant_t", packed_dequant_t),
+                       ("dense_gemv", gemv), ("int8_row_gemv", gemv)):
+        torch.library.register_fake(f"lightning_gptq::{name}", fake)
 
 
 def _build():
@@ -175,6 +195,13 @@ def dense_gemv(x: Tensor, weight: Tensor) -> Tensor:
     layer): each output a dot product along a weight row, the rows split between threads. Exact up to fp32
     summation order."""
     return _load().dense_gemv(x, weight)
+
+
+def int8_row_gemv(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """``x`` fp32 [..., K] (few rows) → ``(x @ q.T) * scale`` fp32 [..., N]; ``q`` int8 contiguous [N, K], ``scale`` fp32
+    [N]: a dense layer stored as int8 rows, one step per row. Codes widen to fp32 in registers: exact up to fp32
+    summation order for the int8 weight."""
+    return _load().int8_row_gemv(x, q, scale)
 
 
 def int8_dot_isa() -> str:

@@ -42,6 +42,7 @@ SHARED = ROOT.parent / "shared" / "data"
 TEXTS = {"wikipedia": SHARED / "calibration" / "wikipedia-vital-leads.txt", "brown": SHARED / "calibration" / "brown.txt"}
 TEST_SETS = {"wikitext2": SHARED / "wikitext-2-raw" / "wiki.test.raw", "ptb-new": SHARED / "ptb" / "ptb.test.txt"}
 HELD_OUT_SHARE = 0.1
+CONFIG_MIX = "wikipedia:1,brown:1"  # the calibration of configs/smollm2-135m.yaml (a test checks they agree)
 CHOSEN_ON = {  # what text chose each row's settings (the README labels rows with it)
     "fp32": "-",
     "rtn": "- (no calibration)",
@@ -111,6 +112,7 @@ def run(row: str, args, folder: Path) -> dict:
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     wall = time.perf_counter() - start
+    folder.parent.mkdir(parents=True, exist_ok=True)
     (folder.parent / f"{folder.name}.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"{row} failed (exit {proc.returncode}); see {folder.parent / f'{folder.name}.log'}")
@@ -134,8 +136,9 @@ def main() -> None:
                         help="fp32, rtn-<bits>, ref-<bits>, ours-<bits>")
     parser.add_argument("--eval", choices=("test", "choose"), default="test")
     parser.add_argument("--quick", action="store_true", help="32 calibration windows, 16 scored windows per set")
-    parser.add_argument("--calibration", default="wikipedia",
-                        help="calibration mix for rtn/ours rows, e.g. wikipedia:1,brown:1 (ref rows: wikipedia)")
+    parser.add_argument("--calibration", default=CONFIG_MIX,
+                        help=f"calibration mix for rtn/ours rows, e.g. wikipedia:1 (default {CONFIG_MIX}: the config's "
+                             "own; ref rows: wikipedia)")
     parser.add_argument("--tag", default="", help="label for this variant (e.g. the overrides after --)")
     parser.add_argument("--out", default="runs/quality_table.md")
     parser.add_argument("--jsonl", default="runs/quality_table.jsonl")

@@ -34,11 +34,32 @@ def test_packed_matmul_op_passes_opcheck(packed, kernel):
     layer = random_layer(CpuPackedQuantLinear, LayerSpec(64, 48, 4, 32, False, True, True), seed=3)
     args = layer.__dict__["_matmul_args"]
     x = torch.randn(3, 64)
-    torch.library.opcheck(ops.packed_matmul, (x, *args, cpu_gemm.KERNELS[kernel]))
+    op = torch.ops.lightning_gptq
+    torch.library.opcheck(op.packed_matmul.default, (x, *args, cpu_gemm.KERNELS[kernel]))
+    torch.testing.assert_close(ops.packed_matmul(x, *args, cpu_gemm.KERNELS[kernel]),
+                               cpu_gemm.matmul(x, *args, cpu_gemm.KERNELS[kernel]), rtol=0, atol=0)
     hot = layer.__dict__["_hot"]
     for dtype in (torch.float32, torch.bfloat16):
-        torch.library.opcheck(ops.packed_dequant_t, (hot["k_qweight"], hot["k_scales"], hot["k_zeros"], layer.bits,
-                                                     layer.k_group, dtype))
+        torch.library.opcheck(op.packed_dequant_t.default, (hot["k_qweight"], hot["k_scales"], hot["k_zeros"],
+                                                            layer.bits, layer.k_group, dtype))
+
+
+def test_head_ops_pass_opcheck(packed):
+    from lightning_gptq.nn.head import int8_rows
+
+    w = torch.randn(40, 48)
+    q, step = int8_rows(w)
+    for rows in ((1, 48), (3, 48), (2, 1, 48)):
+        x = torch.randn(*rows)
+        torch.library.opcheck(torch.ops.lightning_gptq.dense_gemv.default, (x, w))
+        torch.library.opcheck(torch.ops.lightning_gptq.int8_row_gemv.default, (x, q, step))
+
+
+def test_ops_are_defined_once_per_process(packed):
+    """A second kernel library loaded into the process (an A/B of two revisions) must not define them again."""
+    from lightning_gptq.kernels import cpu_gemm
+
+    assert cpu_gemm._load().register_ops() is False
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu-packed", "cpu-int4"])
@@ -62,4 +83,16 @@ def test_inductor_compiled_model_equals_eager(packed):
     for rows in (1, 40):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_gemv_head_compiles_without_graph_breaks(packed):
+    from lightning_gptq.nn import GemvHead
+
+    head = torch.nn.Linear(48, 40, bias=False)
+    head.__class__ = GemvHead
+    x = torch.randn(1, 48)
+    explained = torch._dynamo.explain(head)(x)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch.testing.assert_close(torch.compile(head, fullgraph=True)(x), x @ head.weight.T, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()

@@ -50,3 +50,14 @@ def test_reference_rows_are_the_reference_and_test_runs_score_the_test_sets(tmp_
 def test_won_back_share():
     assert qt.won_back(25.0, 30.0, 20.0) == " (50%)"
     assert qt.won_back(25.0, None, 20.0) == ""
+
+
+def test_default_mix_is_the_configs_calibration():
+    """``ours`` rows are the shipped config: the script's default mix must be the one the config calibrates on."""
+    import yaml
+
+    config = yaml.safe_load(qt.CONFIG.read_text())
+    calibration = config["data"]["calibration"]
+    names = {Path(path).name: share for path, share in calibration.items()}
+    expected = {qt.TEXTS[name].name: float(share) for name, share in qt.parse_mix(qt.CONFIG_MIX).items()}
+    assert {k: float(v) for k, v in names.items()} == expected

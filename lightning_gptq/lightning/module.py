@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -31,7 +30,7 @@ from lightning_gptq.models.compute_dtype import resolve_calibration_dtype
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.models.spill import SpillFolder
-from lightning_gptq.nn import AUTO, QuantLinear, to_backend
+from lightning_gptq.nn import AUTO, QuantLinear, int8_head, to_backend
 from lightning_gptq.sources import LoadedModel, StreamedGPTQ, open_model
 
 from .callbacks import HessianCapture
@@ -41,6 +40,7 @@ from .hooks import fire_block_hook, run_report
 from .options import check_fit, check_options, max_positions
 from .output import QuantizedOutput, checkpoint_settings
 from .plan import measure_plan, memory_breakdown, spills_to_disk
+from .progress import describe_progress
 from .resume import restore_run, run_state
 from .scoring import ScoringLoops
 from .summary import write_summary
@@ -77,6 +77,10 @@ class GPTQModule(ScoringLoops, LightningModule):
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
         latency_prompt_tokens: prompt length for the prefill measurement.
         latency_decode_tokens: generated tokens for the decode measurement.
+        latency_decode: ``eager``, ``compiled`` (static KV cache, step compiled once; compile time apart) or
+            ``auto`` (both timed, the faster reported; ``models/decode.py``).
+        lm_head: ``fp32`` (as the model has it) or ``int8`` (the head computes with int8 rows, a quarter of the
+            bytes per decode step; applied after quantizing; cost in docs/kernels.md).
         backend: quantized-linear backend for a loaded quantized model and whenever the model moves
             to another device (``"auto"``: time the candidates here; the fit's own layers follow
             ``GPTQCallback.backend``).
@@ -97,7 +101,8 @@ class GPTQModule(ScoringLoops, LightningModule):
         activation_storage: str = "auto", activation_dir: str | None = None, eval_before: bool = False,
         eval_after: bool = True, output_dir: str | None = None, save_quantized: bool = True,
         checkpoint_format: str = "auto", max_shard_size: str = "4GB", save_dtype: str | None = None,
-        latency: bool = True, latency_prompt_tokens: int = 128, latency_decode_tokens: int = 32, backend: str = AUTO,
+        latency: bool = True, latency_prompt_tokens: int = 128, latency_decode_tokens: int = 32,
+        latency_decode: str = "auto", lm_head: str = "fp32", backend: str = AUTO,
         generation: Generation = Generation(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
         streaming: bool = False, dry_run: bool = False,
     ) -> None:
@@ -137,6 +142,8 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.lm.to(self.device)
         if any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in self.lm.modules()):
             to_backend(self.lm, self.hparams.backend)
+        if self.hparams.lm_head == "int8" and (self.driver is None or self.completed):  # (not before quantizing)
+            rank_zero_info(int8_head(self.lm))
         return self.lm
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -225,7 +232,7 @@ class GPTQModule(ScoringLoops, LightningModule):
                 self.results["before"] = self._score("eval_before", self.source)
 
     def on_train_epoch_start(self) -> None:
-        _describe_progress(self.trainer.progress_bar_callback, self.stage.describe(len(self.driver.blocks)))
+        describe_progress(self.trainer.progress_bar_callback, self.stage.describe(len(self.driver.blocks)))
         self.driver.start(self.stage)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -247,7 +254,8 @@ class GPTQModule(ScoringLoops, LightningModule):
                 self.results["after"] = self._score("eval_after", self.source)
             if hp.latency:
                 self.results["latency"] = measure_latency(self._place(), prompt_tokens=hp.latency_prompt_tokens,
-                                                          decode_tokens=hp.latency_decode_tokens).to_dict()
+                                                          decode_tokens=hp.latency_decode_tokens,
+                                                          decode=hp.latency_decode).to_dict()
                 rank_zero_info(f"latency: {self.results['latency']}")
         if hp.save_quantized and self.trainer.is_global_zero:
             start = time.perf_counter()
@@ -290,11 +298,3 @@ class GPTQModule(ScoringLoops, LightningModule):
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         return [complete(self.lm, self.tokenizer, prompt, index, self.generation, self.device)
                 for index, prompt in zip(batch["index"], batch["prompt"])]
-
-
-def _describe_progress(bar, text: str) -> None:
-    """Name the current stage on the progress bar instead of "Epoch N"."""
-    if isinstance(bar, TQDMProgressBar) and bar.train_progress_bar is not None:
-        bar.train_progress_bar.set_description(text)
-    elif isinstance(bar, RichProgressBar) and bar.progress is not None and bar.train_progress_bar_id is not None:
-        bar.progress.update(bar.train_progress_bar_id, description=text)

@@ -33,6 +33,11 @@ def check_options(hp) -> None:
     if hp.calibration_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise MisconfigurationException(f"GPTQModule.calibration_dtype must be null, 'auto', 'float32', 'bfloat16' or "
                                         f"'float16', got {hp.calibration_dtype!r}")
+    if hp.latency_decode not in ("eager", "compiled", "auto"):
+        raise MisconfigurationException(f"GPTQModule.latency_decode must be 'eager', 'compiled' or 'auto', "
+                                        f"got {hp.latency_decode!r}")
+    if hp.lm_head not in ("fp32", "int8"):
+        raise MisconfigurationException(f"GPTQModule.lm_head must be 'fp32' or 'int8', got {hp.lm_head!r}")
     for name in ("latency_prompt_tokens", "latency_decode_tokens"):
         if getattr(hp, name) < 1:
             raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")

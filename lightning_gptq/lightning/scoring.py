@@ -137,7 +137,7 @@ class ScoringLoops:
         self.results[prefix] = dict(rows)
         if self.hparams.latency:
             lat = measure_latency(self.lm, prompt_tokens=self.hparams.latency_prompt_tokens,
-                                  decode_tokens=self.hparams.latency_decode_tokens)
+                                  decode_tokens=self.hparams.latency_decode_tokens, decode=self.hparams.latency_decode)
             self.log(f"{prefix}/latency/prefill_tokens_per_s", lat.prefill_tokens_per_s)
             self.log(f"{prefix}/latency/decode_ms_per_token", lat.decode_ms_per_token)
             rank_zero_info(f"{prefix} latency: {lat}")

@@ -1,12 +1,22 @@
-"""Latency of a causal LM: prefill throughput and batch-1 greedy decode time per token."""
+"""Latency of a causal LM: prefill throughput and batch-1 greedy decode time per token.
+
+Decode runs on one of two paths (``decode=``): ``eager``, transformers' own forward with its dynamic KV cache,
+or ``compiled``, :class:`~lightning_gptq.models.decode.StaticDecoder` (a static cache and the one-token step
+compiled once; the compile is timed apart as ``compile_s`` and never enters the per-token figure). ``auto``
+times both and reports the faster, with both numbers kept."""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from .decode import MODES, StaticDecoder, cache_keyword, returned_cache
+
+log = logging.getLogger("lightning_gptq")
 
 
 @dataclass
@@ -19,11 +29,25 @@ class LatencyResult:
     dtype: str
     threads: int
     model_mib: float = 0.0
+    decode_path: str = "eager"  # the path decode_ms_per_token comes from
+    eager_decode_ms_per_token: float | None = None
+    compiled_decode_ms_per_token: float | None = None
+    compile_s: float | None = None  # the compiled path's first step (trace and compile), apart from the figures
+    compile_error: str | None = None  # why ``auto`` fell back to eager, if it did
 
     def __str__(self) -> str:
+        paths = ""
+        if self.eager_decode_ms_per_token is not None and self.compiled_decode_ms_per_token is not None:
+            paths = (f"; eager {self.eager_decode_ms_per_token:.2f}, compiled {self.compiled_decode_ms_per_token:.2f} "
+                     f"ms/token")
+        if self.compile_s is not None:
+            paths += f", compile {self.compile_s:.1f} s"
+        if self.compile_error:
+            paths += f"; compiled path unavailable: {self.compile_error}"
         return (f"prefill {self.prefill_tokens_per_s:.1f} tokens/s ({self.prompt_tokens}-token prompt, batch 1), "
-                f"decode {self.decode_ms_per_token:.2f} ms/token (batch 1, {self.decode_tokens} tokens, KV cache) "
-                f"on {self.device}, {self.dtype}, {self.threads} threads; model tensors {self.model_mib:.1f} MiB")
+                f"decode {self.decode_ms_per_token:.2f} ms/token ({self.decode_path}; batch 1, {self.decode_tokens} "
+                f"tokens, KV cache{paths}) on {self.device}, {self.dtype}, {self.threads} threads; "
+                f"model tensors {self.model_mib:.1f} MiB")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,8 +71,11 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
-                    seed: int = 0) -> LatencyResult:
-    """Best of ``repeats`` timings after one warm-up, on random token ids (fixed ``seed``)."""
+                    seed: int = 0, decode: str = "eager", cpp_wrapper: bool = False) -> LatencyResult:
+    """Best of ``repeats`` timings after one warm-up, on random token ids (fixed ``seed``). ``decode``: ``eager``,
+    ``compiled`` or ``auto`` (both; the faster counts); ``cpp_wrapper``: see ``StaticDecoder``."""
+    if decode not in MODES:
+        raise ValueError(f"decode must be one of {MODES}, got {decode!r}")
     param = next(model.parameters())
     device = param.device
     vocab = model.config.vocab_size
@@ -61,28 +88,60 @@ def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens
         _sync(device)
         return time.perf_counter() - start
 
-    def decode() -> float:
+    keyword = cache_keyword(model)
+
+    def eager_decode() -> float:
         out = model(input_ids=ids, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
         _sync(device)
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{keyword: past})
+            past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return time.perf_counter() - start
+
+    def static_decode(decoder: StaticDecoder) -> float:
+        logits = decoder.prefill(ids)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits = decoder.step(logits.argmax())
         _sync(device)
         return time.perf_counter() - start
 
     was_training = model.training
     model.eval()
+    per_token = {}
+    compile_s = compile_error = None
     try:
-        prefill(), decode()  # warm-up
+        prefill()  # warm-up
         prefill_s = min(prefill() for _ in range(repeats))
-        decode_s = min(decode() for _ in range(repeats))
+        if decode in ("eager", "auto"):
+            eager_decode()
+            per_token["eager"] = min(eager_decode() for _ in range(repeats)) / decode_tokens
+        if decode in ("compiled", "auto"):
+            try:
+                decoder = StaticDecoder(model, prompt_tokens + decode_tokens + 1, compiled=True,
+                                        mode="reduce-overhead" if device.type == "cuda" else None,
+                                        cpp_wrapper=cpp_wrapper)
+                static_decode(decoder)  # the first step compiles
+                compile_s = decoder.compile_s
+                static_decode(decoder)
+                per_token["compiled"] = min(static_decode(decoder) for _ in range(repeats)) / decode_tokens
+            except Exception as error:  # noqa: BLE001 - auto falls back to eager, whatever stopped the compiler
+                if decode == "compiled":
+                    raise
+                compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+                log.warning("compiled decode unavailable, eager measured only: %s", compile_error)
     finally:
         model.train(was_training)
+    path = min(per_token, key=per_token.get)
+    ms = {k: 1000 * v for k, v in per_token.items()}
     return LatencyResult(
-        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_ms_per_token=1000 * decode_s / decode_tokens,
+        prefill_tokens_per_s=prompt_tokens / prefill_s, decode_ms_per_token=ms[path],
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, device=str(device),
         dtype=str(param.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
-        model_mib=model_bytes(model) / 2**20,
+        model_mib=model_bytes(model) / 2**20, decode_path=path, eager_decode_ms_per_token=ms.get("eager"),
+        compiled_decode_ms_per_token=ms.get("compiled"), compile_s=compile_s, compile_error=compile_error,
     )

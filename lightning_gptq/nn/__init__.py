@@ -3,13 +3,13 @@
 ``quant_linear``: the layer, its spec and the backend registry; ``cpu_int4``/``cpu_packed``/``triton``/
 ``converted``: the other backends; ``timing``: how ``auto`` times a candidate; ``selection``: which backend
 and kernels a layer spec gets (``autotune_cache``: those choices on disk); ``build``: making layers and
-putting them into a model; ``head``: the fp32 LM head's decode GEMV."""
+putting them into a model; ``head``: the LM head's decode GEMV (fp32, or int8 rows as an option)."""
 
 from . import cpu_int4 as _cpu_int4  # noqa: F401  (registers the "cpu-int4" backend)
 from . import cpu_packed as _cpu_packed  # noqa: F401  (registers the "cpu-packed" backend)
 from . import triton as _triton  # noqa: F401  (registers the "triton" backend)
 from .build import build, make_quant_linear, to_backend
-from .head import GemvHead, speed_up_head
+from .head import GemvHead, Int8Head, int8_head, speed_up_head
 from .quant_linear import (
     AUTO,
     LayerSpec,
@@ -24,7 +24,7 @@ from .quant_linear import (
 from .selection import Choice, choices, choose
 
 __all__ = [
-    "AUTO", "Choice", "GemvHead", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
-    "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule",
+    "AUTO", "Choice", "GemvHead", "Int8Head", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
+    "int8_head", "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule",
     "speed_up_head", "to_backend",
 ]

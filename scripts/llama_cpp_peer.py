@@ -1,0 +1,71 @@
+"""llama.cpp as a peer in latency benchmarks: batch-1 prefill and greedy-step decode of a GGUF file through
+``llama-cpp-python``, timed like ``measure_latency`` (the same random prompt ids, best of ``--repeats``), printed
+as one JSON line. It runs under whatever Python has ``llama_cpp`` installed (keep it out of this project's
+environment: ``scripts/bench_e2e.py --llama-cpp-python /path/to/venv/bin/python`` runs this file there).
+
+    /path/to/llama-venv/bin/python scripts/llama_cpp_peer.py ../shared/models/SmolLM2-135M-Instruct.Q4_1.gguf \\
+        --prompt-tokens 128 --decode-tokens 32 --threads 2
+
+Prefill evaluates the prompt in one batch (logits of its last position only, as generation needs); each decode
+step evaluates one token with the KV cache (llama.cpp's ``llama_decode``), without sampling: the next token is the
+argmax of the returned logits, as in our greedy decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+
+def measure(gguf: str, prompt_tokens: int, decode_tokens: int, threads: int, repeats: int, seed: int = 0) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt_tokens + decode_tokens + 8, n_batch=max(prompt_tokens, 8),
+                          n_threads=threads, n_threads_batch=threads, verbose=False, logits_all=False)
+    vocab = llm.n_vocab()
+
+    def next_token() -> int:  # argmax of the last evaluated position's logits
+        return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(vocab,))))
+
+    ids = random.Random(seed).choices(range(vocab), k=prompt_tokens)
+
+    def prefill() -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(ids)
+        return time.perf_counter() - start
+
+    def decode() -> float:
+        prefill()
+        token = next_token()
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            llm.eval([token])
+            token = next_token()
+        return time.perf_counter() - start
+
+    prefill(), decode()  # warm-up
+    prefill_s = min(prefill() for _ in range(repeats))
+    decode_s = min(decode() for _ in range(repeats))
+    return {"prefill_tokens_per_s": prompt_tokens / prefill_s, "decode_ms_per_token": 1000 * decode_s / decode_tokens,
+            "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens, "threads": threads,
+            "model_mib": os.path.getsize(gguf) / 2**20, "llama_cpp": llama_cpp.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(json.dumps(measure(args.gguf, args.prompt_tokens, args.decode_tokens, args.threads, args.repeats)))
+
+
+if __name__ == "__main__":
+    main()

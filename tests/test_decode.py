@@ -1,0 +1,125 @@
+"""The LM head's int8 option and the static-cache decoder (eager and compiled) against transformers' own decoding."""
+
+import pytest
+import torch
+
+from lightning_gptq.models.decode import StaticDecoder
+from lightning_gptq.nn import Int8Head, int8_head
+from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
+from lightning_gptq.nn.head import int8_rows
+
+from tiny_models import FACTORIES, token_ids
+
+
+@pytest.fixture
+def packed():
+    reason = CpuPackedQuantLinear.unavailable()
+    if reason is not None:
+        pytest.skip(f"the C++ CPU kernel is unavailable here: {reason}")
+
+
+def test_int8_rows_round_each_row_to_its_own_step():
+    w = torch.tensor([[0.5, -1.0, 0.25], [100.0, 3.0, -50.0], [0.0, 0.0, 0.0]])
+    q, step = int8_rows(w)
+    assert q.dtype == torch.int8 and step.tolist() == pytest.approx([1 / 127, 100 / 127, step[2].item()])
+    assert q[0].tolist() == [64, -127, 32] and q[1].tolist() == [127, 4, -64] and q[2].tolist() == [0, 0, 0]
+    assert ((q.float() * step[:, None] - w).abs() <= step[:, None] / 2 + 1e-7).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 7, 40])  # the int8 GEMV (up to max_rows) and the dequantized slices
+def test_int8_head_equals_its_dequantized_weight(packed, rows, monkeypatch):
+    model = FACTORIES["llama"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    message = int8_head(model)
+    head = model.get_output_embeddings()
+    assert isinstance(head, Int8Head) and "int8 rows" in message
+    assert model.state_dict().keys() == before.keys()  # the copy is not saved; the fp32 weight stays
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    monkeypatch.setattr(Int8Head, "chunk", 40)  # several slices on the tiny vocabulary (96)
+    x = torch.randn(rows, 32)
+    expected = x.double() @ (head.int8_weight.double() * head.int8_step.double()[:, None]).T
+    torch.testing.assert_close(head(x).double(), expected, rtol=1e-5, atol=1e-5)
+    assert int8_head(model) == "LM head: already int8"
+
+
+def test_int8_head_refuses_what_it_cannot_do():
+    model = FACTORIES["llama"]()
+    model.lm_head = torch.nn.Identity()
+    with pytest.raises(ValueError, match="nn.Linear"):
+        int8_head(model)
+
+
+def _eager_greedy(model, ids, n):
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             temperature=None, top_k=None, top_p=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_decoder_greedy_equals_generate(arch):
+    model = FACTORIES[arch]()
+    ids = token_ids(1, 12)
+    decoder = StaticDecoder(model, max_cache_len=32, compiled=False)
+    assert decoder.greedy(ids, 10) == _eager_greedy(model, ids, 10)
+    assert decoder.greedy(ids[:, :5], 4) == _eager_greedy(model, ids[:, :5], 4)  # a reused cache starts clean
+
+
+def test_static_decoder_refuses_a_full_cache():
+    model = FACTORIES["llama"]()
+    decoder = StaticDecoder(model, max_cache_len=8, compiled=False)
+    with pytest.raises(ValueError, match="no room"):
+        decoder.prefill(token_ids(1, 8))
+    decoder.prefill(token_ids(1, 7))
+    decoder.step(3)
+    with pytest.raises(ValueError, match="full"):
+        decoder.step(3)
+
+
+def test_compiled_decoder_matches_eager_logits_with_quantized_layers(packed):
+    """Quantized layers (C++ kernels as operators) and the int8 head, compiled by inductor: the same tokens and
+    logits equal to eager's up to fp32 summation order; later prompts reuse the compiled step."""
+    from lightning_gptq import QuantConfig, quantize
+
+    model = quantize(FACTORIES["llama"](), token_ids(2, 16), QuantConfig(bits=4, group_size=32), method="rtn",
+                     backend="cpu-packed")
+    int8_head(model)
+    torch._dynamo.reset()
+    eager = StaticDecoder(model, max_cache_len=24, compiled=False)
+    compiled = StaticDecoder(model, max_cache_len=24, compiled=True)
+    for prompt in (token_ids(1, 10, seed=1), token_ids(1, 6, seed=2)):
+        a, b = eager.prefill(prompt), compiled.prefill(prompt)
+        for _ in range(6):
+            token = int(a.argmax())
+            assert token == int(b.argmax())
+            a, b = eager.step(token), compiled.step(token)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+    assert compiled.compile_s > 0
+    torch._dynamo.reset()
+
+
+def test_module_options_are_checked():
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_gptq.lightning import GPTQModule
+
+    with pytest.raises(MisconfigurationException, match="lm_head must be 'fp32' or 'int8'"):
+        GPTQModule("unused", lm_head="int4")
+    with pytest.raises(MisconfigurationException, match="latency_decode must be"):
+        GPTQModule("unused", latency_decode="fast")
+
+
+def test_validate_scores_with_the_int8_head(packed, tmp_path):
+    """``lm_head: int8`` changes what validate scores (the head's cost shows in perplexity), nothing else."""
+    from test_lightning import cli_args
+    from tiny_lm import tiny_model_dir
+
+    from lightning_gptq.cli import main
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    scores = {}
+    for head in ("fp32", "int8"):
+        cli = main(["validate", *cli_args(model_dir, tmp_path / head, "--model.latency=false", f"--model.lm_head={head}")])
+        scores[head] = cli.model.results["val"]["wikitext2"]["ppl"]
+        assert isinstance(cli.model.lm.get_output_embeddings(), Int8Head) == (head == "int8")
+    assert scores["int8"] != scores["fp32"] and scores["int8"] == pytest.approx(scores["fp32"], rel=0.05)
