@@ -8,13 +8,23 @@ first and their latencies are timed in interleaved rounds (``--rounds``), each m
 
     HF_HUB_OFFLINE=1 python scripts/bench_e2e.py runs/smollm2-135m/lightning_logs/version_0/quantized/model \\
         --backends auto torch cpu-int4 cpu-packed --ppl-windows 16
+
+Decode is timed on the paths ``--decode`` names (``eager``, ``compiled``, or ``auto``: both, each printed, the
+faster in the table; compile time reported apart). ``--lm-head int8`` adds rows with the int8 LM head.
+llama.cpp joins as a peer when ``llama_cpp`` is importable here or ``--llama-cpp-python`` names a Python that has
+it (``scripts/llama_cpp_peer.py`` runs there, on the GGUF named by ``--base``/``--gguf-file``, in every round).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -22,7 +32,7 @@ from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.data.evaluation import eval_tokens, perplexity
 from lightning_gptq.models import load_causal_lm
 from lightning_gptq.models.latency import measure_latency
-from lightning_gptq.nn import GemvHead, QuantLinear, exact_kernels, speed_up_head
+from lightning_gptq.nn import GemvHead, Int8Head, QuantLinear, exact_kernels, int8_head, speed_up_head
 
 
 class _Free(torch.nn.Module):
@@ -62,6 +72,37 @@ def decode_kernels(model):
             layer.set_dispatch(dispatch, exact)
 
 
+class Peer:
+    """llama.cpp timed by ``scripts/llama_cpp_peer.py``, in this process or under another Python."""
+
+    def __init__(self, gguf: str, python: str | None, args):
+        self.gguf, self.python, self.args = gguf, python, args
+
+    @classmethod
+    def find(cls, args) -> "Peer | None":
+        gguf = str(Path(args.base) / args.gguf_file) if args.gguf_file else args.base
+        if args.llama_cpp_python:
+            return cls(gguf, args.llama_cpp_python, args)
+        if importlib.util.find_spec("llama_cpp") is not None:
+            return cls(gguf, None, args)
+        return None
+
+    def measure(self) -> dict:
+        a = self.args
+        if self.python is None:
+            sys.path.insert(0, str(Path(__file__).parent))
+            import llama_cpp_peer
+
+            return llama_cpp_peer.measure(self.gguf, a.prompt_tokens, a.decode_tokens, torch.get_num_threads(), a.repeats)
+        cmd = [self.python, str(Path(__file__).with_name("llama_cpp_peer.py")), self.gguf, "--prompt-tokens",
+               str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens), "--threads", str(torch.get_num_threads()),
+               "--repeats", str(a.repeats)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"llama.cpp peer failed: {out.stderr.strip()[-500:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("quantized", help="a folder saved by fit")
@@ -78,6 +119,12 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true",
                         help="also time the fp32 model with its block linears replaced by zero-cost stubs: the "
                              "decode time no kernel can go below (framework, attention, norms, LM head)")
+    parser.add_argument("--decode", default="auto", choices=["eager", "compiled", "auto"],
+                        help="decode path(s) to time (auto: both, the faster in the table)")
+    parser.add_argument("--lm-head", nargs="+", default=["fp32"], choices=["fp32", "int8"],
+                        help="LM head variants of each quantized model (int8: lm_head int8)")
+    parser.add_argument("--llama-cpp-python", default=None,
+                        help="a Python with llama_cpp installed: llama.cpp joins as a peer on the same GGUF")
     args = parser.parse_args()
     if args.rounds < 1 or args.repeats < 1:
         parser.error("--rounds and --repeats must be at least 1")
@@ -115,23 +162,43 @@ def main() -> None:
         model, _ = load_quantized(args.quantized, backend=backend)
         used = sorted({m.backend for m in model.modules() if isinstance(m, QuantLinear)})
         print(f"{backend}: layers on {','.join(used)}, loaded in {time.perf_counter() - start:.1f} s", flush=True)
-        entries.append((backend, ",".join(used), model, None))
+        head = type(model.get_output_embeddings())
+        if "fp32" in args.lm_head:
+            entries.append((backend, ",".join(used), model, head))
+        if "int8" in args.lm_head:
+            print(int8_head(model), flush=True)
+            entries.append((f"{backend}, int8 head", ",".join(used), model, Int8Head))
+            model.get_output_embeddings().__class__ = head
     scores = {}
     for name, _, model, head in entries:
         if head is not None:
             model.get_output_embeddings().__class__ = head
         scores[name] = perplexities(model)
     best = {}
+    peer, peer_best = Peer.find(args), None
+    if peer is None:
+        print("llama.cpp peer: skipped (llama_cpp is not importable here and --llama-cpp-python is not given)")
     for round_ in range(1, args.rounds + 1):
         for name, _, model, head in entries:
             if head is not None:
                 model.get_output_embeddings().__class__ = head
             lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                                  repeats=args.repeats)
+                                  repeats=args.repeats, decode=args.decode)
             print(f"round {round_}, {name}: {lat}", flush=True)
             kept = best.setdefault(name, lat)
-            kept.decode_ms_per_token = min(kept.decode_ms_per_token, lat.decode_ms_per_token)
+            if lat.decode_ms_per_token < kept.decode_ms_per_token:
+                kept.decode_ms_per_token, kept.decode_path = lat.decode_ms_per_token, lat.decode_path
             kept.prefill_tokens_per_s = max(kept.prefill_tokens_per_s, lat.prefill_tokens_per_s)
+            for field in ("eager_decode_ms_per_token", "compiled_decode_ms_per_token"):
+                if getattr(lat, field) is not None:
+                    setattr(kept, field, min(getattr(kept, field) or float("inf"), getattr(lat, field)))
+        if peer is not None:
+            lat = peer.measure()
+            print(f"round {round_}, llama.cpp: {json.dumps(lat)}", flush=True)
+            if peer_best is None:
+                peer_best = dict(lat)
+            peer_best["decode_ms_per_token"] = min(peer_best["decode_ms_per_token"], lat["decode_ms_per_token"])
+            peer_best["prefill_tokens_per_s"] = max(peer_best["prefill_tokens_per_s"], lat["prefill_tokens_per_s"])
     base.get_output_embeddings().__class__ = torch.nn.Linear
     for name, _, _, _ in entries:
         print(f"{name}: best of {args.rounds} rounds: {best[name]}{ppl_text(scores[name])}", flush=True)
@@ -154,7 +221,7 @@ def main() -> None:
         cells = [f"{p:.4f} ({rel(p)})" if p is not None else "–" for p in (fast, exact, decode)]
         if name.startswith("fp32"):
             cells = [c.split(" (")[0] for c in cells]
-        print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} | {decode_ms / lat.decode_ms_per_token:.2f}× | "
+        print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} ({lat.decode_path}) | {decode_ms / lat.decode_ms_per_token:.2f}× | "
               f"{lat.prefill_tokens_per_s:.0f} | {lat.prefill_tokens_per_s / prefill:.2f}× | {lat.model_mib:.1f} | "
               f"{lat.model_mib / fp32.model_mib:.2f}× | {cells[0]} | {cells[1]} | {cells[2]} |")
     # the strictest yardstick: the best decode and the best prefill of any fp32 variant (the GEMV head changes
@@ -167,6 +234,18 @@ def main() -> None:
         if not name.startswith("fp32"):
             print(f"{name} against the best fp32 variant: decode {best_decode / lat.decode_ms_per_token:.2f}×, "
                   f"prefill {lat.prefill_tokens_per_s / best_prefill:.2f}×")
+    if peer_best is not None:
+        print(f"\nllama.cpp {peer_best['llama_cpp']} on {Path(peer.gguf).name} ({peer_best['model_mib']:.1f} MiB): decode "
+              f"{peer_best['decode_ms_per_token']:.2f} ms/token, prefill {peer_best['prefill_tokens_per_s']:.0f} tokens/s")
+        for name, _, lat, *_ in rows:
+            print(f"{name} against llama.cpp: decode time {lat.decode_ms_per_token / peer_best['decode_ms_per_token']:.2f}× "
+                  f"llama.cpp's ({lat.decode_path}), prefill {lat.prefill_tokens_per_s / peer_best['prefill_tokens_per_s']:.2f}×")
+    paths = [(n, r[2]) for n, r in zip([r[0] for r in rows], rows)]
+    print()
+    for name, lat in paths:
+        if lat.eager_decode_ms_per_token is not None and lat.compiled_decode_ms_per_token is not None:
+            print(f"{name}: decode eager {lat.eager_decode_ms_per_token:.2f}, compiled {lat.compiled_decode_ms_per_token:.2f} "
+                  f"ms/token ({lat.eager_decode_ms_per_token / lat.compiled_decode_ms_per_token:.2f}× faster compiled)")
     print(f"\n({fp32.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens; each "
           f"model's best of {args.rounds} interleaved rounds of best-of-{args.repeats})")
 

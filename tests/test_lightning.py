@@ -522,9 +522,11 @@ def _inputs_of(block, name, inputs):
     return seen
 
 
-def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):
+@pytest.mark.parametrize("decode", ["eager", "auto"])
+def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys, decode):
     """`predict` on a saved quantized folder: prompts from the command line and a file, greedy
-    completions equal to calling `generate` on the loaded model, written as JSON lines."""
+    completions equal to calling `generate` on the loaded model, written as JSON lines; with
+    ``decode=auto`` the first prompt runs eager, the second compiled, and all equal `generate`'s."""
     model_dir = tiny_model_dir(tmp_path, "llama")
     out = tmp_path / "out"
     main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
@@ -533,9 +535,11 @@ def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):
     prompts_file.write_text("the cat\n\nsat on\n")
     written = tmp_path / "done" / "c.jsonl"
     main(["predict", *cli_args(out / "model", tmp_path / "pred"), "--data.prompts=[hello world]",
-          f"--data.prompts_file={prompts_file}", "--model.generation.max_new_tokens=6", f"--completions.output={written}"])
+          f"--data.prompts_file={prompts_file}", "--model.generation.max_new_tokens=6", f"--completions.output={written}",
+          f"--model.generation.decode={decode}"])
     rows = [json.loads(line) for line in written.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["hello world", "the cat", "sat on"]
+    assert [r["decode"] for r in rows][:2] == (["eager", "eager"] if decode == "eager" else ["eager", "compiled"])
     assert "### prompt 1: the cat" in capsys.readouterr().out
     model, tokenizer = load_quantized(out / "model")
     for row in rows:
@@ -544,6 +548,11 @@ def test_predict_writes_completions_of_the_saved_model(tmp_path, capsys):
                                   pad_token_id=tokenizer.pad_token_id)
         assert row["completion"] == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True)
         assert 1 <= row["new_tokens"] <= 6
+    if decode == "auto":
+        with pytest.raises((MisconfigurationException, ValueError), match="decodes greedily"):
+            main(["predict", *cli_args(out / "model", tmp_path / "pred4"), "--data.prompts=[x]",
+                  "--model.generation.decode=compiled", "--model.generation.do_sample=true"])
+        return
     with pytest.raises(MisconfigurationException, match="predict needs prompts"):
         main(["predict", *cli_args(out / "model", tmp_path / "pred2")])
     with pytest.raises((MisconfigurationException, ValueError), match="max_new_tokens must be >= 1"):  # jsonargparse wraps it

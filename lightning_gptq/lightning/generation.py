@@ -34,6 +34,10 @@ class Generation:
             depend on batching).
         chat_template: wrap each prompt as a user message with the tokenizer's chat template
             (instruction-tuned models); ``False`` continues the raw text.
+        decode: greedy decoding's path: ``eager`` (transformers' ``generate``), ``compiled`` (a static KV
+            cache and the one-token step compiled once, ``models/decode.py``: the same tokens), or ``auto``
+            (the first prompt eager, the second compiled, each timed per token; later prompts take the faster).
+            Sampling and repetition penalties always go through ``generate``.
     """
 
     max_new_tokens: int = 64
@@ -44,8 +48,14 @@ class Generation:
     repetition_penalty: float = 1.0
     seed: int = 0
     chat_template: bool = False
+    decode: str = "eager"
 
     def __post_init__(self) -> None:
+        if self.decode not in ("eager", "compiled", "auto"):
+            raise MisconfigurationException(f"generation.decode must be 'eager', 'compiled' or 'auto', got {self.decode!r}")
+        if self.decode == "compiled" and (self.do_sample or self.repetition_penalty != 1):
+            raise MisconfigurationException("generation.decode=compiled decodes greedily: set do_sample=false and "
+                                            "repetition_penalty=1, or decode=eager")
         if self.max_new_tokens < 1:
             raise MisconfigurationException(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
@@ -93,9 +103,56 @@ def collate_prompts(items: list[dict]) -> dict:
     return {"index": [it["index"] for it in items], "prompt": [it["prompt"] for it in items]}
 
 
+class GreedyPaths:
+    """Greedy decoding for ``predict`` on the path ``Generation.decode`` names; ``auto`` times the eager and
+    the compiled path on the first two prompts (per generated token, compile time apart) and keeps the faster."""
+
+    def __init__(self, lm, settings: Generation):
+        self.lm, self.settings = lm, settings
+        self.decoder = None
+        self.ms_per_token: dict[str, float] = {}
+
+    def path(self) -> str:
+        s = self.settings
+        if s.decode == "eager" or s.do_sample or s.repetition_penalty != 1:
+            return "eager"
+        if s.decode == "compiled" or not self.ms_per_token:
+            return "compiled" if s.decode == "compiled" else "eager"
+        if "compiled" not in self.ms_per_token:
+            return "compiled"
+        return min(self.ms_per_token, key=self.ms_per_token.get)
+
+    def generate(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(new token ids [n], seconds spent compiling) for prompt ``ids`` [1, T] by the compiled path; stops after
+        an end-of-sequence token of the model's generation config, as ``generate`` does."""
+        from lightning_gptq.models.decode import StaticDecoder
+
+        need = ids.shape[1] + self.settings.max_new_tokens + 1
+        fresh = self.decoder is None or self.decoder.max_cache_len < need
+        if fresh:  # (a longer prompt than any before: a bigger cache, compiled again)
+            self.decoder = StaticDecoder(self.lm, max(need, 256), compiled=True)
+        eos = self.lm.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        logits, out = self.decoder.prefill(ids), []
+        for i in range(self.settings.max_new_tokens):
+            out.append(int(logits.argmax()))
+            if out[-1] in eos or i + 1 == self.settings.max_new_tokens:
+                break
+            logits = self.decoder.step(out[-1])
+        return torch.tensor(out, dtype=torch.long), self.decoder.compile_s if fresh else 0.0
+
+    def record(self, path: str, seconds: float, tokens: int, compile_s: float) -> None:
+        if self.settings.decode == "auto" and path not in self.ms_per_token and tokens > 1:
+            self.ms_per_token[path] = 1000 * max(seconds - compile_s, 0.0) / tokens
+            if len(self.ms_per_token) == 2:
+                rank_zero_info(f"predict: greedy decoding eager {self.ms_per_token['eager']:.2f}, compiled "
+                               f"{self.ms_per_token['compiled']:.2f} ms/token; {self.path()} from here on")
+
+
 @torch.no_grad()
-def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, device: torch.device) -> dict:
-    """One prompt → ``{"index", "prompt", "completion", "new_tokens", "seconds"}``."""
+def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, device: torch.device,
+             paths: GreedyPaths | None = None) -> dict:
+    """One prompt → ``{"index", "prompt", "completion", "new_tokens", "seconds", "decode"}``."""
     text = prompt
     if settings.chat_template:
         if not getattr(tokenizer, "chat_template", None):
@@ -111,12 +168,18 @@ def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, devic
         torch.manual_seed(settings.seed + index)
     else:  # greedy: no sampling knobs (transformers warns about unused ones)
         kwargs.update(temperature=None, top_k=None, top_p=None)
+    path, compile_s = paths.path() if paths is not None else "eager", 0.0
     start = time.perf_counter()
-    out = lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    if path == "compiled":
+        new, compile_s = paths.generate(ids)
+    else:
+        new = lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
     seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1]:]
+    if paths is not None:
+        paths.record(path, seconds, int(new.numel()), compile_s)
     return {"index": index, "prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True),
-            "new_tokens": int(new.numel()), "seconds": round(seconds, 3)}
+            "new_tokens": int(new.numel()), "seconds": round(seconds - compile_s, 3), "decode": path,
+            **({"compile_seconds": round(compile_s, 1)} if compile_s else {})}
 
 
 class CompletionWriter(BasePredictionWriter):

@@ -35,7 +35,7 @@ from lightning_gptq.sources import LoadedModel, StreamedGPTQ, open_model
 
 from .callbacks import HessianCapture
 from .distributed import CalibrationDDPStrategy, without_padding
-from .generation import Generation, complete
+from .generation import Generation, GreedyPaths, complete
 from .hooks import fire_block_hook, run_report
 from .options import check_fit, check_options, max_positions
 from .output import QuantizedOutput, checkpoint_settings
@@ -293,8 +293,8 @@ class GPTQModule(ScoringLoops, LightningModule):
 
     # -- predict -----------------------------------------------------------------------------------
     def on_predict_start(self) -> None:
-        self._place().eval()
+        self._paths = GreedyPaths(self._place().eval(), self.generation)  # (predict's greedy decode path)
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
-        return [complete(self.lm, self.tokenizer, prompt, index, self.generation, self.device)
-                for index, prompt in zip(batch["index"], batch["prompt"])]
+        return [complete(self.lm, self.tokenizer, p, i, self.generation, self.device, self._paths)
+                for i, p in zip(batch["index"], batch["prompt"])]
