@@ -123,3 +123,45 @@ def test_validate_scores_with_the_int8_head(packed, tmp_path):
         scores[head] = cli.model.results["val"]["wikitext2"]["ppl"]
         assert isinstance(cli.model.lm.get_output_embeddings(), Int8Head) == (head == "int8")
     assert scores["int8"] != scores["fp32"] and scores["int8"] == pytest.approx(scores["fp32"], rel=0.05)
+
+
+def test_shared_inputs_are_bit_identical_and_hold_the_codes_once(packed):
+    """q/k/v and gate/up as one kernel call at decode sizes: the same logits bit for bit, eager and compiled,
+    the same state_dict, and each layer's codes a view of the shared tensor; a group whose members decode with
+    different kernels is left alone."""
+    from lightning_gptq import QuantConfig, quantize
+    from lightning_gptq.models.decode import share_inputs
+    from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear, SharedInput
+
+    model = quantize(FACTORIES["llama"](), token_ids(2, 16), QuantConfig(bits=4, group_size=32), method="rtn",
+                     backend="cpu-packed")
+    layers = [m for m in model.modules() if isinstance(m, CpuPackedQuantLinear)]
+    for layer in layers:  # auto's timing may pick other kernels for each tiny layer
+        layer.set_dispatch([(1, "int8x2"), (64, "blocked")])
+    prompt = token_ids(1, 9, seed=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref_prefill = model(input_ids=prompt).logits
+        out = model(input_ids=prompt[:, :8], use_cache=True)
+        ref_step = model(input_ids=prompt[:, 8:], cache=out.cache, use_cache=True).logits
+    layers[1].set_dispatch([(1, "gemm"), (64, "blocked")])  # block 0's k_proj: its group cannot share
+    assert share_inputs(model) == 5  # of 3 blocks × (q/k/v, gate/up)
+    assert "_shared" not in layers[0].__dict__ and "_shared" not in layers[1].__dict__
+    layers[1].set_dispatch([(1, "int8x2"), (64, "blocked")])
+    assert share_inputs(model) == 1 and share_inputs(model) == 0
+    attn = model.model.layers[0].self_attn
+    shared = attn.q_proj.__dict__["_shared"]
+    assert isinstance(shared, SharedInput) and attn.k_proj.__dict__["_shared"] is shared
+    assert attn.k_proj.k_qweight.untyped_storage().data_ptr() == shared.args[1].untyped_storage().data_ptr()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=prompt).logits, ref_prefill)  # many rows: each layer alone
+        out = model(input_ids=prompt[:, :8], use_cache=True)
+        assert torch.equal(model(input_ids=prompt[:, 8:], cache=out.cache, use_cache=True).logits, ref_step)
+    torch._dynamo.reset()
+    eager, compiled = StaticDecoder(model, 16, compiled=False), StaticDecoder(model, 16, compiled=True)
+    a, b = eager.prefill(prompt[:, :8]), compiled.prefill(prompt[:, :8])
+    for token in prompt[0, 8:].tolist() + [5, 7]:
+        a, b = eager.step(token), compiled.step(token)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -34,8 +34,24 @@ def returned_cache(out):
     return cache if cache is not None else out.past_key_values
 
 
+def share_inputs(model: nn.Module) -> int:
+    """Let the ``cpu-packed`` linears that read one input (siblings in a module other than its output projection:
+    q/k/v, gate/up) run as one kernel call at decode sizes, where they can (``SharedInput.join``). Exact: outputs
+    are bit-identical, and a member called with another input computes afresh. Returns how many groups share."""
+    from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear, SharedInput
+
+    from .adapters import is_output_projection
+
+    siblings: dict[str, list[nn.Module]] = {}
+    for name, module in model.named_modules():
+        if type(module) is CpuPackedQuantLinear and not is_output_projection(name):
+            siblings.setdefault(name.rpartition(".")[0], []).append(module)
+    return sum(SharedInput.join(members) is not None for members in siblings.values())
+
+
 class StaticDecoder:
-    """One sequence at a time over a ``StaticCache`` of ``max_cache_len`` positions; ``compiled`` compiles the
+    """One sequence at a time over a ``StaticCache`` of ``max_cache_len`` positions (the model's linears that
+    read one input become one call: :func:`share_inputs`); ``compiled`` compiles the
     one-token step (inductor on CPU) the first time it runs. ``mode``: ``torch.compile``'s; ``cpp_wrapper``:
     inductor's C++ wrapper (no Python between kernels: faster steps, a first compile of minutes, cached on disk).
     The compiled step keeps the model as it was when compiled: build a new decoder after changing the model."""
@@ -46,6 +62,7 @@ class StaticDecoder:
 
         self.model = model
         self.max_cache_len = max_cache_len
+        share_inputs(model)
         param = next(model.parameters())
         self.device = param.device
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)

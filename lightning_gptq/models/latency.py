@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .decode import MODES, StaticDecoder, cache_keyword, returned_cache
+from .decode import MODES, StaticDecoder, cache_keyword, returned_cache, share_inputs
 
 log = logging.getLogger("lightning_gptq")
 
@@ -110,6 +110,7 @@ def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens
         _sync(device)
         return time.perf_counter() - start
 
+    share_inputs(model)  # (exact; both paths decode with it)
     was_training = model.training
     model.eval()
     per_token = {}

@@ -55,6 +55,10 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
         self.register_buffer("k_zeros", self.kernel_group_rows(self.zero_points().float(), n_groups, self.k_group),
                              persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_shared", None)  # moved or cast: computes alone from here on
+        return super()._apply(fn, *args, **kwargs)
+
     def kernel_codes(self) -> Tensor:
         return cpu_gemm.unpack(self.k_qweight, self.bits, self.k_pad).T
 
@@ -70,6 +74,9 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
 
     def run(self, kernel: str, x: Tensor) -> Tensor:
         kernel_id = cpu_gemm.KERNELS.get(kernel)
+        shared = self.__dict__.get("_shared")
+        if shared is not None and x.dtype == torch.float32 and x.numel() <= SharedInput.max_rows * self.in_features:
+            return shared.output(x, self.__dict__["_shared_index"])
         if kernel_id is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
             # one call does the reshape, column order, padding, matmul and bias
             matmul = ops.packed_matmul if ops.tracing() else cpu_gemm.matmul
@@ -90,3 +97,68 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
         out = cpu_gemm.WORKSPACE.get(self.k_pad, self.n_pad, dtype)  # lives for this one matmul
         wt = cpu_gemm.dequantize_t(hot["k_qweight"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, dtype, out)
         return torch.matmul(rows.to(dtype), wt)
+
+
+class SharedInput:
+    """Layers that read the same input (q/k/v, gate/up) computed by one kernel call for decode-sized inputs.
+
+    The layers' tiles are laid end to end in one tensor (each layer's own ``k_qweight`` becomes a view of its
+    slice, so the codes are held once); the first member called with an input computes every member's
+    columns and keeps them until each member has taken its own. Each output column is computed as it would be
+    alone (same kernel, same inputs), so outputs are bit-identical to separate calls; a member called with
+    another input (or the same tensor changed in place) computes afresh. Made by :meth:`join`."""
+
+    max_rows = 4
+
+    def __init__(self, layers: list[CpuPackedQuantLinear], kernel_id: int):
+        first = layers[0]
+        offsets = [0]
+        for layer in layers:
+            offsets.append(offsets[-1] + layer.out_features)
+        self.bounds = list(zip(offsets[:-1], offsets[1:]))
+        self.args = (first.k_perm, torch.cat([layer.k_qweight for layer in layers]),
+                     torch.cat([layer.k_scales for layer in layers], dim=1).contiguous(),
+                     torch.cat([layer.k_zeros for layer in layers], dim=1).contiguous(), None, first.bits,
+                     first.k_group, offsets[-1], kernel_id)
+        self.x, self.version, self.y, self.taken = None, None, None, set()
+
+    @classmethod
+    def join(cls, layers: list[CpuPackedQuantLinear]) -> "SharedInput | None":
+        """Share ``layers``' input when they can be one call: the same input size, bits, groups and column order,
+        no bias, widths that are whole tiles, and the same one-row kernel; otherwise None (nothing changes)."""
+        if len(layers) < 2 or any(type(layer) is not CpuPackedQuantLinear or "_shared" in layer.__dict__
+                                  for layer in layers):
+            return None
+        first = layers[0]
+        kernel = first.kernel_for(1)
+        same = all(layer.in_features == first.in_features and layer.bits == first.bits
+                   and layer.k_group == first.k_group and layer.bias is None and layer.out_features % cpu_gemm.TILE_N == 0
+                   and layer.kernel_for(1) == kernel and layer.k_scales.shape[0] == first.k_scales.shape[0]
+                   and ((layer.k_perm is None and first.k_perm is None)
+                        or (layer.k_perm is not None and first.k_perm is not None and torch.equal(layer.k_perm, first.k_perm)))
+                   for layer in layers)
+        if not same or kernel not in cpu_gemm.KERNELS:
+            return None
+        shared = cls(layers, cpu_gemm.KERNELS[kernel])
+        qweight, start = shared.args[1], 0
+        for index, layer in enumerate(layers):
+            tiles = layer.k_qweight.shape[0]
+            layer.register_buffer("k_qweight", qweight[start:start + tiles], persistent=False)  # a view: codes held once
+            start += tiles
+            layer._cache_tensors()
+            layer.__dict__["_shared"], layer.__dict__["_shared_index"] = shared, index
+        return shared
+
+    def output(self, x: Tensor, index: int) -> Tensor:
+        """Member ``index``'s output for input ``x`` [..., K]."""
+        tracing = ops.tracing()
+        if self.x is not x or (not tracing and self.version != x._version) or index in self.taken:
+            self.y = (ops.packed_matmul if tracing else cpu_gemm.matmul)(x, *self.args)
+            self.x, self.taken = x, set()
+            self.version = None if tracing else x._version
+        self.taken.add(index)
+        start, stop = self.bounds[index]
+        y = self.y[..., start:stop].contiguous()
+        if len(self.taken) == len(self.bounds):  # every member served: let the tensors go
+            self.x = self.y = None
+        return y
