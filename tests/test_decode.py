@@ -95,6 +95,7 @@ def test_compiled_decoder_matches_eager_logits_with_quantized_layers(packed):
             a, b = eager.step(token), compiled.step(token)
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert compiled.compile_s > 0
+    assert model.config._attn_implementation == "sdpa"  # traced with eager attention, then set back
     torch._dynamo.reset()
 
 

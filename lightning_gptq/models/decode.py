@@ -13,6 +13,7 @@ of any prompt up to ``max_cache_len`` reuse it. The prompt runs eagerly through 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import types
@@ -54,10 +55,12 @@ class StaticDecoder:
     read one input become one call: :func:`share_inputs`); ``compiled`` compiles the
     one-token step (inductor on CPU) the first time it runs. ``mode``: ``torch.compile``'s; ``cpp_wrapper``:
     inductor's C++ wrapper (no Python between kernels: faster steps, a first compile of minutes, cached on disk).
+    ``attention``: the transformers attention implementation the compiled step is traced with (``eager``: plain
+    matmuls and softmax that inductor fuses, 1.15× faster steps than ``sdpa`` here; None: the model's own).
     The compiled step keeps the model as it was when compiled: build a new decoder after changing the model."""
 
     def __init__(self, model: nn.Module, max_cache_len: int, *, compiled: bool = True, mode: str | None = None,
-                 cpp_wrapper: bool = False):
+                 cpp_wrapper: bool = False, attention: str | None = "eager"):
         from transformers.cache_utils import StaticCache
 
         self.model = model
@@ -69,6 +72,7 @@ class StaticDecoder:
         self.length = 0  # positions filled
         self._cache_kw = cache_keyword(model)
         self.compiled = compiled
+        self.attention = attention
         self.compile_s = 0.0  # time the first compiled step took (tracing and compiling included)
         self._first = compiled
         if compiled:
@@ -110,7 +114,8 @@ class StaticDecoder:
         position = torch.tensor([self.length], device=self.device)
         if self._first:
             start = time.perf_counter()
-            logits = self._step(token, position)
+            with _attention(self.model, self.attention):  # what the traced graph computes attention with
+                logits = self._step(token, position)
             self.compile_s = time.perf_counter() - start
             self._first = False
         else:
@@ -137,3 +142,17 @@ def _own_code(method):
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(method.__self__):x}")
     return types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__),
                             method.__self__)
+
+
+@contextlib.contextmanager
+def _attention(model: nn.Module, implementation: str | None):
+    """``model`` set to another transformers attention implementation for the duration (None: unchanged)."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation is None or before is None or before == implementation or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
