@@ -96,3 +96,13 @@ def test_gemv_head_compiles_without_graph_breaks(packed):
     assert explained.graph_break_count == 0, explained.break_reasons
     torch.testing.assert_close(torch.compile(head, fullgraph=True)(x), x @ head.weight.T, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def test_export_carries_the_kernels(packed):
+    """``torch.export`` holds each kernel call as one ``lightning_gptq::`` node; the exported program equals eager."""
+    model = _model("cpu-packed")
+    x = torch.randn(1, 64)
+    exported = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+    assert any("lightning_gptq.packed_matmul" in t for t in targets), targets
+    torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-6, atol=1e-6)
