@@ -73,7 +73,8 @@ def _sync(device: torch.device) -> None:
 def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
                     seed: int = 0, decode: str = "eager", cpp_wrapper: bool = False) -> LatencyResult:
     """Best of ``repeats`` timings after one warm-up, on random token ids (fixed ``seed``). ``decode``: ``eager``,
-    ``compiled`` or ``auto`` (both; the faster counts); ``cpp_wrapper``: see ``StaticDecoder``."""
+    ``compiled`` or ``auto`` (both; the faster counts); ``cpp_wrapper``: see ``StaticDecoder``. The model's linears
+    that read one input are made to share it first (``share_inputs``: exact, and it stays so)."""
     if decode not in MODES:
         raise ValueError(f"decode must be one of {MODES}, got {decode!r}")
     param = next(model.parameters())
