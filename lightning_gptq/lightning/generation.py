@@ -18,6 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Dataset
 
+from lightning_gptq.models.decode import MODES, StaticDecoder
+
 
 @dataclass
 class Generation:
@@ -51,8 +53,8 @@ class Generation:
     decode: str = "eager"
 
     def __post_init__(self) -> None:
-        if self.decode not in ("eager", "compiled", "auto"):
-            raise MisconfigurationException(f"generation.decode must be 'eager', 'compiled' or 'auto', got {self.decode!r}")
+        if self.decode not in MODES:
+            raise MisconfigurationException(f"generation.decode must be one of {MODES}, got {self.decode!r}")
         if self.decode == "compiled" and (self.do_sample or self.repetition_penalty != 1):
             raise MisconfigurationException("generation.decode=compiled decodes greedily: set do_sample=false and "
                                             "repetition_penalty=1, or decode=eager")
@@ -114,31 +116,21 @@ class GreedyPaths:
 
     def path(self) -> str:
         s = self.settings
-        if s.decode == "eager" or s.do_sample or s.repetition_penalty != 1:
-            return "eager"
-        if s.decode == "compiled" or not self.ms_per_token:
+        if s.decode != "auto" or s.do_sample or s.repetition_penalty != 1:
             return "compiled" if s.decode == "compiled" else "eager"
-        if "compiled" not in self.ms_per_token:
-            return "compiled"
-        return min(self.ms_per_token, key=self.ms_per_token.get)
+        untimed = [p for p in ("eager", "compiled") if p not in self.ms_per_token]  # eager first, then compiled
+        return untimed[0] if untimed else min(self.ms_per_token, key=self.ms_per_token.get)
 
     def generate(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(new token ids [n], seconds spent compiling) for prompt ``ids`` [1, T] by the compiled path; stops after
         an end-of-sequence token of the model's generation config, as ``generate`` does."""
-        from lightning_gptq.models.decode import StaticDecoder
-
         need = ids.shape[1] + self.settings.max_new_tokens + 1
         fresh = self.decoder is None or self.decoder.max_cache_len < need
         if fresh:  # (a longer prompt than any before: a bigger cache, compiled again)
             self.decoder = StaticDecoder(self.lm, max(need, 256), compiled=True)
         eos = self.lm.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
-        logits, out = self.decoder.prefill(ids), []
-        for i in range(self.settings.max_new_tokens):
-            out.append(int(logits.argmax()))
-            if out[-1] in eos or i + 1 == self.settings.max_new_tokens:
-                break
-            logits = self.decoder.step(out[-1])
+        out = self.decoder.greedy(ids, self.settings.max_new_tokens, eos)
         return torch.tensor(out, dtype=torch.long), self.decoder.compile_s if fresh else 0.0
 
     def record(self, path: str, seconds: float, tokens: int, compile_s: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint.shards import parse_size
+from lightning_gptq.models.decode import MODES
 from lightning_gptq.nn import check_backend
 
 from .hooks import run_report
@@ -33,9 +34,8 @@ def check_options(hp) -> None:
     if hp.calibration_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
         raise MisconfigurationException(f"GPTQModule.calibration_dtype must be null, 'auto', 'float32', 'bfloat16' or "
                                         f"'float16', got {hp.calibration_dtype!r}")
-    if hp.latency_decode not in ("eager", "compiled", "auto"):
-        raise MisconfigurationException(f"GPTQModule.latency_decode must be 'eager', 'compiled' or 'auto', "
-                                        f"got {hp.latency_decode!r}")
+    if hp.latency_decode not in MODES:
+        raise MisconfigurationException(f"GPTQModule.latency_decode must be one of {MODES}, got {hp.latency_decode!r}")
     if hp.lm_head not in ("fp32", "int8"):
         raise MisconfigurationException(f"GPTQModule.lm_head must be 'fp32' or 'int8', got {hp.lm_head!r}")
     for name in ("latency_prompt_tokens", "latency_decode_tokens"):

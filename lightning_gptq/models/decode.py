@@ -124,17 +124,16 @@ class StaticDecoder:
         return logits
 
     @torch.no_grad()
-    def greedy(self, ids: Tensor, new_tokens: int) -> list[int]:
-        """Greedy continuation of ``ids`` [1, T]: ``new_tokens`` token ids."""
+    def greedy(self, ids: Tensor, new_tokens: int, eos: set[int] | frozenset[int] = frozenset()) -> list[int]:
+        """Greedy continuation of ``ids`` [1, T]: ``new_tokens`` token ids, fewer when one in ``eos`` comes (it is kept)."""
         logits = self.prefill(ids)
         out = []
         for i in range(new_tokens):
-            token = int(logits.argmax())
-            out.append(token)
-            if i + 1 < new_tokens:
-                logits = self.step(token)
+            out.append(int(logits.argmax()))
+            if out[-1] in eos or i + 1 == new_tokens:
+                break
+            logits = self.step(out[-1])
         return out
-
 
 def _own_code(method):
     """``method`` (bound) through a function with a code object of its own (dynamo keeps compiled code per code object)."""
