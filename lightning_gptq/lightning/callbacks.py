@@ -20,7 +20,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lightning_gptq.models.adapters import is_linear, weight_out_in
+from lightning_gptq.checkpoint.serving import serving_warning
+from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, gptq_quantize, rtn_quantize
 
@@ -145,6 +146,14 @@ class GPTQCallback(BlockHooks, Callback):
 
     def on_calibration_start(self, trainer, pl_module, driver) -> None:
         self._driven = True
+        widths = {f"{driver.block_prefix(b)}.{name}": linear_in_features(layer)
+                  for b, block in enumerate(driver.blocks) for name, layer in driver.adapter.linear_layers(block).items()}
+        self._warn_serving(widths)
+
+    def _warn_serving(self, in_features: dict[str, int]) -> None:
+        message = serving_warning(in_features, self.quant.group_size)
+        if message is not None:
+            rank_zero_warn(f"GPTQCallback: {message}")
 
     def on_calibration_end(self, trainer, pl_module, driver) -> None:
         # Calibration ran on the oracle layers; now the backend the user asked for (streamed blocks
@@ -203,6 +212,7 @@ class GPTQCallback(BlockHooks, Callback):
         }
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")
+        self._warn_serving({name: linear_in_features(m) for name, m in layers.items()})
         ctx = BlockContext(block_index=0, num_blocks=1, block=pl_module, layers=layers)
         was_training = pl_module.training
         pl_module.eval()
