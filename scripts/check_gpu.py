@@ -1,7 +1,18 @@
-"""Check the Triton backend on a CUDA GPU: correctness against the fp64 oracle, then speed.
+"""Check the CUDA backends (Triton, cuda-int4) on a GPU: correctness against the fp64 oracle, speed, end to end.
 
     python scripts/check_gpu.py correctness   # every bit width, group, act-order, ragged K, dtype, row count
     python scripts/check_gpu.py bench         # scripts/bench_kernels.py's shapes against fp16 F.linear
+    python scripts/check_gpu.py table         # the issue's table: 4096-wide shapes, 1/16/128/2048 rows, cold weights
+    python scripts/check_gpu.py --all         # one prepared run on a bare GPU machine (below)
+
+``--all`` is made for a GPU machine that sees only the checkout and no package index: first
+``python scripts/make_gpu_bundle.py`` here (writes the git-ignored ``.gpu-check/``: a 12-block
+SmolLM2 GGUF, text, and wheels of the pure-Python packages the GPU image lacks), then on the GPU,
+with ``.gpu-check`` carried: ``python3 scripts/check_gpu.py --all``. It installs the wheels and the
+project under ``/tmp``, then runs, each under its own time limit and each reported even if another
+fails: the CUDA tests, ``correctness``, ``table``, a 16-window ``fit`` of the 12-block SmolLM2 in fp16
+(perplexity and latency after it), and ``validate`` of the same model unquantized in fp16 (the
+baseline). Markdown and the full log go to ``$OUT`` (or ``--out``); about 8 minutes in all.
 
 ``correctness`` is meant to run with ``LIGHTNING_GPTQ_TRITON_AUTOTUNE=0`` (one launch configuration,
 so the many small shapes do not each time a dozen); ``bench`` autotunes, and checks each tuned layer
@@ -11,14 +22,26 @@ against the oracle again before timing it. Exits non-zero on any error above the
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import shutil
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lightning_gptq.nn import LayerSpec
-from lightning_gptq.nn.timing import random_layer
-from lightning_gptq.nn.triton import TritonQuantLinear
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLE = ROOT / ".gpu-check"
+if __name__ == "__main__" and "--all" in sys.argv:
+    LayerSpec = random_layer = TritonQuantLinear = CudaInt4QuantLinear = None  # imported after set-up, in the parts
+else:
+    from lightning_gptq.nn import LayerSpec
+    from lightning_gptq.nn.cuda_int4 import CudaInt4QuantLinear
+    from lightning_gptq.nn.timing import random_layer
+    from lightning_gptq.nn.triton import TritonQuantLinear
 
 # relative error (‖y − ref‖ / ‖ref‖) allowed per activation dtype: the output's own rounding, and the
 # weight tile rounded to that dtype before tl.dot
@@ -40,23 +63,32 @@ def relative_error(layer, kernel: str, x: torch.Tensor) -> float:
 @torch.no_grad()
 def correctness(dtypes: list[str], bits_list: list[int]) -> int:
     failures = 0
-    for dtype in dtypes:
-        for bits in bits_list:
-            worst = 0.0
-            for (out_f, in_f), group_size, act_order in CASES:
-                spec = LayerSpec(in_f, out_f, bits, group_size, False, act_order, True, "cuda", dtype)
-                layer = random_layer(TritonQuantLinear, spec)
-                gen = torch.Generator().manual_seed(bits)
-                for rows in (1, 3, 16, 17, 100, 512):
-                    x = torch.randn(rows, in_f, generator=gen).to("cuda", getattr(torch, dtype))
-                    for kernel in layer.kernels:
-                        error = relative_error(layer, kernel, x)
-                        worst = max(worst, error)
-                        if not error <= TOLERANCE[dtype]:
-                            failures += 1
-                            print(f"FAIL {spec.describe()} rows {rows} {kernel}: {error:.2e} > {TOLERANCE[dtype]:g}")
-            print(f"{dtype:>8} {bits}-bit: worst relative error {worst:.2e} (tolerance {TOLERANCE[dtype]:g}) "
-                  f"over {len(CASES)} shapes x 6 row counts x {len(TritonQuantLinear.kernels)} kernels", flush=True)
+    reason = CudaInt4QuantLinear.unavailable()
+    print(f"cuda-int4: {'available' if reason is None else 'unavailable: ' + reason}", flush=True)
+    classes = [TritonQuantLinear] + ([CudaInt4QuantLinear] if reason is None else [])
+    for cls in classes:
+        for dtype in dtypes:
+            for bits in bits_list:
+                worst, cases = 0.0, 0
+                for (out_f, in_f), group_size, act_order in CASES:
+                    spec = LayerSpec(in_f, out_f, bits, group_size, False, act_order, True, "cuda", dtype)
+                    if cls.capabilities.unsupported(spec):
+                        continue
+                    cases += 1
+                    layer = random_layer(cls, spec)
+                    gen = torch.Generator().manual_seed(bits)
+                    for rows in (1, 3, 16, 17, 100, 512):
+                        x = torch.randn(rows, in_f, generator=gen).to("cuda", getattr(torch, dtype))
+                        for kernel in layer.kernels:
+                            error = relative_error(layer, kernel, x)
+                            worst = max(worst, error)
+                            allowed = max(TOLERANCE[dtype], cls.tolerance_of(kernel))
+                            if not error <= allowed:
+                                failures += 1
+                                print(f"FAIL {cls.backend} {spec.describe()} rows {rows} {kernel}: {error:.2e} > {allowed:g}")
+                if cases:
+                    print(f"{cls.backend:>9} {dtype:>8} {bits}-bit: worst relative error {worst:.2e} over {cases} shapes "
+                          f"x 6 row counts x {len(cls.kernels)} kernels", flush=True)
     return failures
 
 
@@ -123,9 +155,111 @@ def bench(cold_mb: float, budget_s: float, bits_list: list[int], rows: list[int]
     return failures
 
 
+TABLE_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # [out, in]
+TABLE_ROWS = [1, 16, 128, 2048]
+
+
+def table(cold_mb: float, budget_s: float) -> int:
+    """Every backend's kernels and ``auto`` against fp16 ``F.linear``, 4-bit g128, weights cycled from HBM."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_kernels import bench_layer, markdown
+
+    rows = []
+    for out_f, in_f in TABLE_SHAPES:
+        rows += bench_layer(LayerSpec(in_f, out_f, 4, 128, False, False, False, "cuda", "float16"), TABLE_ROWS, budget_s,
+                            cold_mb, every=True, rounds=2)
+        print(markdown(rows[-len(TABLE_ROWS):]), flush=True)
+    print()
+    print(markdown(rows))
+    return 0
+
+
+# -- --all: one prepared run on a bare GPU machine ---------------------------------------------------
+SITE = Path("/tmp/lightning-gptq-site")
+
+
+def setup() -> dict[str, str]:
+    """Install what the GPU image lacks (the bundle's wheels, then this project) under ``SITE``; the
+    environment the parts run in."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(SITE)}
+    shutil.rmtree(SITE, ignore_errors=True)
+    wheels = sorted(str(w) for w in (BUNDLE / "wheels").glob("*.whl"))
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--target", str(SITE)]
+    subprocess.run([*pip, *wheels], check=True)
+    subprocess.run([*pip, "--no-build-isolation", str(ROOT)], check=True)
+    return env
+
+
+def cli(stage: str, dtype: str, out: Path, *extra: str) -> list[str]:
+    """``python -m lightning_gptq <stage>`` on the bundle's SmolLM2 and text, in ``dtype``, writing under ``out``."""
+    model = next(BUNDLE.glob("SmolLM2-*blocks.gguf"))
+    return [sys.executable, "-m", "lightning_gptq", stage, f"--config={ROOT / 'configs/smollm2-135m.yaml'}",
+            f"--model.model={BUNDLE}", f"--model.gguf_file={model.name}", f"--model.dtype={dtype}",
+            f"--data.eval_paths={{wikitext2: {BUNDLE / 'data/wiki.test.raw'}}}", f"--trainer.default_root_dir={out}",
+            f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false", *extra]
+
+
+def steps(out: Path, accelerator: str) -> list[tuple[str, list[str], int, dict[str, str]]]:
+    """(title, command, seconds allowed, extra environment) of each part of ``--all``."""
+    me = [sys.executable, str(Path(__file__).resolve())]
+    dtype, device = "float16" if accelerator == "gpu" else "float32", f"--trainer.accelerator={accelerator}"
+    fit = cli("fit", dtype, out / "fit", f"--data.calibration={BUNDLE / 'data/wikipedia-vital-leads.txt'}",
+              "--data.nsamples=16", f"--model.output_dir={out / 'fit' / 'model'}", device)
+    base = cli("validate", dtype, out / "baseline", device)
+    return [
+        ("CUDA tests (cuda-int4 over the emulated kernel)", [sys.executable, "-m", "pytest", "-q", "-c", str(ROOT / "pyproject.toml"),
+                                                             "--rootdir", str(ROOT), str(ROOT / "tests/test_cuda_int4.py")],
+         60, {}),
+        ("correctness against the fp64 oracle", [*me, "correctness", "--dtypes", "float16", "bfloat16", "--bits", "2", "3",
+                                                 "4", "8"], 100, {"LIGHTNING_GPTQ_TRITON_AUTOTUNE": "0"}),
+        ("kernel table: 4-bit g128 against fp16 F.linear", [*me, "table"], 150, {}),
+        ("fit: 16 windows, SmolLM2 12 blocks", fit, 150, {}),
+        ("validate: the same model unquantized (baseline)", base, 60, {}),
+    ]
+
+
+def run_all(out: Path, accelerator: str = "gpu") -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    log, report = open(out / "check_gpu.log", "w"), [f"# check_gpu.py --all, {time.strftime('%Y-%m-%d %H:%M')}"]
+    start = time.perf_counter()
+    env = setup()
+    report.append(f"set-up (wheels and the project into {SITE}): {time.perf_counter() - start:.0f} s")
+    failures = 0
+    for title, cmd, limit, extra in steps(out, accelerator):
+        began = time.perf_counter()
+        if accelerator == "cpu" and cmd[2] in ("correctness", "table"):
+            report.append(f"\n## {title}: not run (--cpu: it needs a CUDA GPU)")
+            continue
+        try:  # not from the checkout: its lightning_gptq/ would shadow the installed one (kernels/ maps inside it)
+            limit *= 1 if accelerator == "gpu" else 6  # two CPU cores: the rehearsal of the run, not its time
+            proc = subprocess.run(cmd, env={**env, **extra}, cwd=out, capture_output=True, text=True, timeout=limit)
+            status, text = f"exit {proc.returncode}", proc.stdout + proc.stderr
+            failures += proc.returncode != 0
+        except subprocess.TimeoutExpired as expired:
+            status = f"stopped at its {limit} s limit"
+            text = "".join(b.decode() if isinstance(b, bytes) else (b or "") for b in (expired.stdout, expired.stderr))
+            failures += 1
+        log.write(f"\n===== {title}: {' '.join(cmd)}\n{text}")
+        log.flush()
+        keep = [line for line in text.splitlines() if line.startswith(("|", "FAIL", "#")) or re.search(
+            r"perplexity|latency|worst relative|cuda-int4|passed|failed|error|Error|auto:", line)]
+        section = [f"\n## {title}: {status}, {time.perf_counter() - began:.0f} s\n", *keep[-60:]]
+        report += section
+        print("\n".join(section), flush=True)
+    report.append(f"\n{failures} parts failed; {time.perf_counter() - start:.0f} s in all")
+    (out / "check_gpu.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    return failures
+
+
 def main() -> None:
+    if "--all" in sys.argv:
+        out = Path(os.environ.get("OUT") or "runs/check_gpu")
+        if "--out" in sys.argv:
+            out = Path(sys.argv[sys.argv.index("--out") + 1])
+        sys.exit(1 if run_all(out, "cpu" if "--cpu" in sys.argv else "gpu") else 0)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["correctness", "bench"])
+    parser.add_argument("part", choices=["correctness", "bench", "table"])
     parser.add_argument("--cold", type=float, default=1024, help="MB of dense fp16 copies cycled (L2 is 50+ MB)")
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16", "float32"])
@@ -135,8 +269,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this script checks the Triton backend on a GPU")
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
-    failures = correctness(args.dtypes, args.bits) if args.part == "correctness" else \
-        bench(args.cold, args.budget, args.bits, args.rows)
+    if args.part == "table":
+        failures = table(256, args.budget)
+    else:
+        failures = correctness(args.dtypes, args.bits) if args.part == "correctness" else \
+            bench(args.cold, args.budget, args.bits, args.rows)
     print(f"{failures} failures")
     sys.exit(1 if failures else 0)
 

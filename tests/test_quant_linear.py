@@ -261,8 +261,10 @@ def test_int8_kernels_are_the_exact_matmul_of_the_rounded_inputs(kernel, bits, s
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape,group_size,act_order", [((70, 100), 32, False), ((40, 96), -1, False),
-                                                        ((72, 80), 16, True)])
+                                                        ((72, 80), 16, True), ((24, 576), 128, True)])
 def test_triton_kernels_equal_the_oracle_in_the_interpreter(bits, shape, group_size, act_order):
+    """Tiles inside one group (g128, per-row) and across groups (g16, g32), act-order removed at load,
+    ragged K; one row (the GEMV) and 5/16/33 (``tl.dot`` tiles of 16 and 64 rows)."""
     pytest.importorskip("triton", reason="triton is not installed (Linux only)")
     import os
 
@@ -276,6 +278,9 @@ def test_triton_kernels_equal_the_oracle_in_the_interpreter(bits, shape, group_s
         for kernel in layer.kernels:
             assert_matches_oracle(layer, kernel, x)
     assert TritonQuantLinear.unsupported(layer.spec()) == "cuda only"  # never an `auto` candidate on CPU
+    oracle = random_layer(QuantLinear, layer.spec())
+    state, expected = layer.state_dict(), oracle.state_dict()  # one copy in the kernel layout, the checkpoint's back
+    assert layer.qweight is None and state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in state)
 
 
 @pytest.mark.parametrize("cls,bits", [(CpuInt4QuantLinear, 2), (CpuInt4QuantLinear, 3), (CpuInt4QuantLinear, 4),

@@ -1,34 +1,36 @@
-"""The CUDA backend: Triton kernels over the ecosystem's packed layout (``lightning_gptq.kernels.triton_gptq``).
+"""The CUDA backend on our Triton kernels (``lightning_gptq.kernels.triton_tiled``), over a layout made for them.
 
-It keeps the checkpoint buffers as they are. Kernels: ``decode`` (split-K GEMV for a few rows,
-weights dequantized in registers), ``prefill`` (tiled dequantize + ``tl.dot``) and ``dequant``
-(the dense weight in one launch, then a dense matmul); ``auto`` times them at each row count and
-dispatches between them.
+At load the codes are repacked once (``ConvertedQuantLinear``): act-order removed (columns sorted so
+groups are contiguous; the input is permuted per call), each output row's codes contiguous along the
+input dimension, 2–4-bit codes as nibbles and 5–8-bit as bytes, scales and zeros as fp32 ``[out,
+groups]``. Kernels: ``fused`` (the weight dequantized in registers: a split-K GEMV for one row, ``tl.dot``
+tiles for more) and ``dequant`` (the dense weight in one launch, then cuBLAS); ``auto`` times both at
+each row count and dispatches between them. The checkpoint layout is what ``state_dict`` gives back.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
+import torch.nn.functional as F
 from torch import Tensor
 
-from .quant_linear import Capabilities, QuantLinear, register_quant_linear
+from .converted import ConvertedQuantLinear
+from .quant_linear import Capabilities, register_quant_linear
 
 
 def _kernels():
-    from lightning_gptq.kernels import (
-        triton_gptq,  # imports triton: only when this backend runs
-    )
+    from lightning_gptq.kernels import triton_tiled  # imports triton: only when this backend runs
 
-    return triton_gptq
+    return triton_tiled
 
 
 @register_quant_linear("triton")
-class TritonQuantLinear(QuantLinear):
+class TritonQuantLinear(ConvertedQuantLinear):
     # the tests run it on CPU under TRITON_INTERPRET=1, built directly (never an `auto` candidate there)
     capabilities = Capabilities(devices=("cuda",), rounding="fp16/bf16 activations: the weight tile in their dtype")
-    kernels = ("decode", "prefill", "dequant")
-    exact = ("decode", "prefill", "dequant")
+    kernels = ("fused", "dequant")
+    exact = ("fused", "dequant")
     #: fp32 accumulation; fp16/bf16 activations round the dequantized tile to their dtype before ``tl.dot``.
     tolerance = 1e-5
 
@@ -36,18 +38,27 @@ class TritonQuantLinear(QuantLinear):
     def unavailable(cls) -> str | None:
         return None if importlib.util.find_spec("triton") is not None else "triton is not installed"
 
-    def run(self, kernel: str, x: Tensor) -> Tensor:
+    def convert(self, codes: Tensor) -> None:
         k = _kernels()
-        rows = x.reshape(-1, self.in_features)
-        if kernel == "decode":
-            y = k.decode_matmul(rows, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
-        elif kernel == "prefill":
-            y = k.prefill_matmul(rows, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits)
-        elif kernel == "dequant":
-            y = rows @ k.dequantize_t(self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features,
-                                      rows.dtype)
-        else:
-            raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        self.k_pad = k.padded_k(self.in_features)
+        self.n_pad = self.out_features
+        codes = F.pad(codes, (0, self.k_pad - self.in_features))
+        self.register_buffer("k_words", k.repack(codes, self.bits), persistent=False)
+        width = self.group_size if self.group_size > 0 else self.in_features
+        self.k_group = width if self.group_size > 0 else self.k_pad
+        groups = -(-self.k_pad // self.k_group)  # the padded columns' groups get scale 0: they add nothing
+        grid = lambda t: F.pad(t.T.float(), (0, groups - t.shape[0])).contiguous()
+        self.register_buffer("k_scales", grid(self.scales), persistent=False)
+        self.register_buffer("k_zeros", grid(self.zero_points()), persistent=False)
+
+    def kernel_codes(self) -> Tensor:
+        return _kernels().unpack(self.k_words, self.bits)
+
+    def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
+        k = _kernels()
+        if kernel == "fused":
+            return k.matmul(rows, hot["k_words"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group)
+        if kernel == "dequant":
+            w = k.dequantize(hot["k_words"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, self.k_pad, rows.dtype)
+            return F.linear(rows, w)
+        raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")

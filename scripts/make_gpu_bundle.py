@@ -1,0 +1,77 @@
+"""Prepare ``.gpu-check/`` (git-ignored) for ``scripts/check_gpu.py --all`` on a bare GPU machine.
+
+The GPU machine sees only the checkout (at most 64 MiB travels) and cannot reach a package index:
+
+- ``SmolLM2-<n>blocks.gguf``: SmolLM2-135M from ``../shared/models`` with only its first ``--blocks``
+  blocks (the whole model's 98 MB does not travel), tensors copied byte for byte (Q4_1 linears, Q8_0
+  embedding), ``llama.block_count`` set to match: a real model, shallower.
+- ``data/``: the calibration and evaluation text the check reads.
+- ``wheels/``: the pure-Python packages the project needs that the GPU image lacks (jsonargparse and
+  its ``signatures`` extra, gguf), downloaded here for Python 3.12.
+
+    python scripts/make_gpu_bundle.py             # then: device run, carry [".gpu-check"], command
+    python scripts/check_gpu.py --all             # (see check_gpu.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+BUNDLE = ROOT / ".gpu-check"
+MODEL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXTS = {"wiki.test.raw": SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw",
+         "wikipedia-vital-leads.txt": SHARED / "data" / "calibration" / "wikipedia-vital-leads.txt"}
+WHEELS = ["jsonargparse==4.53.0", "docstring-parser", "typeshed-client", "gguf==0.19.0"]
+HEADER = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture")
+
+
+def truncate_gguf(src: Path, dst: Path, blocks: int) -> None:
+    """Write ``src`` keeping blocks ``0 … blocks-1`` (and every tensor outside the blocks)."""
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(dst, arch)
+    for name, field in reader.fields.items():
+        if name in HEADER:
+            continue
+        value = blocks if name == f"{arch}.block_count" else field.contents()
+        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, value, field.types[0], sub)
+    for t in reader.tensors:
+        if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= blocks:
+            continue
+        writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)  # data: rows of bytes for quantized types
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--eval-chars", type=int, default=400_000, help="characters of WikiText-2 test kept")
+    args = parser.parse_args()
+    (BUNDLE / "data").mkdir(parents=True, exist_ok=True)
+    model = BUNDLE / f"SmolLM2-{args.blocks}blocks.gguf"
+    truncate_gguf(MODEL, model, args.blocks)
+    for name, path in TEXTS.items():
+        text = path.read_text()
+        (BUNDLE / "data" / name).write_text(text[: args.eval_chars if name == "wiki.test.raw" else 1_500_000])
+    wheels = BUNDLE / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+                    "3.12", "--implementation", "py", "--platform", "any", "-d", str(wheels), *WHEELS], check=True)
+    size = sum(f.stat().st_size for f in BUNDLE.rglob("*") if f.is_file())
+    print(f"{BUNDLE}: {size / 2**20:.1f} MiB ({model.name}: {model.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
