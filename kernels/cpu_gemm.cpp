@@ -19,6 +19,7 @@
 #include <immintrin.h>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -913,6 +914,68 @@ torch::Tensor int8_row_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scal
   return y;
 }
 
+// Attention of one new token over a KV cache: out [B, 1, H, D] = softmax(q . K^T * scale + mask) V per head, with
+// H/Hkv query heads sharing each cache head (grouped-query attention). q [B, H, 1, D]; k, v [B, Hkv, L, D]; mask
+// additive [B, 1, 1, L] or none. Positions whose mask is below -1e30 (the "masked" value transformers writes: the
+// dtype's minimum) are skipped: their weight is exactly 0 in the plain computation too, since exp underflows.
+// Scores and sums in fp32, positions in order; one (batch, head) per task.
+torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
+                               double scale) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention runs on CPU tensors only");
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && k.dtype() == torch::kFloat32 && v.dtype() == torch::kFloat32, "fp32 only");
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && k.dim() == 4 && v.sizes() == k.sizes(), "q [B, H, 1, D], k and v [B, Hkv, L, D]");
+  const int64_t b = q.size(0), h = q.size(1), d = q.size(3), hkv = k.size(1), l = k.size(2);
+  TORCH_CHECK(k.size(0) == b && k.size(3) == d && h % hkv == 0, "k/v must be [B, Hkv, L, D] with Hkv dividing H");
+  q = q.contiguous();
+  k = k.contiguous();
+  v = v.contiguous();
+  torch::Tensor m;
+  if (mask.has_value()) {
+    m = mask->to(torch::kFloat32).expand({b, 1, 1, l}).contiguous();
+  }
+  auto out = torch::empty({b, 1, h, d}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* mp = mask.has_value() ? m.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, b * h, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> w(l);
+    std::vector<float> acc(d);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bi = t / h, hi = t % h, kvh = hi / (h / hkv);
+      const float* qv = qp + t * d;
+      const float* kb = kp + (bi * hkv + kvh) * l * d;
+      const float* vb = vp + (bi * hkv + kvh) * l * d;
+      const float* mrow = mp ? mp + bi * l : nullptr;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < l; ++j) {
+        if (mrow && mrow[j] < -1e30f) { w[j] = -std::numeric_limits<float>::infinity(); continue; }
+        const float* kr = kb + j * d;
+        vf s = {};
+        int64_t c = 0;
+        for (; c + NB <= d; c += NB) s += load_f(qv + c) * load_f(kr + c);
+        float dot = 0.f;
+        for (int i = 0; i < NB; ++i) dot += s[i];
+        for (; c < d; ++c) dot += qv[c] * kr[c];
+        w[j] = dot * sc + (mrow ? mrow[j] : 0.f);
+        top = std::max(top, w[j]);
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float total = 0.f;
+      for (int64_t j = 0; j < l; ++j) {
+        if (w[j] == -std::numeric_limits<float>::infinity()) continue;
+        const float p = std::exp(w[j] - top);
+        total += p;
+        const float* vr = vb + j * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] += p * vr[c];
+      }
+      float* o = op + (bi * h + hi) * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = total > 0.f ? acc[c] / total : 0.f;
+    }
+  });
+  return out;
+}
+
 torch::Tensor gptq_dequant_new(torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros, int64_t bits,
                                int64_t group_size, at::ScalarType dtype) {
   TORCH_CHECK(qweight.dim() == 3, "qweight must be [N_pad/16, K_pad*bits/32, 16]");
@@ -935,12 +998,14 @@ bool register_ops() {
             "-> Tensor");
   defs->def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
   defs->def("int8_row_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
+  defs->def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
   auto impls = std::make_unique<torch::Library>(torch::Library::IMPL, "lightning_gptq", c10::DispatchKey::CPU, __FILE__,
                                                 __LINE__);
   impls->impl("packed_matmul", &gptq_matmul);
   impls->impl("packed_dequant_t", &gptq_dequant_new);
   impls->impl("dense_gemv", &dense_gemv);
   impls->impl("int8_row_gemv", &int8_row_gemv);
+  impls->impl("decode_attention", &decode_attention);
   libraries.push_back(std::move(defs));
   libraries.push_back(std::move(impls));
   return true;

@@ -69,8 +69,11 @@ def _register_fakes() -> None:
     def gemv(x, weight, scale=None):
         return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
+    def decode_attention(q, k, v, mask, scale):
+        return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
+
     for name, fake in (("packed_matmul", packed_matmul), ("packed_dequant_t", packed_dequant_t),
-                       ("dense_gemv", gemv), ("int8_row_gemv", gemv)):
+                       ("dense_gemv", gemv), ("int8_row_gemv", gemv), ("decode_attention", decode_attention)):
         torch.library.register_fake(f"lightning_gptq::{name}", fake)
 
 

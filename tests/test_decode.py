@@ -95,8 +95,37 @@ def test_compiled_decoder_matches_eager_logits_with_quantized_layers(packed):
             a, b = eager.step(token), compiled.step(token)
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert compiled.compile_s > 0
-    assert model.config._attn_implementation == "sdpa"  # traced with eager attention, then set back
+    assert compiled.attention == "lightning_gptq_decode"  # traced with our decode attention, then set back
+    assert model.config._attn_implementation == "sdpa"
     torch._dynamo.reset()
+
+
+def test_decode_attention_equals_eager_attention(packed):
+    """One query token over a cache: grouped-query heads, a mask with masked positions (skipped) and without."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from lightning_gptq.models.decode_attention import decode_attention_forward, register
+
+    assert register() == "lightning_gptq_decode"
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen), torch.randn(2, 2, 40, 16, generator=gen)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.training = 3, False
+    mask = torch.zeros(2, 1, 1, 40)
+    mask[0, ..., 25:] = torch.finfo(torch.float32).min  # a static cache filled to 25 positions
+    mask[1, ..., :3] = torch.finfo(torch.float32).min  # and one whose first positions are masked
+    for m in (mask, None):
+        expected, _ = eager_attention_forward(module, q, k, v, m, scaling=0.25)
+        got, weights = decode_attention_forward(module, q, k, v, m, scaling=0.25)
+        assert weights is None and got.shape == expected.shape == (2, 1, 6, 16)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.library.opcheck(torch.ops.lightning_gptq.decode_attention.default, (q, k, v, mask, 0.25))
+    # the prompt (several query tokens) goes to sdpa
+    q4 = torch.randn(2, 6, 4, 16, generator=gen)
+    causal = torch.zeros(2, 1, 4, 40)
+    expected, _ = eager_attention_forward(module, q4, k, v, causal, scaling=0.25)
+    torch.testing.assert_close(decode_attention_forward(module, q4, k, v, causal, scaling=0.25)[0], expected,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_module_options_are_checked():

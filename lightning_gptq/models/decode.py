@@ -55,12 +55,13 @@ class StaticDecoder:
     read one input become one call: :func:`share_inputs`); ``compiled`` compiles the
     one-token step (inductor on CPU) the first time it runs. ``mode``: ``torch.compile``'s; ``cpp_wrapper``:
     inductor's C++ wrapper (no Python between kernels: faster steps, a first compile of minutes, cached on disk).
-    ``attention``: the transformers attention implementation the compiled step is traced with (``eager``: plain
-    matmuls and softmax that inductor fuses, 1.15× faster steps than ``sdpa`` here; None: the model's own).
+    ``attention``: the transformers attention implementation the compiled step is traced with: ``auto`` (default)
+    our one-call C++ decode attention where it can run (CPU, fp32; ``decode_attention``), else ``eager`` (plain
+    matmuls and softmax that inductor fuses, 1.15× faster steps than ``sdpa`` here); None: the model's own.
     The compiled step keeps the model as it was when compiled: build a new decoder after changing the model."""
 
     def __init__(self, model: nn.Module, max_cache_len: int, *, compiled: bool = True, mode: str | None = None,
-                 cpp_wrapper: bool = False, attention: str | None = "eager"):
+                 cpp_wrapper: bool = False, attention: str | None = "auto"):
         from transformers.cache_utils import StaticCache
 
         self.model = model
@@ -72,7 +73,7 @@ class StaticDecoder:
         self.length = 0  # positions filled
         self._cache_kw = cache_keyword(model)
         self.compiled = compiled
-        self.attention = attention
+        self.attention = _resolve_attention(attention, param) if compiled else None
         self.compile_s = 0.0  # time the first compiled step took (tracing and compiling included)
         self._first = compiled
         if compiled:
@@ -134,6 +135,16 @@ class StaticDecoder:
                 break
             logits = self.step(out[-1])
         return out
+
+def _resolve_attention(attention: str | None, param: Tensor) -> str | None:
+    if attention != "auto":
+        return attention
+    if param.device.type == "cpu" and param.dtype == torch.float32:
+        from .decode_attention import register
+
+        return register() or "eager"
+    return "eager"
+
 
 def _own_code(method):
     """``method`` (bound) through a function with a code object of its own (dynamo keeps compiled code per code object)."""
