@@ -138,7 +138,8 @@ class GPTQCallback(BlockHooks, Callback):
         for name in ctx.results:
             q = ctx.results[name]
             sums += [q.codes.to(torch.float64).sum(), q.scales.to(torch.float64).sum(), q.zeros.to(torch.float64).sum()]
-        local = torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
+        device = trainer.strategy.root_device  # nccl gathers CUDA tensors only; gloo CPU ones
+        local = torch.stack(sums).to(device) if sums else torch.zeros(1, dtype=torch.float64, device=device)
         gathered = trainer.strategy.all_gather(local)
         if not bool((gathered == gathered[0]).all()):
             raise RuntimeError(f"{ctx.describe()}: the processes quantized the block differently (different "
