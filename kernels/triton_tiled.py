@@ -9,7 +9,7 @@ reads one scale and one zero per output row. A weight tile ``[BLOCK_N, BLOCK_K]`
 
 * ``matmul`` with ``BLOCK_M = 1``: a GEMV (one input row), multiply and reduce, split-K so that a
   few hundred output rows still fill the GPU; partial sums added atomically.
-* ``matmul`` with ``BLOCK_M`` 16–64: ``tl.dot`` tiles (tensor cores) on the dequantized weight tile,
+* ``matmul`` with ``BLOCK_M`` 16 or 64: ``tl.dot`` tiles (tensor cores) on the dequantized weight tile,
   split-K as well; for 2–64 rows.
 * ``dequantize``: the dense weight in one launch, for a following cuBLAS matmul (many rows).
 
@@ -145,36 +145,37 @@ def unpack(words: Tensor, bits: int) -> Tensor:
 
 
 # -- launches ----------------------------------------------------------------------------------------
-def _group(group_size: int, k: int) -> int:
-    return group_size if group_size > 0 else k
+#: the ``group`` for one grid per row: every column's group index is 0, and it is one compiled variant for any K
+PER_ROW = 1 << 30
 
 
-def matmul(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> Tensor:
+def matmul(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int) -> Tensor:
     """``x`` [M, K] (K padded, columns in group order) → ``x @ Wᵀ`` [M, N] fp32; ``scales``/``zeros`` fp32
-    ``[N, groups]``. One row: the GEMV; more: ``tl.dot`` tiles of 16–64 rows (``auto`` prefers ``dequantize``
+    ``[N, groups]``; ``group``: columns per group (``PER_ROW`` for one per row). One row: the GEMV; more: ``tl.dot``
+    tiles of 16 or 64 rows (``auto`` prefers ``dequantize``
     + cuBLAS where that is faster, typically above ``MAX_DOT_ROWS``)."""
     M, K = x.shape
     N, G = scales.shape
     x = x.contiguous()
     out = torch.zeros(M, N, device=x.device, dtype=torch.float32)
-    group, b = _group(group_size, K), stored_bits(bits)
+    b = stored_bits(bits)
     if M == 1:
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"])
         _gemv_kernel[grid](x, words, scales, zeros, out, N, K, words.shape[1], G, GROUP=group, BITS=b)
     else:
-        block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+        block_m = 16 if M <= 16 else 64  # two compiled variants
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT_K"], triton.cdiv(M, block_m))
         _dot_kernel[grid](x, words, scales, zeros, out, M, N, K, words.shape[1], G, GROUP=group, BITS=b, BLOCK_M=block_m)
     return out
 
 
-def dequantize(words: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int, k: int,
+def dequantize(words: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int, k: int,
                dtype: torch.dtype) -> Tensor:
     """The dense ``W`` [N, K] in ``dtype``, one launch."""
     N, G = scales.shape
     out = torch.empty(N, k, device=words.device, dtype=dtype)
     block_k = 64
     grid = (triton.cdiv(N, 64), triton.cdiv(k, block_k))
-    _dequant_kernel[grid](words, scales, zeros, out, N, k, words.shape[1], G, GROUP=_group(group_size, k),
+    _dequant_kernel[grid](words, scales, zeros, out, N, k, words.shape[1], G, GROUP=group,
                           BITS=stored_bits(bits), BLOCK_N=64, BLOCK_K=block_k)
     return out

@@ -44,8 +44,7 @@ class TritonQuantLinear(ConvertedQuantLinear):
         self.n_pad = self.out_features
         codes = F.pad(codes, (0, self.k_pad - self.in_features))
         self.register_buffer("k_words", k.repack(codes, self.bits), persistent=False)
-        width = self.group_size if self.group_size > 0 else self.in_features
-        self.k_group = width if self.group_size > 0 else self.k_pad
+        self.k_group = self.group_size if self.group_size > 0 else k.PER_ROW
         groups = -(-self.k_pad // self.k_group)  # the padded columns' groups get scale 0: they add nothing
         grid = lambda t: F.pad(t.T.float(), (0, groups - t.shape[0])).contiguous()
         self.register_buffer("k_scales", grid(self.scales), persistent=False)
