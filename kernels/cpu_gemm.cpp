@@ -930,47 +930,59 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   k = k.contiguous();
   v = v.contiguous();
   torch::Tensor m;
+  int64_t m_stride = 0;  // between batch rows of the mask (0: one row for all)
   if (mask.has_value()) {
-    m = mask->to(torch::kFloat32).expand({b, 1, 1, l}).contiguous();
+    TORCH_CHECK(mask->dim() == 4 && mask->size(-1) == l && mask->size(-2) == 1, "mask must be [B or 1, 1, 1, L]");
+    m = *mask;
+    if (m.dtype() != torch::kFloat32 || m.stride(-1) != 1) m = m.to(torch::kFloat32).contiguous();
+    m_stride = m.size(0) == 1 ? 0 : m.stride(0);  // read in place: no copy of a sliced mask
   }
   auto out = torch::empty({b, 1, h, d}, q.options());
   const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
   const float* mp = mask.has_value() ? m.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  const int64_t dv = d / NB * NB;  // columns done with vectors
   at::parallel_for(0, b * h, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> w(l);
+    std::vector<int32_t> live(l);
     std::vector<float> acc(d);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bi = t / h, hi = t % h, kvh = hi / (h / hkv);
       const float* qv = qp + t * d;
       const float* kb = kp + (bi * hkv + kvh) * l * d;
       const float* vb = vp + (bi * hkv + kvh) * l * d;
-      const float* mrow = mp ? mp + bi * l : nullptr;
+      const float* mrow = mp ? mp + bi * m_stride : nullptr;
       float top = -std::numeric_limits<float>::infinity();
+      int64_t n_live = 0;
       for (int64_t j = 0; j < l; ++j) {
-        if (mrow && mrow[j] < -1e30f) { w[j] = -std::numeric_limits<float>::infinity(); continue; }
+        if (mrow && mrow[j] < -1e30f) continue;
         const float* kr = kb + j * d;
         vf s = {};
-        int64_t c = 0;
-        for (; c + NB <= d; c += NB) s += load_f(qv + c) * load_f(kr + c);
-        float dot = 0.f;
-        for (int i = 0; i < NB; ++i) dot += s[i];
-        for (; c < d; ++c) dot += qv[c] * kr[c];
-        w[j] = dot * sc + (mrow ? mrow[j] : 0.f);
-        top = std::max(top, w[j]);
+        for (int64_t c = 0; c < dv; c += NB) s += load_f(qv + c) * load_f(kr + c);
+        float dot = lanes_sum(s);
+        for (int64_t c = dv; c < d; ++c) dot += qv[c] * kr[c];
+        const float score = dot * sc + (mrow ? mrow[j] : 0.f);
+        top = std::max(top, score);
+        w[n_live] = score;
+        live[n_live++] = static_cast<int32_t>(j);
+      }
+      float total = 0.f;
+      for (int64_t i = 0; i < n_live; ++i) {
+        w[i] = std::exp(w[i] - top);
+        total += w[i];
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      float total = 0.f;
-      for (int64_t j = 0; j < l; ++j) {
-        if (w[j] == -std::numeric_limits<float>::infinity()) continue;
-        const float p = std::exp(w[j] - top);
-        total += p;
-        const float* vr = vb + j * d;
-        for (int64_t c = 0; c < d; ++c) acc[c] += p * vr[c];
+      for (int64_t i = 0; i < n_live; ++i) {
+        const float p = w[i];
+        const float* vr = vb + static_cast<int64_t>(live[i]) * d;
+        const vf pv = vf{} + p;
+        for (int64_t c = 0; c < dv; c += NB) store_f(acc.data() + c, load_f(acc.data() + c) + pv * load_f(vr + c));
+        for (int64_t c = dv; c < d; ++c) acc[c] += p * vr[c];
       }
       float* o = op + (bi * h + hi) * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = total > 0.f ? acc[c] / total : 0.f;
+      const float inv = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * inv;
     }
   });
   return out;

@@ -121,6 +121,8 @@ def main() -> None:
                              "decode time no kernel can go below (framework, attention, norms, LM head)")
     parser.add_argument("--decode", default="auto", choices=["eager", "compiled", "auto"],
                         help="decode path(s) to time (auto: both, the faster in the table)")
+    parser.add_argument("--cpp-wrapper", action="store_true",
+                        help="compile decode steps with inductor's C++ wrapper (StaticDecoder(cpp_wrapper=True))")
     parser.add_argument("--lm-head", nargs="+", default=["fp32"], choices=["fp32", "int8"],
                         help="LM head variants of each quantized model (int8: lm_head int8)")
     parser.add_argument("--llama-cpp-python", default=None,
@@ -183,7 +185,7 @@ def main() -> None:
             if head is not None:
                 model.get_output_embeddings().__class__ = head
             lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                                  repeats=args.repeats, decode=args.decode)
+                                  repeats=args.repeats, decode=args.decode, cpp_wrapper=args.cpp_wrapper)
             print(f"round {round_}, {name}: {lat}", flush=True)
             kept = best.setdefault(name, lat)
             if lat.decode_ms_per_token < kept.decode_ms_per_token:
