@@ -195,3 +195,16 @@ def test_shared_inputs_are_bit_identical_and_hold_the_codes_once(packed):
         a, b = eager.step(token), compiled.step(token)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_prefill_latency_computes_only_the_next_tokens_logits(arch):
+    """What generation waits for: the head sees one row of the prompt in the timed prefill (every call)."""
+    from lightning_gptq.models.latency import measure_latency
+
+    model = FACTORIES[arch]()
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda mod, inp, out: rows.append(inp[0].shape[-2]))
+    result = measure_latency(model, prompt_tokens=9, decode_tokens=2, repeats=1, decode="eager")
+    assert result.prefill_tokens_per_s > 0
+    assert rows and set(rows) == {1}  # prefill and decode calls alike; without logits_to_keep prefill gives 9
