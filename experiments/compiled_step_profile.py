@@ -7,11 +7,11 @@ import argparse
 import time
 
 import torch
+from decode_ab import PROMPT as ids
+from decode_ab import load
 from torch.profiler import ProfilerActivity, profile
 
-from lightning_gptq.checkpoint import load_quantized
 from lightning_gptq.models.decode import StaticDecoder
-from lightning_gptq.nn import int8_head
 
 p = argparse.ArgumentParser()
 p.add_argument("folder")
@@ -19,11 +19,8 @@ p.add_argument("--attention", default="auto")
 p.add_argument("--steps", type=int, default=32)
 args = p.parse_args()
 torch.set_grad_enabled(False)
-model, _ = load_quantized(args.folder)
-model.eval()
-int8_head(model)
+model = load(args.folder)
 d = StaticDecoder(model, 200, compiled=True, attention=args.attention)
-ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
 d.greedy(ids, 8)  # compiles
 for _ in range(3):
     logits = d.prefill(ids)

@@ -8,11 +8,11 @@ import argparse
 import time
 
 import torch
+from decode_ab import PROMPT as ids
+from decode_ab import load
 
-from lightning_gptq.checkpoint import load_quantized
 from lightning_gptq.kernels import cpu_gemm
 from lightning_gptq.models.decode import StaticDecoder
-from lightning_gptq.nn import int8_head
 from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
 
 p = argparse.ArgumentParser()
@@ -22,11 +22,8 @@ p.add_argument("--steps", type=int, default=32)
 p.add_argument("--cpp-wrapper", action="store_true")
 args = p.parse_args()
 torch.set_grad_enabled(False)
-model, _ = load_quantized(args.folder)
-model.eval()
-int8_head(model)
+model = load(args.folder)
 d = StaticDecoder(model, 200, compiled=True, cpp_wrapper=args.cpp_wrapper)
-ids = torch.randint(0, 49152, (1, 128), generator=torch.Generator().manual_seed(0))
 start = time.perf_counter()
 d.greedy(ids, 4)
 print(f"compile {time.perf_counter() - start:.1f} s", flush=True)
