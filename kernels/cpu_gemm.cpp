@@ -919,6 +919,51 @@ torch::Tensor int8_row_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scal
 // additive [B, 1, 1, L] or none. Positions whose mask is below -1e30 (the "masked" value transformers writes: the
 // dtype's minimum) are skipped: their weight is exactly 0 in the plain computation too, since exp underflows.
 // Scores and sums in fp32, positions in order; one (batch, head) per task.
+struct AttendScratch {
+  std::vector<float> w, acc;
+  std::vector<int32_t> live;
+  AttendScratch(int64_t l, int64_t d) : w(l), acc(d), live(l) {}
+};
+
+// One query vector qv [d] over l cached positions (kb, vb: [l, d] rows): softmax(qv . k * sc + mask) . v into o [d].
+// Positions whose mask is below -1e30 are skipped (a static cache's unfilled tail).
+void attend_one(const float* qv, const float* kb, const float* vb, int64_t l, int64_t d, float sc, const float* mrow,
+                float* o, AttendScratch& scratch) {
+  const int64_t dv = d / NB * NB;  // columns done with vectors
+  float* w = scratch.w.data();
+  int32_t* live = scratch.live.data();
+  float* acc = scratch.acc.data();
+  float top = -std::numeric_limits<float>::infinity();
+  int64_t n_live = 0;
+  for (int64_t j = 0; j < l; ++j) {
+    if (mrow && mrow[j] < -1e30f) continue;
+    const float* kr = kb + j * d;
+    vf s = {};
+    for (int64_t c = 0; c < dv; c += NB) s += load_f(qv + c) * load_f(kr + c);
+    float dot = lanes_sum(s);
+    for (int64_t c = dv; c < d; ++c) dot += qv[c] * kr[c];
+    const float score = dot * sc + (mrow ? mrow[j] : 0.f);
+    top = std::max(top, score);
+    w[n_live] = score;
+    live[n_live++] = static_cast<int32_t>(j);
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < n_live; ++i) {
+    w[i] = std::exp(w[i] - top);
+    total += w[i];
+  }
+  std::fill(acc, acc + d, 0.f);
+  for (int64_t i = 0; i < n_live; ++i) {
+    const float p = w[i];
+    const float* vr = vb + static_cast<int64_t>(live[i]) * d;
+    const vf pv = vf{} + p;
+    for (int64_t c = 0; c < dv; c += NB) store_f(acc + c, load_f(acc + c) + pv * load_f(vr + c));
+    for (int64_t c = dv; c < d; ++c) acc[c] += p * vr[c];
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * inv;
+}
+
 torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, c10::optional<torch::Tensor> mask,
                                double scale) {
   TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "decode_attention runs on CPU tensors only");
@@ -942,49 +987,103 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   const float* mp = mask.has_value() ? m.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const int64_t dv = d / NB * NB;  // columns done with vectors
   at::parallel_for(0, b * h, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> w(l);
-    std::vector<int32_t> live(l);
-    std::vector<float> acc(d);
+    AttendScratch scratch(l, d);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bi = t / h, hi = t % h, kvh = hi / (h / hkv);
-      const float* qv = qp + t * d;
-      const float* kb = kp + (bi * hkv + kvh) * l * d;
-      const float* vb = vp + (bi * hkv + kvh) * l * d;
-      const float* mrow = mp ? mp + bi * m_stride : nullptr;
-      float top = -std::numeric_limits<float>::infinity();
-      int64_t n_live = 0;
-      for (int64_t j = 0; j < l; ++j) {
-        if (mrow && mrow[j] < -1e30f) continue;
-        const float* kr = kb + j * d;
-        vf s = {};
-        for (int64_t c = 0; c < dv; c += NB) s += load_f(qv + c) * load_f(kr + c);
-        float dot = lanes_sum(s);
-        for (int64_t c = dv; c < d; ++c) dot += qv[c] * kr[c];
-        const float score = dot * sc + (mrow ? mrow[j] : 0.f);
-        top = std::max(top, score);
-        w[n_live] = score;
-        live[n_live++] = static_cast<int32_t>(j);
-      }
-      float total = 0.f;
-      for (int64_t i = 0; i < n_live; ++i) {
-        w[i] = std::exp(w[i] - top);
-        total += w[i];
-      }
-      std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t i = 0; i < n_live; ++i) {
-        const float p = w[i];
-        const float* vr = vb + static_cast<int64_t>(live[i]) * d;
-        const vf pv = vf{} + p;
-        for (int64_t c = 0; c < dv; c += NB) store_f(acc.data() + c, load_f(acc.data() + c) + pv * load_f(vr + c));
-        for (int64_t c = dv; c < d; ++c) acc[c] += p * vr[c];
-      }
-      float* o = op + (bi * h + hi) * d;
-      const float inv = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t c = 0; c < d; ++c) o[c] = acc[c] * inv;
+      attend_one(qp + t * d, kp + (bi * hkv + kvh) * l * d, vp + (bi * hkv + kvh) * l * d, l, d, sc,
+                 mp ? mp + bi * m_stride : nullptr, op + (bi * h + hi) * d, scratch);
     }
   });
+  return out;
+}
+
+// x [..., H] * rsqrt(mean(x²) + eps) * w: a LLaMA RMSNorm of one fp32 row.
+torch::Tensor rms_norm_row(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+  const int64_t n = x.size(-1);
+  auto out = torch::empty_like(x);
+  const float *a = x.data_ptr<float>(), *wp = w.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += a[i] * a[i];
+  const float inv = 1.f / std::sqrt(total / static_cast<float>(n) + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) o[i] = wp[i] * (a[i] * inv);
+  return out;
+}
+
+// v [heads, d] rotated in place: v·cos + rotate_half(v)·sin, rotate_half(v) = (−v[d/2:], v[:d/2]) (LLaMA's RoPE).
+void rope_rows(float* v, int64_t heads, int64_t d, const float* cos, const float* sin) {
+  const int64_t half = d / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* r = v + h * d;
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = r[j], b = r[j + half];
+      r[j] = a * cos[j] - b * sin[j];
+      r[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+  }
+}
+
+// One decoder layer of a LLaMA-family model (RMSNorm, RoPE, grouped-query attention, SiLU-gated MLP; no biases) for
+// one new token at `position`, in one call: the layer's four packed matmuls (q/k/v joined, o, gate/up joined, down)
+// with the norms, rotary, cache write, attention over positions 0..position and residuals between them, so a decode
+// step is one call per layer instead of a dozen kernels. x [1, 1, H]; cos, sin [d]; k_cache, v_cache [1, Hkv, L, d]
+// (row `position` written); linears: four (perm, qweight, scales, zeros, bias) groups as packed_matmul takes them;
+// meta: four (bits, group_size, n_out, kernel); dims: (heads, kv_heads, d, intermediate). Returns the layer's output.
+torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                                 torch::Tensor v_cache, int64_t position, torch::Tensor ln1, torch::Tensor ln2,
+                                 double eps, double scale, std::vector<c10::optional<torch::Tensor>> linears,
+                                 std::vector<int64_t> meta, std::vector<int64_t> dims) {
+  TORCH_CHECK(linears.size() == 20 && meta.size() == 16 && dims.size() == 4, "four linears, their meta and four dims");
+  const int64_t nh = dims[0], nkv = dims[1], d = dims[2], inter = dims[3], hidden = x.size(-1);
+  const int64_t l = k_cache.size(2);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.numel() == hidden && x.is_contiguous(), "x must be fp32 [1, 1, H]");
+  TORCH_CHECK(k_cache.dtype() == torch::kFloat32 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  k_cache.sizes() == v_cache.sizes() && k_cache.dim() == 4 && k_cache.size(0) == 1 &&
+                  k_cache.size(1) == nkv && k_cache.size(3) == d,
+              "k/v caches must be contiguous fp32 [1, Hkv, L, d]");
+  TORCH_CHECK(position >= 0 && position < l, "position ", position, " outside the cache (", l, " positions)");
+  TORCH_CHECK(cos.numel() == d && sin.numel() == d && cos.is_contiguous() && sin.is_contiguous(), "cos, sin: [d]");
+  TORCH_CHECK(nh % nkv == 0 && d % 2 == 0, "heads must be a multiple of kv heads, d even");
+  TORCH_CHECK(meta[2] == (nh + 2 * nkv) * d && meta[6] == hidden && meta[10] == 2 * inter && meta[14] == hidden,
+              "the linears' widths do not match the dims");
+  const auto linear = [&](const torch::Tensor& in, int i) {
+    return gptq_matmul(in, linears[5 * i], *linears[5 * i + 1], *linears[5 * i + 2], *linears[5 * i + 3],
+                       linears[5 * i + 4], meta[4 * i], meta[4 * i + 1], meta[4 * i + 2], meta[4 * i + 3]);
+  };
+  auto qkv = linear(rms_norm_row(x, ln1, eps), 0);
+  float* q = qkv.data_ptr<float>();
+  float* k = q + nh * d;
+  const float* v = k + nkv * d;
+  rope_rows(q, nh, d, cos.data_ptr<float>(), sin.data_ptr<float>());
+  rope_rows(k, nkv, d, cos.data_ptr<float>(), sin.data_ptr<float>());
+  float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
+  for (int64_t h = 0; h < nkv; ++h) {
+    std::copy(k + h * d, k + (h + 1) * d, kc + (h * l + position) * d);
+    std::copy(v + h * d, v + (h + 1) * d, vc + (h * l + position) * d);
+  }
+  auto attn = torch::empty({1, 1, nh * d}, x.options());
+  float* ap = attn.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, nh, 1, [&](int64_t h0, int64_t h1) {
+    AttendScratch scratch(position + 1, d);
+    for (int64_t h = h0; h < h1; ++h) {
+      const int64_t kvh = h / (nh / nkv);
+      attend_one(q + h * d, kc + kvh * l * d, vc + kvh * l * d, position + 1, d, sc, nullptr, ap + h * d, scratch);
+    }
+  });
+  auto mid = linear(attn, 1);
+  float* mp = mid.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < hidden; ++i) mp[i] += xp[i];  // the residual: mid is x + attention
+  auto gate_up = linear(rms_norm_row(mid, ln2, eps), 2);
+  auto act = torch::empty({1, 1, inter}, x.options());
+  const float* g = gate_up.data_ptr<float>();
+  float* actp = act.data_ptr<float>();
+  for (int64_t i = 0; i < inter; ++i) actp[i] = g[i] / (1.f + std::exp(-g[i])) * g[inter + i];
+  auto out = linear(act, 3);
+  float* op = out.data_ptr<float>();
+  for (int64_t i = 0; i < hidden; ++i) op[i] += mp[i];
   return out;
 }
 
@@ -1011,6 +1110,8 @@ bool register_ops() {
   defs->def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
   defs->def("int8_row_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
   defs->def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  defs->def("llama_decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, "
+            "Tensor ln1, Tensor ln2, float eps, float scale, Tensor?[] linears, int[] meta, int[] dims) -> Tensor");
   auto impls = std::make_unique<torch::Library>(torch::Library::IMPL, "lightning_gptq", c10::DispatchKey::CPU, __FILE__,
                                                 __LINE__);
   impls->impl("packed_matmul", &gptq_matmul);
@@ -1018,6 +1119,7 @@ bool register_ops() {
   impls->impl("dense_gemv", &dense_gemv);
   impls->impl("int8_row_gemv", &int8_row_gemv);
   impls->impl("decode_attention", &decode_attention);
+  impls->impl("llama_decode_layer", &llama_decode_layer);
   libraries.push_back(std::move(defs));
   libraries.push_back(std::move(impls));
   return true;

@@ -119,8 +119,8 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true",
                         help="also time the fp32 model with its block linears replaced by zero-cost stubs: the "
                              "decode time no kernel can go below (framework, attention, norms, LM head)")
-    parser.add_argument("--decode", default="auto", choices=["eager", "compiled", "auto"],
-                        help="decode path(s) to time (auto: both, the faster in the table)")
+    parser.add_argument("--decode", default="auto", choices=["eager", "compiled", "fused", "auto"],
+                        help="decode path(s) to time (auto: eager and fused where it runs, else compiled; the faster in the table)")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="compile decode steps with inductor's C++ wrapper (StaticDecoder(cpp_wrapper=True))")
     parser.add_argument("--lm-head", nargs="+", default=["fp32"], choices=["fp32", "int8"],

@@ -208,3 +208,71 @@ def test_prefill_latency_computes_only_the_next_tokens_logits(arch):
     result = measure_latency(model, prompt_tokens=9, decode_tokens=2, repeats=1, decode="eager")
     assert result.prefill_tokens_per_s > 0
     assert rows and set(rows) == {1}  # prefill and decode calls alike; without logits_to_keep prefill gives 9
+
+
+def _packed_llama(arch="llama", kernel="int8x2"):
+    from lightning_gptq import QuantConfig, quantize
+
+    model = quantize(FACTORIES[arch](), token_ids(2, 16), QuantConfig(bits=4, group_size=32), method="rtn",
+                     backend="cpu-packed")
+    for layer in model.modules():
+        if isinstance(layer, CpuPackedQuantLinear):  # auto's timing may pick other kernels for each tiny layer
+            layer.set_dispatch([(1, kernel), (64, "blocked")])
+    return model
+
+
+@pytest.mark.parametrize("kernel", ["int8x2", "gemm"])
+def test_fused_step_equals_the_eager_static_step(packed, kernel):
+    """One C++ call per layer (norms, joined q/k/v, RoPE, cache write, attention, o, joined gate/up, SiLU, down,
+    residuals) against transformers' own layers on the same static cache: logits and cache rows to fp32 rounding,
+    greedy tokens equal, and the cache's length kept for transformers' next call."""
+    from lightning_gptq.models.fused_decode import unavailable
+
+    model = _packed_llama(kernel=kernel)
+    eager, fused = StaticDecoder(model, 24, compiled=False), StaticDecoder(model, 24, fused=True)
+    assert unavailable(model) is None and fused.compiled is False
+    prompt = token_ids(1, 9, seed=3)
+    a, b = eager.prefill(prompt), fused.prefill(prompt)
+    for token in [5, 7, 11, 2, 30]:
+        a, b = eager.step(token), fused.step(token)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(fused.cache.layers, eager.cache.layers):
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-5, atol=1e-5)
+        assert int(mine.cumulative_length) == int(theirs.cumulative_length) == 14
+    assert fused.greedy(prompt, 10) == eager.greedy(prompt, 10)
+
+
+def test_fused_step_says_why_it_cannot_run(packed):
+    from lightning_gptq.models.fused_decode import unavailable
+
+    assert "model type 'opt'" in unavailable(FACTORIES["opt"]())
+    assert "not all on cpu-packed" in unavailable(FACTORIES["llama"]())  # full precision
+    model = _packed_llama()
+    model.model.layers[1].self_attn.k_proj.set_dispatch([(1, "gemm"), (64, "blocked")])  # q/k/v cannot join
+    with pytest.raises(ValueError, match="layer 1: q/k/v or gate/up do not run as one kernel call"):
+        StaticDecoder(model, 24, fused=True)
+    assert "sliding-window" in unavailable(_packed_llama("mistral"))
+
+
+def test_fused_layer_op_passes_opcheck(packed):
+    from lightning_gptq.models.fused_decode import FusedLlamaStep
+
+    model = _packed_llama()
+    decoder = StaticDecoder(model, 16, fused=True)
+    decoder.prefill(token_ids(1, 5))
+    ln1, ln2, eps, scale, tensors, meta, dims = FusedLlamaStep(model).layers[0]
+    cache = decoder.cache.layers[0]
+    x, cos, sin = torch.randn(1, 1, 32), torch.randn(dims[2]), torch.randn(dims[2])
+    torch.library.opcheck(torch.ops.lightning_gptq.llama_decode_layer.default,
+                          (x, cos, sin, cache.keys, cache.values, 5, ln1, ln2, eps, scale, tensors, meta, dims))
+
+
+def test_auto_latency_times_the_fused_path_where_it_runs(packed):
+    from lightning_gptq.models.latency import measure_latency
+
+    result = measure_latency(_packed_llama(), prompt_tokens=8, decode_tokens=3, repeats=1, decode="auto")
+    assert result.fused_decode_ms_per_token > 0 and result.eager_decode_ms_per_token > 0
+    assert result.compiled_decode_ms_per_token is None and result.compile_s is None  # nothing compiled
+    assert result.decode_ms_per_token == min(result.fused_decode_ms_per_token, result.eager_decode_ms_per_token)
+    assert "fused" in str(result) and "eager" in str(result)

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Dataset
 
-from lightning_gptq.models.decode import MODES, StaticDecoder
+from lightning_gptq.models.decode import MODES, StaticDecoder, static_path
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Generation:
         chat_template: wrap each prompt as a user message with the tokenizer's chat template
             (instruction-tuned models); ``False`` continues the raw text.
         decode: greedy decoding's path: ``eager`` (transformers' ``generate``), ``compiled`` (a static KV
-            cache and the one-token step compiled once, ``models/decode.py``: the same tokens), or ``auto``
-            (the first prompt eager, the second compiled, each timed per token; later prompts take the faster).
+            cache and the one-token step compiled once, ``models/decode.py``: the same tokens), ``fused`` (the
+            static cache and one C++ call per layer: LLaMA-family models on ``cpu-packed``), or ``auto`` (the
+            first prompt eager, the second on ``fused`` where it runs, else ``compiled``; later prompts take the faster).
             Sampling and repetition penalties always go through ``generate``.
     """
 
@@ -55,8 +56,8 @@ class Generation:
     def __post_init__(self) -> None:
         if self.decode not in MODES:
             raise MisconfigurationException(f"generation.decode must be one of {MODES}, got {self.decode!r}")
-        if self.decode == "compiled" and (self.do_sample or self.repetition_penalty != 1):
-            raise MisconfigurationException("generation.decode=compiled decodes greedily: set do_sample=false and "
+        if self.decode in ("compiled", "fused") and (self.do_sample or self.repetition_penalty != 1):
+            raise MisconfigurationException(f"generation.decode={self.decode} decodes greedily: set do_sample=false and "
                                             "repetition_penalty=1, or decode=eager")
         if self.max_new_tokens < 1:
             raise MisconfigurationException(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -107,18 +108,20 @@ def collate_prompts(items: list[dict]) -> dict:
 
 class GreedyPaths:
     """Greedy decoding for ``predict`` on the path ``Generation.decode`` names; ``auto`` times the eager and
-    the compiled path on the first two prompts (per generated token, compile time apart) and keeps the faster."""
+    the static path (``fused`` where the model takes it, else ``compiled``) on the first two prompts (per generated
+    token, compile time apart) and keeps the faster."""
 
     def __init__(self, lm, settings: Generation):
         self.lm, self.settings = lm, settings
         self.decoder = None
         self.ms_per_token: dict[str, float] = {}
+        self.static = static_path(lm) if settings.decode == "auto" else settings.decode
 
     def path(self) -> str:
         s = self.settings
         if s.decode != "auto" or s.do_sample or s.repetition_penalty != 1:
-            return "compiled" if s.decode == "compiled" else "eager"
-        untimed = [p for p in ("eager", "compiled") if p not in self.ms_per_token]  # eager first, then compiled
+            return s.decode if s.decode in ("compiled", "fused") else "eager"
+        untimed = [p for p in ("eager", self.static) if p not in self.ms_per_token]  # eager first
         return untimed[0] if untimed else min(self.ms_per_token, key=self.ms_per_token.get)
 
     def generate(self, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -127,7 +130,8 @@ class GreedyPaths:
         need = ids.shape[1] + self.settings.max_new_tokens + 1
         fresh = self.decoder is None or self.decoder.max_cache_len < need
         if fresh:  # (a longer prompt than any before: a bigger cache, compiled again)
-            self.decoder = StaticDecoder(self.lm, max(need, 256), compiled=True)
+            fused = self.static == "fused"
+            self.decoder = StaticDecoder(self.lm, max(need, 256), compiled=not fused, fused=fused)
         eos = self.lm.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         out = self.decoder.greedy(ids, self.settings.max_new_tokens, eos)
@@ -137,8 +141,8 @@ class GreedyPaths:
         if self.settings.decode == "auto" and path not in self.ms_per_token and tokens > 1:
             self.ms_per_token[path] = 1000 * max(seconds - compile_s, 0.0) / tokens
             if len(self.ms_per_token) == 2:
-                rank_zero_info(f"predict: greedy decoding eager {self.ms_per_token['eager']:.2f}, compiled "
-                               f"{self.ms_per_token['compiled']:.2f} ms/token; {self.path()} from here on")
+                timed = ", ".join(f"{name} {ms:.2f}" for name, ms in self.ms_per_token.items())
+                rank_zero_info(f"predict: greedy decoding {timed} ms/token; {self.path()} from here on")
 
 
 @torch.no_grad()
@@ -162,7 +166,7 @@ def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, devic
         kwargs.update(temperature=None, top_k=None, top_p=None)
     path, compile_s = paths.path() if paths is not None else "eager", 0.0
     start = time.perf_counter()
-    if path == "compiled":
+    if path in ("compiled", "fused"):
         new, compile_s = paths.generate(ids)
     else:
         new = lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]

@@ -77,8 +77,8 @@ class GPTQModule(ScoringLoops, LightningModule):
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
         latency_prompt_tokens: prompt length for the prefill measurement.
         latency_decode_tokens: generated tokens for the decode measurement.
-        latency_decode: ``eager``, ``compiled`` (static KV cache, step compiled once; compile time apart) or
-            ``auto`` (both timed, the faster reported; ``models/decode.py``).
+        latency_decode: ``eager``, ``compiled`` (static cache, step compiled once), ``fused`` (static cache, one C++
+            call per LLaMA layer) or ``auto`` (eager and ``models.decode.static_path``'s; the faster reported).
         lm_head: ``fp32`` (as the model has it) or ``int8`` (the head computes with int8 rows, a quarter of the
             bytes per decode step; applied after quantizing; cost in docs/kernels.md).
         backend: quantized-linear backend for a loaded quantized model and whenever the model moves

@@ -21,7 +21,15 @@ import types
 import torch
 from torch import Tensor, nn
 
-MODES = ("eager", "compiled", "auto")
+MODES = ("eager", "compiled", "fused", "auto")
+
+
+def static_path(model: nn.Module) -> str:
+    """The static-cache path ``auto`` takes for ``model``: ``fused`` where it runs (no compile), else ``compiled``."""
+    from .fused_decode import unavailable
+
+    share_inputs(model)
+    return "fused" if unavailable(model) is None else "compiled"
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -58,10 +66,12 @@ class StaticDecoder:
     ``attention``: the transformers attention implementation the compiled step is traced with: ``auto`` (default)
     our one-call C++ decode attention where it can run (CPU, fp32; ``decode_attention``), else ``eager`` (plain
     matmuls and softmax that inductor fuses, 1.15× faster steps than ``sdpa`` here); None: the model's own.
+    ``fused``: instead, one C++ call per decoder layer (:mod:`.fused_decode`; LLaMA-family models on ``cpu-packed``
+    linears, no compile; ``ValueError`` naming the reason where it cannot run).
     The compiled step keeps the model as it was when compiled: build a new decoder after changing the model."""
 
     def __init__(self, model: nn.Module, max_cache_len: int, *, compiled: bool = True, mode: str | None = None,
-                 cpp_wrapper: bool = False, attention: str | None = "auto"):
+                 cpp_wrapper: bool = False, attention: str | None = "auto", fused: bool = False):
         from transformers.cache_utils import StaticCache
 
         self.model = model
@@ -72,6 +82,11 @@ class StaticDecoder:
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
         self.length = 0  # positions filled
         self._cache_kw = cache_keyword(model)
+        self._fused = None
+        if fused:
+            from .fused_decode import FusedLlamaStep
+
+            self._fused, compiled = FusedLlamaStep(model), False
         self.compiled = compiled
         self.attention = _resolve_attention(attention, param) if compiled else None
         self.compile_s = 0.0  # time the first compiled step took (tracing and compiling included)
@@ -114,6 +129,10 @@ class StaticDecoder:
         if self.length >= self.max_cache_len:
             raise ValueError(f"the static cache is full ({self.max_cache_len} positions)")
         token = torch.as_tensor(token, device=self.device).reshape(1, 1)
+        if self._fused is not None:
+            logits = self._fused(token, self.length, self.cache)
+            self.length += 1
+            return logits
         position = torch.tensor([self.length], device=self.device)
         if self._first:
             start = time.perf_counter()

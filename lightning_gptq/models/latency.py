@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .decode import MODES, StaticDecoder, cache_keyword, returned_cache, share_inputs
+from .decode import MODES, StaticDecoder, cache_keyword, returned_cache, share_inputs, static_path
 
 log = logging.getLogger("lightning_gptq")
 
@@ -34,14 +34,15 @@ class LatencyResult:
     decode_path: str = "eager"  # the path decode_ms_per_token comes from
     eager_decode_ms_per_token: float | None = None
     compiled_decode_ms_per_token: float | None = None
+    fused_decode_ms_per_token: float | None = None  # one C++ call per layer (models/fused_decode.py), nothing compiled
     compile_s: float | None = None  # the compiled path's first step (trace and compile), apart from the figures
     compile_error: str | None = None  # why ``auto`` fell back to eager, if it did
 
     def __str__(self) -> str:
-        paths = ""
-        if self.eager_decode_ms_per_token is not None and self.compiled_decode_ms_per_token is not None:
-            paths = (f"; eager {self.eager_decode_ms_per_token:.2f}, compiled {self.compiled_decode_ms_per_token:.2f} "
-                     f"ms/token")
+        timed = {name: ms for name, ms in (("eager", self.eager_decode_ms_per_token),
+                                           ("compiled", self.compiled_decode_ms_per_token),
+                                           ("fused", self.fused_decode_ms_per_token)) if ms is not None}
+        paths = "; " + ", ".join(f"{name} {ms:.2f}" for name, ms in timed.items()) + " ms/token" if len(timed) > 1 else ""
         if self.compile_s is not None:
             paths += f", compile {self.compile_s:.1f} s"
         if self.compile_error:
@@ -75,7 +76,7 @@ def _sync(device: torch.device) -> None:
 def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
                     seed: int = 0, decode: str = "eager", cpp_wrapper: bool = False) -> LatencyResult:
     """Best of ``repeats`` timings after one warm-up, on random token ids (fixed ``seed``). ``decode``: ``eager``,
-    ``compiled`` or ``auto`` (both; the faster counts); ``cpp_wrapper``: see ``StaticDecoder``. The model's linears
+    ``compiled``, ``fused`` or ``auto`` (eager and the static path :func:`static_path` picks; the faster counts); ``cpp_wrapper``: see ``StaticDecoder``. The model's linears
     that read one input are made to share it first (``share_inputs``: exact, and it stays so)."""
     if decode not in MODES:
         raise ValueError(f"decode must be one of {MODES}, got {decode!r}")
@@ -126,17 +127,18 @@ def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens
         if decode in ("eager", "auto"):
             eager_decode()
             per_token["eager"] = min(eager_decode() for _ in range(repeats)) / decode_tokens
-        if decode in ("compiled", "auto"):
+        if decode != "eager":
+            path = static_path(model) if decode == "auto" else decode
             try:
-                decoder = StaticDecoder(model, prompt_tokens + decode_tokens + 1, compiled=True,
-                                        mode="reduce-overhead" if device.type == "cuda" else None,
+                decoder = StaticDecoder(model, prompt_tokens + decode_tokens + 1, compiled=path == "compiled",
+                                        fused=path == "fused", mode="reduce-overhead" if device.type == "cuda" else None,
                                         cpp_wrapper=cpp_wrapper)
                 static_decode(decoder)  # the first step compiles
-                compile_s = decoder.compile_s
+                compile_s = decoder.compile_s if path == "compiled" else None
                 static_decode(decoder)
-                per_token["compiled"] = min(static_decode(decoder) for _ in range(repeats)) / decode_tokens
+                per_token[path] = min(static_decode(decoder) for _ in range(repeats)) / decode_tokens
             except Exception as error:  # noqa: BLE001 - auto falls back to eager, whatever stopped the compiler
-                if decode == "compiled":
+                if decode != "auto":
                     raise
                 compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
                 log.warning("compiled decode unavailable, eager measured only: %s", compile_error)
@@ -149,5 +151,5 @@ def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens
         prompt_tokens=prompt_tokens, decode_tokens=decode_tokens, device=str(device),
         dtype=str(param.dtype).removeprefix("torch."), threads=torch.get_num_threads(),
         model_mib=model_bytes(model) / 2**20, decode_path=path, eager_decode_ms_per_token=ms.get("eager"),
-        compiled_decode_ms_per_token=ms.get("compiled"), compile_s=compile_s, compile_error=compile_error,
+        compiled_decode_ms_per_token=ms.get("compiled"), fused_decode_ms_per_token=ms.get("fused"), compile_s=compile_s, compile_error=compile_error,
     )
