@@ -1,6 +1,7 @@
 """The packed GPTQ layout, the quantized linear's backends against the oracle, and ``auto``."""
 
 import json
+import logging
 import math
 import time
 
@@ -344,6 +345,8 @@ def timing_cache(monkeypatch, tmp_path):
     monkeypatch.setattr(selection, "_CACHE", {})
     monkeypatch.setattr(autotune_cache, "_files", {})
     monkeypatch.setattr(autotune_cache, "_warned", set())
+    # the cores count as quiet while timing (other work on them decides what is stored: the test below)
+    monkeypatch.setattr(selection.BusyElsewhere, "share", lambda self: 0.0)
 
     def new_process():
         selection._CACHE.clear()
@@ -396,6 +399,32 @@ def test_auto_reuses_the_timings_stored_on_this_machine(timing_cache, monkeypatc
     monkeypatch.setenv(autotune_cache.ENV, "0")
     timing_cache()
     assert not choose(spec).cached and len(calls) == 4
+
+
+def test_auto_does_not_store_timings_taken_while_other_work_used_the_cores(timing_cache, monkeypatch, caplog):
+    from lightning_gptq.nn import autotune_cache
+
+    calls = _counting_measure(monkeypatch)
+    monkeypatch.setattr(selection.BusyElsewhere, "share", lambda self: 0.9)
+    spec = LayerSpec(96, 64, 4, 32, False, False, True)
+    with caplog.at_level(logging.WARNING, logger="lightning_gptq"):
+        first = choose(spec)
+    assert "90% of the CPUs busy" in caplog.text and not autotune_cache.path("cpu").exists()
+    assert choose(spec) is first and len(calls) == 1  # this process keeps its choice
+    timing_cache()
+    monkeypatch.setattr(selection.BusyElsewhere, "share", lambda self: 0.1)  # a quiet process later: stored
+    choose(spec)
+    assert len(calls) == 2 and len(json.loads(autotune_cache.path("cpu").read_text())) == 1
+
+
+def test_busy_elsewhere_reads_the_cpus_ticks():
+    from lightning_gptq.nn.timing import BusyElsewhere
+
+    busy = BusyElsewhere()
+    share = busy.share()
+    assert share is None or 0.0 <= share  # None only where /proc is missing
+    if busy.start is not None:
+        assert len(busy.start) == 2 and busy.start[1] > 0  # this process has run
 
 
 def test_auto_times_again_when_the_stored_timing_is_unreadable_or_does_not_fit(timing_cache, monkeypatch, caplog):

@@ -22,7 +22,7 @@ import torch
 
 from . import autotune_cache
 from .quant_linear import AUTO, LayerSpec, QuantLinear, backends, quant_linear_class
-from .timing import random_layer, time_kernels
+from .timing import BUSY_ELSEWHERE, BusyElsewhere, random_layer, time_kernels
 
 log = logging.getLogger("lightning_gptq")
 
@@ -142,10 +142,15 @@ def choose(spec: LayerSpec, backend: str = AUTO) -> Choice:
             if choice is None:
                 # a large layer takes tens of seconds on a slow CPU: say what the wait is for
                 log.info("auto: timing %s's kernels for %s (once per machine)", ", ".join(classes), spec.describe())
-                start = time.perf_counter()
+                start, busy = time.perf_counter(), BusyElsewhere()
                 choice = measure(spec, classes)
+                elsewhere = busy.share() if spec.device == "cpu" else None
                 log.info("auto: timed in %.1f s", time.perf_counter() - start)
-                autotune_cache.store(spec.device, _entry_key(spec, backend, classes), choice.to_record())
+                if elsewhere is not None and elsewhere > BUSY_ELSEWHERE:
+                    log.warning("auto: other work kept %.0f%% of the CPUs busy while %s was timed: this run uses the "
+                                "choice, the timing cache does not keep it", 100 * elsewhere, spec.describe())
+                else:
+                    autotune_cache.store(spec.device, _entry_key(spec, backend, classes), choice.to_record())
             log.info("quantized linear %s", choice.describe())
         _CACHE[key] = choice
     return _CACHE[key]

@@ -116,6 +116,42 @@ def _time_cuda(fn, budget_s: float) -> float:
     return sorted(times)[1]
 
 
+#: Timings during which other processes kept more than this share of the CPUs busy are used but not stored:
+#: on 2 shared cores a quality run beside the timing turned every SmolLM2 kernel's 30-90 µs into ~8 ms (one
+#: scheduler slice each), and the cache then kept a random kernel for that shape on this machine for good.
+BUSY_ELSEWHERE = 0.25
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy ticks of every CPU, including time stolen by the hypervisor; this process's ticks) from /proc, or None."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        return user + nice + system + irq + softirq + steal, int(own[11]) + int(own[12])  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class BusyElsewhere:
+    """Measures, between construction and :meth:`share`, the fraction of all CPUs' time that other processes (or the
+    hypervisor) took: ``with``-free, cheap (two reads of /proc). None where /proc cannot be read."""
+
+    def __init__(self):
+        self.start, self.wall = _cpu_ticks(), time.monotonic()
+
+    def share(self) -> float | None:
+        end = _cpu_ticks()
+        elapsed = time.monotonic() - self.wall
+        if self.start is None or end is None or elapsed <= 0:
+            return None
+        import os
+
+        ticks = os.sysconf("SC_CLK_TCK") * elapsed * (os.cpu_count() or 1)
+        others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+        return max(0.0, others / ticks)
+
+
 @functools.cache
 def cache_bytes() -> int:
     """The CPU's last-level cache in bytes (Linux sysfs; 32 MiB where it cannot be read)."""
