@@ -998,16 +998,22 @@ torch::Tensor decode_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   return out;
 }
 
-// x [..., H] * rsqrt(mean(x²) + eps) * w: a LLaMA RMSNorm of one fp32 row.
+// x [..., H] * rsqrt(mean(x²) + eps) * w, row by row: a LLaMA RMSNorm in fp32 (for decode-sized inputs).
 torch::Tensor rms_norm_row(const torch::Tensor& x, const torch::Tensor& w, double eps) {
-  const int64_t n = x.size(-1);
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && w.dtype() == torch::kFloat32 && x.is_contiguous() && w.is_contiguous() &&
+                  w.numel() == x.size(-1),
+              "rms_norm: contiguous fp32 x [..., H] and w [H]");
+  const int64_t n = x.size(-1), rows = x.numel() / std::max<int64_t>(n, 1);
   auto out = torch::empty_like(x);
-  const float *a = x.data_ptr<float>(), *wp = w.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  float total = 0.f;
-  for (int64_t i = 0; i < n; ++i) total += a[i] * a[i];
-  const float inv = 1.f / std::sqrt(total / static_cast<float>(n) + static_cast<float>(eps));
-  for (int64_t i = 0; i < n; ++i) o[i] = wp[i] * (a[i] * inv);
+  const float* wp = w.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* a = x.data_ptr<float>() + r * n;
+    float* o = out.data_ptr<float>() + r * n;
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) total += a[i] * a[i];
+    const float inv = 1.f / std::sqrt(total / static_cast<float>(n) + static_cast<float>(eps));
+    for (int64_t i = 0; i < n; ++i) o[i] = wp[i] * (a[i] * inv);
+  }
   return out;
 }
 
@@ -1027,11 +1033,13 @@ void rope_rows(float* v, int64_t heads, int64_t d, const float* cos, const float
 // One decoder layer of a LLaMA-family model (RMSNorm, RoPE, grouped-query attention, SiLU-gated MLP; no biases) for
 // one new token at `position`, in one call: the layer's four packed matmuls (q/k/v joined, o, gate/up joined, down)
 // with the norms, rotary, cache write, attention over positions 0..position and residuals between them, so a decode
-// step is one call per layer instead of a dozen kernels. x [1, 1, H]; cos, sin [d]; k_cache, v_cache [1, Hkv, L, d]
-// (row `position` written); linears: four (perm, qweight, scales, zeros, bias) groups as packed_matmul takes them;
-// meta: four (bits, group_size, n_out, kernel); dims: (heads, kv_heads, d, intermediate). Returns the layer's output.
+// step is one call per layer instead of a dozen kernels. x [1, 1, H]; cos, sin: RoPE tables [positions, d] (row
+// `position` used); k_cache, v_cache [1, Hkv, L, d] (row `position` written); length: the cache's int64 count of
+// filled positions (set to position + 1); linears: four (perm, qweight, scales, zeros, bias) groups as packed_matmul
+// takes them; meta: four (bits, group_size, n_out, kernel); dims: (heads, kv_heads, d, intermediate).
 torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                                 torch::Tensor v_cache, int64_t position, torch::Tensor ln1, torch::Tensor ln2,
+                                 torch::Tensor v_cache, torch::Tensor length, int64_t position, torch::Tensor ln1,
+                                 torch::Tensor ln2,
                                  double eps, double scale, std::vector<c10::optional<torch::Tensor>> linears,
                                  std::vector<int64_t> meta, std::vector<int64_t> dims) {
   TORCH_CHECK(linears.size() == 20 && meta.size() == 16 && dims.size() == 4, "four linears, their meta and four dims");
@@ -1043,7 +1051,11 @@ torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tens
                   k_cache.size(1) == nkv && k_cache.size(3) == d,
               "k/v caches must be contiguous fp32 [1, Hkv, L, d]");
   TORCH_CHECK(position >= 0 && position < l, "position ", position, " outside the cache (", l, " positions)");
-  TORCH_CHECK(cos.numel() == d && sin.numel() == d && cos.is_contiguous() && sin.is_contiguous(), "cos, sin: [d]");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == d && cos.size(0) > position && cos.sizes() == sin.sizes() &&
+                  cos.dtype() == torch::kFloat32 && sin.dtype() == torch::kFloat32 && cos.is_contiguous() &&
+                  sin.is_contiguous(),
+              "cos, sin: contiguous fp32 [positions, d] tables covering the position");
+  TORCH_CHECK(length.dtype() == torch::kInt64 && length.numel() == 1, "length: an int64 scalar tensor");
   TORCH_CHECK(nh % nkv == 0 && d % 2 == 0, "heads must be a multiple of kv heads, d even");
   TORCH_CHECK(meta[2] == (nh + 2 * nkv) * d && meta[6] == hidden && meta[10] == 2 * inter && meta[14] == hidden,
               "the linears' widths do not match the dims");
@@ -1055,8 +1067,9 @@ torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tens
   float* q = qkv.data_ptr<float>();
   float* k = q + nh * d;
   const float* v = k + nkv * d;
-  rope_rows(q, nh, d, cos.data_ptr<float>(), sin.data_ptr<float>());
-  rope_rows(k, nkv, d, cos.data_ptr<float>(), sin.data_ptr<float>());
+  const float *cr = cos.data_ptr<float>() + position * d, *sr = sin.data_ptr<float>() + position * d;
+  rope_rows(q, nh, d, cr, sr);
+  rope_rows(k, nkv, d, cr, sr);
   float *kc = k_cache.data_ptr<float>(), *vc = v_cache.data_ptr<float>();
   for (int64_t h = 0; h < nkv; ++h) {
     std::copy(k + h * d, k + (h + 1) * d, kc + (h * l + position) * d);
@@ -1084,6 +1097,7 @@ torch::Tensor llama_decode_layer(torch::Tensor x, torch::Tensor cos, torch::Tens
   auto out = linear(act, 3);
   float* op = out.data_ptr<float>();
   for (int64_t i = 0; i < hidden; ++i) op[i] += mp[i];
+  *length.data_ptr<int64_t>() = position + 1;
   return out;
 }
 
@@ -1110,8 +1124,10 @@ bool register_ops() {
   defs->def("dense_gemv(Tensor x, Tensor weight) -> Tensor");
   defs->def("int8_row_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
   defs->def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
-  defs->def("llama_decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int position, "
-            "Tensor ln1, Tensor ln2, float eps, float scale, Tensor?[] linears, int[] meta, int[] dims) -> Tensor");
+  defs->def("llama_decode_layer(Tensor x, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+            "Tensor(c!) length, int position, Tensor ln1, Tensor ln2, float eps, float scale, Tensor?[] linears, "
+            "int[] meta, int[] dims) -> Tensor");
+  defs->def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   auto impls = std::make_unique<torch::Library>(torch::Library::IMPL, "lightning_gptq", c10::DispatchKey::CPU, __FILE__,
                                                 __LINE__);
   impls->impl("packed_matmul", &gptq_matmul);
@@ -1120,6 +1136,7 @@ bool register_ops() {
   impls->impl("int8_row_gemv", &int8_row_gemv);
   impls->impl("decode_attention", &decode_attention);
   impls->impl("llama_decode_layer", &llama_decode_layer);
+  impls->impl("rms_norm", &rms_norm_row);
   libraries.push_back(std::move(defs));
   libraries.push_back(std::move(impls));
   return true;

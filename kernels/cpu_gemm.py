@@ -72,12 +72,15 @@ def _register_fakes() -> None:
     def decode_attention(q, k, v, mask, scale):
         return q.new_empty((q.shape[0], 1, q.shape[1], q.shape[3]))
 
-    def llama_decode_layer(x, cos, sin, k_cache, v_cache, position, ln1, ln2, eps, scale, linears, meta, dims):
+    def llama_decode_layer(x, cos, sin, k_cache, v_cache, length, position, ln1, ln2, eps, scale, linears, meta, dims):
+        return torch.empty_like(x)
+
+    def rms_norm(x, weight, eps):
         return torch.empty_like(x)
 
     for name, fake in (("packed_matmul", packed_matmul), ("packed_dequant_t", packed_dequant_t),
                        ("dense_gemv", gemv), ("int8_row_gemv", gemv), ("decode_attention", decode_attention),
-                       ("llama_decode_layer", llama_decode_layer)):
+                       ("llama_decode_layer", llama_decode_layer), ("rms_norm", rms_norm)):
         torch.library.register_fake(f"lightning_gptq::{name}", fake)
 
 

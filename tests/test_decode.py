@@ -261,11 +261,19 @@ def test_fused_layer_op_passes_opcheck(packed):
     model = _packed_llama()
     decoder = StaticDecoder(model, 16, fused=True)
     decoder.prefill(token_ids(1, 5))
-    ln1, ln2, eps, scale, tensors, meta, dims = FusedLlamaStep(model).layers[0]
+    ln1, ln2, eps, scale, tensors, meta, dims = FusedLlamaStep(model, 16).layers[0]
     cache = decoder.cache.layers[0]
-    x, cos, sin = torch.randn(1, 1, 32), torch.randn(dims[2]), torch.randn(dims[2])
+    x, cos, sin = torch.randn(1, 1, 32), torch.randn(16, dims[2]), torch.randn(16, dims[2])
     torch.library.opcheck(torch.ops.lightning_gptq.llama_decode_layer.default,
-                          (x, cos, sin, cache.keys, cache.values, 5, ln1, ln2, eps, scale, tensors, meta, dims))
+                          (x, cos, sin, cache.keys, cache.values, cache.cumulative_length, 5, ln1, ln2, eps, scale,
+                           tensors, meta, dims))
+    torch.ops.lightning_gptq.llama_decode_layer(x, cos, sin, cache.keys, cache.values, cache.cumulative_length, 5,
+                                                ln1, ln2, eps, scale, tensors, meta, dims)
+    assert int(cache.cumulative_length) == 6  # the cache's count of filled positions, kept for transformers
+    norm = model.model.norm
+    torch.library.opcheck(torch.ops.lightning_gptq.rms_norm.default, (x, norm.weight, norm.variance_epsilon))
+    torch.testing.assert_close(torch.ops.lightning_gptq.rms_norm(x, norm.weight, norm.variance_epsilon), norm(x),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_auto_latency_times_the_fused_path_where_it_runs(packed):

@@ -86,7 +86,7 @@ class StaticDecoder:
         if fused:
             from .fused_decode import FusedLlamaStep
 
-            self._fused, compiled = FusedLlamaStep(model), False
+            self._fused, compiled = FusedLlamaStep(model, max_cache_len), False
         self.compiled = compiled
         self.attention = _resolve_attention(attention, param) if compiled else None
         self.compile_s = 0.0  # time the first compiled step took (tracing and compiling included)

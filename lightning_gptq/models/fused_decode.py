@@ -15,6 +15,8 @@ from torch import Tensor, nn
 #: half-split heads, SiLU-gated MLP, RMSNorm with a plain weight); others (Gemma's 1 + w norm, Qwen3's q/k norms,
 #: Granite's multipliers, biases) would silently compute something else.
 MODEL_TYPES = ("llama", "mistral", "qwen2")
+#: RoPE variants whose angles depend on the position alone (``dynamic`` and ``longrope`` rescale with the length seen).
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 
 
 def _layer_args(layer: nn.Module) -> tuple[list, list[int]] | str:
@@ -63,6 +65,9 @@ def unavailable(model: nn.Module) -> str | None:
         return f"activation {getattr(config, 'hidden_act', None)!r} is not SiLU"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         return "sliding-window attention"
+    rope = getattr(getattr(model.model, "rotary_emb", None), "rope_type", None)
+    if rope not in STATIC_ROPE:
+        return f"RoPE type {rope!r} (the step reads a table of positions made once: {STATIC_ROPE})"
     for index, layer in enumerate(model.model.layers):
         if getattr(layer.self_attn, "q_norm", None) is not None:
             return "q/k norms in attention"
@@ -74,17 +79,21 @@ def unavailable(model: nn.Module) -> str | None:
 
 class FusedLlamaStep:
     """``step(token, position, cache)`` → next-token logits [vocab], one ``llama_decode_layer`` call per layer,
-    writing into a transformers ``StaticCache`` (already initialized by a prefill). Check :func:`unavailable` first."""
+    writing into a transformers ``StaticCache`` (already initialized by a prefill) of at most ``positions`` positions.
+    Check :func:`unavailable` first."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, positions: int):
         reason = unavailable(model)
         if reason:
             raise ValueError(f"the fused decode step cannot run this model: {reason}")
         config = model.config
         self.model = model
         inner = model.model
-        self.embed, self.norm, self.rotary = inner.embed_tokens, inner.norm, inner.rotary_emb
-        self.head = model.get_output_embeddings()
+        self.embed, self.head = inner.embed_tokens, model.get_output_embeddings()
+        self.norm_weight, self.norm_eps = inner.norm.weight, float(inner.norm.variance_epsilon)
+        # the model's own rotary module over every position at once: one row per step, read in C++
+        cos, sin = inner.rotary_emb(self.norm_weight[None, None], torch.arange(positions)[None])
+        self.cos, self.sin = cos[0].float().contiguous(), sin[0].float().contiguous()
         heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         self.layers = []
@@ -96,12 +105,9 @@ class FusedLlamaStep:
 
     @torch.no_grad()
     def __call__(self, token: Tensor, position: int, cache) -> Tensor:
-        op = torch.ops.lightning_gptq.llama_decode_layer
+        ops = torch.ops.lightning_gptq
         x = self.embed(token.reshape(1, 1))
-        cos, sin = self.rotary(x, torch.tensor([[position]]))
-        cos, sin = cos.reshape(-1).contiguous(), sin.reshape(-1).contiguous()
-        for (ln1, ln2, eps, scale, tensors, meta, dims), cache_layer in zip(self.layers, cache.layers):
-            x = op(x, cos, sin, cache_layer.keys, cache_layer.values, position, ln1, ln2, eps, scale, tensors, meta,
-                   dims)
-        torch._foreach_add_([cache_layer.cumulative_length for cache_layer in cache.layers], 1)
-        return self.head(self.norm(x))[0, -1]
+        for (ln1, ln2, eps, scale, tensors, meta, dims), c in zip(self.layers, cache.layers):
+            x = ops.llama_decode_layer(x, self.cos, self.sin, c.keys, c.values, c.cumulative_length, position, ln1, ln2,
+                                       eps, scale, tensors, meta, dims)
+        return self.head(ops.rms_norm(x, self.norm_weight, self.norm_eps))[0, -1]
