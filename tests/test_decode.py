@@ -284,3 +284,16 @@ def test_auto_latency_times_the_fused_path_where_it_runs(packed):
     assert result.compiled_decode_ms_per_token is None and result.compile_s is None  # nothing compiled
     assert result.decode_ms_per_token == min(result.fused_decode_ms_per_token, result.eager_decode_ms_per_token)
     assert "fused" in str(result) and "eager" in str(result)
+
+
+def test_predict_paths_take_the_fused_step_where_it_runs(packed):
+    from lightning_gptq.lightning.generation import Generation, GreedyPaths
+
+    model = _packed_llama()
+    assert GreedyPaths(model, Generation(decode="auto")).static == "fused"
+    assert GreedyPaths(FACTORIES["llama"](), Generation(decode="auto")).static == "compiled"  # full precision
+    paths = GreedyPaths(model, Generation(decode="fused", max_new_tokens=6))
+    prompt = token_ids(1, 7, seed=5)
+    new, compile_s = paths.generate(prompt)
+    assert paths.path() == "fused" and compile_s == 0.0 and paths.decoder.compiled is False
+    assert new.tolist() == _eager_greedy(model, prompt, 6)
