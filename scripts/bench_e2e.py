@@ -9,8 +9,8 @@ first and their latencies are timed in interleaved rounds (``--rounds``), each m
     HF_HUB_OFFLINE=1 python scripts/bench_e2e.py runs/smollm2-135m/lightning_logs/version_0/quantized/model \\
         --backends auto torch cpu-int4 cpu-packed --ppl-windows 16
 
-Decode is timed on the paths ``--decode`` names (``eager``, ``compiled``, or ``auto``: both, each printed, the
-faster in the table; compile time reported apart). ``--lm-head int8`` adds rows with the int8 LM head.
+Decode is timed on the paths ``--decode`` names (``eager``, ``compiled``, ``fused``, ``auto``: eager and the static
+path ``validate`` would take; several may be named), each printed, the fastest in the table, compile time apart. ``--lm-head int8`` adds rows with the int8 LM head.
 llama.cpp joins as a peer when ``llama_cpp`` is importable here or ``--llama-cpp-python`` names a Python that has
 it (``scripts/llama_cpp_peer.py`` runs there, on the GGUF named by ``--base``/``--gguf-file``, in every round).
 """
@@ -31,8 +31,19 @@ import torch
 from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.data.evaluation import eval_tokens, perplexity
 from lightning_gptq.models import load_causal_lm
+from lightning_gptq.models.decode import share_inputs
+from lightning_gptq.models.fused_decode import unavailable as _fused_unavailable
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.nn import GemvHead, Int8Head, QuantLinear, exact_kernels, int8_head, speed_up_head
+
+
+def fused_unavailable(model) -> str | None:
+    share_inputs(model)  # (what measure_latency does first; the fused step needs it)
+    return _fused_unavailable(model)
+
+
+PATH_FIELDS = {"eager": "eager_decode_ms_per_token", "compiled": "compiled_decode_ms_per_token",
+               "fused": "fused_decode_ms_per_token"}
 
 
 class _Free(torch.nn.Module):
@@ -119,8 +130,9 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true",
                         help="also time the fp32 model with its block linears replaced by zero-cost stubs: the "
                              "decode time no kernel can go below (framework, attention, norms, LM head)")
-    parser.add_argument("--decode", default="auto", choices=["eager", "compiled", "fused", "auto"],
-                        help="decode path(s) to time (auto: eager and fused where it runs, else compiled; the faster in the table)")
+    parser.add_argument("--decode", nargs="+", default=["auto"], choices=["eager", "compiled", "fused", "auto"],
+                        help="decode paths to time, each as measure_latency's decode= (auto: eager and fused where it "
+                             "runs, else compiled); the fastest in the table")
     parser.add_argument("--cpp-wrapper", action="store_true",
                         help="compile decode steps with inductor's C++ wrapper (StaticDecoder(cpp_wrapper=True))")
     parser.add_argument("--lm-head", nargs="+", default=["fp32"], choices=["fp32", "int8"],
@@ -184,16 +196,23 @@ def main() -> None:
         for name, _, model, head in entries:
             if head is not None:
                 model.get_output_embeddings().__class__ = head
-            lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
-                                  repeats=args.repeats, decode=args.decode, cpp_wrapper=args.cpp_wrapper)
-            print(f"round {round_}, {name}: {lat}", flush=True)
-            kept = best.setdefault(name, lat)
-            if lat.decode_ms_per_token < kept.decode_ms_per_token:
-                kept.decode_ms_per_token, kept.decode_path = lat.decode_ms_per_token, lat.decode_path
-            kept.prefill_tokens_per_s = max(kept.prefill_tokens_per_s, lat.prefill_tokens_per_s)
-            for field in ("eager_decode_ms_per_token", "compiled_decode_ms_per_token"):
-                if getattr(lat, field) is not None:
-                    setattr(kept, field, min(getattr(kept, field) or float("inf"), getattr(lat, field)))
+            for decode in args.decode:
+                if decode == "fused" and fused_unavailable(model):
+                    if round_ == 1:
+                        print(f"{name}: no fused step ({fused_unavailable(model)})", flush=True)
+                    continue
+                lat = measure_latency(model, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                                      repeats=args.repeats, decode=decode, cpp_wrapper=args.cpp_wrapper)
+                print(f"round {round_}, {name}: {lat}", flush=True)
+                kept = best.setdefault(name, lat)
+                if lat.decode_ms_per_token < kept.decode_ms_per_token:
+                    kept.decode_ms_per_token, kept.decode_path = lat.decode_ms_per_token, lat.decode_path
+                kept.prefill_tokens_per_s = max(kept.prefill_tokens_per_s, lat.prefill_tokens_per_s)
+                for field in PATH_FIELDS.values():
+                    if getattr(lat, field) is not None:
+                        setattr(kept, field, min(getattr(kept, field) or float("inf"), getattr(lat, field)))
+                if lat.compile_s is not None:
+                    kept.compile_s = lat.compile_s if kept.compile_s is None else min(kept.compile_s, lat.compile_s)
         if peer is not None:
             lat = peer.measure()
             print(f"round {round_}, llama.cpp: {json.dumps(lat)}", flush=True)
@@ -242,12 +261,15 @@ def main() -> None:
         for name, _, lat, *_ in rows:
             print(f"{name} against llama.cpp: decode time {lat.decode_ms_per_token / peer_best['decode_ms_per_token']:.2f}× "
                   f"llama.cpp's ({lat.decode_path}), prefill {lat.prefill_tokens_per_s / peer_best['prefill_tokens_per_s']:.2f}×")
-    paths = [(n, r[2]) for n, r in zip([r[0] for r in rows], rows)]
     print()
-    for name, lat in paths:
-        if lat.eager_decode_ms_per_token is not None and lat.compiled_decode_ms_per_token is not None:
-            print(f"{name}: decode eager {lat.eager_decode_ms_per_token:.2f}, compiled {lat.compiled_decode_ms_per_token:.2f} "
-                  f"ms/token ({lat.eager_decode_ms_per_token / lat.compiled_decode_ms_per_token:.2f}× faster compiled)")
+    for name, _, lat, *_ in rows:
+        timed = {path: getattr(lat, field) for path, field in PATH_FIELDS.items() if getattr(lat, field) is not None}
+        if len(timed) > 1:
+            eager = timed.get("eager")
+            print(f"{name}: decode " + ", ".join(
+                f"{path} {ms:.2f}" + (f" ({eager / ms:.2f}× eager)" if eager and path != "eager" else "")
+                for path, ms in timed.items()) + " ms/token"
+                + (f"; first compile {lat.compile_s:.1f} s" if lat.compile_s is not None else ""))
     print(f"\n({fp32.threads} threads, {args.prompt_tokens}-token prompt, {args.decode_tokens} decoded tokens; each "
           f"model's best of {args.rounds} interleaved rounds of best-of-{args.repeats})")
 
