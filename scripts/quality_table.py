@@ -5,8 +5,8 @@ with overrides), timed from start to finish and appended to ``--out`` as it comp
 short keeps what it measured). Rows:
 
 - ``fp32``: the unquantized model (``validate``).
-- ``rtn-<bits>``: round to nearest, same grid (asymmetric, g128).
-- ``ref-<bits>``: the reference algorithm and its calibration: ``sink_weight: 1``, Wikipedia alone.
+- ``rtn-<bits>``: round to nearest, same grid (asymmetric, g128, min-max: no MSE search).
+- ``ref-<bits>``: the reference algorithm and its calibration: ``sink_weight: 1``, Wikipedia alone, min-max grids.
 - ``ours-<bits>``: the shipped config as it is (``configs/smollm2-135m.yaml``), ``--bits`` changed only.
 
 Two evaluations:
@@ -17,11 +17,11 @@ Two evaluations:
   first 90% only, so the held-out text is never calibrated on). Use it for sweeps.
 
 ``--quick`` calibrates on 32 windows instead of 128 and scores the first 16 windows of each set.
-Anything after ``--`` is passed to every run (e.g. ``-- --gptq.quant.mse=true``); ``--calibration``
+Anything after ``--`` is passed to every run (e.g. ``-- --gptq.quant.mse=false``); ``--calibration``
 names the calibration mix by text (``wikipedia``, ``brown``) and share.
 
     python scripts/quality_table.py                                   # the README's table (hours)
-    python scripts/quality_table.py --rows ours-4 --eval choose --quick --tag mse -- --gptq.quant.mse=true
+    python scripts/quality_table.py --rows ours-4 --eval choose --quick --tag no-mse -- --gptq.quant.mse=false
     python scripts/quality_table.py --rows ours-4 --eval choose --quick --calibration wikipedia:1,brown:1
 """
 
@@ -100,9 +100,9 @@ def row_args(row: str, mix: dict[str, float], eval_mode: str, quick: bool, folde
     if quick:
         fit.append("--data.nsamples=32")
     if kind == "rtn":
-        fit.append("--gptq.method=rtn")
+        fit += ["--gptq.method=rtn", "--gptq.quant.mse=false"]  # plain min-max grids, as the paper's baseline
     elif kind == "ref":
-        fit.append("--hessian.sink_weight=1")
+        fit += ["--hessian.sink_weight=1", "--gptq.quant.mse=false"]
     return "fit", fit
 
 

@@ -39,11 +39,13 @@ def test_choosing_runs_hold_documents_out(tmp_path):
 def test_reference_rows_are_the_reference_and_test_runs_score_the_test_sets(tmp_path):
     stage, args = qt.row_args("ref-3", {"wikipedia": 1, "brown": 1}, "test", False, tmp_path / "run")
     assert option(args, "hessian.sink_weight") == "1" and option(args, "gptq.quant.bits") == "3"
+    assert option(args, "gptq.quant.mse") == "false"  # the paper's min-max grids, whatever the config says
     assert option(args, "data.calibration") == str(qt.TEXTS["wikipedia"])  # one source, whatever the mix asked
     assert option(args, "data.nsamples") is None and option(args, "data.eval_max_windows") is None  # the config's 128, whole sets
     assert option(args, "data.eval_datasets") == "[wikitext2, ptb-new]"
     stage, args = qt.row_args("rtn-4", {"wikipedia": 1}, "test", False, tmp_path / "run")
-    assert option(args, "gptq.method") == "rtn"
+    assert option(args, "gptq.method") == "rtn" and option(args, "gptq.quant.mse") == "false"
+    assert option(qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1], "gptq.quant.mse") is None
     assert qt.row_args("fp32", {"wikipedia": 1}, "test", False, tmp_path / "run")[0] == "validate"
 
 
