@@ -25,6 +25,23 @@ def smollm2():
     return load_causal_lm(GGUF)  # converts once into the cache, then loads the plain folder
 
 
+def rtn4_copy(model, backend: str):
+    """A copy of ``model`` with every block linear rounded to nearest, 4-bit g128 asymmetric, on ``backend``."""
+    import copy
+
+    from lightning_gptq import QuantConfig, rtn_quantize
+    from lightning_gptq.models import weight_out_in
+    from lightning_gptq.nn import make_quant_linear, replace_submodule
+
+    quantized = copy.deepcopy(model)
+    adapter = get_adapter(quantized)
+    for block in adapter.blocks(quantized):
+        for name, layer in adapter.linear_layers(block).items():
+            qw = rtn_quantize(weight_out_in(layer), QuantConfig(bits=4, group_size=128, sym=False))
+            replace_submodule(block, name, make_quant_linear(layer, qw, backend=backend))
+    return quantized
+
+
 def test_loading_gives_a_plain_llama(smollm2):
     model, tokenizer = smollm2
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
@@ -65,19 +82,10 @@ def test_whole_model_and_blockwise_perplexity_agree(smollm2):
 def test_every_cpu_backend_scores_the_same_perplexity(smollm2):
     """RTN 4-bit g128 act-order-free SmolLM2 (576-wide layers: ragged groups) through each backend that
     holds it: perplexity on 2 WikiText-2 windows within the backends' stated tolerance of the oracle."""
-    import copy
-
-    from lightning_gptq import QuantConfig, rtn_quantize
-    from lightning_gptq.models import weight_out_in
-    from lightning_gptq.nn import QuantLinear, backends, make_quant_linear, replace_submodule, to_backend
+    from lightning_gptq.nn import QuantLinear, backends, to_backend
 
     model, tokenizer = smollm2
-    quantized = copy.deepcopy(model)
-    adapter = get_adapter(quantized)
-    for block in adapter.blocks(quantized):
-        for name, layer in adapter.linear_layers(block).items():
-            qw = rtn_quantize(weight_out_in(layer), QuantConfig(bits=4, group_size=128, sym=False))
-            replace_submodule(block, name, make_quant_linear(layer, qw, backend="torch"))
+    quantized = rtn4_copy(model, "torch")
     tokens = eval_tokens("wikitext2", tokenizer, path=WIKITEXT)
     score = lambda m: perplexity(m, tokens, seqlen=2048, dataset="wikitext2", max_windows=2, progress=False).ppl
     oracle = score(quantized)
@@ -91,3 +99,27 @@ def test_every_cpu_backend_scores_the_same_perplexity(smollm2):
         assert score(quantized) == pytest.approx(oracle, rel=cls.tolerance), name
         tested.append(name)
     assert tested, "no fast CPU backend could hold SmolLM2's layers"
+
+
+def test_fused_and_compiled_decode_give_generates_greedy_tokens(smollm2):
+    """The real model, RTN 4-bit g128 on cpu-packed with the int8 head: 24 greedy tokens from the fused step (one C++
+    call per layer) and from the compiled step equal transformers' generate on the same model, token for token."""
+    from lightning_gptq.models.decode import StaticDecoder
+    from lightning_gptq.models.fused_decode import unavailable
+    from lightning_gptq.nn import int8_head
+
+    model, tokenizer = smollm2
+    quantized = rtn4_copy(model, "cpu-packed")
+    int8_head(quantized)
+    ids = tokenizer("The history of the Roman Empire", return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = quantized.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+                                      temperature=None, top_k=None, top_p=None, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    eos = quantized.generation_config.eos_token_id  # generate stops there; so does greedy when told
+    eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+    fused = StaticDecoder(quantized, 64, fused=True)
+    assert unavailable(quantized) is None
+    assert fused.greedy(ids, 24, eos) == expected and len(expected) > 4
+    torch._dynamo.reset()
+    assert StaticDecoder(quantized, 64, compiled=True).greedy(ids, 24, eos) == expected
+    torch._dynamo.reset()
