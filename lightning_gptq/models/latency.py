@@ -1,9 +1,10 @@
 """Latency of a causal LM: prefill throughput and batch-1 greedy decode time per token.
 
-Decode runs on one of two paths (``decode=``): ``eager``, transformers' own forward with its dynamic KV cache,
-or ``compiled``, :class:`~lightning_gptq.models.decode.StaticDecoder` (a static cache and the one-token step
-compiled once; the compile is timed apart as ``compile_s`` and never enters the per-token figure). ``auto``
-times both and reports the faster, with both numbers kept. Prefill is the prompt's forward pass up to the next
+Decode runs on one of three paths (``decode=``): ``eager``, transformers' own forward with its dynamic KV cache;
+``compiled``, :class:`~lightning_gptq.models.decode.StaticDecoder` (a static cache and the one-token step compiled
+once; the compile is timed apart as ``compile_s`` and never enters the per-token figure); ``fused``, the static
+cache and one C++ call per layer (``models/fused_decode.py``). ``auto`` times eager and the static path
+``static_path`` picks and reports the faster, with both numbers kept. Prefill is the prompt's forward pass up to the next
 token's logits (``logits_to_keep=1`` where the model takes it, as ``generate`` runs it), without a KV cache."""
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def _sync(device: torch.device) -> None:
 def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens: int = 32, repeats: int = 3,
                     seed: int = 0, decode: str = "eager", cpp_wrapper: bool = False) -> LatencyResult:
     """Best of ``repeats`` timings after one warm-up, on random token ids (fixed ``seed``). ``decode``: ``eager``,
-    ``compiled``, ``fused`` or ``auto`` (eager and the static path :func:`static_path` picks; the faster counts); ``cpp_wrapper``: see ``StaticDecoder``. The model's linears
-    that read one input are made to share it first (``share_inputs``: exact, and it stays so)."""
+    ``compiled``, ``fused`` or ``auto`` (eager and the static path :func:`static_path` picks; the faster counts);
+    ``cpp_wrapper``: see ``StaticDecoder``. The model's linears that read one input are made to share it first
+    (``share_inputs``: exact, and it stays so)."""
     if decode not in MODES:
         raise ValueError(f"decode must be one of {MODES}, got {decode!r}")
     param = next(model.parameters())
@@ -141,7 +143,7 @@ def measure_latency(model: nn.Module, *, prompt_tokens: int = 128, decode_tokens
                 if decode != "auto":
                     raise
                 compile_error = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
-                log.warning("compiled decode unavailable, eager measured only: %s", compile_error)
+                log.warning("%s decode unavailable, eager measured only: %s", path, compile_error)
     finally:
         model.train(was_training)
     path = min(per_token, key=per_token.get)
