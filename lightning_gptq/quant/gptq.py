@@ -25,6 +25,7 @@ from torch import Tensor
 from .config import QuantConfig
 from .grid import dequantize_codes, fit_grid, quantize_codes
 from .linalg import cholesky_lower_, flip_, inverse_upper_, mirror_upper_, permute_symmetric_
+from .refit import refit_scales
 
 
 PANEL_COLUMNS = 512  # columns per trailing-matrix update; the result does not depend on it
@@ -160,6 +161,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
     dead = H.diagonal() == 0
     H[dead, dead] = 1
     Wt[dead] = 0
+    # The scale refit needs H after the sweep has consumed it (and the weight before any update).
+    refit_from = (Wt.T.clone(), H.clone()) if config.refit_scales else None
 
     if config.static_groups:
         static_grids = [fit_grid(Wt[k * g : (k + 1) * g].T, config.bits, config.sym, config.mse) for k in range(n_groups)]
@@ -244,8 +247,18 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
         g_idx = torch.arange(cols, device=Wt.device) // g
     else:
         g_idx = inv // g  # column c sat at sweep position inv[c]
+    codes = codes.T[:, inv].contiguous()
+    if refit_from is not None:
+        W0, H0 = refit_from
+        H0.diagonal().add_(damp * H0.diagonal().mean())  # the damped H the sweep solved with
+        target = None
+        if asymmetry is not None:  # Xᵀ·X_fp = H + Dᵀ: the asymmetric solve's full-precision target
+            Dt = asymmetry.detach().to(device=W0.device, dtype=dtype).T.clone()
+            Dt[dead] = 0
+            target = H0 + config.gptaq_alpha * Dt
+        scales = refit_scales(W0, H0, codes, scales, zeros, g_idx, target=target)
     return QuantizedWeight(
-        codes=codes.T[:, inv].contiguous(),
+        codes=codes,
         scales=scales,
         zeros=zeros.to(torch.int32),
         g_idx=g_idx.to(torch.int32),
