@@ -42,6 +42,25 @@ def test_int8_head_equals_its_dequantized_weight(packed, rows, monkeypatch):
     assert int8_head(model) == "LM head: already int8"
 
 
+@pytest.mark.parametrize("k", [576, 100, 64])  # whole 64-byte chunks, a ragged run and chunk, one chunk
+def test_int8_row_gemv_against_fp64(k):
+    """The head kernel on shapes of real heads (the tiny models' K is 32): within the rounding of its inputs to two
+    int8 digits per run of 32 (VNNI) or fp32 summation order (elsewhere); rows of x outside every run's range
+    (an outlier input) and a zero run included."""
+    from lightning_gptq.kernels import cpu_gemm
+
+    gen = torch.Generator().manual_seed(k)
+    q = torch.randint(-127, 128, (1000, k), generator=gen, dtype=torch.int8)
+    step = torch.rand(1000, generator=gen) * 1e-2 + 1e-3
+    x = torch.randn(3, k, generator=gen)
+    x[1, 7] = 300.0  # one outlier: its run's step is 300/127
+    x[2, :32] = 0.0
+    want = (x.double() @ q.double().T) * step.double()
+    got = cpu_gemm.int8_row_gemv(x, q, step).double()
+    scale = (x.abs().double() @ q.double().abs().T * step.double()).amax(dim=1, keepdim=True)  # sum |x w| per row
+    assert ((got - want).abs() / scale).max() < 1e-4
+
+
 def test_int8_head_refuses_what_it_cannot_do():
     model = FACTORIES["llama"]()
     model.lm_head = torch.nn.Identity()
