@@ -530,64 +530,89 @@ void round_rows(const float* x, int64_t m_total, int64_t k_pad, int64_t n_groups
   }
 }
 
-template <int BITS, int DIGITS, int rows>
+// TILES output tiles at once (one row of x only, TILES > 1): their codes come from TILES places in memory and their
+// dot-product chains are independent, so more loads and multiply-adds are in flight than one tile's.
+template <int BITS, int DIGITS, int rows, int TILES = 1>
 void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad, const uint32_t* qw, const float* scales,
-             const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad, int64_t n0,
-             float* y, int64_t n_out, const float* bias) {
+             const float* zeros, const float* xs, int64_t n_groups, int64_t runs_per_group, int64_t n_pad,
+             const int64_t* n0, float* y, int64_t n_out, const float* bias) {
+  static_assert(TILES == 1 || rows == 1, "several tiles at once for one row of x only");
   const int64_t runs = k_pad / 32;
-  const uint32_t* tile_qw = qw + (n0 / NB) * (runs * BITS) * NB;
-  prefetch_next_groups(scales, zeros, n_groups, n_pad, n0);
-  vf out[rows];
-  for (int m = 0; m < rows; ++m) out[m] = vf{};
+  const uint32_t* tile_qw[TILES];
+  for (int u = 0; u < TILES; ++u) {
+    tile_qw[u] = qw + (n0[u] / NB) * (runs * BITS) * NB;
+    prefetch_next_groups(scales, zeros, n_groups, n_pad, n0[u]);
+  }
+  vf out[TILES][rows];
+  for (int u = 0; u < TILES; ++u)
+    for (int m = 0; m < rows; ++m) out[u][m] = vf{};
   for (int64_t g = 0; g < n_groups; ++g) {
-    vf acc[rows];
-    for (int m = 0; m < rows; ++m) acc[m] = vf{};
+    vf acc[TILES][rows];
+    for (int u = 0; u < TILES; ++u)
+      for (int m = 0; m < rows; ++m) acc[u][m] = vf{};
     const int64_t run_end = std::min((g + 1) * runs_per_group, runs);
     for (int64_t run = g * runs_per_group; run < run_end; ++run) {
-      vu w[BITS];
-      for (int b = 0; b < BITS; ++b) w[b] = load_u(tile_qw + (run * BITS + b) * NB);
-      for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
+      vu w[TILES][BITS];
+      for (int u = 0; u < TILES; ++u) {
+        for (int b = 0; b < BITS; ++b) w[u][b] = load_u(tile_qw[u] + (run * BITS + b) * NB);
+        for (int b = 0; b < BITS; ++b) __builtin_prefetch(tile_qw[u] + ((run + PREFETCH_RUNS) * BITS + b) * NB, 0, 1);
+      }
       // two chains per row against the dot-product latency: alternate inputs, or the two digits
-      vi dots[rows][2];
-      for (int m = 0; m < rows; ++m) dots[m][0] = dots[m][1] = vi{};
+      vi dots[TILES][rows][2];
+      for (int u = 0; u < TILES; ++u)
+        for (int m = 0; m < rows; ++m) dots[u][m][0] = dots[u][m][1] = vi{};
       const int8_t* xr = xq + run * 32;
 #pragma GCC unroll 8
       for (int a = 0; a < 8; ++a) {  // byte t of lane c: the code at input position 4a + t of the rounded row
-        vu c;
-        if constexpr (BITS == 3 && THREE_BIT_TENS) {  // codes 4a .. 4a + 3, one per byte
-          c = code_at<3>(w, 4 * a) | (code_at<3>(w, 4 * a + 1) << 8) | (code_at<3>(w, 4 * a + 2) << 16) |
-              (code_at<3>(w, 4 * a + 3) << 24);
-        } else if constexpr (BITS == 3) {  // planes: as 2-bit codes, plus the high bits lined up by one shift
-          c = ((w[a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[2] >> a) << 2) & 0x04040404u);
-        } else {  // word a / per_byte, shifted by (a % per_byte) * BITS
-          constexpr int per_byte = 8 / BITS;
-          c = (w[a / per_byte] >> ((a % per_byte) * BITS)) & (0x01010101u * ((1u << BITS) - 1));
-        }
-        for (int m = 0; m < rows; ++m) {
-          int32_t x4;
-          std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
-          if constexpr (DIGITS == 2) {
-            dots[m][0] = dot4<BITS>(dots[m][0], c, x4);
-            std::memcpy(&x4, xr + low_plane + m * k_pad + 4 * a, 4);
-            dots[m][1] = dot4<BITS>(dots[m][1], c, x4);
-          } else {
-            dots[m][a & 1] = dot4<BITS>(dots[m][a & 1], c, x4);
+        for (int u = 0; u < TILES; ++u) {
+          vu c;
+          if constexpr (BITS == 3 && THREE_BIT_TENS) {  // codes 4a .. 4a + 3, one per byte
+            c = code_at<3>(w[u], 4 * a) | (code_at<3>(w[u], 4 * a + 1) << 8) | (code_at<3>(w[u], 4 * a + 2) << 16) |
+                (code_at<3>(w[u], 4 * a + 3) << 24);
+          } else if constexpr (BITS == 3) {  // planes: as 2-bit codes, plus the high bits lined up by one shift
+            c = ((w[u][a / 4] >> ((a % 4) * 2)) & 0x03030303u) | (((w[u][2] >> a) << 2) & 0x04040404u);
+          } else {  // word a / per_byte, shifted by (a % per_byte) * BITS
+            constexpr int per_byte = 8 / BITS;
+            c = (w[u][a / per_byte] >> ((a % per_byte) * BITS)) & (0x01010101u * ((1u << BITS) - 1));
+          }
+          for (int m = 0; m < rows; ++m) {
+            int32_t x4;
+            std::memcpy(&x4, xr + m * k_pad + 4 * a, 4);
+            if constexpr (DIGITS == 2) {
+              dots[u][m][0] = dot4<BITS>(dots[u][m][0], c, x4);
+              std::memcpy(&x4, xr + low_plane + m * k_pad + 4 * a, 4);
+              dots[u][m][1] = dot4<BITS>(dots[u][m][1], c, x4);
+            } else {
+              dots[u][m][a & 1] = dot4<BITS>(dots[u][m][a & 1], c, x4);
+            }
           }
         }
       }
       const float step = 1.f / 254.f;
-      for (int m = 0; m < rows; ++m) {
-        const vf sum = DIGITS == 2 ? __builtin_convertvector(dots[m][0], vf) + __builtin_convertvector(dots[m][1], vf) * step
-                                   : __builtin_convertvector(dots[m][0] + dots[m][1], vf);
-        acc[m] += sum * d[m * runs + run];
-      }
+      for (int u = 0; u < TILES; ++u)
+        for (int m = 0; m < rows; ++m) {
+          const vf sum = DIGITS == 2 ? __builtin_convertvector(dots[u][m][0], vf) + __builtin_convertvector(dots[u][m][1], vf) * step
+                                     : __builtin_convertvector(dots[u][m][0] + dots[u][m][1], vf);
+          acc[u][m] += sum * d[m * runs + run];
+        }
     }
-    const vf s = load_f(scales + g * n_pad + n0);
-    const vf z = load_f(zeros + g * n_pad + n0);
-    for (int m = 0; m < rows; ++m) out[m] += s * (acc[m] - z * xs[m * n_groups + g]);
+    for (int u = 0; u < TILES; ++u) {
+      const vf s = load_f(scales + g * n_pad + n0[u]);
+      const vf z = load_f(zeros + g * n_pad + n0[u]);
+      for (int m = 0; m < rows; ++m) out[u][m] += s * (acc[u][m] - z * xs[m * n_groups + g]);
+    }
   }
-  store<rows>(out, y, n_out, n0, bias);
+  for (int u = 0; u < TILES; ++u) store<rows>(out[u], y, n_out, n0[u], bias);
 }
+
+// Output tiles computed at once by a one-row call of the int8 kernels (1 or 2; set_tile_streams). Two measured
+// faster than one on the AVX-512 Xeon (experiments/tile_streams_ab.py); with AVX2's sixteen registers two tiles'
+// state would spill, so there it stays 1.
+#if defined(__AVX512F__)
+int64_t tile_streams = 2;
+#else
+int64_t tile_streams = 1;
+#endif
 
 template <int BITS, int DIGITS>
 void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, const uint32_t* qw, const float* scales,
@@ -595,6 +620,20 @@ void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, co
             int64_t n_out, const float* bias) {
   const int64_t tiles = n_pad / NB, runs = k_pad / 32, low_plane = m_total * k_pad;
   at::parallel_for(0, tiles, grain(tiles, m_total, k_pad), [&](int64_t t0, int64_t t1) {
+    if (m_total == 1 && tile_streams == 2 && t1 - t0 >= 2) {
+      // tiles t and t + half together: two sequential streams through this thread's share of the codes
+      const int64_t half = (t1 - t0 + 1) / 2;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t n0[2] = {(t0 + i) * NB, (t0 + half + i) * NB};
+        if (t0 + half + i < t1)
+          tile_i8<BITS, DIGITS, 1, 2>(xq, low_plane, d, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad,
+                                      n0, y, n_out, bias);
+        else
+          tile_i8<BITS, DIGITS, 1>(xq, low_plane, d, k_pad, qw, scales, zeros, xs, n_groups, runs_per_group, n_pad,
+                                   n0, y, n_out, bias);
+      }
+      return;
+    }
     for (int64_t m0 = 0; m0 < m_total;) {
       const int64_t left = m_total - m0;
       const int rows = left >= 4 ? 4 : left >= 2 ? 2 : 1;
@@ -605,7 +644,7 @@ void run_i8(const int8_t* xq, const float* d, int64_t m_total, int64_t k_pad, co
         float* ym = y + m0 * n_out;
         const int64_t n0 = t * NB;
 #define GPTQ_TILE(R) tile_i8<BITS, DIGITS, R>(xm, low_plane, dm, k_pad, qw, scales, zeros, xsm, n_groups, runs_per_group, \
-                                              n_pad, n0, ym, n_out, bias)
+                                              n_pad, &n0, ym, n_out, bias)
         if (rows == 4) GPTQ_TILE(4);
         else if (rows == 2) GPTQ_TILE(2);
         else GPTQ_TILE(1);
@@ -1233,6 +1272,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_matmul", &gptq_matmul, "GPTQ packed matmul for few rows (CPU): exact fp32, or int8 activations");
   m.def("dense_gemv", &dense_gemv, "y = x . w^T in fp32 for few rows of x (a dense layer's decode step)");
   m.def("set_serial_work", [](int64_t v) { serial_work = v; }, "calls below this many row-weights run on one thread");
+  m.def("set_tile_streams", [](int64_t v) { TORCH_CHECK(v == 1 || v == 2, "tile streams: 1 or 2"); const int64_t old = tile_streams; tile_streams = v; return old; },
+        "output tiles a one-row call of the int8 kernels computes at once (1 or 2); returns the previous value");
   m.def("int8_dot_isa", &int8_dot_isa, "the instruction set of the int8 dot product");
   m.def("three_bit_layout", []() { return std::string(THREE_BIT_TENS ? "tens" : "planes"); },
         "how this build lays out 3-bit runs (see code_at)");

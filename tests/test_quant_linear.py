@@ -260,6 +260,26 @@ def test_int8_kernels_are_the_exact_matmul_of_the_rounded_inputs(kernel, bits, s
         assert ((y - oracle(layer, x)).norm() / ref.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", ["int8", "int8x2"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("out_features", [16, 112, 1000])  # one tile, an odd count on one thread, tiles on two threads
+def test_int8_kernels_two_tiles_at_once_equal_one_at_a_time(cpu_gemm_kernel, kernel, bits, out_features):
+    """One-row calls compute two output tiles at once (``set_tile_streams(2)``, the AVX-512 default): the same
+    arithmetic per tile as one at a time, so bit-identical outputs."""
+    layer = random_layer(CpuPackedQuantLinear, LayerSpec(200, out_features, bits, 64, False, True, True))
+    x = torch.randn(1, 200, generator=torch.Generator().manual_seed(bits))
+    ext = cpu_gemm._load()
+    previous = ext.set_tile_streams(1)
+    try:
+        one = layer.run(kernel, x)
+        ext.set_tile_streams(2)
+        two = layer.run(kernel, x)
+    finally:
+        ext.set_tile_streams(previous)
+    assert torch.equal(one, two)
+    assert ((one.double() - oracle(layer, x)).norm() / oracle(layer, x).norm()).item() < CpuPackedQuantLinear.tolerance_of(kernel)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("shape,group_size,act_order", [((70, 100), 32, False), ((40, 96), -1, False),
                                                         ((72, 80), 16, True), ((24, 576), 128, True)])
