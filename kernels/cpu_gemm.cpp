@@ -994,6 +994,9 @@ void int8_rows_vnni(const float* x, int64_t k, const int8_t* q, const float* sca
 }
 #endif
 
+// Whether int8_row_gemv takes the VNNI path where it is built (set_head_vnni: the fp32 path is then tested here too).
+bool head_vnni = true;
+
 // y [..., N] = (x [..., K] . q [N, K]^T) * scale [N] for few rows of x: a dense layer stored as int8 rows with one fp32
 // step per row (an LM head quantized per row), a quarter of an fp32 GEMV's bytes. With AVX-512 VNNI the inputs are
 // rounded to two int8 digits per run of 32 (int8_rows_vnni: about 2^-15 relative); elsewhere codes widen to fp32 in
@@ -1015,14 +1018,16 @@ torch::Tensor int8_row_gemv(torch::Tensor x, torch::Tensor q, torch::Tensor scal
   float* yp = y.data_ptr<float>();
   for (int64_t i = 0; i < m; ++i) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    int8_rows_vnni(xp + i * k, k, qp, sp, n, yp + i * n);
-#else
+    if (head_vnni) {
+      int8_rows_vnni(xp + i * k, k, qp, sp, n, yp + i * n);
+      continue;
+    }
+#endif
     at::parallel_for(0, n, 512, [&](int64_t n0, int64_t n1) {
       for_stream_rows(n0, n1, [&](const int64_t* js, int live) {
         for (int t = 0; t < live; ++t) yp[i * n + js[t]] = dot_i8_f32(qp + js[t] * k, xp + i * k, k) * sp[js[t]];
       });
     });
-#endif
   }
   return y;
 }
@@ -1272,6 +1277,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_matmul", &gptq_matmul, "GPTQ packed matmul for few rows (CPU): exact fp32, or int8 activations");
   m.def("dense_gemv", &dense_gemv, "y = x . w^T in fp32 for few rows of x (a dense layer's decode step)");
   m.def("set_serial_work", [](int64_t v) { serial_work = v; }, "calls below this many row-weights run on one thread");
+  m.def("set_head_vnni", [](bool v) { const bool old = head_vnni; head_vnni = v; return old; },
+        "whether int8_row_gemv uses VNNI where built (else codes widen to fp32); returns the previous value");
+  m.def("head_has_vnni", []() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    return true;
+#else
+    return false;
+#endif
+  }, "whether int8_row_gemv was built with its VNNI path");
   m.def("set_tile_streams", [](int64_t v) { TORCH_CHECK(v == 1 || v == 2, "tile streams: 1 or 2"); const int64_t old = tile_streams; tile_streams = v; return old; },
         "output tiles a one-row call of the int8 kernels computes at once (1 or 2); returns the previous value");
   m.def("int8_dot_isa", &int8_dot_isa, "the instruction set of the int8 dot product");

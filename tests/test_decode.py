@@ -44,9 +44,9 @@ def test_int8_head_equals_its_dequantized_weight(packed, rows, monkeypatch):
 
 @pytest.mark.parametrize("k", [576, 100, 64])  # whole 64-byte chunks, a ragged run and chunk, one chunk
 def test_int8_row_gemv_against_fp64(k):
-    """The head kernel on shapes of real heads (the tiny models' K is 32): within the rounding of its inputs to two
-    int8 digits per run of 32 (VNNI) or fp32 summation order (elsewhere); rows of x outside every run's range
-    (an outlier input) and a zero run included."""
+    """The head kernel on shapes of real heads (the tiny models' K is 32), both its paths where the CPU has VNNI:
+    within the rounding of its inputs to two int8 digits per run of 32 (VNNI) or fp32 summation order (the path
+    of CPUs without it); an outlier input and a zero run included."""
     from lightning_gptq.kernels import cpu_gemm
 
     gen = torch.Generator().manual_seed(k)
@@ -56,9 +56,17 @@ def test_int8_row_gemv_against_fp64(k):
     x[1, 7] = 300.0  # one outlier: its run's step is 300/127
     x[2, :32] = 0.0
     want = (x.double() @ q.double().T) * step.double()
-    got = cpu_gemm.int8_row_gemv(x, q, step).double()
     scale = (x.abs().double() @ q.double().abs().T * step.double()).amax(dim=1, keepdim=True)  # sum |x w| per row
-    assert ((got - want).abs() / scale).max() < 1e-4
+    ext = cpu_gemm._load()
+    paths = {"vnni": 1e-4, "fp32": 1e-6} if ext.head_has_vnni() else {"fp32": 1e-6}  # (AVX2 machines: fp32 only)
+    previous = ext.set_head_vnni(True)
+    try:
+        for path, tolerance in paths.items():
+            ext.set_head_vnni(path == "vnni")
+            got = cpu_gemm.int8_row_gemv(x, q, step).double()
+            assert ((got - want).abs() / scale).max() < tolerance, path
+    finally:
+        ext.set_head_vnni(previous)
 
 
 def test_int8_head_refuses_what_it_cannot_do():
