@@ -605,9 +605,9 @@ void tile_i8(const int8_t* xq, int64_t low_plane, const float* d, int64_t k_pad,
   for (int u = 0; u < TILES; ++u) store<rows>(out[u], y, n_out, n0[u], bias);
 }
 
-// Output tiles computed at once by a one-row call of the int8 kernels (1 or 2; set_tile_streams). Two measured
-// faster than one on the AVX-512 Xeon (experiments/tile_streams_ab.py); with AVX2's sixteen registers two tiles'
-// state would spill, so there it stays 1.
+// Output tiles computed at once by a one-row call of the int8 kernels (1 or 2; set_tile_streams). Two made the fused
+// decode step 1.06-1.13x faster on the AVX-512 Xeon (experiments/tile_streams_step_ab.py; alone, per shape, 0.92-1.36x:
+// tile_streams_ab.py); with AVX2's sixteen registers two tiles' state would spill, so there it stays 1 (unmeasured).
 #if defined(__AVX512F__)
 int64_t tile_streams = 2;
 #else
