@@ -48,13 +48,21 @@ def reference_sweep(W, H, cfg, D=None):
     for i in torch.nonzero(dead).flatten():
         H[i, i] = 1.0
         W[:, i] = 0.0
-    static = [fit_grid(W[:, s : s + g], cfg.bits, cfg.sym, cfg.mse) for s in range(0, cols, g)]
     perm = torch.argsort(torch.diagonal(H), descending=True) if cfg.act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
+    W_original, W, H = W, W[:, perm], H[perm][:, perm]
     if D is not None:
         D = D.clone().double()[perm][:, perm]
         D[:, dead[perm]] = 0
     H = H + cfg.damp * torch.diagonal(H).mean() * torch.eye(cols, dtype=H.dtype)
+    # mse_weights="saliency": column j's error counts 1/[H_j⁻¹]_jj, H_j the Hessian of columns j.. (sweep order)
+    weight = torch.tensor([1 / torch.linalg.inv(H[j:, j:])[0, 0] for j in range(cols)], dtype=H.dtype)
+    if cfg.mse_weights == "uniform":
+        weight = None
+    by_column = None if weight is None else weight[torch.argsort(perm)]
+    static = [
+        fit_grid(W_original[:, s : s + g], cfg.bits, cfg.sym, cfg.mse, None if by_column is None else by_column[s : s + g])
+        for s in range(0, cols, g)
+    ]
     Hinv = torch.linalg.inv(H)
     Q = torch.zeros_like(W)
     loss = 0.0
@@ -66,7 +74,7 @@ def reference_sweep(W, H, cfg, D=None):
             scale, zero = static[int(perm[j]) // g]
         elif j % g == 0:
             source = snapshot if cfg.group_grid == "block-start" else W
-            scale, zero = fit_grid(source[:, j : j + g], cfg.bits, cfg.sym, cfg.mse)
+            scale, zero = fit_grid(source[:, j : j + g], cfg.bits, cfg.sym, cfg.mse, None if weight is None else weight[j : j + g])
         q = scale * (quantize_codes(W[:, j], scale, zero, cfg.maxq) - zero)
         d = Hinv[j, j]
         Q[:, j] = q
@@ -91,6 +99,9 @@ CASES = [
     (16, 96, dict(bits=3, group_size=32, act_order=True, static_groups=True, block_size=32)),
     (10, 80, dict(bits=4, group_size=-1, act_order=True, mse=True, block_size=24)),
     (10, 80, dict(bits=4, group_size=20, mse=True, sym=False, block_size=64)),
+    (16, 96, dict(bits=3, group_size=32, act_order=True, mse=True, mse_weights="saliency", block_size=40, sym=False)),
+    (16, 96, dict(bits=3, group_size=32, act_order=True, static_groups=True, mse=True, mse_weights="saliency")),
+    (12, 100, dict(bits=4, group_size=24, mse=True, mse_weights="saliency", block_size=32, group_grid="updated")),
     (8, 576, dict(bits=4, group_size=128, sym=False)),  # SmolLM2 width: last group is 64 wide
     (12, 96, dict(bits=2, group_size=32, block_size=128, sym=False, group_grid="updated")),
     (16, 100, dict(bits=3, group_size=24, block_size=32, act_order=True, sym=False, group_grid="updated")),
@@ -271,6 +282,25 @@ def test_mse_grid_never_worse_than_minmax():
     assert torch.all(errs[1] <= errs[0] + 1e-6) and errs[1].sum() < 0.9 * errs[0].sum()
 
 
+def test_weighted_mse_grid_minimises_the_weighted_error():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 64, generator=gen, dtype=torch.float64)
+    w[:, :4] *= 6  # outliers the unweighted search clips
+    weights = torch.exp(2 * torch.randn(64, generator=gen, dtype=torch.float64))
+    weights[:4] *= 50  # ... but here their errors count most
+
+    def score(s, z, cw):
+        q = s[:, None] * (quantize_codes(w, s[:, None], z[:, None], 7) - z[:, None])
+        return (q - w).abs().pow(2.4) @ cw
+
+    plain = fit_grid(w, bits=3, sym=False, mse=True)
+    torch.testing.assert_close(fit_grid(w, 3, False, True, col_weights=torch.full((64,), 3.0, dtype=w.dtype)), plain)
+    weighted = fit_grid(w, bits=3, sym=False, mse=True, col_weights=weights)
+    assert torch.all(score(*weighted, weights) <= score(*plain, weights) * (1 + 1e-12))
+    assert score(*weighted, weights).sum() < 0.9 * score(*plain, weights).sum()
+    assert not torch.equal(weighted[0], plain[0])
+
+
 def test_act_order_g_idx_consistent():
     W, _, H = correlated_problem(8, 100, seed=5)
     cfg = QuantConfig(bits=4, group_size=32, act_order=True, sym=False)
@@ -389,6 +419,8 @@ def test_hessian_accumulator_token_weights():
         (dict(block_size=0), "block_size"),
         (dict(damp=-0.1), "damp"),
         (dict(sym="yes"), "sym"),
+        (dict(mse=True, mse_weights="hessian"), "mse_weights"),
+        (dict(mse_weights="saliency"), "mse_weights"),  # weighs a search that mse=False does not run
     ],
 )
 def test_bad_config_names_the_field(kw, field):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 GROUP_GRIDS = ("updated", "block-start")
+MSE_WEIGHTS = ("uniform", "saliency")
 
 
 class QuantConfigError(ValueError):
@@ -27,6 +28,9 @@ class QuantConfig:
             Raised automatically, and recorded, when the Cholesky factorisation fails.
         block_size: columns per lazy batch update (``B`` in the paper).
         mse: shrink each grid's range by the reference's MSE grid search instead of plain min/max.
+        mse_weights: how the MSE search weighs a group's columns: ``"uniform"`` (the reference) or
+            ``"saliency"``: each column by ``1/[H⁻¹]_jj`` at its turn in the sweep (``1/U_jj²``), the
+            factor GPTQ's loss puts on that column's rounding error. Needs ``mse``.
         group_grid: which weights a group's grid is fitted on when the group starts inside a block
             (``group_size < block_size``): ``"block-start"`` (the weights as they stood when the
             block began: the reference code's rule, and better at 2 bits) or ``"updated"`` (as
@@ -48,6 +52,7 @@ class QuantConfig:
     damp: float = 0.01
     block_size: int = 128
     mse: bool = False
+    mse_weights: str = "uniform"
     group_grid: str = "block-start"
     gptaq_alpha: float = 0.25
     refit_scales: bool = False
@@ -71,6 +76,10 @@ class QuantConfig:
             raise QuantConfigError(f"QuantConfig.gptaq_alpha must be a number in [0, 1], got {self.gptaq_alpha!r}")
         if self.group_grid not in GROUP_GRIDS:
             raise QuantConfigError(f"QuantConfig.group_grid must be one of {GROUP_GRIDS}, got {self.group_grid!r}")
+        if self.mse_weights not in MSE_WEIGHTS:
+            raise QuantConfigError(f"QuantConfig.mse_weights must be one of {MSE_WEIGHTS}, got {self.mse_weights!r}")
+        if self.mse_weights != "uniform" and self.mse is not True:
+            raise QuantConfigError(f"QuantConfig.mse_weights={self.mse_weights!r} weighs the MSE grid search: set mse: true")
         for name in ("sym", "act_order", "static_groups", "mse", "refit_scales"):
             if not isinstance(getattr(self, name), bool):
                 raise QuantConfigError(f"QuantConfig.{name} must be true or false, got {getattr(self, name)!r}")

@@ -164,8 +164,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
     # The scale refit needs H after the sweep has consumed it (and the weight before any update).
     refit_from = (Wt.T.clone(), H.clone()) if config.refit_scales else None
 
-    if config.static_groups:
-        static_grids = [fit_grid(Wt[k * g : (k + 1) * g].T, config.bits, config.sym, config.mse) for k in range(n_groups)]
+    W_original = Wt if config.static_groups else None  # static grids fit it, in the original column order
 
     perm = torch.argsort(H.diagonal(), descending=True) if config.act_order else torch.arange(cols, device=Wt.device)
     if config.act_order:
@@ -185,6 +184,19 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
             DampingIncreasedWarning,
             stacklevel=2,
         )
+
+    # 1/U_jj² = 1/[H⁻¹]_jj when column j's turn comes: the factor GPTQ's loss puts on its rounding error.
+    saliency = U.diagonal().square().reciprocal() if config.mse_weights == "saliency" else None
+    if config.static_groups:
+        by_column = None if saliency is None else saliency[torch.argsort(perm)]
+        static_grids = [
+            fit_grid(
+                W_original[k * g : (k + 1) * g].T, config.bits, config.sym, config.mse,
+                col_weights=None if by_column is None else by_column[k * g : (k + 1) * g],
+            )
+            for k in range(n_groups)
+        ]
+    del W_original
 
     codes = torch.empty_like(Wt, dtype=torch.uint8)
     scales = torch.empty(rows, n_groups, dtype=dtype, device=Wt.device)
@@ -227,7 +239,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
                         Wt[b_end:p_end] - pending(i1, done, b_end, p_end),
                         Wt[p_end:end] - pending(p1, done, p_end, end),
                     ])
-                    scale, zero = fit_grid(current.T, config.bits, config.sym, config.mse)
+                    weights = None if saliency is None else saliency[j:end]
+                    scale, zero = fit_grid(current.T, config.bits, config.sym, config.mse, col_weights=weights)
                     scales[:, k], zeros[:, k] = scale, zero
                 w, err = Wt[j], E[j - p1]
                 q = codes[j] = quantize_codes(w, scale, zero, maxq)

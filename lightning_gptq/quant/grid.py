@@ -41,8 +41,13 @@ def dequantize_codes(codes: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
     return scale * (codes - zero)
 
 
-def fit_grid(w: Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[Tensor, Tensor]:
-    """Fit one grid per row of ``w`` [rows, cols]; returns ``scale``, ``zero`` [rows] (zero integer-valued)."""
+def fit_grid(
+    w: Tensor, bits: int, sym: bool, mse: bool = False, col_weights: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Fit one grid per row of ``w`` [rows, cols]; returns ``scale``, ``zero`` [rows] (zero integer-valued).
+
+    ``col_weights`` [cols] (MSE search only): each column's error counts that many times in the score.
+    """
     maxq = (1 << bits) - 1
     xmin = torch.clamp(w.amin(dim=1), max=0)
     xmax = torch.clamp(w.amax(dim=1), min=0)
@@ -54,7 +59,8 @@ def fit_grid(w: Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[Tensor
         p = 1 - i / MSE_GRID_STEPS
         s, z = _minmax_grid(p * xmin, p * xmax, maxq, sym)
         q = dequantize_codes(quantize_codes(w, s[:, None], z[:, None], maxq), s[:, None], z[:, None])
-        err = (q - w).abs_().pow_(MSE_NORM).sum(dim=1)
+        err = (q - w).abs_().pow_(MSE_NORM)
+        err = err.sum(dim=1) if col_weights is None else err @ col_weights
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s, scale)
