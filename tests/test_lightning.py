@@ -602,7 +602,7 @@ def test_bos_per_window_for_calibration_and_scoring(tmp_path):
     out = tmp_path / "out"
     run = main(["fit", *cli_args(model_dir, tmp_path / "f", "--model.latency=false", "--data.calibration_bos=true",
                                  "--data.eval_bos=true", f"--model.output_dir={out}")])
-    lm, tokenizer = run.model.lm, run.model.tokenizer
+    tokenizer = run.model.tokenizer
     plain = calibration_windows(str(CALIBRATION_TEXT), tokenizer, nsamples=6, seqlen=24, seed=0)
     windows = run.datamodule.calibration_windows()
     assert (windows[:, 0] == tokenizer.bos_token_id).all() and torch.equal(windows[:, 1:], plain[:, :-1])

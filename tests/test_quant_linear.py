@@ -3,7 +3,6 @@
 import json
 import logging
 import math
-import time
 
 import pytest
 import torch
