@@ -1,5 +1,9 @@
 """lightning-gptq: GPTQ post-training quantization of causal LMs as a PyTorch Lightning fit loop."""
 
+from ._unshadow import import_hf_kernels_first
+
+import_hf_kernels_first()  # before anything imports transformers
+
 from .quant import (
     DampingIncreasedWarning,
     HessianAccumulator,
