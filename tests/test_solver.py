@@ -55,9 +55,9 @@ def reference_sweep(W, H, cfg, D=None):
         D[:, dead[perm]] = 0
     H = H + cfg.damp * torch.diagonal(H).mean() * torch.eye(cols, dtype=H.dtype)
     # mse_weights="saliency": column j's error counts 1/[H_j⁻¹]_jj, H_j the Hessian of columns j.. (sweep order)
-    weight = torch.tensor([1 / torch.linalg.inv(H[j:, j:])[0, 0] for j in range(cols)], dtype=H.dtype)
-    if cfg.mse_weights == "uniform":
-        weight = None
+    weight = None
+    if cfg.mse_weights == "saliency":
+        weight = torch.tensor([1 / torch.linalg.inv(H[j:, j:])[0, 0] for j in range(cols)], dtype=H.dtype)
     by_column = None if weight is None else weight[torch.argsort(perm)]
     static = [
         fit_grid(W_original[:, s : s + g], cfg.bits, cfg.sym, cfg.mse, None if by_column is None else by_column[s : s + g])
