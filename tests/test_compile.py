@@ -106,3 +106,63 @@ def test_export_carries_the_kernels(packed):
     targets = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
     assert any("lightning_gptq.packed_matmul" in t for t in targets), targets
     torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def interpreted_triton():
+    pytest.importorskip("triton", reason="triton is not installed (Linux only)")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton runs on CPU only under TRITON_INTERPRET=1 (set by conftest.py)")
+
+
+def test_triton_ops_pass_opcheck(interpreted_triton):
+    from lightning_gptq.nn.triton import TritonQuantLinear
+
+    layer = random_layer(TritonQuantLinear, LayerSpec(64, 48, 4, 32, False, True, True), seed=3)
+    hot = layer.__dict__["_hot"]
+    args = (hot["k_words"], hot["k_scales"], hot["k_zeros"], layer.bits, layer.k_group)
+    op = torch.ops.lightning_gptq
+    for rows in (1, 5):
+        torch.library.opcheck(op.triton_matmul.default, (torch.randn(rows, layer.k_pad), *args))
+    torch.library.opcheck(op.triton_dequantize.default, (*args, layer.k_pad, torch.float32))
+
+
+@pytest.mark.parametrize("kernel", ["fused", "dequant"])
+def test_triton_layers_trace_without_graph_breaks(interpreted_triton, kernel):
+    """Dynamo cannot trace Triton's launch wrappers; traced, the layer calls them as ``lightning_gptq::`` ops."""
+    from lightning_gptq.nn.triton import TritonQuantLinear
+
+    first = random_layer(TritonQuantLinear, LayerSpec(64, 96, 4, 32, False, True, True), seed=1)  # act-order, bias
+    second = random_layer(TritonQuantLinear, LayerSpec(96, 64, 3, -1, False, False, False), seed=2)
+
+    def model(x):
+        return second.run(kernel, torch.nn.functional.gelu(first.run(kernel, x)))
+
+    for rows in (1, 5):  # the GEMV and the tl.dot tiles
+        x = torch.randn(rows, 64)
+        explained = torch._dynamo.explain(model)(x)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x), model(x))  # the same kernels: the same numbers
+        torch._dynamo.reset()
+
+
+def test_cuda_int4_layers_trace_without_graph_breaks(monkeypatch):
+    """Over the emulated int4 kernel (``tests/test_cuda_int4.py``): every kernel traces whole."""
+    from lightning_gptq.kernels import cuda_int4
+    from lightning_gptq.nn.cuda_int4 import CudaInt4QuantLinear
+    from test_cuda_int4 import fake_convert, fake_mm
+
+    monkeypatch.setattr(cuda_int4, "_convert_op", fake_convert)
+    monkeypatch.setattr(cuda_int4, "_mm_op", fake_mm)
+    monkeypatch.setattr(cuda_int4, "_ORDERS", {})
+    layer = random_layer(CudaInt4QuantLinear, LayerSpec(128, 64, 4, 64, False, True, True), seed=1)
+    x = torch.randn(3, 128)
+    for kernel in CudaInt4QuantLinear.kernels:
+        explained = torch._dynamo.explain(lambda t: layer.run(kernel, t))(x)
+        assert explained.graph_break_count == 0, (kernel, explained.break_reasons)
+        compiled = torch.compile(lambda t: layer.run(kernel, t), backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), layer.run(kernel, x))
+        torch._dynamo.reset()

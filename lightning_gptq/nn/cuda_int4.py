@@ -41,6 +41,7 @@ class CudaInt4QuantLinear(ConvertedQuantLinear):
         self.k_offset = 8 - (1 << (self.bits - 1))  # narrower codes centred on the kernel's 8 (see cpu_int4)
         codes = F.pad(codes + self.k_offset, (0, self.k_pad - self.in_features, 0, self.n_pad - self.out_features))
         self.register_buffer("k_weight", cuda_int4.pack(codes, self.k_tiles), persistent=False)
+        cuda_int4.tile_order(self.k_tiles, codes.device)  # learned now, not inside a traced graph (a data-dependent check)
         scales, zeros = self._kernel_grid(torch.float32)
         self.register_buffer("k_scales_zeros", cuda_int4.scales_and_zeros(scales, zeros), persistent=False)
 

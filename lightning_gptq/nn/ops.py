@@ -1,4 +1,4 @@
-"""The C++ CPU kernels as dispatcher operators, for ``torch.compile`` and ``torch.export``.
+"""Our kernels as dispatcher operators (``lightning_gptq::``), for ``torch.compile`` and ``torch.export``.
 
 ``kernels/cpu_gemm.cpp`` defines them in C++ (``lightning_gptq::``) when the kernel library first loads, with fake
 implementations for shapes, so a traced graph holds one opaque node per kernel call (no graph break) and the
@@ -13,8 +13,15 @@ microseconds, which a one-row decode of a small layer notices); while a graph is
   writes into a reused per-thread workspace, which a graph must not alias).
 - ``dense_gemv``, ``int8_row_gemv``: the LM head's decode kernels (:mod:`lightning_gptq.nn.head`).
 
-None mutates or aliases its inputs; each returns a new tensor. Using them needs the kernel built
-(``cpu_gemm.unavailable()`` is None), which every layer that calls them has checked.
+- ``triton_matmul``, ``triton_dequantize``: the Triton kernels (:mod:`lightning_gptq.kernels.triton_tiled`),
+  defined here in Python. Dynamo cannot trace a Triton launch wrapper with autotuning and split-K zeroing
+  (nor the interpreter the CPU tests run it under), so a compiled decode holds each as one opaque node,
+  and on CUDA ``mode="reduce-overhead"`` captures the launches in a CUDA graph (autotuning happens in the
+  warm-up call, before capture).
+
+None mutates or aliases its inputs; each returns a new tensor. Using the C++ ones needs the kernel built
+(``cpu_gemm.unavailable()`` is None), which every layer that calls them has checked; the Triton ones need
+``triton`` (a CUDA device, or ``TRITON_INTERPRET=1`` on CPU).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["dense_gemv", "int8_row_gemv", "packed_dequant_t", "packed_matmul", "tracing"]
+__all__ = ["dense_gemv", "int8_row_gemv", "packed_dequant_t", "packed_matmul", "tracing", "triton_dequantize",
+           "triton_matmul"]
 
 
 def tracing() -> bool:
@@ -46,3 +54,30 @@ def dense_gemv(x: Tensor, weight: Tensor) -> Tensor:
 
 def int8_row_gemv(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     return torch.ops.lightning_gptq.int8_row_gemv(x, q, scale)
+
+
+@torch.library.custom_op("lightning_gptq::triton_matmul", mutates_args=())
+def triton_matmul(x: Tensor, words: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int) -> Tensor:
+    """:func:`lightning_gptq.kernels.triton_tiled.matmul`: ``x`` [M, K] → fp32 [M, N]."""
+    from lightning_gptq.kernels import triton_tiled  # imports triton: only when the op runs
+
+    return triton_tiled.matmul(x, words, scales, zeros, bits, group)
+
+
+@triton_matmul.register_fake
+def _(x, words, scales, zeros, bits, group):
+    return x.new_empty(x.shape[0], scales.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lightning_gptq::triton_dequantize", mutates_args=())
+def triton_dequantize(words: Tensor, scales: Tensor, zeros: Tensor, bits: int, group: int, k: int,
+                      dtype: torch.dtype) -> Tensor:
+    """:func:`lightning_gptq.kernels.triton_tiled.dequantize`: the dense ``W`` [N, k] in ``dtype``."""
+    from lightning_gptq.kernels import triton_tiled
+
+    return triton_tiled.dequantize(words, scales, zeros, bits, group, k, dtype)
+
+
+@triton_dequantize.register_fake
+def _(words, scales, zeros, bits, group, k, dtype):
+    return words.new_empty(scales.shape[0], k, dtype=dtype)

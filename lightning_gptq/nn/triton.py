@@ -15,6 +15,7 @@ import importlib.util
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import ops
 from .converted import ConvertedQuantLinear
 from .quant_linear import Capabilities, register_quant_linear
 
@@ -54,10 +55,13 @@ class TritonQuantLinear(ConvertedQuantLinear):
         return _kernels().unpack(self.k_words, self.bits)
 
     def compute(self, kernel: str, rows: Tensor, hot: dict[str, Tensor]) -> Tensor:
-        k = _kernels()
+        if ops.tracing():  # the same launches as dispatcher ops: dynamo cannot trace Triton's launch wrappers
+            matmul, dequantize = ops.triton_matmul, ops.triton_dequantize
+        else:
+            matmul, dequantize = _kernels().matmul, _kernels().dequantize
         if kernel == "fused":
-            return k.matmul(rows, hot["k_words"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group)
+            return matmul(rows, hot["k_words"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group)
         if kernel == "dequant":
-            w = k.dequantize(hot["k_words"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, self.k_pad, rows.dtype)
+            w = dequantize(hot["k_words"], hot["k_scales"], hot["k_zeros"], self.bits, self.k_group, self.k_pad, rows.dtype)
             return F.linear(rows, w)
         raise ValueError(f"{self.backend} has no kernel {kernel!r}; it has {self.kernels}")
