@@ -6,7 +6,7 @@
     python scripts/check_gpu.py --all         # one prepared run on a bare GPU machine (below)
 
 ``--all`` is made for a GPU machine that sees only the checkout and no package index: first
-``python scripts/make_gpu_bundle.py`` here (writes the git-ignored ``.gpu-check/``: a 12-block
+``python scripts/make_gpu_bundle.py`` here (writes the git-ignored ``.gpu-check/``: 12 of the 30 blocks of a
 SmolLM2 GGUF, text, and wheels of the pure-Python packages the GPU image lacks), then on the GPU,
 with ``.gpu-check`` carried: ``python3 scripts/check_gpu.py --all``. It installs the wheels and the
 project under ``/tmp``, then runs, each under its own time limit and each reported even if another
@@ -200,6 +200,22 @@ def cli(stage: str, dtype: str, out: Path, *extra: str) -> list[str]:
             f"--trainer.logger.init_args.save_dir={out}", "--trainer.enable_progress_bar=false", *extra]
 
 
+#: WikiText-2 perplexity of the bundle's model from ``--all --cpu`` (fp32, 2 CPU cores, 2026-12-03, bundle
+#: ``--keep 0-2,21-29``): the scores the GPU run's are compared with (target: within 1%). Rerun ``--cpu`` after a
+#: change to the solver or the bundle and update these.
+CPU_PERPLEXITY = {"fit": 3345.3624, "validate": 2652.7697}
+
+
+def against_cpu(stage: str, text: str) -> str | None:
+    """The line comparing a stage's WikiText-2 perplexity in ``text`` with ``CPU_PERPLEXITY``."""
+    score = re.search(r"wikitext2 perplexity ([0-9.]+)", text)
+    if stage not in CPU_PERPLEXITY or not score:
+        return None
+    ppl, cpu = float(score.group(1)), CPU_PERPLEXITY[stage]
+    return f"perplexity {ppl:.4f} against the CPU run's {cpu:.4f}: {ppl / cpu:.4f}x " \
+           f"({'within' if abs(ppl / cpu - 1) <= 0.01 else 'NOT within'} 1%)"
+
+
 def steps(out: Path, accelerator: str) -> list[tuple[str, list[str], int, dict[str, str]]]:
     """(title, command, seconds allowed, extra environment) of each part of ``--all``."""
     me = [sys.executable, str(Path(__file__).resolve())]
@@ -208,13 +224,13 @@ def steps(out: Path, accelerator: str) -> list[tuple[str, list[str], int, dict[s
               "--data.nsamples=16", f"--model.output_dir={out / 'fit' / 'model'}", device)
     base = cli("validate", dtype, out / "baseline", device)
     return [
-        ("CUDA tests (cuda-int4 over the emulated kernel)", [sys.executable, "-m", "pytest", "-q", "-c", str(ROOT / "pyproject.toml"),
-                                                             "--rootdir", str(ROOT), str(ROOT / "tests/test_cuda_int4.py")],
-         40, {}),
+        ("CUDA tests (compiled kernels in CUDA graphs, fp16 fit + compiled decode; cuda-int4 emulated)",
+         [sys.executable, "-m", "pytest", "-q", "-rs", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
+          str(ROOT / "tests/test_cuda.py"), str(ROOT / "tests/test_cuda_int4.py")], 90, {}),
         # 3 and 4 bits run the same compiled kernels (nibbles), 8 the byte ones: every kernel variant, few compiles
         ("correctness against the fp64 oracle", [*me, "correctness", "--dtypes", "float16", "bfloat16", "--bits", "3",
-                                                 "8"], 80, {"LIGHTNING_GPTQ_TRITON_AUTOTUNE": "0"}),
-        ("kernel table: 4-bit g128 against fp16 F.linear", [*me, "table"], 130, {}),
+                                                 "8"], 70, {"LIGHTNING_GPTQ_TRITON_AUTOTUNE": "0"}),
+        ("kernel table: 4-bit g128 against fp16 F.linear", [*me, "table"], 110, {}),
         ("fit: 16 windows, SmolLM2 12 blocks", fit, 200, {}),
         ("validate: the same model unquantized (baseline)", base, 60, {}),
     ]
@@ -246,6 +262,8 @@ def run_all(out: Path, accelerator: str = "gpu") -> int:
         keep = [line for line in text.splitlines() if line.startswith(("|", "FAIL", "#")) or re.search(
             r"perplexity|latency|worst relative|cuda-int4|passed|failed|error|Error|auto:", line)]
         section = [f"\n## {title}: {status}, {time.perf_counter() - began:.0f} s\n", *keep[-60:]]
+        if cmd[2] == "lightning_gptq" and (line := against_cpu(cmd[3], text)):
+            section.append(line)
         report += section
         print("\n".join(section), flush=True)
     report.append(f"\n{failures} parts failed; {time.perf_counter() - start:.0f} s in all")

@@ -4,8 +4,11 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 # Triton kernels run on CPU only in the interpreter, which must be chosen before they are defined.
-# The "triton" backend is never an `auto` candidate on CPU, so this changes nothing else.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The "triton" backend is never an `auto` candidate on CPU, so this changes nothing else. On a GPU they compile.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # auto's on-disk timing cache (nn/autotune_cache.py) off: every test times what it needs, whatever ran before.
 # The tests of the cache switch it on in a temporary folder.
