@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from lightning_gptq.kernels import torch_ref
 from lightning_gptq.kernels.packing import pack_cols, pack_rows, packed_length, unpack_cols, unpack_rows
+from lightning_gptq.quant.linalg import fp32_matmuls
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,13 @@ def exact_kernels() -> Iterator[None]:
     later blocks do not depend on which kernels this machine happens to favour.
 
     The block holds for the code it wraps, in the thread (or asyncio task) that entered it: other threads
-    running the same model meanwhile keep their own dispatch (a new thread starts outside any block)."""
+    running the same model meanwhile keep their own dispatch (a new thread starts outside any block).
+    Dense fp32 matmuls run in fp32 too, whatever ``torch.set_float32_matmul_precision`` says
+    (:func:`lightning_gptq.quant.linalg.fp32_matmuls`; that one is process-wide while the block lasts)."""
     token = _EXACT.set(_EXACT.get() + 1)
     try:
-        yield
+        with fp32_matmuls():
+            yield
     finally:
         _EXACT.reset(token)
 

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .config import QuantConfig
 from .grid import dequantize_codes, fit_grid, quantize_codes
-from .linalg import cholesky_lower_, flip_, inverse_upper_, mirror_upper_, permute_symmetric_
+from .linalg import cholesky_lower_, flip_, fp32_matmuls, inverse_upper_, mirror_upper_, permute_symmetric_
 from .refit import refit_scales
 
 
@@ -122,6 +122,7 @@ def inverse_hessian_cholesky(H: Tensor, damp: float, max_damp: float = 1e3, over
     )
 
 
+@fp32_matmuls()
 def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overwrite_hessian: bool = False,
                   asymmetry: Tensor | None = None) -> QuantizedWeight:
     """Quantize ``weight`` [out, in] with GPTQ given the layer Hessian ``hessian`` [in, in].
@@ -286,6 +287,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
     )
 
 
+@fp32_matmuls()
 def rtn_quantize(weight: Tensor, config: QuantConfig) -> QuantizedWeight:
     """Round-to-nearest baseline: each group's grid fitted on the original weight [out, in], no updates.
 

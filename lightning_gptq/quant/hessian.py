@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linalg import fp32_matmuls
+
 
 class HessianAccumulator:
     """Accumulates ``H = 2/n · Σᵢ XᵢᵀXᵢ`` [in_features, in_features] over samples ``Xᵢ`` [tokens, in].
@@ -33,6 +35,7 @@ class HessianAccumulator:
         self._edges = [round(i * in_features / self.tiles) for i in range(self.tiles + 1)]
 
     @torch.no_grad()
+    @fp32_matmuls()
     def add(self, x: Tensor, token_weights: Tensor | None = None) -> None:
         """Add activations ``x`` [..., in_features] (any float dtype).
 
@@ -124,6 +127,7 @@ class MismatchAccumulator(HessianAccumulator):
         super().__init__(in_features, device=device, tiles=1)
 
     @torch.no_grad()
+    @fp32_matmuls()
     def add(self, x: Tensor, reference: Tensor | None = None, token_weights: Tensor | None = None) -> None:
         """Add ``x`` [..., in] and the full-precision ``reference`` of the same shape; ``token_weights``
         as in ``HessianAccumulator.add`` (token ``t`` adds ``w_t · (ref_t − x_t) x_tᵀ``)."""

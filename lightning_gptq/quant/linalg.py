@@ -71,6 +71,35 @@ def permute_symmetric_(A: Tensor, perm: Tensor) -> None:
         A[r0 : r0 + CHUNK] = A[r0 : r0 + CHUNK].index_select(1, perm)
 
 
+_PER_BACKEND = hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision")  # torch >= 2.9
+
+
+@contextmanager
+def fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls computed in fp32 inside this block, whatever the process asked for: after
+    ``torch.set_float32_matmul_precision("high" | "medium")`` (a common line in GPU training scripts)
+    CUDA multiplies fp32 in TF32 and oneDNN in bf16 (measured on an AMX Xeon: a 512×2048×512 product off
+    by 0.5 at "medium"), which would round Hessians and the solve to 8–10 mantissa bits. Process-wide
+    while it lasts (torch has no per-thread setting); restored after. Usable as a decorator."""
+    if not _PER_BACKEND:
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(previous)
+        return
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    previous = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, previous):
+            b.fp32_precision = value
+
+
 @contextmanager
 def one_thread() -> Iterator[None]:
     """LAPACK's CPU factorisations round differently with the number of threads (measured: SmolLM2's

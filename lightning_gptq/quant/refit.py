@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .linalg import fp32_matmuls
 
+
+@fp32_matmuls()
 def refit_scales(weight: Tensor, hessian: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor,
                  target: Tensor | None = None) -> Tensor:
     """Scales [out, groups] minimising ``Σ_r (w_r − q_r)ᵀ H (w_r − q_r)`` for fixed codes and zeros.
@@ -66,6 +69,7 @@ def refit_scales(weight: Tensor, hessian: Tensor, codes: Tensor, scales: Tensor,
     return torch.where(bad, old, new).to(scales.dtype)
 
 
+@fp32_matmuls()
 def output_error(weight: Tensor, hessian: Tensor, dequantized: Tensor, target: Tensor | None = None) -> Tensor:
     """``Σ_r (w_r − q_r)ᵀ H (w_r − q_r)`` (or, with ``target``, the error it is the quadratic part of,
     up to a constant: ``Σ_r q_rᵀ H q_r − 2 q_rᵀ T w_r``) in fp64. For tests and logs."""
