@@ -227,7 +227,8 @@ def steps(out: Path, accelerator: str) -> list[tuple[str, list[str], int, dict[s
     return [
         ("CUDA tests (compiled kernels in CUDA graphs, fp16 fit + compiled decode; cuda-int4 emulated)",
          [sys.executable, "-m", "pytest", "-q", "-rs", "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT),
-          str(ROOT / "tests/test_cuda.py"), str(ROOT / "tests/test_cuda_int4.py")], 80, {}),
+          str(ROOT / "tests/test_cuda.py"), str(ROOT / "tests/test_cuda_int4.py")], 80,
+         {"LIGHTNING_GPTQ_TRITON_AUTOTUNE": "0"}),  # (each test's shapes would autotune a dozen compiles each)
         # 3 and 4 bits run the same compiled kernels (nibbles), 8 the byte ones: every kernel variant, few compiles
         ("correctness against the fp64 oracle", [*me, "correctness", "--dtypes", "float16", "bfloat16", "--bits", "3",
                                                  "8"], 60, {"LIGHTNING_GPTQ_TRITON_AUTOTUNE": "0"}),
