@@ -116,22 +116,22 @@ def _nibbles(packed: Tensor) -> Tensor:
     return ((words >> shifts) & 0xF).to(torch.uint8).view(-1)
 
 
-_ORDERS: dict[tuple[int, str], Tensor] = {}
+_ORDERS: dict[int, Tensor] = {}
 
 
 def tile_order(inner_k_tiles: int, device: torch.device) -> Tensor:
     """For each nibble of one packed tile (8 rows × 16·t columns), in memory order, the position
-    ``row · 16t + column`` of the code it holds (long [128·t]). Learned by packing a tile whose codes are
-    the base-16 digits of their own positions, one digit at a time."""
-    key = (inner_k_tiles, str(device))
-    if key not in _ORDERS:
+    ``row · 16t + column`` of the code it holds (long [128·t], on ``device``). Learned once, on ``device``,
+    by packing a tile whose codes are the base-16 digits of their own positions, one digit at a time; later
+    calls on any device reuse it (a layer moved to the CPU to be saved reads its codes without the kernel)."""
+    if inner_k_tiles not in _ORDERS:
         cols = 16 * inner_k_tiles
         position = torch.arange(ROW_MULTIPLE * cols, device=device).view(ROW_MULTIPLE, cols)
         order = sum(_nibbles(pack((position >> (4 * d)) & 0xF, inner_k_tiles)).long() << (4 * d) for d in range(3))
         if not torch.equal(order.sort().values, torch.arange(order.numel(), device=device)):
             raise RuntimeError(f"the int4 kernel's tile (inner_k_tiles {inner_k_tiles}) is not a permutation of its codes")
-        _ORDERS[key] = order
-    return _ORDERS[key]
+        _ORDERS[inner_k_tiles] = order
+    return _ORDERS[inner_k_tiles].to(device)
 
 
 def unpack(packed: Tensor, n: int, k: int, inner_k_tiles: int) -> Tensor:

@@ -61,7 +61,7 @@ def quantize(
         backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
         output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
             summary to ``output_dir`` (default: nothing is written).
-        accelerator: Lightning's (``"auto"``, ``"cpu"``, ``"gpu"``).
+        accelerator: Lightning's (``"auto"``, ``"cpu"``, ``"gpu"``); the model is returned on that device.
         progress: show progress bars.
         module_options: any other ``GPTQModule`` argument (``dtype``, ``true_sequential``,
             ``activation_dtype``, ``checkpoint_format``, ``save_dtype``, ``eval_after``...).
@@ -97,4 +97,16 @@ def quantize(
                           enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                           default_root_dir=scratch, callbacks=callbacks)
         trainer.fit(module, datamodule=data)
-    return module.lm
+        device = trainer.strategy.root_device
+    return _placed(module.lm, device, backend)
+
+
+def _placed(lm: nn.Module, device: torch.device, backend: str) -> nn.Module:
+    """The model back on the device it was calibrated on (Lightning's teardown moves it to the CPU), its
+    quantized layers on backends that run there."""
+    from lightning_gptq.nn import QuantLinear, to_backend
+
+    lm.to(device)
+    if any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in lm.modules()):
+        to_backend(lm, backend)
+    return lm

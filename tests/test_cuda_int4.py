@@ -62,6 +62,23 @@ def test_the_tile_order_is_learned_from_the_kernel_and_codes_round_trip(emulated
     assert torch.equal(cuda_int4.unpack_through_kernel(cuda_int4.pack(codes, t), 40, 16 * t * 3, 32), codes)
 
 
+def test_the_order_is_learned_once_and_serves_any_device(emulated, monkeypatch):
+    """A layer moved off the GPU (Lightning's teardown and saving both move models to the CPU) reads its codes
+    with the order learned where the kernel ran; it never calls the kernel where it now sits."""
+    spec = LayerSpec(128, 64, 4, 64, False, True, True, "cpu", "float32")
+    layer, oracle = random_layer(CudaInt4QuantLinear, spec, seed=3), random_layer(QuantLinear, spec, seed=3)
+
+    def no_kernel(*args):
+        raise AssertionError("the int4 kernel was called again")
+
+    monkeypatch.setattr(cuda_int4, "_convert_op", no_kernel)
+    monkeypatch.setattr(cuda_int4, "_mm_op", no_kernel)
+    moved = cuda_int4.tile_order(layer.k_tiles, torch.device("meta"))  # another device: the same order, moved
+    assert moved.device.type == "meta" and moved.shape == cuda_int4.tile_order(layer.k_tiles, torch.device("cpu")).shape
+    saved, expected = layer.state_dict(), oracle.state_dict()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+
+
 def test_the_load_time_check_passes_on_the_contract_and_fails_off_it(emulated, monkeypatch):
     assert cuda_int4.check_layout(torch.device("cpu")) is None
     # a kernel that read the nibbles of each input byte the other way round: codes still round-trip
