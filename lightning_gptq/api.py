@@ -69,6 +69,7 @@ def quantize(
     from lightning.pytorch import Trainer
 
     from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture
+    from lightning_gptq.nn import place
 
     if config is not None and not isinstance(config, QuantConfig):
         raise TypeError(f"quantize(config=...) takes a lightning_gptq.QuantConfig, got {type(config).__name__}")
@@ -98,15 +99,4 @@ def quantize(
                           default_root_dir=scratch, callbacks=callbacks)
         trainer.fit(module, datamodule=data)
         device = trainer.strategy.root_device
-    return _placed(module.lm, device, backend)
-
-
-def _placed(lm: nn.Module, device: torch.device, backend: str) -> nn.Module:
-    """The model back on the device it was calibrated on (Lightning's teardown moves it to the CPU), its
-    quantized layers on backends that run there."""
-    from lightning_gptq.nn import QuantLinear, to_backend
-
-    lm.to(device)
-    if any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in lm.modules()):
-        to_backend(lm, backend)
-    return lm
+    return place(module.lm, device, backend)  # where it was calibrated: Lightning's teardown moved it to the CPU

@@ -56,3 +56,12 @@ def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
     if backend == AUTO:
         log.info(speed_up_head(model))
     return chosen
+
+
+def place(model: nn.Module, device: torch.device | str, backend: str = AUTO) -> nn.Module:
+    """``model`` moved to ``device``; quantized layers whose backend cannot run there (the int4 CPU layout
+    on a GPU, a CUDA kernel on the CPU) rebuilt with ``backend`` (:func:`to_backend`). Returns ``model``."""
+    model.to(device)
+    if any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in model.modules()):
+        to_backend(model, backend)
+    return model
