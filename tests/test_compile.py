@@ -148,21 +148,3 @@ def test_triton_layers_trace_without_graph_breaks(interpreted_triton, kernel):
         assert torch.equal(compiled(x), model(x))  # the same kernels: the same numbers
         torch._dynamo.reset()
 
-
-def test_cuda_int4_layers_trace_without_graph_breaks(monkeypatch):
-    """Over the emulated int4 kernel (``tests/test_cuda_int4.py``): every kernel traces whole."""
-    from lightning_gptq.kernels import cuda_int4
-    from lightning_gptq.nn.cuda_int4 import CudaInt4QuantLinear
-    from test_cuda_int4 import fake_convert, fake_mm
-
-    monkeypatch.setattr(cuda_int4, "_convert_op", fake_convert)
-    monkeypatch.setattr(cuda_int4, "_mm_op", fake_mm)
-    monkeypatch.setattr(cuda_int4, "_ORDERS", {})
-    layer = random_layer(CudaInt4QuantLinear, LayerSpec(128, 64, 4, 64, False, True, True), seed=1)
-    x = torch.randn(3, 128)
-    for kernel in CudaInt4QuantLinear.kernels:
-        explained = torch._dynamo.explain(lambda t: layer.run(kernel, t))(x)
-        assert explained.graph_break_count == 0, (kernel, explained.break_reasons)
-        compiled = torch.compile(lambda t: layer.run(kernel, t), backend="eager", fullgraph=True)
-        assert torch.equal(compiled(x), layer.run(kernel, x))
-        torch._dynamo.reset()

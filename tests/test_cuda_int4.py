@@ -123,3 +123,17 @@ def test_declared_capabilities_and_why_it_declines_here():
     assert "cuda" in CudaInt4QuantLinear.unsupported(LayerSpec(576, 576, 4, 128, False, False, False, "cpu"))
     if not torch.cuda.is_available():
         assert CudaInt4QuantLinear.unavailable() == "needs an NVIDIA CUDA GPU"
+
+
+def test_every_kernel_traces_without_graph_breaks(emulated):
+    """Under ``torch.compile``, the layer (its tile order learned at load) is one graph for each kernel."""
+    import torch._dynamo
+
+    layer = random_layer(CudaInt4QuantLinear, LayerSpec(128, 64, 4, 64, False, True, True), seed=1)
+    x = torch.randn(3, 128)
+    for kernel in CudaInt4QuantLinear.kernels:
+        explained = torch._dynamo.explain(lambda t: layer.run(kernel, t))(x)
+        assert explained.graph_break_count == 0, (kernel, explained.break_reasons)
+        compiled = torch.compile(lambda t: layer.run(kernel, t), backend="eager", fullgraph=True)
+        assert torch.equal(compiled(x), layer.run(kernel, x))
+        torch._dynamo.reset()
