@@ -39,10 +39,13 @@ HEADER = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.archite
 def blocks_of(spec: str) -> list[int]:
     """``"0-2,21-29"`` → ``[0, 1, 2, 21, …, 29]``."""
     keep = []
-    for part in spec.split(","):
-        first, _, last = part.partition("-")
-        keep += range(int(first), int(last or first) + 1)
-    if sorted(set(keep)) != keep:
+    try:
+        for part in spec.split(","):
+            first, _, last = part.partition("-")
+            keep += range(int(first), int(last or first) + 1)
+    except ValueError:
+        raise SystemExit(f"--keep {spec!r}: expected block numbers and ranges, e.g. 0-2,21-29") from None
+    if not keep or sorted(set(keep)) != keep:
         raise SystemExit(f"--keep {spec!r}: blocks must be named once each, in increasing order")
     return keep
 
@@ -83,10 +86,11 @@ def main() -> None:
     args = parser.parse_args()
     (BUNDLE / "data").mkdir(parents=True, exist_ok=True)
     keep = blocks_of(args.keep)
-    for old in BUNDLE.glob("SmolLM2-*blocks.gguf"):
-        old.unlink()
     model = BUNDLE / f"SmolLM2-{len(keep)}of30blocks.gguf"
     truncate_gguf(MODEL, model, keep)
+    for old in BUNDLE.glob("SmolLM2-*blocks.gguf"):  # check_gpu.py takes the one model in the bundle
+        if old != model:
+            old.unlink()
     for name, path in TEXTS.items():
         text = path.read_text()
         (BUNDLE / "data" / name).write_text(text[: args.eval_chars if name == "wiki.test.raw" else 1_500_000])
