@@ -76,3 +76,20 @@ def test_scoring_under_exact_kernels_multiplies_in_fp32(medium):
             a @ b
         a @ b
     assert [p for _, p in mode.seen] == [EXACT, precision_now()] and precision_now() != EXACT
+
+
+def test_legacy_path_for_torch_before_2_9_pins_and_restores(medium, monkeypatch):
+    """torch < 2.9 has no per-backend ``fp32_precision``: the context falls back to the process-wide setter.
+    Run here by switching the module's feature flag (torch 2.13 still has the legacy setter)."""
+    from lightning_gptq.quant import linalg
+
+    monkeypatch.setattr(linalg, "_PER_BACKEND", False)
+    inside = []
+    with linalg.fp32_matmuls():
+        inside.append(torch.get_float32_matmul_precision())
+        with pytest.raises(RuntimeError, match="boom"):
+            with linalg.fp32_matmuls():
+                raise RuntimeError("boom")
+        inside.append(torch.get_float32_matmul_precision())  # the inner block restored the outer's setting
+    assert inside == ["highest", "highest"]
+    assert torch.get_float32_matmul_precision() == "medium"
