@@ -234,17 +234,18 @@ def main() -> None:
     reference = next((r[4] for r in rows if r[0] == "torch"), None)
     rel = lambda p: f"{(p - reference) / reference:+.1e}" if p is not None and reference else "–"
     print()
-    print(f"| model | backend used | decode ms/token | decode × fp32 | prefill tokens/s | prefill × fp32 | "
-          f"model MiB | × fp32 | ppl, first {args.ppl_windows} windows (vs torch) | same, exact kernels (vs torch) | "
-          f"same, the one-row (decode) kernel for every input (vs torch) |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    scored = args.ppl_windows > 0  # the perplexity columns only when something was scored
+    print("| model | backend used | decode ms/token | decode × fp32 | prefill tokens/s | prefill × fp32 | model MiB | × fp32 |"
+          + (f" ppl, first {args.ppl_windows} windows (vs torch) | same, exact kernels (vs torch) | "
+             "same, the one-row (decode) kernel for every input (vs torch) |" if scored else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if scored else ""))
     for name, used, lat, fast, exact, decode in rows:
         cells = [f"{p:.4f} ({rel(p)})" if p is not None else "–" for p in (fast, exact, decode)]
         if name.startswith("fp32"):
             cells = [c.split(" (")[0] for c in cells]
         print(f"| {name} | {used} | {lat.decode_ms_per_token:.2f} ({lat.decode_path}) | {decode_ms / lat.decode_ms_per_token:.2f}× | "
               f"{lat.prefill_tokens_per_s:.0f} | {lat.prefill_tokens_per_s / prefill:.2f}× | {lat.model_mib:.1f} | "
-              f"{lat.model_mib / fp32.model_mib:.2f}× | {cells[0]} | {cells[1]} | {cells[2]} |")
+              f"{lat.model_mib / fp32.model_mib:.2f}× |" + (f" {cells[0]} | {cells[1]} | {cells[2]} |" if scored else ""))
     # the strictest yardstick: the best decode and the best prefill of any fp32 variant (the GEMV head changes
     # only calls of up to 4 rows, so for a prefill both fp32 rows time the same computation)
     fp32_rows = [r for r in rows if r[0].startswith("fp32")]
