@@ -36,6 +36,7 @@ def quantize(
     sink_layers: str = "all",
     sink_probe_windows: int | None = None,
     asymmetric: bool = False,
+    dynamic: dict | None = None,
     backend: str = "auto",
     output_dir: str | os.PathLike | None = None,
     accelerator: str = "auto",
@@ -58,6 +59,8 @@ def quantize(
             measures it per block as ``configs/smollm2-135m.yaml`` does).
         asymmetric: GPTAQ's asymmetric calibration (``HessianCapture(asymmetric=True)``): each layer
             also corrects the error earlier quantized blocks left, weighed by ``config.gptaq_alpha``.
+        dynamic: per-layer settings by layer-name pattern (``GPTQCallback``'s; e.g. ``{r"+:.*\.down_proj$": {"bits":
+            8}, "-:.*\.o_proj$": {}}``), recorded in the checkpoint as GPTQModel's ``dynamic``.
         backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
         output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
             summary to ``output_dir`` (default: nothing is written).
@@ -91,7 +94,7 @@ def quantize(
         else:
             data = CalibrationDataModule(calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
                                          batch_size=batch_size, **eval_sets)
-        callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend),
+        callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend, dynamic=dynamic),
                      HessianCapture(sink_tokens=sink_tokens, sink_weight=sink_weight, sink_layers=sink_layers,
                                     sink_probe_windows=sink_probe_windows, asymmetric=asymmetric)]
         trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,

@@ -10,12 +10,16 @@ be written and a stored ``2**bits − 1`` means ``2**bits``), ``gptq_v2`` the tr
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
 
 from lightning_gptq.kernels.packing import pack_cols, packed_length, unpack_cols
+from lightning_gptq.quant.config import QuantConfigError
+from lightning_gptq.quant.rules import LayerRules
 
 V1 = "gptq"
 V2 = "gptq_v2"
@@ -41,9 +45,29 @@ class GPTQSettings:
     static_groups: bool = False
     true_sequential: bool = True
     meta: dict = field(default_factory=dict)
+    #: per-layer overrides (GPTQModel's ``dynamic``: ``lightning_gptq.quant.rules``); written only when non-empty
+    dynamic: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"quant_method": "gptq", **asdict(self), "lm_head": False, "pack_dtype": "int32"}
+        d = {"quant_method": "gptq", **asdict(self), "lm_head": False, "pack_dtype": "int32"}
+        if not self.dynamic:
+            del d["dynamic"]
+        return d
+
+    def for_layer(self, name: str, source: str = "quantization_config") -> GPTQSettings | None:
+        """The settings layer ``name`` was written with (the first ``dynamic`` rule matching it applied), or None
+        where a ``-:`` rule says it was left unquantized."""
+        if not self.dynamic:
+            return self
+        rules = LayerRules.from_checkpoint(self.dynamic)
+        hit = rules.match(name)
+        if hit is None:
+            return self
+        key, skip, _ = hit
+        if skip:
+            return None
+        overrides = rules.layout_rules()[key]  # in the format's names (desc_act)
+        return GPTQSettings.from_dict({**self.to_dict(), **overrides, "dynamic": {}}, f"{source} (dynamic {key!r})")
 
     @classmethod
     def from_dict(cls, d: dict, source: str) -> GPTQSettings:
@@ -64,14 +88,53 @@ class GPTQSettings:
             raise CheckpointError(f"{source}: group_size={group_size}; expected a positive size or -1 (one group per row)")
         if d.get("lm_head"):
             raise CheckpointError(f"{source}: a quantized LM head (lm_head: true) is not supported")
+        dynamic = d.get("dynamic") or {}
+        try:
+            rules = LayerRules.from_checkpoint(dynamic)
+        except QuantConfigError as error:
+            raise CheckpointError(f"{source}: {error}") from None
+        for key, overrides in rules.layout_rules().items():  # each override must itself be a valid layout
+            if overrides:
+                cls.from_dict({**d, **overrides, "dynamic": {}}, f"{source} (dynamic {key!r})")
         return cls(bits=bits, group_size=group_size, desc_act=bool(d.get("desc_act", False)), sym=bool(d.get("sym", True)),
                    checkpoint_format=fmt, damp_percent=float(d.get("damp_percent", 0.01)),
                    static_groups=bool(d.get("static_groups", False)), true_sequential=bool(d.get("true_sequential", True)),
-                   meta=dict(d.get("meta") or {}))
+                   meta=dict(d.get("meta") or {}), dynamic=dict(dynamic))
 
     @property
     def written_by_us(self) -> bool:
         return any(str(q).startswith(TOOL + ":") for q in self.meta.get("quantizer", []))
+
+
+Grid = tuple[int, int, bool]  # (bits, group_size, sym): what shapes a layer's tensors
+
+
+def layer_grids_rules(grids: dict[str, Grid], rules: dict | None = None) -> tuple[Grid, dict]:
+    """The base grid and the ``dynamic`` block under which every quantized layer's ``(bits, group_size, sym)``
+    (``grids``, by full layer name) reads back: ``rules`` (checkpoint spelling, e.g. the user's own, which other
+    tools and vLLM match against their own layer names) when they explain every layer over one of the grids present;
+    else the most common grid, one exact-name rule per other grid, then ``rules``' ``-:`` rules."""
+    order = [grid for grid, _ in Counter(grids.values()).most_common()]
+    explains = lambda base, dynamic: all(  # noqa: E731
+        _grid(GPTQSettings(bits=base[0], group_size=base[1], sym=base[2], desc_act=False, dynamic=dynamic).for_layer(n))
+        == g for n, g in grids.items())
+    for base in order if rules else ():
+        if explains(base, rules):
+            return base, dict(rules)
+    base, dynamic = order[0], {}
+    for grid in order[1:]:
+        names = sorted(n for n, g in grids.items() if g == grid)
+        dynamic["+:(?:" + "|".join(re.escape(n) for n in names) + ")$"] = {
+            "bits": grid[0], "group_size": grid[1], "sym": grid[2]}
+    dynamic.update({key: {} for key in (rules or {}) if key.startswith("-:")})
+    if not explains(base, dynamic):
+        raise ValueError("no dynamic rules describe these layers' grids: a quantized layer matches one of the "
+                         f"'-:' rules {[k for k in rules or {} if k.startswith('-:')]}")
+    return base, dynamic
+
+
+def _grid(settings: GPTQSettings | None) -> Grid | None:
+    return None if settings is None else (settings.bits, settings.group_size, settings.sym)
 
 
 # -- zero-point conventions -------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from .gptq_format import (
     GPTQSettings,
     check_layer_header,
     check_layer_values,
+    layer_grids_rules,
     natural_g_idx,
     v1_is_lossless,
     words_from_file,
@@ -68,15 +69,17 @@ def is_gptq_folder(folder: Path) -> bool:
 def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpoint_format: str = AUTO_FORMAT,
               max_shard_size: int | str = "4GB", desc_act: bool | None = None, damp_percent: float = 0.01,
               static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None,
-              dtype: torch.dtype | str | None = None) -> Path:
+              dtype: torch.dtype | str | None = None, dynamic: dict | None = None) -> Path:
     """Write ``model`` (its linears replaced by ``QuantLinear``) to ``folder`` in the HF GPTQ layout.
 
     ``checkpoint_format``: ``"auto"`` (v1 ``gptq`` when lossless for this model, else ``gptq_v2``),
     ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"``. ``settings``: our own settings,
     recorded under ``meta.lightning_gptq``. ``dtype``: store every floating tensor (unquantized
     weights, scales, biases) in this dtype (e.g. ``"float16"``, what serving stacks expect, about
-    half the size of fp32 embeddings); default: as in memory (lossless). Written to ``<folder>.partial`` and renamed, so an
-    interrupted save never leaves a half-written checkpoint under the final name.
+    half the size of fp32 embeddings); default: as in memory (lossless). Layers of other bits, group sizes or grids
+    than most are recorded as ``dynamic`` rules: ``dynamic`` (the rules they were quantized by, checkpoint spelling)
+    where those describe every layer, else one exact-name rule per grid. Written to ``<folder>.partial`` and renamed,
+    so an interrupted save never leaves a half-written checkpoint under the final name.
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
         raise ValueError(f"checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
@@ -87,10 +90,8 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
-    grids = {(m.bits, m.group_size, m.sym) for m in layers.values()}
-    if len(grids) > 1:
-        raise ValueError(f"the GPTQ format holds one (bits, group_size, sym) per model; this one has {sorted(grids)}")
-    bits, group_size, sym = grids.pop()
+    (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
+                                                         dynamic)
     fmt = checkpoint_format
     if fmt == AUTO_FORMAT:
         lossless = v1_is_lossless([m.zero_points() for m in layers.values()])
@@ -111,9 +112,9 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         if cast is not None and state[name].is_floating_point():
             state[name] = state[name].to(cast)
     for name, m in layers.items():
-        zeros = zeros_to_file(state[f"{name}.qzeros"], bits, m.out_features, fmt)
-        state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, bits, dim=1)
-        state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, bits, dim=0)
+        zeros = zeros_to_file(state[f"{name}.qzeros"], m.bits, m.out_features, fmt)
+        state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, m.bits, dim=1)
+        state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, m.bits, dim=0)
 
     folder = Path(folder)
     staging = folder.with_name(folder.name + ".partial")
@@ -123,7 +124,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".scales")), torch.float32)
     gptq = GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt,
                         damp_percent=damp_percent, static_groups=static_groups, true_sequential=true_sequential,
-                        meta=_meta(settings, digests))
+                        meta=_meta(settings, digests), dynamic=dynamic)
     _write_configs(staging, model, tokenizer, gptq, dtype)
     if folder.exists():
         shutil.rmtree(folder)
@@ -209,7 +210,12 @@ class GPTQReader:
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.layers: dict[str, tuple[int, int, bool]] = {}  # quantized layer -> (in, out, has bias)
+        self.layer_settings: dict[str, GPTQSettings] = {}  # per layer: `dynamic` rules applied
         for name in names:
+            layer_settings = self.layer_settings[name] = settings.for_layer(name, str(self.folder / "config.json"))
+            if layer_settings is None:
+                raise CheckpointError(f"{self._where(name + '.qweight')}: {name} has packed tensors, but the config's "
+                                      f"dynamic rules leave it unquantized ({settings.dynamic})")
             try:
                 linear = self.model.get_submodule(name)
             except AttributeError:
@@ -222,8 +228,8 @@ class GPTQReader:
             part = {k: files.shapes[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")
                     if f"{name}.{k}" in files.shapes}
             kinds = {k: files.dtypes[f"{name}.{k}"] for k in part}
-            check_layer_header(name, part, kinds, settings, in_features, out_features, self._where(name + ".qweight"))
-            if settings.desc_act and f"{name}.g_idx" not in files.shapes:
+            check_layer_header(name, part, kinds, layer_settings, in_features, out_features, self._where(name + ".qweight"))
+            if layer_settings.desc_act and f"{name}.g_idx" not in files.shapes:
                 raise CheckpointError(f"{self._where(name + '.qweight')}: desc_act is set but {name}.g_idx is missing")
         self._quantized_keys = {f"{n}.{k}" for n in names for k in self.QUANTIZED}
         self._check_other_tensors(config)
@@ -298,7 +304,7 @@ class GPTQReader:
             self.files.close()  # unmap: nothing read stays mapped into this process
 
     def _layer(self, name: str, in_features: int, out_features: int, has_bias: bool) -> QuantLinear:
-        settings, dtype, at = self.settings, self.dtype, self._where(name + ".qweight")
+        settings, dtype, at = self.layer_settings[name], self.dtype, self._where(name + ".qweight")
         layer = QuantLinear(in_features, out_features, bits=settings.bits, group_size=settings.group_size,
                             sym=settings.sym, bias=has_bias, dtype=dtype)
         g_idx = self._read(f"{name}.g_idx") if f"{name}.g_idx" in self.files.shapes else natural_g_idx(
@@ -341,6 +347,7 @@ def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dt
         raise CheckpointError(f"{reader.folder}: parameters left unread: {missing[:5]}")
     to_backend(model, backend)
     log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", reader.folder, len(reader.layers),
-             settings.checkpoint_format, f"{settings.bits}-bit g{settings.group_size}", reader.files.total_bytes / 1e6,
+             settings.checkpoint_format, f"{settings.bits}-bit g{settings.group_size}"
+             + (f" (per-layer rules: {settings.dynamic})" if settings.dynamic else ""), reader.files.total_bytes / 1e6,
              time.perf_counter() - start)
     return model.eval(), reader.tokenizer()

@@ -14,7 +14,8 @@ from torch import nn
 from lightning_gptq.nn import QuantLinear
 
 from . import shards as shard_io
-from .gptq_format import FORMATS, V1, V2, CheckpointError, GPTQSettings, words_to_file, zeros_to_file
+from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, layer_grids_rules, words_to_file,
+                          zeros_to_file)
 from .hf import AUTO_FORMAT, _meta, _write_configs
 
 __all__ = ["StreamingWriter"]
@@ -41,7 +42,7 @@ class StreamingWriter:
         self.format = checkpoint_format
         self.cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.blocks: list[tuple[str, dict, str]] = []  # staged file, {layer name: (in, out, bits)}, sha256
-        self.grids: set[tuple[int, int, bool]] = set()
+        self.grids: dict[str, tuple[int, int, bool]] = {}  # layer name -> (bits, group_size, sym)
         self.act_order = False
         self.min_zero: int | None = None
         self.prefixes: list[str] = []
@@ -55,7 +56,7 @@ class StreamingWriter:
                 tensor = tensor.to(self.cast)
             state[f"{prefix}.{name}"] = tensor.contiguous()
         for name, m in layers.items():
-            self.grids.add((m.bits, m.group_size, m.sym))
+            self.grids[name] = (m.bits, m.group_size, m.sym)
             self.act_order |= m.act_order
             low = int(m.zero_points().min())
             self.min_zero = low if self.min_zero is None else min(self.min_zero, low)
@@ -68,7 +69,7 @@ class StreamingWriter:
     def state_dict(self) -> dict:
         """What a resumed run needs to stage the remaining blocks beside the ones already staged."""
         return {"folder": str(self.folder), "format": self.format, "cast": self.cast, "blocks": list(self.blocks),
-                "grids": sorted(self.grids), "act_order": self.act_order, "min_zero": self.min_zero,
+                "layer_grids": dict(self.grids), "act_order": self.act_order, "min_zero": self.min_zero,
                 "prefixes": list(self.prefixes)}
 
     @classmethod
@@ -87,18 +88,23 @@ class StreamingWriter:
                                       "written (altered or cut short)")
         writer.format, writer.cast = state["format"], state["cast"]
         writer.blocks = [tuple(b) for b in state["blocks"]]
-        writer.grids = {tuple(g) for g in state["grids"]}
+        if "layer_grids" in state:
+            writer.grids = {n: tuple(g) for n, g in state["layer_grids"].items()}
+        else:  # a resume point of an earlier version: one grid for every layer
+            (grid,) = state["grids"]
+            writer.grids = {n: tuple(grid) for _, layers, _ in writer.blocks for n in layers}
         writer.act_order, writer.min_zero = state["act_order"], state["min_zero"]
         writer.prefixes = list(state["prefixes"])
         return writer
 
     def finish(self, model: nn.Module, tokenizer, source_tensors, *, damp_percent: float = 0.01,
-               static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None) -> Path:
+               static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None,
+               dynamic: dict | None = None) -> Path:
         """``source_tensors``: the model's own files (``WeightSource``: ``names()``, ``dtype_of``,
-        ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks."""
-        if not self.blocks or len(self.grids) != 1:
-            raise ValueError(f"the GPTQ format holds one (bits, group_size, sym) per model; got {sorted(self.grids)}")
-        bits, group_size, sym = next(iter(self.grids))
+        ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks. ``dynamic``: as ``save_gptq``'s."""
+        if not self.grids:
+            raise ValueError("no quantized block was staged: nothing to write")
+        (bits, group_size, sym), dynamic = layer_grids_rules(self.grids, dynamic)
         fmt = self.format
         if fmt == AUTO_FORMAT:
             fmt = V1 if self.min_zero >= 1 else V2
@@ -138,7 +144,7 @@ class StreamingWriter:
         dtype = next((d for d in rest_dtypes if d.is_floating_point), torch.float32)
         gptq = GPTQSettings(bits=bits, group_size=group_size, desc_act=self.act_order, sym=sym, checkpoint_format=fmt,
                             damp_percent=damp_percent, static_groups=static_groups, true_sequential=true_sequential,
-                            meta=_meta(settings, digests))
+                            meta=_meta(settings, digests), dynamic=dynamic)
         _write_configs(self.staging, model, tokenizer, gptq, dtype)
         if self.folder.exists():
             shutil.rmtree(self.folder)

@@ -23,7 +23,8 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_gptq.checkpoint.serving import serving_warning
 from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
-from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, gptq_quantize, rtn_quantize
+from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
+from lightning_gptq.quant.rules import LayerRules
 
 from .distributed import world_size
 from .hessians import HessianCapture
@@ -47,6 +48,8 @@ class LayerRecord:
     damp_retries: int
     nsamples: int
     seconds: float
+    bits: int = 0  # 0: a record of an earlier version (the run's one QuantConfig)
+    group_size: int = 0
 
 
 class GPTQCallback(BlockHooks, Callback):
@@ -61,6 +64,10 @@ class GPTQCallback(BlockHooks, Callback):
             calibration goes on, swapped layers are the plain ``torch`` oracle (so the result does
             not depend on the machine's fast kernels); they are converted when training ends.
         calibration_batches: on a user's own module, how many training batches to calibrate on.
+        dynamic: per-layer settings by layer name, GPTQModel's form, recorded in the checkpoint:
+            ``{"+:<regex>": {"bits": 8}, "-:<regex>": {}}``; the first pattern that ``re.match``-es the full layer
+            name (``model.layers.3.mlp.down_proj``) wins; ``-:`` leaves the layer in full precision; keys are
+            ``QuantConfig`` fields (or ``desc_act``, ``damp_percent``). See ``lightning_gptq.quant.rules``.
         exclude: on a user's own module, regular expressions of layer names to leave in full precision.
         forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
             ``pl_module(batch[0])`` for tuple/list batches).
@@ -74,6 +81,7 @@ class GPTQCallback(BlockHooks, Callback):
         method: Literal["gptq", "rtn"] = "gptq",
         backend: str = AUTO,
         calibration_batches: int = 16,
+        dynamic: dict[str, dict[str, int | float | bool | str]] | None = None,
         exclude: list[str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
@@ -85,7 +93,13 @@ class GPTQCallback(BlockHooks, Callback):
             check_backend(backend)  # unknown backend -> clear error now, not after calibration
         except ValueError as error:
             raise MisconfigurationException(f"GPTQCallback.backend: {error}") from None
+        try:
+            self.rules = LayerRules(dynamic)
+            self.rules.check(quant)
+        except QuantConfigError as error:
+            raise MisconfigurationException(f"GPTQCallback.{error}") from None
         self.quant = quant
+        self.dynamic = dict(dynamic or {})
         self.method = method
         self.backend = backend
         self.calibration_batches = calibration_batches
@@ -107,7 +121,7 @@ class GPTQCallback(BlockHooks, Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def report(self) -> dict:
-        return {"method": self.method, "quant": self.quant, "layers": self.summary()}
+        return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "layers": self.summary()}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._driven = False
@@ -123,8 +137,9 @@ class GPTQCallback(BlockHooks, Callback):
             if bar is not None:
                 bar.set_postfix_str(name)
             record = self._quantize_layer(ctx, name, layer)
-            self.records.append(record)
-            _log_layer(trainer, ctx, record)
+            if record is not None:  # None: a `-:` rule keeps it in full precision
+                self.records.append(record)
+                _log_layer(trainer, ctx, record)
             if bar is not None:
                 bar.update(1)
         if bar is not None:
@@ -152,9 +167,15 @@ class GPTQCallback(BlockHooks, Callback):
         self._warn_serving(widths)
 
     def _warn_serving(self, in_features: dict[str, int]) -> None:
-        message = serving_warning(in_features, self.quant.group_size)
-        if message is not None:
-            rank_zero_warn(f"GPTQCallback: {message}")
+        by_group: dict[int, dict[str, int]] = {}
+        for name, width in in_features.items():
+            config = self.rules.config_for(name, self.quant)
+            if config is not None:
+                by_group.setdefault(config.group_size, {})[name] = width
+        for group_size, widths in sorted(by_group.items()):
+            message = serving_warning(widths, group_size)
+            if message is not None:
+                rank_zero_warn(f"GPTQCallback: {message}")
 
     def on_calibration_end(self, trainer, pl_module, driver) -> None:
         # Calibration ran on the oracle layers; now the backend the user asked for (streamed blocks
@@ -168,10 +189,14 @@ class GPTQCallback(BlockHooks, Callback):
             to_backend(pl_module, self.backend)
 
     # -- work --------------------------------------------------------------------------------------
-    def _quantize_layer(self, ctx: BlockContext, name: str, layer) -> LayerRecord:
+    def _quantize_layer(self, ctx: BlockContext, name: str, layer) -> LayerRecord | None:
         start = time.perf_counter()
-        weight = weight_out_in(layer)
         full_name = ctx.full_name(name)
+        quant = self.rules.config_for(full_name, self.quant)
+        if quant is None:  # a `-:` rule: stays a full-precision linear; its Hessian is not needed
+            self._drop_hessian(ctx, name)
+            return None
+        weight = weight_out_in(layer)
         nsamples = 0
         if self.method == "gptq":
             accumulator = ctx.hessians.get(name)
@@ -183,7 +208,7 @@ class GPTQCallback(BlockHooks, Callback):
             mismatch = ctx.mismatches.pop(name, None)  # asymmetric calibration (HessianCapture(asymmetric=True))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
-                qweight = gptq_quantize(weight, accumulator.hessian, self.quant, overwrite_hessian=last,
+                qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
                                         asymmetry=None if mismatch is None else mismatch.mismatch)
             for w in caught:
                 rank_zero_warn(f"{full_name}: {w.message}")
@@ -193,7 +218,7 @@ class GPTQCallback(BlockHooks, Callback):
             if mismatch is not None and not any(other is mismatch for other in ctx.mismatches.values()):
                 mismatch.release()
         else:
-            qweight = rtn_quantize(weight, self.quant)
+            qweight = rtn_quantize(weight, quant)
         # The oracle ("torch") layer while calibration goes on: later blocks' inputs, hence their
         # Hessians, must not depend on how a fast kernel rounds (a 1-ulp difference in the dense
         # weight compounds over 30 blocks into ±1% layer losses); on_train_end converts.
@@ -202,7 +227,17 @@ class GPTQCallback(BlockHooks, Callback):
         return LayerRecord(
             name=full_name, block=ctx.block_index, shape=tuple(weight.shape), method=self.method, loss=qweight.loss,
             damp=qweight.damp, damp_retries=qweight.damp_retries, nsamples=nsamples, seconds=time.perf_counter() - start,
+            bits=quant.bits, group_size=quant.group_size,
         )
+
+    @staticmethod
+    def _drop_hessian(ctx: BlockContext, name: str) -> None:
+        accumulator = ctx.hessians.pop(name, None)
+        if accumulator is not None and not any(other is accumulator for other in ctx.hessians.values()):
+            accumulator.release()
+        mismatch = ctx.mismatches.pop(name, None)
+        if mismatch is not None and not any(other is mismatch for other in ctx.mismatches.values()):
+            mismatch.release()
 
     def quantize_module(self, trainer, pl_module) -> None:
         """Quantize every linear of ``pl_module`` (one block: the whole model), calibrating on the
@@ -210,6 +245,7 @@ class GPTQCallback(BlockHooks, Callback):
         layers = {
             name: m for name, m in pl_module.named_modules()
             if name and is_linear(m) and not any(p.search(name) for p in self.exclude)
+            and self.rules.config_for(name, self.quant) is not None
         }
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")

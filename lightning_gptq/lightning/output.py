@@ -13,6 +13,7 @@ from torch import nn
 
 from lightning_gptq.checkpoint import save_quantized
 from lightning_gptq.checkpoint.hf_streaming import StreamingWriter
+from lightning_gptq.quant.rules import LayerRules
 
 __all__ = ["QuantizedOutput", "checkpoint_settings"]
 
@@ -21,7 +22,7 @@ def checkpoint_settings(report: dict, source_model: str, true_sequential: bool) 
     """Our settings recorded in the checkpoint (``meta.lightning_gptq``), from the callbacks' report."""
     hessian = report.get("hessian") or {}
     return {"method": report["method"], "quant": report["quant"].to_dict(), "source_model": source_model,
-            "true_sequential": true_sequential, "sink_tokens": hessian.get("sink_tokens"),
+            "true_sequential": true_sequential, "dynamic": report.get("dynamic") or {}, "sink_tokens": hessian.get("sink_tokens"),
             "sink_weight": hessian.get("sink_weight"), "sink_layers": hessian.get("sink_layers"),
             "sink_probe_windows": hessian.get("sink_probe_windows"),
             "sink_block_weights": dict(hessian.get("block_weights", {}))}
@@ -46,14 +47,15 @@ class QuantizedOutput:
         """Write the folder: from the staged blocks when streaming, else ``lm`` whole."""
         quant = report["quant"]
         true_sequential = settings["true_sequential"]
+        dynamic = LayerRules(report.get("dynamic")).layout_rules()  # the rules the layers were quantized by
         if self.writer is not None:
             self.writer.finish(lm, tokenizer, source.files, damp_percent=quant.damp, static_groups=quant.static_groups,
-                               true_sequential=true_sequential, settings={**settings, "streamed": True})
+                               true_sequential=true_sequential, settings={**settings, "streamed": True}, dynamic=dynamic)
         else:
             save_quantized(lm.to("cpu"), tokenizer, self.folder, checkpoint_format=self.checkpoint_format,
                            max_shard_size=self.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
                            static_groups=quant.static_groups, true_sequential=true_sequential, settings=settings,
-                           dtype=self.save_dtype)
+                           dtype=self.save_dtype, dynamic=dynamic)
         return self.folder
 
     def state_dict(self) -> dict | None:

@@ -43,6 +43,7 @@ from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
+from lightning_gptq.quant.rules import LayerRules
 
 from .callbacks import CALIBRATION_BACKEND
 
@@ -224,8 +225,11 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
 
     scale_bytes = torch.empty((), dtype=getattr(torch, module.hparams.save_dtype or "float32")).element_size() \
         if module.hparams.save_dtype else itemsize
-    quantized = sum(_packed_bytes(m, quant, scale_bytes) for m in layers)
-    dense_rest = model_bytes - sum(weight_out_in(m).numel() * itemsize for m in layers)
+    rules = LayerRules(report.get("dynamic"))  # per-layer bits and groups; `-:` layers stay dense
+    configs = [(m, rules.config_for(f"{module.driver.block_prefix(b)}.{name}", quant))
+               for b, block in enumerate(blocks) for name, m in adapter.linear_layers(block).items()]
+    quantized = sum(_packed_bytes(m, config, scale_bytes) for m, config in configs if config is not None)
+    dense_rest = model_bytes - sum(weight_out_in(m).numel() * itemsize for m, config in configs if config is not None)
     plan.disk = {"quantized model": quantized + dense_rest * scale_bytes // itemsize}
     if resume and calibrates and not streaming:
         plan.disk["resume checkpoint"] = cache + quantized  # at the last block; written next to the old one

@@ -83,6 +83,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": dict(module.hparams),
         "quant": quant.to_dict(),
+        "dynamic": report.get("dynamic") or {},
         "method": method,
         "hessian": hessian,
         "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed,
@@ -100,7 +101,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
     lines = [
         f"# lightning-gptq run: {module.hparams.model}",
         "",
-        f"- method: **{method}**, {quant}",
+        f"- method: **{method}**, {quant}" + (f"; per-layer rules (dynamic): {data['dynamic']}" if data["dynamic"] else ""),
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
         f" true-sequential: {module.hparams.true_sequential}, passes in {data['calibration']['pass_dtype']}"
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"

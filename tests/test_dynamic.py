@@ -1,0 +1,176 @@
+"""Per-layer settings (``gptq.dynamic``, GPTQModel's ``dynamic`` rules): the layers a rule names are solved with
+its settings (bit for bit what a whole-model fit at those settings gives them), ``-:`` layers stay dense, and the
+checkpoint records the rules so it loads back (ours, streamed or not, and by the same rules other tools read)."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from safetensors.torch import load_file
+from test_lightning import cli_args
+from tiny_lm import tiny_model_dir
+
+from lightning_gptq import QuantConfig
+from lightning_gptq.checkpoint import CheckpointError, load_quantized, save_quantized
+from lightning_gptq.checkpoint.gptq_format import GPTQSettings, layer_grids_rules
+from lightning_gptq.cli import main
+from lightning_gptq.lightning import GPTQCallback
+from lightning_gptq.nn import QuantLinear
+from lightning_gptq.quant import QuantConfigError
+from lightning_gptq.quant.rules import LayerRules
+
+RULES = {r"+:.*\.mlp\.down_proj$": {"bits": 8, "group_size": -1},
+         r"-:model\.layers\.1\.self_attn\.o_proj$": {},
+         r".*\.layers\.2\.mlp\.": {"desc_act": False, "damp_percent": 0.05}}
+FIT = ["--model.eval_after=false", "--model.latency=false", "--gptq.quant.act_order=true"]
+
+
+def test_rules_first_match_wins_and_speak_both_spellings():
+    rules = LayerRules({"-:a\\.x$": {}, "a\\.": {"bits": 8, "desc_act": False}, "+:.*": {"damp_percent": 0.1}})
+    base = QuantConfig(bits=4, act_order=True)
+    assert rules.config_for("a.x", base) is None
+    assert rules.config_for("a.y", base) == QuantConfig(bits=8, act_order=False)  # not the later "+:.*"
+    assert rules.config_for("b.a.y", base) == QuantConfig(bits=4, act_order=True, damp=0.1)  # re.match: from the start
+    assert rules.layout_rules() == {"-:a\\.x$": {}, "a\\.": {"bits": 8, "desc_act": False}, "+:.*": {}}
+    assert LayerRules(None).config_for("anything", base) is base and not LayerRules({})
+
+
+@pytest.mark.parametrize("rules, message", [
+    ({"(": {"bits": 8}}, "not a regular expression"),
+    ({".*": {"bitz": 8}}, "not QuantConfig settings"),
+    ({".*": {"bits": 9}}, "bits must be an integer in 2..8"),
+    ({"-:.*": {"bits": 8}}, "takes no settings"),
+    ({".*": 8}, "must be a mapping"),
+])
+def test_bad_rules_fail_when_the_callback_is_made(rules, message):
+    with pytest.raises(QuantConfigError, match=message):
+        LayerRules(rules).check(QuantConfig())
+    with pytest.raises(MisconfigurationException, match=message):
+        GPTQCallback(QuantConfig(), dynamic=rules)
+
+
+@pytest.fixture(scope="module")
+def fits(tmp_path_factory):
+    """The tiny LLaMA (3 blocks) fitted with the rules, and at each of their settings for the whole model."""
+    tmp = tmp_path_factory.mktemp("dynamic")
+    model_dir = tiny_model_dir(tmp, "llama")
+    out = {}
+    for name, extra in {"rules": [f"--gptq.dynamic={json.dumps(RULES)}"],
+                        "base": [],
+                        "8bit": ["--gptq.quant.bits=8", "--gptq.quant.group_size=-1"]}.items():
+        main(["fit", *cli_args(model_dir, tmp / name, *FIT, *extra, f"--model.output_dir={tmp / name}")])
+        out[name] = tmp / name / "model"
+    return model_dir, out
+
+
+def test_rule_layers_are_solved_with_their_settings_and_dense_ones_left(fits):
+    model_dir, out = fits
+    config = json.loads((out["rules"] / "config.json").read_text())["quantization_config"]
+    assert config["bits"] == 4 and config["group_size"] == 12
+    assert config["dynamic"] == {r"+:.*\.mlp\.down_proj$": {"bits": 8, "group_size": -1},
+                                 r"-:model\.layers\.1\.self_attn\.o_proj$": {}, r".*\.layers\.2\.mlp\.": {"desc_act": False}}
+    assert config["meta"]["lightning_gptq"]["dynamic"] == RULES  # as the user wrote them, solve settings too
+    ours, base, eight = (load_file(out[k] / "model.safetensors") for k in ("rules", "base", "8bit"))
+    # Block 0's Hessians come from the unquantized block: its layers match the uniform fits bit for bit (zero points
+    # compared in memory: each file's zero convention, v1 or v2, is chosen for the whole checkpoint).
+    loaded = {k: dict(load_quantized(out[k], backend="torch")[0].named_modules()) for k in ("rules", "base", "8bit")}
+    for name, other in (("model.layers.0.mlp.down_proj", "8bit"), ("model.layers.0.self_attn.q_proj", "base")):
+        a, b = loaded["rules"][name], loaded[other][name]
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), (name, key)
+    assert "model.layers.1.self_attn.o_proj.weight" in ours and "model.layers.1.self_attn.o_proj.qweight" not in ours
+    assert ours["model.layers.2.mlp.gate_proj.g_idx"].diff().ge(0).all()  # desc_act False there: natural order
+    assert not ours["model.layers.0.mlp.gate_proj.g_idx"].diff().ge(0).all()  # act-order elsewhere
+
+
+def test_a_checkpoint_with_rules_loads_back_as_it_was_fitted(fits):
+    _, out = fits
+    model, _ = load_quantized(out["rules"], backend="torch")
+    layers = dict(model.named_modules())
+    assert layers["model.layers.1.mlp.down_proj"].bits == 8 and layers["model.layers.1.mlp.down_proj"].group_size == -1
+    assert layers["model.layers.1.mlp.up_proj"].bits == 4 and layers["model.layers.1.mlp.up_proj"].group_size == 12
+    assert type(layers["model.layers.1.self_attn.o_proj"]) is torch.nn.Linear
+    assert type(layers["model.layers.0.self_attn.o_proj"]) is QuantLinear
+    # and written again by save_quantized with the same rules, the same tensors (no solve this time)
+    resaved = out["rules"].parent / "resaved"
+    save_quantized(model, None, resaved, dynamic=LayerRules(RULES).layout_rules())
+    again = load_file(resaved / "model.safetensors")
+    first = load_file(out["rules"] / "model.safetensors")
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
+    # without the rules, one exact-name rule per grid that differs from the most common
+    save_quantized(model, None, resaved.with_name("exact"))
+    dynamic = json.loads((resaved.with_name("exact") / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert list(dynamic.values()) == [{"bits": 8, "group_size": -1, "sym": False}] and "model\\.layers\\.2\\.mlp\\.down_proj" \
+        in next(iter(dynamic))
+    again, _ = load_quantized(resaved.with_name("exact"), backend="torch")
+    ids = torch.randint(4, 90, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_streamed_fit_with_rules_writes_the_same_checkpoint(fits, tmp_path):
+    model_dir, out = fits
+    main(["fit", *cli_args(model_dir, tmp_path / "s", *FIT, f"--gptq.dynamic={json.dumps(RULES)}",
+                           "--model.streaming=true", f"--model.output_dir={tmp_path / 's'}")])
+    from lightning_gptq.checkpoint.shards import Shards
+
+    whole, streamed = Shards(out["rules"]), Shards(tmp_path / "s" / "model")
+    assert whole.shapes.keys() == streamed.shapes.keys()
+    assert all(torch.equal(whole.get(k), streamed.get(k)) for k in whole.shapes)
+    read = lambda f: json.loads((f / "config.json").read_text())["quantization_config"]["dynamic"]  # noqa: E731
+    assert read(tmp_path / "s" / "model") == read(out["rules"])
+
+
+def test_rules_that_contradict_the_tensors_are_refused(fits, tmp_path):
+    _, out = fits
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(out["rules"], broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["quantization_config"]["dynamic"] = {r"-:.*\.down_proj$": {}}  # but down_proj has packed tensors
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="leave it unquantized"):
+        load_quantized(broken, verify=False)
+    config["quantization_config"]["dynamic"] = {}  # down_proj's 8-bit tensors then contradict bits=4
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="down_proj.qweight has shape"):
+        load_quantized(broken, verify=False)
+    config["quantization_config"]["dynamic"] = {".*": {"bits": 12}}
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="bits=12"):
+        load_quantized(broken, verify=False)
+
+
+def test_grid_rules_prefer_the_users_patterns_and_fall_back_to_names():
+    grids = {"m.l.0.a": (4, 128, False), "m.l.0.down": (8, 128, False), "m.l.1.a": (4, 128, False),
+             "m.l.1.down": (8, 128, False)}
+    assert layer_grids_rules(grids, {r"+:.*down$": {"bits": 8}}) == ((4, 128, False), {r"+:.*down$": {"bits": 8}})
+    base, exact = layer_grids_rules(grids, {r"+:.*down$": {"bits": 3}})  # rules that do not explain: names
+    settings = GPTQSettings(bits=4, group_size=128, desc_act=False, sym=False, dynamic=exact)
+    assert base == (4, 128, False) and all(settings.for_layer(n).bits == g[0] for n, g in grids.items())
+    assert layer_grids_rules({"a": (4, 128, True)}) == ((4, 128, True), {})
+
+
+def test_print_config_round_trips_the_rules(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    with pytest.raises(SystemExit):
+        main(["fit", *cli_args(model_dir, tmp_path / "r"), f"--gptq.dynamic={json.dumps(RULES)}", "--print_config"])
+    printed = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={tmp_path / 'c.yaml'}", "--print_config"])
+    assert capsys.readouterr().out == printed and "down_proj" in printed
+
+
+def test_the_one_call_api_takes_the_rules(fits):
+    import lightning_gptq as lg
+    from tiny_lm import CALIBRATION_TEXT
+
+    model_dir, _ = fits
+    model = lg.quantize(model_dir, CALIBRATION_TEXT, QuantConfig(bits=4, group_size=16), nsamples=4, seqlen=24,
+                        method="rtn", dynamic={r"+:.*\.v_proj$": {"bits": 8}, r"-:.*\.o_proj$": {}}, accelerator="cpu")
+    layers = dict(model.named_modules())
+    assert layers["model.layers.0.self_attn.v_proj"].bits == 8 and layers["model.layers.0.self_attn.k_proj"].bits == 4
+    assert all(type(layers[f"model.layers.{i}.self_attn.o_proj"]) is torch.nn.Linear for i in range(3))
