@@ -193,3 +193,22 @@ def test_resume_points_wait_for_min_interval(tmp_path, interval, saved):
     args = [a for a in _args(model_dir, root, out) if not a.startswith("--resume.min_interval_s")]
     main(["fit", *args, f"--resume.min_interval_s={interval}", "--resume.keep=true"])
     assert (root / "checkpoints" / "last.ckpt").exists() == saved
+
+
+def test_a_streaming_fit_with_per_layer_rules_resumes_to_the_uninterrupted_checkpoint(tmp_path):
+    """The streaming writer's per-layer grids (8-bit down_proj, a dense o_proj) survive the resume point."""
+    from lightning_gptq.checkpoint.shards import Shards
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    rules = ['--gptq.dynamic={"+:.*\\\\.down_proj$": {"bits": 8}, "-:model\\\\.layers\\\\.0\\\\.self_attn\\\\.o_proj$": {}}']
+    main(["fit", *_args(model_dir, tmp_path / "whole", tmp_path / "whole-out"), *rules])
+    root, out = tmp_path / "runs", tmp_path / "out"
+    streaming = "--model.streaming=true"
+    _killed_run(model_dir, root, out, 5, tmp_path, streaming, *rules)  # blocks 0, 1 staged
+    main(["fit", *_args(model_dir, root, out), streaming, *rules, "--ckpt_path=last"])
+    expected, got = Shards(tmp_path / "whole-out" / "model"), Shards(out / "model")
+    assert got.shapes.keys() == expected.shapes.keys() and "model.layers.0.self_attn.o_proj.weight" in got.shapes
+    for name in expected.shapes:
+        assert torch.equal(got.get(name), expected.get(name)), name
+    config = lambda f: json.loads((f / "model" / "config.json").read_text())["quantization_config"]  # noqa: E731
+    assert config(out)["dynamic"] == config(tmp_path / "whole-out")["dynamic"] != {}
