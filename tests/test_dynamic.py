@@ -174,3 +174,10 @@ def test_the_one_call_api_takes_the_rules(fits):
     layers = dict(model.named_modules())
     assert layers["model.layers.0.self_attn.v_proj"].bits == 8 and layers["model.layers.0.self_attn.k_proj"].bits == 4
     assert all(type(layers[f"model.layers.{i}.self_attn.o_proj"]) is torch.nn.Linear for i in range(3))
+
+
+def test_rules_text_that_is_not_a_mapping_says_how_to_write_a_backslash(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    bad = '--gptq.dynamic={"+:.*\\.down_proj$": {"bits": 8}}'  # JSON's "\." is not an escape
+    with pytest.raises(MisconfigurationException, match="backslash is written twice"):
+        main(["fit", *cli_args(model_dir, tmp_path / "r", *FIT), bad])

@@ -81,7 +81,7 @@ class GPTQCallback(BlockHooks, Callback):
         method: Literal["gptq", "rtn"] = "gptq",
         backend: str = AUTO,
         calibration_batches: int = 16,
-        dynamic: dict[str, dict[str, int | float | bool | str]] | None = None,
+        dynamic: dict[str, dict[str, int | float | bool | str]] | str | None = None,
         exclude: list[str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
@@ -93,6 +93,8 @@ class GPTQCallback(BlockHooks, Callback):
             check_backend(backend)  # unknown backend -> clear error now, not after calibration
         except ValueError as error:
             raise MisconfigurationException(f"GPTQCallback.backend: {error}") from None
+        if isinstance(dynamic, str):  # what the command line hands over when the text is not a mapping
+            dynamic = _rules_from_text(dynamic)
         try:
             self.rules = LayerRules(dynamic)
             self.rules.check(quant)
@@ -289,6 +291,23 @@ class GPTQCallback(BlockHooks, Callback):
 
     def summary(self) -> list[dict]:
         return [asdict(r) for r in self.records]
+
+
+def _rules_from_text(text: str) -> dict:
+    import yaml
+
+    try:
+        rules = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        rules, reason = None, f" ({str(error).splitlines()[0]})"
+    else:
+        reason = ""
+    if not isinstance(rules, dict):
+        raise MisconfigurationException(
+            f"GPTQCallback.dynamic must be a mapping of layer-name patterns to settings, got {text!r}{reason}. Inside "
+            'double quotes a regex\'s backslash is written twice ("+:.*\\\\.down_proj$"); in YAML, single quotes '
+            "keep it as it is ('+:.*\\.down_proj$').")
+    return rules
 
 
 def _layer_bar(trainer, layers, ctx: BlockContext):
