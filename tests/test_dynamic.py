@@ -181,3 +181,17 @@ def test_rules_text_that_is_not_a_mapping_says_how_to_write_a_backslash(tmp_path
     bad = '--gptq.dynamic={"+:.*\\.down_proj$": {"bits": 8}}'  # JSON's "\." is not an escape
     with pytest.raises(MisconfigurationException, match="backslash is written twice"):
         main(["fit", *cli_args(model_dir, tmp_path / "r", *FIT), bad])
+
+
+def test_a_streaming_writer_state_of_an_earlier_version_restores_its_one_grid(fits, tmp_path):
+    from lightning_gptq.checkpoint.hf_streaming import StreamingWriter
+
+    _, out = fits
+    model, _ = load_quantized(out["base"], backend="torch")
+    writer = StreamingWriter(tmp_path / "w")
+    writer.add_block("model.layers.0", model.model.layers[0])
+    state = writer.state_dict()
+    old = {k: v for k, v in state.items() if k != "layer_grids"}
+    old["grids"] = sorted(set(state["layer_grids"].values()))  # what earlier versions kept
+    assert StreamingWriter.restore(old).grids == StreamingWriter.restore(state).grids == state["layer_grids"]
+    assert len(state["layer_grids"]) == 7
