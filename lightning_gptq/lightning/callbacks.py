@@ -207,18 +207,14 @@ class GPTQCallback(BlockHooks, Callback):
             nsamples = accumulator.nsamples
             # The last layer reading this Hessian lets the solve consume it (q/k/v share one).
             last = sum(other is accumulator for other in ctx.hessians.values()) == 1
-            mismatch = ctx.mismatches.pop(name, None)  # asymmetric calibration (HessianCapture(asymmetric=True))
+            mismatch = ctx.mismatches.get(name)  # asymmetric calibration (HessianCapture(asymmetric=True))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
                 qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
                                         asymmetry=None if mismatch is None else mismatch.mismatch)
             for w in caught:
                 rank_zero_warn(f"{full_name}: {w.message}")
-            ctx.hessians.pop(name)  # free in_features² floats once no layer of this step needs them
-            if last:
-                accumulator.release()  # its Hessian was consumed by the solve
-            if mismatch is not None and not any(other is mismatch for other in ctx.mismatches.values()):
-                mismatch.release()
+            self._drop_hessian(ctx, name)  # the last reader frees it: the solve consumed it
         else:
             qweight = rtn_quantize(weight, quant)
         # The oracle ("torch") layer while calibration goes on: later blocks' inputs, hence their
@@ -234,6 +230,8 @@ class GPTQCallback(BlockHooks, Callback):
 
     @staticmethod
     def _drop_hessian(ctx: BlockContext, name: str) -> None:
+        """Forget ``name``'s Hessian (and input mismatch); free them (in_features² floats) once no other layer of
+        this step reads them."""
         accumulator = ctx.hessians.pop(name, None)
         if accumulator is not None and not any(other is accumulator for other in ctx.hessians.values()):
             accumulator.release()
