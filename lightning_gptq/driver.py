@@ -133,6 +133,9 @@ class CalibrationDriver:
             build up from block to block. ``None``: the model's dtype.
         store: puts a cached activation where it lives (in memory, or a file: ``SpillFolder.put``).
         write_block: ``write_block(prefix, block)`` for a streamed source, before the block is freed.
+        quantizes: ``quantizes(full_layer_name)``: whether that linear is quantized in this run (``None``:
+            every one). The others (a ``-:`` per-layer rule) get no Hessian and no pass waits for them; a
+            block with none left only propagates.
         reference_stream: also carry the full-precision model's block inputs (twice the activation
             cache) and, before each calibration batch, run the block unquantized on them, recording
             each linear's input in ``ctx.reference_inputs`` (asymmetric calibration, GPTAQ). One more
@@ -144,7 +147,8 @@ class CalibrationDriver:
                  true_sequential: bool = False, activation_dtype: str | torch.dtype | None = None,
                  compute_dtype: torch.dtype | None = None,
                  store: Callable[[torch.Tensor], torch.Tensor] = _keep,
-                 write_block: Callable[[str, nn.Module], None] | None = None, reference_stream: bool = False) -> None:
+                 write_block: Callable[[str, nn.Module], None] | None = None, reference_stream: bool = False,
+                 quantizes: Callable[[str], bool] | None = None) -> None:
         if reference_stream and true_sequential:
             raise ValueError("asymmetric calibration (the full-precision reference stream) needs true_sequential=False: "
                              "a true-sequential pass runs a block whose earlier layers are already quantized")
@@ -160,11 +164,13 @@ class CalibrationDriver:
         self.store = store
         self.write_block = write_block
         self.reference_stream = reference_stream
+        self.quantizes = quantizes
         self._reference_outputs: list[torch.Tensor] = []
         self.inputs: BlockInputs | None = None  # the cached inputs of the next block to calibrate
         self.timings: dict[str, float] = defaultdict(float)
         self._outputs: list[torch.Tensor] = []
         self._groups: list[list[str]] = []
+        self._fetched: set[int] = set()  # blocks read in by this process
         self._ctx: BlockContext | None = None
         self._started = 0.0
         self._held = contextlib.ExitStack()  # what a stage sets up on its block (dense weights, stop hooks)
@@ -186,11 +192,20 @@ class CalibrationDriver:
         owner, attribute = self.adapter.blocks_location(self.model)
         return [child for name, child in owner.named_children() if name != attribute]
 
-    def groups(self, block: nn.Module) -> list[list[str]]:
-        """The linears of ``block`` quantized together, in order (one group unless true-sequential)."""
-        if self.true_sequential:
-            return self.adapter.sequential_groups(block)
-        return [list(self.adapter.linear_layers(block))]
+    def groups(self, index: int) -> list[list[str]]:
+        """The linears of block ``index`` quantized together, in order (one group unless true-sequential;
+        none when every linear stays dense)."""
+        block = self.blocks[index]
+        groups = self.adapter.sequential_groups(block) if self.true_sequential else [list(self.adapter.linear_layers(block))]
+        if self.quantizes is not None:
+            prefix = self.block_prefix(index)
+            groups = [[name for name in group if self.quantizes(f"{prefix}.{name}")] for group in groups]
+        return [group for group in groups if group]
+
+    def linear_layers(self, index: int) -> dict[str, nn.Module]:
+        """``{name relative to block: linear}`` of block ``index`` that this run quantizes, in execution order."""
+        block = self.blocks[index]
+        return {name: block.get_submodule(name) for group in self.groups(index) for name in group}
 
     def stages(self, calibrates: bool = True) -> list[Stage]:
         """Every pass of a run: capture, then per block its calibration pass(es) and propagation; or
@@ -198,8 +213,8 @@ class CalibrationDriver:
         if not calibrates:
             return [Stage("quantize")]
         stages = [Stage("capture")]
-        for b, block in enumerate(self.blocks):
-            groups = self.groups(block)
+        for b in range(len(self.blocks)):
+            groups = self.groups(b)
             stages += [Stage("calibrate", b, g, len(groups)) for g in range(len(groups))]
             stages.append(Stage("propagate", b))
         return stages
@@ -226,8 +241,9 @@ class CalibrationDriver:
         if stage.kind == "quantize":
             return
         block = self.blocks[stage.block]
-        if stage.kind == "calibrate" and stage.group == 0:
-            self.source.fetch(block)
+        if stage.kind == "calibrate" and stage.group == 0 or stage.kind == "propagate" and stage.block not in self._fetched:
+            self.source.fetch(block)  # (a block whose linears all stay dense has no calibration pass)
+            self._fetched.add(stage.block)
         block.to(self.device)
         self._pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
         self._held.enter_context(running_in(block, self._pass_dtype))
@@ -235,7 +251,7 @@ class CalibrationDriver:
         self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))
         if stage.kind == "calibrate":
             if stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
-                self._groups = self.groups(block)
+                self._groups = self.groups(stage.block)
             layers = {name: block.get_submodule(name) for name in self._groups[stage.group]}
             self._ctx = BlockContext(stage.block, len(self.blocks), block, layers, stage.group, stage.num_groups,
                                      prefix=self.block_prefix(stage.block), inputs=self.inputs)
@@ -359,7 +375,7 @@ class CalibrationDriver:
         for b, block in enumerate(self.blocks):
             self.source.fetch(block)
             block.to(self.device)
-            ctx = BlockContext(b, len(self.blocks), block, dict(self.adapter.linear_layers(block)),
+            ctx = BlockContext(b, len(self.blocks), block, self.linear_layers(b),
                                prefix=self.block_prefix(b), stage="quantize")
             self.fire("on_block_start", ctx)
             self.fire("on_block_end", ctx)

@@ -64,6 +64,10 @@ def their_side(args) -> None:
         model.eval()
         report["load_ours_s"] = time.perf_counter() - start
         report["ours_qlinear"] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+        # What each layer became on their side: per-layer rules (`dynamic`) must give these bits / dense layers.
+        report["ours_layers"] = {name: [getattr(m, "bits", None), getattr(m, "group_size", None)] if hasattr(m, "qweight")
+                                 else "dense" for name, m in model.named_modules()
+                                 if ".layers." in name and (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear))}
         ppl, logits = score(model, windows)
         report["ours_ppl_by_transformers"] = ppl
         torch.save(logits, Path(args.work) / "logits_transformers_on_ours.pt")
@@ -143,7 +147,15 @@ def main() -> None:
         if "default_kernel_refused" in report:
             print(f"   transformers' default GPTQ kernel refused our layers: {report['default_kernel_refused']}; "
                   f"loaded with GPTQConfig(backend='torch')")
-        print(f"1. our checkpoint ({read_settings(Path(args.ours)).checkpoint_format}) in transformers.from_pretrained "
+        settings = read_settings(Path(args.ours))
+        expected = {name: "dense" if type(m).__name__ == "Linear" else [m.bits, m.group_size]
+                    for name, m in model.named_modules() if name in report["ours_layers"]}
+        differ = sorted(name for name in expected if report["ours_layers"][name] != expected[name])
+        kinds = sorted({str(v) for v in report["ours_layers"].values()})
+        print(f"   per-layer settings on their side ({len(report['ours_layers'])} layers; kinds {', '.join(kinds)}): "
+              + ("all as ours" if not differ else f"{len(differ)} differ, e.g. {differ[:3]} "
+                 f"{[report['ours_layers'][n] for n in differ[:3]]} vs ours {[expected[n] for n in differ[:3]]}"))
+        print(f"1. our checkpoint ({settings.checkpoint_format}) in transformers.from_pretrained "
               f"[{', '.join(report['ours_qlinear'])}], loaded in {report['load_ours_s']:.1f} s: "
               f"perplexity {report['ours_ppl_by_transformers']:.4f} vs ours {ppl:.4f} on {args.windows} windows; "
               f"logits of window 0: max |diff| {diff:.2e}, relative {rel:.2e}")

@@ -9,16 +9,19 @@ import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import load_file
 from test_lightning import cli_args
-from tiny_lm import tiny_model_dir
+from tiny_lm import CALIBRATION_TEXT, tiny_model_dir
 
 from lightning_gptq import QuantConfig
 from lightning_gptq.checkpoint import CheckpointError, load_quantized, save_quantized
 from lightning_gptq.checkpoint.gptq_format import GPTQSettings, layer_grids_rules
 from lightning_gptq.cli import main
-from lightning_gptq.lightning import GPTQCallback
+from lightning_gptq.driver import CalibrationDriver
+from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, HessianCapture
+from lightning_gptq.models import load_causal_lm
 from lightning_gptq.nn import QuantLinear
 from lightning_gptq.quant import QuantConfigError
 from lightning_gptq.quant.rules import LayerRules
+from lightning_gptq.sources import LoadedModel
 
 RULES = {r"+:.*\.mlp\.down_proj$": {"bits": 8, "group_size": -1},
          r"-:model\.layers\.1\.self_attn\.o_proj$": {},
@@ -195,3 +198,53 @@ def test_a_streaming_writer_state_of_an_earlier_version_restores_its_one_grid(fi
     old["grids"] = sorted(set(state["layer_grids"].values()))  # what earlier versions kept
     assert StreamingWriter.restore(old).grids == StreamingWriter.restore(state).grids == state["layer_grids"]
     assert len(state["layer_grids"]) == 7
+
+
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_dense_layers_get_no_hessian_and_a_dense_block_only_propagates(tmp_path, true_sequential):
+    """A `-:` layer is not captured (no Hessian, no pass waits for it); the fit equals one that captured it anyway."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    rules = {r"-:.*\.mlp\.down_proj$": {}, r"-:model\.layers\.1\.": {}}
+    results, seen = {}, {}
+    for filtered in (True, False):
+        lm, tokenizer = load_causal_lm(str(model_dir))
+        windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=4, seqlen=16).calibration_windows(tokenizer)
+        gptq = GPTQCallback(QuantConfig(bits=4, group_size=12), backend="torch", dynamic=rules)
+        hooks = [HessianCapture(), gptq]
+        captured = seen[filtered] = []
+
+        def fire(name, ctx):
+            if name == "on_block_end":
+                captured.append((ctx.block_index, sorted(ctx.hessians)))
+            for cb in sorted(hooks, key=lambda cb: cb.block_hook_order):
+                if hasattr(cb, name):
+                    getattr(cb, name)(None, None, ctx)
+
+        driver = CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire, true_sequential=true_sequential,
+                                   quantizes=gptq.quantizes if filtered else None)
+        kinds = [(s.kind, s.block) for s in driver.stages()]
+        driver.run(windows)
+        results[filtered] = {k: v for k, v in lm.state_dict().items()}
+        if filtered:
+            assert ("calibrate", 1) not in kinds and ("propagate", 1) in kinds
+    assert all("down_proj" not in name for _, names in seen[True] for name in names)
+    assert {b for b, _ in seen[True]} == {0, 2}
+    assert any("down_proj" in name for _, names in seen[False] for name in names)  # the old way captured them
+    assert results[True].keys() == results[False].keys()
+    for key in results[True]:
+        assert torch.equal(results[True][key], results[False][key]), key
+    assert "model.layers.1.mlp.down_proj.weight" in results[True] and "model.layers.0.mlp.down_proj.weight" in results[True]
+
+
+def test_a_streamed_fit_reads_in_a_block_that_stays_dense(tmp_path):
+    """Streaming: a block with no calibration pass is still read in, propagated and written (= the in-memory fit)."""
+    from lightning_gptq.checkpoint.shards import Shards
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    rules = json.dumps({r"-:model\.layers\.1\.": {}})
+    for name, extra in {"whole": [], "streamed": ["--model.streaming=true"]}.items():
+        main(["fit", *cli_args(model_dir, tmp_path / name, *FIT, f"--gptq.dynamic={rules}", *extra,
+                               f"--model.output_dir={tmp_path / name}")])
+    whole, streamed = Shards(tmp_path / "whole" / "model"), Shards(tmp_path / "streamed" / "model")
+    assert whole.shapes.keys() == streamed.shapes.keys() and "model.layers.1.mlp.up_proj.weight" in whole.shapes
+    assert all(torch.equal(whole.get(k), streamed.get(k)) for k in whole.shapes)

@@ -125,6 +125,9 @@ class GPTQCallback(BlockHooks, Callback):
     def report(self) -> dict:
         return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "layers": self.summary()}
 
+    def quantizes(self, name: str) -> bool:
+        return self.rules.config_for(name, self.quant) is not None  # a `-:` rule keeps the layer dense
+
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._driven = False
         if stage == "fit" and self.method == "gptq" and not any(isinstance(cb, HessianCapture) for cb in trainer.callbacks):
@@ -245,7 +248,7 @@ class GPTQCallback(BlockHooks, Callback):
         layers = {
             name: m for name, m in pl_module.named_modules()
             if name and is_linear(m) and not any(p.search(name) for p in self.exclude)
-            and self.rules.config_for(name, self.quant) is not None
+            and self.quantizes(name)
         }
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from lightning_gptq.driver import BlockContext
 
-__all__ = ["BlockContext", "BlockHooks", "fire_block_hook", "run_report"]
+__all__ = ["BlockContext", "BlockHooks", "fire_block_hook", "quantizes_layer", "run_report"]
 
 HOOKS = ("on_calibration_start", "on_block_start", "on_block_end", "on_block_propagated", "on_calibration_end")
 
@@ -30,6 +30,8 @@ class BlockHooks:
     ``needs_calibration``: whether the driver must run calibration passes (GPTQ reads Hessians;
     round to nearest reads nothing). ``report()``: what this callback contributes to the saved
     checkpoint's settings and the run summary (e.g. ``{"quant": QuantConfig, "method": "gptq"}``).
+    ``quantizes(name)``: whether the linear of that full name is quantized in this run (``False``: it
+    stays dense, and the driver neither captures its inputs nor waits for them).
     """
 
     block_hook_order = 100
@@ -38,12 +40,21 @@ class BlockHooks:
     def report(self) -> dict:
         return {}
 
+    def quantizes(self, name: str) -> bool:
+        return True
+
 
 def fire_block_hook(trainer, pl_module, hook: str, ctx) -> None:
     """Call ``callback.<hook>(trainer, pl_module, ctx)`` on every callback that has it."""
     callbacks = [cb for cb in trainer.callbacks if callable(getattr(cb, hook, None))]
     for cb in sorted(callbacks, key=lambda cb: getattr(cb, "block_hook_order", 100)):
         getattr(cb, hook)(trainer, pl_module, ctx)
+
+
+def quantizes_layer(trainer):
+    """``quantizes(full_layer_name) -> bool``: every ``BlockHooks`` callback agrees that layer is quantized."""
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, BlockHooks)]
+    return lambda name: all(cb.quantizes(name) for cb in callbacks)
 
 
 def run_report(trainer) -> dict:

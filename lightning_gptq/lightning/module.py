@@ -36,7 +36,7 @@ from lightning_gptq.sources import LoadedModel, StreamedGPTQ, open_model
 from .callbacks import HessianCapture
 from .distributed import CalibrationDDPStrategy, without_padding
 from .generation import Generation, GreedyPaths, complete
-from .hooks import fire_block_hook, run_report
+from .hooks import fire_block_hook, quantizes_layer, run_report
 from .options import check_fit, check_options, max_positions
 from .output import QuantizedOutput, checkpoint_settings
 from .plan import measure_plan, memory_breakdown, spills_to_disk
@@ -173,6 +173,7 @@ class GPTQModule(ScoringLoops, LightningModule):
             true_sequential=hp.true_sequential, activation_dtype=hp.activation_dtype, store=self._activation_store(),
             compute_dtype=resolve_calibration_dtype(hp.calibration_dtype, self.lm, self.device),
             reference_stream=any(getattr(cb, "asymmetric", False) for cb in self.trainer.callbacks),
+            quantizes=quantizes_layer(self.trainer),
             write_block=lambda prefix, block: self.output.add_block(prefix, block) if self.trainer.is_global_zero else None)
         self.driver.timings = self.timings
         self._stages = self.driver.stages(any(getattr(cb, "needs_calibration", False) for cb in self.trainer.callbacks))
