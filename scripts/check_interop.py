@@ -5,8 +5,10 @@
         --fp-model <HF folder of the full-precision model> --work ../interop
 
 1. **Ours → theirs.** ``transformers.AutoModelForCausalLM.from_pretrained(<our folder>)`` in the
-   GPTQModel environment (transformers hands GPTQ checkpoints to GPTQModel) scores fixed WikiText-2
-   windows; we compare its logits and perplexity with our loader's on the same token ids.
+   GPTQModel environment (transformers hands GPTQ checkpoints to GPTQModel), and ``GPTQModel.load``,
+   each score fixed WikiText-2 windows; we compare their logits, perplexity and what each layer became
+   (bits, group size or dense: per-layer rules) with our loader's on the same token ids. A reader that
+   refuses the folder is reported, and the other still runs.
 2. **Theirs → ours.** GPTQModel quantizes the full-precision model (its own calibration pass on
    our calibration text) and saves; GPTQModel loads that and scores the same windows; our
    ``load_quantized`` loads it and scores them too.
@@ -44,6 +46,24 @@ def score(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 # -- the GPTQModel side (runs in the other environment) -------------------------------------------
+def load_theirs(reader: str, folder: str, report: dict):
+    """``folder`` through transformers' ``from_pretrained`` (which hands GPTQ to GPTQModel) or ``GPTQModel.load``."""
+    import transformers
+
+    if reader == "gptqmodel":
+        from gptqmodel import GPTQModel
+
+        return GPTQModel.load(folder, device="cpu", backend="torch").model.float().eval()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=torch.float32).eval()
+    except NotImplementedError as error:  # the kernel GPTQModel picks may not take a ragged last group
+        report["default_kernel_refused"] = str(error).splitlines()[0][:300]
+        bits = json.loads((Path(folder) / "quantize_config.json").read_text())["bits"]
+        return transformers.AutoModelForCausalLM.from_pretrained(
+            folder, device_map="cpu", dtype=torch.float32,
+            quantization_config=transformers.GPTQConfig(bits=bits, backend="torch")).eval()
+
+
 def their_side(args) -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     import gptqmodel
@@ -52,25 +72,23 @@ def their_side(args) -> None:
     windows = torch.load(args.windows_file)
     report = {"gptqmodel": gptqmodel.__version__, "transformers": transformers.__version__, "torch": torch.__version__}
     if args.ours:
-        start = time.perf_counter()
-        try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(args.ours, device_map="cpu", dtype=torch.float32)
-        except NotImplementedError as error:  # the kernel GPTQModel picks may not take a ragged last group
-            report["default_kernel_refused"] = str(error).splitlines()[0][:300]
-            bits = json.loads((Path(args.ours) / "quantize_config.json").read_text())["bits"]
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                args.ours, device_map="cpu", dtype=torch.float32,
-                quantization_config=transformers.GPTQConfig(bits=bits, backend="torch"))
-        model.eval()
-        report["load_ours_s"] = time.perf_counter() - start
-        report["ours_qlinear"] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
-        # What each layer became on their side: per-layer rules (`dynamic`) must give these bits / dense layers.
-        report["ours_layers"] = {name: [getattr(m, "bits", None), getattr(m, "group_size", None)] if hasattr(m, "qweight")
-                                 else "dense" for name, m in model.named_modules()
-                                 if ".layers." in name and (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear))}
-        ppl, logits = score(model, windows)
-        report["ours_ppl_by_transformers"] = ppl
-        torch.save(logits, Path(args.work) / "logits_transformers_on_ours.pt")
+        for reader in ("transformers", "gptqmodel"):
+            start = time.perf_counter()
+            try:
+                model = load_theirs(reader, args.ours, report)
+            except (ValueError, RuntimeError) as error:  # a refusal: recorded, the other reader still runs
+                report[f"{reader}_refused"] = " ".join(str(error).split())[:400]
+                continue
+            report[f"{reader}_load_s"] = time.perf_counter() - start
+            report[f"{reader}_qlinear"] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
+            # What each layer became on their side: per-layer rules (`dynamic`) must give these bits / dense layers.
+            report[f"{reader}_layers"] = {
+                name: [getattr(m, "bits", None), getattr(m, "group_size", None)] if hasattr(m, "qweight") else "dense"
+                for name, m in model.named_modules()
+                if ".layers." in name and (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear))}
+            report[f"{reader}_ppl"], logits = score(model, windows)
+            torch.save(logits, Path(args.work) / f"logits_{reader}_on_ours.pt")
+            del model
     if args.fp_model:
         from gptqmodel import GPTQModel, QuantizeConfig
 
@@ -141,24 +159,27 @@ def main() -> None:
     if args.ours:
         model, _ = load_quantized(args.ours, backend="torch")
         ppl, logits = score(model, windows)
-        theirs = torch.load(work / "logits_transformers_on_ours.pt")
-        diff = (logits - theirs).abs().max().item()
-        rel = ((logits - theirs).norm() / logits.norm()).item()
+        settings = read_settings(Path(args.ours))
+        print(f"1. our checkpoint ({settings.checkpoint_format}, sym {settings.sym}"
+              f"{', dynamic rules' if settings.dynamic else ''}): our loader's perplexity {ppl:.4f} on {args.windows} windows")
         if "default_kernel_refused" in report:
             print(f"   transformers' default GPTQ kernel refused our layers: {report['default_kernel_refused']}; "
                   f"loaded with GPTQConfig(backend='torch')")
-        settings = read_settings(Path(args.ours))
-        expected = {name: "dense" if type(m).__name__ == "Linear" else [m.bits, m.group_size]
-                    for name, m in model.named_modules() if name in report["ours_layers"]}
-        differ = sorted(name for name in expected if report["ours_layers"][name] != expected[name])
-        kinds = sorted({str(v) for v in report["ours_layers"].values()})
-        print(f"   per-layer settings on their side ({len(report['ours_layers'])} layers; kinds {', '.join(kinds)}): "
-              + ("all as ours" if not differ else f"{len(differ)} differ, e.g. {differ[:3]} "
-                 f"{[report['ours_layers'][n] for n in differ[:3]]} vs ours {[expected[n] for n in differ[:3]]}"))
-        print(f"1. our checkpoint ({settings.checkpoint_format}) in transformers.from_pretrained "
-              f"[{', '.join(report['ours_qlinear'])}], loaded in {report['load_ours_s']:.1f} s: "
-              f"perplexity {report['ours_ppl_by_transformers']:.4f} vs ours {ppl:.4f} on {args.windows} windows; "
-              f"logits of window 0: max |diff| {diff:.2e}, relative {rel:.2e}")
+        for reader, how in (("transformers", "transformers.from_pretrained"), ("gptqmodel", "GPTQModel.load")):
+            if f"{reader}_refused" in report:
+                print(f"   {how}: refused: {report[f'{reader}_refused']}")
+                continue
+            theirs = torch.load(work / f"logits_{reader}_on_ours.pt")
+            diff = (logits - theirs).abs().max().item()
+            rel = ((logits - theirs).norm() / logits.norm()).item()
+            expected = {name: "dense" if type(m).__name__ == "Linear" else [m.bits, m.group_size]
+                        for name, m in model.named_modules() if name in report[f"{reader}_layers"]}
+            differ = sorted(n for n in expected if report[f"{reader}_layers"][n] != expected[n])
+            kinds = sorted({str(v) for v in report[f"{reader}_layers"].values()})
+            print(f"   {how} [{', '.join(report[f'{reader}_qlinear'])}], loaded in {report[f'{reader}_load_s']:.1f} s: "
+                  f"perplexity {report[f'{reader}_ppl']:.4f} (ours {ppl:.4f}); logits of window 0: max |diff| "
+                  f"{diff:.2e}, relative {rel:.2e}; layers ({len(expected)}; {', '.join(kinds)}): "
+                  + ("all as ours" if not differ else f"{len(differ)} differ, e.g. {differ[:2]}"))
     if args.fp_model:
         model, _ = load_quantized(gptqmodel_out, backend="torch")
         ppl = score(model, windows)[0]

@@ -101,11 +101,13 @@ def test_a_checkpoint_with_rules_loads_back_as_it_was_fitted(fits):
     again = load_file(resaved / "model.safetensors")
     first = load_file(out["rules"] / "model.safetensors")
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
-    # without the rules, one exact-name rule per grid that differs from the most common
+    # without the rules, one exact-name rule per grid that differs from the most common, and one `-:` rule for
+    # the full-precision o_proj (other blocks quantize theirs: a loader would expect it packed)
     save_quantized(model, None, resaved.with_name("exact"))
     dynamic = json.loads((resaved.with_name("exact") / "config.json").read_text())["quantization_config"]["dynamic"]
-    assert list(dynamic.values()) == [{"bits": 8, "group_size": -1, "sym": False}] and "model\\.layers\\.2\\.mlp\\.down_proj" \
-        in next(iter(dynamic))
+    assert list(dynamic.values()) == [{"bits": 8, "group_size": -1, "sym": False}, {}]
+    assert "model\\.layers\\.2\\.mlp\\.down_proj" in list(dynamic)[0]
+    assert list(dynamic)[1] == "-:(?:model\\.layers\\.1\\.self_attn\\.o_proj)$"
     again, _ = load_quantized(resaved.with_name("exact"), backend="torch")
     ids = torch.randint(4, 90, (2, 16))
     with torch.no_grad():
@@ -154,6 +156,14 @@ def test_grid_rules_prefer_the_users_patterns_and_fall_back_to_names():
     settings = GPTQSettings(bits=4, group_size=128, desc_act=False, sym=False, dynamic=exact)
     assert base == (4, 128, False) and all(settings.for_layer(n).bits == g[0] for n, g in grids.items())
     assert layer_grids_rules({"a": (4, 128, True)}) == ((4, 128, True), {})
+    # full-precision linears in the place of quantized ones get a `-:` rule; others (the head) none
+    dense = ["m.l.1.b", "m.l.2.a", "lm_head"]
+    grids = {**grids, "m.l.0.b": (4, 128, False)}
+    base, rules = layer_grids_rules(grids, {r"+:.*down$": {"bits": 8}}, dense)  # the rules leave m.l.1.b packed
+    assert rules == {r"+:(?:m\.l\.0\.down|m\.l\.1\.down)$": {"bits": 8, "group_size": 128, "sym": False},
+                     r"-:(?:m\.l\.1\.b|m\.l\.2\.a)$": {}}
+    own = {r"+:.*down$": {"bits": 8}, r"-:m\.l\.1\.b$": {}, r"-:m\.l\.2\.": {}}
+    assert layer_grids_rules(grids, own, dense) == ((4, 128, False), own)  # the user's rules explain them all
 
 
 def test_print_config_round_trips_the_rules(tmp_path, capsys):
@@ -248,3 +258,21 @@ def test_a_streamed_fit_reads_in_a_block_that_stays_dense(tmp_path):
     whole, streamed = Shards(tmp_path / "whole" / "model"), Shards(tmp_path / "streamed" / "model")
     assert whole.shapes.keys() == streamed.shapes.keys() and "model.layers.1.mlp.up_proj.weight" in whole.shapes
     assert all(torch.equal(whole.get(k), streamed.get(k)) for k in whole.shapes)
+
+
+def test_saving_rules_says_which_other_tools_read_them(fits, tmp_path, caplog):
+    from lightning_gptq.checkpoint.hf import _warn_other_readers
+
+    model, _ = load_quantized(fits[1]["rules"], backend="torch")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_gptq"):
+        save_quantized(model, None, tmp_path / "v2", checkpoint_format="gptq_v2")
+    assert "from_pretrained ignores them" in caplog.text and "checkpoint_format='gptq_v2'" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lightning_gptq"):
+        _warn_other_readers("gptq", False, {"+:x": {"bits": 8}})
+        assert "checkpoint_format='gptq_v2'" in caplog.text
+        caplog.clear()
+        _warn_other_readers("gptq", True, {"+:x": {"bits": 8}})
+        _warn_other_readers("gptq", False, {})
+        assert "checkpoint_format='gptq_v2'" not in caplog.text and "from_pretrained" in caplog.text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -109,28 +110,48 @@ class GPTQSettings:
 Grid = tuple[int, int, bool]  # (bits, group_size, sym): what shapes a layer's tensors
 
 
-def layer_grids_rules(grids: dict[str, Grid], rules: dict | None = None) -> tuple[Grid, dict]:
+def layer_grids_rules(grids: dict[str, Grid], rules: dict | None = None, dense: Iterable[str] = ()) -> tuple[Grid, dict]:
     """The base grid and the ``dynamic`` block under which every quantized layer's ``(bits, group_size, sym)``
-    (``grids``, by full layer name) reads back: ``rules`` (checkpoint spelling, e.g. the user's own, which other
-    tools and vLLM match against their own layer names) when they explain every layer over one of the grids present;
-    else the most common grid, one exact-name rule per other grid, then ``rules``' ``-:`` rules."""
+    (``grids``, by full layer name) reads back, and every linear of ``dense`` (names of full-precision linears)
+    that holds the place of a quantized one in another block (``model.layers.3.self_attn.o_proj`` beside a
+    quantized ``model.layers.4.self_attn.o_proj``: a loader would build it quantized) reads back unquantized:
+    ``rules`` (checkpoint spelling, e.g. the user's own, which other tools and vLLM match against their own layer
+    names) when they explain every such layer over one of the grids present; else the most common grid, one
+    exact-name rule per other grid, ``rules``' ``-:`` rules, and one exact-name ``-:`` rule for the dense rest."""
+    places = {_place(n) for n in grids}
+    unquantized = sorted(n for n in dense if _place(n) in places)
     order = [grid for grid, _ in Counter(grids.values()).most_common()]
-    explains = lambda base, dynamic: all(  # noqa: E731
-        _grid(GPTQSettings(bits=base[0], group_size=base[1], sym=base[2], desc_act=False, dynamic=dynamic).for_layer(n))
-        == g for n, g in grids.items())
+
+    def explains(base: Grid, dynamic: dict) -> bool:
+        settings = GPTQSettings(bits=base[0], group_size=base[1], sym=base[2], desc_act=False, dynamic=dynamic)
+        return (all(_grid(settings.for_layer(n)) == g for n, g in grids.items())
+                and all(settings.for_layer(n) is None for n in unquantized))
+
     for base in order if rules else ():
         if explains(base, rules):
             return base, dict(rules)
     base, dynamic = order[0], {}
     for grid in order[1:]:
         names = sorted(n for n, g in grids.items() if g == grid)
-        dynamic["+:(?:" + "|".join(re.escape(n) for n in names) + ")$"] = {
-            "bits": grid[0], "group_size": grid[1], "sym": grid[2]}
+        dynamic["+:" + _any_of(names)] = {"bits": grid[0], "group_size": grid[1], "sym": grid[2]}
     dynamic.update({key: {} for key in (rules or {}) if key.startswith("-:")})
+    settings = GPTQSettings(bits=base[0], group_size=base[1], sym=base[2], desc_act=False, dynamic=dynamic)
+    rest = [n for n in unquantized if settings.for_layer(n) is not None]
+    if rest:
+        dynamic["-:" + _any_of(rest)] = {}
     if not explains(base, dynamic):
         raise ValueError("no dynamic rules describe these layers' grids: a quantized layer matches one of the "
                          f"'-:' rules {[k for k in rules or {} if k.startswith('-:')]}")
     return base, dynamic
+
+
+def _place(name: str) -> str:
+    """A layer's place in any block: ``model.layers.3.mlp.up_proj`` → ``model.layers.#.mlp.up_proj``."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+
+def _any_of(names: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 
 def _grid(settings: GPTQSettings | None) -> Grid | None:

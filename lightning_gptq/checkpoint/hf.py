@@ -78,7 +78,8 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     weights, scales, biases) in this dtype (e.g. ``"float16"``, what serving stacks expect, about
     half the size of fp32 embeddings); default: as in memory (lossless). Layers of other bits, group sizes or grids
     than most are recorded as ``dynamic`` rules: ``dynamic`` (the rules they were quantized by, checkpoint spelling)
-    where those describe every layer, else one exact-name rule per grid. Written to ``<folder>.partial`` and renamed,
+    where those describe every layer, else one exact-name rule per grid (and a ``-:`` rule for full-precision
+    linears where other blocks have quantized ones). Written to ``<folder>.partial`` and renamed,
     so an interrupted save never leaves a half-written checkpoint under the final name.
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
@@ -90,8 +91,9 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
+    dense = [n for n, m in model.named_modules() if _linear_shape(m) is not None]
     (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
-                                                         dynamic)
+                                                         dynamic, dense)
     fmt = checkpoint_format
     if fmt == AUTO_FORMAT:
         lossless = v1_is_lossless([m.zero_points() for m in layers.values()])
@@ -100,6 +102,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
                  "is lossless" if lossless else "some zero points are 0, which v1 (zero - 1) cannot store")
     if desc_act is None:
         desc_act = any(m.act_order for m in layers.values())
+    _warn_other_readers(fmt, sym, dynamic)
 
     state = {}
     seen: set[tuple[int, int]] = set()
@@ -130,6 +133,18 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         shutil.rmtree(folder)
     os.replace(staging, folder)
     return folder
+
+
+def _warn_other_readers(fmt: str, sym: bool, dynamic: dict) -> None:
+    """What other tools do with per-layer rules (GPTQModel 7.7, transformers 5.25: scripts/check_interop.py)."""
+    if not dynamic:
+        return
+    note = ("per-layer rules (quantization_config.dynamic) are read by GPTQModel.load and vLLM; transformers' "
+            "from_pretrained ignores them and refuses the folder")
+    if fmt == V1 and not sym:
+        note += ("; GPTQModel.load refuses an asymmetric 'gptq' (v1) folder that GPTQModel did not write: save with "
+                 "checkpoint_format='gptq_v2' for it")
+    log.warning("%s", note)
 
 
 def _meta(settings: dict | None, digests: dict[str, str]) -> dict:

@@ -16,7 +16,7 @@ from lightning_gptq.nn import QuantLinear
 from . import shards as shard_io
 from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, layer_grids_rules, words_to_file,
                           zeros_to_file)
-from .hf import AUTO_FORMAT, _meta, _write_configs
+from .hf import AUTO_FORMAT, _linear_shape, _meta, _warn_other_readers, _write_configs
 
 __all__ = ["StreamingWriter"]
 
@@ -43,6 +43,7 @@ class StreamingWriter:
         self.cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.blocks: list[tuple[str, dict, str]] = []  # staged file, {layer name: (in, out, bits)}, sha256
         self.grids: dict[str, tuple[int, int, bool]] = {}  # layer name -> (bits, group_size, sym)
+        self.dense: list[str] = []  # full-precision linears of the staged blocks (`-:` rules)
         self.act_order = False
         self.min_zero: int | None = None
         self.prefixes: list[str] = []
@@ -55,6 +56,7 @@ class StreamingWriter:
             if self.cast is not None and tensor.is_floating_point():
                 tensor = tensor.to(self.cast)
             state[f"{prefix}.{name}"] = tensor.contiguous()
+        self.dense += [f"{prefix}.{n}" for n, m in block.named_modules() if _linear_shape(m) is not None]
         for name, m in layers.items():
             self.grids[name] = (m.bits, m.group_size, m.sym)
             self.act_order |= m.act_order
@@ -69,7 +71,7 @@ class StreamingWriter:
     def state_dict(self) -> dict:
         """What a resumed run needs to stage the remaining blocks beside the ones already staged."""
         return {"folder": str(self.folder), "format": self.format, "cast": self.cast, "blocks": list(self.blocks),
-                "layer_grids": dict(self.grids), "act_order": self.act_order, "min_zero": self.min_zero,
+                "layer_grids": dict(self.grids), "dense_layers": list(self.dense), "act_order": self.act_order, "min_zero": self.min_zero,
                 "prefixes": list(self.prefixes)}
 
     @classmethod
@@ -93,6 +95,7 @@ class StreamingWriter:
         else:  # a resume point of an earlier version: one grid for every layer
             (grid,) = state["grids"]
             writer.grids = {n: tuple(grid) for _, layers, _ in writer.blocks for n in layers}
+        writer.dense = list(state.get("dense_layers", []))  # (not kept by earlier versions)
         writer.act_order, writer.min_zero = state["act_order"], state["min_zero"]
         writer.prefixes = list(state["prefixes"])
         return writer
@@ -104,13 +107,14 @@ class StreamingWriter:
         ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks. ``dynamic``: as ``save_gptq``'s."""
         if not self.grids:
             raise ValueError("no quantized block was staged: nothing to write")
-        (bits, group_size, sym), dynamic = layer_grids_rules(self.grids, dynamic)
+        (bits, group_size, sym), dynamic = layer_grids_rules(self.grids, dynamic, self.dense)
         fmt = self.format
         if fmt == AUTO_FORMAT:
             fmt = V1 if self.min_zero >= 1 else V2
         elif fmt == V1 and self.min_zero < 1:
             raise CheckpointError("checkpoint_format='gptq' (v1, zero - 1) cannot store a zero point of 0, which this "
                                   "model has; use 'gptq_v2' or 'auto'")
+        _warn_other_readers(fmt, sym, dynamic)
         total = len(self.blocks) + 1
         names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
         weight_map, digests, size = {}, {}, 0
