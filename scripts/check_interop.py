@@ -46,6 +46,13 @@ def score(model, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
 
 
 # -- the GPTQModel side (runs in the other environment) -------------------------------------------
+def layer_kinds(model) -> dict:
+    """``{layer name: [bits, group_size] or "dense"}`` of the linears inside the blocks, in either library."""
+    return {name: [getattr(m, "bits", None), getattr(m, "group_size", None)] if hasattr(m, "qweight") else "dense"
+            for name, m in model.named_modules()
+            if ".layers." in name and (hasattr(m, "qweight") or type(m).__name__ == "Linear")}
+
+
 def load_theirs(reader: str, folder: str, report: dict):
     """``folder`` through transformers' ``from_pretrained`` (which hands GPTQ to GPTQModel) or ``GPTQModel.load``."""
     import transformers
@@ -83,10 +90,7 @@ def their_side(args) -> None:
             report[f"{reader}_load_s"] = time.perf_counter() - start
             report[f"{reader}_qlinear"] = sorted({type(m).__name__ for m in model.modules() if hasattr(m, "qweight")})
             # What each layer became on their side: per-layer rules (`dynamic`) must give these bits / dense layers.
-            report[f"{reader}_layers"] = {
-                name: [getattr(m, "bits", None), getattr(m, "group_size", None)] if hasattr(m, "qweight") else "dense"
-                for name, m in model.named_modules()
-                if ".layers." in name and (hasattr(m, "qweight") or isinstance(m, torch.nn.Linear))}
+            report[f"{reader}_layers"] = layer_kinds(model)
             report[f"{reader}_ppl"], logits = score(model, windows)
             torch.save(logits, Path(args.work) / f"logits_{reader}_on_ours.pt")
             del model
@@ -94,15 +98,17 @@ def their_side(args) -> None:
         from gptqmodel import GPTQModel, QuantizeConfig
 
         calibration = torch.load(args.calibration)
-        config = QuantizeConfig(bits=4, group_size=128, desc_act=True, sym=False)
+        config = QuantizeConfig(bits=4, group_size=128, desc_act=True, sym=False,
+                                dynamic=json.loads(args.their_dynamic) if args.their_dynamic else None)
         start = time.perf_counter()
         model = GPTQModel.load(args.fp_model, config)
         model.quantize([{"input_ids": c.tolist(), "attention_mask": [1] * c.numel()} for c in calibration], batch_size=1)
         model.save(args.gptqmodel_out)
         report["gptqmodel_quantize_s"] = time.perf_counter() - start
         del model
-        loaded = GPTQModel.load(args.gptqmodel_out, device="cpu", backend="torch")
-        report["theirs_ppl_by_gptqmodel"] = score(loaded.model.float().eval(), windows)[0]
+        loaded = GPTQModel.load(args.gptqmodel_out, device="cpu", backend="torch", dtype=torch.float16).model.float().eval()
+        report["theirs_ppl_by_gptqmodel"] = score(loaded, windows)[0]
+        report["theirs_layers"] = layer_kinds(loaded)
     print("REPORT " + json.dumps(report))
 
 
@@ -121,6 +127,8 @@ def main() -> None:
                         help="text GPTQModel calibrates on (part 2)")
     parser.add_argument("--calibration-windows", type=int, default=32)
     parser.add_argument("--calibration-seqlen", type=int, default=512)
+    parser.add_argument("--their-dynamic", help="GPTQModel's per-layer rules for part 2, JSON (e.g. "
+                        "'{\"+:.*down_proj$\": {\"bits\": 8}}')")
     parser.add_argument("--their-side", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--calibration", help=argparse.SUPPRESS)
     parser.add_argument("--windows-file", help=argparse.SUPPRESS)
@@ -149,6 +157,7 @@ def main() -> None:
                "--gptqmodel-out", str(gptqmodel_out)]
     command += ["--ours", str(Path(args.ours).resolve())] if args.ours else []
     command += ["--fp-model", str(Path(args.fp_model).resolve())] if args.fp_model else []
+    command += ["--their-dynamic", args.their_dynamic] if args.their_dynamic else []
     print("GPTQModel side:", " ".join(command), flush=True)
     proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GPTQMODEL_CPU_WORKERS": "2"})
     report_lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
@@ -173,9 +182,9 @@ def main() -> None:
             theirs = torch.load(work / f"logits_{reader}_on_ours.pt")
             diff = (logits - theirs).abs().max().item()
             rel = ((logits - theirs).norm() / logits.norm()).item()
-            expected = {name: "dense" if type(m).__name__ == "Linear" else [m.bits, m.group_size]
-                        for name, m in model.named_modules() if name in report[f"{reader}_layers"]}
-            differ = sorted(n for n in expected if report[f"{reader}_layers"][n] != expected[n])
+            expected = layer_kinds(model)
+            differ = sorted(n for n in expected.keys() | report[f"{reader}_layers"].keys()
+                            if report[f"{reader}_layers"].get(n) != expected.get(n))
             kinds = sorted({str(v) for v in report[f"{reader}_layers"].values()})
             print(f"   {how} [{', '.join(report[f'{reader}_qlinear'])}], loaded in {report[f'{reader}_load_s']:.1f} s: "
                   f"perplexity {report[f'{reader}_ppl']:.4f} (ours {ppl:.4f}); logits of window 0: max |diff| "
@@ -184,9 +193,14 @@ def main() -> None:
     if args.fp_model:
         model, _ = load_quantized(gptqmodel_out, backend="torch")
         ppl = score(model, windows)[0]
-        print(f"2. GPTQModel's checkpoint ({read_settings(gptqmodel_out).checkpoint_format}, quantized in "
-              f"{report['gptqmodel_quantize_s']:.0f} s): perplexity by GPTQModel {report['theirs_ppl_by_gptqmodel']:.4f}, "
-              f"by our loader {ppl:.4f} on {args.windows} windows")
+        ours = layer_kinds(model)
+        differ = sorted(n for n in ours.keys() | report["theirs_layers"].keys() if report["theirs_layers"].get(n) != ours.get(n))
+        settings = read_settings(gptqmodel_out)
+        print(f"2. GPTQModel's checkpoint ({settings.checkpoint_format}{', dynamic rules' if settings.dynamic else ''}, "
+              f"quantized in {report['gptqmodel_quantize_s']:.0f} s): perplexity by GPTQModel (fp16) "
+              f"{report['theirs_ppl_by_gptqmodel']:.4f}, by our loader {ppl:.4f} on {args.windows} windows; layers "
+              f"({len(ours)}; {', '.join(sorted({str(v) for v in ours.values()}))}): "
+              + ("all as theirs" if not differ else f"{len(differ)} differ, e.g. {differ[:2]}"))
 
 
 if __name__ == "__main__":
