@@ -276,3 +276,17 @@ def test_saving_rules_says_which_other_tools_read_them(fits, tmp_path, caplog):
         _warn_other_readers("gptq", True, {"+:x": {"bits": 8}})
         _warn_other_readers("gptq", False, {})
         assert "checkpoint_format='gptq_v2'" not in caplog.text and "from_pretrained" in caplog.text
+
+
+def test_the_dry_run_counts_no_hessian_for_dense_layers(tmp_path):
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    plans = {}
+    no_mlp = json.dumps({r"-:.*\.mlp\.": {}})
+    for name, extra in {"all": [], "no-mlp": [f"--gptq.dynamic={no_mlp}"]}.items():
+        run = main(["fit", *cli_args(model_dir, tmp_path / name, *FIT, *extra, "--model.dry_run=true",
+                                     f"--model.output_dir={tmp_path / name}")])
+        plans[name] = run.model.plan.to_dict()["bytes"]
+    config = run.model.lm.config
+    hidden, inter = config.hidden_size, config.intermediate_size
+    assert plans["all"]["Hessians (one block)"] == 8 * (2 * hidden ** 2 + hidden ** 2 + inter ** 2)  # qkv, o, gate/up, down
+    assert plans["no-mlp"]["Hessians (one block)"] == 8 * 2 * hidden ** 2  # qkv and o only

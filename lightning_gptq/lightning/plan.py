@@ -102,12 +102,13 @@ class FitPlan:
                 "advice": self.advice}
 
 
-def _distinct_inputs(adapter, block) -> list[int]:
-    """in_features of each distinct input of ``block``'s linears: one per group of layers reading the
-    same tensor (a true-sequential group without its output projection; output projections alone)."""
+def _distinct_inputs(driver, index: int) -> list[int]:
+    """in_features of each distinct input of block ``index``'s quantized linears: one per group of layers reading
+    the same tensor (a true-sequential group without its output projection; output projections alone)."""
+    block, quantized = driver.blocks[index], driver.linear_layers(index)
     widths = []
-    for group in adapter.sequential_groups(block):
-        linears = {n: block.get_submodule(n) for n in group}
+    for group in driver.adapter.sequential_groups(block):
+        linears = {n: block.get_submodule(n) for n in group if n in quantized}
         outputs = [n for n in linears if is_output_projection(n)]
         inputs = [n for n in linears if n not in outputs]
         widths += [linear_in_features(linears[n]) for n in outputs]
@@ -134,8 +135,8 @@ def memory_breakdown(module, calibrates: bool = True) -> dict[str, int]:
         "weights": sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]),
         "activation cache": streams * estimate_activation_bytes(config, share, dm.seqlen, module.activation_dtype())
         if calibrates else 0,
-        "Hessians (one block)": streams * max(sum(w * w * 8 for w in _distinct_inputs(adapter, b)) for b in blocks)
-        if calibrates else 0,
+        "Hessians (one block)": streams * max(sum(w * w * 8 for w in _distinct_inputs(module.driver, b))
+                                              for b in range(len(blocks))) if calibrates else 0,
         "scoring logits": 4 * 3 * dm.eval_seqlen * int(getattr(config, "vocab_size", 0) or 0) if scores else 0,
     }
 
@@ -198,7 +199,8 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
     weights = model_bytes = parts["weights"]
     cache, hessians, scoring = parts["activation cache"], parts["Hessians (one block)"], parts["scoring logits"]
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
-    solve_ws = max(_solve_bytes(name, m) for b in blocks for name, m in adapter.linear_layers(b).items())
+    solve_ws = max((_solve_bytes(name, m) for b in range(len(blocks)) for name, m in module.driver.linear_layers(b).items()),
+                   default=0)
     scores = bool(scoring)
     # block-by-block scoring (streaming) holds every window's hidden state between blocks
     score_hidden = _eval_windows(module) * dm.eval_seqlen * hidden * itemsize if (scores and streaming) else 0
