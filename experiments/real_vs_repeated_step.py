@@ -1,6 +1,7 @@
 """Is a real fused decode step slower than the same step repeated at one position? Per-step times of 64 real steps
 (greedy, positions 128..191) against 64 repeats of the step at position 128 (the cache row rewritten), interleaved
-in rounds; each step timed alone, so means, medians and minimums of both can be set side by side.
+in rounds; each step timed alone, so means, medians and minimums of both can be set side by side. The repeated step
+is also timed on one thread (does the spread come from two threads meeting at each kernel's end?).
 
     python experiments/real_vs_repeated_step.py runs/rtn4/model --rounds 6
 """
@@ -50,12 +51,16 @@ def loop_overhead() -> list[float]:
 
 
 real(), repeated()  # warm-up
-got = {"real": [], "repeated": [], "argmax": []}
+threads = torch.get_num_threads()
+got = {"real": [], "repeated": [], "argmax": [], "repeated, 1 thread": []}
 for _ in range(args.rounds):
     got["real"] += real()
     got["repeated"] += repeated()
     got["argmax"] += loop_overhead()
+    torch.set_num_threads(1)
+    got["repeated, 1 thread"] += repeated()
+    torch.set_num_threads(threads)
 for name, t in got.items():
     ms = [x * 1e3 for x in t]
-    print(f"{name:9s} mean {statistics.mean(ms):.3f}  median {statistics.median(ms):.3f}  min {min(ms):.3f}  "
+    print(f"{name:18s} mean {statistics.mean(ms):.3f}  median {statistics.median(ms):.3f}  min {min(ms):.3f}  "
           f"p90 {sorted(ms)[int(len(ms) * 0.9)]:.3f} ms  ({len(ms)} steps)")
