@@ -101,8 +101,13 @@ def test_a_checkpoint_with_rules_loads_back_as_it_was_fitted(fits):
     again = load_file(resaved / "model.safetensors")
     first = load_file(out["rules"] / "model.safetensors")
     assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)
-    # without the rules, one exact-name rule per grid that differs from the most common, and one `-:` rule for
+    # re-saved as loaded: the folder's own rules again
+    save_quantized(model, None, resaved.with_name("again"))
+    read = lambda f: json.loads((f / "config.json").read_text())["quantization_config"]["dynamic"]  # noqa: E731
+    assert read(resaved.with_name("again")) == read(out["rules"])
+    # without rules, one exact-name rule per grid that differs from the most common, and one `-:` rule for
     # the full-precision o_proj (other blocks quantize theirs: a loader would expect it packed)
+    model.gptq_dynamic = None
     save_quantized(model, None, resaved.with_name("exact"))
     dynamic = json.loads((resaved.with_name("exact") / "config.json").read_text())["quantization_config"]["dynamic"]
     assert list(dynamic.values()) == [{"bits": 8, "group_size": -1, "sym": False}, {}]
@@ -290,3 +295,35 @@ def test_the_dry_run_counts_no_hessian_for_dense_layers(tmp_path):
     hidden, inter = config.hidden_size, config.intermediate_size
     assert plans["all"]["Hessians (one block)"] == 8 * (2 * hidden ** 2 + hidden ** 2 + inter ** 2)  # qkv, o, gate/up, down
     assert plans["no-mlp"]["Hessians (one block)"] == 8 * 2 * hidden ** 2  # qkv and o only
+
+
+def test_rules_keep_their_order_in_the_files(tmp_path):
+    """First match wins, so the order is part of the rules: config.json must not sort them (it sorts its keys)."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    rules = {r"+:model\.layers\.0\.mlp\.down_proj$": {"bits": 3}, r"+:.*\.down_proj$": {"bits": 8}}  # sorted: 8 first
+    main(["fit", *cli_args(model_dir, tmp_path / "r", *FIT, f"--gptq.dynamic={json.dumps(rules)}",
+                           f"--model.output_dir={tmp_path / 'r'}")])
+    folder = tmp_path / "r" / "model"
+    for file in ("config.json", "quantize_config.json"):
+        block = json.loads((folder / file).read_text())
+        assert list((block.get("quantization_config") or block)["dynamic"]) == list(rules), file
+    layers = dict(load_quantized(folder, backend="torch")[0].named_modules())
+    assert layers["model.layers.0.mlp.down_proj"].bits == 3 and layers["model.layers.1.mlp.down_proj"].bits == 8
+
+
+def test_a_sorted_config_json_reads_its_rules_in_quantize_config_order(fits, tmp_path):
+    """transformers' save_pretrained (what GPTQModel writes config.json with) sorts keys; quantize_config.json keeps
+    the order: when the two hold the same rules in another order, quantize_config.json's is the one read."""
+    import shutil
+
+    from lightning_gptq.checkpoint import read_settings
+
+    folder = shutil.copytree(fits[1]["rules"], tmp_path / "sorted")
+    config = json.loads((folder / "config.json").read_text())
+    dynamic = config["quantization_config"]["dynamic"]
+    # layers.2.mlp.down_proj matches the first and the last rule: in this order it would read 4-bit, not 8
+    config["quantization_config"]["dynamic"] = dict(reversed(list(dynamic.items())))
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    assert list(read_settings(folder).dynamic) == list(dynamic)
+    layers = dict(load_quantized(folder, backend="torch")[0].named_modules())
+    assert layers["model.layers.2.mlp.down_proj"].bits == 8

@@ -79,7 +79,8 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     half the size of fp32 embeddings); default: as in memory (lossless). Layers of other bits, group sizes or grids
     than most are recorded as ``dynamic`` rules: ``dynamic`` (the rules they were quantized by, checkpoint spelling)
     where those describe every layer, else one exact-name rule per grid (and a ``-:`` rule for full-precision
-    linears where other blocks have quantized ones). Written to ``<folder>.partial`` and renamed,
+    linears where other blocks have quantized ones); by default the rules of the folder ``load_quantized`` read
+    (``model.gptq_dynamic``). Written to ``<folder>.partial`` and renamed,
     so an interrupted save never leaves a half-written checkpoint under the final name.
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
@@ -92,6 +93,8 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     if not layers:
         raise ValueError("the model has no quantized layers to save")
     dense = [n for n, m in model.named_modules() if _linear_shape(m) is not None]
+    if dynamic is None:
+        dynamic = getattr(model, "gptq_dynamic", None)  # a loaded model: its folder's rules
     (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
                                                          dynamic, dense)
     fmt = checkpoint_format
@@ -156,7 +159,8 @@ def _write_configs(staging: Path, model: nn.Module, tokenizer, gptq: GPTQSetting
     config = model.config.to_dict()
     config["quantization_config"] = gptq.to_dict()
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
-    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    # Top-level keys sorted (as transformers writes them), nested ones not: `dynamic`'s order is its first-match order.
+    (staging / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2, default=str) + "\n")
     (staging / QUANTIZE_CONFIG).write_text(json.dumps(gptq.to_dict(), indent=2) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:
@@ -180,6 +184,15 @@ def read_settings(folder: Path) -> GPTQSettings:
         raise CheckpointError(f"{config_path} (or {QUANTIZE_CONFIG}) is not valid JSON: {error}") from None
     if not block:
         raise CheckpointError(f"{folder} is not a GPTQ checkpoint: no quantization_config in config.json and no {QUANTIZE_CONFIG}")
+    if block.get("dynamic") and source == config_path and (folder / QUANTIZE_CONFIG).is_file():
+        # transformers' save_pretrained sorts config.json's keys, nested ones too; quantize_config.json (GPTQModel's
+        # own, and ours) keeps the rules' first-match order: the same rules are read in that order.
+        try:
+            own = json.loads((folder / QUANTIZE_CONFIG).read_text()).get("dynamic")
+        except json.JSONDecodeError:
+            own = None
+        if isinstance(own, dict) and own == block["dynamic"]:
+            block = {**block, "dynamic": own}
     return GPTQSettings.from_dict(block, str(source))
 
 
@@ -361,6 +374,7 @@ def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dt
     if missing:  # _check_other_tensors accounts for every parameter: a bug if this fires
         raise CheckpointError(f"{reader.folder}: parameters left unread: {missing[:5]}")
     to_backend(model, backend)
+    model.gptq_dynamic = dict(settings.dynamic or {})  # what save_quantized writes again by default
     log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", reader.folder, len(reader.layers),
              settings.checkpoint_format, f"{settings.bits}-bit g{settings.group_size}"
              + (f" (per-layer rules: {settings.dynamic})" if settings.dynamic else ""), reader.files.total_bytes / 1e6,
