@@ -196,7 +196,10 @@ class CalibrationDriver:
         """The linears of block ``index`` quantized together, in order (one group unless true-sequential;
         none when every linear stays dense)."""
         block = self.blocks[index]
-        groups = self.adapter.sequential_groups(block) if self.true_sequential else [list(self.adapter.linear_layers(block))]
+        if self.true_sequential:
+            groups = self.adapter.sequential_groups(block)
+        else:
+            groups = [list(self.adapter.linear_layers(block))]
         if self.quantizes is not None:
             prefix = self.block_prefix(index)
             groups = [[name for name in group if self.quantizes(f"{prefix}.{name}")] for group in groups]
@@ -241,7 +244,8 @@ class CalibrationDriver:
         if stage.kind == "quantize":
             return
         block = self.blocks[stage.block]
-        if stage.kind == "calibrate" and stage.group == 0 or stage.kind == "propagate" and stage.block not in self._fetched:
+        first_pass = stage.kind == "calibrate" and stage.group == 0
+        if first_pass or stage.kind == "propagate" and stage.block not in self._fetched:
             self.source.fetch(block)  # (a block whose linears all stay dense has no calibration pass)
             self._fetched.add(stage.block)
         block.to(self.device)

@@ -71,8 +71,8 @@ class StreamingWriter:
     def state_dict(self) -> dict:
         """What a resumed run needs to stage the remaining blocks beside the ones already staged."""
         return {"folder": str(self.folder), "format": self.format, "cast": self.cast, "blocks": list(self.blocks),
-                "layer_grids": dict(self.grids), "dense_layers": list(self.dense), "act_order": self.act_order, "min_zero": self.min_zero,
-                "prefixes": list(self.prefixes)}
+                "layer_grids": dict(self.grids), "dense_layers": list(self.dense), "act_order": self.act_order,
+                "min_zero": self.min_zero, "prefixes": list(self.prefixes)}
 
     @classmethod
     def restore(cls, state: dict) -> "StreamingWriter":

@@ -199,8 +199,8 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
     weights = model_bytes = parts["weights"]
     cache, hessians, scoring = parts["activation cache"], parts["Hessians (one block)"], parts["scoring logits"]
     transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
-    solve_ws = max((_solve_bytes(name, m) for b in range(len(blocks)) for name, m in module.driver.linear_layers(b).items()),
-                   default=0)
+    solve_ws = max((_solve_bytes(name, m) for b in range(len(blocks))
+                    for name, m in module.driver.linear_layers(b).items()), default=0)
     scores = bool(scoring)
     # block-by-block scoring (streaming) holds every window's hidden state between blocks
     score_hidden = _eval_windows(module) * dm.eval_seqlen * hidden * itemsize if (scores and streaming) else 0
