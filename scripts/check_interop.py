@@ -136,6 +136,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.their_side:
         return their_side(args)
+    if args.their_dynamic:
+        try:
+            if not isinstance(json.loads(args.their_dynamic), dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:  # before any model work, not as a traceback from the other environment
+            parser.error(f"--their-dynamic must be a JSON object of rules ({error})")
 
     from transformers import AutoTokenizer
 
