@@ -130,7 +130,10 @@ class CalibrationDriver:
             dtype (e.g. bf16 where this machine's bf16 matmuls are fast; ``models.compute_dtype``).
             The Hessians stay fp32, the solve reads the model's own weights, and propagation runs in
             the model's dtype, so the next block's inputs carry no bf16 rounding and errors do not
-            build up from block to block. ``None``: the model's dtype.
+            build up from block to block. ``None``: the model's dtype. A *wider* dtype (fp64 for an
+            fp32 model) runs the whole stream in it instead: propagation too, the cached inputs kept
+            in it (unless ``activation_dtype`` says otherwise), Hessians and solve in fp64, so that
+            which kernels a machine's matmuls take no longer flips codes (``calibration_dtype``).
         store: puts a cached activation where it lives (in memory, or a file: ``SpillFolder.put``).
         write_block: ``write_block(prefix, block)`` for a streamed source, before the block is freed.
         quantizes: ``quantizes(full_layer_name)``: whether that linear is quantized in this run (``None``:
@@ -160,7 +163,9 @@ class CalibrationDriver:
         self.true_sequential = true_sequential
         self.compute_dtype = compute_dtype
         self._pass_dtype: torch.dtype | None = None  # the current stage's: compute_dtype while calibrating
-        self.activation_dtype = activation_dtype
+        model_dtype = module_device_dtype(self.model)[1]
+        self.widens = compute_dtype is not None and compute_dtype.itemsize > model_dtype.itemsize
+        self.activation_dtype = compute_dtype if activation_dtype is None and self.widens else activation_dtype
         self.store = store
         self.write_block = write_block
         self.reference_stream = reference_stream
@@ -249,7 +254,7 @@ class CalibrationDriver:
             self.source.fetch(block)  # (a block whose linears all stay dense has no calibration pass)
             self._fetched.add(stage.block)
         block.to(self.device)
-        self._pass_dtype = self.compute_dtype if stage.kind == "calibrate" else None
+        self._pass_dtype = self.compute_dtype if stage.kind == "calibrate" or self.widens else None
         self._held.enter_context(running_in(block, self._pass_dtype))
         # Layers swapped in so far dequantize once for the whole pass, not once per batch (same numbers).
         self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))

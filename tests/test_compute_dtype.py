@@ -88,3 +88,80 @@ def test_bf16_calibration_passes_feed_the_hessian_and_the_solve_reads_fp32_weigh
         handle.remove()
         assert torch.equal(fp32.hessian, accs["mlp.down_proj"].hessian)
 
+
+
+def _fit(tmp_path, model_dir, cfg, calibration_dtype):
+    module = GPTQModule(str(model_dir), calibration_dtype=calibration_dtype, eval_after=False, save_quantized=False,
+                        latency=False)
+    dm = CalibrationDataModule(str(CALIBRATION_TEXT), nsamples=4, seqlen=20, eval_datasets=[], eval_seqlen=32)
+    gptq = GPTQCallback(cfg)
+    trainer = Trainer(callbacks=[HessianCapture(), gptq], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    return module, dm, {r.name: r for r in gptq.records}
+
+
+def test_fp64_stream_equals_a_plain_fp64_loop_layer_by_layer(tmp_path):
+    """``calibration_dtype: float64`` on an fp32 model: every block runs in fp64 for its calibration pass
+    *and* its propagation, the cached inputs stay fp64, Hessians are fp64 products and the solve reads
+    them in fp64, while the model keeps its fp32 weights. Checked against a plain loop written here
+    (fp64 block copies, fp64 accumulators, the same solve): every layer's Hessian sum and codes are
+    bit-equal, digest for digest, and the fp32 run's Hessians are not."""
+    from lightning_gptq.lightning.callbacks import CALIBRATION_BACKEND, digest
+    from lightning_gptq.nn import make_quant_linear, replace_submodule
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    cfg = QuantConfig(bits=4, group_size=16, sym=False, act_order=True)
+    module, dm, records = _fit(tmp_path / "a", model_dir, cfg, "float64")
+    assert module.driver.widens and module.activation_dtype() == "float64"
+    assert all(p.dtype == torch.float32 for p in module.lm.parameters())
+
+    f64 = torch.float64
+    lm, _ = load_causal_lm(str(model_dir))
+    adapter = get_adapter(lm)
+    inputs = capture_block_inputs(lm, adapter, dm.calibration_windows(module.tokenizer), batch_size=1)
+    hidden = [h.to(f64) for h in inputs.hidden]
+    prefix = adapter.blocks_path or "model.layers"
+    checked = 0
+    for b, block in enumerate(adapter.blocks(lm)):
+        linears = dict(adapter.linear_layers(block))
+        checked += len(linears)
+        accs = {n: HessianAccumulator(weight_out_in(m).shape[1], dtype=f64) for n, m in linears.items()}
+        handles = [m.register_forward_pre_hook(lambda mod, a, n=n: accs[n].add(a[0])) for n, m in linears.items()]
+        with cd.running_in(block, f64):
+            for j, h in enumerate(hidden):
+                run_block(block, h, cd.floating_to(inputs.kwargs_for(b, j), f64))
+        for handle in handles:
+            handle.remove()
+        for name, layer in linears.items():
+            record = records[f"{prefix}.{b}.{name}"]
+            assert digest(accs[name].total) == record.hessian_sha256, record.name
+            q = gptq_quantize(weight_out_in(layer).detach(), accs[name].hessian, cfg)
+            assert digest(q.codes, q.zeros, q.g_idx) == record.codes_sha256, record.name
+            assert digest(q.scales.float()) == record.scales_sha256, record.name
+            replace_submodule(block, name, make_quant_linear(layer, q, CALIBRATION_BACKEND))
+        with cd.running_in(block, f64):
+            hidden = [run_block(block, h, cd.floating_to(inputs.kwargs_for(b, j), f64)) for j, h in enumerate(hidden)]
+        assert all(h.dtype == f64 for h in hidden)
+    assert checked == len(records) > 0
+
+    _, _, fp32 = _fit(tmp_path / "b", model_dir, cfg, None)  # the test can tell the streams apart
+    assert all(fp32[n].hessian_sha256 != r.hessian_sha256 for n, r in records.items())
+
+
+def test_the_dry_run_counts_an_fp64_stream_at_8_bytes(tmp_path):
+    """The plan of an fp64 stream: the activation cache, the block's transients and the solve workspace at
+    twice an fp32 run's bytes (the Hessian sums are fp64 either way)."""
+    from test_lightning import cli_args
+
+    from lightning_gptq.cli import main
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    plans = {}
+    for name, extra in {"fp32": [], "fp64": ["--model.calibration_dtype=float64"]}.items():
+        run = main(["fit", *cli_args(model_dir, tmp_path / name, "--model.eval_after=false", "--model.latency=false",
+                                     "--model.dry_run=true", f"--model.output_dir={tmp_path / name}", *extra)])
+        plans[name] = run.model.plan.to_dict()["bytes"]
+    for part in ("activation cache", "block transient", "solve workspace"):
+        assert plans["fp64"][part] == 2 * plans["fp32"][part], part
+    assert plans["fp64"]["Hessians (one block)"] == plans["fp32"]["Hessians (one block)"]

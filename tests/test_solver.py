@@ -15,7 +15,7 @@ from lightning_gptq import (
     gptq_quantize,
     rtn_quantize,
 )
-from lightning_gptq.quant import fit_grid, quantize_codes
+from lightning_gptq.quant import MismatchAccumulator, fit_grid, quantize_codes
 
 
 def correlated_problem(rows, cols, tokens=None, seed=0, dtype=torch.float64):
@@ -542,6 +542,35 @@ def test_hessian_does_not_depend_on_batching_order_or_split():
     whole.release()
     with pytest.raises(RuntimeError, match="released"):
         whole.hessian
+
+
+def test_fp64_hessian_products_are_exact_up_to_the_fp64_sum():
+    """``dtype=float64``: fp32 inputs multiply exactly, so ``H`` is the exact ``2/n Σ xxᵀ`` to fp64 rounding
+    (1e-13 here), where fp32 products are off by ~1e-7; the Hessian comes back fp64 and a solve runs in it."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(4, 300, 96, generator=gen) * torch.logspace(-2, 2, 96)
+    w = torch.rand(300, generator=gen) * 40
+    exact = 2 / 4 * (x.double() * w.double().sqrt()[:, None]).reshape(-1, 96).T @ (
+        x.double() * w.double().sqrt()[:, None]).reshape(-1, 96)
+    fp64, fp32 = HessianAccumulator(96, dtype=torch.float64), HessianAccumulator(96)
+    fp64.add(x, w)
+    fp32.add(x, w)
+    scale = float(exact.abs().max())
+    assert fp64.hessian.dtype == torch.float64 and fp32.hessian.dtype == torch.float32
+    assert float((fp64.hessian - exact).abs().max()) < 1e-13 * scale
+    assert float((fp32.hessian.double() - exact).abs().max()) > 1e-9 * scale  # what fp64 products remove
+    mismatch = MismatchAccumulator(96, dtype=torch.float64)
+    mismatch.add(x, x * 2, w)  # (2x − x) xᵀ: exact in fp32 too
+    assert mismatch.mismatch.dtype == torch.float64
+    torch.testing.assert_close(mismatch.mismatch, exact, rtol=1e-12, atol=1e-12 * scale)
+    with pytest.raises(ValueError, match="float32 products"):  # a rank of the other kind
+        HessianAccumulator(96).merge_(fp64)
+    with pytest.raises(ValueError, match="float64 products"):  # a resume point of the other kind
+        HessianAccumulator(96).load_state_dict(fp64.state_dict())
+    with pytest.raises(ValueError, match="float32 or float64"):
+        HessianAccumulator(96, dtype=torch.bfloat16)
+    W = torch.randn(16, 96, generator=gen)
+    assert gptq_quantize(W, fp64.hessian, QuantConfig(bits=4, group_size=32)).scales.dtype == torch.float64
 
 
 def test_solve_gives_the_same_bits_on_any_thread_count():

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import warnings
@@ -50,6 +51,22 @@ class LayerRecord:
     seconds: float
     bits: int = 0  # 0: a record of an earlier version (the run's one QuantConfig)
     group_size: int = 0
+    # sha256 (16 hex digits) of the fp64 sum the solve read, of the codes, zeros and column order it gave,
+    # and of its scales in the weight's dtype (as the layer keeps them): two runs' records show where
+    # they parted (scripts/compare_runs.py); "" where there was none.
+    hessian_sha256: str = ""
+    codes_sha256: str = ""
+    scales_sha256: str = ""
+
+
+def digest(*tensors: torch.Tensor) -> str:
+    """The first 16 hex digits of sha256 over the tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 class GPTQCallback(BlockHooks, Callback):
@@ -202,7 +219,7 @@ class GPTQCallback(BlockHooks, Callback):
             self._drop_hessian(ctx, name)
             return None
         weight = weight_out_in(layer)
-        nsamples = 0
+        nsamples, hessian_sha = 0, ""
         if self.method == "gptq":
             accumulator = ctx.hessians.get(name)
             if accumulator is None or accumulator.nsamples == 0:
@@ -211,6 +228,7 @@ class GPTQCallback(BlockHooks, Callback):
             # The last layer reading this Hessian lets the solve consume it (q/k/v share one).
             last = sum(other is accumulator for other in ctx.hessians.values()) == 1
             mismatch = ctx.mismatches.get(name)  # asymmetric calibration (HessianCapture(asymmetric=True))
+            hessian_sha = digest(accumulator.total, *([] if mismatch is None else [mismatch.total]))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
                 qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
@@ -228,7 +246,9 @@ class GPTQCallback(BlockHooks, Callback):
         return LayerRecord(
             name=full_name, block=ctx.block_index, shape=tuple(weight.shape), method=self.method, loss=qweight.loss,
             damp=qweight.damp, damp_retries=qweight.damp_retries, nsamples=nsamples, seconds=time.perf_counter() - start,
-            bits=quant.bits, group_size=quant.group_size,
+            bits=quant.bits, group_size=quant.group_size, hessian_sha256=hessian_sha,
+            codes_sha256=digest(qweight.codes, qweight.zeros, qweight.g_idx),
+            scales_sha256=digest(qweight.scales.to(weight.dtype)),
         )
 
     @staticmethod

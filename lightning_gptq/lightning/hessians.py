@@ -168,13 +168,15 @@ class HessianCapture(BlockHooks, Callback):
         self._first_mismatch.clear()
         for name, layer in ctx.layers.items():
             weight, width = weight_out_in(layer), linear_in_features(layer)
-            ctx.hessians[name] = HessianAccumulator(width, device=weight.device)
+            # A pass in fp64 (calibration_dtype: float64) keeps its Hessians fp64; any other, fp32 products.
+            kind = {"device": weight.device, "dtype": torch.float64 if weight.dtype == torch.float64 else torch.float32}
+            ctx.hessians[name] = HessianAccumulator(width, **kind)
             if self.asymmetric:
-                ctx.mismatches[name] = MismatchAccumulator(width, device=weight.device)
+                ctx.mismatches[name] = MismatchAccumulator(width, **kind)
             if self.measured and name in weighted:
-                self._first[name] = HessianAccumulator(width, device=weight.device)
+                self._first[name] = HessianAccumulator(width, **kind)
                 if self.asymmetric:
-                    self._first_mismatch[name] = MismatchAccumulator(width, device=weight.device)
+                    self._first_mismatch[name] = MismatchAccumulator(width, **kind)
             self._handles[name] = layer.register_forward_pre_hook(make_hook(name))
         if self.measured and weighted:
             self._received, self._rest = 0.0, {}
@@ -261,7 +263,7 @@ class HessianCapture(BlockHooks, Callback):
             return  # the full-precision stream's attention is not the model being calibrated
         s = received.shape[-1]
         self._probed[id(module)] = self._probed.get(id(module), 0) + received.shape[0]
-        for window in received.sum(dim=(1, 2)).tolist():  # one fp32 sum per window, whatever the batch
+        for window in received.sum(dim=(1, 2)).tolist():  # one sum per window (fp32, or fp64), whatever the batch
             self._received += window
             self._rest[keys - s] = self._rest.get(keys - s, 0.0) + (received.shape[1] * queries - window)
 

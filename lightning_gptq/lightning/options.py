@@ -31,9 +31,9 @@ def check_options(hp) -> None:
                                         f"got {hp.activation_storage!r}")
     if hp.save_dtype is not None and hp.save_dtype not in ("float16", "bfloat16", "float32"):
         raise MisconfigurationException(f"GPTQModule.save_dtype must be float16, bfloat16 or float32, got {hp.save_dtype!r}")
-    if hp.calibration_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
-        raise MisconfigurationException(f"GPTQModule.calibration_dtype must be null, 'auto', 'float32', 'bfloat16' or "
-                                        f"'float16', got {hp.calibration_dtype!r}")
+    if hp.calibration_dtype not in (None, "auto", "float64", "float32", "bfloat16", "float16"):
+        raise MisconfigurationException(f"GPTQModule.calibration_dtype must be null, 'auto', 'float64', 'float32', "
+                                        f"'bfloat16' or 'float16', got {hp.calibration_dtype!r}")
     if hp.latency_decode not in MODES:
         raise MisconfigurationException(f"GPTQModule.latency_decode must be one of {MODES}, got {hp.latency_decode!r}")
     if hp.lm_head not in ("fp32", "int8"):

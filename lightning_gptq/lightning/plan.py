@@ -147,12 +147,18 @@ def spills_to_disk(storage: str, cache_bytes: int) -> bool:
     return storage == "disk" or (storage == "auto" and 2 * cache_bytes > available_bytes() // 2)
 
 
-def _solve_bytes(name: str, layer) -> int:
-    """Memory a layer's solve adds beyond its Hessian: the fp32 sweep copy of the weight and the codes
-    (1.5 weights), half a Hessian of factorisation temporaries, and a copy of a Hessian that later
-    layers still read (an output projection's input is its own, so its solve consumes it)."""
+def _hessian_dtype(module) -> torch.dtype:
+    """fp64 Hessians and solves for an fp64 calibration stream (``calibration_dtype: float64``), else fp32."""
+    return torch.float64 if module.driver.widens and module.driver.compute_dtype == torch.float64 else torch.float32
+
+
+def _solve_bytes(name: str, layer, itemsize: int = 4) -> int:
+    """Memory a layer's solve adds beyond its Hessian: the sweep copy of the weight and the codes
+    (1.5 fp32 weights), half a Hessian of factorisation temporaries, and a copy of a Hessian that later
+    layers still read (an output projection's input is its own, so its solve consumes it); ``itemsize``
+    8 for an fp64 solve."""
     i, o = linear_in_features(layer), linear_out_features(layer)
-    return int(4 * (1.5 * i * o + (0.5 if is_output_projection(name) else 1.5) * i * i))
+    return int(itemsize * (1.5 * i * o + (0.5 if is_output_projection(name) else 1.5) * i * i))
 
 
 def _packed_bytes(layer, quant: QuantConfig, scale_bytes: int) -> int:
@@ -198,8 +204,9 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
     parts = memory_breakdown(module, calibrates)
     weights = model_bytes = parts["weights"]
     cache, hessians, scoring = parts["activation cache"], parts["Hessians (one block)"], parts["scoring logits"]
-    transient = 4 * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
-    solve_ws = max((_solve_bytes(name, m) for b in range(len(blocks))
+    wide = _hessian_dtype(module).itemsize  # 8: an fp64 stream's passes and solves
+    transient = wide * batch * seqlen * (3 * intermediate + 8 * hidden + heads * min(seqlen, 256))
+    solve_ws = max((_solve_bytes(name, m, wide) for b in range(len(blocks))
                     for name, m in module.driver.linear_layers(b).items()), default=0)
     scores = bool(scoring)
     # block-by-block scoring (streaming) holds every window's hidden state between blocks
@@ -255,20 +262,21 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
     t_capture = time.perf_counter() - start
     block = blocks[0]
     compute = module.driver.compute_dtype  # the passes' dtype (calibration_dtype); the cast is timed too
-    hidden, kwargs = inputs.hidden[0], floating_to(inputs.kwargs_for(0, 0), compute)
+    propagates_in = compute if module.driver.widens else None  # a narrower dtype feeds the Hessians only
+    hidden = inputs.hidden[0]
 
-    def run():
-        with running_in(block, compute):
-            return run_block(block, hidden, kwargs)
+    def run(dtype=compute):
+        with running_in(block, dtype):
+            return run_block(block, hidden, floating_to(inputs.kwargs_for(0, 0), dtype))
 
-    run()  # warm-up (first calls allocate, pick kernels)
-    t_block = _best_of(3, run)
+    run(propagates_in)  # warm-up (first calls allocate, pick kernels)
+    t_block = _best_of(3, lambda: run(propagates_in))
     seconds = {"capture": t_capture * batches}
     extra_per_call = 0.0  # round to nearest: propagation and scoring run the same layers
     if calibrates:
         accumulators, handles = {}, []
         for name, layer in adapter.linear_layers(block).items():
-            accumulators[name] = HessianAccumulator(linear_in_features(layer))
+            accumulators[name] = HessianAccumulator(linear_in_features(layer), dtype=_hessian_dtype(module))
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
         probed = hessian is not None and hessian["measured"] and bool(attention_layers(block))
         t_calibrate = _best_of(3, run)

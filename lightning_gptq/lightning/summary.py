@@ -11,6 +11,7 @@ import torch
 
 import lightning_gptq
 from lightning_gptq.nn import QuantLinear, choices
+from lightning_gptq.nn.autotune_cache import cpu_model
 
 
 def _layer_table(records: list[dict]) -> list[str]:
@@ -79,7 +80,8 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
     backends = {b: sum(m.backend == b for m in layers) for b in sorted({m.backend for m in layers})}
     data = {
         "tool": {"name": "lightning-gptq", "version": lightning_gptq.__version__, "torch": torch.__version__,
-                 "python": platform.python_version(), "threads": torch.get_num_threads()},
+                 "python": platform.python_version(), "threads": torch.get_num_threads(),
+                 "cpu": cpu_model(), "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": dict(module.hparams),
         "quant": quant.to_dict(),

@@ -3,7 +3,7 @@
 ``probe_attention(modules, record)`` routes the given attention layers through a registered
 attention function that first calls the layer's own implementation (sdpa, eager, ...; its output is
 returned untouched, so the model computes exactly what it computed before) and then recomputes the
-softmax probabilities from the same ``query``/``key``/mask in fp32 and reports, per key position,
+softmax probabilities from the same ``query``/``key``/mask in fp32 (fp64 for fp64 queries) and reports, per key position,
 the attention mass it receives summed over queries: ``record(module, received, queries, keys)`` with
 ``received`` ``[batch, heads, keys]``. Only layers that call transformers' attention interface (LLaMA, Mistral,
 Qwen2, Gemma, OPT, GPT-NeoX, ... in transformers 5) can be probed; ``attention_layers`` finds them.
@@ -45,7 +45,8 @@ def attention_layers(block: nn.Module) -> list[nn.Module]:
 
 def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                        first: int | None = None, **kwargs) -> Tensor:
-    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries, in fp32; with
+    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries, in fp32 (fp64 when
+    ``query`` is fp64: an fp64 calibration stream keeps its sink weights to fp64 rounding); with
     ``first``, only the first ``first`` keys' columns (``[batch, heads, first]``; cheaper: the
     probabilities are never formed, only each row's log-sum-exp).
 
@@ -54,6 +55,7 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
     """
     batch, heads, queries, dim = query.shape
     keys = key.shape[2]
+    work = torch.float64 if query.dtype == torch.float64 else torch.float32
     if key.shape[1] != heads:
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
     scaling = kwargs.get("scaling")
@@ -63,16 +65,16 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
     causal = getattr(module, "is_causal", True) if causal is None else causal
     window = kwargs.get("sliding_window")
     if first is not None and attention_mask is None and causal and not softcap and not window and queries == keys:
-        fast = _first_keys_from_flash_lse(query.float(), key.float(), scaling, min(first, keys))
+        fast = _first_keys_from_flash_lse(query.to(work), key.to(work), scaling, min(first, keys))
         if fast is not None:
             return fast
-    k = key.float().transpose(-1, -2)
-    received = torch.zeros(batch, heads, keys if first is None else min(first, keys), dtype=torch.float32,
+    k = key.to(work).transpose(-1, -2)
+    received = torch.zeros(batch, heads, keys if first is None else min(first, keys), dtype=work,
                            device=query.device)
     key_pos = torch.arange(keys, device=query.device)
     for start in range(0, queries, _QUERY_CHUNK):
         stop = min(start + _QUERY_CHUNK, queries)
-        logits = (query[:, :, start:stop].float() @ k) * scaling
+        logits = (query[:, :, start:stop].to(work) @ k) * scaling
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
         if attention_mask is not None:
@@ -80,7 +82,7 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
             if mask.dtype == torch.bool:
                 logits.masked_fill_(~mask, float("-inf"))
             else:
-                logits += mask.float()
+                logits += mask.to(work)
         elif causal and queries > 1:
             query_pos = torch.arange(start, stop, device=query.device)[:, None] + (keys - queries)
             allowed = key_pos[None, :] <= query_pos

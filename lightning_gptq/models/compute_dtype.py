@@ -42,12 +42,13 @@ def matmul_speedup(dtype: torch.dtype, rows: int, inner: int, cols: int, device:
 
 def resolve_calibration_dtype(setting: str | None, model: nn.Module,
                               device: torch.device | str = "cpu") -> torch.dtype | None:
-    """``None`` (run ``model``'s blocks as loaded), or the dtype ``setting`` (``None``, ``"float32"``,
-    ``"bfloat16"``, ``"float16"``, ``"auto"``) asks for; ``auto`` decides by timing (module docstring)."""
+    """``None`` (run ``model``'s blocks as loaded), or the dtype ``setting`` (``None``, ``"float64"``,
+    ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"``) asks for; ``auto`` decides by timing (module
+    docstring). A dtype wider than the model's runs the whole calibration stream (``CalibrationDriver``)."""
     config, model_dtype = model.config, module_device_dtype(model)[1]
     if setting is None:
         return None
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    names = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if setting in names:
         return None if names[setting] == model_dtype else names[setting]
     if setting != "auto":

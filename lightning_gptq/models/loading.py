@@ -24,6 +24,9 @@ __all__ = ["ModelLoadError", "load_causal_lm", "resolve_dtype", "gguf_cache_fold
 log = logging.getLogger(__name__)
 
 _DTYPE_NAMES = {
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
     "float32": torch.float32,
     "fp32": torch.float32,
     "float": torch.float32,

@@ -64,6 +64,11 @@ def _cpu() -> tuple[str, str]:
     return model or platform.processor() or platform.machine(), flags
 
 
+def cpu_model() -> str:
+    """This machine's CPU model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    return _cpu()[0]
+
+
 def fingerprint(device: str) -> str:
     """The machine, as far as kernel speed goes (see the module docstring)."""
     from lightning_gptq._hub import short_hash

@@ -23,10 +23,14 @@ class HessianAccumulator:
     (``XᵢᵀXᵢ`` is symmetric): 1/2 + 1/(2·tiles) of a full product's multiply-adds.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None, tiles: int | None = None):
+    def __init__(self, in_features: int, device: torch.device | str | None = None, tiles: int | None = None,
+                 dtype: torch.dtype = torch.float32):
         if in_features <= 0:
             raise ValueError(f"in_features must be positive, got {in_features}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"a Hessian's products are float32 or float64, got {dtype}")
         self.in_features = in_features
+        self.dtype = dtype
         self.total: Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.nsamples = 0
         # Measured on 2048-token samples (2 cores): 3 tiles at 576 columns and 6 at 1536 take 0.72x and
@@ -47,9 +51,9 @@ class HessianAccumulator:
             raise RuntimeError("this HessianAccumulator was released (its Hessian went to a solve)")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected activations [..., {self.in_features}], got {tuple(x.shape)}")
-        x = x.to(device=self.total.device, dtype=torch.float32)
+        x = x.to(device=self.total.device, dtype=self.dtype)
         if token_weights is not None:
-            w = torch.as_tensor(token_weights, dtype=torch.float32, device=x.device)
+            w = torch.as_tensor(token_weights, dtype=self.dtype, device=x.device)
             if bool((w < 0).any()):
                 raise ValueError("token_weights must be >= 0")
             x = x * w.sqrt().broadcast_to(x.shape[:-1]).unsqueeze(-1)
@@ -59,7 +63,7 @@ class HessianAccumulator:
         self.nsamples += samples.shape[0]
 
     def _add_product(self, x: Tensor) -> None:
-        """``total += xᵀx`` for one sample ``x`` [tokens, in]: the lower tiles in fp32, summed in fp64."""
+        """``total += xᵀx`` for one sample ``x`` [tokens, in]: the lower tiles in ``dtype``, summed in fp64."""
         e = self._edges
         for i in range(self.tiles):
             rows = x[:, e[i]: e[i + 1]].T
@@ -67,15 +71,15 @@ class HessianAccumulator:
 
     @property
     def hessian(self) -> Tensor:
-        """``2/n · Σ XᵢXᵢᵀ`` in fp32, the upper tiles mirrored from the lower ones (a new tensor each call;
-        a solve may overwrite it). Temporaries: one tile at a time."""
+        """``2/n · Σ XᵢXᵢᵀ`` in ``dtype`` (a solve runs in it), the upper tiles mirrored from the lower ones
+        (a new tensor each call; a solve may overwrite it). Temporaries: one tile at a time."""
         if self.total is None:
             raise RuntimeError("this HessianAccumulator was released (its Hessian went to a solve)")
         scale, e = 2.0 / max(self.nsamples, 1), self._edges
-        h = torch.empty(self.in_features, self.in_features, dtype=torch.float32, device=self.total.device)
+        h = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=self.total.device)
         for i in range(self.tiles):
             for j in range(i + 1):
-                tile = (self.total[e[i]: e[i + 1], e[j]: e[j + 1]] * scale).to(torch.float32)
+                tile = (self.total[e[i]: e[i + 1], e[j]: e[j + 1]] * scale).to(self.dtype)
                 h[e[i]: e[i + 1], e[j]: e[j + 1]] = tile
                 if j < i:
                     h[e[j]: e[j + 1], e[i]: e[i + 1]] = tile.T
@@ -99,12 +103,12 @@ class HessianAccumulator:
         return self
 
     def _check(self, other: "HessianAccumulator") -> None:
-        if other.in_features != self.in_features or other.tiles != self.tiles:
-            raise ValueError(f"cannot merge Hessians of width {other.in_features} ({other.tiles} tiles) into "
-                             f"{self.in_features} ({self.tiles} tiles)")
+        if other.in_features != self.in_features or other.tiles != self.tiles or other.dtype != self.dtype:
+            raise ValueError(f"cannot merge Hessians of width {other.in_features} ({other.tiles} tiles, {other.dtype} "
+                             f"products) into {self.in_features} ({self.tiles} tiles, {self.dtype} products)")
 
     def state_dict(self) -> dict:
-        return {"total": self.total, "nsamples": self.nsamples, "tiles": self.tiles}
+        return {"total": self.total, "nsamples": self.nsamples, "tiles": self.tiles, "dtype": str(self.dtype)}
 
     def load_state_dict(self, state: dict) -> None:
         total = state["total"]
@@ -112,6 +116,8 @@ class HessianAccumulator:
             raise ValueError(f"Hessian state has shape {tuple(total.shape)}, expected {(self.in_features,) * 2}")
         if int(state.get("tiles", self.tiles)) != self.tiles:
             raise ValueError(f"Hessian state was summed on {state['tiles']} tiles, expected {self.tiles}")
+        if state.get("dtype", str(torch.float32)) != str(self.dtype):
+            raise ValueError(f"Hessian state holds {state['dtype']} products, expected {self.dtype}")
         self.total = total.to(dtype=torch.float64, device=self.total.device if self.total is not None else None).clone()
         self.nsamples = int(state["nsamples"])
 
@@ -123,8 +129,9 @@ class MismatchAccumulator(HessianAccumulator):
     as ``HessianAccumulator`` (order-, batch- and split-independent); ``D`` is not symmetric, so the
     product is computed whole (one tile)."""
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None):
-        super().__init__(in_features, device=device, tiles=1)
+    def __init__(self, in_features: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, device=device, tiles=1, dtype=dtype)
 
     @torch.no_grad()
     @fp32_matmuls()
@@ -136,10 +143,10 @@ class MismatchAccumulator(HessianAccumulator):
         if reference is None or reference.shape != x.shape or x.shape[-1] != self.in_features:
             raise ValueError(f"expected inputs and full-precision inputs [..., {self.in_features}] of one shape, got "
                              f"{tuple(x.shape)} and {None if reference is None else tuple(reference.shape)}")
-        x = x.to(device=self.total.device, dtype=torch.float32)
-        delta = reference.to(device=x.device, dtype=torch.float32) - x
+        x = x.to(device=self.total.device, dtype=self.dtype)
+        delta = reference.to(device=x.device, dtype=self.dtype) - x
         if token_weights is not None:
-            w = torch.as_tensor(token_weights, dtype=torch.float32, device=x.device)
+            w = torch.as_tensor(token_weights, dtype=self.dtype, device=x.device)
             if bool((w < 0).any()):
                 raise ValueError("token_weights must be >= 0")
             delta = delta * w.broadcast_to(x.shape[:-1]).unsqueeze(-1)
@@ -156,7 +163,7 @@ class MismatchAccumulator(HessianAccumulator):
 
     @property
     def mismatch(self) -> Tensor:
-        """``2/n · Σ (X_fp − X)ᵀX`` in fp32 (a new tensor each call)."""
+        """``2/n · Σ (X_fp − X)ᵀX`` in ``dtype`` (a new tensor each call)."""
         if self.total is None:
             raise RuntimeError("this MismatchAccumulator was released (its matrix went to a solve)")
-        return (self.total * (2.0 / max(self.nsamples, 1))).to(torch.float32)
+        return (self.total * (2.0 / max(self.nsamples, 1))).to(self.dtype)
