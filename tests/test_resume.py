@@ -116,6 +116,9 @@ def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
     other = tiny_model_dir(tmp_path / "other", "mistral")
     with pytest.raises(ResumeError, match="another model or stage plan"):
         main(["fit", *_args(other, root, out), "--ckpt_path=last"])
+    # an fp32 stream resumed as an fp64 one (calibration_dtype: float64 caches fp64 inputs)
+    with pytest.raises(ResumeError, match="same model.calibration_dtype"):
+        main(["fit", *_args(model_dir, root, out), "--model.calibration_dtype=float64", "--ckpt_path=last"])
     assert not (out / "model").exists()
 
 

@@ -36,6 +36,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint import CheckpointError
+from lightning_gptq.models.capture import module_device_dtype
+from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.nn import QuantLinear, quant_linear_class, replace_submodule
 
 from .callbacks import CALIBRATION_BACKEND
@@ -346,6 +348,12 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
         raise ResumeError(f"{path} was written by {written} run; resume it with the same model.streaming, or start "
                           "again without --ckpt_path.")
     inputs = read_side_file(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
+    cached = {h.dtype for h in inputs.hidden}
+    expected = resolve_dtype(driver.activation_dtype or module_device_dtype(driver.model)[1])
+    if cached - {expected}:  # e.g. an fp64 stream (calibration_dtype: float64) resumed as an fp32 one
+        raise ResumeError(f"{path} holds block inputs in {', '.join(sorted(map(str, cached)))}, this run caches "
+                          f"{expected}: resume it with the same model.calibration_dtype and activation_dtype, or start "
+                          "again without --ckpt_path.")
     inputs.hidden = [driver.store(h) for h in inputs.hidden]
     if driver.reference_stream != (getattr(inputs, "reference", None) is not None):
         raise ResumeError(f"{path} was written by a run {'with' if driver.reference_stream is False else 'without'} "
