@@ -297,6 +297,21 @@ def test_the_dry_run_counts_no_hessian_for_dense_layers(tmp_path):
     assert plans["no-mlp"]["Hessians (one block)"] == 8 * 2 * hidden ** 2  # qkv and o only
 
 
+def test_the_dry_run_times_no_calibration_pass_for_a_wholly_dense_block(tmp_path, monkeypatch):
+    from lightning_gptq.lightning import plan
+
+    monkeypatch.setattr(plan, "_best_of", lambda repeats, fn: (fn(), 1.0)[1])  # every timed call: 1 s
+    model_dir = tiny_model_dir(tmp_path, "llama")  # 3 blocks
+    seconds = {}
+    rest_dense = json.dumps({r"-:model\.layers\.[12]\.": {}})
+    for name, extra in {"all": [], "block-0": [f"--gptq.dynamic={rest_dense}"]}.items():
+        run = main(["fit", *cli_args(model_dir, tmp_path / name, *FIT, *extra, "--model.dry_run=true",
+                                     f"--model.output_dir={tmp_path / name}")])
+        seconds[name] = run.model.plan.to_dict()["seconds"]
+    assert seconds["all"]["calibrate"] == 3 * seconds["block-0"]["calibrate"] > 0  # one pass per calibrated block
+    assert seconds["all"]["propagate"] == seconds["block-0"]["propagate"]  # every block still propagates
+
+
 def test_rules_keep_their_order_in_the_files(tmp_path):
     """First match wins, so the order is part of the rules: config.json must not sort them (it sorts its keys)."""
     model_dir = tiny_model_dir(tmp_path, "llama")

@@ -275,7 +275,8 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
     extra_per_call = 0.0  # round to nearest: propagation and scoring run the same layers
     if calibrates:
         accumulators, handles = {}, []
-        for name, layer in adapter.linear_layers(block).items():
+        own = module.driver.linear_layers(0) or adapter.linear_layers(block)  # (block 0 wholly dense: as if not)
+        for name, layer in own.items():
             accumulators[name] = HessianAccumulator(linear_in_features(layer), dtype=_hessian_dtype(module))
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
         probed = hessian is not None and hessian["measured"] and bool(attention_layers(block))
@@ -288,11 +289,10 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
                 t_probed = _best_of(3, run)
         for handle in handles:
             handle.remove()
-        passes = len(adapter.sequential_groups(block)) if module.hparams.true_sequential else 1
+        passes = sum(len(module.driver.groups(b)) for b in range(len(blocks)))  # none for a wholly dense block
         per_pass = t_calibrate * (batches - probed_batches) + (t_probed * probed_batches if probed else 0.0)
-        seconds["calibrate"] = per_pass * passes * len(blocks)
+        seconds["calibrate"] = per_pass * passes
         seconds["propagate"] = t_block * batches * len(blocks)
-        own = adapter.linear_layers(block)
         name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
         layer, h = own[name], accumulators[name].hessian
         weight = weight_out_in(layer).detach()
