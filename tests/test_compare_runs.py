@@ -75,3 +75,16 @@ def test_two_fits_agree_digest_for_digest_and_another_seed_parts_at_the_first_la
     assert f"first layer whose Hessian differs: {first}" in text and "settings differ: calibration" in text
     assert [r["hessian_sha256"] for r in a["layers"]] == [r["hessian_sha256"] for r in b["layers"]]
     assert a["layers"][0]["hessian_sha256"] != c["layers"][0]["hessian_sha256"]
+
+
+def test_digest_reads_big_tensors_in_chunks_and_tells_dtype_and_shape_apart():
+    import torch
+
+    from lightning_gptq.lightning.callbacks import digest
+
+    t = torch.randn(300, 301, dtype=torch.float64)
+    assert digest(t) == digest(t, chunk_bytes=1000) == digest(t.T.contiguous().T) and len(digest(t)) == 16
+    u = t.clone()
+    u[150, 7] = torch.nextafter(u[150, 7], torch.tensor(float("inf"), dtype=torch.float64))  # one ulp
+    assert digest(u) != digest(t)
+    assert digest(t.float()) != digest(t) and digest(t.reshape(301, 300)) != digest(t)

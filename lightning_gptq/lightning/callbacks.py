@@ -59,13 +59,16 @@ class LayerRecord:
     scales_sha256: str = ""
 
 
-def digest(*tensors: torch.Tensor) -> str:
-    """The first 16 hex digits of sha256 over the tensors' dtypes, shapes and bytes."""
+def digest(*tensors: torch.Tensor, chunk_bytes: int = 1 << 26) -> str:
+    """The first 16 hex digits of sha256 over the tensors' dtypes, shapes and bytes, read ``chunk_bytes``
+    at a time (a 49152-wide Hessian is 19 GB: never copied whole)."""
     h = hashlib.sha256()
     for t in tensors:
-        t = t.detach().contiguous().cpu()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        flat = t.detach().reshape(-1)
+        step = max(1, chunk_bytes // max(1, flat.element_size()))
+        for start in range(0, flat.numel(), step):
+            h.update(flat[start: start + step].cpu().contiguous().view(torch.uint8).numpy().data)
     return h.hexdigest()[:16]
 
 

@@ -58,10 +58,9 @@ class GPTQModule(ScoringLoops, LightningModule):
         true_sequential: quantize a block's linears group by group (attention in → attention out →
             MLP in → MLP out), re-running the block in between so later groups see quantized inputs.
         activation_dtype: dtype of the cached block inputs (e.g. bfloat16 halves the cache).
-        calibration_dtype: dtype of the passes that feed the Hessians: ``null`` (the model's),
-            ``bfloat16``, or ``auto`` (bf16 where it times 2x faster here; ``models.compute_dtype``).
-            Propagation stays in the model's dtype. Quality cost: docs/results.md. ``float64`` (an fp32
-            model): the whole stream and the solve in fp64, the same codes on any CPU (docs/results.md).
+        calibration_dtype: dtype of the passes that feed the Hessians: ``null`` (the model's), ``bfloat16`` or
+            ``auto`` (bf16 where it times 2x faster here), propagating in the model's dtype; ``float64``: the whole
+            stream and solve in fp64, codes independent of the CPU's kernels (docs/results.md).
         activation_storage: where the cache lives: ``memory``, ``disk`` (files in ``activation_dir``
             that the kernel pages out when memory runs short), or ``auto`` (disk when twice the
             cache, what the propagate stage holds, would take over half the memory available).
@@ -199,9 +198,8 @@ class GPTQModule(ScoringLoops, LightningModule):
 
     def activation_dtype(self) -> str:
         """What the activation cache is stored as (``"float32"``, ``"bfloat16"``, ...)."""
-        driver = getattr(self, "driver", None)
-        wide = driver is not None and driver.widens and driver.activation_dtype == driver.compute_dtype
-        return str(driver.compute_dtype).removeprefix("torch.") if wide else self.hparams.activation_dtype or self.hparams.dtype
+        d = getattr(self, "driver", None)  # an fp64 stream (CalibrationDriver.widens) caches in fp64
+        return self.hparams.activation_dtype or (str(d.compute_dtype)[6:] if d and d.widens else self.hparams.dtype)
 
     def _activation_folder(self) -> Path:
         return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
