@@ -40,11 +40,21 @@ def compare(a: dict, b: dict, out=None) -> int:
     out = out or sys.stdout
     machine = differing(a.get("tool", {}), b.get("tool", {}), MACHINE)
     print("machines: " + ("; ".join(machine) if machine else "the same as far as recorded"), file=out)
-    settings = [d for k in SETTINGS for d in differing({k: a.get(k)}, {k: b.get(k)}, [k])]
+    def setting(summary, key):  # the measured sink weights are results, compared below
+        value = summary.get(key)
+        return {k: v for k, v in value.items() if k != "block_weights"} if key == "hessian" and value else value
+
+    settings = [d for k in SETTINGS for d in differing({k: setting(a, k)}, {k: setting(b, k)}, [k])]
     model = differing(a.get("model", {}), b.get("model", {}),
-                      sorted(set(a.get("model", {})) | set(b.get("model", {})) - {"output_dir"}))
+                      sorted((set(a.get("model", {})) | set(b.get("model", {}))) - {"output_dir"}))
     if settings or model:
         print("settings differ: " + "; ".join(settings + [f"model.{m}" for m in model]), file=out)
+    wa, wb = ((s.get("hessian") or {}).get("block_weights") or {} for s in (a, b))
+    parted = [k for k in wa if k in wb and wa[k] != wb[k]]
+    if parted:
+        worst = max(abs(wa[k] - wb[k]) / max(abs(wa[k]), 1e-300) for k in parted)
+        print(f"measured sink weights differ from block {parted[0]} on ({len(parted)} of {len(wa)} blocks, "
+              f"up to {worst:.1e} relative)", file=out)
     la, lb = a.get("layers", []), b.get("layers", [])
     if [r["name"] for r in la] != [r["name"] for r in lb]:
         print(f"the runs quantized different layers ({len(la)} and {len(lb)}): not comparable", file=out)

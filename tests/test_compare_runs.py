@@ -51,6 +51,11 @@ def test_compare_names_where_the_streams_and_the_solves_parted():
     assert run(summary(base), summary(old))[0] == 2  # written before digests existed
     status, text = run(summary(base, quant={"bits": 4}), summary(base, quant={"bits": 3}))
     assert "settings differ: quant" in text
+    # measured sink weights are results, not settings: where they parted, and by how much
+    weights = {"sink_weight": "attention", "block_weights": {"0": 5.0, "1": 90.0, "2": 300.0}}
+    other = {"sink_weight": "attention", "block_weights": {"0": 5.0, "1": 90.0 * (1 + 1e-8), "2": 301.0}}
+    status, text = run(summary(base, hessian=weights), summary(base, hessian=other))
+    assert "settings differ" not in text and "sink weights differ from block 1 on (2 of 3 blocks, up to 3.3e-03" in text
 
 
 def _fit(root, model_dir, seed):
