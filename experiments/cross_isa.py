@@ -16,8 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import defaultdict
 from pathlib import Path
+
+from ddp_vs_seed_spread import differing_words  # per block: the share of packed words that differ (same folder)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -41,20 +42,6 @@ def fit(out: Path, args, env: dict) -> tuple[float, float]:
         subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, stdout=log, stderr=log)
     summary = json.loads((out / "summary.json").read_text())
     return summary["results"]["after"]["wikitext2"]["ppl"], time.perf_counter() - start
-
-
-def differing_words(a: Path, b: Path) -> dict[int, float]:
-    """Per block: the share of packed qweight words that differ between two checkpoints."""
-    from safetensors.torch import load_file
-
-    x, y = load_file(a / "model" / "model.safetensors"), load_file(b / "model" / "model.safetensors")
-    differ, total = defaultdict(int), defaultdict(int)
-    for name in x:
-        if name.endswith(".qweight"):
-            block = int(name.split(".layers.")[1].split(".")[0])
-            differ[block] += int((x[name] != y[name]).sum())
-            total[block] += x[name].numel()
-    return {blk: differ[blk] / total[blk] for blk in sorted(total)}
 
 
 def main() -> None:
