@@ -40,6 +40,21 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, arch):
         assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+@pytest.mark.parametrize("extra", [["--model.calibration_dtype=float64"],
+                                   ["--model.calibration_dtype=float64", "--hessian.asymmetric=true"]])
+def test_an_fp64_stream_streamed_equals_in_memory(tmp_path, extra):
+    """The fp64 calibration stream (cached inputs, passes, propagation in fp64) through a streamed model:
+    block inputs spill to the disk cache as fp64, blocks are fetched as fp32 and run as fp64 copies."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    fit = [*QUIET_FIT, *extra]
+    main(["fit", *cli_args(model_dir, tmp_path / "a", *fit, f"--model.output_dir={tmp_path / 'whole'}")])
+    run = main(["fit", *cli_args(model_dir, tmp_path / "b", *fit, "--model.streaming=true",
+                                 "--model.activation_storage=disk", f"--model.output_dir={tmp_path / 'streamed'}")])
+    assert run.model.activation_dtype() == "float64"
+    whole, streamed = _tensors(tmp_path / "whole" / "model"), _tensors(tmp_path / "streamed" / "model")
+    assert whole.keys() == streamed.keys() and all(torch.equal(t, streamed[n]) for n, t in whole.items())
+
+
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
