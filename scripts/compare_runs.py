@@ -28,7 +28,8 @@ def load(path: str) -> dict:
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"compare_runs: cannot read {p}: {e}") from None
+        print(f"compare_runs: cannot read {p}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def differing(a: dict, b: dict, keys) -> list[str]:

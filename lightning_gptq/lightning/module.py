@@ -72,8 +72,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         checkpoint_format: ``"auto"`` (``gptq`` v1, ``zero − 1``, when lossless for the model, else
             ``gptq_v2``), ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"`` (true zeros).
         max_shard_size: largest weight file written (e.g. ``"4GB"``); larger models are sharded.
-        save_dtype: dtype of the saved unquantized tensors and scales (e.g. ``float16``); default: the
-            model's own (lossless).
+        save_dtype: dtype of the saved unquantized tensors and scales (e.g. ``float16``); default: the model's own.
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
         latency_prompt_tokens: prompt length for the prefill measurement.
         latency_decode_tokens: generated tokens for the decode measurement.
@@ -197,9 +196,9 @@ class GPTQModule(ScoringLoops, LightningModule):
         return store
 
     def activation_dtype(self) -> str:
-        """What the activation cache is stored as (``"float32"``, ``"bfloat16"``, ...)."""
-        d = getattr(self, "driver", None)  # an fp64 stream (CalibrationDriver.widens) caches in fp64
-        return self.hparams.activation_dtype or (str(d.compute_dtype)[6:] if d and d.widens else self.hparams.dtype)
+        """The activation cache's dtype: the driver's (an fp64 stream widens it), else the options'."""
+        return str((self.driver and self.driver.activation_dtype) or self.hparams.activation_dtype or self.hparams.dtype
+                   ).removeprefix("torch.")
 
     def _activation_folder(self) -> Path:
         return Path(os.path.expanduser(self.hparams.activation_dir or Path(self.trainer.default_root_dir) / "activations"))
