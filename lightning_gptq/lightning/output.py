@@ -53,7 +53,7 @@ class QuantizedOutput:
                                true_sequential=true_sequential, settings={**settings, "streamed": True}, dynamic=dynamic)
         else:
             save_quantized(lm.to("cpu"), tokenizer, self.folder, checkpoint_format=self.checkpoint_format,
-                           max_shard_size=self.max_shard_size, desc_act=quant.act_order, damp_percent=quant.damp,
+                           max_shard_size=self.max_shard_size, damp_percent=quant.damp,
                            static_groups=quant.static_groups, true_sequential=true_sequential, settings=settings,
                            dtype=self.save_dtype, dynamic=dynamic)
         return self.folder
