@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,11 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
         return False
     peer = json.loads(lines[-1])
     if not peer["loaded"]:
-        causes = [line.split("] ")[-1] for line in run.stderr.splitlines() if "Error:" in line]
-        print(f"vLLM {peer['vllm']}: refused: {peer['error']}" + (f" (cause: {causes[-1]})" if causes else ""))
+        causes = [line.split("] ")[-1].strip() for line in (run.stderr + run.stdout).splitlines()
+                  if re.search(r"\w+Error(: |$)|Value error, |\] +assert ", line)
+                  and "Engine core initialization" not in line]
+        cause = " / ".join(causes[-2:]) if causes and causes[-1].endswith("Error") else (causes or [""])[-1]
+        print(f"vLLM {peer['vllm']}: refused: {peer['error']}" + (f" (cause: {cause})" if cause else ""))
         held = bool(predicted)
         print(f"prediction {'held' if held else 'FAILED: predicted it serves'}")
         return held

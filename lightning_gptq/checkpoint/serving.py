@@ -50,8 +50,8 @@ def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]])
         shown = ", ".join(f"{b}-bit {'sym' if sym else 'asym'}" for b, sym in grids)
         reasons.append(f"it serves symmetric 4- and 8-bit grids only (here: {shown})")
     if any(_layout(s)[3] for s in [settings, *quantized.values()]):
-        reasons.append("it refuses act-order groups (desc_act with group_size != -1); static_groups=true keeps "
-                       "act-order and writes contiguous groups")
+        reasons.append("it refuses act-order groups (desc_act with group_size != -1: static_groups=true keeps "
+                       "act-order and writes contiguous groups)")
     ragged = [n for n, s in quantized.items() if s.group_size > 0 and shapes[n][0] % s.group_size]
     if ragged:
         widths = sorted({shapes[n][0] for n in ragged})
@@ -128,7 +128,8 @@ def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], 
     if not reasons:
         return None
     fused = any("fused" in r for r in reasons)
-    return (f"{VLLM} would not load this checkpoint: {'; '.join(reasons)}. This tool, transformers and GPTQModel "
-            f"(see the README) load it; for vLLM quantize with {serving_settings(settings, shapes, act_order)}"
-            + (" and the same rule for every part of a fused layer" if fused else "") + ".")
+    listed = " ".join(f"({i}) {r}." for i, r in enumerate(reasons, 1))
+    return (f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
+            f"{serving_settings(settings, shapes, act_order)} (gptq.quant.* / QuantConfig)"
+            + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "") + ".")
 
