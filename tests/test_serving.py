@@ -104,8 +104,10 @@ def test_fit_warns_once_and_a_served_setup_is_not_warned(tmp_path):
     windows = torch.randint(3, 90, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.warns(UserWarning, match=r"vLLM 0.32 would not load this checkpoint .*group_size=32") as caught:
         lg.quantize(FACTORIES["llama"](), windows, lg.QuantConfig(bits=4, group_size=48), method="rtn", backend="torch",
-                    accelerator="cpu")  # in_features 32 (attention, up/gate) and 64 (down): ragged at 48
+                    accelerator="cpu", output_dir=tmp_path / "ragged")  # in_features 32 and 64: ragged at 48
     assert sum("vLLM" in str(w.message) for w in caught) == 1
+    refusals = json.loads((tmp_path / "ragged" / "summary.json").read_text())["serving"]["vllm"]
+    assert len(refusals) == 1 and "21 layers" in refusals[0] and "whole number of groups" in refusals[0]
     served = lg.QuantConfig(bits=4, group_size=16, sym=True, act_order=True, static_groups=True)
     with pytest.warns() as caught:  # (other warnings may come: only the serving one must not)
         lg.quantize(FACTORIES["llama"](), windows, served, backend="torch", accelerator="cpu",
@@ -113,3 +115,5 @@ def test_fit_warns_once_and_a_served_setup_is_not_warned(tmp_path):
     assert not any("vLLM" in str(w.message) for w in caught)
     written = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["quantization_config"]
     assert (written["desc_act"], written["static_groups"], written["sym"]) == (False, True, True)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["serving"] == {"vllm": "serves"}
+    assert "- vLLM: serves" in (tmp_path / "out" / "summary.md").read_text()

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lightning_gptq.checkpoint.serving import planned_settings, vllm_warning
+from lightning_gptq.checkpoint.serving import planned_settings, vllm_refusals, vllm_warning
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
@@ -129,6 +129,7 @@ class GPTQCallback(BlockHooks, Callback):
         self.exclude = [re.compile(p) for p in (exclude or [])]
         self.forward_fn = forward_fn
         self.records: list[LayerRecord] = []
+        self.vllm_refusals: list[str] | None = None  # why vLLM would not serve what this run writes ([]: it would)
         self._driven = False  # a calibration driver fires the block hooks (GPTQModule); else quantize at train end
 
     def state_dict(self) -> dict:
@@ -144,7 +145,8 @@ class GPTQCallback(BlockHooks, Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def report(self) -> dict:
-        return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "layers": self.summary()}
+        return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "layers": self.summary(),
+                "vllm_refusals": self.vllm_refusals}
 
     def quantizes(self, name: str) -> bool:
         return self.rules.config_for(name, self.quant) is not None  # a `-:` rule keeps the layer dense
@@ -197,6 +199,7 @@ class GPTQCallback(BlockHooks, Callback):
         solved = self.method == "gptq"
         settings = planned_settings({name: self.rules.config_for(name, self.quant) for name in shapes},
                                     self.rules.layout_rules(), solved=solved)
+        self.vllm_refusals = vllm_refusals(settings, shapes) if settings else []
         message = settings and vllm_warning(settings, shapes, act_order=solved and self.quant.act_order)
         if message:
             rank_zero_warn(f"GPTQCallback: {message}")

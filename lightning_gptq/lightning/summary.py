@@ -78,6 +78,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
     specs = {m.spec() for m in layers}
     kernels = [c for c in choices() if c.spec in specs]
     backends = {b: sum(m.backend == b for m in layers) for b in sorted({m.backend for m in layers})}
+    refusals = report.get("vllm_refusals")  # why vLLM would not load the folder (checkpoint/serving.py)
     data = {
         "tool": {"name": "lightning-gptq", "version": lightning_gptq.__version__, "torch": torch.__version__,
                  "python": platform.python_version(), "threads": torch.get_num_threads(),
@@ -95,6 +96,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "timings_s": dict(module.timings),
         "peak_memory": module.peak_memory(),
         "results": module.results,
+        "serving": {"vllm": "not checked" if refusals is None else refusals or "serves"},
         "quantized_linear": {"layers_per_backend": backends, "choices": [c.to_dict() for c in kernels]},
         "layers": records,
     }
@@ -109,6 +111,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"
            if hessian else ""),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
+        f"- vLLM: {data['serving']['vllm'] if isinstance(refusals, str) or not refusals else 'would not load it: ' + '; '.join(refusals)}",
         "",
         "## Time per stage (s)",
         "",
