@@ -59,7 +59,7 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
         json.dump(windows, f)
     command = [args.vllm_python, str(Path(__file__).with_name("vllm_peer.py")), folder, "--windows", f.name,
                "--decode-tokens", str(args.decode_tokens), "--prompt-tokens", str(args.prompt_tokens),
-               "--repeats", str(args.repeats)]
+               "--repeats", str(args.repeats)] + (["--compiled"] if args.compiled else [])
     run = subprocess.run(command, capture_output=True, text=True)
     Path(f.name).unlink()
     lines = [line for line in run.stdout.splitlines() if line.startswith("{")]
@@ -70,7 +70,7 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
     if not peer["loaded"]:
         causes = [line.split("] ")[-1].strip() for line in (run.stderr + run.stdout).splitlines()
                   if re.search(r"\w+Error(: |$)|Value error, |\] +assert ", line)
-                  and "Engine core initialization" not in line]
+                  and "Engine core initialization" not in line and not line.startswith("{")]
         cause = " / ".join(causes[-2:]) if causes and causes[-1].endswith("Error") else (causes or [""])[-1]
         print(f"vLLM {peer['vllm']}: refused: {peer['error']}" + (f" (cause: {cause})" if cause else ""))
         held = bool(predicted)
@@ -97,7 +97,7 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
                               repeats=args.repeats, decode="auto")
         print(f"decode ms/token ({args.prompt_tokens}-token prompt, {args.decode_tokens} tokens, batch 1): ours "
               f"{lat.decode_ms_per_token:.2f} ({lat.decode_path}, fp32 activations), vLLM {peer['decode_ms_per_token']:.2f} "
-              f"(bf16, eager) = {peer['decode_ms_per_token'] / lat.decode_ms_per_token:.2f}x ours; prefill tokens/s: "
+              f"(bf16, {'eager' if peer['eager'] else 'compiled'}) = {peer['decode_ms_per_token'] / lat.decode_ms_per_token:.2f}x ours; prefill tokens/s: "
               f"ours {lat.prefill_tokens_per_s:.0f}, vLLM {peer['prefill_tokens_per_s']:.0f}")
     return ok
 
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="0: no decode timing")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="vLLM compiles its model (its default; here: eager)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative perplexity gap allowed (bf16 vs bf16)")
     args = parser.parse_args()
     for folder in args.folders:

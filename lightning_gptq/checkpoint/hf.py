@@ -142,8 +142,8 @@ def _warn_other_readers(fmt: str, sym: bool, dynamic: dict) -> None:
     """What other tools do with per-layer rules (GPTQModel 7.7, transformers 5.25: scripts/check_interop.py)."""
     if not dynamic:
         return
-    note = ("per-layer rules (quantization_config.dynamic) are read by GPTQModel.load (and vLLM, not checked here); "
-            "transformers' from_pretrained ignores them and refuses the folder")
+    note = ("per-layer rules (quantization_config.dynamic) are read by GPTQModel.load and vLLM (which matches them "
+            "against its fused layer names); transformers' from_pretrained ignores them and refuses the folder")
     if fmt == V1 and not sym:
         note += ("; GPTQModel.load refuses an asymmetric 'gptq' (v1) folder that GPTQModel did not write: save with "
                  "checkpoint_format='gptq_v2' for it")
