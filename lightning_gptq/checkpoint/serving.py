@@ -122,9 +122,11 @@ def serving_settings(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int
     return ", ".join(options)
 
 
-def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool) -> str | None:
-    """One message: why vLLM would refuse the checkpoint and the settings it would serve; None when it serves it."""
-    reasons = vllm_refusals(settings, shapes)
+def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool,
+                 reasons: list[str] | None = None) -> str | None:
+    """One message: why vLLM would refuse the checkpoint (``reasons``, default ``vllm_refusals``) and the settings it
+    would serve; None when it serves it."""
+    reasons = vllm_refusals(settings, shapes) if reasons is None else reasons
     if not reasons:
         return None
     fused = any("fused" in r for r in reasons)
@@ -132,4 +134,3 @@ def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], 
     return (f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
             f"{serving_settings(settings, shapes, act_order)} (gptq.quant.* / QuantConfig)"
             + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "") + ".")
-

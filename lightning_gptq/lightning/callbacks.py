@@ -199,8 +199,11 @@ class GPTQCallback(BlockHooks, Callback):
         solved = self.method == "gptq"
         settings = planned_settings({name: self.rules.config_for(name, self.quant) for name in shapes},
                                     self.rules.layout_rules(), solved=solved)
-        self.vllm_refusals = vllm_refusals(settings, shapes) if settings else []
-        message = settings and vllm_warning(settings, shapes, act_order=solved and self.quant.act_order)
+        if settings is None:  # nothing is quantized
+            self.vllm_refusals = []
+            return
+        self.vllm_refusals = vllm_refusals(settings, shapes)
+        message = vllm_warning(settings, shapes, act_order=solved and self.quant.act_order, reasons=self.vllm_refusals)
         if message:
             rank_zero_warn(f"GPTQCallback: {message}")
 
