@@ -43,13 +43,20 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
 
 def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
     print(f"\n== {folder}")
-    model, tokenizer = load_quantized(folder, backend="torch")
-    settings = read_settings(Path(folder))
-    shapes = linear_shapes(model)
-    predicted = vllm_refusals(settings, shapes) + vllm_cpu_refusals(settings, shapes)
-    print(f"settings: bits={settings.bits} group_size={settings.group_size} sym={settings.sym} "
-          f"desc_act={settings.desc_act} dynamic={settings.dynamic or '{}'}")
-    print("predicted: " + ("serves" if not predicted else "refuses: " + "; ".join(predicted)))
+    ours = folder
+    if not is_quantized_checkpoint(folder):  # a compressed-tensors export: our side reads the GPTQ folder it came from
+        if not args.reference:
+            raise SystemExit(f"{folder} is not a GPTQ folder: give --reference, the GPTQ folder it was exported from")
+        ours, predicted = args.reference, []
+        print(f"compressed-tensors export of {ours} (checkpoint/compressed_tensors.py refuses what vLLM would)")
+    model, tokenizer = load_quantized(ours, backend="torch")
+    if ours == folder:
+        settings = read_settings(Path(folder))
+        shapes = linear_shapes(model)
+        predicted = vllm_refusals(settings, shapes) + vllm_cpu_refusals(settings, shapes)
+        print(f"settings: bits={settings.bits} group_size={settings.group_size} sym={settings.sym} "
+              f"desc_act={settings.desc_act} dynamic={settings.dynamic or '{}'}")
+        print("predicted: " + ("serves" if not predicted else "refuses: " + "; ".join(predicted)))
 
     windows = []
     if tokens is not None:
@@ -83,16 +90,16 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
     if windows:
         torch.set_grad_enabled(False)
         with exact_kernels():
-            ours = perplexity(model, tokens, seqlen=args.seqlen, max_windows=len(windows), progress=False).ppl
-            bf16_model, _ = load_quantized(folder, backend="torch", dtype=torch.bfloat16)
+            ppl_fp32 = perplexity(model, tokens, seqlen=args.seqlen, max_windows=len(windows), progress=False).ppl
+            bf16_model, _ = load_quantized(ours, backend="torch", dtype=torch.bfloat16)
             ours_bf16 = perplexity(bf16_model, tokens, seqlen=args.seqlen, max_windows=len(windows), progress=False).ppl
         gap = peer["ppl"] / ours_bf16 - 1
-        print(f"perplexity, {len(windows)} WikiText-2 windows of {args.seqlen}: ours fp32 {ours:.4f}, ours bf16 "
+        print(f"perplexity, {len(windows)} WikiText-2 windows of {args.seqlen}: ours fp32 {ppl_fp32:.4f}, ours bf16 "
               f"{ours_bf16:.4f}, vLLM bf16 {peer['ppl']:.4f} ({gap:+.2%} against ours in bf16, "
-              f"{peer['ppl'] / ours - 1:+.2%} against fp32)")
+              f"{peer['ppl'] / ppl_fp32 - 1:+.2%} against fp32)")
         ok = ok and abs(gap) <= args.tolerance
     if args.decode_tokens > 1:
-        fast, _ = load_quantized(folder)
+        fast, _ = load_quantized(ours)
         lat = measure_latency(fast, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                               repeats=args.repeats, decode="auto")
         print(f"decode ms/token ({args.prompt_tokens}-token prompt, {args.decode_tokens} tokens, batch 1): ours "
@@ -112,17 +119,18 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="0: no decode timing")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference", help="for compressed-tensors folders: the GPTQ folder they were exported from")
     parser.add_argument("--compiled", action="store_true", help="vLLM compiles its model (its default; here: eager)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative perplexity gap allowed (bf16 vs bf16)")
     args = parser.parse_args()
     for folder in args.folders:
-        if not is_quantized_checkpoint(folder):
-            parser.error(f"not a quantized folder: {folder}")
+        if not Path(folder, "config.json").is_file():
+            parser.error(f"not a model folder: {folder}")
     if not Path(args.vllm_python).is_file():
         parser.error(f"--vllm-python: no such file: {args.vllm_python}")
     tokens = None
     if args.windows:
-        _, tokenizer = load_quantized(args.folders[0], backend="torch")
+        _, tokenizer = load_quantized(args.reference or args.folders[0], backend="torch")
         tokens = eval_tokens("wikitext2", tokenizer, path=args.wikitext, seqlen=args.seqlen)
     results = [check(folder, args, tokens) for folder in args.folders]
     print(f"\n{sum(results)} of {len(results)} folders as predicted" + ("" if all(results) else " (see above)"))

@@ -1,0 +1,123 @@
+"""The compressed-tensors ``pack-quantized`` layout (llm-compressor's; vLLM reads it), written from ``QuantLinear``s.
+
+What it adds over the GPTQ layout for vLLM 0.32: asymmetric grids (zero points), which its GPTQ path refuses.
+Per quantized linear ``<name>``: ``weight_packed`` int32 ``[out, ceil(in / (32 // bits))]`` (each word holds
+``32 // bits`` codes along the input dimension, the first in the lowest bits, stored as ``code`` with the signed
+range's offset ``2**(bits-1)`` already added, which is our unsigned code), ``weight_scale`` ``[out, groups]``,
+``weight_zero_point`` int32 ``[ceil(out / (32 // bits)), groups]`` (asymmetric grids; packed the same way along the
+output dimension), ``weight_shape`` int64 ``[out, in]``. The dense weight is ``(code − zero) · scale``, ours exactly.
+It has no column order (vLLM 0.32 reads no ``g_idx``): act-order needs ``static_groups``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gptq.nn import QuantLinear
+
+from . import shards as shard_io
+from .gptq_format import CheckpointError
+
+FORMAT = "compressed-tensors"
+
+
+def pack_along_rows(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes ``[rows, cols]`` → int32 ``[rows, ceil(cols / (32 // bits))]``: ``32 // bits`` codes a word,
+    code ``j`` of a word at bit ``j · bits``; the last word padded with zeros."""
+    per_word = 32 // bits
+    rows, cols = codes.shape
+    padded = torch.zeros(rows, -(-cols // per_word) * per_word, dtype=torch.int64)
+    padded[:, :cols] = codes.to(torch.int64)
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    words = (padded.view(rows, -1, per_word) << shifts).sum(-1)
+    return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # the same 32 bits, signed
+
+
+def layer_tensors(layer: QuantLinear) -> dict[str, Tensor]:
+    """One layer's tensors in this layout (names relative to the layer)."""
+    if layer.act_order:
+        raise CheckpointError("compressed-tensors stores no column order (vLLM 0.32 reads no g_idx): quantize "
+                              "act-order with static_groups=true, which keeps the groups contiguous")
+    group = layer.group_size if layer.group_size != -1 else layer.in_features
+    if layer.in_features % group:
+        raise CheckpointError(f"compressed-tensors needs whole groups: in_features {layer.in_features} is not a "
+                              f"multiple of group_size {group} (vLLM sizes scales as in_features // group_size)")
+    out = {"weight_packed": pack_along_rows(layer.codes(), layer.bits),
+           "weight_scale": layer.scales.T.contiguous(),
+           "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
+    if not layer.sym:
+        out["weight_zero_point"] = pack_along_rows(layer.zero_points(), layer.bits).T.contiguous()  # along out
+    if layer.bias is not None:
+        out["bias"] = layer.bias
+    return out
+
+
+def quantization_config(layers: dict[str, QuantLinear], ignore: list[str]) -> dict:
+    """``config.json["quantization_config"]``: one scheme for every quantized linear (``ignore``: the dense ones)."""
+    grids = {(m.bits, m.group_size, m.sym) for m in layers.values()}
+    if len(grids) != 1:
+        raise CheckpointError(f"compressed-tensors export writes one grid for every quantized linear; these layers "
+                              f"have {len(grids)} (bits, group_size, sym): {sorted(grids)}")
+    bits, group_size, sym = grids.pop()
+    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False, "actorder": None,
+               "strategy": "channel" if group_size == -1 else "group",
+               "group_size": None if group_size == -1 else group_size}
+    return {"quant_method": FORMAT, "format": "pack-quantized", "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                          "output_activations": None}},
+            "ignore": ignore, "kv_cache_scheme": None}
+
+
+def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLike, *, max_shard_size: int | str = "4GB",
+                            dtype: torch.dtype | str | None = None, settings: dict | None = None) -> Path:
+    """Write ``model`` (its linears ``QuantLinear``) to ``folder`` in the compressed-tensors ``pack-quantized``
+    layout. ``dtype``: of every floating tensor (default: as in memory). Every quantized linear must share one grid,
+    keep its groups contiguous and hold whole groups (``CheckpointError`` otherwise, before anything is written).
+    Written to ``<folder>.partial`` and renamed."""
+    cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ValueError("the model has no quantized layers to save")
+    state: dict[str, Tensor] = {}
+    for name, layer in layers.items():
+        state.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
+    head = model.get_output_embeddings()
+    ignore = sorted(n for n, m in model.named_modules()  # the dense linears, the LM head among them
+                    if m is head or isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))
+    config_block = quantization_config(layers, ignore)
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in layers:
+            continue
+        key = (tensor.data_ptr(), tensor.numel())
+        if tensor.numel() and key in seen:  # a tied weight (lm_head = embed_tokens): stored once
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().cpu()
+    if cast is not None:
+        state = {n: t.to(cast) if t.is_floating_point() else t for n, t in state.items()}
+    folder = Path(folder)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    shard_io.write({n: t.contiguous() for n, t in state.items()}, staging, max_shard_size)
+    config = model.config.to_dict()
+    config["quantization_config"] = {**config_block, "lightning_gptq": settings or {}}
+    dtypes = [t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith("weight_scale")]
+    config["torch_dtype"] = config["dtype"] = str(dtypes[0] if dtypes else torch.float32).removeprefix("torch.")
+    (staging / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2, default=str) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
