@@ -266,7 +266,7 @@ def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):
         (["--gptq.backend=nope"], "GPTQCallback.backend: unknown quantized-linear backend 'nope'", False),
         # the module's own options are checked before it loads the model
         (["--model.backend=cpu-fast"], "GPTQModule.backend: unknown quantized-linear backend 'cpu-fast'", True),
-        (["--model.checkpoint_format=gptq_v3"], "GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2'", True),
+        (["--model.checkpoint_format=gptq_v3"], "GPTQModule.checkpoint_format must be 'auto', 'gptq', 'gptq_v2' or", True),
         (["--model.max_shard_size=huge"], "GPTQModule.max_shard_size must be a positive size", True),
         ([], "heavy work reached: calibration", False),  # the control: good input reaches the patched entry points
     ],

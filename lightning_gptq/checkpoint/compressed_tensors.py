@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 from lightning_gptq.nn import QuantLinear
 
 from . import shards as shard_io
-from .gptq_format import CheckpointError
+from .gptq_format import CheckpointError, GPTQSettings
 
 FORMAT = "compressed-tensors"
 
@@ -56,6 +57,22 @@ def layer_tensors(layer: QuantLinear) -> dict[str, Tensor]:
     if layer.bias is not None:
         out["bias"] = layer.bias
     return out
+
+
+def export_problems(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+    """What ``save_compressed_tensors`` would refuse in a run that writes ``settings`` for linears of ``shapes``
+    (``(in_features, out_features)`` by full name): known before the solve, so a run fails at its start."""
+    quantized = {n: s for n in shapes if (s := settings.for_layer(n)) is not None}
+    problems = []
+    if len({(s.bits, s.group_size, s.sym) for s in quantized.values()}) > 1:
+        problems.append("it writes one grid for every quantized linear (per-layer bits/groups: use the GPTQ layout)")
+    if any(s.desc_act and s.group_size != -1 for s in quantized.values()):
+        problems.append("it stores no column order: act-order needs static_groups=true")
+    ragged = sorted(n for n, s in quantized.items() if s.group_size > 0 and shapes[n][0] % s.group_size)
+    if ragged:
+        problems.append(f"it needs whole groups: in_features of {ragged[0]} ({shapes[ragged[0]][0]}) and "
+                        f"{len(ragged) - 1} more are not multiples of the group size")
+    return problems
 
 
 def quantization_config(layers: dict[str, QuantLinear], ignore: list[str]) -> dict:

@@ -39,16 +39,21 @@ def _names(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
+def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]],
+                  checkpoint_format: str = "gptq") -> list[str]:
     """Why vLLM would refuse a checkpoint written with ``settings`` whose linears (full names, quantized or not) have
-    ``shapes`` ``(in_features, out_features)``: one line per reason, empty when it serves the folder."""
+    ``shapes`` ``(in_features, out_features)``: one line per reason, empty when it serves the folder.
+    ``checkpoint_format`` ``compressed-tensors``: the layout that carries zero points, so asymmetric grids serve."""
     layers = {name: settings.for_layer(name) for name in shapes}
     quantized = {name: s for name, s in layers.items() if s is not None}
     reasons = []
-    grids = sorted({(s.bits, s.sym) for s in [settings, *quantized.values()]} - {(4, True), (8, True)})
+    zero_points = checkpoint_format == "compressed-tensors"
+    grids = sorted({(s.bits, s.sym) for s in [settings, *quantized.values()]
+                    if s.bits not in (4, 8) or not (s.sym or zero_points)})
     if grids:
         shown = ", ".join(f"{b}-bit {'sym' if sym else 'asym'}" for b, sym in grids)
-        reasons.append(f"it serves symmetric 4- and 8-bit grids only (here: {shown})")
+        kinds = "4- and 8-bit grids" if zero_points else "symmetric 4- and 8-bit grids in the GPTQ layout"
+        reasons.append(f"it serves {kinds} only (here: {shown})")
     if any(_layout(s)[3] for s in [settings, *quantized.values()]):
         reasons.append("it refuses act-order groups (desc_act with group_size != -1: static_groups=true keeps "
                        "act-order and writes contiguous groups)")

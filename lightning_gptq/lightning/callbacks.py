@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
+from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, export_problems
 from lightning_gptq.checkpoint.serving import planned_settings, vllm_refusals, vllm_warning
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
@@ -191,9 +192,10 @@ class GPTQCallback(BlockHooks, Callback):
     def on_calibration_start(self, trainer, pl_module, driver) -> None:
         self._driven = True
         self._warn_serving({f"{driver.block_prefix(b)}.{name}": layer for b, block in enumerate(driver.blocks)
-                            for name, layer in driver.adapter.linear_layers(block).items()})
+                            for name, layer in driver.adapter.linear_layers(block).items()},
+                           getattr(pl_module.hparams, "checkpoint_format", "auto"))
 
-    def _warn_serving(self, linears: dict[str, nn.Module]) -> None:
+    def _warn_serving(self, linears: dict[str, nn.Module], checkpoint_format: str = "auto") -> None:
         """One warning, before any work, when vLLM would not serve the checkpoint this run writes."""
         shapes = {name: (linear_in_features(m), linear_out_features(m)) for name, m in linears.items()}
         solved = self.method == "gptq"
@@ -202,7 +204,12 @@ class GPTQCallback(BlockHooks, Callback):
         if settings is None:  # nothing is quantized
             self.vllm_refusals = []
             return
-        self.vllm_refusals = vllm_refusals(settings, shapes)
+        if checkpoint_format == CT_FORMAT:  # what that export cannot write fails now, not after the solve
+            problems = export_problems(settings, shapes)
+            if problems:
+                raise MisconfigurationException("checkpoint_format='compressed-tensors' cannot write this run: "
+                                                + "; ".join(problems))
+        self.vllm_refusals = vllm_refusals(settings, shapes, checkpoint_format)
         message = vllm_warning(settings, shapes, act_order=solved and self.quant.act_order, reasons=self.vllm_refusals)
         if message:
             rank_zero_warn(f"GPTQCallback: {message}")

@@ -69,8 +69,8 @@ class GPTQModule(ScoringLoops, LightningModule):
         eval_after: score perplexity right after quantizing.
         output_dir: where the quantized model and run summary go (default: ``<log dir>/quantized``).
         save_quantized: write the quantized model after ``fit`` (Hugging Face GPTQ layout).
-        checkpoint_format: ``"auto"`` (``gptq`` v1, ``zero − 1``, when lossless for the model, else
-            ``gptq_v2``), ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"`` (true zeros).
+        checkpoint_format: ``"auto"`` (``gptq`` v1 when lossless, else ``gptq_v2``), ``"gptq"``, ``"gptq_v2"``
+            or ``"compressed-tensors"`` (asymmetric grids vLLM serves; one grid, no act-order groups). See the README.
         max_shard_size: largest weight file written (e.g. ``"4GB"``); larger models are sharded.
         save_dtype: dtype of the saved unquantized tensors and scales (e.g. ``float16``); default: the model's own.
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).

@@ -19,9 +19,12 @@ def check_options(hp) -> None:
         check_backend(hp.backend)
     except ValueError as error:
         raise MisconfigurationException(f"GPTQModule.backend: {error}") from None
-    if hp.checkpoint_format not in ("auto", "gptq", "gptq_v2"):
-        raise MisconfigurationException(f"GPTQModule.checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', "
-                                        f"got {hp.checkpoint_format!r}")
+    if hp.checkpoint_format not in ("auto", "gptq", "gptq_v2", "compressed-tensors"):
+        raise MisconfigurationException(f"GPTQModule.checkpoint_format must be 'auto', 'gptq', 'gptq_v2' or "
+                                        f"'compressed-tensors', got {hp.checkpoint_format!r}")
+    if hp.streaming and hp.checkpoint_format == "compressed-tensors":
+        raise MisconfigurationException("streaming writes the GPTQ layout block by block; compressed-tensors is "
+                                        "written from the whole model: drop streaming for it")
     try:
         parse_size(hp.max_shard_size)
     except ValueError as error:

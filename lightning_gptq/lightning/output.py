@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from lightning_gptq.checkpoint import save_quantized
+from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, save_compressed_tensors
 from lightning_gptq.checkpoint.hf_streaming import StreamingWriter
 from lightning_gptq.quant.rules import LayerRules
 
@@ -51,6 +52,9 @@ class QuantizedOutput:
         if self.writer is not None:
             self.writer.finish(lm, tokenizer, source.files, damp_percent=quant.damp, static_groups=quant.static_groups,
                                true_sequential=true_sequential, settings={**settings, "streamed": True}, dynamic=dynamic)
+        elif self.checkpoint_format == CT_FORMAT:
+            save_compressed_tensors(lm.to("cpu"), tokenizer, self.folder, max_shard_size=self.max_shard_size,
+                                    dtype=self.save_dtype, settings=settings)
         else:
             save_quantized(lm.to("cpu"), tokenizer, self.folder, checkpoint_format=self.checkpoint_format,
                            max_shard_size=self.max_shard_size, damp_percent=quant.damp,
