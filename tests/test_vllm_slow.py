@@ -28,25 +28,28 @@ pytestmark = [
 
 SYM64 = dict(bits=4, group_size=64, sym=True, act_order=True, static_groups=True)
 CASES = {  # served (4-bit sym, whole groups, parts of fused layers alike) and refused for one reason each
-    "served": (SYM64, None),
-    "asym": (dict(SYM64, sym=False), None),
-    "act-order-groups": (dict(SYM64, static_groups=False), None),
-    "one-part-of-qkv": (SYM64, {r"+:.*\.q_proj$": {"group_size": 32}}),
-    "dense-o_proj": (SYM64, {r"-:.*\.o_proj$": {}}),
+    "served": (SYM64, None, "auto"),
+    "asym": (dict(SYM64, sym=False), None, "auto"),
+    "act-order-groups": (dict(SYM64, static_groups=False), None, "auto"),
+    "one-part-of-qkv": (SYM64, {r"+:.*\.q_proj$": {"group_size": 32}}, "auto"),
+    "dense-o_proj": (SYM64, {r"-:.*\.o_proj$": {}}, "auto"),
+    "asym-compressed-tensors": (dict(SYM64, sym=False), None, "compressed-tensors"),  # served; our side: "asym"
 }
 
 
 def test_vllm_serves_what_the_rules_say(tmp_path):
     windows = torch.randint(3, 1000, (4, 256), generator=torch.Generator().manual_seed(0))
     folders = []
-    for name, (settings, rules) in CASES.items():
+    for name, (settings, rules, fmt) in CASES.items():
         lg.quantize(str(SHARED / "models"), windows, lg.QuantConfig(**settings), dynamic=rules, sink_weight=1.0,
-                    gguf_file=GGUF.name, output_dir=tmp_path / name, accelerator="cpu", backend="torch")
+                    gguf_file=GGUF.name, output_dir=tmp_path / name, accelerator="cpu", backend="torch",
+                    checkpoint_format=fmt)
         folders.append(str(tmp_path / name / "model"))
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_vllm.py"), *folders, "--vllm-python",
-                          VLLM_PYTHON, "--windows", "1", "--decode-tokens", "0",
+                          VLLM_PYTHON, "--windows", "1", "--decode-tokens", "0", "--reference",
+                          str(tmp_path / "asym" / "model"),
                           "--wikitext", str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw")],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert f"{len(CASES)} of {len(CASES)} folders as predicted" in run.stdout
-    assert run.stdout.count("loaded in") == 2  # "served" and "dense-o_proj"
+    assert run.stdout.count("loaded in") == 3  # "served", "dense-o_proj" and the compressed-tensors export

@@ -1,7 +1,8 @@
 """Saving and loading quantized models.
 
 ``save_quantized`` writes the Hugging Face GPTQ layout (``hf``), which transformers/GPTQModel/vLLM
-load; ``load_quantized`` reads it (ours and other tools'), and the interim layouts earlier versions
+load; ``save_compressed_tensors`` llm-compressor's layout (asymmetric grids vLLM serves); ``load_quantized`` reads
+the GPTQ layout (ours and other tools'), and the interim layouts earlier versions
 of this project wrote (``interim``).
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from lightning_gptq.nn import AUTO
 
 from .gptq_format import V1, V2, CheckpointError, GPTQSettings
+from .compressed_tensors import save_compressed_tensors
 from .hf import is_gptq_folder, load_gptq, read_settings, save_gptq
 from .interim import (
     FORMAT,
@@ -28,7 +30,7 @@ save_quantized = save_gptq
 
 __all__ = [
     "FORMAT", "FORMAT_V0", "MANIFEST", "V1", "V2", "WEIGHTS", "CheckpointError", "GPTQSettings", "is_quantized_checkpoint",
-    "load_gptq", "load_interim", "load_quantized", "read_settings", "save_gptq", "save_interim", "save_quantized",
+    "load_gptq", "load_interim", "load_quantized", "read_settings", "save_compressed_tensors", "save_gptq", "save_interim", "save_quantized",
 ]
 
 
