@@ -39,6 +39,8 @@ def test_the_shipped_config_is_refused_for_three_reasons_and_the_suggestion_serv
     assert "12 layers" in reasons[2] and "(576)" in reasons[2] and "down_proj" not in reasons[2]
     message = vllm_warning(shipped, SHAPES, act_order=True)
     assert "bits=4, sym=true, group_size=64, static_groups=true" in message
+    assert "keep sym=false and write model.checkpoint_format=compressed-tensors" in message
+    assert vllm_refusals(settings(group_size=64, sym=False), SHAPES, "compressed-tensors") == []
     assert vllm_refusals(settings(group_size=64), SHAPES) == []  # what that suggestion writes
     assert vllm_warning(settings(group_size=64), SHAPES, act_order=True) is None
 

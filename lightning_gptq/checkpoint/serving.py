@@ -136,6 +136,8 @@ def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], 
         return None
     fused = any("fused" in r for r in reasons)
     listed = " ".join(f"({i}) {r}." for i, r in enumerate(reasons, 1))
+    asym = "in the GPTQ layout" in reasons[0] and not settings.sym
     return (f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
             f"{serving_settings(settings, shapes, act_order)} (gptq.quant.* / QuantConfig)"
-            + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "") + ".")
+            + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "")
+            + (", or keep sym=false and write model.checkpoint_format=compressed-tensors" if asym else "") + ".")
