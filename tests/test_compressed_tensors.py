@@ -94,3 +94,13 @@ def test_fit_writes_it_and_says_vllm_serves_asymmetric_grids(tmp_path):
     config = json.loads((tmp_path / "out" / "model" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors" and not config["config_groups"]["group_0"]["weights"]["symmetric"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["serving"] == {"vllm": "serves"}
+
+
+def test_our_loader_names_the_format_it_does_not_read(tmp_path):
+    from lightning_gptq.models.loading import ModelLoadError, load_causal_lm
+
+    model = lg.quantize(FACTORIES["llama"](), WINDOWS, lg.QuantConfig(bits=4, group_size=16), method="rtn",
+                        backend="torch", accelerator="cpu")
+    folder = save_compressed_tensors(model, None, tmp_path / "ct")
+    with pytest.raises(ModelLoadError, match="compressed-tensors checkpoint"):
+        load_causal_lm(str(folder))

@@ -121,6 +121,17 @@ def _load_from(source: str, *, dtype, trust_remote_code: bool, revision: str | N
     return model, tokenizer
 
 
+def _refuse_compressed_tensors(folder: Path) -> None:
+    """A compressed-tensors folder (what ``checkpoint_format: compressed-tensors`` writes, for vLLM) is not read here."""
+    try:
+        method = (json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
+    except (OSError, ValueError, AttributeError):
+        return
+    if method == "compressed-tensors":
+        raise ModelLoadError(f"{folder} is a compressed-tensors checkpoint (for vLLM); this tool reads the GPTQ layout: "
+                             "load the GPTQ folder it came from, or quantize with checkpoint_format auto")
+
+
 def load_causal_lm(
     model: str,
     *,
@@ -167,6 +178,7 @@ def load_causal_lm(
             loaded = _load_from(str(target), dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=None,
                                 local=True)
         elif is_local:
+            _refuse_compressed_tensors(Path(expanded))
             loaded = _load_from(expanded, dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=revision,
                                 local=True)
         else:
