@@ -104,3 +104,12 @@ def test_our_loader_names_the_format_it_does_not_read(tmp_path):
     folder = save_compressed_tensors(model, None, tmp_path / "ct")
     with pytest.raises(ModelLoadError, match="compressed-tensors checkpoint"):
         load_causal_lm(str(folder))
+
+
+@pytest.mark.parametrize("option", [dict(dtype="float17"), dict(dtype="int8"), dict(max_shard_size="lots")])
+def test_bad_save_options_fail_before_writing(tmp_path, option):
+    model = lg.quantize(FACTORIES["llama"](), WINDOWS, lg.QuantConfig(bits=4, group_size=16), method="rtn",
+                        backend="torch", accelerator="cpu")
+    with pytest.raises(ValueError):
+        save_compressed_tensors(model, None, tmp_path / "ct", **option)
+    assert not (tmp_path / "ct").exists() and not (tmp_path / "ct.partial").exists()

@@ -11,9 +11,7 @@ It has no column order (vLLM 0.32 reads no ``g_idx``): act-order needs ``static_
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from lightning_gptq.nn import QuantLinear
 
 from . import shards as shard_io
 from .gptq_format import CheckpointError, GPTQSettings
+from .hf import check_save_args, publish, staging_for, state_to_save, write_model_files
 
 FORMAT = "compressed-tensors"
 
@@ -41,7 +40,7 @@ def pack_along_rows(codes: Tensor, bits: int) -> Tensor:
 
 
 def layer_tensors(layer: QuantLinear) -> dict[str, Tensor]:
-    """One layer's tensors in this layout (names relative to the layer)."""
+    """One layer's tensors in this layout (names relative to the layer; its bias stays as it is)."""
     if layer.act_order:
         raise CheckpointError("compressed-tensors stores no column order (vLLM 0.32 reads no g_idx): quantize "
                               "act-order with static_groups=true, which keeps the groups contiguous")
@@ -54,8 +53,6 @@ def layer_tensors(layer: QuantLinear) -> dict[str, Tensor]:
            "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)}
     if not layer.sym:
         out["weight_zero_point"] = pack_along_rows(layer.zero_points(), layer.bits).T.contiguous()  # along out
-    if layer.bias is not None:
-        out["bias"] = layer.bias
     return out
 
 
@@ -97,44 +94,24 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
     layout. ``dtype``: of every floating tensor (default: as in memory). Every quantized linear must share one grid,
     keep its groups contiguous and hold whole groups (``CheckpointError`` otherwise, before anything is written).
     Written to ``<folder>.partial`` and renamed."""
-    cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    cast = check_save_args(max_shard_size, dtype)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
-    state: dict[str, Tensor] = {}
-    for name, layer in layers.items():
-        state.update({f"{name}.{k}": v for k, v in layer_tensors(layer).items()})
     head = model.get_output_embeddings()
     ignore = sorted(n for n, m in model.named_modules()  # the dense linears, the LM head among them
                     if m is head or isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))
-    config_block = quantization_config(layers, ignore)
-    seen: set[tuple[int, int]] = set()
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in layers:
-            continue
-        key = (tensor.data_ptr(), tensor.numel())
-        if tensor.numel() and key in seen:  # a tied weight (lm_head = embed_tokens): stored once
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().cpu()
-    if cast is not None:
-        state = {n: t.to(cast) if t.is_floating_point() else t for n, t in state.items()}
+    config_block = {**quantization_config(layers, ignore), "lightning_gptq": settings or {}}
+    state = state_to_save(model, cast)
+    for name, layer in layers.items():
+        for packed in layer.packed_tensors():  # the GPTQ layout's tensors, replaced by this layout's
+            state.pop(f"{name}.{packed}")
+        state.update({f"{name}.{k}": v.to(cast) if cast is not None and v.is_floating_point() else v
+                      for k, v in layer_tensors(layer).items()})
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(folder)
     shard_io.write({n: t.contiguous() for n, t in state.items()}, staging, max_shard_size)
-    config = model.config.to_dict()
-    config["quantization_config"] = {**config_block, "lightning_gptq": settings or {}}
-    dtypes = [t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith("weight_scale")]
-    config["torch_dtype"] = config["dtype"] = str(dtypes[0] if dtypes else torch.float32).removeprefix("torch.")
-    (staging / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2, default=str) + "\n")
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(staging)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
+    dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".weight_scale")),
+                 torch.float32)
+    write_model_files(staging, model, tokenizer, config_block, dtype)
+    return publish(staging, folder)

@@ -85,10 +85,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
         raise ValueError(f"checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
-    shard_io.parse_size(max_shard_size)  # bad sizes fail before anything is written
-    cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
-        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'float16'), got {dtype!r}")
+    cast = check_save_args(max_shard_size, dtype)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
@@ -107,31 +104,55 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         desc_act = any(m.act_order for m in layers.values())
     _warn_other_readers(fmt, sym, dynamic)
 
-    state = {}
-    seen: set[tuple[int, int]] = set()
-    for name, tensor in model.state_dict().items():
-        key = (tensor.data_ptr(), tensor.numel())
-        if tensor.numel() and key in seen:  # a tied weight (e.g. lm_head = embed_tokens): stored once
-            continue
-        seen.add(key)
-        state[name] = tensor.detach().cpu()
-        if cast is not None and state[name].is_floating_point():
-            state[name] = state[name].to(cast)
+    state = state_to_save(model, cast)
     for name, m in layers.items():
         zeros = zeros_to_file(state[f"{name}.qzeros"], m.bits, m.out_features, fmt)
         state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, m.bits, dim=1)
         state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, m.bits, dim=0)
 
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging = staging_for(folder)
     digests = shard_io.write(state, staging, max_shard_size)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".scales")), torch.float32)
     gptq = GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, checkpoint_format=fmt,
                         damp_percent=damp_percent, static_groups=static_groups, true_sequential=true_sequential,
                         meta=_meta(settings, digests), dynamic=dynamic)
     _write_configs(staging, model, tokenizer, gptq, dtype)
+    return publish(staging, folder)
+
+
+def check_save_args(max_shard_size: int | str, dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The dtype to store floating tensors in (None: as in memory); bad sizes and dtypes fail before any writing."""
+    shard_io.parse_size(max_shard_size)
+    cast = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype  # an unknown name stays a str: refused
+    if cast is not None and not (isinstance(cast, torch.dtype) and cast.is_floating_point):
+        raise ValueError(f"dtype must be a floating torch dtype or its name (e.g. 'float16'), got {dtype!r}")
+    return cast
+
+
+def state_to_save(model: nn.Module, cast: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``model``'s state on CPU, a tied tensor (``lm_head`` = ``embed_tokens``) once, floating tensors in ``cast``."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.data_ptr(), tensor.numel())
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().cpu()
+        if cast is not None and state[name].is_floating_point():
+            state[name] = state[name].to(cast)
+    return state
+
+
+def staging_for(folder: Path) -> Path:
+    """An empty ``<folder>.partial`` to write into (``publish`` renames it): a killed save never leaves a half folder."""
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, folder: Path) -> Path:
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(staging, folder)
@@ -156,12 +177,17 @@ def _meta(settings: dict | None, digests: dict[str, str]) -> dict:
 
 
 def _write_configs(staging: Path, model: nn.Module, tokenizer, gptq: GPTQSettings, dtype: torch.dtype) -> None:
+    (staging / QUANTIZE_CONFIG).write_text(json.dumps(gptq.to_dict(), indent=2) + "\n")
+    write_model_files(staging, model, tokenizer, gptq.to_dict(), dtype)
+
+
+def write_model_files(staging: Path, model: nn.Module, tokenizer, quantization_config: dict, dtype: torch.dtype) -> None:
+    """``config.json`` (with ``quantization_config``), ``generation_config.json`` and the tokenizer's files."""
     config = model.config.to_dict()
-    config["quantization_config"] = gptq.to_dict()
+    config["quantization_config"] = quantization_config
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     # Top-level keys sorted (as transformers writes them), nested ones not: `dynamic`'s order is its first-match order.
     (staging / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2, default=str) + "\n")
-    (staging / QUANTIZE_CONFIG).write_text(json.dumps(gptq.to_dict(), indent=2) + "\n")
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(staging)
