@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 from lightning_gptq.quant.config import QuantConfig
 
+from .compressed_tensors import FORMAT as CT_FORMAT
 from .gptq_format import GPTQSettings, layer_grids_rules
 
 VLLM = "vLLM 0.32"
@@ -44,24 +45,29 @@ def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]],
     """Why vLLM would refuse a checkpoint written with ``settings`` whose linears (full names, quantized or not) have
     ``shapes`` ``(in_features, out_features)``: one line per reason, empty when it serves the folder.
     ``checkpoint_format`` ``compressed-tensors``: the layout that carries zero points, so asymmetric grids serve."""
+    return list(_refusals(settings, shapes, checkpoint_format).values())
+
+
+def _refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], checkpoint_format: str) -> dict[str, str]:
+    """``vllm_refusals`` by kind: ``grid``, ``act_order``, ``ragged``, ``fused``."""
     layers = {name: settings.for_layer(name) for name in shapes}
     quantized = {name: s for name, s in layers.items() if s is not None}
-    reasons = []
-    zero_points = checkpoint_format == "compressed-tensors"
+    reasons = {}
+    zero_points = checkpoint_format == CT_FORMAT
     grids = sorted({(s.bits, s.sym) for s in [settings, *quantized.values()]
                     if s.bits not in (4, 8) or not (s.sym or zero_points)})
     if grids:
         shown = ", ".join(f"{b}-bit {'sym' if sym else 'asym'}" for b, sym in grids)
         kinds = "4- and 8-bit grids" if zero_points else "symmetric 4- and 8-bit grids in the GPTQ layout"
-        reasons.append(f"it serves {kinds} only (here: {shown})")
+        reasons["grid"] = f"it serves {kinds} only (here: {shown})"
     if any(_layout(s)[3] for s in [settings, *quantized.values()]):
-        reasons.append("it refuses act-order groups (desc_act with group_size != -1: static_groups=true keeps "
-                       "act-order and writes contiguous groups)")
+        reasons["act_order"] = ("it refuses act-order groups (desc_act with group_size != -1: static_groups=true keeps "
+                                "act-order and writes contiguous groups)")
     ragged = [n for n, s in quantized.items() if s.group_size > 0 and shapes[n][0] % s.group_size]
     if ragged:
         widths = sorted({shapes[n][0] for n in ragged})
-        reasons.append(f"{len(ragged)} layers have in_features ({', '.join(map(str, widths))}) that are not a whole "
-                       f"number of groups ({_names(ragged)}); GPTQModel's default kernels refuse them too")
+        reasons["ragged"] = (f"{len(ragged)} layers have in_features ({', '.join(map(str, widths))}) that are not a "
+                             f"whole number of groups ({_names(ragged)}); GPTQModel's default kernels refuse them too")
     split = []
     for fused_name, parts in FUSED.items():
         for name in shapes:
@@ -75,8 +81,8 @@ def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]],
             if len(written) > 1 or written != {None} and written != {_layout(settings.for_layer(prefix + fused_name))}:
                 split.append(prefix + fused_name)
     if split:
-        reasons.append(f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with the "
-                       "setting their fused name reads (dynamic rules are matched against the fused names)")
+        reasons["fused"] = (f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with the "
+                            "setting their fused name reads (dynamic rules are matched against the fused names)")
     return reasons
 
 
@@ -128,16 +134,22 @@ def serving_settings(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int
 
 
 def vllm_warning(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool,
-                 reasons: list[str] | None = None) -> str | None:
-    """One message: why vLLM would refuse the checkpoint (``reasons``, default ``vllm_refusals``) and the settings it
-    would serve; None when it serves it."""
-    reasons = vllm_refusals(settings, shapes) if reasons is None else reasons
+                 checkpoint_format: str = "gptq") -> str | None:
+    """One message: why vLLM would refuse the checkpoint and the settings it would serve; None when it serves it."""
+    return vllm_report(settings, shapes, act_order, checkpoint_format)[1]
+
+
+def vllm_report(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool,
+                checkpoint_format: str = "gptq") -> tuple[list[str], str | None]:
+    """``(vllm_refusals, vllm_warning)`` computed once."""
+    reasons = _refusals(settings, shapes, checkpoint_format)
     if not reasons:
-        return None
-    fused = any("fused" in r for r in reasons)
-    listed = " ".join(f"({i}) {r}." for i, r in enumerate(reasons, 1))
-    asym = "in the GPTQ layout" in reasons[0] and not settings.sym
-    return (f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
-            f"{serving_settings(settings, shapes, act_order)} (gptq.quant.* / QuantConfig)"
-            + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "")
-            + (", or keep sym=false and write model.checkpoint_format=compressed-tensors" if asym else "") + ".")
+        return [], None
+    listed = " ".join(f"({i}) {r}." for i, r in enumerate(reasons.values(), 1))
+    asym = "grid" in reasons and not settings.sym
+    fused = "fused" in reasons
+    return list(reasons.values()), (
+        f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
+        f"{serving_settings(settings, shapes, act_order)} (gptq.quant.* / QuantConfig)"
+        + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "")
+        + (", or keep sym=false and write model.checkpoint_format=compressed-tensors" if asym else "") + ".")

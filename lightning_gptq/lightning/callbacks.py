@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, export_problems
-from lightning_gptq.checkpoint.serving import planned_settings, vllm_refusals, vllm_warning
+from lightning_gptq.checkpoint.serving import planned_settings, vllm_report
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
@@ -209,8 +209,7 @@ class GPTQCallback(BlockHooks, Callback):
             if problems:
                 raise MisconfigurationException("checkpoint_format='compressed-tensors' cannot write this run: "
                                                 + "; ".join(problems))
-        self.vllm_refusals = vllm_refusals(settings, shapes, checkpoint_format)
-        message = vllm_warning(settings, shapes, act_order=solved and self.quant.act_order, reasons=self.vllm_refusals)
+        self.vllm_refusals, message = vllm_report(settings, shapes, solved and self.quant.act_order, checkpoint_format)
         if message:
             rank_zero_warn(f"GPTQCallback: {message}")
 

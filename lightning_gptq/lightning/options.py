@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.models.decode import MODES
 from lightning_gptq.nn import check_backend
@@ -19,10 +20,10 @@ def check_options(hp) -> None:
         check_backend(hp.backend)
     except ValueError as error:
         raise MisconfigurationException(f"GPTQModule.backend: {error}") from None
-    if hp.checkpoint_format not in ("auto", "gptq", "gptq_v2", "compressed-tensors"):
+    if hp.checkpoint_format not in ("auto", "gptq", "gptq_v2", CT_FORMAT):
         raise MisconfigurationException(f"GPTQModule.checkpoint_format must be 'auto', 'gptq', 'gptq_v2' or "
                                         f"'compressed-tensors', got {hp.checkpoint_format!r}")
-    if hp.streaming and hp.checkpoint_format == "compressed-tensors":
+    if hp.streaming and hp.checkpoint_format == CT_FORMAT:
         raise MisconfigurationException("streaming writes the GPTQ layout block by block; compressed-tensors is "
                                         "written from the whole model: drop streaming for it")
     try:

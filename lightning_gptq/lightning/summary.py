@@ -111,7 +111,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"
            if hessian else ""),
         f"- peak memory: {', '.join(f'{k} {v:.0f}' for k, v in data['peak_memory'].items())}",
-        f"- vLLM: {data['serving']['vllm'] if isinstance(refusals, str) or not refusals else 'would not load it: ' + '; '.join(refusals)}",
+        f"- vLLM: {'would not load it: ' + '; '.join(refusals) if refusals else data['serving']['vllm']}",
         "",
         "## Time per stage (s)",
         "",
