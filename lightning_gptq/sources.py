@@ -106,7 +106,7 @@ class WeightSource:
 
 
 class QuantizedWeightSource:
-    """A quantized checkpoint folder (HF GPTQ layout) read one module at a time.
+    """A quantized checkpoint folder (HF GPTQ or compressed-tensors layout) read one module at a time.
 
     ``model`` is its architecture with every parameter on the meta device; ``materialize`` reads one
     module (a block: its quantized layers rebuilt from the packed tensors as the oracle ``QuantLinear``:
@@ -115,9 +115,9 @@ class QuantizedWeightSource:
     """
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
-        from lightning_gptq.checkpoint.hf import GPTQReader
+        from lightning_gptq.checkpoint import reader_for
 
-        self.reader = GPTQReader(folder, dtype=dtype, trust_remote_code=trust_remote_code, plain_io=True)
+        self.reader = reader_for(folder)(folder, dtype=dtype, trust_remote_code=trust_remote_code, plain_io=True)
         self.folder = Path(folder)
 
     @property

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
+from lightning_gptq.checkpoint import GPTQSettings, load_quantized
+from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, is_compressed_tensors_folder
+from lightning_gptq.checkpoint.gptq_format import layer_grids_rules
 from lightning_gptq.checkpoint.hf import read_settings
 from lightning_gptq.checkpoint.serving import vllm_cpu_refusals, vllm_refusals
 from lightning_gptq.data.evaluation import eval_tokens, perplexity
@@ -41,22 +43,28 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
             for name, m in model.named_modules() if m is not head and (isinstance(m, QuantLinear) or is_linear(m))}
 
 
+def settings_of(model, shapes: dict[str, tuple[int, int]]) -> GPTQSettings:
+    """The settings a compressed-tensors folder's layers were read with, as the rules take them (one base grid and
+    per-layer rules for the others; act-order groups where a layer keeps a column order)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
+                                                         None, [n for n in shapes if n not in layers])
+    return GPTQSettings(bits=bits, group_size=group_size, sym=sym, dynamic=dynamic,
+                        desc_act=any(m.act_order for m in layers.values()))
+
+
 def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
     print(f"\n== {folder}")
-    ours = folder
-    if not is_quantized_checkpoint(folder):  # a compressed-tensors export: our side reads the GPTQ folder it came from
-        if not args.reference:
-            raise SystemExit(f"{folder} is not a GPTQ folder: give --reference, the GPTQ folder it was exported from")
-        ours, predicted = args.reference, []
-        print(f"compressed-tensors export of {ours} (checkpoint/compressed_tensors.py refuses what vLLM would)")
-    model, tokenizer = load_quantized(ours, backend="torch")
-    if ours == folder:
-        settings = read_settings(Path(folder))
-        shapes = linear_shapes(model)
-        predicted = vllm_refusals(settings, shapes) + vllm_cpu_refusals(settings, shapes)
-        print(f"settings: bits={settings.bits} group_size={settings.group_size} sym={settings.sym} "
-              f"desc_act={settings.desc_act} dynamic={settings.dynamic or '{}'}")
-        print("predicted: " + ("serves" if not predicted else "refuses: " + "; ".join(predicted)))
+    model, tokenizer = load_quantized(folder, backend="torch")
+    shapes = linear_shapes(model)
+    if is_compressed_tensors_folder(Path(folder)):
+        settings, layout = settings_of(model, shapes), CT_FORMAT
+    else:
+        settings, layout = read_settings(Path(folder)), "gptq"
+    predicted = vllm_refusals(settings, shapes, layout) + vllm_cpu_refusals(settings, shapes)
+    print(f"{layout}: bits={settings.bits} group_size={settings.group_size} sym={settings.sym} "
+          f"desc_act={settings.desc_act} dynamic={settings.dynamic or '{}'}")
+    print("predicted: " + ("serves" if not predicted else "refuses: " + "; ".join(predicted)))
 
     windows = []
     if tokens is not None:
@@ -91,7 +99,7 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
         torch.set_grad_enabled(False)
         with exact_kernels():
             ppl_fp32 = perplexity(model, tokens, seqlen=args.seqlen, max_windows=len(windows), progress=False).ppl
-            bf16_model, _ = load_quantized(ours, backend="torch", dtype=torch.bfloat16)
+            bf16_model, _ = load_quantized(folder, backend="torch", dtype=torch.bfloat16)
             ours_bf16 = perplexity(bf16_model, tokens, seqlen=args.seqlen, max_windows=len(windows), progress=False).ppl
         gap = peer["ppl"] / ours_bf16 - 1
         print(f"perplexity, {len(windows)} WikiText-2 windows of {args.seqlen}: ours fp32 {ppl_fp32:.4f}, ours bf16 "
@@ -99,7 +107,7 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
               f"{peer['ppl'] / ppl_fp32 - 1:+.2%} against fp32)")
         ok = ok and abs(gap) <= args.tolerance
     if args.decode_tokens > 1:
-        fast, _ = load_quantized(ours)
+        fast, _ = load_quantized(folder)
         lat = measure_latency(fast, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
                               repeats=args.repeats, decode="auto")
         print(f"decode ms/token ({args.prompt_tokens}-token prompt, {args.decode_tokens} tokens, batch 1): ours "
@@ -111,7 +119,7 @@ def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", help="GPTQ folders (ours)")
+    parser.add_argument("folders", nargs="+", help="quantized folders: GPTQ or compressed-tensors layout")
     parser.add_argument("--vllm-python", required=True, help="a Python with vLLM installed (see scripts/vllm_peer.py)")
     parser.add_argument("--windows", type=int, default=8, help="WikiText-2 windows to score (0: none)")
     parser.add_argument("--seqlen", type=int, default=2048)
@@ -119,7 +127,6 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32, help="0: no decode timing")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--reference", help="for compressed-tensors folders: the GPTQ folder they were exported from")
     parser.add_argument("--compiled", action="store_true", help="vLLM compiles its model (its default; here: eager)")
     parser.add_argument("--tolerance", type=float, default=0.01, help="relative perplexity gap allowed (bf16 vs bf16)")
     args = parser.parse_args()
@@ -130,7 +137,7 @@ def main() -> None:
         parser.error(f"--vllm-python: no such file: {args.vllm_python}")
     tokens = None
     if args.windows:
-        _, tokenizer = load_quantized(args.reference or args.folders[0], backend="torch")
+        _, tokenizer = load_quantized(args.folders[0], backend="torch")
         tokens = eval_tokens("wikitext2", tokenizer, path=args.wikitext, seqlen=args.seqlen)
     results = [check(folder, args, tokens) for folder in args.folders]
     print(f"\n{sum(results)} of {len(results)} folders as predicted" + ("" if all(results) else " (see above)"))

@@ -1,4 +1,5 @@
-"""The compressed-tensors ``pack-quantized`` layout (llm-compressor's; vLLM reads it), written from ``QuantLinear``s.
+"""The compressed-tensors ``pack-quantized`` layout (llm-compressor's; vLLM reads it): written from ``QuantLinear``s,
+and read back into them (ours, and llm-compressor's integer weight-only checkpoints: W4A16, W8A16, ...).
 
 What it adds over the GPTQ layout for vLLM 0.32: asymmetric grids (zero points), which its GPTQ path refuses.
 Per quantized linear ``<name>``: ``weight_packed`` int32 ``[out, ceil(in / (32 // bits))]`` (each word holds
@@ -6,23 +7,37 @@ Per quantized linear ``<name>``: ``weight_packed`` int32 ``[out, ceil(in / (32 /
 range's offset ``2**(bits-1)`` already added, which is our unsigned code), ``weight_scale`` ``[out, groups]``,
 ``weight_zero_point`` int32 ``[ceil(out / (32 // bits)), groups]`` (asymmetric grids; packed the same way along the
 output dimension), ``weight_shape`` int64 ``[out, in]``. The dense weight is ``(code − zero) · scale``, ours exactly.
-It has no column order (vLLM 0.32 reads no ``g_idx``): act-order needs ``static_groups``.
+We write no column order (vLLM 0.32 reads no ``g_idx``): act-order needs ``static_groups``. We read one
+(``weight_g_idx`` ``[in]``, llm-compressor's ``actorder: group``). Which layer holds which scheme: the first of the
+``config_groups`` targets matching it, exact names before ``re:`` patterns before class names (``Linear``), as
+compressed-tensors orders them; ``ignore`` leaves a layer dense.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from lightning_gptq.nn import QuantLinear
+from lightning_gptq.nn import AUTO, QuantLinear
 
 from . import shards as shard_io
-from .gptq_format import CheckpointError, GPTQSettings
-from .hf import check_save_args, publish, staging_for, state_to_save, write_model_files
+from .gptq_format import V2, CheckpointError, GPTQSettings, check_layer_values, natural_g_idx
+from .hf import (
+    GPTQReader,
+    check_save_args,
+    load_with,
+    publish,
+    staging_for,
+    state_to_save,
+    write_model_files,
+)
 
 FORMAT = "compressed-tensors"
 
@@ -37,6 +52,14 @@ def pack_along_rows(codes: Tensor, bits: int) -> Tensor:
     shifts = torch.arange(per_word, dtype=torch.int64) * bits
     words = (padded.view(rows, -1, per_word) << shifts).sum(-1)
     return (words - (words >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # the same 32 bits, signed
+
+
+def unpack_along_rows(words: Tensor, bits: int, cols: int) -> Tensor:
+    """``pack_along_rows`` undone: int32 ``[rows, words]`` → uint8 codes ``[rows, cols]``."""
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, dtype=torch.int64) * bits
+    codes = (words.to(torch.int64) & 0xFFFFFFFF).unsqueeze(-1) >> shifts & ((1 << bits) - 1)
+    return codes.reshape(words.shape[0], -1)[:, :cols].to(torch.uint8)
 
 
 def layer_tensors(layer: QuantLinear) -> dict[str, Tensor]:
@@ -110,8 +133,175 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
                       for k, v in layer_tensors(layer).items()})
     folder = Path(folder)
     staging = staging_for(folder)
-    shard_io.write({n: t.contiguous() for n, t in state.items()}, staging, max_shard_size)
+    digests = shard_io.write({n: t.contiguous() for n, t in state.items()}, staging, max_shard_size)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".weight_scale")),
                  torch.float32)
+    config_block["lightning_gptq"] = {**config_block["lightning_gptq"], "sha256": digests}
     write_model_files(staging, model, tokenizer, config_block, dtype)
     return publish(staging, folder)
+
+
+# -- reading -------------------------------------------------------------------------------------
+PRESETS = {  # compressed-tensors' preset schemes a config group may name instead of spelling its weights out
+    "W4A16": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128},
+    "W4A16_ASYM": {"num_bits": 4, "type": "int", "symmetric": False, "strategy": "group", "group_size": 128},
+    "W8A16": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128},
+}
+PACKED = "pack-quantized"
+
+
+def is_compressed_tensors_folder(folder: Path) -> bool:
+    try:
+        block = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(block, dict) and block.get("quant_method") == FORMAT
+
+
+def _scheme(name: str, group, default_format: str, source: str) -> tuple[list[str], GPTQSettings | str]:
+    """``(targets, settings)`` of one config group; ``settings`` is why we cannot read it when it is a string."""
+    if isinstance(group, list):  # {"W4A16": ["Linear"]}: a preset named by the group's key
+        targets, weights, fmt, activations = group, PRESETS.get(name), default_format, None
+        if weights is None:
+            return targets, f"preset scheme {name!r} (readable presets: {', '.join(PRESETS)})"
+    elif isinstance(group, dict):
+        targets, weights = group.get("targets") or [], group.get("weights")
+        fmt, activations = group.get("format") or default_format, group.get("input_activations")
+    else:
+        raise CheckpointError(f"{source}: config group {name!r} is neither a scheme nor a preset's targets")
+    if fmt != PACKED:
+        return targets, f"format {fmt!r} (this tool reads {PACKED!r}: integer weights packed in int32)"
+    if not weights or weights.get("type", "int") != "int" or weights.get("dynamic"):
+        return targets, "weights that are not static integer grids"
+    if activations:
+        return targets, "quantized activations (this tool reads weight-only schemes)"
+    bits, strategy = int(weights.get("num_bits", 8)), weights.get("strategy") or "tensor"
+    if not 2 <= bits <= 8:
+        return targets, f"{bits}-bit weights (2 to 8 are read)"
+    if strategy not in ("group", "channel"):
+        return targets, f"strategy {strategy!r} (group and channel are read)"
+    group_size = int(weights.get("group_size") or 0) if strategy == "group" else -1
+    if strategy == "group" and group_size < 1:
+        raise CheckpointError(f"{source}: config group {name!r} has strategy 'group' but group_size "
+                              f"{weights.get('group_size')!r}")
+    settings = GPTQSettings(bits=bits, group_size=group_size, sym=bool(weights.get("symmetric", True)),
+                            desc_act=weights.get("actorder") == "group", checkpoint_format=V2)
+    return targets, settings
+
+
+def _matches(name: str, linear: nn.Module, target: str) -> bool:
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or any(cls.__name__ == target for cls in type(linear).__mro__)
+
+
+class CompressedTensorsReader(GPTQReader):
+    """A compressed-tensors ``pack-quantized`` folder opened for reading (see ``GPTQReader``): each quantized layer
+    becomes a ``QuantLinear`` holding the same codes, scales and zero points, so its dense weight is the file's
+    ``(code − zero) · scale`` exactly."""
+
+    QUANTIZED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "bias")
+    MARKER = "weight_packed"
+    LAYOUT = FORMAT
+
+    def __init__(self, folder: str | os.PathLike, **kwargs):
+        super().__init__(folder, **kwargs)
+        # the layers' most common grid stands for the folder (the log line); per-layer grids are the layers' own
+        grids = Counter((s.bits, s.group_size, s.sym) for s in self.layer_settings.values())
+        (bits, group_size, sym), _ = grids.most_common(1)[0]
+        self.settings = GPTQSettings(bits=bits, group_size=group_size, sym=sym, checkpoint_format=V2,
+                                     desc_act=any(s.desc_act for s in self.layer_settings.values()),
+                                     meta=self.settings.meta)
+
+    def _read_settings(self) -> GPTQSettings:
+        source = self.folder / "config.json"
+        try:
+            block = json.loads(source.read_text()).get("quantization_config") or {}
+        except (OSError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{source}: not readable as JSON ({error})") from None
+        if block.get("quant_method") != FORMAT:
+            raise CheckpointError(f"{source}: quant_method is {block.get('quant_method')!r}, not {FORMAT!r}")
+        status = block.get("quantization_status", "compressed")
+        if status != "compressed":
+            raise CheckpointError(f"{source}: quantization_status is {status!r}: the weights are stored unpacked; load "
+                                  "it as a dense model with transformers")
+        groups = block.get("config_groups") or {}
+        if not isinstance(groups, dict) or not groups:
+            raise CheckpointError(f"{source}: config_groups is missing or empty")
+        default_format = block.get("format") or PACKED
+        self.schemes = {name: _scheme(name, group, default_format, str(source)) for name, group in groups.items()}
+        self.ignore = list(block.get("ignore") or [])
+        usable = [s for _, s in self.schemes.values() if isinstance(s, GPTQSettings)]
+        if not usable:
+            raise CheckpointError(f"{source}: no config group this tool reads: "
+                                  + "; ".join(f"{n}: {s}" for n, (_, s) in self.schemes.items()))
+        meta = block.get("lightning_gptq")
+        return GPTQSettings(**{**vars(usable[0]), "meta": {"lightning_gptq": meta} if isinstance(meta, dict) else {}})
+
+    def _settings_of(self, name: str, linear: nn.Module, where: str) -> GPTQSettings:
+        if any(_matches(name, linear, t) for t in self.ignore):
+            raise CheckpointError(f"{where}: {name} has packed tensors, but the config's ignore list leaves it dense")
+        # compressed-tensors' precedence: exact names, then patterns (sorted), then class names
+        ranked = sorted(((0 if t == name else 1 if t.startswith("re:") else 2, t, group)
+                         for group, (targets, _) in self.schemes.items() for t in targets if _matches(name, linear, t)),
+                        key=lambda hit: hit[:2])
+        if not ranked:
+            raise CheckpointError(f"{where}: {name} has packed tensors, but no config group targets it")
+        group = ranked[0][2]
+        settings = self.schemes[group][1]
+        if isinstance(settings, str):
+            raise CheckpointError(f"{where}: {name} is quantized by config group {group!r}, which has {settings}")
+        has_g_idx = f"{name}.weight_g_idx" in self.files.shapes
+        if has_g_idx != settings.desc_act:
+            settings = GPTQSettings(**{**vars(settings), "desc_act": has_g_idx})
+        return settings
+
+    def _check_header(self, name: str, in_features: int, out_features: int, where: str) -> None:
+        settings, shapes, dtypes = self.layer_settings[name], self.files.shapes, self.files.dtypes
+        per_word, groups = 32 // settings.bits, 1 if settings.group_size == -1 else -(-in_features // settings.group_size)
+        want = {"weight_packed": ((out_features, -(-in_features // per_word)), ("I32",)),
+                "weight_scale": ((out_features, groups), ("F16", "BF16", "F32")),
+                "weight_shape": ((2,), ("I64", "I32"))}
+        if not settings.sym:
+            want["weight_zero_point"] = ((-(-out_features // per_word), groups), ("I32",))
+        if settings.desc_act:
+            want["weight_g_idx"] = ((in_features,), ("I32", "I64"))
+        grid = f"{settings.bits}-bit, group size {settings.group_size}, {'sym' if settings.sym else 'asym'}"
+        for key, (shape, kinds) in want.items():
+            full = f"{name}.{key}"
+            if full not in shapes:
+                raise CheckpointError(f"{where}: tensor {full} is missing ({grid})")
+            if tuple(shapes[full]) != shape:
+                raise CheckpointError(f"{where}: {full} has shape {list(shapes[full])}, expected {list(shape)} for a "
+                                      f"{out_features}x{in_features} layer ({grid})")
+            if dtypes[full] not in kinds:
+                raise CheckpointError(f"{where}: {full} is {dtypes[full]}, expected {' or '.join(kinds)}")
+
+    def _layer(self, name: str, in_features: int, out_features: int, has_bias: bool) -> QuantLinear:
+        settings, at = self.layer_settings[name], self._where(name + ".weight_packed")
+        if self._read(f"{name}.weight_shape").tolist() != [out_features, in_features]:
+            raise CheckpointError(f"{at}: {name}.weight_shape is {self._read(f'{name}.weight_shape').tolist()}, the "
+                                  f"model's layer is [{out_features}, {in_features}]")
+        bits = settings.bits
+        scales = self._read(f"{name}.weight_scale").to(self.dtype)                          # [out, groups]
+        g_idx = (self._read(f"{name}.weight_g_idx").to(torch.int32) if settings.desc_act
+                 else natural_g_idx(in_features, settings.group_size))
+        check_layer_values(name, scales.T, g_idx, settings.group_size, at)
+        codes = unpack_along_rows(self._read(f"{name}.weight_packed"), bits, in_features)
+        if settings.sym:
+            zeros = torch.full(scales.shape, 1 << (bits - 1), dtype=torch.uint8)
+        else:  # packed along the output dimension
+            zeros = unpack_along_rows(self._read(f"{name}.weight_zero_point").T.contiguous(), bits, out_features).T
+        layer = QuantLinear(in_features, out_features, bits=bits, group_size=settings.group_size, sym=settings.sym,
+                            bias=has_bias, dtype=self.dtype)
+        layer.set_weight(codes, scales, zeros, g_idx)
+        self._read_bias(name, layer)
+        return layer
+
+
+def load_compressed_tensors(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dtype | str = torch.float32,
+                            verify: bool = True, trust_remote_code: bool = False):
+    """``(model, tokenizer)`` from a compressed-tensors ``pack-quantized`` folder (ours, llm-compressor's integer
+    weight-only ones), eval mode, on CPU, quantized layers on ``backend``. As ``load_gptq``; raises ``CheckpointError``."""
+    return load_with(CompressedTensorsReader, folder, backend=backend, dtype=dtype, verify=verify,
+                     trust_remote_code=trust_remote_code)

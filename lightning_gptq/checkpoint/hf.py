@@ -239,9 +239,15 @@ class GPTQReader:
     the meta device. ``fill(module)`` then reads one module's tensors (the whole model, or one block
     at a time for a model bigger than memory). ``plain_io``: read with file reads instead of memory
     maps, so the pages read are not counted as this process's memory. Raises ``CheckpointError``.
+
+    Another layout subclasses it: ``MARKER`` (the tensor that makes ``<layer>.MARKER`` a quantized layer),
+    ``QUANTIZED`` (every tensor name a quantized layer may hold), ``_read_settings``, ``_settings_of``,
+    ``_check_header`` and ``_layer``.
     """
 
     QUANTIZED = ("qweight", "qzeros", "scales", "g_idx", "bias")
+    MARKER = "qweight"
+    LAYOUT = "GPTQ"
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, verify: bool = True,
                  trust_remote_code: bool = False, plain_io: bool = False):
@@ -249,45 +255,58 @@ class GPTQReader:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.folder, self.dtype = Path(folder), dtype
-        self.settings = settings = read_settings(self.folder)
+        self.settings = self._read_settings()
         self.files = files = shard_io.Shards(self.folder)
-        recorded = settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
+        recorded = self.settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
         if verify and recorded:
             files.verify(recorded)
-        names = sorted(n[: -len(".qweight")] for n in files.shapes if n.endswith(".qweight"))
+        suffix = "." + self.MARKER
+        names = sorted(n[: -len(suffix)] for n in files.shapes if n.endswith(suffix))
         if not names:
-            raise CheckpointError(f"{self.folder}: the config says GPTQ but no tensor is named '<layer>.qweight'")
+            raise CheckpointError(f"{self.folder}: the config says {self.LAYOUT} but no tensor is named "
+                                  f"'<layer>{suffix}'")
 
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         if hasattr(config, "quantization_config"):
-            del config.quantization_config  # transformers would look for a GPTQ integration; we are it
+            del config.quantization_config  # transformers would look for a quantization integration; we are it
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         self.layers: dict[str, tuple[int, int, bool]] = {}  # quantized layer -> (in, out, has bias)
         self.layer_settings: dict[str, GPTQSettings] = {}  # per layer: `dynamic` rules applied
         for name in names:
-            layer_settings = self.layer_settings[name] = settings.for_layer(name, str(self.folder / "config.json"))
-            if layer_settings is None:
-                raise CheckpointError(f"{self._where(name + '.qweight')}: {name} has packed tensors, but the config's "
-                                      f"dynamic rules leave it unquantized ({settings.dynamic})")
+            where = self._where(name + suffix)
             try:
                 linear = self.model.get_submodule(name)
             except AttributeError:
-                raise CheckpointError(f"{self._where(name + '.qweight')}: layer {name!r} does not exist in a "
-                                      f"{config.model_type} model") from None
+                raise CheckpointError(f"{where}: layer {name!r} does not exist in a {config.model_type} model") from None
             if _linear_shape(linear) is None:
-                raise CheckpointError(f"{self._where(name + '.qweight')}: {name!r} is a {type(linear).__name__}, "
-                                      "not a linear layer")
+                raise CheckpointError(f"{where}: {name!r} is a {type(linear).__name__}, not a linear layer")
             in_features, out_features, has_bias = self.layers[name] = _linear_shape(linear)
-            part = {k: files.shapes[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")
-                    if f"{name}.{k}" in files.shapes}
-            kinds = {k: files.dtypes[f"{name}.{k}"] for k in part}
-            check_layer_header(name, part, kinds, layer_settings, in_features, out_features, self._where(name + ".qweight"))
-            if layer_settings.desc_act and f"{name}.g_idx" not in files.shapes:
-                raise CheckpointError(f"{self._where(name + '.qweight')}: desc_act is set but {name}.g_idx is missing")
+            self.layer_settings[name] = self._settings_of(name, linear, where)
+            self._check_header(name, in_features, out_features, where)
         self._quantized_keys = {f"{n}.{k}" for n in names for k in self.QUANTIZED}
         self._check_other_tensors(config)
         self._read = files.read if plain_io else files.get
+
+    def _read_settings(self) -> GPTQSettings:
+        return read_settings(self.folder)
+
+    def _settings_of(self, name: str, linear: nn.Module, where: str) -> GPTQSettings:
+        """The settings layer ``name`` (``linear`` in the model built from the config) was written with."""
+        settings = self.settings.for_layer(name, str(self.folder / "config.json"))
+        if settings is None:
+            raise CheckpointError(f"{where}: {name} has packed tensors, but the config's dynamic rules leave it "
+                                  f"unquantized ({self.settings.dynamic})")
+        return settings
+
+    def _check_header(self, name: str, in_features: int, out_features: int, where: str) -> None:
+        files, settings = self.files, self.layer_settings[name]
+        part = {k: files.shapes[f"{name}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")
+                if f"{name}.{k}" in files.shapes}
+        kinds = {k: files.dtypes[f"{name}.{k}"] for k in part}
+        check_layer_header(name, part, kinds, settings, in_features, out_features, where)
+        if settings.desc_act and f"{name}.g_idx" not in files.shapes:
+            raise CheckpointError(f"{where}: desc_act is set but {name}.g_idx is missing")
 
     def _where(self, key: str) -> str:
         return f"{self.folder / self.files.file_of.get(key, '?')}"
@@ -369,15 +388,18 @@ class GPTQReader:
         layer.qzeros = zeros_from_file(words_from_file(self._read(f"{name}.qzeros"), out_features, settings.bits, dim=1),
                                        settings.bits, out_features, settings.checkpoint_format, f"{at}: {name}.qzeros")
         layer.scales, layer.g_idx = scales.contiguous(), g_idx.to(torch.int32)
+        self._read_bias(name, layer)
+        layer.post_init()
+        return layer
+
+    def _read_bias(self, name: str, layer: QuantLinear) -> None:
         bias_key = f"{name}.bias"
         if bias_key in self.files.shapes:
             bias = self._read(bias_key)
             if layer.bias is not None:
-                layer.bias = bias.to(dtype)
+                layer.bias = bias.to(self.dtype)
             elif bool(bias.any()):
                 raise CheckpointError(f"{self._where(bias_key)}: {bias_key} is non-zero but the model's {name} has no bias")
-        layer.post_init()
-        return layer
 
 
 def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dtype | str = torch.float32,
@@ -390,10 +412,16 @@ def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dt
     Every header and shape is checked against the config before the model is built; values (finite
     scales, ``g_idx`` range, v1 zeros) as each layer is read. Raises ``CheckpointError``.
     """
+    return load_with(GPTQReader, folder, backend=backend, dtype=dtype, verify=verify, trust_remote_code=trust_remote_code)
+
+
+def load_with(reader_class: type[GPTQReader], folder: str | os.PathLike, *, backend: str, dtype: torch.dtype | str,
+              verify: bool, trust_remote_code: bool):
+    """``(model, tokenizer)`` read whole by a ``reader_class`` (a layout's ``GPTQReader``), quantized layers on ``backend``."""
     check_backend(backend)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     start = time.perf_counter()
-    reader = GPTQReader(folder, dtype=dtype, verify=verify, trust_remote_code=trust_remote_code)
+    reader = reader_class(folder, dtype=dtype, verify=verify, trust_remote_code=trust_remote_code)
     reader.fill()
     model, settings = reader.model, reader.settings
     missing = [n for n, p in model.named_parameters() if p.is_meta]
@@ -402,7 +430,8 @@ def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dt
     to_backend(model, backend)
     model.gptq_dynamic = dict(settings.dynamic or {})  # what save_quantized writes again by default
     log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", reader.folder, len(reader.layers),
-             settings.checkpoint_format, f"{settings.bits}-bit g{settings.group_size}"
+             reader.LAYOUT if reader.LAYOUT != "GPTQ" else settings.checkpoint_format,
+             f"{settings.bits}-bit g{settings.group_size}"
              + (f" (per-layer rules: {settings.dynamic})" if settings.dynamic else ""), reader.files.total_bytes / 1e6,
              time.perf_counter() - start)
     return model.eval(), reader.tokenizer()

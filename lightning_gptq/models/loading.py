@@ -122,14 +122,14 @@ def _load_from(source: str, *, dtype, trust_remote_code: bool, revision: str | N
 
 
 def _refuse_compressed_tensors(folder: Path) -> None:
-    """A compressed-tensors folder (what ``checkpoint_format: compressed-tensors`` writes, for vLLM) is not read here."""
+    """A compressed-tensors folder is read by ``lightning_gptq.load_quantized`` (as ``validate`` does), not here."""
     try:
         method = (json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
     except (OSError, ValueError, AttributeError):
         return
     if method == "compressed-tensors":
-        raise ModelLoadError(f"{folder} is a compressed-tensors checkpoint (for vLLM); this tool reads the GPTQ layout: "
-                             "load the GPTQ folder it came from, or quantize with checkpoint_format auto")
+        raise ModelLoadError(f"{folder} is a compressed-tensors checkpoint: read it with lightning_gptq.load_quantized "
+                             "(validate and predict do), not as a full-precision model")
 
 
 def load_causal_lm(
