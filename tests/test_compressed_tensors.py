@@ -67,11 +67,32 @@ def test_what_it_cannot_write_is_refused(tmp_path):
     if any(m.act_order for m in act_order.modules() if isinstance(m, QuantLinear)):
         with pytest.raises(CheckpointError, match="static_groups"):
             save_compressed_tensors(act_order, None, tmp_path / "a")
-    mixed = lg.quantize(FACTORIES["llama"](), WINDOWS, lg.QuantConfig(bits=4, group_size=16), method="rtn",
-                        dynamic={r"+:.*\.down_proj$": {"bits": 8}}, backend="torch", accelerator="cpu")
-    with pytest.raises(CheckpointError, match="one grid"):
-        save_compressed_tensors(mixed, None, tmp_path / "m")
+    ragged = lg.quantize(FACTORIES["llama"](), WINDOWS, lg.QuantConfig(bits=4, group_size=16), method="rtn",
+                         dynamic={r"+:.*\.down_proj$": {"group_size": 48}}, backend="torch", accelerator="cpu")
+    with pytest.raises(CheckpointError, match="whole groups"):
+        save_compressed_tensors(ragged, None, tmp_path / "m")
     assert not (tmp_path / "m").exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_per_layer_grids_are_config_groups_by_exact_name(tmp_path):
+    rules = {r"+:.*\.down_proj$": {"bits": 8, "sym": True}, r"+:.*\.self_attn\.(q|k|v)_proj$": {"group_size": 32},
+             r"-:.*\.o_proj$": {}}
+    model = lg.quantize(FACTORIES["llama"](), WINDOWS, lg.QuantConfig(bits=4, group_size=16, sym=False), method="rtn",
+                        dynamic=rules, backend="torch", accelerator="cpu")
+    folder = save_compressed_tensors(model, None, tmp_path / "ct")
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    groups = [((g["weights"]["num_bits"], g["weights"]["group_size"], g["weights"]["symmetric"]), g["targets"])
+              for g in config["config_groups"].values()]
+    blocks = range(3)
+    assert groups == [((4, 32, False), ["Linear"]),  # q/k/v: the most layers
+                      ((4, 16, False), sorted(f"model.layers.{b}.mlp.{p}_proj" for b in blocks for p in ("gate", "up"))),
+                      ((8, 16, True), [f"model.layers.{b}.mlp.down_proj" for b in blocks])]
+    assert [f"model.layers.{b}.self_attn.o_proj" for b in blocks] == [n for n in config["ignore"] if "o_proj" in n]
+    loaded, _ = lg.load_quantized(folder, backend="torch")
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            assert torch.equal(loaded.get_submodule(name).dequantize(), layer.dequantize()), name
+    assert not isinstance(loaded.get_submodule("model.layers.0.self_attn.o_proj"), QuantLinear)
 
 
 @pytest.mark.parametrize("config, match", [

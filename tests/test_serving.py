@@ -82,6 +82,19 @@ def test_fused_layers_need_one_setting_read_under_the_fused_name(rule, served):
         assert "fused layers" in reasons[0] and "2 fused layers" in reasons[0]
 
 
+@pytest.mark.parametrize("rule, served", [
+    ({r"+:.*\.q_proj$": {"bits": 8}}, False),                 # one part of qkv_proj
+    ({r"+:.*\.(q|k|v)_proj$": {"bits": 8}}, True),            # every part: compressed-tensors targets the parts
+    ({r"-:.*\.up_proj$": {}}, False),                         # gate quantized, up dense
+    ({r"-:.*\.(gate|up)_proj$": {}}, True),
+])
+def test_compressed_tensors_needs_the_parts_of_a_fused_layer_alike(rule, served):
+    reasons = vllm_refusals(settings(sym=False, dynamic=rule), SHAPES, "compressed-tensors")
+    assert (reasons == []) == served
+    if not served:
+        assert "2 fused layers" in reasons[0] and "one setting" in reasons[0]
+
+
 def test_rules_planned_from_configs_are_what_save_writes_and_vllm_reads():
     rules = LayerRules({r"+:.*\.down_proj$": {"bits": 8}})
     base = lg.QuantConfig(bits=4, group_size=64, sym=True, act_order=True, static_groups=True)

