@@ -20,6 +20,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -205,7 +206,6 @@ class CompressedTensorsReader(GPTQReader):
 
     QUANTIZED = ("weight_packed", "weight_scale", "weight_zero_point", "weight_g_idx", "weight_shape", "bias")
     MARKER = "weight_packed"
-    LAYOUT = FORMAT
 
     def __init__(self, folder: str | os.PathLike, **kwargs):
         super().__init__(folder, **kwargs)
@@ -239,7 +239,7 @@ class CompressedTensorsReader(GPTQReader):
             raise CheckpointError(f"{source}: no config group this tool reads: "
                                   + "; ".join(f"{n}: {s}" for n, (_, s) in self.schemes.items()))
         meta = block.get("lightning_gptq")
-        return GPTQSettings(**{**vars(usable[0]), "meta": {"lightning_gptq": meta} if isinstance(meta, dict) else {}})
+        return replace(usable[0], meta={"lightning_gptq": meta} if isinstance(meta, dict) else {})
 
     def _settings_of(self, name: str, linear: nn.Module, where: str) -> GPTQSettings:
         if any(_matches(name, linear, t) for t in self.ignore):
@@ -254,10 +254,12 @@ class CompressedTensorsReader(GPTQReader):
         settings = self.schemes[group][1]
         if isinstance(settings, str):
             raise CheckpointError(f"{where}: {name} is quantized by config group {group!r}, which has {settings}")
-        has_g_idx = f"{name}.weight_g_idx" in self.files.shapes
-        if has_g_idx != settings.desc_act:
-            settings = GPTQSettings(**{**vars(settings), "desc_act": has_g_idx})
+        if f"{name}.weight_g_idx" in self.files.shapes and not settings.desc_act:  # a column order, whatever the config says
+            settings = replace(settings, desc_act=True)
         return settings
+
+    def layout_name(self) -> str:
+        return FORMAT
 
     def _check_header(self, name: str, in_features: int, out_features: int, where: str) -> None:
         settings, shapes, dtypes = self.layer_settings[name], self.files.shapes, self.files.dtypes

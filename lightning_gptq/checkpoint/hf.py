@@ -242,12 +242,11 @@ class GPTQReader:
 
     Another layout subclasses it: ``MARKER`` (the tensor that makes ``<layer>.MARKER`` a quantized layer),
     ``QUANTIZED`` (every tensor name a quantized layer may hold), ``_read_settings``, ``_settings_of``,
-    ``_check_header`` and ``_layer``.
+    ``_check_header``, ``_layer`` and ``layout_name``.
     """
 
     QUANTIZED = ("qweight", "qzeros", "scales", "g_idx", "bias")
     MARKER = "qweight"
-    LAYOUT = "GPTQ"
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, verify: bool = True,
                  trust_remote_code: bool = False, plain_io: bool = False):
@@ -263,7 +262,7 @@ class GPTQReader:
         suffix = "." + self.MARKER
         names = sorted(n[: -len(suffix)] for n in files.shapes if n.endswith(suffix))
         if not names:
-            raise CheckpointError(f"{self.folder}: the config says {self.LAYOUT} but no tensor is named "
+            raise CheckpointError(f"{self.folder}: the config says {self.layout_name()} but no tensor is named "
                                   f"'<layer>{suffix}'")
 
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
@@ -290,6 +289,10 @@ class GPTQReader:
 
     def _read_settings(self) -> GPTQSettings:
         return read_settings(self.folder)
+
+    def layout_name(self) -> str:
+        """For messages: ``gptq`` (v1), ``gptq_v2``, ``compressed-tensors``."""
+        return self.settings.checkpoint_format
 
     def _settings_of(self, name: str, linear: nn.Module, where: str) -> GPTQSettings:
         """The settings layer ``name`` (``linear`` in the model built from the config) was written with."""
@@ -430,8 +433,7 @@ def load_with(reader_class: type[GPTQReader], folder: str | os.PathLike, *, back
     to_backend(model, backend)
     model.gptq_dynamic = dict(settings.dynamic or {})  # what save_quantized writes again by default
     log.info("loaded %s: %d quantized layers, %s %s, %.1f MB on disk, %.1f s", reader.folder, len(reader.layers),
-             reader.LAYOUT if reader.LAYOUT != "GPTQ" else settings.checkpoint_format,
-             f"{settings.bits}-bit g{settings.group_size}"
+             reader.layout_name(), f"{settings.bits}-bit g{settings.group_size}"
              + (f" (per-layer rules: {settings.dynamic})" if settings.dynamic else ""), reader.files.total_bytes / 1e6,
              time.perf_counter() - start)
     return model.eval(), reader.tokenizer()
