@@ -93,6 +93,9 @@ def test_compressed_tensors_needs_the_parts_of_a_fused_layer_alike(rule, served)
     assert (reasons == []) == served
     if not served:
         assert "2 fused layers" in reasons[0] and "one setting" in reasons[0]
+        warning = vllm_warning(settings(sym=False, dynamic=rule), SHAPES, act_order=True,
+                               checkpoint_format="compressed-tensors")
+        assert "static_groups=true" in warning and "sym=true" not in warning and "fused name" not in warning
 
 
 def test_rules_planned_from_configs_are_what_save_writes_and_vllm_reads():

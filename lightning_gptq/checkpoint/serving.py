@@ -127,13 +127,15 @@ def serving_group_size(in_features: Mapping[str, int], group_size: int) -> int:
     return -1
 
 
-def serving_settings(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool) -> str:
-    """Options (``gptq.quant.*``) under which vLLM serves the same model: symmetric, 4-bit unless the base is
-    8-bit, static groups when ``act_order``, the largest served group size that divides every layer."""
+def serving_settings(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], act_order: bool,
+                     checkpoint_format: str = "gptq") -> str:
+    """Options (``gptq.quant.*``) under which vLLM serves the same model: symmetric (in the GPTQ layout), 4-bit
+    unless the base is 8-bit, static groups when ``act_order``, the largest served group size that divides every layer."""
     bits = 8 if settings.bits == 8 else 4
     group = settings.group_size if settings.group_size == -1 else serving_group_size(
         {n: k for n, (k, _) in shapes.items()}, settings.group_size)
-    options = [f"bits={bits}", "sym=true", f"group_size={group}"] + (["static_groups=true"] if act_order else [])
+    options = ([f"bits={bits}"] + (["sym=true"] if checkpoint_format != CT_FORMAT else []) + [f"group_size={group}"]
+               + (["static_groups=true"] if act_order else []))
     return ", ".join(options)
 
 
@@ -154,6 +156,8 @@ def vllm_report(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], a
     fused = "fused" in reasons
     return list(reasons.values()), (
         f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
-        f"{serving_settings(settings, shapes, act_order)} (gptq.quant.* / QuantConfig)"
-        + (", and rules that give every part of a fused layer, and its fused name, one setting" if fused else "")
+        f"{serving_settings(settings, shapes, act_order, checkpoint_format)} (gptq.quant.* / QuantConfig)"
+        + (", and rules that give every part of a fused layer" + ("" if checkpoint_format == CT_FORMAT else
+                                                                   ", and its fused name,") + " one setting"
+           if fused else "")
         + (", or keep sym=false and write model.checkpoint_format=compressed-tensors" if asym else "") + ".")
