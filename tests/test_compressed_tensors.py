@@ -300,3 +300,16 @@ def test_validate_scores_a_compressed_tensors_folder_whole_and_streamed(tmp_path
         validated = main(["validate", *cli_args(tmp_path / "out" / "model", tmp_path / f"v{streaming}",
                                                 "--model.latency=false", f"--model.streaming={streaming}")])
         assert abs(validated.model.results["val"]["wikitext2"]["ppl"] - after) <= 1e-6 * after, streaming
+
+
+def test_a_preset_scheme_and_an_inferred_strategy_read(tmp_path):
+    model, name = FACTORIES["llama"](), "model.layers.0.mlp.up_proj"
+    preset, preset_dense = random_layer(64, 32, 4, 128, False, False, seed=1)    # W4A16_ASYM: asym g128
+    inferred, inferred_dense = random_layer(64, 32, 4, 16, True, False, seed=2)  # no strategy: group, from group_size
+    other = "model.layers.1.mlp.up_proj"
+    groups = {"W4A16_ASYM": [name], "g": {"targets": [other], "weights": {"num_bits": 4, "group_size": 16}}}
+    folder = write_ct_folder(tmp_path / "ct", model, {name: preset, other: inferred}, groups, [])
+    loaded, _ = lg.load_quantized(folder, backend="torch")
+    assert (loaded.get_submodule(name).group_size, loaded.get_submodule(other).group_size) == (128, 16)
+    assert torch.equal(loaded.get_submodule(name).dequantize(), preset_dense)
+    assert torch.equal(loaded.get_submodule(other).dequantize(), inferred_dense)

@@ -179,15 +179,16 @@ def _scheme(name: str, group, default_format: str, source: str) -> tuple[list[st
         return targets, "weights that are not static integer grids"
     if activations:
         return targets, "quantized activations (this tool reads weight-only schemes)"
-    bits, strategy = int(weights.get("num_bits", 8)), weights.get("strategy") or "tensor"
+    bits, strategy, size = int(weights.get("num_bits", 8)), weights.get("strategy"), weights.get("group_size")
+    if strategy is None:  # as compressed-tensors infers it
+        strategy = "channel" if size == -1 else "group" if size else "tensor"
     if not 2 <= bits <= 8:
         return targets, f"{bits}-bit weights (2 to 8 are read)"
     if strategy not in ("group", "channel"):
         return targets, f"strategy {strategy!r} (group and channel are read)"
-    group_size = int(weights.get("group_size") or 0) if strategy == "group" else -1
+    group_size = int(size or 0) if strategy == "group" else -1
     if strategy == "group" and group_size < 1:
-        raise CheckpointError(f"{source}: config group {name!r} has strategy 'group' but group_size "
-                              f"{weights.get('group_size')!r}")
+        raise CheckpointError(f"{source}: config group {name!r} has strategy 'group' but group_size {size!r}")
     settings = GPTQSettings(bits=bits, group_size=group_size, sym=bool(weights.get("symmetric", True)),
                             desc_act=weights.get("actorder") == "group", checkpoint_format=V2)
     return targets, settings
