@@ -313,3 +313,12 @@ def test_a_preset_scheme_and_an_inferred_strategy_read(tmp_path):
     assert (loaded.get_submodule(name).group_size, loaded.get_submodule(other).group_size) == (128, 16)
     assert torch.equal(loaded.get_submodule(name).dequantize(), preset_dense)
     assert torch.equal(loaded.get_submodule(other).dequantize(), inferred_dense)
+
+
+def test_gpt2_conv1d_layers_round_trip(tmp_path):
+    """Our export targets ``Linear``; GPT-2's layers are ``Conv1D`` in the model a reader builds."""
+    model = lg.quantize(FACTORIES["gpt2"](), WINDOWS, lg.QuantConfig(bits=4, group_size=16), method="rtn",
+                        backend="torch", accelerator="cpu")
+    loaded, _ = lg.load_quantized(save_compressed_tensors(model, None, tmp_path / "ct"), backend="torch")
+    with torch.no_grad():
+        assert torch.equal(loaded(WINDOWS).logits, model(WINDOWS).logits)

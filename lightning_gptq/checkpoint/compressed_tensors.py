@@ -197,6 +197,8 @@ def _scheme(name: str, group, default_format: str, source: str) -> tuple[list[st
 def _matches(name: str, linear: nn.Module, target: str) -> bool:
     if target.startswith("re:"):
         return re.match(target[3:], name) is not None
+    if target == "Linear":  # any linear layer, GPT-2's Conv1D too (vLLM likewise lets its LinearBase match it)
+        return True
     return target == name or any(cls.__name__ == target for cls in type(linear).__mro__)
 
 
