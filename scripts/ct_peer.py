@@ -1,4 +1,6 @@
-"""Write a compressed-tensors folder with compressed-tensors itself (run under a Python that has it, e.g. vLLM's).
+"""compressed-tensors' own side of our checks (run under a Python that has it and transformers, e.g. vLLM's).
+
+``write <folder>``: a compressed-tensors folder written by compressed-tensors itself.
 
 For a tiny random LLaMA: every linear but the head gets random codes, zero points, power-of-two scales and (for
 act-order) a shuffled ``g_idx``; compressed-tensors' own ``PackedQuantizationCompressor`` packs the weight those
@@ -6,7 +8,11 @@ mean, its ``QuantizationConfig`` writes the config block, and its ``decompress``
 must read back as (saved beside the folder, ``<folder>.expected.safetensors``). tests/test_compressed_tensors_peer.py
 compares our reader with it.
 
-    <python with compressed-tensors> scripts/ct_peer.py <folder>
+``logits <folder> <ids.json> <out.safetensors>``: transformers' ``from_pretrained`` loads a compressed-tensors
+folder (its compressed-tensors integration decompresses it) and saves its fp32 logits on the given token windows.
+
+    <python with compressed-tensors> scripts/ct_peer.py write <folder>
+    <python with compressed-tensors> scripts/ct_peer.py logits <folder> <ids.json> <out.safetensors>
 """
 
 from __future__ import annotations
@@ -85,5 +91,19 @@ def main(folder: Path) -> None:
     print(json.dumps({"compressed_tensors": ct_version, "layers": len(expected), "folder": str(folder)}))
 
 
+def logits(folder: Path, ids: Path, out: Path) -> None:
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    windows = torch.tensor(json.loads(ids.read_text()))
+    with torch.no_grad():
+        result = model(windows).logits.float()
+    save_file({"logits": result.contiguous()}, str(out))
+    print(json.dumps({"transformers": tf.__version__, "compressed_tensors": ct_version, "shape": list(result.shape)}))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "write":
+        main(Path(sys.argv[2]))
+    elif sys.argv[1] == "logits":
+        logits(Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        raise SystemExit(__doc__)
