@@ -1,5 +1,7 @@
-"""The compressed-tensors export: decoded here by a plain reading of its layout, it is our dense weight exactly;
-what it cannot write fails at the start of fit. (vLLM reading it: tests/test_vllm_slow.py, scripts/check_vllm.py.)"""
+"""The compressed-tensors layout. Written: decoded here by a plain reading of its layout, it is our dense weight
+exactly; what it cannot write fails at the start of fit. Read: folders laid out as llm-compressor writes them (packed
+here by a plain encoder) and our own exports read back exactly; what cannot be read says why. (compressed-tensors
+itself and transformers: tests/test_compressed_tensors_peer.py; vLLM: tests/test_vllm_slow.py.)"""
 
 import json
 
