@@ -24,10 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_gptq.checkpoint import GPTQSettings, load_quantized
-from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, is_compressed_tensors_folder
-from lightning_gptq.checkpoint.gptq_format import layer_grids_rules
-from lightning_gptq.checkpoint.hf import read_settings
+from lightning_gptq.checkpoint import load_quantized, reader_for
 from lightning_gptq.checkpoint.serving import vllm_cpu_refusals, vllm_refusals
 from lightning_gptq.data.evaluation import eval_tokens, perplexity
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features
@@ -43,24 +40,12 @@ def linear_shapes(model) -> dict[str, tuple[int, int]]:
             for name, m in model.named_modules() if m is not head and (isinstance(m, QuantLinear) or is_linear(m))}
 
 
-def settings_of(model, shapes: dict[str, tuple[int, int]]) -> GPTQSettings:
-    """The settings a compressed-tensors folder's layers were read with, as the rules take them (one base grid and
-    per-layer rules for the others; act-order groups where a layer keeps a column order)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
-                                                         None, [n for n in shapes if n not in layers])
-    return GPTQSettings(bits=bits, group_size=group_size, sym=sym, dynamic=dynamic,
-                        desc_act=any(m.act_order for m in layers.values()))
-
-
 def check(folder: str, args, tokens: torch.Tensor | None) -> bool:
     print(f"\n== {folder}")
     model, tokenizer = load_quantized(folder, backend="torch")
     shapes = linear_shapes(model)
-    if is_compressed_tensors_folder(Path(folder)):
-        settings, layout = settings_of(model, shapes), CT_FORMAT
-    else:
-        settings, layout = read_settings(Path(folder)), "gptq"
+    reader = reader_for(folder)(folder, verify=False)  # headers only: the settings as vLLM's rules take them
+    settings, layout = reader.settings, reader.layout_name()
     predicted = vllm_refusals(settings, shapes, layout) + vllm_cpu_refusals(settings, shapes)
     print(f"{layout}: bits={settings.bits} group_size={settings.group_size} sym={settings.sym} "
           f"desc_act={settings.desc_act} dynamic={settings.dynamic or '{}'}")

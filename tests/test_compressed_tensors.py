@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from safetensors.torch import load_file
 
 import lightning_gptq as lg
-from lightning_gptq.checkpoint.compressed_tensors import pack_along_rows, save_compressed_tensors
+from lightning_gptq.checkpoint.compressed_tensors import CompressedTensorsReader, pack_along_rows, save_compressed_tensors
 from lightning_gptq.checkpoint.gptq_format import CheckpointError
 from lightning_gptq.nn import QuantLinear
 from tiny_models import FACTORIES
@@ -95,6 +95,12 @@ def test_per_layer_grids_are_config_groups_by_exact_name(tmp_path):
         if isinstance(layer, QuantLinear):
             assert torch.equal(loaded.get_submodule(name).dequantize(), layer.dequantize()), name
     assert not isinstance(loaded.get_submodule("model.layers.0.self_attn.o_proj"), QuantLinear)
+    settings = CompressedTensorsReader(folder).settings  # stated as the GPTQ layout would: base grid and rules
+    for name, layer in model.named_modules():
+        if isinstance(layer, QuantLinear):
+            read = settings.for_layer(name)
+            assert (read.bits, read.group_size, read.sym) == (layer.bits, layer.group_size, layer.sym), name
+    assert settings.for_layer("model.layers.0.self_attn.o_proj") is None
 
 
 @pytest.mark.parametrize("config, match", [

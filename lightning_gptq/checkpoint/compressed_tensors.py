@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -29,9 +28,18 @@ from torch import Tensor, nn
 from lightning_gptq.nn import AUTO, QuantLinear
 
 from . import shards as shard_io
-from .gptq_format import V2, CheckpointError, GPTQSettings, check_layer_values, natural_g_idx
+from .gptq_format import (
+    V2,
+    CheckpointError,
+    GPTQSettings,
+    _any_of,
+    check_layer_values,
+    layer_grids_rules,
+    natural_g_idx,
+)
 from .hf import (
     GPTQReader,
+    _linear_shape,
     check_save_args,
     load_with,
     publish,
@@ -212,10 +220,16 @@ class CompressedTensorsReader(GPTQReader):
 
     def __init__(self, folder: str | os.PathLike, **kwargs):
         super().__init__(folder, **kwargs)
-        # the layers' most common grid stands for the folder (the log line); per-layer grids are the layers' own
-        grids = Counter((s.bits, s.group_size, s.sym) for s in self.layer_settings.values())
-        (bits, group_size, sym), _ = grids.most_common(1)[0]
-        self.settings = GPTQSettings(bits=bits, group_size=group_size, sym=sym, checkpoint_format=V2,
+        # The folder's settings as the GPTQ layout states them: a base grid and rules under which every layer reads
+        # back with its own grid (what save_quantized writes again, what vLLM's rules are checked against).
+        # The ignore list's linears (the head aside) become one `-:` rule, so they read back dense.
+        grids = {n: (s.bits, s.group_size, s.sym) for n, s in self.layer_settings.items()}
+        head = self.model.get_output_embeddings()
+        dense = [n for n, m in self.model.named_modules()
+                 if n not in self.layers and m is not head and _linear_shape(m) is not None]
+        rules = {"-:" + _any_of(dense): {}} if dense else None
+        (bits, group_size, sym), dynamic = layer_grids_rules(grids, rules, dense)
+        self.settings = GPTQSettings(bits=bits, group_size=group_size, sym=sym, checkpoint_format=V2, dynamic=dynamic,
                                      desc_act=any(s.desc_act for s in self.layer_settings.values()),
                                      meta=self.settings.meta)
 
@@ -248,12 +262,11 @@ class CompressedTensorsReader(GPTQReader):
         if any(_matches(name, linear, t) for t in self.ignore):
             raise CheckpointError(f"{where}: {name} has packed tensors, but the config's ignore list leaves it dense")
         # compressed-tensors' precedence: exact names, then patterns (sorted), then class names
-        ranked = sorted(((0 if t == name else 1 if t.startswith("re:") else 2, t, group)
-                         for group, (targets, _) in self.schemes.items() for t in targets if _matches(name, linear, t)),
-                        key=lambda hit: hit[:2])
-        if not ranked:
+        hits = [(0 if t == name else 1 if t.startswith("re:") else 2, t, group)
+                for group, (targets, _) in self.schemes.items() for t in targets if _matches(name, linear, t)]
+        if not hits:
             raise CheckpointError(f"{where}: {name} has packed tensors, but no config group targets it")
-        group = ranked[0][2]
+        group = min(hits, key=lambda hit: hit[:2])[2]
         settings = self.schemes[group][1]
         if isinstance(settings, str):
             raise CheckpointError(f"{where}: {name} is quantized by config group {group!r}, which has {settings}")
@@ -287,9 +300,10 @@ class CompressedTensorsReader(GPTQReader):
 
     def _layer(self, name: str, in_features: int, out_features: int, has_bias: bool) -> QuantLinear:
         settings, at = self.layer_settings[name], self._where(name + ".weight_packed")
-        if self._read(f"{name}.weight_shape").tolist() != [out_features, in_features]:
-            raise CheckpointError(f"{at}: {name}.weight_shape is {self._read(f'{name}.weight_shape').tolist()}, the "
-                                  f"model's layer is [{out_features}, {in_features}]")
+        stored = self._read(f"{name}.weight_shape").tolist()
+        if stored != [out_features, in_features]:
+            raise CheckpointError(f"{at}: {name}.weight_shape is {stored}, the model's layer is "
+                                  f"[{out_features}, {in_features}]")
         bits = settings.bits
         scales = self._read(f"{name}.weight_scale").to(self.dtype)                          # [out, groups]
         g_idx = (self._read(f"{name}.weight_g_idx").to(torch.int32) if settings.desc_act

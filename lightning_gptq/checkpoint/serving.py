@@ -83,10 +83,9 @@ def _refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], che
             if len(written) > 1 or written != {None} and written != read:
                 split.append(prefix + fused_name)
     if split:
-        how = ("" if zero_points else
-               " the setting their fused name reads (dynamic rules are matched against the fused names)")
-        reasons["fused"] = (f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with"
-                            + (how or " one setting"))
+        setting = ("one setting" if zero_points else
+                   "the setting their fused name reads (dynamic rules are matched against the fused names)")
+        reasons["fused"] = f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with {setting}"
     return reasons
 
 
@@ -153,11 +152,9 @@ def vllm_report(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], a
         return [], None
     listed = " ".join(f"({i}) {r}." for i, r in enumerate(reasons.values(), 1))
     asym = "grid" in reasons and not settings.sym
-    fused = "fused" in reasons
+    parts = "every part of a fused layer" + ("" if checkpoint_format == CT_FORMAT else ", and its fused name,")
     return list(reasons.values()), (
         f"{VLLM} would not load this checkpoint (this tool does): {listed} For vLLM quantize with "
         f"{serving_settings(settings, shapes, act_order, checkpoint_format)} (gptq.quant.* / QuantConfig)"
-        + (", and rules that give every part of a fused layer" + ("" if checkpoint_format == CT_FORMAT else
-                                                                   ", and its fused name,") + " one setting"
-           if fused else "")
+        + (f", and rules that give {parts} one setting" if "fused" in reasons else "")
         + (", or keep sym=false and write model.checkpoint_format=compressed-tensors" if asym else "") + ".")
