@@ -4,9 +4,11 @@ The rules mirror vLLM 0.32's GPTQ path; scripts/check_vllm.py loads real folders
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import lightning_gptq as lg
 from lightning_gptq.checkpoint.gptq_format import GPTQSettings
@@ -31,8 +33,8 @@ def settings(bits=4, group_size=64, sym=True, desc_act=False, dynamic=None):
     return GPTQSettings(bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, dynamic=dynamic or {})
 
 
-def test_the_shipped_config_is_refused_for_three_reasons_and_the_suggestion_serves():
-    shipped = settings(group_size=128, sym=False, desc_act=True)
+def test_act_order_groups_asym_g128_are_refused_for_three_reasons_and_the_suggestion_serves():
+    shipped = settings(group_size=128, sym=False, desc_act=True)  # the SmolLM2 config before static groups
     reasons = vllm_refusals(shipped, SHAPES)
     assert len(reasons) == 3
     assert "4-bit asym" in reasons[0] and "act-order" in reasons[1]
@@ -43,6 +45,20 @@ def test_the_shipped_config_is_refused_for_three_reasons_and_the_suggestion_serv
     assert vllm_refusals(settings(group_size=64, sym=False), SHAPES, "compressed-tensors") == []
     assert vllm_refusals(settings(group_size=64), SHAPES) == []  # what that suggestion writes
     assert vllm_warning(settings(group_size=64), SHAPES, act_order=True) is None
+
+
+def test_the_shipped_config_writes_no_act_order_and_is_refused_for_two_reasons():
+    """configs/smollm2-135m.yaml as read: static groups keep act-order out of the checkpoint (desc_act false), so only
+    its asymmetric grid (in the GPTQ layout) and the 576-wide layers at g128 stand between it and vLLM."""
+    quant = yaml.safe_load(Path("configs/smollm2-135m.yaml").read_text())["gptq"]["quant"]
+    config = lg.QuantConfig(**quant)
+    planned = planned_settings({n: config for n in SHAPES}, {})
+    assert (planned.bits, planned.group_size, planned.sym, planned.desc_act) == (4, 128, False, False)
+    reasons = vllm_refusals(planned, SHAPES)
+    assert len(reasons) == 2 and "4-bit asym" in reasons[0] and "(576)" in reasons[1]
+    message = vllm_warning(planned, SHAPES, act_order=config.act_order, checkpoint_format="compressed-tensors")
+    assert "bits=4, group_size=64, static_groups=true" in message  # the settings it serves, whole
+    assert vllm_refusals(settings(group_size=64, sym=False), SHAPES, "compressed-tensors") == []
 
 
 @pytest.mark.parametrize("bits, sym, served", [(4, True, True), (8, True, True), (3, True, False), (2, True, False),
