@@ -46,6 +46,12 @@ def test_reference_rows_are_the_reference_and_test_runs_score_the_test_sets(tmp_
     stage, args = qt.row_args("rtn-4", {"wikipedia": 1}, "test", False, tmp_path / "run")
     assert option(args, "gptq.method") == "rtn" and option(args, "gptq.quant.mse") == "false"
     assert option(qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1], "gptq.quant.mse") is None
+    # ours rows: the config, plus at 3 bits what its comment says to add
+    ours3 = qt.row_args("ours-3", {"wikipedia": 1}, "test", False, tmp_path / "run")[1]
+    assert option(ours3, "gptq.quant.static_groups") == "false"
+    assert option(qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1],
+                  "gptq.quant.static_groups") is None
+    assert "--gptq.quant.bits=3 --gptq.quant.static_groups=false" in qt.CONFIG.read_text()
     assert qt.row_args("fp32", {"wikipedia": 1}, "test", False, tmp_path / "run")[0] == "validate"
 
 
