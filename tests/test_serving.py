@@ -50,7 +50,8 @@ def test_act_order_groups_asym_g128_are_refused_for_three_reasons_and_the_sugges
 def test_the_shipped_config_writes_no_act_order_and_is_refused_for_two_reasons():
     """configs/smollm2-135m.yaml as read: static groups keep act-order out of the checkpoint (desc_act false), so only
     its asymmetric grid (in the GPTQ layout) and the 576-wide layers at g128 stand between it and vLLM."""
-    quant = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs/smollm2-135m.yaml").read_text())["gptq"]["quant"]
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m.yaml"
+    quant = yaml.safe_load(shipped.read_text())["gptq"]["quant"]
     config = lg.QuantConfig(**quant)
     planned = planned_settings({n: config for n in SHAPES}, {})
     assert (planned.bits, planned.group_size, planned.sym, planned.desc_act) == (4, 128, False, False)
