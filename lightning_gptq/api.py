@@ -37,6 +37,7 @@ def quantize(
     sink_probe_windows: int | None = None,
     asymmetric: bool = False,
     dynamic: dict | None = None,
+    equalize: list[float] | None = None,
     backend: str = "auto",
     output_dir: str | os.PathLike | None = None,
     accelerator: str = "auto",
@@ -61,6 +62,8 @@ def quantize(
             also corrects the error earlier quantized blocks left, weighed by ``config.gptaq_alpha``.
         dynamic: per-layer settings by layer-name pattern (``GPTQCallback``'s; e.g. ``{r"+:.*\.down_proj$": {"bits":
             8}, "-:.*\.o_proj$": {}}``), recorded in the checkpoint as GPTQModel's ``dynamic``.
+        equalize: per-channel input scaling of the MLP's output projections, the exponents to try
+            (``GPTQCallback``'s; e.g. ``[0, 0.25, 0.5, 0.75]``; default off).
         backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
         output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
             summary to ``output_dir`` (default: nothing is written).
@@ -94,7 +97,8 @@ def quantize(
         else:
             data = CalibrationDataModule(calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
                                          batch_size=batch_size, **eval_sets)
-        callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend, dynamic=dynamic),
+        callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend, dynamic=dynamic,
+                                  equalize=equalize),
                      HessianCapture(sink_tokens=sink_tokens, sink_weight=sink_weight, sink_layers=sink_layers,
                                     sink_probe_windows=sink_probe_windows, asymmetric=asymmetric)]
         trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,

@@ -25,8 +25,10 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, export_problems
 from lightning_gptq.checkpoint.serving import planned_settings, vllm_report
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
+from lightning_gptq.models.equalization import ScalePartners, divide_output_channels
 from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
+from lightning_gptq.quant.equalize import equalized_gptq_quantize
 from lightning_gptq.quant.rules import LayerRules
 
 from .distributed import world_size
@@ -59,6 +61,7 @@ class LayerRecord:
     hessian_sha256: str = ""
     codes_sha256: str = ""
     scales_sha256: str = ""
+    equalize_alpha: float | None = None  # the input-scaling exponent kept (``GPTQCallback(equalize=...)``); None: none
 
 
 def digest(*tensors: torch.Tensor, chunk_bytes: int = 1 << 26) -> str:
@@ -93,6 +96,10 @@ class GPTQCallback(BlockHooks, Callback):
         exclude: on a user's own module, regular expressions of layer names to leave in full precision.
         forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
             ``pl_module(batch[0])`` for tuple/list batches).
+        equalize: exponents ``α`` to try per MLP output projection (``down_proj``, ``fc2``): its inputs are
+            scaled by ``E[x²]^(α/2)`` per channel, the inverse folded into the producer's rows (``up_proj``,
+            ``fc1``; a check on the block's own inputs proves the rewrite exact, else the pair is left
+            alone), and the ``α`` with the lowest output error is kept (``quant/equalize.py``). ``[]``: off.
     """
 
     block_hook_order = 10
@@ -106,6 +113,7 @@ class GPTQCallback(BlockHooks, Callback):
         dynamic: dict[str, dict[str, int | float | bool | str]] | str | None = None,
         exclude: list[str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
+        equalize: list[float] | None = None,
     ) -> None:
         if method not in ("gptq", "rtn"):
             raise MisconfigurationException(f"GPTQCallback.method must be 'gptq' or 'rtn', got {method!r}")
@@ -115,6 +123,11 @@ class GPTQCallback(BlockHooks, Callback):
             check_backend(backend)  # unknown backend -> clear error now, not after calibration
         except ValueError as error:
             raise MisconfigurationException(f"GPTQCallback.backend: {error}") from None
+        equalize = list(equalize or [])
+        if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 2 for a in equalize):
+            raise MisconfigurationException(f"GPTQCallback.equalize must be exponents in [0, 2], got {equalize!r}")
+        if equalize and method != "gptq":
+            raise MisconfigurationException("GPTQCallback.equalize needs method='gptq' (it chooses by the solve's error)")
         if isinstance(dynamic, str):  # what the command line hands over when the text is not a mapping
             dynamic = _rules_from_text(dynamic)
         try:
@@ -129,6 +142,8 @@ class GPTQCallback(BlockHooks, Callback):
         self.calibration_batches = calibration_batches
         self.exclude = [re.compile(p) for p in (exclude or [])]
         self.forward_fn = forward_fn
+        self.equalize = [float(a) for a in equalize]
+        self.partners = ScalePartners()
         self.records: list[LayerRecord] = []
         self.vllm_refusals: list[str] | None = None  # why vLLM would not serve what this run writes ([]: it would)
         self._driven = False  # a calibration driver fires the block hooks (GPTQModule); else quantize at train end
@@ -158,6 +173,9 @@ class GPTQCallback(BlockHooks, Callback):
             raise MisconfigurationException(
                 "GPTQCallback(method='gptq') needs the layer Hessians: add HessianCapture() to the Trainer's callbacks."
             )
+        if self.equalize and any(getattr(cb, "asymmetric", False) for cb in trainer.callbacks):
+            raise MisconfigurationException("GPTQCallback.equalize and HessianCapture(asymmetric=True) do not combine yet: "
+                                            "the input mismatch would need the same scaling; choose one")
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         layers = list(ctx.layers.items())
@@ -233,7 +251,7 @@ class GPTQCallback(BlockHooks, Callback):
             self._drop_hessian(ctx, name)
             return None
         weight = weight_out_in(layer)
-        nsamples, hessian_sha = 0, ""
+        nsamples, hessian_sha, alpha = 0, "", None
         if self.method == "gptq":
             accumulator = ctx.hessians.get(name)
             if accumulator is None or accumulator.nsamples == 0:
@@ -243,10 +261,16 @@ class GPTQCallback(BlockHooks, Callback):
             last = sum(other is accumulator for other in ctx.hessians.values()) == 1
             mismatch = ctx.mismatches.get(name)  # asymmetric calibration (HessianCapture(asymmetric=True))
             hessian_sha = digest(accumulator.total, *([] if mismatch is None else [mismatch.total]))
+            producer = self._scale_producer(ctx, name) if self.equalize else None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
-                qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
-                                        asymmetry=None if mismatch is None else mismatch.mismatch)
+                if producer is not None:
+                    equalized = equalized_gptq_quantize(weight, accumulator.hessian, quant, self.equalize)
+                    qweight, alpha = equalized.quantized, equalized.alpha
+                    self._fold(ctx, producer, equalized.scales)
+                else:
+                    qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
+                                            asymmetry=None if mismatch is None else mismatch.mismatch)
             for w in caught:
                 rank_zero_warn(f"{full_name}: {w.message}")
             self._drop_hessian(ctx, name)  # the last reader frees it: the solve consumed it
@@ -262,8 +286,29 @@ class GPTQCallback(BlockHooks, Callback):
             damp=qweight.damp, damp_retries=qweight.damp_retries, nsamples=nsamples, seconds=time.perf_counter() - start,
             bits=quant.bits, group_size=quant.group_size, hessian_sha256=hessian_sha,
             codes_sha256=digest(qweight.codes, qweight.zeros, qweight.g_idx),
-            scales_sha256=digest(qweight.scales.to(weight.dtype)),
+            scales_sha256=digest(qweight.scales.to(weight.dtype)), equalize_alpha=alpha,
         )
+
+    def _scale_producer(self, ctx: BlockContext, name: str) -> str | None:
+        """The layer ``name``'s input scales can be folded into, proven on this block's first cached batch."""
+        refused = len(self.partners.refused)
+        has_inputs = ctx.inputs is not None and len(ctx.inputs) > 0
+        with torch.no_grad():
+            producer = self.partners.producer_for(
+                ctx.block, name, ctx.inputs.hidden[0] if has_inputs else None,
+                ctx.inputs.kwargs_for(ctx.block_index, 0) if has_inputs else None)
+        if len(self.partners.refused) > refused:
+            rank_zero_warn(f"GPTQCallback.equalize: {self.partners.refused[-1]} in {type(ctx.block).__name__} does not "
+                           "pass a per-channel scale through (or no block inputs to check it on): solved without it")
+        return producer
+
+    @staticmethod
+    def _fold(ctx: BlockContext, producer: str, scales: torch.Tensor) -> None:
+        """Divide ``producer``'s output channels by ``scales``: the consumer now reads its input divided by them."""
+        divide_output_channels(ctx.block.get_submodule(producer), scales)
+        if producer in ctx.results:  # solved in this step: keep its record of the result in step
+            result = ctx.results[producer]
+            result.scales = (result.scales.to(torch.float64) / scales.to(result.scales.device)[:, None]).to(result.scales.dtype)
 
     @staticmethod
     def _drop_hessian(ctx: BlockContext, name: str) -> None:
