@@ -7,8 +7,8 @@ short keeps what it measured). Rows:
 - ``fp32``: the unquantized model (``validate``).
 - ``rtn-<bits>``: round to nearest, same grid (asymmetric, g128, min-max: no MSE search).
 - ``ref-<bits>``: the reference algorithm and its calibration: ``sink_weight: 1``, Wikipedia alone, min-max grids.
-- ``ours-<bits>``: the shipped config (``configs/smollm2-135m.yaml``) at ``<bits>``, with what its comment adds for
-  them (3 bits: ``static_groups=false``, chosen on the choosing texts).
+- ``ours-<bits>``: the shipped config (``configs/smollm2-135m.yaml``) at ``<bits>``, with the config for that width
+  stacked on it where there is one (3 bits: ``configs/smollm2-135m-3bit.yaml``, chosen on the choosing texts).
 
 Two evaluations:
 
@@ -64,8 +64,8 @@ def split_held_out(name: str, folder: Path) -> tuple[Path, Path]:
     return calib, held
 
 
-#: what the config's comment adds at other bit widths (chosen on the choosing texts, docs/quality.md)
-OURS_AT_BITS = {"3": ["--gptq.quant.static_groups=false"]}
+#: configs stacked on the main one for ``ours`` rows at other bit widths (chosen on the choosing texts, docs/quality.md)
+OURS_AT_BITS = {"3": CONFIG.with_name("smollm2-135m-3bit.yaml")}
 
 
 def parse_mix(spec: str) -> dict[str, float]:
@@ -93,7 +93,8 @@ def row_args(row: str, mix: dict[str, float], eval_mode: str, quick: bool, folde
         eval_paths = "{" + ", ".join(f"{k}: {v}" for k, v in TEST_SETS.items()) + "}"
     calibration = str(next(iter(paths.values()))) if len(paths) == 1 else \
         "{" + ", ".join(f"{paths[n]}: {mix[n]:g}" for n in paths) + "}"
-    common = [f"--config={CONFIG}", f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}",
+    stacked = [f"--config={OURS_AT_BITS[bits]}"] if kind == "ours" and bits in OURS_AT_BITS else []
+    common = [f"--config={CONFIG}", *stacked, f"--trainer.default_root_dir={folder}", f"--trainer.logger.init_args.save_dir={folder}",
               f"--data.eval_datasets=[{', '.join(evals)}]", f"--data.eval_paths={eval_paths}",
               "--model.latency=false", "--trainer.enable_progress_bar=false"]
     if quick:
@@ -108,8 +109,6 @@ def row_args(row: str, mix: dict[str, float], eval_mode: str, quick: bool, folde
         fit += ["--gptq.method=rtn", "--gptq.quant.mse=false"]  # plain min-max grids, as the paper's baseline
     elif kind == "ref":
         fit += ["--hessian.sink_weight=1", "--gptq.quant.mse=false"]
-    elif kind == "ours":
-        fit += OURS_AT_BITS.get(bits, [])
     return "fit", fit
 
 

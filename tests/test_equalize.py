@@ -16,6 +16,7 @@ from lightning_gptq.api import quantize
 from lightning_gptq.checkpoint import load_quantized
 from lightning_gptq.cli import main
 from lightning_gptq.lightning import GPTQCallback
+from lightning_gptq.lightning.callbacks import digest
 from lightning_gptq.models import get_adapter
 from lightning_gptq.models.capture import capture_block_inputs
 from lightning_gptq.models.equalization import candidate_pairs, divide_output_channels, scales_through
@@ -136,6 +137,8 @@ def test_an_eight_bit_fit_with_scaling_computes_the_fp_model_and_saves_what_it_c
     records = json.loads((tmp_path / "out" / "summary.json").read_text())["layers"]
     alphas = {r["name"].split(".", 3)[-1]: r["equalize_alpha"] for r in records}
     assert alphas["mlp.down_proj"] == 1.0 and alphas["mlp.up_proj"] is None
+    ups_recorded = {r["name"]: r["scales_sha256"] for r in records if r["name"].endswith("up_proj")}
+    assert ups_recorded == {f"model.layers.{i}.mlp.up_proj": digest(u.T) for i, u in enumerate(ups)}  # as folded
     loaded, _ = load_quantized(tmp_path / "out" / "model", backend="torch")
     torch.testing.assert_close(full_logits(loaded, ids), full_logits(scaled, ids), rtol=1e-4, atol=1e-4)
 

@@ -6,8 +6,10 @@ import math
 import subprocess
 import warnings
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -241,6 +243,18 @@ def test_cli_help_print_config_round_trip_and_overrides(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(tmp_path / "printed.yaml"), "--print_config"])
     assert capsys.readouterr().out == printed
+
+
+def test_the_three_bit_config_stacks_on_the_main_one(capsys):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(configs / "smollm2-135m.yaml"), "--config", str(configs / "smollm2-135m-3bit.yaml"),
+              "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    quant = printed["gptq"]["quant"]
+    assert (quant["bits"], quant["static_groups"], quant["mse"], quant["act_order"]) == (3, False, True, True)
+    assert printed["data"]["nsamples"] == 128 and printed["hessian"]["sink_weight"] == "attention"  # the rest: main's
+    assert printed["trainer"]["default_root_dir"] == "runs/smollm2-135m-3bit"  # not mixed with 4-bit runs
 
 
 def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):

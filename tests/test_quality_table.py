@@ -46,12 +46,13 @@ def test_reference_rows_are_the_reference_and_test_runs_score_the_test_sets(tmp_
     stage, args = qt.row_args("rtn-4", {"wikipedia": 1}, "test", False, tmp_path / "run")
     assert option(args, "gptq.method") == "rtn" and option(args, "gptq.quant.mse") == "false"
     assert option(qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1], "gptq.quant.mse") is None
-    # ours rows: the config, plus at 3 bits what its comment says to add
+    # ours rows: the config, at 3 bits with the 3-bit config stacked on it (before the row's own folders)
     ours3 = qt.row_args("ours-3", {"wikipedia": 1}, "test", False, tmp_path / "run")[1]
-    assert option(ours3, "gptq.quant.static_groups") == "false"
-    assert option(qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1],
-                  "gptq.quant.static_groups") is None
-    assert "--gptq.quant.bits=3 --gptq.quant.static_groups=false" in qt.CONFIG.read_text()
+    configs = [a.split("=", 1)[1] for a in ours3 if a.startswith("--config=")]
+    assert configs == [str(qt.CONFIG), str(qt.CONFIG.with_name("smollm2-135m-3bit.yaml"))]
+    assert ours3.index(f"--config={configs[1]}") < ours3.index(f"--trainer.default_root_dir={tmp_path / 'run'}")
+    ours4 = qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1]
+    assert [a for a in ours4 if a.startswith("--config=")] == [f"--config={qt.CONFIG}"]
     assert qt.row_args("fp32", {"wikipedia": 1}, "test", False, tmp_path / "run")[0] == "validate"
 
 

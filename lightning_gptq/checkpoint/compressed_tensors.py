@@ -32,15 +32,15 @@ from .gptq_format import (
     V2,
     CheckpointError,
     GPTQSettings,
-    _any_of,
     check_layer_values,
     layer_grids_rules,
+    names_pattern,
     natural_g_idx,
 )
 from .hf import (
     GPTQReader,
-    _linear_shape,
     check_save_args,
+    linear_shape,
     load_with,
     publish,
     staging_for,
@@ -226,8 +226,8 @@ class CompressedTensorsReader(GPTQReader):
         grids = {n: (s.bits, s.group_size, s.sym) for n, s in self.layer_settings.items()}
         head = self.model.get_output_embeddings()
         dense = [n for n, m in self.model.named_modules()
-                 if n not in self.layers and m is not head and _linear_shape(m) is not None]
-        rules = {"-:" + _any_of(dense): {}} if dense else None
+                 if n not in self.layers and m is not head and linear_shape(m) is not None]
+        rules = {"-:" + names_pattern(dense): {}} if dense else None
         (bits, group_size, sym), dynamic = layer_grids_rules(grids, rules, dense)
         self.settings = GPTQSettings(bits=bits, group_size=group_size, sym=sym, checkpoint_format=V2, dynamic=dynamic,
                                      desc_act=any(s.desc_act for s in self.layer_settings.values()),

@@ -133,12 +133,12 @@ def layer_grids_rules(grids: dict[str, Grid], rules: dict | None = None, dense: 
     base, dynamic = order[0], {}
     for grid in order[1:]:
         names = sorted(n for n, g in grids.items() if g == grid)
-        dynamic["+:" + _any_of(names)] = {"bits": grid[0], "group_size": grid[1], "sym": grid[2]}
+        dynamic["+:" + names_pattern(names)] = {"bits": grid[0], "group_size": grid[1], "sym": grid[2]}
     dynamic.update({key: {} for key in (rules or {}) if key.startswith("-:")})
     settings = GPTQSettings(bits=base[0], group_size=base[1], sym=base[2], desc_act=False, dynamic=dynamic)
     rest = [n for n in unquantized if settings.for_layer(n) is not None]
     if rest:
-        dynamic["-:" + _any_of(rest)] = {}
+        dynamic["-:" + names_pattern(rest)] = {}
     if not explains(base, dynamic):
         raise ValueError("no dynamic rules describe these layers' grids: a quantized layer matches one of the "
                          f"'-:' rules {[k for k in rules or {} if k.startswith('-:')]}")
@@ -150,7 +150,8 @@ def _place(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".#", name)
 
 
-def _any_of(names: list[str]) -> str:
+def names_pattern(names: list[str]) -> str:
+    """A regular expression that ``re.match``-es exactly the layer names ``names`` (a ``dynamic`` rule's key)."""
     return "(?:" + "|".join(re.escape(n) for n in names) + ")$"
 
 

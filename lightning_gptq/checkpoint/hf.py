@@ -89,7 +89,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
-    dense = [n for n, m in model.named_modules() if _linear_shape(m) is not None]
+    dense = [n for n, m in model.named_modules() if linear_shape(m) is not None]
     if dynamic is None:
         dynamic = getattr(model, "gptq_dynamic", None)  # a loaded model: its folder's rules
     (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
@@ -222,7 +222,7 @@ def read_settings(folder: Path) -> GPTQSettings:
     return GPTQSettings.from_dict(block, str(source))
 
 
-def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
+def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     """``(in_features, out_features, has_bias)`` of an ``nn.Linear`` or a GPT-2 style ``Conv1D``."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, module.bias is not None
@@ -278,9 +278,9 @@ class GPTQReader:
                 linear = self.model.get_submodule(name)
             except AttributeError:
                 raise CheckpointError(f"{where}: layer {name!r} does not exist in a {config.model_type} model") from None
-            if _linear_shape(linear) is None:
+            if linear_shape(linear) is None:
                 raise CheckpointError(f"{where}: {name!r} is a {type(linear).__name__}, not a linear layer")
-            in_features, out_features, has_bias = self.layers[name] = _linear_shape(linear)
+            in_features, out_features, has_bias = self.layers[name] = linear_shape(linear)
             self.layer_settings[name] = self._settings_of(name, linear, where)
             self._check_header(name, in_features, out_features, where)
         self._quantized_keys = {f"{n}.{k}" for n in names for k in self.QUANTIZED}

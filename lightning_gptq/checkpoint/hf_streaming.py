@@ -16,7 +16,7 @@ from lightning_gptq.nn import QuantLinear
 from . import shards as shard_io
 from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, layer_grids_rules, words_to_file,
                           zeros_to_file)
-from .hf import AUTO_FORMAT, _linear_shape, _meta, _warn_other_readers, _write_configs
+from .hf import AUTO_FORMAT, linear_shape, _meta, _warn_other_readers, _write_configs
 
 __all__ = ["StreamingWriter"]
 
@@ -56,7 +56,7 @@ class StreamingWriter:
             if self.cast is not None and tensor.is_floating_point():
                 tensor = tensor.to(self.cast)
             state[f"{prefix}.{name}"] = tensor.contiguous()
-        self.dense += [f"{prefix}.{n}" for n, m in block.named_modules() if _linear_shape(m) is not None]
+        self.dense += [f"{prefix}.{n}" for n, m in block.named_modules() if linear_shape(m) is not None]
         for name, m in layers.items():
             self.grids[name] = (m.bits, m.group_size, m.sym)
             self.act_order |= m.act_order

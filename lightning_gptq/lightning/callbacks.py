@@ -26,7 +26,7 @@ from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, ex
 from lightning_gptq.checkpoint.serving import planned_settings, vllm_report
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.models.equalization import ScalePartners, divide_output_channels
-from lightning_gptq.nn import AUTO, check_backend, make_quant_linear, replace_submodule, to_backend
+from lightning_gptq.nn import AUTO, QuantLinear, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
 from lightning_gptq.quant.equalize import equalized_gptq_quantize
 from lightning_gptq.quant.rules import LayerRules
@@ -302,13 +302,18 @@ class GPTQCallback(BlockHooks, Callback):
                            "pass a per-channel scale through (or no block inputs to check it on): solved without it")
         return producer
 
-    @staticmethod
-    def _fold(ctx: BlockContext, producer: str, scales: torch.Tensor) -> None:
-        """Divide ``producer``'s output channels by ``scales``: the consumer now reads its input divided by them."""
-        divide_output_channels(ctx.block.get_submodule(producer), scales)
-        if producer in ctx.results:  # solved in this step: keep its record of the result in step
+    def _fold(self, ctx: BlockContext, producer: str, scales: torch.Tensor) -> None:
+        """Divide ``producer``'s output channels by ``scales``: the consumer now reads its input divided by them.
+        The producer's result and record are brought in step (its scales digest is of what the layer now holds)."""
+        layer = ctx.block.get_submodule(producer)
+        divide_output_channels(layer, scales)
+        if producer in ctx.results:  # solved in this step
             result = ctx.results[producer]
             result.scales = (result.scales.to(torch.float64) / scales.to(result.scales.device)[:, None]).to(result.scales.dtype)
+        if isinstance(layer, QuantLinear):
+            name = ctx.full_name(producer)
+            for record in (r for r in self.records if r.name == name):
+                record.scales_sha256 = digest(layer.scales.T)
 
     @staticmethod
     def _drop_hessian(ctx: BlockContext, name: str) -> None:
