@@ -3,6 +3,7 @@ coordinates and keeps the exponent with the lowest output error; the rewrite is 
 block proves it exact, and the fitted model computes what the fp model does up to quantization error."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from lightning_gptq.lightning import GPTQCallback
 from lightning_gptq.lightning.callbacks import digest
 from lightning_gptq.models import get_adapter
 from lightning_gptq.models.capture import capture_block_inputs
-from lightning_gptq.models.equalization import candidate_pairs, divide_output_channels, scales_through
+from lightning_gptq.models.equalization import divide_output_channels, rewrite_if_exact, scale_sources
 from lightning_gptq.nn import QuantLinear, make_quant_linear
 from lightning_gptq.quant.equalize import channel_scales, equalized_gptq_quantize, output_error
 
@@ -46,25 +47,29 @@ def test_alpha_zero_is_plain_gptq_bit_for_bit():
     w, h = _problem()
     config = QuantConfig(bits=4, group_size=16, sym=False, act_order=True)
     plain = gptq_quantize(w, h, config)
-    eq = equalized_gptq_quantize(w, h, config, [0.0])
+    eq = equalized_gptq_quantize([w], h, [config], [])  # zero is always tried: here alone
     assert eq.alpha == 0.0 and torch.equal(eq.scales, torch.ones(64, dtype=torch.float64))
-    assert torch.equal(eq.quantized.codes, plain.codes) and torch.equal(eq.quantized.scales, plain.scales)
+    for q in (eq.quantized[0], eq.plain[0]):
+        assert torch.equal(q.codes, plain.codes) and torch.equal(q.scales, plain.scales)
     assert eq.errors[0.0] == pytest.approx(output_error(w, plain.dequantize(), h), rel=1e-12)
 
 
 @pytest.mark.parametrize("options", [dict(), dict(act_order=True, static_groups=True, mse=True)])
-def test_the_kept_exponent_has_the_lowest_error_and_the_error_is_what_the_layer_computes(options):
+def test_the_kept_exponent_has_the_lowest_summed_error_and_it_is_what_the_layers_compute(options):
     w, h = _problem()
-    config = QuantConfig(bits=3, group_size=16, sym=False, **options)
-    eq = equalized_gptq_quantize(w, h, config, [0.0, 0.5, 1.0])
+    w2 = torch.randn(8, 64, generator=torch.Generator().manual_seed(5), dtype=torch.float64)  # a second reader
+    configs = [QuantConfig(bits=3, group_size=16, sym=False, **options), QuantConfig(bits=4, group_size=32)]
+    eq = equalized_gptq_quantize([w, w2], h, configs, [0.5, 1.0])
     assert set(eq.errors) == {0.0, 0.5, 1.0} and eq.errors[eq.alpha] == min(eq.errors.values())
-    # the layer holds Q' for W·diag(s); fed x / s it computes x · (Q' / s)ᵀ: that is the error reported
-    layer_weight = eq.quantized.dequantize() / eq.scales
-    assert output_error(w, layer_weight, h) == pytest.approx(eq.errors[eq.alpha], rel=1e-9)
+    # the layers hold Q'_i for W_i·diag(s); fed x / s they compute x · (Q'_i / s)ᵀ: that is the error reported
+    computed = sum(output_error(a, q.dequantize() / eq.scales, h) for a, q in zip((w, w2), eq.quantized))
+    assert computed == pytest.approx(eq.errors[eq.alpha], rel=1e-9)
+    plain = [gptq_quantize(a, h, c) for a, c in zip((w, w2), configs)]
+    assert all(torch.equal(p.codes, q.codes) for p, q in zip(plain, eq.plain))  # the fallback is plain GPTQ
     # on loud channels the scaling is worth it, and it is a different solution, not plain GPTQ again
     assert eq.alpha > 0 and eq.errors[eq.alpha] < 0.9 * eq.errors[0.0]
-    with pytest.raises(ValueError, match="at least one"):
-        equalized_gptq_quantize(w, h, config, [])
+    with pytest.raises(ValueError, match="one QuantConfig per weight"):
+        equalized_gptq_quantize([w], h, configs, [0.5])
 
 
 def _block_inputs(arch):
@@ -74,30 +79,46 @@ def _block_inputs(arch):
     return adapter.blocks(model)[0], inputs.hidden[0], inputs.kwargs_for(0, 0)
 
 
-@pytest.mark.parametrize("arch, producer, consumer, passes", [
-    ("llama", "mlp.up_proj", "mlp.down_proj", True),      # down(silu(gate(x)) * up(x))
-    ("llama", "mlp.gate_proj", "mlp.down_proj", False),   # through SiLU: not a rewrite
-    ("opt", "fc1", "fc2", True),                          # fc2(relu(fc1(x))): ReLU is positively homogeneous
-    ("gpt2", "mlp.c_fc", "mlp.c_proj", False),            # GELU between
-    ("bloom", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h", False),
+LLAMA_SOURCES = {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                 "post_attention_layernorm": ["mlp.gate_proj", "mlp.up_proj"], "mlp.up_proj": ["mlp.down_proj"]}
+
+
+@pytest.mark.parametrize("arch, sources, exact", [
+    ("llama", LLAMA_SOURCES, {"input_layernorm", "post_attention_layernorm", "mlp.up_proj"}),
+    ("opt", {"self_attn_layer_norm": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+             "final_layer_norm": ["fc1"], "fc1": ["fc2"]}, {"self_attn_layer_norm", "final_layer_norm", "fc1"}),
+    ("gpt2", {"ln_1": ["attn.c_attn"], "ln_2": ["mlp.c_fc"], "mlp.c_fc": ["mlp.c_proj"]}, {"ln_1", "ln_2"}),  # GELU
+    ("gemma", {**LLAMA_SOURCES}, {"mlp.up_proj"}),  # its norms multiply by 1 + weight
 ])
-def test_the_probe_passes_exactly_the_pairs_a_scale_goes_through(arch, producer, consumer, passes):
+def test_sources_are_found_and_only_exact_rewrites_are_kept(arch, sources, exact):
     block, hidden, kwargs = _block_inputs(arch)
-    if producer.endswith(("up_proj", "fc1", "c_fc", "dense_h_to_4h")):
-        assert candidate_pairs(block)[consumer] == producer
-    assert scales_through(block, producer, consumer, hidden, kwargs) is passes
+    found = scale_sources(block, hidden, kwargs)
+    assert {p: sorted(c) for p, c in found.items()} == {p: sorted(c) for p, c in sources.items()}
+    for producer, consumers in found.items():
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        width = block.get_submodule(consumers[0]).weight.shape[0 if arch == "gpt2" else 1]
+        scales = torch.rand(width, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) + 0.5
+        assert rewrite_if_exact(block, producer, consumers, scales, hidden, kwargs) is (producer in exact), producer
+        changed = {k for k, v in block.state_dict().items() if not torch.equal(v, state[k])}
+        # kept: the producer only (its consumers are put back for their solve); refused: nothing
+        assert changed == ({f"{producer}.{k}" for k in block.get_submodule(producer).state_dict()} & changed
+                           if producer in exact else set())
+        assert changed or producer not in exact
+        block.load_state_dict(state)
 
 
-def test_dividing_output_channels_divides_the_output_dense_or_quantized():
+def test_dividing_output_channels_divides_the_output_dense_quantized_or_norm():
     torch.manual_seed(0)
     dense = torch.nn.Linear(32, 8)
     x, d = torch.randn(5, 32), torch.rand(8, dtype=torch.float64) + 0.5
     quantized = make_quant_linear(dense, gptq_quantize(dense.weight.detach(), torch.eye(32), QuantConfig(group_size=8)),
                                   "torch")
-    for layer in (dense, quantized):
-        before = layer(x).detach()
+    norm = torch.nn.LayerNorm(8)
+    torch.nn.init.normal_(norm.weight), torch.nn.init.normal_(norm.bias)
+    for layer, inputs in ((dense, x), (quantized, x), (norm, x[:, :8])):
+        before = layer(inputs).detach()
         divide_output_channels(layer, d)
-        torch.testing.assert_close(layer(x).detach(), before / d.float(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(layer(inputs).detach(), before / d.float(), rtol=1e-6, atol=1e-6)
 
     class Converted(QuantLinear):  # a backend that keeps its own layout: its scales alone do not define it
         pass
@@ -105,6 +126,8 @@ def test_dividing_output_channels_divides_the_output_dense_or_quantized():
     converted = Converted(32, 8, bits=4, group_size=8, sym=True, bias=False)
     with pytest.raises(RuntimeError, match="another form"):
         divide_output_channels(converted, d)
+    with pytest.raises(TypeError, match="no per-channel output"):
+        divide_output_channels(torch.nn.GELU(), d)
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(equalize=[3.0]), "exponents in"),
@@ -121,43 +144,45 @@ def test_with_the_asymmetric_solve_it_fails_before_any_work():
 
 
 def test_an_eight_bit_fit_with_scaling_computes_the_fp_model_and_saves_what_it_computes(tmp_path):
-    """At 8 bits the quantized model is the fp one up to small noise: a fold that forgot the producer (inputs not
-    divided by s), or divided the wrong rows, would be far off. Forced to one exponent, every block scales."""
+    """At 8 bits the quantized model is the fp one up to small noise: a rewrite that forgot the producer (inputs
+    not divided by s), or divided the wrong rows, would be far off."""
     model = FACTORIES["llama"]()
     ids = token_ids(2, 16, seed=1)
     reference = full_logits(model, ids)
     config = QuantConfig(bits=8, group_size=16, sym=False)
     plain = quantize(FACTORIES["llama"](), token_ids(8, 16), config, backend="torch")
-    scaled = quantize(model, token_ids(8, 16), config, equalize=[1.0], backend="torch", output_dir=tmp_path / "out")
+    scaled = quantize(model, token_ids(8, 16), config, equalize=[0.5, 1.0], backend="torch",
+                      output_dir=tmp_path / "out")
     err = lambda m: float((full_logits(m, ids) - reference).abs().max())  # noqa: E731
     assert err(scaled) < 3 * err(plain) + 1e-3 and err(scaled) < 0.05 * float(reference.abs().max())
-    ups = [b.mlp.up_proj.scales for b in scaled.model.layers]
-    plain_ups = [b.mlp.up_proj.scales for b in plain.model.layers]
-    assert not torch.equal(ups[0], plain_ups[0])  # the fold happened (block 0's Hessians are the same in both)
     records = json.loads((tmp_path / "out" / "summary.json").read_text())["layers"]
-    alphas = {r["name"].split(".", 3)[-1]: r["equalize_alpha"] for r in records}
-    assert alphas["mlp.down_proj"] == 1.0 and alphas["mlp.up_proj"] is None
-    ups_recorded = {r["name"]: r["scales_sha256"] for r in records if r["name"].endswith("up_proj")}
-    assert ups_recorded == {f"model.layers.{i}.mlp.up_proj": digest(u.T) for i, u in enumerate(ups)}  # as folded
+    alphas = {r["name"]: r["equalize_alpha"] for r in records}
+    assert all((a is None) == n.endswith("o_proj") for n, a in alphas.items())  # o_proj's input has no producer
+    for b in range(3):  # one exponent per group of readers
+        group = [alphas[f"model.layers.{b}.{n}"] for n in LLAMA_SOURCES["input_layernorm"]]
+        assert len(set(group)) == 1
+    folds = [n for n, a in alphas.items() if a]
+    assert len(folds) >= 3, alphas  # rewrites were made (so the first assertion tests them)
+    ups = {f"model.layers.{i}.mlp.up_proj": b.mlp.up_proj.scales for i, b in enumerate(scaled.model.layers)}
+    recorded = {r["name"]: r["scales_sha256"] for r in records if r["name"].endswith("up_proj")}
+    assert recorded == {n: digest(u.T) for n, u in ups.items()}  # as the layer holds them, folded or not
     loaded, _ = load_quantized(tmp_path / "out" / "model", backend="torch")
     torch.testing.assert_close(full_logits(loaded, ids), full_logits(scaled, ids), rtol=1e-4, atol=1e-4)
 
 
-def test_a_refused_pair_is_solved_as_plain_gptq_with_one_warning(tmp_path):
+def test_a_refused_rewrite_is_solved_as_plain_gptq_with_a_warning(tmp_path):
+    """GPT-2's c_fc -> GELU -> c_proj cannot take a scale: that group is solved plainly, the norms' groups not."""
     model_dir = tiny_model_dir(tmp_path, "gpt2")
     runs = {}
-    for name, extra in {"plain": [], "scaled": ["--gptq.equalize=[0.5]"]}.items():
-        with pytest.warns(UserWarning, match="does not pass a per-channel scale") if extra else _nothing():
+    for name, extra in {"plain": [], "scaled": ["--gptq.equalize=[0.5, 1.0]"]}.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             main(["fit", *cli_args(model_dir, tmp_path / name, "--model.eval_after=false", "--model.latency=false",
                                    f"--model.output_dir={tmp_path / name}", *extra, group_size=16)])
         runs[name] = json.loads((tmp_path / name / "summary.json").read_text())["layers"]
-    assert [r["codes_sha256"] for r in runs["plain"]] == [r["codes_sha256"] for r in runs["scaled"]]
-    assert all(r["equalize_alpha"] is None for r in runs["scaled"])
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        refusals = [w for w in caught if "not an equivalent rewrite" in str(w.message)]
+        assert len(refusals) == (1 if extra else 0)  # once for the block type, not per block
+    alphas = {r["name"].split(".", 3)[-1]: r["equalize_alpha"] for r in runs["scaled"]}
+    assert alphas["mlp.c_proj"] is None and alphas["attn.c_proj"] is None  # refused; no producer
+    assert alphas["attn.c_attn"] is not None and alphas["mlp.c_fc"] is not None
+    assert all(r["equalize_alpha"] is None for r in runs["plain"])

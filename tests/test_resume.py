@@ -215,3 +215,21 @@ def test_a_streaming_fit_with_per_layer_rules_resumes_to_the_uninterrupted_check
         assert torch.equal(got.get(name), expected.get(name)), name
     config = lambda f: json.loads((f / "model" / "config.json").read_text())["quantization_config"]  # noqa: E731
     assert config(out)["dynamic"] == config(tmp_path / "whole-out")["dynamic"] != {}
+
+
+def test_a_fit_with_input_scaling_resumes_to_the_uninterrupted_weights_norms_included(tmp_path):
+    """``gptq.equalize`` rescales norms (not quantized layers): resume points must carry them."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    scaling = "--gptq.equalize=[0.5, 1.0]"
+    main(["fit", *_args(model_dir, tmp_path / "whole", tmp_path / "whole-out"), scaling])
+    expected = _weights(tmp_path / "whole-out")
+    original = load_file(model_dir / "model.safetensors")
+    norms = [k for k in expected if "layernorm" in k and k.startswith(("model.layers.0.", "model.layers.1."))]
+    assert any(not torch.equal(expected[k], original[k].to(expected[k].dtype)) for k in norms)  # some were rescaled
+    root, out = tmp_path / "runs", tmp_path / "out"
+    _killed_run(model_dir, root, out, 5, tmp_path, scaling)  # blocks 0 and 1 done
+    main(["fit", *_args(model_dir, root, out), scaling, "--ckpt_path=last"])
+    got = _weights(out)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name

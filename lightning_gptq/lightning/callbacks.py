@@ -25,13 +25,12 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, export_problems
 from lightning_gptq.checkpoint.serving import planned_settings, vllm_report
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
-from lightning_gptq.models.equalization import ScalePartners, divide_output_channels
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, make_quant_linear, replace_submodule, to_backend
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
-from lightning_gptq.quant.equalize import equalized_gptq_quantize
 from lightning_gptq.quant.rules import LayerRules
 
 from .distributed import world_size
+from .equalizer import Equalizer
 from .hessians import HessianCapture
 from .hooks import BlockContext, BlockHooks, fire_block_hook
 
@@ -96,10 +95,11 @@ class GPTQCallback(BlockHooks, Callback):
         exclude: on a user's own module, regular expressions of layer names to leave in full precision.
         forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
             ``pl_module(batch[0])`` for tuple/list batches).
-        equalize: exponents ``α`` to try per MLP output projection (``down_proj``, ``fc2``): its inputs are
-            scaled by ``E[x²]^(α/2)`` per channel, the inverse folded into the producer's rows (``up_proj``,
-            ``fc1``; a check on the block's own inputs proves the rewrite exact, else the pair is left
-            alone), and the ``α`` with the lowest output error is kept (``quant/equalize.py``). ``[]``: off.
+        equalize: exponents ``α`` to try, besides 0, for the layers whose input's producer can absorb a per-channel
+            scale (q/k/v and gate/up after their norms, down_proj after up_proj, fc2 after fc1): the input is
+            scaled by ``E[x²]^(α/2)`` per channel, the inverse folded into the producer, and the ``α`` with the
+            lowest output error is kept (``quant/equalize.py``); the rewrite is made only where the block's output
+            stays the same on its own inputs (``models/equalization.py``). ``[]``: off.
     """
 
     block_hook_order = 10
@@ -143,7 +143,7 @@ class GPTQCallback(BlockHooks, Callback):
         self.exclude = [re.compile(p) for p in (exclude or [])]
         self.forward_fn = forward_fn
         self.equalize = [float(a) for a in equalize]
-        self.partners = ScalePartners()
+        self.equalizer = Equalizer(self.equalize) if self.equalize else None
         self.records: list[LayerRecord] = []
         self.vllm_refusals: list[str] | None = None  # why vLLM would not serve what this run writes ([]: it would)
         self._driven = False  # a calibration driver fires the block hooks (GPTQModule); else quantize at train end
@@ -180,10 +180,16 @@ class GPTQCallback(BlockHooks, Callback):
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         layers = list(ctx.layers.items())
         bar = _layer_bar(trainer, layers, ctx)
+        groups = {}
+        if self.equalizer is not None and ctx.stage == "calibrate":
+            groups = self.equalizer.groups(ctx, lambda name: self.quantizes(ctx.full_name(name)))
+        solved = {}  # layers solved with their group, waiting for their turn
         for name, layer in layers:
             if bar is not None:
                 bar.set_postfix_str(name)
-            record = self._quantize_layer(ctx, name, layer)
+            if name in groups:
+                solved.update(self._solve_group(ctx, *groups[name]))
+            record = self._quantize_layer(ctx, name, layer, solved.pop(name, None))
             if record is not None:  # None: a `-:` rule keeps it in full precision
                 self.records.append(record)
                 _log_layer(trainer, ctx, record)
@@ -243,7 +249,8 @@ class GPTQCallback(BlockHooks, Callback):
             to_backend(pl_module, self.backend)
 
     # -- work --------------------------------------------------------------------------------------
-    def _quantize_layer(self, ctx: BlockContext, name: str, layer) -> LayerRecord | None:
+    def _quantize_layer(self, ctx: BlockContext, name: str, layer, presolved=None) -> LayerRecord | None:
+        """Solve ``layer`` (or take ``presolved``, ``(QuantizedWeight, alpha)`` from its group) and swap it in."""
         start = time.perf_counter()
         full_name = ctx.full_name(name)
         quant = self.rules.config_for(full_name, self.quant)
@@ -261,13 +268,10 @@ class GPTQCallback(BlockHooks, Callback):
             last = sum(other is accumulator for other in ctx.hessians.values()) == 1
             mismatch = ctx.mismatches.get(name)  # asymmetric calibration (HessianCapture(asymmetric=True))
             hessian_sha = digest(accumulator.total, *([] if mismatch is None else [mismatch.total]))
-            producer = self._scale_producer(ctx, name) if self.equalize else None
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
-                if producer is not None:
-                    equalized = equalized_gptq_quantize(weight, accumulator.hessian, quant, self.equalize)
-                    qweight, alpha = equalized.quantized, equalized.alpha
-                    self._fold(ctx, producer, equalized.scales)
+                if presolved is not None:
+                    qweight, alpha = presolved
                 else:
                     qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
                                             asymmetry=None if mismatch is None else mismatch.mismatch)
@@ -289,27 +293,30 @@ class GPTQCallback(BlockHooks, Callback):
             scales_sha256=digest(qweight.scales.to(weight.dtype)), equalize_alpha=alpha,
         )
 
-    def _scale_producer(self, ctx: BlockContext, name: str) -> str | None:
-        """The layer ``name``'s input scales can be folded into, proven on this block's first cached batch."""
-        refused = len(self.partners.refused)
-        has_inputs = ctx.inputs is not None and len(ctx.inputs) > 0
-        with torch.no_grad():
-            producer = self.partners.producer_for(
-                ctx.block, name, ctx.inputs.hidden[0] if has_inputs else None,
-                ctx.inputs.kwargs_for(ctx.block_index, 0) if has_inputs else None)
-        if len(self.partners.refused) > refused:
-            rank_zero_warn(f"GPTQCallback.equalize: {self.partners.refused[-1]} in {type(ctx.block).__name__} does not "
-                           "pass a per-channel scale through (or no block inputs to check it on): solved without it")
-        return producer
+    def _solve_group(self, ctx: BlockContext, producer: str, members: list[str]) -> dict[str, tuple]:
+        """Solve ``members`` together in scaled input coordinates (``equalize``); fold the scales into ``producer``
+        where the block allows it. ``{member: (QuantizedWeight, alpha)}``."""
+        configs = [self.rules.config_for(ctx.full_name(name), self.quant) for name in members]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DampingIncreasedWarning)
+            results, alpha, scales = self.equalizer.solve(ctx, producer, members, ctx.hessians[members[0]].hessian,
+                                                          configs)
+        for w in caught:
+            rank_zero_warn(f"{ctx.full_name(members[0])} (with {members[1:]}): {w.message}")
+        if alpha is None:
+            rank_zero_warn(f"GPTQCallback.equalize: {self.equalizer.refused[-1]}: scaling the input changes the "
+                           "block's output (not an equivalent rewrite here); solved without it for this block type")
+        if scales is not None:
+            self._folded(ctx, producer, scales)
+        return {name: (q, alpha) for name, q in zip(members, results)}
 
-    def _fold(self, ctx: BlockContext, producer: str, scales: torch.Tensor) -> None:
-        """Divide ``producer``'s output channels by ``scales``: the consumer now reads its input divided by them.
-        The producer's result and record are brought in step (its scales digest is of what the layer now holds)."""
-        layer = ctx.block.get_submodule(producer)
-        divide_output_channels(layer, scales)
+    def _folded(self, ctx: BlockContext, producer: str, scales: torch.Tensor) -> None:
+        """``producer``'s output channels were divided by ``scales``: bring its result and record in step (a
+        record's scales digest is of what the layer now holds)."""
         if producer in ctx.results:  # solved in this step
             result = ctx.results[producer]
             result.scales = (result.scales.to(torch.float64) / scales.to(result.scales.device)[:, None]).to(result.scales.dtype)
+        layer = ctx.block.get_submodule(producer)
         if isinstance(layer, QuantLinear):
             name = ctx.full_name(producer)
             for record in (r for r in self.records if r.name == name):

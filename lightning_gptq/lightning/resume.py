@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint import CheckpointError
+from lightning_gptq.models.adapters import is_linear
 from lightning_gptq.models.capture import module_device_dtype
 from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.nn import QuantLinear, quant_linear_class, replace_submodule
@@ -281,7 +282,8 @@ def _remove_stale_side_files(folder: Path, keep: str, rank: int) -> None:
 
 
 def quantized_layers_state(model: torch.nn.Module) -> dict[str, dict]:
-    """Every ``QuantLinear`` of ``model``: its packed tensors and shape/grid settings, by module name."""
+    """Every ``QuantLinear`` of ``model``: its packed tensors and shape/grid settings, by module name; and the
+    per-channel parameters of its other modules (norms), which ``GPTQCallback(equalize=...)`` may have rescaled."""
     state = {}
     for name, layer in model.named_modules():
         if isinstance(layer, QuantLinear):
@@ -290,17 +292,31 @@ def quantized_layers_state(model: torch.nn.Module) -> dict[str, dict]:
                 tensors["bias"] = layer.bias.detach().cpu().clone()
             state[name] = {"in_features": layer.in_features, "out_features": layer.out_features, "bits": layer.bits,
                            "group_size": layer.group_size, "sym": layer.sym, "tensors": tensors}
+        elif name and not is_linear(layer):
+            own = {k: p.detach().cpu().clone() for k, p in layer.named_parameters(recurse=False) if p.dim() == 1}
+            if own:
+                state[name] = {"per_channel": own}
     return state
 
 
 def restore_quantized_layers(model: torch.nn.Module, state: dict[str, dict], backend: type[QuantLinear]) -> None:
-    """Swap ``backend`` layers holding ``state`` (from ``quantized_layers_state``) into ``model``."""
+    """Swap ``backend`` layers holding ``state`` (from ``quantized_layers_state``) into ``model``; put the
+    per-channel parameters back."""
     for name, entry in state.items():
         try:
             original = model.get_submodule(name)
         except AttributeError:
             raise ResumeError(f"The resume checkpoint holds layer {name!r}, which this model does not have: "
                               "a checkpoint of another model?") from None
+        if "per_channel" in entry:
+            with torch.no_grad():
+                for key, value in entry["per_channel"].items():
+                    target = getattr(original, key, None)
+                    if not isinstance(target, torch.Tensor) or target.shape != value.shape:
+                        raise ResumeError(f"The resume checkpoint's {name}.{key} does not fit this model's "
+                                          "(a checkpoint of another model?)")
+                    target.copy_(value)
+            continue
         tensors = entry["tensors"]
         layer = backend(entry["in_features"], entry["out_features"], bits=entry["bits"], group_size=entry["group_size"],
                         sym=entry["sym"], bias="bias" in tensors, dtype=tensors["scales"].dtype)

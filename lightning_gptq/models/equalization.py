@@ -1,12 +1,13 @@
-"""Which linear pairs of a block can trade a per-channel scale, proven on the block itself.
+"""Where a block's linears can take their input in scaled coordinates, and the rewrite, checked on the block.
 
-``quant/equalize.py`` solves a layer in scaled input coordinates; that is only an equivalent rewrite
-when the layer's input channel ``j`` scales with its producer's output channel ``j``
-(``down_proj(act(gate_proj(x)) · up_proj(x))``, ``fc2(relu(fc1(x)))``). Names propose the pairs
-(``SCALE_PAIR_NAMES``); :func:`scales_through` checks each on real inputs by scaling the producer's
-output by random positive factors and watching the consumer's input, so an architecture that
-reuses the names with a non-homogeneous activation in between (GELU, SiLU) is refused, not
-silently changed.
+``quant/equalize.py`` solves layers that read one input as if that input were divided per channel by ``s``;
+the model must then really feed them ``x / s``: ``1/s`` is folded into what produces the input. Producers are
+found two ways (:func:`scale_sources`): a module with a per-channel ``weight`` whose output tensor *is* the
+layers' input (the norms before attention and MLP), and the linear pairs of ``SCALE_PAIR_NAMES`` (``up_proj`` →
+``down_proj``: the output channel passes through ``act(gate) ·``). Neither proves the rewrite exact (Gemma's norm
+multiplies by ``1 + weight``; GPT-2 has GELU between ``c_fc`` and ``c_proj``; a post-norm block adds the norm's
+output to the residual), so :func:`rewrite_if_exact` makes it on the block and keeps it only if the block's
+output is unchanged on real inputs.
 """
 
 from __future__ import annotations
@@ -18,113 +19,135 @@ from lightning_gptq.models.adapters import is_linear, linear_in_features, linear
 from lightning_gptq.models.capture import run_block
 from lightning_gptq.nn.quant_linear import QuantLinear
 
-__all__ = ["SCALE_PAIR_NAMES", "candidate_pairs", "divide_output_channels", "scales_through"]
+__all__ = ["SCALE_PAIR_NAMES", "divide_output_channels", "multiply_input_channels", "rewrite_if_exact",
+           "scale_sources"]
 
 #: (producer, consumer) leaf names under one parent: LLaMA/Mistral/Qwen/Gemma's MLP, OPT's, Mixtral-style
-#: experts, GPT-NeoX/BLOOM and GPT-2 (the last two have GELU in between: the probe refuses them).
+#: experts, GPT-NeoX/BLOOM and GPT-2 (the last two have GELU in between: the check refuses them).
 SCALE_PAIR_NAMES = (("up_proj", "down_proj"), ("fc1", "fc2"), ("w3", "w2"), ("dense_h_to_4h", "dense_4h_to_h"),
                     ("c_fc", "c_proj"))
 
 
-class _Seen(Exception):
-    """Raised by the probe's hook once the consumer has read its input."""
+def _is_linear_like(module: nn.Module) -> bool:
+    return is_linear(module) or isinstance(module, QuantLinear)
 
 
-def candidate_pairs(block: nn.Module) -> dict[str, str]:
-    """``{consumer name: producer name}`` (relative to ``block``) that ``SCALE_PAIR_NAMES`` propose and
-    whose widths match (the producer's outputs are the consumer's inputs)."""
-    modules = dict(block.named_modules())
-    pairs = {}
-    for name, module in modules.items():
-        parent, _, leaf = name.rpartition(".")
-        for producer_leaf, consumer_leaf in SCALE_PAIR_NAMES:
-            producer_name = f"{parent}.{producer_leaf}" if parent else producer_leaf
-            producer = modules.get(producer_name)
-            if leaf == consumer_leaf and producer is not None and _width(producer, "out") == _width(module, "in"):
-                pairs[name] = producer_name
-    return pairs
-
-
-def _width(module: nn.Module, side: str) -> int | None:
+def _width(module: nn.Module, side: str) -> int:
     if is_linear(module):
         return linear_in_features(module) if side == "in" else linear_out_features(module)
-    value = getattr(module, "in_features" if side == "in" else "out_features", None)  # a quantized linear
-    return value if isinstance(value, int) else None
+    return module.in_features if side == "in" else module.out_features  # a quantized linear
 
 
-def scales_through(block: nn.Module, producer: str, consumer: str, hidden: Tensor, kwargs: dict,
-                   rtol: float = 1e-3) -> bool:
-    """Whether scaling ``producer``'s output channels by positive factors scales ``consumer``'s input
-    channels by the same factors, on one run of ``block`` over ``hidden`` ``[b, seq, hidden]``."""
-    first, second = block.get_submodule(producer), block.get_submodule(consumer)
-    factors = torch.empty(_width(first, "out")).uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(0))
-    seen: list[Tensor] = []
+def _per_channel(module: nn.Module) -> bool:
+    """A norm-like module: a 1-D ``weight`` (and maybe ``bias``) scaling its output per channel."""
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, nn.Parameter) and weight.dim() == 1 and not _is_linear_like(module)
+            and not isinstance(module, nn.Embedding))
 
-    def read(module, args):
-        seen.append(args[0].detach().to(torch.float64).clone())
-        raise _Seen
 
-    def scale(module, args, output):
-        return output * factors.to(output.device, output.dtype)
+def scale_sources(block: nn.Module, hidden: Tensor, kwargs: dict) -> dict[str, list[str]]:
+    """``{producer: [the linears reading its output]}`` in ``block`` (names relative to it), from one run over
+    ``hidden`` ``[b, seq, hidden]``: per-channel modules whose output object the linears receive, and the
+    ``SCALE_PAIR_NAMES`` pairs whose widths match."""
+    modules = dict(block.named_modules())
+    norms = {name for name, m in modules.items() if name and _per_channel(m)}
+    outputs: list[tuple[str, Tensor]] = []  # kept alive: identity, not id(), decides
+    readers: dict[str, list[str]] = {}
 
-    handles = [second.register_forward_pre_hook(read)]
+    def produced(name):
+        def hook(module, args, output):
+            if isinstance(output, Tensor):
+                outputs.append((name, output))
+        return hook
+
+    def read(name):
+        def hook(module, args):
+            source = next((n for n, t in outputs if args and t is args[0]), None)
+            if source is not None:
+                readers.setdefault(source, []).append(name)
+        return hook
+
+    handles = [modules[n].register_forward_hook(produced(n)) for n in norms]
+    handles += [m.register_forward_pre_hook(read(n)) for n, m in modules.items() if n and _is_linear_like(m)]
     try:
-        for scaled in (False, True):
-            hook = first.register_forward_hook(scale) if scaled else None
-            try:
-                run_block(block, hidden, kwargs)
-            except _Seen:
-                pass
-            finally:
-                if hook is not None:
-                    hook.remove()
+        run_block(block, hidden, kwargs)
     finally:
         for handle in handles:
             handle.remove()
-    if len(seen) != 2:
-        return False
-    expected = seen[0] * factors.to(torch.float64).to(seen[0].device)
-    return bool(torch.allclose(seen[1], expected, rtol=rtol, atol=rtol * float(expected.abs().max())))
+    sources = {producer: names for producer, names in readers.items()
+               if all(_width(modules[n], "in") == modules[producer].weight.numel() for n in names)}
+    for name, module in modules.items():
+        parent, _, leaf = name.rpartition(".")
+        for producer_leaf, consumer_leaf in SCALE_PAIR_NAMES:
+            producer = f"{parent}.{producer_leaf}" if parent else producer_leaf
+            if leaf == consumer_leaf and _is_linear_like(module) and producer in modules \
+                    and _is_linear_like(modules[producer]) and _width(modules[producer], "out") == _width(module, "in"):
+                sources[producer] = [name]
+    return sources
 
 
-def divide_output_channels(layer: nn.Module, divisors: Tensor) -> None:
-    """Divide output channel ``j`` of ``layer`` (weight row and bias) by ``divisors[j]`` in place.
-
-    A dense linear's rows are divided; a quantized one's per-group scales are (its codes and zero
-    points stay: ``scale · (q − z) / d`` is exactly the row divided, up to the scales' rounding)."""
+def divide_output_channels(module: nn.Module, divisors: Tensor) -> None:
+    """Divide output channel ``j`` of ``module`` by ``divisors[j]`` in place: a dense linear's weight rows, a
+    quantized linear's per-group scales (its codes and zero points stay: ``scale · (q − z) / d`` is the row
+    divided, up to the scales' rounding), a norm's ``weight``; and the bias."""
     with torch.no_grad():
-        if is_linear(layer):
-            weight = weight_out_in(layer)
+        if is_linear(module):
+            weight = weight_out_in(module)
             weight.div_(divisors.to(weight.device, weight.dtype)[:, None])
-        elif isinstance(layer, QuantLinear):
-            if type(layer) is not QuantLinear or getattr(layer, "_held_dense_t", None) is not None:
-                raise RuntimeError(f"divide_output_channels: {type(layer).__name__} keeps its weight in another form "
+        elif isinstance(module, QuantLinear):
+            if type(module) is not QuantLinear or getattr(module, "_held_dense_t", None) is not None:
+                raise RuntimeError(f"divide_output_channels: {type(module).__name__} keeps its weight in another form "
                                    "than its scales (a kernel layout or a held dense copy); fold before converting")
-            layer.scales.div_(divisors.to(layer.scales.device, layer.scales.dtype)[None, :])  # [groups, out]
+            module.scales.div_(divisors.to(module.scales.device, module.scales.dtype)[None, :])  # [groups, out]
+        elif _per_channel(module):
+            module.weight.div_(divisors.to(module.weight.device, module.weight.dtype))
         else:
-            raise TypeError(f"divide_output_channels: {type(layer).__name__} is neither a linear nor a quantized linear")
-        bias = getattr(layer, "bias", None)
-        if bias is not None:
+            raise TypeError(f"divide_output_channels: {type(module).__name__} has no per-channel output to scale")
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor):
             bias.div_(divisors.to(bias.device, bias.dtype))
 
 
-class ScalePartners:
-    """The producer each consumer layer may fold its input scales into, probed once per block type and pair.
+def multiply_input_channels(layer: nn.Module, factors: Tensor) -> None:
+    """Multiply input column ``j`` of a dense linear's weight by ``factors[j]`` in place."""
+    with torch.no_grad():
+        weight = weight_out_in(layer)
+        weight.mul_(factors.to(weight.device, weight.dtype)[None, :])
 
-    ``producer_for(block, name, hidden, kwargs)``: the producer's name, or None when ``name`` has no
-    candidate or the probe refused the pair (``refused`` lists those, for one warning)."""
 
-    def __init__(self) -> None:
-        self._verdicts: dict[tuple[str, str, str], bool] = {}
-        self.refused: list[str] = []
+def _state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if isinstance(v, Tensor)}
 
-    def producer_for(self, block: nn.Module, name: str, hidden: Tensor | None, kwargs: dict | None) -> str | None:
-        producer = candidate_pairs(block).get(name)
-        if producer is None:
-            return None
-        key = (type(block).__name__, producer, name)
-        if key not in self._verdicts:
-            self._verdicts[key] = hidden is not None and scales_through(block, producer, name, hidden, kwargs or {})
-            if not self._verdicts[key]:
-                self.refused.append(f"{producer} -> {name}")
-        return producer if self._verdicts[key] else None
+
+def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
+    with torch.no_grad():
+        for key, value in module.state_dict().items():
+            if key in state:
+                value.copy_(state[key])
+
+
+def rewrite_if_exact(block: nn.Module, producer: str, consumers: list[str], scales: Tensor, hidden: Tensor,
+                     kwargs: dict, tolerance: float = 1e-4) -> bool:
+    """Divide ``producer``'s output channels by ``scales`` and multiply the (dense) ``consumers``' input columns by
+    them; keep the producer's change if ``block``'s output on ``hidden`` is unchanged (every token's relative
+    error within ``tolerance``; an exact rewrite leaves fp rounding, ~1e-6), else undo it. The consumers are
+    always put back: they are about to be replaced by their quantized versions, solved for the scaled input."""
+    first = block.get_submodule(producer)
+    layers = [block.get_submodule(name) for name in consumers]
+    if not all(is_linear(layer) for layer in layers):
+        return False
+    before = run_block(block, hidden, kwargs).to(torch.float64)
+    saved_producer, saved_layers = _state(first), [_state(layer) for layer in layers]
+    divide_output_channels(first, scales)
+    for layer in layers:
+        multiply_input_channels(layer, scales)
+    try:
+        after = run_block(block, hidden, kwargs).to(torch.float64)
+    finally:
+        for layer, state in zip(layers, saved_layers):
+            _restore(layer, state)
+    error = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
+    exact = bool(torch.isfinite(after).all()) and float(error.max()) <= tolerance
+    if not exact:
+        _restore(first, saved_producer)
+    return exact

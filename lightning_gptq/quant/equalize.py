@@ -1,19 +1,19 @@
-"""GPTQ with per-channel input scaling: an equivalent rewrite of a layer pair before the solve.
+"""GPTQ with per-channel input scaling: an equivalent rewrite of a layer's input before the solve.
 
-When a layer's input channel ``j`` is its producer's output channel ``j`` times something that does
-not change if that output is scaled (LLaMA's MLP: ``down(act(gate(x)) · up(x))``; OPT's
-``fc2(relu(fc1(x)))``), dividing the producer's output row ``j`` by ``s_j`` and multiplying the
-consumer's input column ``j`` by ``s_j`` leaves the model's function unchanged. The consumer's
-quantization does change: its group grids now see ``W·diag(s)``, so channels with large inputs get
-a larger share of their group's range (AWQ's observation, Lin et al. 2024), while the producer's
-grid, fitted per output row, is unaffected (a row's scales simply absorb ``1/s_j``).
+When what produces a layer's input can absorb a per-channel factor (a norm's weight: ``q/k/v(norm(x))``; a linear
+whose output channel ``j`` passes through to the layer's input channel ``j`` unchanged but for that factor:
+``down(act(gate(x)) · up(x))``, ``fc2(relu(fc1(x)))``), dividing that output channel by ``s_j`` and multiplying
+the layers' input column ``j`` by ``s_j`` leaves the model's function unchanged. Their quantization does change:
+the group grids now see ``W·diag(s)``, so channels with large inputs get a larger share of their group's range
+(AWQ's observation, Lin et al. 2024), while a producing linear's grid, fitted per output row, is unaffected (a
+row's scales simply absorb ``1/s_j``).
 
-For exponents ``α`` in a list, ``s = diag(H)^(α/2)`` (``diag H`` ∝ the mean square of each input
-channel), normalised to geometric mean 1; GPTQ solves ``W' = W·diag(s)`` against
-``H' = diag(s)⁻¹·H·diag(s)⁻¹`` (the same problem in the scaled coordinates), and the ``α`` whose
-result has the lowest output error ``tr((W − Q'·diag(s)⁻¹) H (W − Q'·diag(s)⁻¹)ᵀ)`` on the unscaled,
-undamped ``H`` is kept. ``α = 0`` is plain GPTQ, so with 0 in the list the calibration error can
-only go down.
+For each exponent ``α``, ``s = diag(H)^(α/2)`` (``diag H`` ∝ the mean square of each input channel), normalised
+to geometric mean 1; GPTQ solves ``W' = W·diag(s)`` against ``H' = diag(s)⁻¹·H·diag(s)⁻¹`` (the same problem in
+the scaled coordinates), and the ``α`` whose results have the lowest output error
+``Σ tr((W − Q'·diag(s)⁻¹) H (W − Q'·diag(s)⁻¹)ᵀ)`` on the unscaled, undamped ``H`` is kept. ``α = 0``, plain
+GPTQ, is always among them, so the calibration error can only go down. Whether the rewrite is exact for a
+given model is not this module's business (``models/equalization.py`` checks it on the block).
 """
 
 from __future__ import annotations
@@ -26,15 +26,17 @@ from torch import Tensor
 from lightning_gptq.quant.config import QuantConfig
 from lightning_gptq.quant.gptq import QuantizedWeight, gptq_quantize
 
-__all__ = ["EqualizedWeight", "channel_scales", "equalized_gptq_quantize", "output_error"]
+__all__ = ["EqualizedWeights", "channel_scales", "equalized_gptq_quantize", "output_error"]
 
 
 @dataclass
-class EqualizedWeight:
-    """``quantized`` holds ``Q' ≈ W·diag(scales)``; the layer's input must be divided by ``scales`` [in] (fp64)
-    (fold ``1/scales`` into the producer's output rows). ``errors``: output error per ``α`` tried."""
+class EqualizedWeights:
+    """``quantized[i]`` holds ``Q'_i ≈ W_i·diag(scales)``: the layers' shared input must be divided by ``scales``
+    [in] (fp64; fold ``1/scales`` into what produces it) — or, where that cannot be done, ``plain`` (``α = 0``)
+    holds plain GPTQ's results. ``errors``: the summed output error per ``α`` tried."""
 
-    quantized: QuantizedWeight
+    quantized: list[QuantizedWeight]
+    plain: list[QuantizedWeight]
     scales: Tensor
     alpha: float
     errors: dict[float, float]
@@ -58,26 +60,30 @@ def output_error(weight: Tensor, approximation: Tensor, hessian: Tensor) -> floa
     return float(((delta @ hessian.to(torch.float64)) * delta).sum())
 
 
-def equalized_gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig,
-                            alphas: list[float] | tuple[float, ...]) -> EqualizedWeight:
-    """Solve ``weight`` [out, in] with GPTQ at every ``α`` of ``alphas``; keep the lowest output error.
-
-    ``hessian`` [in, in] is not modified. Each solve sees the scaled problem in the solve's usual
+def equalized_gptq_quantize(weights: list[Tensor], hessian: Tensor, configs: list[QuantConfig],
+                            alphas: list[float] | tuple[float, ...]) -> EqualizedWeights:
+    """Solve the layers ``weights`` ([out_i, in] each, all reading one input with Hessian ``hessian`` [in, in])
+    with GPTQ at ``α = 0`` and every ``α`` of ``alphas``, one ``configs[i]`` each; keep the ``α`` with the lowest
+    summed output error. ``hessian`` is not modified. Each solve sees the scaled problem in the solve's usual
     dtype (fp64 when ``hessian`` is fp64); the errors are compared in fp64 on the undamped ``hessian``.
     """
-    if not alphas:
-        raise ValueError("equalized_gptq_quantize needs at least one exponent alpha")
-    weight = weight.detach()
-    best: EqualizedWeight | None = None
-    errors: dict[float, float] = {}
+    if len(weights) != len(configs) or not weights:
+        raise ValueError("equalized_gptq_quantize needs one QuantConfig per weight, and at least one weight")
+    weights = [w.detach() for w in weights]
     diag = torch.diagonal(hessian)
-    for alpha in alphas:
-        s = channel_scales(diag, float(alpha))
-        s_w, s_h = s.to(weight.device, weight.dtype), s.to(hessian.device, hessian.dtype)
+    errors: dict[float, float] = {}
+    kept: dict[float, tuple[list[QuantizedWeight], Tensor]] = {}
+    for alpha in sorted({0.0, *(float(a) for a in alphas)}):
+        s = channel_scales(diag, alpha)
+        s_h = s.to(hessian.device, hessian.dtype)
         scaled_h = hessian / s_h[:, None] / s_h[None, :]
-        q = gptq_quantize(weight * s_w, scaled_h, config, overwrite_hessian=True)
-        approx = q.dequantize().to(torch.float64) / s.to(weight.device)
-        errors[float(alpha)] = output_error(weight, approx, hessian)
-        if best is None or errors[float(alpha)] < best.errors[best.alpha]:
-            best = EqualizedWeight(q, s.to(weight.device), float(alpha), errors)
-    return best
+        results = [gptq_quantize(w * s.to(w.device, w.dtype), scaled_h, c, overwrite_hessian=i == len(weights) - 1)
+                   for i, (w, c) in enumerate(zip(weights, configs))]
+        errors[alpha] = sum(output_error(w, q.dequantize().to(torch.float64) / s.to(w.device), hessian)
+                            for w, q in zip(weights, results))
+        best = min(errors, key=errors.get)
+        kept = {a: kept[a] for a in kept if a in (0.0, best)}  # plain GPTQ and the best so far
+        if alpha in (0.0, best):
+            kept[alpha] = (results, s)
+    best = min(errors, key=errors.get)
+    return EqualizedWeights(kept[best][0], kept[0.0][0], kept[best][1].to(weights[0].device), best, errors)
