@@ -16,7 +16,7 @@ from lightning_gptq import QuantConfig, gptq_quantize
 from lightning_gptq.api import quantize
 from lightning_gptq.checkpoint import load_quantized
 from lightning_gptq.cli import main
-from lightning_gptq.lightning import GPTQCallback
+from lightning_gptq.lightning import GPTQCallback, HessianCapture
 from lightning_gptq.lightning.callbacks import digest
 from lightning_gptq.models import get_adapter
 from lightning_gptq.models.capture import capture_block_inputs
@@ -166,6 +166,8 @@ def test_an_eight_bit_fit_with_scaling_computes_the_fp_model_and_saves_what_it_c
     ups = {f"model.layers.{i}.mlp.up_proj": b.mlp.up_proj.scales for i, b in enumerate(scaled.model.layers)}
     recorded = {r["name"]: r["scales_sha256"] for r in records if r["name"].endswith("up_proj")}
     assert recorded == {n: digest(u.T) for n, u in ups.items()}  # as the layer holds them, folded or not
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| s | α |" in table and "| model.layers.0.self_attn.o_proj | 32×32 |" in table
     loaded, _ = load_quantized(tmp_path / "out" / "model", backend="torch")
     torch.testing.assert_close(full_logits(loaded, ids), full_logits(scaled, ids), rtol=1e-4, atol=1e-4)
 
@@ -186,3 +188,31 @@ def test_a_refused_rewrite_is_solved_as_plain_gptq_with_a_warning(tmp_path):
     assert alphas["mlp.c_proj"] is None and alphas["attn.c_proj"] is None  # refused; no producer
     assert alphas["attn.c_attn"] is not None and alphas["mlp.c_fc"] is not None
     assert all(r["equalize_alpha"] is None for r in runs["plain"])
+    summary = json.loads((tmp_path / "scaled" / "summary.json").read_text())
+    assert summary["equalize"] == [0.5, 1.0] and summary["equalize_refused"] == ["GPT2Block: mlp.c_fc -> ['mlp.c_proj']"]
+
+
+def test_on_a_users_own_module_it_says_it_does_not_apply():
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Tiny(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = DataLoader(TensorDataset(torch.randn(16, 16)), batch_size=4)
+    trainer = Trainer(max_steps=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False,
+                      callbacks=[HessianCapture(), GPTQCallback(QuantConfig(group_size=16), equalize=[0.5])])
+    with pytest.warns(UserWarning, match="solved without it"):
+        trainer.fit(Tiny(), loader)

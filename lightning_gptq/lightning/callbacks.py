@@ -161,8 +161,9 @@ class GPTQCallback(BlockHooks, Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------------------
     def report(self) -> dict:
-        return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "layers": self.summary(),
-                "vllm_refusals": self.vllm_refusals}
+        return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "equalize": self.equalize,
+                "layers": self.summary(), "vllm_refusals": self.vllm_refusals,
+                "equalize_refused": [] if self.equalizer is None else list(self.equalizer.refused)}
 
     def quantizes(self, name: str) -> bool:
         return self.rules.config_for(name, self.quant) is not None  # a `-:` rule keeps the layer dense
@@ -344,6 +345,9 @@ class GPTQCallback(BlockHooks, Callback):
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")
         self._warn_serving(layers)
+        if self.equalizer is not None:
+            rank_zero_warn("GPTQCallback.equalize needs the block-by-block calibration of a causal LM (GPTQModule); "
+                           "this module's layers are solved without it")
         ctx = BlockContext(block_index=0, num_blocks=1, block=pl_module, layers=layers)
         was_training = pl_module.training
         pl_module.eval()

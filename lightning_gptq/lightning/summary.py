@@ -15,10 +15,14 @@ from lightning_gptq.nn.autotune_cache import cpu_model
 
 
 def _layer_table(records: list[dict]) -> list[str]:
-    lines = ["| layer | shape | loss | damp | retries | samples | s |", "|---|---|---:|---:|---:|---:|---:|"]
+    scaled = any(r.get("equalize_alpha") is not None for r in records)  # gptq.equalize: the exponent each kept
+    lines = ["| layer | shape | loss | damp | retries | samples | s |" + (" α |" if scaled else ""),
+             "|---|---|---:|---:|---:|---:|---:|" + ("---:|" if scaled else "")]
     for r in records:
+        alpha = r.get("equalize_alpha")
         lines.append(f"| {r['name']} | {r['shape'][0]}×{r['shape'][1]} | {r['loss']:.4g} | {r['damp']:g} | "
-                     f"{r['damp_retries']} | {r['nsamples']} | {r['seconds']:.3f} |")
+                     f"{r['damp_retries']} | {r['nsamples']} | {r['seconds']:.3f} |"
+                     + (f" {'–' if alpha is None else f'{alpha:g}'} |" if scaled else ""))
     return lines
 
 
@@ -87,6 +91,8 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "model": dict(module.hparams),
         "quant": quant.to_dict(),
         "dynamic": report.get("dynamic") or {},
+        "equalize": report.get("equalize") or [],
+        "equalize_refused": report.get("equalize_refused") or [],
         "method": method,
         "hessian": hessian,
         "calibration": {"source": dm.calibration, "nsamples": dm.nsamples, "seqlen": dm.seqlen, "seed": dm.seed,
@@ -105,7 +111,9 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
     lines = [
         f"# lightning-gptq run: {module.hparams.model}",
         "",
-        f"- method: **{method}**, {quant}" + (f"; per-layer rules (dynamic): {data['dynamic']}" if data["dynamic"] else ""),
+        f"- method: **{method}**, {quant}" + (f"; per-layer rules (dynamic): {data['dynamic']}" if data["dynamic"] else "")
+        + (f"; input scaling, exponents tried: {[0.0, *data['equalize']]}" if data["equalize"] else "")
+        + (f" (refused, not an equivalent rewrite: {data['equalize_refused']})" if data["equalize_refused"] else ""),
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
         f" true-sequential: {module.hparams.true_sequential}, passes in {data['calibration']['pass_dtype']}"
         + (f", Hessian weight of the first {hessian['sink_tokens']} position(s): {_describe_weight(hessian)}"
