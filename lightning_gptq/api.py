@@ -38,6 +38,7 @@ def quantize(
     asymmetric: bool = False,
     dynamic: dict | None = None,
     equalize: list[float] | None = None,
+    equalize_layers: str | None = None,
     backend: str = "auto",
     output_dir: str | os.PathLike | None = None,
     accelerator: str = "auto",
@@ -62,8 +63,9 @@ def quantize(
             also corrects the error earlier quantized blocks left, weighed by ``config.gptaq_alpha``.
         dynamic: per-layer settings by layer-name pattern (``GPTQCallback``'s; e.g. ``{r"+:.*\.down_proj$": {"bits":
             8}, "-:.*\.o_proj$": {}}``), recorded in the checkpoint as GPTQModel's ``dynamic``.
-        equalize: per-channel input scaling of the MLP's output projections, the exponents to try
-            (``GPTQCallback``'s; e.g. ``[0, 0.25, 0.5, 0.75]``; default off).
+        equalize: per-channel input scaling before the solve, the exponents to try besides 0
+            (``GPTQCallback``'s; e.g. ``[0.25, 0.5]``; default off); ``equalize_layers``: a regular expression of the
+            layers to scale (e.g. ``r".*\.down_proj$"``; default: every layer that can be).
         backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
         output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
             summary to ``output_dir`` (default: nothing is written).
@@ -98,7 +100,7 @@ def quantize(
             data = CalibrationDataModule(calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
                                          batch_size=batch_size, **eval_sets)
         callbacks = [GPTQCallback(config or QuantConfig(), method=method, backend=backend, dynamic=dynamic,
-                                  equalize=equalize),
+                                  equalize=equalize, equalize_layers=equalize_layers),
                      HessianCapture(sink_tokens=sink_tokens, sink_weight=sink_weight, sink_layers=sink_layers,
                                     sink_probe_windows=sink_probe_windows, asymmetric=asymmetric)]
         trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,

@@ -131,7 +131,8 @@ def test_dividing_output_channels_divides_the_output_dense_quantized_or_norm():
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(equalize=[3.0]), "exponents in"),
-                                             (dict(equalize=[0.5], method="rtn"), "needs method='gptq'")])
+                                             (dict(equalize=[0.5], method="rtn"), "needs method='gptq'"),
+                                             (dict(equalize=[0.5], equalize_layers="("), "not a regular expression")])
 def test_bad_settings_fail_when_the_callback_is_made(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
         GPTQCallback(QuantConfig(), **kwargs)
@@ -216,3 +217,13 @@ def test_on_a_users_own_module_it_says_it_does_not_apply():
                       callbacks=[HessianCapture(), GPTQCallback(QuantConfig(group_size=16), equalize=[0.5])])
     with pytest.warns(UserWarning, match="solved without it"):
         trainer.fit(Tiny(), loader)
+
+
+def test_equalize_layers_limits_the_scaled_groups(tmp_path):
+    quantize(FACTORIES["llama"](), token_ids(8, 16), QuantConfig(bits=4, group_size=16), equalize=[0.5, 1.0],
+             equalize_layers=r".*\.mlp\.down_proj$", backend="torch", output_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {r["name"] for r in summary["layers"] if r["equalize_alpha"] is not None} == {
+        f"model.layers.{b}.mlp.down_proj" for b in range(3)}
+    assert summary["equalize_layers"] == r".*\.mlp\.down_proj$"
+    assert "on layers matching `.*\\.mlp\\.down_proj$`" in (tmp_path / "summary.md").read_text()

@@ -100,6 +100,8 @@ class GPTQCallback(BlockHooks, Callback):
             scaled by ``E[x²]^(α/2)`` per channel, the inverse folded into the producer, and the ``α`` with the
             lowest output error is kept (``quant/equalize.py``); the rewrite is made only where the block's output
             stays the same on its own inputs (``models/equalization.py``). ``[]``: off.
+        equalize_layers: with ``equalize``, scale only the groups whose every layer's full name ``re.match``-es this
+            regular expression (``'.*\\.down_proj$'``); None: every group that can be.
     """
 
     block_hook_order = 10
@@ -114,6 +116,7 @@ class GPTQCallback(BlockHooks, Callback):
         exclude: list[str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
         equalize: list[float] | None = None,
+        equalize_layers: str | None = None,
     ) -> None:
         if method not in ("gptq", "rtn"):
             raise MisconfigurationException(f"GPTQCallback.method must be 'gptq' or 'rtn', got {method!r}")
@@ -126,6 +129,10 @@ class GPTQCallback(BlockHooks, Callback):
         equalize = list(equalize or [])
         if any(isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 2 for a in equalize):
             raise MisconfigurationException(f"GPTQCallback.equalize must be exponents in [0, 2], got {equalize!r}")
+        try:
+            re.compile(equalize_layers or "")
+        except re.error as error:
+            raise MisconfigurationException(f"GPTQCallback.equalize_layers is not a regular expression: {error}") from None
         if equalize and method != "gptq":
             raise MisconfigurationException("GPTQCallback.equalize needs method='gptq' (it chooses by the solve's error)")
         if isinstance(dynamic, str):  # what the command line hands over when the text is not a mapping
@@ -143,7 +150,8 @@ class GPTQCallback(BlockHooks, Callback):
         self.exclude = [re.compile(p) for p in (exclude or [])]
         self.forward_fn = forward_fn
         self.equalize = [float(a) for a in equalize]
-        self.equalizer = Equalizer(self.equalize) if self.equalize else None
+        self.equalize_layers = equalize_layers
+        self.equalizer = Equalizer(self.equalize, equalize_layers) if self.equalize else None
         self.records: list[LayerRecord] = []
         self.vllm_refusals: list[str] | None = None  # why vLLM would not serve what this run writes ([]: it would)
         self._driven = False  # a calibration driver fires the block hooks (GPTQModule); else quantize at train end
@@ -162,6 +170,7 @@ class GPTQCallback(BlockHooks, Callback):
     # -- Lightning hooks ---------------------------------------------------------------------------
     def report(self) -> dict:
         return {"method": self.method, "quant": self.quant, "dynamic": self.dynamic, "equalize": self.equalize,
+                "equalize_layers": self.equalize_layers,
                 "layers": self.summary(), "vllm_refusals": self.vllm_refusals,
                 "equalize_refused": [] if self.equalizer is None else list(self.equalizer.refused)}
 

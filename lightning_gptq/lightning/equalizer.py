@@ -3,6 +3,7 @@ coordinates, their solve, and the rewrite of what produces their input, kept onl
 
 from __future__ import annotations
 
+import re
 from typing import Callable
 
 import torch
@@ -21,12 +22,14 @@ __all__ = ["Equalizer"]
 class Equalizer:
     """Plans and solves the scaled groups of a block step; remembers rewrites a block type refused.
 
-    ``alphas``: the exponents tried besides 0 (plain GPTQ). ``refused``: ``"<block type>: producer -> [layers]"``
-    for each rewrite the block's check refused (the layers were then solved plainly), in order.
+    ``alphas``: the exponents tried besides 0 (plain GPTQ). ``layers``: a regular expression every member's full
+    name must ``re.match`` for its group to be scaled (None: every group). ``refused``: ``"<block type>: producer
+    -> [layers]"`` for each rewrite the block's check refused (the layers were then solved plainly), in order.
     """
 
-    def __init__(self, alphas: list[float]) -> None:
+    def __init__(self, alphas: list[float], layers: str | None = None) -> None:
         self.alphas = list(alphas)
+        self.layers = None if layers is None else re.compile(layers)
         self.refused: list[str] = []
         self._refused_keys: set[tuple] = set()
 
@@ -49,6 +52,8 @@ class Equalizer:
             members = [name for name in ctx.layers if name in readers]
             if sorted(members) != sorted(readers) or not all(quantized(name) for name in members):
                 continue  # a reader solved in another step, or left dense: it could not take the scaled input
+            if self.layers is not None and not all(self.layers.match(ctx.full_name(name)) for name in members):
+                continue
             if is_linear(ctx.block.get_submodule(producer)) and not quantized(producer):
                 continue  # a linear left dense (a `-:` rule): resume points keep only quantized layers and norms
             if len({id(ctx.hessians.get(name)) for name in members}) != 1 or ctx.hessians.get(members[0]) is None:

@@ -92,6 +92,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "quant": quant.to_dict(),
         "dynamic": report.get("dynamic") or {},
         "equalize": report.get("equalize") or [],
+        "equalize_layers": report.get("equalize_layers"),
         "equalize_refused": report.get("equalize_refused") or [],
         "method": method,
         "hessian": hessian,
@@ -113,6 +114,7 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "",
         f"- method: **{method}**, {quant}" + (f"; per-layer rules (dynamic): {data['dynamic']}" if data["dynamic"] else "")
         + (f"; input scaling, exponents tried: {[0.0, *data['equalize']]}" if data["equalize"] else "")
+        + (f" on layers matching `{data['equalize_layers']}`" if data["equalize"] and data["equalize_layers"] else "")
         + (f" (refused, not an equivalent rewrite: {data['equalize_refused']})" if data["equalize_refused"] else ""),
         f"- calibration: {dm.nsamples} × {dm.seqlen} tokens from `{dm.calibration}` (seed {dm.seed}),"
         f" true-sequential: {module.hparams.true_sequential}, passes in {data['calibration']['pass_dtype']}"
