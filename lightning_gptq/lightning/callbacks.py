@@ -260,8 +260,8 @@ class GPTQCallback(BlockHooks, Callback):
 
     # -- work --------------------------------------------------------------------------------------
     def _quantize_layer(self, ctx: BlockContext, name: str, layer, presolved=None) -> LayerRecord | None:
-        """Solve ``layer`` (or take ``presolved``, ``(QuantizedWeight, alpha)`` from its group) and swap it in."""
-        start = time.perf_counter()
+        """Solve ``layer`` (or take ``presolved``, ``(QuantizedWeight, alpha, seconds)`` from its group) and swap it in."""
+        start = time.perf_counter() - (presolved[2] if presolved is not None else 0.0)
         full_name = ctx.full_name(name)
         quant = self.rules.config_for(full_name, self.quant)
         if quant is None:  # a `-:` rule: stays a full-precision linear; its Hessian is not needed
@@ -281,7 +281,7 @@ class GPTQCallback(BlockHooks, Callback):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", DampingIncreasedWarning)
                 if presolved is not None:
-                    qweight, alpha = presolved
+                    qweight, alpha, _ = presolved
                 else:
                     qweight = gptq_quantize(weight, accumulator.hessian, quant, overwrite_hessian=last,
                                             asymmetry=None if mismatch is None else mismatch.mismatch)
@@ -305,7 +305,8 @@ class GPTQCallback(BlockHooks, Callback):
 
     def _solve_group(self, ctx: BlockContext, producer: str, members: list[str]) -> dict[str, tuple]:
         """Solve ``members`` together in scaled input coordinates (``equalize``); fold the scales into ``producer``
-        where the block allows it. ``{member: (QuantizedWeight, alpha)}``."""
+        where the block allows it. ``{member: (QuantizedWeight, alpha, seconds)}`` (the group's time, shared out)."""
+        start = time.perf_counter()
         configs = [self.rules.config_for(ctx.full_name(name), self.quant) for name in members]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DampingIncreasedWarning)
@@ -318,7 +319,8 @@ class GPTQCallback(BlockHooks, Callback):
                            "block's output (not an equivalent rewrite here); solved without it for this block type")
         if scales is not None:
             self._folded(ctx, producer, scales)
-        return {name: (q, alpha) for name, q in zip(members, results)}
+        share = (time.perf_counter() - start) / len(members)
+        return {name: (q, alpha, share) for name, q in zip(members, results)}
 
     def _folded(self, ctx: BlockContext, producer: str, scales: torch.Tensor) -> None:
         """``producer``'s output channels were divided by ``scales``: bring its result and record in step (a
