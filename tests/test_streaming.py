@@ -3,6 +3,7 @@ equals the one an in-memory fit writes, tensor for tensor, and loads and scores 
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_lightning import cli_args
 from tiny_lm import tiny_model_dir
 
@@ -53,6 +54,21 @@ def test_an_fp64_stream_streamed_equals_in_memory(tmp_path, extra):
     assert run.model.activation_dtype() == "float64"
     whole, streamed = _tensors(tmp_path / "whole" / "model"), _tensors(tmp_path / "streamed" / "model")
     assert whole.keys() == streamed.keys() and all(torch.equal(t, streamed[n]) for n, t in whole.items())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_a_streamed_fit_with_input_scaling_equals_in_memory(tmp_path, arch):
+    """``gptq.equalize`` rescales norms and producing layers inside the block: the written blocks carry them."""
+    model_dir = tiny_model_dir(tmp_path, arch)
+    fit = [*QUIET_FIT, "--gptq.equalize=[0.5, 1.0]"]
+    main(["fit", *cli_args(model_dir, tmp_path / "a", *fit, f"--model.output_dir={tmp_path / 'whole'}")])
+    main(["fit", *cli_args(model_dir, tmp_path / "b", *fit, "--model.streaming=true",
+                           f"--model.output_dir={tmp_path / 'streamed'}")])
+    whole, streamed = _tensors(tmp_path / "whole" / "model"), _tensors(tmp_path / "streamed" / "model")
+    assert whole.keys() == streamed.keys() and all(torch.equal(t, streamed[n]) for n, t in whole.items())
+    source = load_file(model_dir / "model.safetensors")
+    norms = [n for n in whole if n.endswith("norm.weight") and ".layers." in n]
+    assert any(not torch.equal(whole[n], source[n].to(whole[n].dtype)) for n in norms)  # something was rescaled
 
 
 def test_streaming_refuses_what_it_cannot_do(tmp_path):
