@@ -88,3 +88,21 @@ def test_two_processes_killed_then_resumed(runs, tmp_path):
     for name, layer in whole.items():
         assert torch.equal(layer.qweight, resumed[name].qweight), name
         assert torch.equal(layer.scales, resumed[name].scales), name
+
+
+def test_two_processes_with_input_scaling_give_the_single_process_model(tmp_path):
+    """Each process checks the rewrite on its own first batch; the exponents come from the all-reduced Hessians:
+    the written models are the same, rescaled norms included."""
+    from safetensors.torch import load_file
+
+    model_dir = tiny_model_dir(tmp_path, "llama", **DEEP)
+    scaling = "--gptq.equalize=[0.5, 1.0]"
+    main(["fit", *cli_args(model_dir, tmp_path / "single", *EXTRA, *EXACT, scaling,
+                           f"--model.output_dir={tmp_path / 'single-out'}")])
+    proc = _fit(cli_args(model_dir, tmp_path / "ddp", *EXTRA, *EXACT, scaling, f"--model.output_dir={tmp_path / 'ddp-out'}"),
+                tmp_path, *DDP)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    single, ddp = (load_file(tmp_path / f"{run}-out" / "model" / "model.safetensors") for run in ("single", "ddp"))
+    assert single.keys() == ddp.keys() and all(torch.equal(t, ddp[n]) for n, t in single.items())
+    alphas = [r["equalize_alpha"] for r in json.loads((tmp_path / "ddp-out" / "summary.json").read_text())["layers"]]
+    assert any(alphas)  # rewrites were made
