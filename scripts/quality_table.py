@@ -6,7 +6,8 @@ short keeps what it measured). Rows:
 
 - ``fp32``: the unquantized model (``validate``).
 - ``rtn-<bits>``: round to nearest, same grid (asymmetric, g128, min-max: no MSE search).
-- ``ref-<bits>``: the reference algorithm and its calibration: ``sink_weight: 1``, Wikipedia alone, min-max grids.
+- ``ref-<bits>``: the reference algorithm and its calibration: ``sink_weight: 1``, Wikipedia alone, min-max grids, no
+  static groups or input scaling.
 - ``ours-<bits>``: the shipped config (``configs/smollm2-135m.yaml``) at ``<bits>``, with the config for that width
   stacked on it where there is one (3 bits: ``configs/smollm2-135m-3bit.yaml``, chosen on the choosing texts).
 
@@ -105,10 +106,11 @@ def row_args(row: str, mix: dict[str, float], eval_mode: str, quick: bool, folde
            f"--model.output_dir={folder}"]
     if quick:
         fit.append("--data.nsamples=32")
-    if kind == "rtn":
-        fit += ["--gptq.method=rtn", "--gptq.quant.mse=false"]  # plain min-max grids, as the paper's baseline
+    if kind == "rtn":  # plain min-max grids, as the paper's baseline
+        fit += ["--gptq.method=rtn", "--gptq.quant.mse=false", "--gptq.equalize=[]"]
     elif kind == "ref":
-        fit += ["--hessian.sink_weight=1", "--gptq.quant.mse=false"]
+        fit += ["--hessian.sink_weight=1", "--gptq.quant.mse=false", "--gptq.quant.static_groups=false",
+                "--gptq.equalize=[]"]
     return "fit", fit
 
 

@@ -131,11 +131,17 @@ def test_dividing_output_channels_divides_the_output_dense_quantized_or_norm():
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(equalize=[3.0]), "exponents in"),
-                                             (dict(equalize=[0.5], method="rtn"), "needs method='gptq'"),
                                              (dict(equalize=[0.5], equalize_layers="("), "not a regular expression")])
 def test_bad_settings_fail_when_the_callback_is_made(kwargs, message):
     with pytest.raises(MisconfigurationException, match=message):
         GPTQCallback(QuantConfig(), **kwargs)
+
+
+def test_with_round_to_nearest_it_is_ignored_with_a_warning():
+    """A config that scales, run with --gptq.method=rtn (the paper's baseline), still runs: RTN has no Hessians."""
+    with pytest.warns(UserWarning, match="ignored with method='rtn'"):
+        callback = GPTQCallback(QuantConfig(), method="rtn", equalize=[0.5])
+    assert callback.equalizer is None and callback.report()["equalize"] == []
 
 
 def test_with_the_asymmetric_solve_it_fails_before_any_work():

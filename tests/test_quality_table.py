@@ -40,11 +40,13 @@ def test_reference_rows_are_the_reference_and_test_runs_score_the_test_sets(tmp_
     stage, args = qt.row_args("ref-3", {"wikipedia": 1, "brown": 1}, "test", False, tmp_path / "run")
     assert option(args, "hessian.sink_weight") == "1" and option(args, "gptq.quant.bits") == "3"
     assert option(args, "gptq.quant.mse") == "false"  # the paper's min-max grids, whatever the config says
+    assert option(args, "gptq.quant.static_groups") == "false" and option(args, "gptq.equalize") == "[]"  # nor these
     assert option(args, "data.calibration") == str(qt.TEXTS["wikipedia"])  # one source, whatever the mix asked
     assert option(args, "data.nsamples") is None and option(args, "data.eval_max_windows") is None  # the config's 128, whole sets
     assert option(args, "data.eval_datasets") == "[wikitext2, ptb-new]"
     stage, args = qt.row_args("rtn-4", {"wikipedia": 1}, "test", False, tmp_path / "run")
     assert option(args, "gptq.method") == "rtn" and option(args, "gptq.quant.mse") == "false"
+    assert option(args, "gptq.equalize") == "[]"
     assert option(qt.row_args("ours-4", {"wikipedia": 1}, "test", False, tmp_path / "run")[1], "gptq.quant.mse") is None
     # ours rows: the config, at 3 bits with the 3-bit config stacked on it (before the row's own folders)
     ours3 = qt.row_args("ours-3", {"wikipedia": 1}, "test", False, tmp_path / "run")[1]

@@ -133,8 +133,10 @@ class GPTQCallback(BlockHooks, Callback):
             re.compile(equalize_layers or "")
         except re.error as error:
             raise MisconfigurationException(f"GPTQCallback.equalize_layers is not a regular expression: {error}") from None
-        if equalize and method != "gptq":
-            raise MisconfigurationException("GPTQCallback.equalize needs method='gptq' (it chooses by the solve's error)")
+        if equalize and method != "gptq":  # e.g. a config's setting under --gptq.method=rtn: not an error
+            rank_zero_warn("GPTQCallback.equalize is ignored with method='rtn': it chooses by the output error on "
+                           "the Hessians that only GPTQ gathers")
+            equalize = []
         if isinstance(dynamic, str):  # what the command line hands over when the text is not a mapping
             dynamic = _rules_from_text(dynamic)
         try:
