@@ -23,7 +23,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "smollm2-135m.yaml"
-ROWS = {  # name: (method, bits, group_size); "gptq" rows use the config's sink rule, "ref" rows sink_weight 1
+WIKIPEDIA = ROOT.parent / "shared" / "data" / "calibration" / "wikipedia-vital-leads.txt"
+# The reference algorithm and its calibration, whatever the config has taken since: the sink weight 1, min-max grids,
+# no static groups or input scaling, Wikipedia alone (as scripts/quality_table.py's ref rows).
+REFERENCE = ["--hessian.sink_weight=1", "--gptq.quant.mse=false", "--gptq.quant.static_groups=false",
+             "--gptq.equalize=[]", f"--data.calibration={WIKIPEDIA}"]
+ROWS = {  # name: (method, bits, group_size); "gptq" rows are the config, "ref" rows REFERENCE
     "gptq-4-g128": ("gptq", 4, 128),
     "ref-4-g128": ("ref", 4, 128),
     "ref-3-g128": ("ref", 3, 128),
@@ -47,7 +52,7 @@ def run(name: str, workdir: Path, extra: list[str]) -> dict:
     if method is None:
         cmd = [sys.executable, "-m", "lightning_gptq", "validate", f"--config={CONFIG}", "--model.latency=false", *common]
     else:
-        reference = ["--hessian.sink_weight=1"] if method == "ref" else []
+        reference = REFERENCE if method == "ref" else ["--gptq.quant.mse=false"] if method == "rtn" else []
         cmd = [sys.executable, "-m", "lightning_gptq", "fit", f"--config={CONFIG}",
                f"--gptq.method={'gptq' if method == 'ref' else method}", *reference,
                f"--gptq.quant.bits={bits}", f"--gptq.quant.group_size={group}", "--model.latency=false",
