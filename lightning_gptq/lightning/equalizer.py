@@ -43,8 +43,8 @@ class Equalizer:
         """``{first member: (producer, members)}`` for the layers of this step that read one producer's output,
         are all solved in this step (``quantized(name)``) and share one Hessian; members in ``ctx.layers`` order."""
         probe = self._probe_inputs(ctx)
-        if probe is None:
-            return {}
+        if probe is None or self.layers is not None and not any(self.layers.match(ctx.full_name(n)) for n in ctx.layers):
+            return {}  # no inputs to check on, or no layer of this step may be scaled: spare the block run
         with torch.no_grad():
             sources = scale_sources(ctx.block, *probe)
         plan = {}
