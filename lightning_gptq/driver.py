@@ -89,6 +89,9 @@ class BlockContext:
     reference_inputs: dict[str, torch.Tensor] | None = None
     reference_pass: bool = False
     mismatches: dict[str, Any] = field(default_factory=dict)
+    # Submodules of ``block`` a hook must see run to the end in each calibration pass (the attention a
+    # sink weight is measured on): the pass ends once these have and this step's layers have read their input.
+    runs_through: list[nn.Module] = field(default_factory=list)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -179,7 +182,7 @@ class CalibrationDriver:
         self._ctx: BlockContext | None = None
         self._started = 0.0
         self._held = contextlib.ExitStack()  # what a stage sets up on its block (dense weights, stop hooks)
-        self._entered: set[str] = set()
+        self._entered: set[str | int] = set()  # this batch: linears entered, runs_through modules returned
 
     @property
     def streams(self) -> bool:
@@ -351,21 +354,29 @@ class CalibrationDriver:
         self.timings["on_block_propagated"] += time.perf_counter() - start
 
     def _stop_after_last_linear(self, block: nn.Module) -> None:
-        """End each calibration pass once every linear of ``block`` has been entered (the hooks, which
-        run first, have read the inputs): the last linear's product and what follows it are never used."""
-        names = [name for group in self._groups for name in group]
+        """End each calibration pass once every linear of this step has been entered (the hooks, which run
+        first, have read the inputs) and every module in ``ctx.runs_through`` has returned: what follows is
+        never used (a true-sequential attention-input pass skips the MLP, its MLP-input pass the MLP's output).
+        ``runs_through`` is read at each check: a hook may drop a module from it mid-stage."""
+        names = list(self._ctx.layers)
 
-        def enter(name: str):
-            def hook(module, args):
-                if self._ctx is not None and self._ctx.reference_pass:
+        def done() -> bool:
+            return all(name in self._entered for name in names) and \
+                all(id(m) in self._entered for m in self._ctx.runs_through)
+
+        def mark(key):
+            def hook(module, *_):
+                if self._ctx.reference_pass:
                     return  # the reference stream's output is kept: that run goes to the end
-                self._entered.add(name)
-                if len(self._entered) == len(names):
+                self._entered.add(key)
+                if done():
                     raise _PassDone
             return hook
 
         for name in names:
-            self._held.callback(block.get_submodule(name).register_forward_pre_hook(enter(name)).remove)
+            self._held.callback(block.get_submodule(name).register_forward_pre_hook(mark(name)).remove)
+        for module in self._ctx.runs_through:
+            self._held.callback(module.register_forward_hook(mark(id(module))).remove)
 
     def _finish_block(self, index: int) -> None:
         """Block ``index`` is final: back to the CPU, or written out and freed when streamed."""

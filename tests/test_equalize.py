@@ -150,16 +150,18 @@ def test_with_the_asymmetric_solve_it_fails_before_any_work():
         quantize(model, token_ids(4, 16), QuantConfig(group_size=16), equalize=[0.5], asymmetric=True)
 
 
-def test_an_eight_bit_fit_with_scaling_computes_the_fp_model_and_saves_what_it_computes(tmp_path):
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_an_eight_bit_fit_with_scaling_computes_the_fp_model_and_saves_what_it_computes(tmp_path, true_sequential):
     """At 8 bits the quantized model is the fp one up to small noise: a rewrite that forgot the producer (inputs
-    not divided by s), or divided the wrong rows, would be far off."""
+    not divided by s), or divided the wrong rows, would be far off. True-sequential, down_proj's producer
+    (up_proj) is already quantized when the rewrite is made: its scales take the fold."""
     model = FACTORIES["llama"]()
     ids = token_ids(2, 16, seed=1)
     reference = full_logits(model, ids)
     config = QuantConfig(bits=8, group_size=16, sym=False)
-    plain = quantize(FACTORIES["llama"](), token_ids(8, 16), config, backend="torch")
+    plain = quantize(FACTORIES["llama"](), token_ids(8, 16), config, backend="torch", true_sequential=true_sequential)
     scaled = quantize(model, token_ids(8, 16), config, equalize=[0.5, 1.0], backend="torch",
-                      output_dir=tmp_path / "out")
+                      output_dir=tmp_path / "out", true_sequential=true_sequential)
     err = lambda m: float((full_logits(m, ids) - reference).abs().max())  # noqa: E731
     assert err(scaled) < 3 * err(plain) + 1e-3 and err(scaled) < 0.05 * float(reference.abs().max())
     records = json.loads((tmp_path / "out" / "summary.json").read_text())["layers"]

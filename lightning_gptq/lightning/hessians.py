@@ -132,6 +132,8 @@ class HessianCapture(BlockHooks, Callback):
                 if self._probing and self._probe_limit is not None and self.probed_windows() >= self._probe_limit:
                     self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
                     self._probing = False
+                    for module in attention_layers(ctx.block):  # nor does it need the attention any more
+                        ctx.runs_through.remove(module)
                 if name in pending:
                     pending.discard(name)
                     for seen, owner in first_inputs:
@@ -185,6 +187,7 @@ class HessianCapture(BlockHooks, Callback):
             rank, world = (0, 1) if trainer is None else (trainer.global_rank, world_size(trainer))
             self._probe_limit = None if self.sink_probe_windows is None else len(range(rank, self.sink_probe_windows, world))
             self._probed = {id(m): 0 for m in attention_layers(ctx.block)}
+            ctx.runs_through.extend(attention_layers(ctx.block))  # a true-sequential q/k/v pass would end before it
             self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention,
                                                       first=self.sink_tokens))
             self._probing = True
