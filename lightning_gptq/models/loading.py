@@ -123,11 +123,9 @@ def _load_from(source: str, *, dtype, trust_remote_code: bool, revision: str | N
 
 def _refuse_compressed_tensors(folder: Path) -> None:
     """A compressed-tensors folder is read by ``lightning_gptq.load_quantized`` (as ``validate`` does), not here."""
-    try:
-        method = (json.loads((folder / "config.json").read_text()).get("quantization_config") or {}).get("quant_method")
-    except (OSError, ValueError, AttributeError):
-        return
-    if method == "compressed-tensors":
+    from lightning_gptq.checkpoint.compressed_tensors import is_compressed_tensors_folder
+
+    if is_compressed_tensors_folder(folder):
         raise ModelLoadError(f"{folder} is a compressed-tensors checkpoint: read it with lightning_gptq.load_quantized "
                              "(validate and predict do), not as a full-precision model")
 
