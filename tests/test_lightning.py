@@ -253,7 +253,8 @@ def test_the_three_bit_config_stacks_on_the_main_one(capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     quant = printed["gptq"]["quant"]
     assert (quant["bits"], quant["static_groups"], quant["mse"], quant["act_order"]) == (3, False, True, True)
-    assert printed["gptq"]["equalize"] == []  # chosen at 4 bits only
+    assert printed["gptq"]["equalize"] == [0.25, 0.5]  # the main config's, chosen at 3 bits as well
+    assert printed["gptq"]["equalize_layers"] == r".*\.mlp\.down_proj$"
     assert printed["data"]["nsamples"] == 128 and printed["hessian"]["sink_weight"] == "attention"  # the rest: main's
     assert printed["trainer"]["default_root_dir"] == "runs/smollm2-135m-3bit"  # not mixed with 4-bit runs
 
