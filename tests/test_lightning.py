@@ -527,8 +527,7 @@ def test_sink_probe_on_the_first_windows_only(tmp_path):
         HessianCapture(sink_weight="attention", sink_probe_windows=0)
 
 
-@pytest.mark.parametrize("true_sequential", [True, False])
-def test_calibration_passes_end_after_their_layers_and_the_attention_they_measure(tmp_path, true_sequential):
+def test_calibration_passes_end_after_their_layers_and_the_attention_they_measure(tmp_path):
     """A pass ends once this step's linears have read their input and the attention a sink weight is measured
     on has run: true-sequential, the q/k/v pass goes through the attention for the probed windows only, the
     o_proj pass never finishes the attention, the gate/up pass never reaches the MLP's output. The weight
@@ -536,44 +535,41 @@ def test_calibration_passes_end_after_their_layers_and_the_attention_they_measur
     from lightning_gptq.driver import CalibrationDriver
     from lightning_gptq.sources import LoadedModel
 
-    lm, tokenizer = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
-    windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=4, seqlen=16).calibration_windows(tokenizer)
-    capture = HessianCapture(sink_weight="attention", sink_layers="attention", sink_probe_windows=2)
-    hooks = [capture, GPTQCallback(QuantConfig(bits=4, group_size=12), backend="torch")]
-    counts, handles = {"attention returned": 0, "mlp entered": 0, "down_proj entered": 0}, []
+    def run(true_sequential: bool) -> tuple[dict, dict]:
+        """Block 0's counted module calls over the whole run, and the sink weights."""
+        lm, tokenizer = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+        windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=4, seqlen=16).calibration_windows(tokenizer)
+        capture = HessianCapture(sink_weight="attention", sink_layers="attention", sink_probe_windows=2)
+        hooks = sorted([capture, GPTQCallback(QuantConfig(bits=4, group_size=12), backend="torch")],
+                       key=lambda cb: cb.block_hook_order)
+        counts = {"attention returned": 0, "mlp entered": 0, "down_proj entered": 0}
 
-    def count(key):
-        def hook(*_):
-            counts[key] += 1
-        return hook
+        def count(key):
+            def hook(*_):
+                counts[key] += 1
+            return hook
 
-    def fire(name, ctx):
-        if name == "on_block_start" and ctx.group_index == 0 and ctx.block_index == 0:
-            handles.extend([ctx.block.self_attn.register_forward_hook(count("attention returned")),
-                            ctx.block.mlp.register_forward_pre_hook(count("mlp entered")),
-                            ctx.block.mlp.down_proj.register_forward_pre_hook(count("down_proj entered"))])
-        for cb in sorted(hooks, key=lambda cb: cb.block_hook_order):
-            if hasattr(cb, name):
-                getattr(cb, name)(None, None, ctx)
-        if name == "on_block_propagated" and ctx.block_index == 0:
-            for handle in handles:
-                handle.remove()
+        block = lm.model.layers[0]  # down_proj's hook stays on the dense layer: it sees calibration passes only
+        handles = [block.self_attn.register_forward_hook(count("attention returned")),
+                   block.mlp.register_forward_pre_hook(count("mlp entered")),
+                   block.mlp.down_proj.register_forward_pre_hook(count("down_proj entered"))]
 
-    CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire, true_sequential=true_sequential).run(windows)
-    if true_sequential:  # passes: q/k/v (2 probed windows run through the attention), o, gate/up, down; propagation
-        # (down_proj is swapped for its quantized layer before propagation: the hook sees the calibration pass only)
-        assert counts == {"attention returned": 2 + 0 + 4 + 4 + 4, "mlp entered": 0 + 0 + 4 + 4 + 4, "down_proj entered": 4}
-    else:
-        assert counts == {"attention returned": 4 + 4, "mlp entered": 4 + 4, "down_proj entered": 4}
-    weights = {}
-    for ts in (True, False):
-        lm, _ = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
-        other = HessianCapture(sink_weight="attention", sink_layers="attention", sink_probe_windows=2)
-        hooks = [other, GPTQCallback(QuantConfig(bits=4, group_size=12), backend="torch")]
-        CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire, true_sequential=ts).run(windows)
-        weights[ts] = other.block_weights
-    assert weights[True][0] == pytest.approx(weights[False][0], rel=1e-6) and weights[True][0] > 1.5
-    assert capture.block_weights == weights[true_sequential]
+        def fire(name, ctx):
+            for cb in hooks:
+                if hasattr(cb, name):
+                    getattr(cb, name)(None, None, ctx)
+            if name == "on_block_propagated" and ctx.block_index == 0:
+                for handle in handles:
+                    handle.remove()
+
+        CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire, true_sequential=true_sequential).run(windows)
+        return counts, capture.block_weights
+
+    counts, sequential = run(True)  # passes: q/k/v (2 probed windows run through the attention), o, gate/up, down; propagation
+    assert counts == {"attention returned": 2 + 0 + 4 + 4 + 4, "mlp entered": 0 + 0 + 4 + 4 + 4, "down_proj entered": 4}
+    counts, whole = run(False)
+    assert counts == {"attention returned": 4 + 4, "mlp entered": 4 + 4, "down_proj entered": 4}
+    assert sequential[0] == pytest.approx(whole[0], rel=1e-6) and whole[0] > 1.5
 
 
 def _inputs_of(block, name, inputs):

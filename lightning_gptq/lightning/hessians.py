@@ -116,7 +116,8 @@ class HessianCapture(BlockHooks, Callback):
         first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
         pending = set(ctx.layers)
         weighted = self._weighted_layers(ctx) if self._reweighs() else set()
-        if self.measured and weighted and not attention_layers(ctx.block):
+        attention = attention_layers(ctx.block)
+        if self.measured and weighted and not attention:
             if not self._warned:
                 rank_zero_warn("HessianCapture(sink_weight='attention'): this model computes attention outside "
                                "transformers' attention interface, so the attention a position receives cannot be "
@@ -132,7 +133,7 @@ class HessianCapture(BlockHooks, Callback):
                 if self._probing and self._probe_limit is not None and self.probed_windows() >= self._probe_limit:
                     self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
                     self._probing = False
-                    for module in attention_layers(ctx.block):  # nor does it need the attention any more
+                    for module in attention:  # nor does it need the attention any more
                         ctx.runs_through.remove(module)
                 if name in pending:
                     pending.discard(name)
@@ -186,9 +187,9 @@ class HessianCapture(BlockHooks, Callback):
             # of the run, the ones the single-process run probes, are each rank's first few.
             rank, world = (0, 1) if trainer is None else (trainer.global_rank, world_size(trainer))
             self._probe_limit = None if self.sink_probe_windows is None else len(range(rank, self.sink_probe_windows, world))
-            self._probed = {id(m): 0 for m in attention_layers(ctx.block)}
-            ctx.runs_through.extend(attention_layers(ctx.block))  # a true-sequential q/k/v pass would end before it
-            self._probe.enter_context(probe_attention(attention_layers(ctx.block), self._record_attention,
+            self._probed = {id(m): 0 for m in attention}
+            ctx.runs_through.extend(attention)  # a true-sequential q/k/v pass would end before it
+            self._probe.enter_context(probe_attention(attention, self._record_attention,
                                                       first=self.sink_tokens))
             self._probing = True
 
