@@ -3,7 +3,7 @@
 GPTQ damps with ``λ = damp · mean(diag H)``. Where one token's input is huge in a few channels (SmolLM2's
 position 0 at ``down_proj``), ``mean(diag H)`` is that token's, and ``λ`` can exceed most channels' own
 ``H_jj``: there the solve barely moves the other columns (it tends to round to nearest). Per block, over
-``--windows`` windows of the full-precision model (the calibration file's first windows, seed 0):
+``--windows`` windows of the full-precision model (drawn from the calibration file with seed 0):
 
 - ``pos0``: the share of ``tr H`` from position 0;
 - ``λ/med``: ``λ`` over the median ``H_jj`` (damp 0.01), with and without position 0 in ``H``;
@@ -47,7 +47,7 @@ def main() -> None:
                 continue
 
             def hook(module, inputs, b=b, short=short):
-                x = inputs[0].double().reshape(-1, inputs[0].shape[0] and inputs[0].shape[-1])
+                x = inputs[0].double().reshape(-1, inputs[0].shape[-1])
                 first = inputs[0][:, 0].double()
                 total, lead = sums.setdefault((b, short), [0, 0])
                 sums[(b, short)] = [total + x.T @ x, lead + first.T @ first]
