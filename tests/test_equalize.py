@@ -54,6 +54,17 @@ def test_alpha_zero_is_plain_gptq_bit_for_bit():
     assert eq.errors[0.0] == pytest.approx(output_error(w, plain.dequantize(), h), rel=1e-12)
 
 
+def test_a_16_bit_weight_is_scaled_in_fp32():
+    """A bf16 layer is solved as its exact fp32 image is: W·diag(s) rounded to bf16 would move the weights by about
+    as much as 8-bit codes do, and plain GPTQ would then win every comparison."""
+    w, h = _problem()
+    w16 = w.to(torch.bfloat16)
+    config = QuantConfig(bits=8, group_size=16, sym=False)
+    half, image = (equalized_gptq_quantize([v], h.float(), [config], [0.5, 1.0]) for v in (w16, w16.float()))
+    assert half.errors == pytest.approx(image.errors, rel=1e-6) and half.alpha == image.alpha > 0
+    assert torch.equal(half.quantized[0].codes, image.quantized[0].codes) and half.quantized[0].dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("options", [dict(), dict(act_order=True, static_groups=True, mse=True)])
 def test_the_kept_exponent_has_the_lowest_summed_error_and_it_is_what_the_layers_compute(options):
     w, h = _problem()
@@ -72,8 +83,8 @@ def test_the_kept_exponent_has_the_lowest_summed_error_and_it_is_what_the_layers
         equalized_gptq_quantize([w], h, configs, [0.5])
 
 
-def _block_inputs(arch):
-    model = FACTORIES[arch]()
+def _block_inputs(arch, dtype=torch.float32):
+    model = FACTORIES[arch]().to(dtype)
     adapter = get_adapter(model)
     inputs = capture_block_inputs(model, adapter, token_ids(1, 16))
     return adapter.blocks(model)[0], inputs.hidden[0], inputs.kwargs_for(0, 0)
@@ -90,8 +101,9 @@ LLAMA_SOURCES = {"input_layernorm": ["self_attn.q_proj", "self_attn.k_proj", "se
     ("gpt2", {"ln_1": ["attn.c_attn"], "ln_2": ["mlp.c_fc"], "mlp.c_fc": ["mlp.c_proj"]}, {"ln_1", "ln_2"}),  # GELU
     ("gemma", {**LLAMA_SOURCES}, {"mlp.up_proj"}),  # its norms multiply by 1 + weight
 ])
-def test_sources_are_found_and_only_exact_rewrites_are_kept(arch, sources, exact):
-    block, hidden, kwargs = _block_inputs(arch)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # 16-bit: what GPU users fit
+def test_sources_are_found_and_only_exact_rewrites_are_kept(arch, sources, exact, dtype):
+    block, hidden, kwargs = _block_inputs(arch, dtype)
     found = scale_sources(block, hidden, kwargs)
     assert {p: sorted(c) for p, c in found.items()} == {p: sorted(c) for p, c in sources.items()}
     for producer, consumers in found.items():
@@ -179,6 +191,25 @@ def test_an_eight_bit_fit_with_scaling_computes_the_fp_model_and_saves_what_it_c
     assert "| s | α |" in table and "| model.layers.0.self_attn.o_proj | 32×32 |" in table
     loaded, _ = load_quantized(tmp_path / "out" / "model", backend="torch")
     torch.testing.assert_close(full_logits(loaded, ids), full_logits(scaled, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_16_bit_model_takes_the_scaling_too(tmp_path, dtype):
+    """The rewrite check runs the block in fp32: a 16-bit model's own rounding (~1e-3 per token) is no reason to
+    refuse an exact rewrite (it refused every one before, so GPU fits in fp16 silently solved plain GPTQ)."""
+    model = FACTORIES["llama"]().to(dtype)
+    ids = token_ids(2, 16, seed=1)
+    reference = full_logits(model, ids).float()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scaled = quantize(model, token_ids(8, 16), QuantConfig(bits=8, group_size=16, sym=False, act_order=True,
+                          static_groups=True, mse=True), equalize=[0.5, 1.0], sink_weight="attention",
+                          sink_layers="attention", backend="torch", output_dir=tmp_path / "out")  # the config's options
+    assert not [w for w in caught if "not an equivalent rewrite" in str(w.message)]
+    records = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert records["equalize_refused"] == []
+    assert len([r for r in records["layers"] if r["equalize_alpha"]]) >= 3  # rewrites were made
+    assert float((full_logits(scaled, ids).float() - reference).abs().max()) < 0.05 * float(reference.abs().max())
 
 
 def test_a_refused_rewrite_is_solved_as_plain_gptq_with_a_warning(tmp_path):

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.models.capture import run_block
+from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.nn.quant_linear import QuantLinear
 
 __all__ = ["SCALE_PAIR_NAMES", "divide_output_channels", "multiply_input_channels", "rewrite_if_exact",
@@ -128,26 +129,31 @@ def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
 
 def rewrite_if_exact(block: nn.Module, producer: str, consumers: list[str], scales: Tensor, hidden: Tensor,
                      kwargs: dict, tolerance: float = 1e-4) -> bool:
-    """Divide ``producer``'s output channels by ``scales`` and multiply the (dense) ``consumers``' input columns by
-    them; keep the producer's change if ``block``'s output on ``hidden`` is unchanged (every token's relative
-    error within ``tolerance``; an exact rewrite leaves fp rounding, ~1e-6), else undo it. The consumers are
-    always put back: they are about to be replaced by their quantized versions, solved for the scaled input."""
+    """Divide ``producer``'s output channels by ``scales`` if that, with the (dense) ``consumers``' input columns
+    multiplied by them, leaves ``block``'s output on ``hidden`` unchanged (every token's relative error within
+    ``tolerance``; an exact rewrite leaves fp32 rounding, ~1e-6); returns whether it did. The check runs the block
+    in fp32, on fp32 copies of a 16-bit block's weights (whose own rounding would exceed ``tolerance``);
+    the consumers are never changed: they are about to be replaced by their quantized versions, solved for the
+    scaled input."""
     first = block.get_submodule(producer)
     layers = [block.get_submodule(name) for name in consumers]
     if not all(is_linear(layer) for layer in layers):
         return False
-    before = run_block(block, hidden, kwargs).to(torch.float64)
-    saved_producer, saved_layers = _state(first), [_state(layer) for layer in layers]
-    divide_output_channels(first, scales)
-    for layer in layers:
-        multiply_input_channels(layer, scales)
-    try:
-        after = run_block(block, hidden, kwargs).to(torch.float64)
-    finally:
-        for layer, state in zip(layers, saved_layers):
-            _restore(layer, state)
+    wide = torch.float32  # (a no-op on an fp32 block)
+    hidden, kwargs = floating_to(hidden, wide), floating_to(kwargs, wide)
+    with running_in(block, wide):
+        before = run_block(block, hidden, kwargs).to(torch.float64)
+        saved = [(module, _state(module)) for module in (first, *layers)]
+        divide_output_channels(first, scales)
+        for layer in layers:
+            multiply_input_channels(layer, scales)
+        try:
+            after = run_block(block, hidden, kwargs).to(torch.float64)
+        finally:
+            for module, state in saved:
+                _restore(module, state)
     error = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
     exact = bool(torch.isfinite(after).all()) and float(error.max()) <= tolerance
-    if not exact:
-        _restore(first, saved_producer)
+    if exact:
+        divide_output_channels(first, scales)
     return exact

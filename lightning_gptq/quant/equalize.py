@@ -18,6 +18,8 @@ given model is not this module's business (``models/equalization.py`` checks it 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +72,7 @@ def equalized_gptq_quantize(weights: list[Tensor], hessian: Tensor, configs: lis
     if len(weights) != len(configs) or not weights:
         raise ValueError("equalized_gptq_quantize needs one QuantConfig per weight, and at least one weight")
     weights = [w.detach() for w in weights]
+    wide = torch.promote_types(weights[0].dtype, torch.float32)
     diag = torch.diagonal(hessian)
     errors: dict[float, float] = {}
     kept: dict[float, tuple[list[QuantizedWeight], Tensor]] = {}
@@ -77,9 +80,11 @@ def equalized_gptq_quantize(weights: list[Tensor], hessian: Tensor, configs: lis
         s = channel_scales(diag, alpha)
         s_h = s.to(hessian.device, hessian.dtype)
         scaled_h = hessian / s_h[:, None] / s_h[None, :]
-        results = [gptq_quantize(w * s.to(w.device, w.dtype), scaled_h, c, overwrite_hessian=i == len(weights) - 1)
+        # W·diag(s) formed in fp32 at least: rounded to a 16-bit weight's dtype it moves as much as 8-bit codes do
+        results = [replace(gptq_quantize(w.to(wide) * s.to(w.device, wide), scaled_h, c,
+                                         overwrite_hessian=i == len(weights) - 1), dtype=w.dtype)
                    for i, (w, c) in enumerate(zip(weights, configs))]
-        errors[alpha] = sum(output_error(w, q.dequantize().to(torch.float64) / s.to(w.device), hessian)
+        errors[alpha] = sum(output_error(w, replace(q, dtype=torch.float64).dequantize() / s.to(w.device), hessian)
                             for w, q in zip(weights, results))
         best = min(errors, key=errors.get)
         kept = {a: kept[a] for a in kept if a in (0.0, best)}  # plain GPTQ and the best so far
