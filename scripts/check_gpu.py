@@ -287,7 +287,7 @@ def run_all(out: Path, accelerator: str = "gpu") -> int:
         log.write(f"\n===== {title}: {' '.join(cmd)}\n{text}")
         log.flush()
         keep = [line for line in text.splitlines() if line.startswith(("|", "FAIL", "#")) or re.search(
-            r"perplexity|latency|worst relative|cuda-int4|passed|failed|error|Error|auto:", line)]
+            r"perplexity|latency|worst relative|cuda-int4|passed|failed|error|Error|auto:|rewrite", line)]
         section = [f"\n## {title}: {status}, {time.perf_counter() - began:.0f} s\n", *keep[-60:]]
         if cmd[2] == "lightning_gptq" and (line := against_cpu(cmd[3], text)):
             section.append(line)
