@@ -47,13 +47,17 @@ def test_cuda_graphs_of_the_kernels_equal_eager(backend, dtype):
             torch._dynamo.reset()
 
 
-def test_fit_in_fp16_on_the_gpu_and_compiled_decode_gives_eager_tokens():
+def test_fit_in_fp16_on_the_gpu_and_compiled_decode_gives_eager_tokens(tmp_path):
+    import json
+
     from lightning_gptq import QuantConfig, quantize
     from lightning_gptq.models.decode import StaticDecoder
     from lightning_gptq.nn import QuantLinear
 
     model = quantize(FACTORIES["llama"]().to(torch.float16), token_ids(4, 16), QuantConfig(bits=4, group_size=32),
-                     accelerator="gpu")
+                     equalize=[0.5, 1.0], accelerator="gpu", output_dir=tmp_path / "out")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["equalize_refused"] == []  # fp16 rounding is no reason to refuse an exact rewrite
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.scales.device.type == "cuda" for m in layers)
     assert next(model.parameters()).dtype == torch.float16
