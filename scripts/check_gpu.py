@@ -208,6 +208,10 @@ def cli(stage: str, dtype: str, out: Path, *extra: str) -> list[str]:
 #: Measured 2026-12-06 on an AMD EPYC (AVX-512); the fit moves between CPUs (fp32 kernels differ, GPTQ cascades).
 CPU_PERPLEXITY = {"fit": 3133.6379, "validate": 2652.7698}
 CPU_PERPLEXITY_CONFIG = "61dce026f9289863"
+#: The same two in bf16 on the same CPU (``--model.dtype=bfloat16``): unquantized the model moves 0.14%, but its fit
+#: 3.4%, as 16-bit rounding changes codes that GPTQ's cascade carries through 12 shallow-and-deep blocks. A GPU fit
+#: in fp16 can miss 1% of the fp32 fit for that reason alone; the kernels' own check is ``correctness``.
+CPU_PERPLEXITY_BF16 = {"fit": 3028.3635, "validate": 2656.3755}
 
 
 def config_settings_digest(path: Path = ROOT / "configs/smollm2-135m.yaml") -> str:
@@ -232,8 +236,10 @@ def against_cpu(stage: str, text: str) -> str | None:
             " (the CPU figure was measured with other config settings: rerun --all --cpu)"
     except (ImportError, OSError, ValueError) as error:  # the report must not die on its footnote
         stale = f" (the config's settings could not be compared: {error})"
+    bf16 = CPU_PERPLEXITY_BF16[stage]
     return f"perplexity {ppl:.4f} against the CPU run's {cpu:.4f}: {ppl / cpu:.4f}x " \
-           f"({'within' if abs(ppl / cpu - 1) <= 0.01 else 'NOT within'} 1%){stale}"
+           f"({'within' if abs(ppl / cpu - 1) <= 0.01 else 'NOT within'} 1%){stale}; the CPU's bf16 run scored " \
+           f"{bf16:.4f} ({bf16 / cpu:.4f}x fp32)"
 
 
 def steps(out: Path, accelerator: str) -> list[tuple[str, list[str], int, dict[str, str]]]:
