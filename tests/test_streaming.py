@@ -56,11 +56,12 @@ def test_an_fp64_stream_streamed_equals_in_memory(tmp_path, extra):
     assert whole.keys() == streamed.keys() and all(torch.equal(t, streamed[n]) for n, t in whole.items())
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_a_streamed_fit_with_input_scaling_equals_in_memory(tmp_path, arch):
-    """``gptq.equalize`` rescales norms and producing layers inside the block: the written blocks carry them."""
+@pytest.mark.parametrize("arch, dtype", [("llama", "float32"), ("opt", "float32"), ("llama", "bfloat16")])
+def test_a_streamed_fit_with_input_scaling_equals_in_memory(tmp_path, arch, dtype):
+    """``gptq.equalize`` rescales norms and producing layers inside the block: the written blocks carry them. In
+    bf16 too (big models, the ones that stream, load in 16 bits: the configs for them say ``float16``)."""
     model_dir = tiny_model_dir(tmp_path, arch)
-    fit = [*QUIET_FIT, "--gptq.equalize=[0.5, 1.0]"]
+    fit = [*QUIET_FIT, "--gptq.equalize=[0.5, 1.0]", f"--model.dtype={dtype}"]
     main(["fit", *cli_args(model_dir, tmp_path / "a", *fit, f"--model.output_dir={tmp_path / 'whole'}")])
     main(["fit", *cli_args(model_dir, tmp_path / "b", *fit, "--model.streaming=true",
                            f"--model.output_dir={tmp_path / 'streamed'}")])
