@@ -139,9 +139,8 @@ def rewrite_if_exact(block: nn.Module, producer: str, consumers: list[str], scal
     layers = [block.get_submodule(name) for name in consumers]
     if not all(is_linear(layer) for layer in layers):
         return False
-    wide = torch.float32  # (a no-op on an fp32 block)
-    hidden, kwargs = floating_to(hidden, wide), floating_to(kwargs, wide)
-    with running_in(block, wide):
+    hidden, kwargs = floating_to(hidden, torch.float32), floating_to(kwargs, torch.float32)
+    with running_in(block, torch.float32):  # (nothing copied for an fp32 block)
         before = run_block(block, hidden, kwargs).to(torch.float64)
         saved = [(module, _state(module)) for module in (first, *layers)]
         divide_output_channels(first, scales)

@@ -18,9 +18,7 @@ given model is not this module's business (``models/equalization.py`` checks it 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
