@@ -11,7 +11,7 @@ the norms): folding a norm weight that damps a massive channel exposes that chan
 Then score the folder with the choosing texts (never a reported set), e.g.
 
     python experiments/rotation_study.py runs/rotated                    # whole stream rotated
-    python experiments/rotation_study.py runs/rotated-part --keep-massive 8
+    python experiments/rotation_study.py runs/rotated-part --keep-massive 8   # or --keep 507,247,308,17
     python scripts/quality_table.py --rows ours-4 rtn-4 --eval choose --quick --tag rot -- \\
         --model.model=runs/rotated --model.gguf_file=null
 """
@@ -95,11 +95,13 @@ def main() -> None:
     parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep-massive", type=float, default=None, help="leave channels above this RMS ratio unrotated")
+    parser.add_argument("--keep", default=None, help="channels to leave unrotated, e.g. 507,247,308,17")
     parser.add_argument("--text", default="../shared/data/calibration/brown.txt", help="finds massive channels")
     args = parser.parse_args()
     model, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file)
     keep = [] if args.keep_massive is None else massive_channels(
         model, tokenizer, open(args.text).read()[:20000], args.keep_massive)
+    keep = sorted({*keep, *(int(c) for c in args.keep.split(","))} if args.keep else keep)
     print(f"channels left unrotated: {keep}")
     ids = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
