@@ -23,6 +23,8 @@ against the oracle again before timing it. Exits non-zero on any error above the
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -216,10 +218,7 @@ CPU_PERPLEXITY_BF16 = {"fit": 3028.3635, "validate": 2656.3755}
 
 def config_settings_digest(path: Path = ROOT / "configs/smollm2-135m.yaml") -> str:
     """sha256 (first 16 hex digits) of the config's settings: its YAML parsed, so comments and layout do not count."""
-    import hashlib
-    import json
-
-    import yaml
+    import yaml  # (here: the --all parent process runs before the bundle's packages are installed)
 
     settings = json.dumps(yaml.safe_load(path.read_text()), sort_keys=True)
     return hashlib.sha256(settings.encode()).hexdigest()[:16]
