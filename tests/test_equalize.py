@@ -119,6 +119,24 @@ def test_sources_are_found_and_only_exact_rewrites_are_kept(arch, sources, exact
         block.load_state_dict(state)
 
 
+@pytest.mark.parametrize("producer, local", [("input_layernorm", False), ("mlp.up_proj", True)])
+@pytest.mark.parametrize("others", [True, False])
+def test_processes_make_a_rewrite_together_or_not_at_all(producer, local, others):
+    """gptq_ddp: each process checks on its own windows; ``agree`` gets its verdict and what it returns (all
+    processes' verdicts combined) is what happens, so no rank keeps a rewrite another refused."""
+    block, hidden, kwargs = _block_inputs("gemma")  # input_layernorm: 1 + weight, refused; up_proj: exact
+    consumers = scale_sources(block, hidden, kwargs)[producer]
+    scales = torch.rand(block.get_submodule(consumers[0]).weight.shape[1], dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1)) + 0.5
+    state = {k: v.clone() for k, v in block.state_dict().items()}
+    votes = []
+    made = rewrite_if_exact(block, producer, consumers, scales, hidden, kwargs,
+                            agree=lambda verdict: votes.append(verdict) or (verdict and others))
+    changed = {k for k, v in block.state_dict().items() if not torch.equal(v, state[k])}
+    assert votes == [local]
+    assert made is (local and others) and bool(changed) is made
+
+
 def test_dividing_output_channels_divides_the_output_dense_quantized_or_norm():
     torch.manual_seed(0)
     dense = torch.nn.Linear(32, 8)

@@ -29,7 +29,7 @@ from lightning_gptq.nn import AUTO, QuantLinear, check_backend, make_quant_linea
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
 from lightning_gptq.quant.rules import LayerRules
 
-from .distributed import world_size
+from .distributed import all_agree, world_size
 from .equalizer import Equalizer
 from .hessians import HessianCapture
 from .hooks import BlockContext, BlockHooks, fire_block_hook
@@ -200,7 +200,7 @@ class GPTQCallback(BlockHooks, Callback):
             if bar is not None:
                 bar.set_postfix_str(name)
             if name in groups:
-                solved.update(self._solve_group(ctx, *groups[name]))
+                solved.update(self._solve_group(trainer, ctx, *groups[name]))
             record = self._quantize_layer(ctx, name, layer, solved.pop(name, None))
             if record is not None:  # None: a `-:` rule keeps it in full precision
                 self.records.append(record)
@@ -305,7 +305,7 @@ class GPTQCallback(BlockHooks, Callback):
             scales_sha256=digest(qweight.scales.to(weight.dtype)), equalize_alpha=alpha,
         )
 
-    def _solve_group(self, ctx: BlockContext, producer: str, members: list[str]) -> dict[str, tuple]:
+    def _solve_group(self, trainer, ctx: BlockContext, producer: str, members: list[str]) -> dict[str, tuple]:
         """Solve ``members`` together in scaled input coordinates (``equalize``); fold the scales into ``producer``
         where the block allows it. ``{member: (QuantizedWeight, alpha, seconds)}`` (the group's time, shared out)."""
         start = time.perf_counter()
@@ -313,7 +313,7 @@ class GPTQCallback(BlockHooks, Callback):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DampingIncreasedWarning)
             results, alpha, scales = self.equalizer.solve(ctx, producer, members, ctx.hessians[members[0]].hessian,
-                                                          configs)
+                                                          configs, agree=all_agree(trainer))
         for w in caught:
             rank_zero_warn(f"{ctx.full_name(members[0])} (with {members[1:]}): {w.message}")
         if alpha is None:

@@ -9,7 +9,9 @@
 - before each solve, ``HessianCapture`` all-reduces every layer's ``Σ xxᵀ`` (in fp64) and sample
   count, so every rank holds the Hessian of all windows;
 - every rank then solves the same problem on the same software, and ``GPTQCallback`` checks that
-  the ranks' quantized layers agree (a checksum per block) instead of broadcasting them.
+  the ranks' quantized layers agree (a checksum per block) instead of broadcasting them;
+- a decision a rank takes on its own windows (is input scaling an exact rewrite of this block?) is
+  taken by all together (``all_agree``: made only where every rank's check holds).
 
 Why not Lightning's ``ddp``: ``DistributedDataParallel`` exists to average gradients, and
 calibration computes none; it refuses a module without trainable parameters, and putting the
@@ -20,11 +22,13 @@ cluster environments, process group, ``reduce``/``all_gather``/``barrier``).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.utils.data import DistributedSampler
 
-__all__ = ["CalibrationDDPStrategy", "WindowShards", "all_reduce_sum", "without_padding", "world_size"]
+__all__ = ["CalibrationDDPStrategy", "WindowShards", "all_agree", "all_reduce_sum", "without_padding", "world_size"]
 
 
 class CalibrationDDPStrategy(DDPStrategy):
@@ -79,3 +83,15 @@ def world_size(trainer) -> int:
 def all_reduce_sum(trainer, tensor: torch.Tensor) -> torch.Tensor:
     """The sum of ``tensor`` over all ranks (every rank gets the same result)."""
     return trainer.strategy.reduce(tensor, reduce_op="sum")
+
+
+def all_agree(trainer) -> Callable[[bool], bool] | None:
+    """None on one process; else a collective every process calls with its own verdict: True where all are
+    (a decision each rank takes on its own windows, made once for all)."""
+    if world_size(trainer) <= 1:
+        return None
+
+    def agree(verdict: bool) -> bool:
+        votes = torch.tensor(float(bool(verdict)), dtype=torch.float64, device=trainer.strategy.root_device)
+        return int(all_reduce_sum(trainer, votes).item()) == world_size(trainer)
+    return agree

@@ -67,16 +67,19 @@ class Equalizer:
         return type(ctx.block).__name__, producer, tuple(members)
 
     def solve(self, ctx: BlockContext, producer: str, members: list[str], hessian: torch.Tensor,
-              configs: list[QuantConfig]) -> tuple[list[QuantizedWeight], float | None, torch.Tensor | None]:
+              configs: list[QuantConfig], agree: Callable[[bool], bool] | None = None,
+              ) -> tuple[list[QuantizedWeight], float | None, torch.Tensor | None]:
         """Solve ``members`` (dense linears of ``ctx.block``) at every exponent; when the best is not plain GPTQ,
         rewrite ``producer`` to feed them the scaled input. Returns ``(results, alpha, scales)``: ``scales`` the
-        rewrite's (``None``: none made), ``alpha`` None where the block refused the rewrite."""
+        rewrite's (``None``: none made), ``alpha`` None where the block refused the rewrite. ``agree``: see
+        ``rewrite_if_exact`` (processes solving one all-reduced Hessian reach the rewrite check together, as the
+        best exponent depends on the Hessian alone)."""
         weights = [weight_out_in(ctx.block.get_submodule(name)) for name in members]
         solved = equalized_gptq_quantize(weights, hessian, configs, self.alphas)
         if solved.alpha == 0:
             return solved.plain, 0.0, None
         with torch.no_grad():
-            exact = rewrite_if_exact(ctx.block, producer, members, solved.scales, *self._probe_inputs(ctx))
+            exact = rewrite_if_exact(ctx.block, producer, members, solved.scales, *self._probe_inputs(ctx), agree=agree)
         if exact:
             return solved.quantized, solved.alpha, solved.scales
         self._refused_keys.add(self._key(ctx, producer, members))

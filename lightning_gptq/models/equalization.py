@@ -12,6 +12,8 @@ output is unchanged on real inputs.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -128,13 +130,14 @@ def _restore(module: nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def rewrite_if_exact(block: nn.Module, producer: str, consumers: list[str], scales: Tensor, hidden: Tensor,
-                     kwargs: dict, tolerance: float = 1e-4) -> bool:
+                     kwargs: dict, tolerance: float = 1e-4, agree: Callable[[bool], bool] | None = None) -> bool:
     """Divide ``producer``'s output channels by ``scales`` if that, with the (dense) ``consumers``' input columns
     multiplied by them, leaves ``block``'s output on ``hidden`` unchanged (every token's relative error within
     ``tolerance``; an exact rewrite leaves fp32 rounding, ~1e-6); returns whether it did. The check runs the block
     in fp32, on fp32 copies of a 16-bit block's weights (whose own rounding would exceed ``tolerance``);
     the consumers are never changed: they are about to be replaced by their quantized versions, solved for the
-    scaled input."""
+    scaled input. ``agree`` (processes that each checked their own ``hidden``): this process's verdict -> the one
+    every process acts on, so that all make the rewrite or none."""
     first = block.get_submodule(producer)
     layers = [block.get_submodule(name) for name in consumers]
     if not all(is_linear(layer) for layer in layers):
@@ -153,6 +156,8 @@ def rewrite_if_exact(block: nn.Module, producer: str, consumers: list[str], scal
                 _restore(module, state)
     error = (after - before).norm(dim=-1) / before.norm(dim=-1).clamp_min(torch.finfo(torch.float32).tiny)
     exact = bool(torch.isfinite(after).all()) and float(error.max()) <= tolerance
+    if agree is not None:
+        exact = bool(agree(exact))
     if exact:
         divide_output_channels(first, scales)
     return exact
