@@ -30,7 +30,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lightning_gptq.models import capture_block_inputs, get_adapter, run_block
+from lightning_gptq.models import capture_block_inputs, check_replay, get_adapter, run_block
+from lightning_gptq.models.adapters import VERIFIED_MODEL_TYPES
 from lightning_gptq.models.capture import BlockInputs, module_device_dtype
 from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.nn import exact_kernels
@@ -161,6 +162,8 @@ class CalibrationDriver:
         self.source = source
         self.model = source.model
         self.adapter = pinned_adapter(self.model)
+        if not source.streams and self.adapter.name not in VERIFIED_MODEL_TYPES:
+            check_replay(self.model, self.adapter)  # an unverified architecture: prove the blockwise path on it
         self.fire = fire
         self.device = torch.device(device)
         self.true_sequential = true_sequential

@@ -107,8 +107,9 @@ def test_dry_run_of_a_streaming_fit_counts_one_block(tmp_path):
     assert plan["seconds"]["evaluate"] > 0
 
 
-def test_validate_streaming_scores_block_by_block_like_the_whole_model(tmp_path):
-    model_dir = tiny_model_dir(tmp_path, "gemma3")
+@pytest.mark.parametrize("arch", ["gemma3", "granite", "cohere"])  # what the logits get: soft-capping; / and x scales
+def test_validate_streaming_scores_block_by_block_like_the_whole_model(tmp_path, arch):
+    model_dir = tiny_model_dir(tmp_path, arch)
     whole = main(["validate", *cli_args(model_dir, tmp_path / "w", "--model.latency=false")])
     streamed = main(["validate", *cli_args(model_dir, tmp_path / "s", "--model.latency=false", "--model.streaming=true")])
     a, b = whole.model.results["val"]["wikitext2"], streamed.model.results["val"]["wikitext2"]

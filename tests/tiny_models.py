@@ -45,6 +45,26 @@ FACTORIES = {
         num_key_value_heads=1, head_dim=8, max_position_embeddings=64, **SLIDING,
         layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         final_logit_softcapping=30.0, **IDS, **kw)),
+    # q/k norms per head
+    "qwen3": lambda **kw: _build(tf.Qwen3ForCausalLM, tf.Qwen3Config(**{**_LLAMA_LIKE, **kw})),
+    # norms after attention and MLP (OLMo-2)
+    "olmo2": lambda **kw: _build(tf.Olmo2ForCausalLM, tf.Olmo2Config(**{**_LLAMA_LIKE, **kw})),
+    # joined qkv_proj and gate_up_proj
+    "phi3": lambda **kw: _build(tf.Phi3ForCausalLM, tf.Phi3Config(**{**_LLAMA_LIKE, **kw})),
+    # scales outside the blocks: embeddings x2, logits / 4 (and residual, attention multipliers)
+    "granite": lambda **kw: _build(tf.GraniteForCausalLM, tf.GraniteConfig(**{
+        **_LLAMA_LIKE, "embedding_multiplier": 2.0, "logits_scaling": 4.0, "residual_multiplier": 0.5,
+        "attention_multiplier": 0.3, **kw})),
+    # attention and MLP in parallel from one LayerNorm; logits x 0.25
+    "cohere": lambda **kw: _build(tf.CohereForCausalLM, tf.CohereConfig(**{**_LLAMA_LIKE, "logit_scale": 0.25, **kw})),
+    "phi": lambda **kw: _build(tf.PhiForCausalLM, tf.PhiConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, **IDS, **kw)),
+    "falcon": lambda **kw: _build(tf.FalconForCausalLM, tf.FalconConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **IDS, **kw)),
+    "stablelm": lambda **kw: _build(tf.StableLmForCausalLM, tf.StableLmConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, **IDS, **kw)),
 }
 
 ATTENTION_GROUPS_LLAMA = [
@@ -65,6 +85,15 @@ EXPECTED_GROUPS = {
     "gpt_neox": [["attention.query_key_value"], ["attention.dense"], ["mlp.dense_h_to_4h"], ["mlp.dense_4h_to_h"]],
     "gemma": ATTENTION_GROUPS_LLAMA,
     "gemma3": ATTENTION_GROUPS_LLAMA,
+    "qwen3": ATTENTION_GROUPS_LLAMA,
+    "olmo2": ATTENTION_GROUPS_LLAMA,
+    "phi3": [["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]],
+    "granite": ATTENTION_GROUPS_LLAMA,
+    "cohere": ATTENTION_GROUPS_LLAMA,
+    "phi": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.dense"], ["mlp.fc1"], ["mlp.fc2"]],
+    "falcon": [["self_attention.query_key_value"], ["self_attention.dense"], ["mlp.dense_h_to_4h"],
+               ["mlp.dense_4h_to_h"]],
+    "stablelm": ATTENTION_GROUPS_LLAMA,
 }
 # Class names of embedding_modules / final_modules, in order.
 EXPECTED_STAGES = {
@@ -78,6 +107,14 @@ EXPECTED_STAGES = {
     "gpt_neox": (["Embedding", "GPTNeoXRotaryEmbedding"], ["LayerNorm", "Linear"]),
     "gemma": (["GemmaTextScaledWordEmbedding", "GemmaRotaryEmbedding"], ["GemmaRMSNorm", "Linear"]),
     "gemma3": (["Gemma3TextScaledWordEmbedding", "Gemma3RotaryEmbedding"], ["Gemma3RMSNorm", "Linear"]),
+    "qwen3": (["Embedding", "Qwen3RotaryEmbedding"], ["Qwen3RMSNorm", "Linear"]),
+    "olmo2": (["Embedding", "Olmo2RotaryEmbedding"], ["Olmo2RMSNorm", "Linear"]),
+    "phi3": (["Embedding", "Phi3RotaryEmbedding"], ["Phi3RMSNorm", "Linear"]),
+    "granite": (["Embedding", "GraniteRotaryEmbedding"], ["GraniteRMSNorm", "Linear"]),
+    "cohere": (["Embedding", "CohereRotaryEmbedding"], ["CohereLayerNorm", "Linear"]),
+    "phi": (["Embedding", "PhiRotaryEmbedding"], ["LayerNorm", "Linear"]),
+    "falcon": (["Embedding", "FalconRotaryEmbedding"], ["LayerNorm", "Linear"]),
+    "stablelm": (["Embedding", "StableLmRotaryEmbedding"], ["LayerNorm", "Linear"]),
 }
 
 

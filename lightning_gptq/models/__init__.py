@@ -16,6 +16,7 @@ from lightning_gptq.models.adapters import (
 from lightning_gptq.models.capture import (
     BlockInputs,
     capture_block_inputs,
+    check_replay,
     estimate_activation_bytes,
     forward_blocks,
     run_block,
@@ -28,6 +29,7 @@ __all__ = [
     "ModelLoadError",
     "UnsupportedArchitectureError",
     "capture_block_inputs",
+    "check_replay",
     "estimate_activation_bytes",
     "forward_blocks",
     "get_adapter",

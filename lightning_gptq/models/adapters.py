@@ -36,7 +36,8 @@ __all__ = [
 
 # Model types whose capture/replay is proven exact by tests/test_models_capture.py.
 VERIFIED_MODEL_TYPES = frozenset(
-    {"opt", "bloom", "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma", "gemma3_text"}
+    {"opt", "bloom", "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma", "gemma3_text", "qwen3", "olmo2",
+     "phi3", "granite", "cohere", "phi", "falcon", "stablelm"}
 )
 
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "rotary", "rope", "project_in")
@@ -202,11 +203,18 @@ class ArchitectureAdapter:
     def logits(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Final stage: `hidden` [b, seq, hidden] (output of the last block) -> logits [b, seq, vocab].
 
-        Applies `final_modules` in order, then the logit soft-capping Gemma-2/3 configs may ask for.
+        Applies `final_modules` in order, then what configs ask of the logits: Granite's division by
+        `logits_scaling`, Cohere's multiplication by `logit_scale`, Gemma-2/3's soft-capping.
         """
         for module in self.final_modules(model):
             hidden = module(hidden)
-        softcap = getattr(_text_config(model), "final_logit_softcapping", None)
+        config = _text_config(model)
+        divisor, factor = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
+        if isinstance(divisor, (int, float)) and divisor != 1:
+            hidden = hidden / divisor
+        if isinstance(factor, (int, float)) and factor != 1:
+            hidden = hidden * factor
+        softcap = getattr(config, "final_logit_softcapping", None)
         if softcap is not None:
             hidden = torch.tanh(hidden / softcap) * softcap
         return hidden
@@ -360,8 +368,8 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
     if model_type not in VERIFIED_MODEL_TYPES:
         warnings.warn(
             f"model_type {model_type!r} is not among the verified architectures {sorted(VERIFIED_MODEL_TYPES)}; "
-            "using structural detection. Check that blockwise perplexity matches the full model "
-            "(lightning_gptq.data.evaluation.perplexity_blockwise) before trusting results.",
+            "using structural detection (calibration first checks on a short window that running the blocks one "
+            "at a time reproduces the model's logits).",
             stacklevel=2,
         )
     return adapter

@@ -22,12 +22,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lightning_gptq.models.adapters import ArchitectureAdapter
+from lightning_gptq.models.adapters import ArchitectureAdapter, UnsupportedArchitectureError
 from lightning_gptq.models.loading import resolve_dtype
 
 __all__ = [
     "BlockInputs",
     "capture_block_inputs",
+    "check_replay",
     "estimate_activation_bytes",
     "forward_blocks",
     "module_device_dtype",
@@ -387,3 +388,33 @@ def forward_blocks(
     device = module_device_dtype(adapter.final_modules(model)[-1])[0]
     with torch.no_grad():
         return torch.cat([adapter.logits(model, h.to(device)) for h in hidden], dim=0)
+
+
+def check_replay(model: nn.Module, adapter: ArchitectureAdapter, *, tokens: int = 16) -> float:
+    """Relative max difference between ``model``'s logits on one short window and what calibration computes
+    (``forward_blocks``). Raises ``UnsupportedArchitectureError`` above fp rounding (1e-3 in fp32, 3e-2 in 16
+    bits): the adapter misses part of the model's forward (a scaling outside the blocks, say), so Hessians,
+    propagation or blockwise scores would be silently wrong."""
+    config = getattr(model, "config", None)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    limit = getattr(config, "max_position_embeddings", None) or tokens
+    if vocab < 4:
+        return 0.0  # nothing to draw tokens from: structural checks only
+    ids = torch.randint(3, vocab, (1, min(tokens, int(limit))), generator=torch.Generator().manual_seed(0))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    ids = ids.to(module_device_dtype(embeddings or adapter.embedding_modules(model)[0])[0])
+    with torch.no_grad():
+        output = model(ids)
+    full = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if full is None:
+        return 0.0  # a module without logits: the caller's forward_fn decides what runs
+    replayed = forward_blocks(model, adapter, ids).to(full.device)
+    difference = float((replayed.double() - full.double()).abs().max() / full.double().abs().max().clamp_min(1e-30))
+    tolerance = 1e-3 if full.dtype.itemsize >= 4 else 3e-2
+    if not difference <= tolerance:
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__}: running its blocks one at a time does not reproduce its forward (logits differ "
+            f"by {difference:.2e} of their largest, above {tolerance:g}): something outside the blocks (an embedding "
+            "or logit scale, a step between blocks) is not known to the adapter. Register one with "
+            "lightning_gptq.models.register_adapter (a subclass whose logits()/blocks() follow the model).")
+    return difference
