@@ -32,6 +32,7 @@ from torch import nn
 
 from lightning_gptq.models import capture_block_inputs, check_replay, get_adapter, run_block
 from lightning_gptq.models.adapters import VERIFIED_MODEL_TYPES
+from lightning_gptq.models.experts import unfuse_experts
 from lightning_gptq.models.capture import BlockInputs, module_device_dtype
 from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.nn import exact_kernels
@@ -161,6 +162,8 @@ class CalibrationDriver:
                              "a true-sequential pass runs a block whose earlier layers are already quantized")
         self.source = source
         self.model = source.model
+        if not source.streams:
+            unfuse_experts(self.model)  # (a model not loaded by load_causal_lm: quantize(nn.Module))
         self.adapter = pinned_adapter(self.model)
         if not source.streams and self.adapter.name not in VERIFIED_MODEL_TYPES:
             check_replay(self.model, self.adapter)  # an unverified architecture: prove the blockwise path on it

@@ -25,6 +25,8 @@ from torch import nn
 from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.models.loading import gguf_cache_folder, load_causal_lm, resolve_dtype
 from lightning_gptq.checkpoint.shards import Shards
+from lightning_gptq.models.adapters import UnsupportedArchitectureError
+from lightning_gptq.models.experts import fused_expert_banks
 from lightning_gptq.models.streaming import release, skeleton
 from lightning_gptq.nn import QuantLinear
 
@@ -166,6 +168,11 @@ class StreamedModel:
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
         self.model, self.tokenizer = skeleton(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        banks = fused_expert_banks(self.model)
+        if banks:
+            raise UnsupportedArchitectureError(
+                f"streaming a mixture-of-experts model is not supported yet ({banks[0]}, ...: its files hold each "
+                "expert bank in a layout transformers converts at load); quantize it in memory (model.streaming=false)")
         self.files = WeightSource(folder, dtype=dtype)
 
     def fetch(self, module: nn.Module, device: torch.device | str = "cpu") -> None:

@@ -67,6 +67,26 @@ FACTORIES = {
         num_key_value_heads=2, max_position_embeddings=64, **IDS, **kw)),
 }
 
+# Mixture-of-experts models: transformers keeps each block's experts as one bank of 3-D tensors, which
+# lightning_gptq.models.unfuse_experts splits into a linear per expert projection.
+_MOE = dict(num_experts_per_tok=2)
+MOE_FACTORIES = {
+    "mixtral": lambda **kw: _build(tf.MixtralForCausalLM, tf.MixtralConfig(
+        **{**_LLAMA_LIKE, **_MOE, "num_local_experts": 4, **kw})),
+    "qwen3_moe": lambda **kw: _build(tf.Qwen3MoeForCausalLM, tf.Qwen3MoeConfig(
+        **{**_LLAMA_LIKE, **_MOE, "num_experts": 4, "moe_intermediate_size": 32, **kw})),
+    # a shared expert beside the routed ones, and its gate
+    "qwen2_moe": lambda **kw: _build(tf.Qwen2MoeForCausalLM, tf.Qwen2MoeConfig(
+        **{**_LLAMA_LIKE, **_MOE, "num_experts": 8, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 48, **kw})),
+    "olmoe": lambda **kw: _build(tf.OlmoeForCausalLM, tf.OlmoeConfig(**{**_LLAMA_LIKE, **_MOE, "num_experts": 4, **kw})),
+    # latent attention, a dense first block, shared experts
+    "deepseek_v3": lambda **kw: _build(tf.DeepseekV3ForCausalLM, tf.DeepseekV3Config(**{
+        **_LLAMA_LIKE, **_MOE, "num_key_value_heads": 4, "n_routed_experts": 4, "moe_intermediate_size": 32,
+        "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 16,
+        "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "rope_parameters": None, **kw})),
+}
+
 ATTENTION_GROUPS_LLAMA = [
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
     ["self_attn.o_proj"],

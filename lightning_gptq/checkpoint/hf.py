@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_gptq.models.experts import unfuse_experts
 from lightning_gptq.nn import (
     AUTO,
     QuantLinear,
@@ -270,6 +271,7 @@ class GPTQReader:
             del config.quantization_config  # transformers would look for a quantization integration; we are it
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        unfuse_experts(self.model)  # MoE checkpoints hold one layer per expert projection
         self.layers: dict[str, tuple[int, int, bool]] = {}  # quantized layer -> (in, out, has bias)
         self.layer_settings: dict[str, GPTQSettings] = {}  # per layer: `dynamic` rules applied
         for name in names:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
+from lightning_gptq.models.experts import unfuse_experts
 from lightning_gptq.nn import (
     AUTO,
     QuantLinear,
@@ -93,6 +94,7 @@ def load_interim(folder: str | os.PathLike, *, backend: str = AUTO, trust_remote
         raise CheckpointError(f"{folder / WEIGHTS} is missing")
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    unfuse_experts(model, check=False)
     for name, spec in layers.items():
         layer = QuantLinear(spec["in_features"], spec["out_features"], bits=spec["bits"], group_size=spec["group_size"],
                             sym=spec["sym"], bias=spec["bias"], dtype=dtype)

@@ -196,6 +196,7 @@ class GPTQCallback(BlockHooks, Callback):
         if self.equalizer is not None and ctx.stage == "calibrate":
             groups = self.equalizer.groups(ctx, lambda name: self.quantizes(ctx.full_name(name)))
         solved = {}  # layers solved with their group, waiting for their turn
+        self._unreached: list[str] = []  # layers no calibration token reached
         for name, layer in layers:
             if bar is not None:
                 bar.set_postfix_str(name)
@@ -209,6 +210,10 @@ class GPTQCallback(BlockHooks, Callback):
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if self._unreached:
+            rank_zero_warn(f"{ctx.describe()}: no calibration token reached {len(self._unreached)} layer(s) (experts "
+                           f"the router never chose: {self._unreached[:4]}{', ...' if len(self._unreached) > 4 else ''}); "
+                           "rounded to nearest. More or longer calibration windows reach more experts.")
         if world_size(trainer) > 1:
             self._check_ranks_agree(trainer, ctx)
 
@@ -270,11 +275,15 @@ class GPTQCallback(BlockHooks, Callback):
             self._drop_hessian(ctx, name)
             return None
         weight = weight_out_in(layer)
-        nsamples, hessian_sha, alpha = 0, "", None
-        if self.method == "gptq":
-            accumulator = ctx.hessians.get(name)
-            if accumulator is None or accumulator.nsamples == 0:
-                raise RuntimeError(f"No calibration inputs reached layer {full_name!r}; cannot run GPTQ on it.")
+        nsamples, hessian_sha, alpha, method = 0, "", None, self.method
+        accumulator = ctx.hessians.get(name) if self.method == "gptq" else None
+        if self.method == "gptq" and accumulator is None:
+            raise RuntimeError(f"No calibration inputs reached layer {full_name!r}; cannot run GPTQ on it.")
+        if accumulator is not None and accumulator.nsamples == 0:  # a MoE expert no calibration token chose
+            self._unreached.append(name)
+            self._drop_hessian(ctx, name)
+            method = "rtn"
+        if method == "gptq":
             nsamples = accumulator.nsamples
             # The last layer reading this Hessian lets the solve consume it (q/k/v share one).
             last = sum(other is accumulator for other in ctx.hessians.values()) == 1
@@ -298,7 +307,7 @@ class GPTQCallback(BlockHooks, Callback):
         replace_submodule(ctx.block, name, make_quant_linear(layer, qweight, CALIBRATION_BACKEND))
         ctx.results[name] = qweight
         return LayerRecord(
-            name=full_name, block=ctx.block_index, shape=tuple(weight.shape), method=self.method, loss=qweight.loss,
+            name=full_name, block=ctx.block_index, shape=tuple(weight.shape), method=method, loss=qweight.loss,
             damp=qweight.damp, damp_retries=qweight.damp_retries, nsamples=nsamples, seconds=time.perf_counter() - start,
             bits=quant.bits, group_size=quant.group_size, hessian_sha256=hessian_sha,
             codes_sha256=digest(qweight.codes, qweight.zeros, qweight.g_idx),

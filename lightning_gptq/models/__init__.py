@@ -21,11 +21,13 @@ from lightning_gptq.models.capture import (
     forward_blocks,
     run_block,
 )
+from lightning_gptq.models.experts import ExpertBank, unfuse_experts
 from lightning_gptq.models.loading import ModelLoadError, load_causal_lm
 
 __all__ = [
     "ArchitectureAdapter",
     "BlockInputs",
+    "ExpertBank",
     "ModelLoadError",
     "UnsupportedArchitectureError",
     "capture_block_inputs",
@@ -42,5 +44,6 @@ __all__ = [
     "register_adapter",
     "run_block",
     "set_weight_out_in",
+    "unfuse_experts",
     "weight_out_in",
 ]

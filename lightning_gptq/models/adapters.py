@@ -10,6 +10,7 @@ identical modules holding the most parameters; the module that owns that list (e
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from collections import OrderedDict
 
@@ -37,7 +38,9 @@ __all__ = [
 # Model types whose capture/replay is proven exact by tests/test_models_capture.py.
 VERIFIED_MODEL_TYPES = frozenset(
     {"opt", "bloom", "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma", "gemma3_text", "qwen3", "olmo2",
-     "phi3", "granite", "cohere", "phi", "falcon", "stablelm"}
+     "phi3", "granite", "cohere", "phi", "falcon", "stablelm",
+     # mixture of experts, with their banks split (lightning_gptq.models.unfuse_experts)
+     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
 )
 
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "rotary", "rope", "project_in")
@@ -266,7 +269,18 @@ def _structural_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
     for name in linears:
         by_parent.setdefault(name.rpartition(".")[0], []).append(name)
     groups: list[list[str]] = []
-    for members in by_parent.values():
+    bank_groups: dict[str, tuple[list[str], list[str]]] = {}  # a MoE bank: (all experts' inputs, their outputs)
+    for parent, members in by_parent.items():
+        bank = re.match(r"(.*(?:^|\.)experts)\.\d+$", parent)
+        if bank is not None and len(members) > 1:
+            # One expert's layers never read another's output: the bank is two steps, not two per expert.
+            output = next((n for n in members if is_output_projection(n)), members[-1])
+            if bank.group(1) not in bank_groups:
+                bank_groups[bank.group(1)] = ([], [])
+                groups.extend(bank_groups[bank.group(1)])
+            bank_groups[bank.group(1)][0].extend(n for n in members if n != output)
+            bank_groups[bank.group(1)][1].append(output)
+            continue
         if len(members) == 1:
             groups.append(members)
             continue

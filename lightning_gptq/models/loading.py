@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_gptq._hub import cache_root, hub_access, hub_reachable, short_hash
+from lightning_gptq.models.experts import unfuse_experts
 
 __all__ = ["ModelLoadError", "load_causal_lm", "resolve_dtype", "gguf_cache_folder"]
 
@@ -207,4 +208,5 @@ def load_causal_lm(
 
     lm, tokenizer = loaded
     lm.eval()
+    unfuse_experts(lm)  # a MoE's expert banks as one linear per projection: what GPTQ quantizes
     return lm, tokenizer

@@ -1,0 +1,110 @@
+"""Mixture-of-experts banks as one ``nn.Linear`` per expert projection, so GPTQ can quantize them.
+
+transformers 5 keeps a MoE block's experts as one module holding 3-D tensors (``gate_up_proj``
+``[E, 2I, H]``, ``down_proj`` ``[E, H, I]``: Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3, ...). GPTQ needs
+each expert's projections as linears that see only the tokens routed to that expert, so that each gets
+the Hessian of its own inputs. ``unfuse_experts`` replaces every such bank with ``ExpertBank``: the same
+call and result, one ``ExpertMLP`` (``gate_proj``, ``up_proj``, ``down_proj``) per expert, checked on a
+random routing against the bank it replaces before it is kept. Checkpoints then name the layers
+``...experts.<e>.gate_proj`` (the per-expert layout GPTQ MoE checkpoints use).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_gptq.models.adapters import UnsupportedArchitectureError
+
+__all__ = ["ExpertBank", "ExpertMLP", "fused_expert_banks", "unfuse_experts"]
+
+
+class ExpertMLP(nn.Module):
+    """One expert: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, ``x`` ``[tokens, hidden]``."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, *, dtype=None, device=None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+        self.act_fn = act_fn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertBank(nn.ModuleList):
+    """``E`` ``ExpertMLP``s called as transformers' fused banks are: ``(hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]) -> [T, H]``, each token the weighted sum of its chosen experts' outputs. Experts run
+    in index order on their tokens in (slot, token) order, as the fused banks do."""
+
+    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        out = torch.zeros_like(hidden_states)
+        chosen = top_k_index.t()  # [k, T]
+        for e, expert in enumerate(self):
+            slot, token = torch.where(chosen == e)
+            if token.numel() == 0:
+                continue  # no token chose it: its linears see nothing (GPTQ then rounds them to nearest)
+            y = expert(hidden_states[token]) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+    @classmethod
+    def from_fused(cls, bank: nn.Module) -> "ExpertBank":
+        gate_up, down = bank.gate_up_proj, bank.down_proj
+        experts, hidden, intermediate = down.shape
+        unfused = cls([ExpertMLP(hidden, intermediate, bank.act_fn, dtype=down.dtype, device=down.device)
+                       for _ in range(experts)])
+        if down.device.type != "meta":
+            with torch.no_grad():
+                for e, expert in enumerate(unfused):
+                    expert.gate_proj.weight.copy_(gate_up[e, :intermediate])
+                    expert.up_proj.weight.copy_(gate_up[e, intermediate:])
+                    expert.down_proj.weight.copy_(down[e])
+        return unfused
+
+
+def _is_fused_bank(module: nn.Module) -> bool:
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.ndim == 3 and down.ndim == 3):
+        return False
+    experts, hidden, intermediate = down.shape
+    biased = any(isinstance(getattr(module, f"{n}_bias", None), Tensor) for n in ("gate_up_proj", "down_proj"))
+    return tuple(gate_up.shape) == (experts, 2 * intermediate, hidden) and hasattr(module, "act_fn") and not biased
+
+
+def fused_expert_banks(model: nn.Module) -> list[str]:
+    """Names of the modules ``unfuse_experts`` would replace."""
+    return [name for name, module in model.named_modules() if _is_fused_bank(module)]
+
+
+def _check(bank: nn.Module, unfused: ExpertBank, name: str) -> None:
+    experts, hidden, _ = bank.down_proj.shape
+    generator = torch.Generator().manual_seed(0)
+    tokens, k = 4 * experts, min(2, experts)
+    x = torch.randn(tokens, hidden, generator=generator).to(bank.down_proj)
+    index = torch.stack([torch.randperm(experts, generator=generator)[:k] for _ in range(tokens)]).to(x.device)
+    weights = torch.rand(tokens, k, generator=generator).to(x)
+    with torch.no_grad():
+        expected, got = bank(x, index, weights), unfused(x, index, weights)
+    difference = float((got.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30))
+    tolerance = 1e-5 if x.dtype.itemsize >= 4 else 2e-2
+    if not difference <= tolerance:
+        raise UnsupportedArchitectureError(
+            f"{name} ({type(bank).__name__}): its experts, split into linears, do not give its output (relative "
+            f"difference {difference:.2e}); this expert layout is not supported")
+
+
+def unfuse_experts(model: nn.Module, *, check: bool = True) -> list[str]:
+    """Replace every fused expert bank of ``model`` by an ``ExpertBank`` (in place; on the meta device too, where
+    nothing is copied or checked); returns the replaced modules' names. ``check``: prove each on a random routing."""
+    names = fused_expert_banks(model)
+    for name in names:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        bank = getattr(parent, attribute)
+        unfused = ExpertBank.from_fused(bank)
+        if check and bank.down_proj.device.type != "meta":
+            _check(bank, unfused, name)
+        setattr(parent, attribute, unfused)
+    return names

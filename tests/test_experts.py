@@ -1,0 +1,126 @@
+"""Mixture-of-experts models: expert banks split into one linear per projection, each quantized on the tokens
+routed to it; better than round-to-nearest, saved and loaded per expert; what cannot be done is refused."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from test_lightning import cli_args, only_run_dir
+from tiny_lm import char_tokenizer
+from tiny_models import MOE_FACTORIES, full_logits, token_ids
+
+import lightning_gptq as lg
+from lightning_gptq.cli import main
+from lightning_gptq.models import ExpertBank, UnsupportedArchitectureError, get_adapter, unfuse_experts
+from lightning_gptq.models.adapters import VERIFIED_MODEL_TYPES
+from lightning_gptq.nn import QuantLinear
+from lightning_gptq.sources import StreamedModel
+
+MOE = sorted(MOE_FACTORIES)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_split_experts_give_the_banks_output(arch):
+    model = MOE_FACTORIES[arch]()
+    ids = token_ids(n=2)
+    before = full_logits(model, ids)
+    if arch == "mixtral":
+        with pytest.raises(UnsupportedArchitectureError, match="packed MoE experts"):
+            get_adapter(model)  # the banks hold most weights in tensors no linear owns
+    names = unfuse_experts(model)
+    assert names and all(isinstance(model.get_submodule(n), ExpertBank) for n in names)
+    torch.testing.assert_close(full_logits(model, ids), before, rtol=1e-5, atol=1e-6)
+    assert unfuse_experts(model) == []  # nothing fused is left
+    block = get_adapter(model).blocks(model)[-1]
+    groups = get_adapter(model).sequential_groups(block)
+    bank = [g for g in groups if any(".experts.0." in n for n in g)]
+    # every expert's gate/up in one step and every down_proj in the next: two calibration passes, not two per expert
+    assert len(bank) == 2 and all(len(g) == len(model.get_submodule(names[-1])) * k for g, k in zip(bank, (2, 1)))
+
+
+class _SwappedHalves(torch.nn.Module):
+    """A bank whose gate_up_proj puts up before gate: same shapes, another function."""
+
+    def __init__(self, bank):
+        super().__init__()
+        self.gate_up_proj, self.down_proj, self.act_fn = bank.gate_up_proj, bank.down_proj, bank.act_fn
+
+    def forward(self, hidden, index, weights):
+        out = torch.zeros_like(hidden)
+        for e in range(self.down_proj.shape[0]):
+            token, slot = torch.where(index == e)
+            up, gate = torch.nn.functional.linear(hidden[token], self.gate_up_proj[e]).chunk(2, dim=-1)
+            y = torch.nn.functional.linear(self.act_fn(gate) * up, self.down_proj[e]) * weights[token, slot, None]
+            out.index_add_(0, token, y)
+        return out
+
+
+def test_a_bank_of_another_layout_is_refused():
+    model = MOE_FACTORIES["mixtral"]()
+    mlp = model.model.layers[0].mlp
+    mlp.experts = _SwappedHalves(mlp.experts)
+    with pytest.raises(UnsupportedArchitectureError, match="do not give its output"):
+        unfuse_experts(model)
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_every_moe_quantizes_better_than_rounding_saves_and_loads(arch, tmp_path):
+    reference = MOE_FACTORIES[arch]()
+    assert reference.config.model_type in VERIFIED_MODEL_TYPES
+    windows, held_out = token_ids(n=32, seqlen=16), token_ids(n=4, seqlen=16, seed=5)
+    config = lg.QuantConfig(bits=3, group_size=16, act_order=True)
+    models = {}
+    for method in ("gptq", "rtn"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            models[method] = lg.quantize(MOE_FACTORIES[arch](), windows, config, method=method, accelerator="cpu",
+                                         true_sequential=True)
+    model = models["gptq"]
+    unfused = MOE_FACTORIES[arch]()
+    unfuse_experts(unfused)
+    adapter = get_adapter(unfused)
+    assert sum(isinstance(m, QuantLinear) for m in model.modules()) == \
+        sum(len(adapter.linear_layers(b)) for b in adapter.blocks(unfused))
+
+    def error(m):
+        return float((full_logits(m, held_out) - full_logits(reference, held_out)).norm()
+                     / full_logits(reference, held_out).norm())
+    assert 0 < error(model) < error(models["rtn"]), (error(model), error(models["rtn"]))
+    lg.save_quantized(model, None, tmp_path / "model")
+    loaded, _ = lg.load_quantized(tmp_path / "model")
+    assert any(isinstance(m, ExpertBank) for m in loaded.modules())
+    torch.testing.assert_close(full_logits(loaded, held_out), full_logits(model, held_out), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_no_token_chose_are_rounded_and_said_so():
+    model = MOE_FACTORIES["qwen2_moe"](num_experts_per_tok=1)  # 8 experts, one per token
+    windows = token_ids(n=1, seqlen=3)  # 3 tokens reach at most 3 of them
+    with pytest.warns(UserWarning, match=r"no calibration token reached \d+ layer\(s\)") as caught:
+        lg.quantize(model, windows, lg.QuantConfig(bits=4, group_size=16), accelerator="cpu")
+    message = next(str(w.message) for w in caught if "no calibration token" in str(w.message))
+    assert "mlp.experts." in message
+    assert all(isinstance(getattr(expert, name), QuantLinear) for expert in model.model.layers[0].mlp.experts
+               for name in ("gate_proj", "up_proj", "down_proj"))
+
+
+def test_cli_fit_records_unreached_experts_and_validates_the_folder(tmp_path):
+    model_dir = tmp_path / "mixtral"
+    MOE_FACTORIES["mixtral"](num_experts_per_tok=1).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--model.latency=false", nsamples=1, seqlen=4)])
+    out = only_run_dir(tmp_path / "runs") / "quantized"
+    records = json.loads((out / "summary.json").read_text())["layers"]
+    experts = [r for r in records if ".experts." in r["name"]]
+    assert {r["method"] for r in experts} == {"gptq", "rtn"}  # 4 tokens cannot reach all 4 experts of 3 blocks
+    assert all(r["nsamples"] == 0 for r in experts if r["method"] == "rtn")
+    scored = main(["validate", *cli_args(out / "model", tmp_path / "val", "--model.latency=false")])
+    assert scored.model.results["val"]["wikitext2"]["ppl"] > 1
+
+
+def test_streaming_a_moe_is_refused_with_the_way_out(tmp_path):
+    folder = tmp_path / "mixtral"
+    MOE_FACTORIES["mixtral"]().save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    with pytest.raises(UnsupportedArchitectureError, match="streaming=false"):
+        StreamedModel(folder, dtype=torch.float32)
