@@ -22,6 +22,7 @@ from lightning_gptq.models.adapters import (
 )
 from lightning_gptq.models.capture import (
     capture_block_inputs,
+    check_replay,
     estimate_activation_bytes,
     forward_blocks,
     run_block,
@@ -184,17 +185,17 @@ def test_registered_adapter_overrides_detection(monkeypatch):
 
 
 def test_unverified_architecture_warns_but_works():
-    model = tf.Phi3ForCausalLM(tf.Phi3Config(
+    model = tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
         vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )).eval()
     with pytest.warns(UserWarning, match="not among the verified"):
         adapter = get_adapter(model)
-    # Phi-3 registers o_proj before its fused qkv_proj; groups still follow execution order.
     assert adapter.sequential_groups(adapter.blocks(model)[0]) == [
-        ["self_attn.qkv_proj"], ["self_attn.o_proj"], ["mlp.gate_up_proj"], ["mlp.down_proj"]]
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]
     ids = token_ids(n=2)
     assert torch.equal(forward_blocks(model, adapter, ids), full_logits(model, ids))
+    assert check_replay(model, adapter) == 0.0  # what calibration checks before it starts on such a model
 
 
 class _NoBlocks(nn.Module):

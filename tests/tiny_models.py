@@ -49,7 +49,7 @@ FACTORIES = {
     "qwen3": lambda **kw: _build(tf.Qwen3ForCausalLM, tf.Qwen3Config(**{**_LLAMA_LIKE, **kw})),
     # norms after attention and MLP (OLMo-2)
     "olmo2": lambda **kw: _build(tf.Olmo2ForCausalLM, tf.Olmo2Config(**{**_LLAMA_LIKE, **kw})),
-    # joined qkv_proj and gate_up_proj
+    # joined qkv_proj and gate_up_proj; o_proj registered before qkv_proj (groups follow execution)
     "phi3": lambda **kw: _build(tf.Phi3ForCausalLM, tf.Phi3Config(**{**_LLAMA_LIKE, **kw})),
     # scales outside the blocks: embeddings x2, logits / 4 (and residual, attention multipliers)
     "granite": lambda **kw: _build(tf.GraniteForCausalLM, tf.GraniteConfig(**{

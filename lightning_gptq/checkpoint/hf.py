@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_gptq.models.experts import unfuse_experts
 from lightning_gptq.nn import (
     AUTO,
     QuantLinear,
@@ -253,6 +252,8 @@ class GPTQReader:
                  trust_remote_code: bool = False, plain_io: bool = False):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
+
+        from lightning_gptq.models.experts import unfuse_experts  # (models imports transformers' model code)
 
         self.folder, self.dtype = Path(folder), dtype
         self.settings = self._read_settings()

@@ -19,7 +19,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
-from lightning_gptq.models.experts import unfuse_experts
 from lightning_gptq.nn import (
     AUTO,
     QuantLinear,
@@ -76,6 +75,8 @@ def load_interim(folder: str | os.PathLike, *, backend: str = AUTO, trust_remote
     a registered name forces one.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_gptq.models.experts import unfuse_experts
 
     check_backend(backend)
     folder = Path(folder)

@@ -220,7 +220,9 @@ class HessianCapture(BlockHooks, Callback):
     def _all_reduce(self, trainer, ctx: BlockContext) -> None:
         """Every rank saw its own windows: sum ``Σ xxᵀ`` (fp64, exact: see ``HessianAccumulator``), the
         sample counts and the attention masses over the ranks. Dict order is the layers' order, the
-        same on every rank, so the collectives pair up."""
+        same on every rank, and so is which layers share an accumulator (``_share_alike``): the
+        collectives pair up."""
+        self._share_alike(trainer, ctx)
         done = set()
         for accumulator in [*ctx.hessians.values(), *self._first.values(), *ctx.mismatches.values(),
                             *self._first_mismatch.values()]:
@@ -239,6 +241,29 @@ class HessianCapture(BlockHooks, Callback):
             masses = torch.tensor([self._received, *(self._rest[k] for k in keys)], dtype=torch.float64, device=device)
             masses = all_reduce_sum(trainer, masses).tolist()
             self._received, self._rest = masses[0], dict(zip(keys, masses[1:]))
+
+    def _share_alike(self, trainer, ctx: BlockContext) -> None:
+        """A rank learns that layers read one input (and share an accumulator) from their first input: a MoE
+        expert none of this rank's tokens chose keeps its own, empty, accumulators here while another rank
+        shares one. Take the union over the ranks (each layer's owner: the first layer it shares with anywhere)."""
+        names = list(ctx.hessians)
+        if not names:
+            return
+        first_of = {}
+        local = [float(first_of.setdefault(id(ctx.hessians[n]), i)) for i, n in enumerate(names)]
+        device = trainer.strategy.root_device  # nccl gathers CUDA tensors only; gloo CPU ones
+        owners = trainer.strategy.all_gather(torch.tensor(local, dtype=torch.float64, device=device))
+        owners = owners.reshape(-1, len(names)).min(dim=0).values.tolist()
+        for name, owner in zip(names, owners):
+            owner = names[int(owner)]
+            if ctx.hessians[name] is ctx.hessians[owner]:
+                continue
+            if ctx.hessians[name].nsamples:
+                raise RuntimeError(f"{ctx.describe()}: {name} read another input than {owner} here and the same "
+                                   "input in another process")
+            for accumulators in (ctx.hessians, ctx.mismatches, self._first, self._first_mismatch):
+                if name in accumulators and owner in accumulators:
+                    accumulators[name] = accumulators[owner]
 
     def report(self) -> dict:
         return {"hessian": {"sink_tokens": self.sink_tokens, "sink_weight": self.sink_weight,

@@ -35,7 +35,8 @@ __all__ = [
     "linear_out_features",
 ]
 
-# Model types whose capture/replay is proven exact by tests/test_models_capture.py.
+# Model types whose capture/replay tests/test_models_capture.py proves exact and tests/test_architectures.py and
+# tests/test_experts.py quantize, save and load.
 VERIFIED_MODEL_TYPES = frozenset(
     {"opt", "bloom", "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma", "gemma3_text", "qwen3", "olmo2",
      "phi3", "granite", "cohere", "phi", "falcon", "stablelm",
@@ -376,7 +377,8 @@ def get_adapter(model: nn.Module) -> ArchitectureAdapter:
             _unsupported_message(
                 model,
                 f"linear layers hold only {linear_params:,} of the block's {block_params:,} parameters "
-                "(fused or non-linear projections, e.g. packed MoE experts)",
+                "(fused or non-linear projections, e.g. packed MoE experts: lightning_gptq.models.unfuse_experts(model) "
+                "splits the expert banks it knows, and loading through lightning_gptq does so)",
             )
         )
     if model_type not in VERIFIED_MODEL_TYPES:
