@@ -104,7 +104,7 @@ def test_experts_no_token_chose_are_rounded_and_said_so():
                for name in ("gate_proj", "up_proj", "down_proj"))
 
 
-def test_cli_fit_records_unreached_experts_and_validates_the_folder(tmp_path):
+def test_cli_fit_records_unreached_experts_and_validates_the_folder_whole_and_streamed(tmp_path):
     model_dir = tmp_path / "mixtral"
     MOE_FACTORIES["mixtral"](num_experts_per_tok=1).save_pretrained(model_dir)
     char_tokenizer().save_pretrained(model_dir)
@@ -114,8 +114,12 @@ def test_cli_fit_records_unreached_experts_and_validates_the_folder(tmp_path):
     experts = [r for r in records if ".experts." in r["name"]]
     assert {r["method"] for r in experts} == {"gptq", "rtn"}  # 4 tokens cannot reach all 4 experts of 3 blocks
     assert all(r["nsamples"] == 0 for r in experts if r["method"] == "rtn")
-    scored = main(["validate", *cli_args(out / "model", tmp_path / "val", "--model.latency=false")])
-    assert scored.model.results["val"]["wikitext2"]["ppl"] > 1
+    whole = main(["validate", *cli_args(out / "model", tmp_path / "val", "--model.latency=false")])
+    # a quantized MoE folder is read block by block too (only calibration from a full-precision one refuses to stream)
+    streamed = main(["validate", *cli_args(out / "model", tmp_path / "val-s", "--model.latency=false",
+                                           "--model.streaming=true")])
+    a, b = whole.model.results["val"]["wikitext2"], streamed.model.results["val"]["wikitext2"]
+    assert a["ppl"] > 1 and abs(b["ppl"] - a["ppl"]) <= 1e-4 * a["ppl"]
 
 
 def test_streaming_a_moe_is_refused_with_the_way_out(tmp_path):
@@ -124,3 +128,24 @@ def test_streaming_a_moe_is_refused_with_the_way_out(tmp_path):
     char_tokenizer().save_pretrained(folder)
     with pytest.raises(UnsupportedArchitectureError, match="streaming=false"):
         StreamedModel(folder, dtype=torch.float32)
+
+
+def test_mixtral_is_written_in_the_names_other_tools_read(tmp_path):
+    """Mixtral GPTQ checkpoints (transformers 4, vLLM, GPTQModel) spell the MoE block ``block_sparse_moe`` and the
+    experts' projections w1 (gate), w3 (up), w2 (down); transformers 5 builds ``mlp``. Written so, read back."""
+    from lightning_gptq.checkpoint.shards import Shards
+
+    model = MOE_FACTORIES["mixtral"]()
+    windows = token_ids(n=8, seqlen=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lg.quantize(model, windows, lg.QuantConfig(bits=4, group_size=16), accelerator="cpu")
+    lg.save_quantized(model, None, tmp_path / "model")
+    keys = set(Shards(tmp_path / "model").shapes)
+    assert {"model.layers.0.block_sparse_moe.experts.3.w1.qweight", "model.layers.0.block_sparse_moe.experts.3.w3.scales",
+            "model.layers.2.block_sparse_moe.experts.0.w2.qzeros", "model.layers.0.block_sparse_moe.gate.weight",
+            "model.layers.0.self_attn.q_proj.qweight"} <= keys
+    assert not any(".mlp." in k or "gate_proj" in k for k in keys)
+    loaded, _ = lg.load_quantized(tmp_path / "model")
+    assert isinstance(loaded.model.layers[0].mlp.experts[3].gate_proj, QuantLinear)
+    torch.testing.assert_close(full_logits(loaded, windows), full_logits(model, windows), rtol=1e-5, atol=1e-5)

@@ -46,6 +46,7 @@ from .gptq_format import (
     zeros_from_file,
     zeros_to_file,
 )
+from .names import file_names, model_names
 
 log = logging.getLogger("lightning_gptq")
 AUTO_FORMAT = "auto"
@@ -109,6 +110,9 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         zeros = zeros_to_file(state[f"{name}.qzeros"], m.bits, m.out_features, fmt)
         state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, m.bits, dim=1)
         state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, m.bits, dim=0)
+    rename = file_names(getattr(getattr(model, "config", None), "model_type", None))
+    if rename is not None:  # the spelling other tools read (Mixtral's block_sparse_moe.experts.<e>.w1, ...)
+        state = {rename(name): tensor for name, tensor in state.items()}
 
     folder = Path(folder)
     staging = staging_for(folder)
@@ -257,7 +261,8 @@ class GPTQReader:
 
         self.folder, self.dtype = Path(folder), dtype
         self.settings = self._read_settings()
-        self.files = files = shard_io.Shards(self.folder)
+        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        self.files = files = shard_io.Shards(self.folder, rename=model_names(config.model_type))
         recorded = self.settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
         if verify and recorded:
             files.verify(recorded)
@@ -267,7 +272,6 @@ class GPTQReader:
             raise CheckpointError(f"{self.folder}: the config says {self.layout_name()} but no tensor is named "
                                   f"'<layer>{suffix}'")
 
-        config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # transformers would look for a quantization integration; we are it
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
@@ -118,9 +119,12 @@ def write(tensors: dict[str, Tensor], folder: Path, max_shard_size: int | str) -
 
 
 class Shards:
-    """The safetensors files of a checkpoint folder, their headers read and checked, no data loaded."""
+    """The safetensors files of a checkpoint folder, their headers read and checked, no data loaded.
 
-    def __init__(self, folder: Path):
+    ``rename``: file tensor name -> the name used here (``names.model_names``); every mapping and method then
+    speaks the model's names."""
+
+    def __init__(self, folder: Path, rename: Callable[[str], str] | None = None):
         self.folder = folder
         self.index_sha256: dict[str, str] = {}
         if (folder / INDEX).is_file():
@@ -159,6 +163,16 @@ class Shards:
             if wrong:
                 raise CheckpointError(f"{folder / INDEX} places {len(wrong)} tensors in files that do not hold them, "
                                       f"e.g. {wrong[0]!r} in {weight_map[wrong[0]]}")
+        self._stored: dict[str, str] = {}  # name here -> name in the file, where they differ
+        if rename is not None:
+            for stored in list(self.shapes):
+                name = rename(stored)
+                if name != stored:
+                    if name in self.shapes:
+                        raise CheckpointError(f"{folder}: {stored!r} and {name!r} are the same tensor spelt two ways")
+                    self._stored[name] = stored
+                    for table in (self.shapes, self.dtypes, self.file_of):
+                        table[name] = table.pop(stored)
         self._open: dict[str, object] = {}
 
     def verify(self, expected: dict[str, str]) -> None:
@@ -176,7 +190,7 @@ class Shards:
         if file not in self._open:
             self._open[file] = safe_open(str(self.folder / file), "pt")
         try:
-            return self._open[file].get_tensor(name)
+            return self._open[file].get_tensor(self._stored.get(name, name))
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{self.folder / file}: tensor {name!r} could not be read: {error}") from None
 
@@ -190,7 +204,7 @@ class Shards:
         if file not in self._headers:
             self._headers[file] = read_header(self.folder / file)
         header, start = self._headers[file]
-        return self.folder / file, header[name], start
+        return self.folder / file, header[self._stored.get(name, name)], start
 
     def read(self, name: str) -> Tensor:
         """``name`` read with plain file I/O into a new tensor: unlike ``get`` (a memory map), the pages
