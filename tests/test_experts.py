@@ -149,3 +149,13 @@ def test_mixtral_is_written_in_the_names_other_tools_read(tmp_path):
     loaded, _ = lg.load_quantized(tmp_path / "model")
     assert isinstance(loaded.model.layers[0].mlp.experts[3].gate_proj, QuantLinear)
     torch.testing.assert_close(full_logits(loaded, windows), full_logits(model, windows), rtol=1e-5, atol=1e-5)
+
+
+def test_the_dry_run_counts_a_hessian_per_expert(tmp_path):
+    model_dir = tmp_path / "qwen3_moe"
+    MOE_FACTORIES["qwen3_moe"]().save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    run = main(["fit", *cli_args(model_dir, tmp_path / "runs", "--model.dry_run=true")])
+    hidden, experts, inter = 32, 4, 32  # q/k/v and o read 32 wide; each expert: gate/up 32, down 32
+    assert run.model.plan.to_dict()["bytes"]["Hessians (one block)"] == 8 * (2 * hidden ** 2 + experts * (
+        hidden ** 2 + inter ** 2))

@@ -103,8 +103,8 @@ class FitPlan:
 
 
 def _distinct_inputs(driver, index: int) -> list[int]:
-    """in_features of each distinct input of block ``index``'s quantized linears: one per group of layers reading
-    the same tensor (a true-sequential group without its output projection; output projections alone)."""
+    """in_features of each distinct input of block ``index``'s quantized linears: output projections one each; the
+    rest one per module in a true-sequential group (q/k/v read one tensor; a MoE bank's step holds each expert's)."""
     block, quantized = driver.blocks[index], driver.linear_layers(index)
     widths = []
     for group in driver.adapter.sequential_groups(block):
@@ -112,8 +112,10 @@ def _distinct_inputs(driver, index: int) -> list[int]:
         outputs = [n for n in linears if is_output_projection(n)]
         inputs = [n for n in linears if n not in outputs]
         widths += [linear_in_features(linears[n]) for n in outputs]
-        if inputs:
-            widths.append(linear_in_features(linears[inputs[0]]))
+        readers = {}
+        for name in inputs:
+            readers.setdefault(name.rpartition(".")[0], linear_in_features(linears[name]))
+        widths += list(readers.values())
     return widths
 
 
