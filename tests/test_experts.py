@@ -159,3 +159,25 @@ def test_the_dry_run_counts_a_hessian_per_expert(tmp_path):
     hidden, experts, inter = 32, 4, 32  # q/k/v and o read 32 wide; each expert: gate/up 32, down 32
     assert run.model.plan.to_dict()["bytes"]["Hessians (one block)"] == 8 * (2 * hidden ** 2 + experts * (
         hidden ** 2 + inter ** 2))
+
+
+def test_input_scaling_reaches_experts_down_proj_and_leaves_unreached_ones_alone(tmp_path):
+    """up_proj -> down_proj inside each expert is a rewrite like the dense MLP's; an expert no token chose has no
+    Hessian to scale by: it is rounded on its own weights and its up_proj is left as it was."""
+    model = MOE_FACTORIES["qwen2_moe"](num_experts_per_tok=1)
+    reference = MOE_FACTORIES["qwen2_moe"](num_experts_per_tok=1)
+    unfuse_experts(reference)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lg.quantize(model, token_ids(n=1, seqlen=3), lg.QuantConfig(bits=3, group_size=16), equalize=[0.5, 1.0],
+                    accelerator="cpu", output_dir=tmp_path)
+    records = {r["name"]: r for r in json.loads((tmp_path / "summary.json").read_text())["layers"]}
+    downs = [r for n, r in records.items() if ".experts." in n and n.endswith("down_proj")]
+    assert any(r["equalize_alpha"] for r in downs if r["method"] == "gptq")  # some reached expert was scaled
+    for r in downs:
+        if r["method"] == "rtn":
+            expert = r["name"].rsplit(".", 1)[0]
+            up = model.get_submodule(expert + ".up_proj")
+            rounded = lg.rtn_quantize(reference.get_submodule(expert + ".up_proj").weight.detach(),
+                                      lg.QuantConfig(bits=3, group_size=16))
+            torch.testing.assert_close(up.dequantize(), rounded.dequantize().to(up.dequantize().dtype))  # not divided

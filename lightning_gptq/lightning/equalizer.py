@@ -58,6 +58,9 @@ class Equalizer:
                 continue  # a linear left dense (a `-:` rule): resume points keep only quantized layers and norms
             if len({id(ctx.hessians.get(name)) for name in members}) != 1 or ctx.hessians.get(members[0]) is None:
                 continue
+            if ctx.hessians[members[0]].nsamples == 0:
+                continue  # a MoE expert no token reached: rounded to nearest, on its own weights
+
             if self._key(ctx, producer, members) not in self._refused_keys:
                 plan[members[0]] = (producer, members)
         return plan
