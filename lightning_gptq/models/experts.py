@@ -53,8 +53,9 @@ class ExpertBank(nn.ModuleList):
     def from_fused(cls, bank: nn.Module) -> "ExpertBank":
         gate_up, down = bank.gate_up_proj, bank.down_proj
         experts, hidden, intermediate = down.shape
-        unfused = cls([ExpertMLP(hidden, intermediate, bank.act_fn, dtype=down.dtype, device=down.device)
-                       for _ in range(experts)])
+        # built on meta, then allocated uninitialised: the weights are copied in, so a random init would be wasted
+        unfused = cls([ExpertMLP(hidden, intermediate, bank.act_fn, dtype=down.dtype, device="meta")
+                       for _ in range(experts)]).to_empty(device=down.device)
         if down.device.type != "meta":
             with torch.no_grad():
                 for e, expert in enumerate(unfused):
