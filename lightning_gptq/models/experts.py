@@ -41,11 +41,13 @@ class ExpertBank(nn.ModuleList):
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
         out = torch.zeros_like(hidden_states)
         chosen = top_k_index.t()  # [k, T]
-        for e, expert in enumerate(self):
+        # only the experts some token chose (a decode step: k of them, not all E); the others' linears see
+        # nothing, and GPTQ rounds an expert that saw nothing to nearest
+        for e in torch.unique(top_k_index).tolist():
+            if not 0 <= e < len(self):
+                continue  # an index some routers use for "no expert"
             slot, token = torch.where(chosen == e)
-            if token.numel() == 0:
-                continue  # no token chose it: its linears see nothing (GPTQ then rounds them to nearest)
-            y = expert(hidden_states[token]) * top_k_weights[token, slot, None]
+            y = self[e](hidden_states[token]) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
