@@ -255,8 +255,15 @@ class ArchitectureAdapter:
         return groups
 
 
+# A MoE block's routing linears (Qwen2-MoE's `shared_expert_gate`, routers some models keep as nn.Linear): kept in
+# full precision, as other GPTQ tools do and vLLM expects (it builds them as plain linears); they are tiny.
+_ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+
+
 def _registered_linears(block: nn.Module) -> OrderedDict[str, nn.Module]:
-    return OrderedDict((name, module) for name, module in block.named_modules() if name and is_linear(module))
+    moe = any(name.rpartition(".")[2] == "experts" for name, _ in block.named_modules())
+    return OrderedDict((name, module) for name, module in block.named_modules()
+                       if name and is_linear(module) and not (moe and name.rpartition(".")[2] in _ROUTER_NAMES))
 
 
 def is_output_projection(name: str) -> bool:
