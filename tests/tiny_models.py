@@ -85,6 +85,11 @@ MOE_FACTORIES = {
         **_LLAMA_LIKE, **_MOE, "num_key_value_heads": 4, "n_routed_experts": 4, "moe_intermediate_size": 32,
         "n_group": 1, "topk_group": 1, "first_k_dense_replace": 1, "q_lora_rank": None, "kv_lora_rank": 16,
         "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8, "rope_parameters": None, **kw})),
+    # transposed banks, gate/up interleaved, biases, clamped SwiGLU; attention sinks, sliding layers
+    "gpt_oss": lambda **kw: _build(tf.GptOssForCausalLM, tf.GptOssConfig(**{
+        **_LLAMA_LIKE, **_MOE, "num_local_experts": 4, "head_dim": 8, **SLIDING,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"], **kw})),
 }
 
 ATTENTION_GROUPS_LLAMA = [

@@ -41,7 +41,7 @@ VERIFIED_MODEL_TYPES = frozenset(
     {"opt", "bloom", "llama", "mistral", "qwen2", "gpt2", "gpt_neox", "gemma", "gemma3_text", "qwen3", "olmo2",
      "phi3", "granite", "cohere", "phi", "falcon", "stablelm",
      # mixture of experts, with their banks split (lightning_gptq.models.unfuse_experts)
-     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"}
+     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"}
 )
 
 _EMBEDDING_HINTS = ("embed", "wte", "wpe", "rotary", "rope", "project_in")

@@ -16,21 +16,36 @@ from torch import Tensor, nn
 
 from lightning_gptq.models.adapters import UnsupportedArchitectureError
 
-__all__ = ["ExpertBank", "ExpertMLP", "fused_expert_banks", "unfuse_experts"]
+__all__ = ["ClampedSwiGLUExpert", "ExpertBank", "ExpertMLP", "fused_expert_banks", "unfuse_experts"]
 
 
 class ExpertMLP(nn.Module):
     """One expert: ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``, ``x`` ``[tokens, hidden]``."""
 
-    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, *, dtype=None, device=None) -> None:
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, *, bias: bool = False, dtype=None,
+                 device=None) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False, dtype=dtype, device=device)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=bias, dtype=dtype, device=device)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias, dtype=dtype, device=device)
         self.act_fn = act_fn
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ClampedSwiGLUExpert(ExpertMLP):
+    """GPT-OSS's expert (with biases): ``down_proj((u + 1) · g · σ(α·g))``, ``g = gate_proj(x)`` clamped above at
+    ``limit``, ``u = up_proj(x)`` clamped to ``±limit``."""
+
+    def __init__(self, hidden: int, intermediate: int, alpha: float, limit: float, *, dtype=None, device=None) -> None:
+        super().__init__(hidden, intermediate, nn.Identity(), bias=True, dtype=dtype, device=device)
+        self.alpha, self.limit = float(alpha), float(limit)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
 class ExpertBank(nn.ModuleList):
@@ -53,27 +68,55 @@ class ExpertBank(nn.ModuleList):
 
     @classmethod
     def from_fused(cls, bank: nn.Module) -> "ExpertBank":
-        gate_up, down = bank.gate_up_proj, bank.down_proj
-        experts, hidden, intermediate = down.shape
+        gate_up, down, layout = bank.gate_up_proj, bank.down_proj, _layout(bank)
+        if layout == "stacked":  # [E, 2I, H] gate rows then up rows; [E, H, I]
+            experts, hidden, intermediate = down.shape
+            make = lambda: ExpertMLP(hidden, intermediate, bank.act_fn, dtype=down.dtype, device="meta")  # noqa: E731
+        else:  # "gpt_oss": [E, H, 2I] gate and up columns interleaved, [E, I, H], biases
+            experts, intermediate, hidden = down.shape
+            make = lambda: ClampedSwiGLUExpert(hidden, intermediate, bank.alpha, bank.limit, dtype=down.dtype,  # noqa: E731
+                                               device="meta")
         # built on meta, then allocated uninitialised: the weights are copied in, so a random init would be wasted
-        unfused = cls([ExpertMLP(hidden, intermediate, bank.act_fn, dtype=down.dtype, device="meta")
-                       for _ in range(experts)]).to_empty(device=down.device)
-        if down.device.type != "meta":
-            with torch.no_grad():
-                for e, expert in enumerate(unfused):
+        unfused = cls([make() for _ in range(experts)]).to_empty(device=down.device)
+        if down.device.type == "meta":
+            return unfused
+        with torch.no_grad():
+            for e, expert in enumerate(unfused):
+                if layout == "stacked":
                     expert.gate_proj.weight.copy_(gate_up[e, :intermediate])
                     expert.up_proj.weight.copy_(gate_up[e, intermediate:])
                     expert.down_proj.weight.copy_(down[e])
+                    continue
+                expert.gate_proj.weight.copy_(gate_up[e, :, 0::2].t())
+                expert.gate_proj.bias.copy_(bank.gate_up_proj_bias[e, 0::2])
+                expert.up_proj.weight.copy_(gate_up[e, :, 1::2].t())
+                expert.up_proj.bias.copy_(bank.gate_up_proj_bias[e, 1::2])
+                expert.down_proj.weight.copy_(down[e].t())
+                expert.down_proj.bias.copy_(bank.down_proj_bias[e])
         return unfused
 
 
-def _is_fused_bank(module: nn.Module) -> bool:
+def _layout(module: nn.Module) -> str | None:
+    """``"stacked"`` (Mixtral, Qwen-MoE, OLMoE, DeepSeek: no biases, ``act_fn``), ``"gpt_oss"`` (transposed,
+    interleaved gate/up, biases, clamped SwiGLU), or None: not an expert bank this module can split."""
     gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     if not (isinstance(gate_up, Tensor) and isinstance(down, Tensor) and gate_up.ndim == 3 and down.ndim == 3):
-        return False
-    experts, hidden, intermediate = down.shape
-    biased = any(isinstance(getattr(module, f"{n}_bias", None), Tensor) for n in ("gate_up_proj", "down_proj"))
-    return tuple(gate_up.shape) == (experts, 2 * intermediate, hidden) and hasattr(module, "act_fn") and not biased
+        return None
+    biases = [getattr(module, f"{n}_bias", None) for n in ("gate_up_proj", "down_proj")]
+    experts = down.shape[0]
+    if not any(isinstance(b, Tensor) for b in biases) and hasattr(module, "act_fn") \
+            and tuple(gate_up.shape) == (experts, 2 * down.shape[2], down.shape[1]):
+        return "stacked"
+    intermediate, hidden = down.shape[1:]
+    if all(isinstance(b, Tensor) for b in biases) and hasattr(module, "alpha") and hasattr(module, "limit") \
+            and tuple(gate_up.shape) == (experts, hidden, 2 * intermediate) \
+            and tuple(biases[0].shape) == (experts, 2 * intermediate) and tuple(biases[1].shape) == (experts, hidden):
+        return "gpt_oss"
+    return None
+
+
+def _is_fused_bank(module: nn.Module) -> bool:
+    return _layout(module) is not None
 
 
 def fused_expert_banks(model: nn.Module) -> list[str]:
@@ -82,7 +125,7 @@ def fused_expert_banks(model: nn.Module) -> list[str]:
 
 
 def _check(bank: nn.Module, unfused: ExpertBank, name: str) -> None:
-    experts, hidden, _ = bank.down_proj.shape
+    experts, hidden = len(unfused), unfused[0].down_proj.out_features
     generator = torch.Generator().manual_seed(0)
     tokens, k = 4 * experts, min(2, experts)
     x = torch.randn(tokens, hidden, generator=generator).to(bank.down_proj)
