@@ -183,3 +183,17 @@ def test_input_scaling_reaches_experts_down_proj_and_leaves_unreached_ones_alone
             rounded = lg.rtn_quantize(reference.get_submodule(expert + ".up_proj").weight.detach(),
                                       lg.QuantConfig(bits=3, group_size=16))
             torch.testing.assert_close(up.dequantize(), rounded.dequantize().to(up.dequantize().dtype))  # not divided
+
+
+def test_a_tensor_spelt_both_ways_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from lightning_gptq.checkpoint import CheckpointError
+    from lightning_gptq.checkpoint.names import model_names
+    from lightning_gptq.checkpoint.shards import Shards
+
+    save_file({"model.layers.0.mlp.gate.weight": torch.zeros(2), "model.layers.0.block_sparse_moe.gate.weight":
+               torch.ones(2)}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match="spelt two ways"):
+        Shards(tmp_path, rename=model_names("mixtral"))
+    assert set(Shards(tmp_path).shapes) == {"model.layers.0.mlp.gate.weight", "model.layers.0.block_sparse_moe.gate.weight"}
