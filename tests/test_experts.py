@@ -197,3 +197,17 @@ def test_a_tensor_spelt_both_ways_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="spelt two ways"):
         Shards(tmp_path, rename=model_names("mixtral"))
     assert set(Shards(tmp_path).shapes) == {"model.layers.0.mlp.gate.weight", "model.layers.0.block_sparse_moe.gate.weight"}
+
+
+def test_a_rewrite_refused_for_one_expert_is_not_tried_on_the_others(tmp_path):
+    """GPT-OSS's clamped SwiGLU makes up_proj -> down_proj scaling inexact: refused once for the block type, and
+    every expert of every block then solved plainly without another check or warning."""
+    model = MOE_FACTORIES["gpt_oss"]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lg.quantize(model, token_ids(n=16, seqlen=16), lg.QuantConfig(bits=3, group_size=16), equalize=[0.5, 1.0],
+                    accelerator="cpu", output_dir=tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["equalize_refused"]) == 1 and "up_proj" in summary["equalize_refused"][0]
+    downs = [r for r in summary["layers"] if ".experts." in r["name"] and r["name"].endswith("down_proj")]
+    assert downs and not any(r["equalize_alpha"] for r in downs)

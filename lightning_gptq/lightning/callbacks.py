@@ -200,7 +200,7 @@ class GPTQCallback(BlockHooks, Callback):
         for name, layer in layers:
             if bar is not None:
                 bar.set_postfix_str(name)
-            if name in groups:
+            if name in groups and self.equalizer.still_planned(ctx, *groups[name]):
                 solved.update(self._solve_group(trainer, ctx, *groups[name]))
             record = self._quantize_layer(ctx, name, layer, solved.pop(name, None))
             if record is not None:  # None: a `-:` rule keeps it in full precision

@@ -65,9 +65,15 @@ class Equalizer:
                 plan[members[0]] = (producer, members)
         return plan
 
+    def still_planned(self, ctx: BlockContext, producer: str, members: list[str]) -> bool:
+        """False once a group of the same kind was refused since ``groups`` planned it (another expert of the bank)."""
+        return self._key(ctx, producer, members) not in self._refused_keys
+
     @staticmethod
     def _key(ctx: BlockContext, producer: str, members: list[str]) -> tuple:
-        return type(ctx.block).__name__, producer, tuple(members)
+        # every expert of a MoE bank has the same structure: one refusal stands for all of them
+        expert = lambda name: re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)  # noqa: E731
+        return type(ctx.block).__name__, expert(producer), tuple(map(expert, members))
 
     def solve(self, ctx: BlockContext, producer: str, members: list[str], hessian: torch.Tensor,
               configs: list[QuantConfig], agree: Callable[[bool], bool] | None = None,
