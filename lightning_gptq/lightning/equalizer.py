@@ -71,9 +71,7 @@ class Equalizer:
 
     @staticmethod
     def _key(ctx: BlockContext, producer: str, members: list[str]) -> tuple:
-        # every expert of a MoE bank has the same structure: one refusal stands for all of them
-        expert = lambda name: re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)  # noqa: E731
-        return type(ctx.block).__name__, expert(producer), tuple(map(expert, members))
+        return type(ctx.block).__name__, _any_expert(producer), tuple(map(_any_expert, members))
 
     def solve(self, ctx: BlockContext, producer: str, members: list[str], hessian: torch.Tensor,
               configs: list[QuantConfig], agree: Callable[[bool], bool] | None = None,
@@ -94,3 +92,9 @@ class Equalizer:
         self._refused_keys.add(self._key(ctx, producer, members))
         self.refused.append(f"{type(ctx.block).__name__}: {producer} -> {members}")
         return solved.plain, None, None
+
+
+def _any_expert(name: str) -> str:
+    """``name`` with a MoE expert's index replaced by ``*``: every expert of a bank has the same structure, so a
+    rewrite refused for one stands for all."""
+    return re.sub(r"(^|\.)experts\.\d+\.", r"\1experts.*.", name)

@@ -68,32 +68,37 @@ class ExpertBank(nn.ModuleList):
 
     @classmethod
     def from_fused(cls, bank: nn.Module) -> "ExpertBank":
-        gate_up, down, layout = bank.gate_up_proj, bank.down_proj, _layout(bank)
-        if layout == "stacked":  # [E, 2I, H] gate rows then up rows; [E, H, I]
-            experts, hidden, intermediate = down.shape
-            make = lambda: ExpertMLP(hidden, intermediate, bank.act_fn, dtype=down.dtype, device="meta")  # noqa: E731
-        else:  # "gpt_oss": [E, H, 2I] gate and up columns interleaved, [E, I, H], biases
-            experts, intermediate, hidden = down.shape
-            make = lambda: ClampedSwiGLUExpert(hidden, intermediate, bank.alpha, bank.limit, dtype=down.dtype,  # noqa: E731
-                                               device="meta")
+        """The experts of ``bank`` (a layout ``_layout`` names) as linears holding copies of its weights."""
+        layout, down = _layout(bank), bank.down_proj
         # built on meta, then allocated uninitialised: the weights are copied in, so a random init would be wasted
-        unfused = cls([make() for _ in range(experts)]).to_empty(device=down.device)
-        if down.device.type == "meta":
-            return unfused
-        with torch.no_grad():
-            for e, expert in enumerate(unfused):
-                if layout == "stacked":
-                    expert.gate_proj.weight.copy_(gate_up[e, :intermediate])
-                    expert.up_proj.weight.copy_(gate_up[e, intermediate:])
-                    expert.down_proj.weight.copy_(down[e])
-                    continue
-                expert.gate_proj.weight.copy_(gate_up[e, :, 0::2].t())
-                expert.gate_proj.bias.copy_(bank.gate_up_proj_bias[e, 0::2])
-                expert.up_proj.weight.copy_(gate_up[e, :, 1::2].t())
-                expert.up_proj.bias.copy_(bank.gate_up_proj_bias[e, 1::2])
-                expert.down_proj.weight.copy_(down[e].t())
-                expert.down_proj.bias.copy_(bank.down_proj_bias[e])
+        unfused = cls([_new_expert(bank, layout) for _ in range(down.shape[0])]).to_empty(device=down.device)
+        if down.device.type != "meta":
+            with torch.no_grad():
+                for e, expert in enumerate(unfused):
+                    for name, tensor in _expert_weights(bank, layout, e).items():
+                        expert.get_parameter(name).copy_(tensor)
         return unfused
+
+
+def _new_expert(bank: nn.Module, layout: str) -> ExpertMLP:
+    if layout == "stacked":  # down_proj [E, H, I]
+        _, hidden, intermediate = bank.down_proj.shape
+        return ExpertMLP(hidden, intermediate, bank.act_fn, dtype=bank.down_proj.dtype, device="meta")
+    _, intermediate, hidden = bank.down_proj.shape  # "gpt_oss": down_proj [E, I, H]
+    return ClampedSwiGLUExpert(hidden, intermediate, bank.alpha, bank.limit, dtype=bank.down_proj.dtype, device="meta")
+
+
+def _expert_weights(bank: nn.Module, layout: str, e: int) -> dict[str, Tensor]:
+    """Expert ``e``'s tensors of ``bank``, named as in ``ExpertMLP``."""
+    gate_up, down = bank.gate_up_proj[e], bank.down_proj[e]
+    if layout == "stacked":  # gate_up [2I, H]: gate rows, then up rows
+        intermediate = down.shape[1]
+        return {"gate_proj.weight": gate_up[:intermediate], "up_proj.weight": gate_up[intermediate:],
+                "down_proj.weight": down}
+    bias = bank.gate_up_proj_bias[e]  # "gpt_oss": gate_up [H, 2I] (x @ W), gate and up columns interleaved
+    return {"gate_proj.weight": gate_up[:, 0::2].t(), "gate_proj.bias": bias[0::2],
+            "up_proj.weight": gate_up[:, 1::2].t(), "up_proj.bias": bias[1::2],
+            "down_proj.weight": down.t(), "down_proj.bias": bank.down_proj_bias[e]}
 
 
 def _layout(module: nn.Module) -> str | None:
@@ -115,13 +120,9 @@ def _layout(module: nn.Module) -> str | None:
     return None
 
 
-def _is_fused_bank(module: nn.Module) -> bool:
-    return _layout(module) is not None
-
-
 def fused_expert_banks(model: nn.Module) -> list[str]:
     """Names of the modules ``unfuse_experts`` would replace."""
-    return [name for name, module in model.named_modules() if _is_fused_bank(module)]
+    return [name for name, module in model.named_modules() if _layout(module) is not None]
 
 
 def _check(bank: nn.Module, unfused: ExpertBank, name: str) -> None:
