@@ -282,12 +282,13 @@ def _structural_groups(linears: dict[str, nn.Module]) -> list[list[str]]:
         bank = re.match(r"(.*(?:^|\.)experts)\.\d+$", parent)
         if bank is not None and len(members) > 1:
             # One expert's layers never read another's output: the bank is two steps, not two per expert.
-            output = next((n for n in members if is_output_projection(n)), members[-1])
             if bank.group(1) not in bank_groups:
                 bank_groups[bank.group(1)] = ([], [])
                 groups.extend(bank_groups[bank.group(1)])
-            bank_groups[bank.group(1)][0].extend(n for n in members if n != output)
-            bank_groups[bank.group(1)][1].append(output)
+            inputs, outputs = bank_groups[bank.group(1)]
+            output = next((n for n in members if is_output_projection(n)), members[-1])
+            inputs.extend(n for n in members if n != output)
+            outputs.append(output)
             continue
         if len(members) == 1:
             groups.append(members)
