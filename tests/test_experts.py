@@ -153,6 +153,53 @@ def test_mixtral_is_written_in_the_names_other_tools_read(tmp_path):
     torch.testing.assert_close(full_logits(loaded, windows), full_logits(model, windows), rtol=1e-5, atol=1e-5)
 
 
+def test_mixtral_per_layer_rules_and_compressed_tensors_use_the_files_names(tmp_path):
+    """Other tools match ``dynamic`` rules and compressed-tensors targets against the names in the files
+    (``block_sparse_moe.experts.<e>.w2``), so both are written in that spelling; rules in the model's spelling
+    (folders written before) still read."""
+    import re
+
+    from lightning_gptq.checkpoint import load_compressed_tensors, save_compressed_tensors
+    from lightning_gptq.checkpoint.shards import Shards
+
+    model = MOE_FACTORIES["mixtral"]()
+    windows = token_ids(n=8, seqlen=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lg.quantize(model, windows, lg.QuantConfig(bits=4, group_size=16), accelerator="cpu",
+                    dynamic={r"+:.*experts\.\d+\.down_proj$": {"bits": 8}})
+    assert model.model.layers[0].mlp.experts[1].down_proj.bits == 8
+    lg.save_quantized(model, None, tmp_path / "gptq")
+    config = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    layers = [k[: -len(".qweight")] for k in Shards(tmp_path / "gptq").shapes if k.endswith(".qweight")]
+    eight = [n for n in layers if n.endswith(".w2")]
+    assert eight and all(re.match(key[2:], n) for n in eight for key in config["dynamic"])
+    assert not any(re.match(key[2:], n) for n in layers if n not in eight for key in config["dynamic"])
+    assert "down_proj" not in json.dumps(config["dynamic"])
+    loaded, _ = lg.load_quantized(tmp_path / "gptq")
+    assert loaded.model.layers[1].mlp.experts[2].down_proj.bits == 8
+    assert loaded.model.layers[1].mlp.experts[2].up_proj.bits == 4
+    torch.testing.assert_close(full_logits(loaded, windows), full_logits(model, windows), rtol=1e-5, atol=1e-5)
+
+    old = tmp_path / "gptq"  # as written before: the rule in the model's spelling
+    config_json = json.loads((old / "config.json").read_text())
+    config_json["quantization_config"]["dynamic"] = {r"+:.*experts\.\d+\.down_proj$": {"bits": 8}}
+    (old / "config.json").write_text(json.dumps(config_json))
+    (old / "quantize_config.json").unlink(missing_ok=True)
+    again, _ = lg.load_quantized(old, verify=False)
+    assert again.model.layers[1].mlp.experts[2].down_proj.bits == 8
+
+    save_compressed_tensors(model, None, tmp_path / "ct")
+    block = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    named = [t for g in block["config_groups"].values() for t in g["targets"] if t != "Linear"] + block["ignore"]
+    assert any(".block_sparse_moe.experts.0.w2" in t for t in named)
+    assert not any(".mlp." in t or "_proj" in t and "experts" in t for t in named)
+    assert "model.layers.0.block_sparse_moe.experts.0.w2.weight_packed" in Shards(tmp_path / "ct").shapes
+    ct, _ = load_compressed_tensors(tmp_path / "ct")
+    assert ct.model.layers[1].mlp.experts[2].down_proj.bits == 8
+    torch.testing.assert_close(full_logits(ct, windows), full_logits(model, windows), rtol=1e-5, atol=1e-5)
+
+
 def test_the_dry_run_counts_a_hessian_per_expert(tmp_path):
     model_dir = tmp_path / "qwen3_moe"
     MOE_FACTORIES["qwen3_moe"]().save_pretrained(model_dir)

@@ -47,6 +47,7 @@ from .hf import (
     state_to_save,
     write_model_files,
 )
+from .names import file_names
 
 FORMAT = "compressed-tensors"
 
@@ -133,16 +134,19 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
+    rename = file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
     head = model.get_output_embeddings()
-    ignore = sorted(n for n, m in model.named_modules()  # the dense linears, the LM head among them
+    ignore = sorted(rename(n) for n, m in model.named_modules()  # the dense linears, the LM head among them
                     if m is head or isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))
-    config_block = {**quantization_config(layers, ignore), "lightning_gptq": settings or {}}
+    config_block = {**quantization_config({rename(n): m for n, m in layers.items()}, ignore),
+                    "lightning_gptq": settings or {}}
     state = state_to_save(model, cast)
     for name, layer in layers.items():
         for packed in layer.packed_tensors():  # the GPTQ layout's tensors, replaced by this layout's
             state.pop(f"{name}.{packed}")
         state.update({f"{name}.{k}": v.to(cast) if cast is not None and v.is_floating_point() else v
                       for k, v in layer_tensors(layer).items()})
+    state = {rename(name): tensor for name, tensor in state.items()}  # Mixtral's block_sparse_moe.experts.<e>.w1, ...
     folder = Path(folder)
     staging = staging_for(folder)
     digests = shard_io.write({n: t.contiguous() for n, t in state.items()}, staging, max_shard_size)
@@ -223,9 +227,9 @@ class CompressedTensorsReader(GPTQReader):
         # The folder's settings as the GPTQ layout states them: a base grid and rules under which every layer reads
         # back with its own grid (what save_quantized writes again, what vLLM's rules are checked against).
         # The ignore list's linears (the head aside) become one `-:` rule, so they read back dense.
-        grids = {n: (s.bits, s.group_size, s.sym) for n, s in self.layer_settings.items()}
+        grids = {self.file_name(n): (s.bits, s.group_size, s.sym) for n, s in self.layer_settings.items()}
         head = self.model.get_output_embeddings()
-        dense = [n for n, m in self.model.named_modules()
+        dense = [self.file_name(n) for n, m in self.model.named_modules()
                  if n not in self.layers and m is not head and linear_shape(m) is not None]
         rules = {"-:" + names_pattern(dense): {}} if dense else None
         (bits, group_size, sym), dynamic = layer_grids_rules(grids, rules, dense)
@@ -259,11 +263,13 @@ class CompressedTensorsReader(GPTQReader):
         return replace(usable[0], meta={"lightning_gptq": meta} if isinstance(meta, dict) else {})
 
     def _settings_of(self, name: str, linear: nn.Module, where: str) -> GPTQSettings:
-        if any(_matches(name, linear, t) for t in self.ignore):
+        spellings = {name, self.file_name(name)}  # targets name the layer as the files do, or (ours before) the model
+        if any(_matches(n, linear, t) for t in self.ignore for n in spellings):
             raise CheckpointError(f"{where}: {name} has packed tensors, but the config's ignore list leaves it dense")
         # compressed-tensors' precedence: exact names, then patterns (sorted), then class names
-        hits = [(0 if t == name else 1 if t.startswith("re:") else 2, t, group)
-                for group, (targets, _) in self.schemes.items() for t in targets if _matches(name, linear, t)]
+        hits = [(0 if t in spellings else 1 if t.startswith("re:") else 2, t, group)
+                for group, (targets, _) in self.schemes.items() for t in targets
+                if any(_matches(n, linear, t) for n in spellings)]
         if not hits:
             raise CheckpointError(f"{where}: {name} has packed tensors, but no config group targets it")
         group = min(hits, key=lambda hit: hit[:2])[2]

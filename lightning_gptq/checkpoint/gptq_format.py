@@ -55,13 +55,13 @@ class GPTQSettings:
             del d["dynamic"]
         return d
 
-    def for_layer(self, name: str, source: str = "quantization_config") -> GPTQSettings | None:
-        """The settings layer ``name`` was written with (the first ``dynamic`` rule matching it applied), or None
-        where a ``-:`` rule says it was left unquantized."""
+    def for_layer(self, name: str, source: str = "quantization_config", *aliases: str) -> GPTQSettings | None:
+        """The settings layer ``name`` (also spelt ``aliases``) was written with (the first ``dynamic`` rule matching
+        it applied), or None where a ``-:`` rule says it was left unquantized."""
         if not self.dynamic:
             return self
         rules = LayerRules.from_checkpoint(self.dynamic)
-        hit = rules.match(name)
+        hit = rules.match(name, *aliases)
         if hit is None:
             return self
         key, skip, _ = hit

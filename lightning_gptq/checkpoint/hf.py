@@ -93,8 +93,10 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     dense = [n for n, m in model.named_modules() if linear_shape(m) is not None]
     if dynamic is None:
         dynamic = getattr(model, "gptq_dynamic", None)  # a loaded model: its folder's rules
-    (bits, group_size, sym), dynamic = layer_grids_rules({n: (m.bits, m.group_size, m.sym) for n, m in layers.items()},
-                                                         dynamic, dense)
+    rename = file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
+    # the rules are checked against (and written in) the names the files use, which other tools match them against
+    (bits, group_size, sym), dynamic = layer_grids_rules({rename(n): (m.bits, m.group_size, m.sym) for n, m in layers.items()},
+                                                         dynamic, map(rename, dense))
     fmt = checkpoint_format
     if fmt == AUTO_FORMAT:
         lossless = v1_is_lossless([m.zero_points() for m in layers.values()])
@@ -110,9 +112,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         zeros = zeros_to_file(state[f"{name}.qzeros"], m.bits, m.out_features, fmt)
         state[f"{name}.qzeros"] = words_to_file(zeros, m.out_features, m.bits, dim=1)
         state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, m.bits, dim=0)
-    rename = file_names(getattr(getattr(model, "config", None), "model_type", None))
-    if rename is not None:  # the spelling other tools read (Mixtral's block_sparse_moe.experts.<e>.w1, ...)
-        state = {rename(name): tensor for name, tensor in state.items()}
+    state = {rename(name): tensor for name, tensor in state.items()}  # Mixtral's block_sparse_moe.experts.<e>.w1, ...
 
     folder = Path(folder)
     staging = staging_for(folder)
@@ -263,6 +263,7 @@ class GPTQReader:
         self.settings = self._read_settings()
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.files = files = shard_io.Shards(self.folder, rename=model_names(config.model_type))
+        self.file_name = file_names(config.model_type) or (lambda name: name)  # a layer's name in the files
         recorded = self.settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
         if verify and recorded:
             files.verify(recorded)
@@ -303,7 +304,8 @@ class GPTQReader:
 
     def _settings_of(self, name: str, linear: nn.Module, where: str) -> GPTQSettings:
         """The settings layer ``name`` (``linear`` in the model built from the config) was written with."""
-        settings = self.settings.for_layer(name, str(self.folder / "config.json"))
+        # rules spelt either way: other tools use the files' names, folders we wrote before this rule the model's
+        settings = self.settings.for_layer(name, str(self.folder / "config.json"), self.file_name(name))
         if settings is None:
             raise CheckpointError(f"{where}: {name} has packed tensors, but the config's dynamic rules leave it "
                                   f"unquantized ({self.settings.dynamic})")

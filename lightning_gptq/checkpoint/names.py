@@ -16,12 +16,12 @@ __all__ = ["file_names", "model_names"]
 
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _TO_FILE = {
-    "mixtral": [(re.compile(rf"\.mlp\.experts\.(\d+)\.{ours}(?=\.)"), rf".block_sparse_moe.experts.\1.{theirs}")
-                for theirs, ours in _MIXTRAL_EXPERT.items()] + [(re.compile(r"\.mlp\.(?=(experts|gate)\.)"),
+    "mixtral": [(re.compile(rf"\.mlp\.experts\.(\d+)\.{ours}(?=\.|$)"), rf".block_sparse_moe.experts.\1.{theirs}")
+                for theirs, ours in _MIXTRAL_EXPERT.items()] + [(re.compile(r"\.mlp\.(?=experts\.|gate(\.|$))"),
                                                                  ".block_sparse_moe.")],
 }
 _TO_MODEL = {
-    "mixtral": [(re.compile(rf"\.block_sparse_moe\.experts\.(\d+)\.{theirs}(?=\.)"), rf".mlp.experts.\1.{ours}")
+    "mixtral": [(re.compile(rf"\.block_sparse_moe\.experts\.(\d+)\.{theirs}(?=\.|$)"), rf".mlp.experts.\1.{ours}")
                 for theirs, ours in _MIXTRAL_EXPERT.items()] + [(re.compile(r"\.block_sparse_moe\."), ".mlp.")],
 }
 
@@ -38,10 +38,10 @@ def _renamer(rules) -> Callable[[str], str] | None:
 
 
 def file_names(model_type: str | None) -> Callable[[str], str] | None:
-    """Model tensor name -> the name written to files for ``model_type`` (None: the same names)."""
+    """Model tensor (or layer) name -> the name written to files for ``model_type`` (None: the same names)."""
     return _renamer(_TO_FILE.get(model_type))
 
 
 def model_names(model_type: str | None) -> Callable[[str], str] | None:
-    """File tensor name (either spelling) -> the model's tensor name for ``model_type`` (None: the same names)."""
+    """File tensor (or layer) name (either spelling) -> the model's tensor name for ``model_type`` (None: the same names)."""
     return _renamer(_TO_MODEL.get(model_type))

@@ -53,10 +53,11 @@ class LayerRules:
     def __bool__(self) -> bool:
         return bool(self.rules)
 
-    def match(self, name: str) -> tuple[str, bool, dict] | None:
-        """``(pattern as written, skip, overrides)`` of the first rule matching layer ``name``, or None."""
+    def match(self, name: str, *aliases: str) -> tuple[str, bool, dict] | None:
+        """``(pattern as written, skip, overrides)`` of the first rule matching layer ``name`` or one of its other
+        spellings ``aliases`` (a checkpoint's names for it), or None."""
         for key, skip, compiled, overrides in self.rules:
-            if compiled.match(name):
+            if any(compiled.match(n) for n in (name, *aliases)):
                 return key, skip, overrides
         return None
 
