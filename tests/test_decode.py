@@ -3,12 +3,14 @@
 import pytest
 import torch
 
+from lightning_gptq.models import unfuse_experts
 from lightning_gptq.models.decode import StaticDecoder
 from lightning_gptq.nn import Int8Head, int8_head
 from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear
 from lightning_gptq.nn.head import int8_rows
 
-from tiny_models import FACTORIES, token_ids
+from tiny_lm import char_tokenizer
+from tiny_models import FACTORIES, MOE_FACTORIES, token_ids
 
 
 @pytest.fixture
@@ -90,6 +92,49 @@ def test_static_decoder_greedy_equals_generate(arch):
     decoder = StaticDecoder(model, max_cache_len=32, compiled=False)
     assert decoder.greedy(ids, 10) == _eager_greedy(model, ids, 10)
     assert decoder.greedy(ids[:, :5], 4) == _eager_greedy(model, ids[:, :5], 4)  # a reused cache starts clean
+
+
+#: one architecture per mechanism the step must get right (learned positions, ALiBi, sliding windows, hybrid
+#: sliding/full layers, MoE banks, attention sinks); the others run with the slow tests
+DECODE_ARCHS = ("opt", "bloom", "mistral", "gemma3", "mixtral", "gpt_oss")
+
+
+@pytest.mark.parametrize("arch", [a if a in DECODE_ARCHS else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in [*FACTORIES, *MOE_FACTORIES]])
+def test_static_decode_compiled_and_eager_equal_the_whole_forward(arch):
+    """Every architecture's one-token steps past the sliding window (the tiny models' is 4): the compiled step
+    over our decode attention (GPT-OSS's sinks through its own eager attention, MoE banks as one operator, OPT
+    with its positions given) and the eager step give the logits of one forward over the whole sequence."""
+    factories = {**FACTORIES, **MOE_FACTORIES}
+    model = factories[arch]()
+    unfuse_experts(model)
+    ids = token_ids(1, 14, seed=3)
+    with torch.no_grad():
+        whole = model(ids).logits[0, 7:]
+    torch._dynamo.reset()
+    for compiled in (False, True):
+        decoder = StaticDecoder(model, max_cache_len=24, compiled=compiled)
+        steps = torch.stack([decoder.prefill(ids[:, :8]), *(decoder.step(t) for t in ids[0, 8:])])
+        torch.testing.assert_close(steps, whole, rtol=1e-5, atol=1e-5 * float(whole.abs().max()))
+    torch._dynamo.reset()
+
+
+def test_predict_auto_decodes_eagerly_when_the_static_path_fails(monkeypatch):
+    from lightning_gptq.lightning import generation
+    from lightning_gptq.lightning.generation import Generation, GreedyPaths, complete
+
+    model = FACTORIES["llama"]()
+    paths = GreedyPaths(model, Generation(decode="auto", max_new_tokens=4))
+    monkeypatch.setattr(generation.StaticDecoder, "greedy", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    tokenizer = char_tokenizer()
+    first = complete(model, tokenizer, "3 4 5", 0, paths.settings, torch.device("cpu"), paths)
+    assert first["decode"] == "eager" and paths.path() == "compiled"
+    with pytest.warns(UserWarning, match="compiled decode path failed .RuntimeError: boom.; decoding eagerly"):
+        second = complete(model, tokenizer, "3 4 5", 1, paths.settings, torch.device("cpu"), paths)
+    assert second["decode"] == "eager" and second["completion"] == first["completion"] and paths.path() == "eager"
+    with pytest.raises(RuntimeError, match="boom"):  # a path asked for by name is not replaced
+        complete(model, tokenizer, "3 4 5", 2, Generation(decode="compiled", max_new_tokens=4), torch.device("cpu"),
+                 GreedyPaths(model, Generation(decode="compiled", max_new_tokens=4)))
 
 
 def test_static_decoder_refuses_a_full_cache():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Dataset
 
@@ -116,11 +116,14 @@ class GreedyPaths:
         self.decoder = None
         self.ms_per_token: dict[str, float] = {}
         self.static = static_path(lm) if settings.decode == "auto" else settings.decode
+        self.static_error: str | None = None  # why ``auto``'s static path failed (then eager from there on)
 
     def path(self) -> str:
         s = self.settings
         if s.decode != "auto" or s.do_sample or s.repetition_penalty != 1:
             return s.decode if s.decode in ("compiled", "fused") else "eager"
+        if self.static_error is not None:
+            return "eager"
         untimed = [p for p in ("eager", self.static) if p not in self.ms_per_token]  # eager first
         return untimed[0] if untimed else min(self.ms_per_token, key=self.ms_per_token.get)
 
@@ -136,6 +139,12 @@ class GreedyPaths:
         eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         out = self.decoder.greedy(ids, self.settings.max_new_tokens, eos)
         return torch.tensor(out, dtype=torch.long), self.decoder.compile_s if fresh else 0.0
+
+    def failed(self, error: Exception) -> None:
+        """``auto``'s static path raised ``error``: warn once and decode eagerly from here on."""
+        self.static_error = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:200]}"
+        self.decoder = None
+        rank_zero_warn(f"predict: the {self.static} decode path failed ({self.static_error}); decoding eagerly")
 
     def record(self, path: str, seconds: float, tokens: int, compile_s: float) -> None:
         if self.settings.decode == "auto" and path not in self.ms_per_token and tokens > 1:
@@ -167,8 +176,14 @@ def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, devic
     path, compile_s = paths.path() if paths is not None else "eager", 0.0
     start = time.perf_counter()
     if path in ("compiled", "fused"):
-        new, compile_s = paths.generate(ids)
-    else:
+        try:
+            new, compile_s = paths.generate(ids)
+        except Exception as error:  # noqa: BLE001 - auto falls back to eager, whatever stopped the static path
+            if settings.decode != "auto":
+                raise
+            paths.failed(error)
+            path, start = "eager", time.perf_counter()
+    if path == "eager":
         new = lm.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
     seconds = time.perf_counter() - start
     if paths is not None:

@@ -80,8 +80,10 @@ class StaticDecoder:
         param = next(model.parameters())
         self.device = param.device
         self.cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        _unslide(self.cache, max_cache_len)
         self.length = 0  # positions filled
         self._cache_kw = cache_keyword(model)
+        self._takes_positions = "position_ids" in inspect.signature(model.forward).parameters
         self._fused = None
         if fused:
             from .fused_decode import FusedLlamaStep
@@ -104,7 +106,9 @@ class StaticDecoder:
             self._step = self._forward
 
     def _forward(self, token: Tensor, position: Tensor) -> Tensor:
-        out = self.model(input_ids=token, **{self._cache_kw: self.cache}, use_cache=True, cache_position=position)
+        # position ids given: OPT would derive them from the cache's filled length, a value a graph cannot hold
+        out = self.model(input_ids=token, **{self._cache_kw: self.cache}, use_cache=True, cache_position=position,
+                         **({"position_ids": position[None]} if self._takes_positions else {}))
         return out.logits[0, -1]
 
     def reset(self) -> None:
@@ -156,6 +160,20 @@ class StaticDecoder:
                 break
             logits = self.step(out[-1])
         return out
+
+def _unslide(cache, max_cache_len: int) -> None:
+    """Give ``cache``'s sliding-window layers all ``max_cache_len`` positions, as full-attention layers have.
+
+    A sliding layer keeps only the last ``window`` positions and tracks how full it is in a Python integer, which a
+    compiled step holds as the constant it saw when traced: every later step would then roll and mask as that first
+    one did (logits off by 1e-3 to 1e-1 once a prompt passes the window). Over full-length layers the window is
+    the mask's alone (``sliding_window_causal_mask_function``: the same last ``window`` positions attended)."""
+    from transformers.cache_utils import StaticLayer
+
+    for i, layer in enumerate(cache.layers):
+        if getattr(layer, "is_sliding", False):
+            cache.layers[i] = StaticLayer(max_cache_len=max_cache_len)
+
 
 def _resolve_attention(attention: str | None, param: Tensor) -> str | None:
     if attention != "auto":

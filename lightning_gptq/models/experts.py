@@ -11,6 +11,8 @@ random routing against the bank it replaces before it is kept. Checkpoints then 
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -51,9 +53,25 @@ class ClampedSwiGLUExpert(ExpertMLP):
 class ExpertBank(nn.ModuleList):
     """``E`` ``ExpertMLP``s called as transformers' fused banks are: ``(hidden [T, H], top_k_index [T, k],
     top_k_weights [T, k]) -> [T, H]``, each token the weighted sum of its chosen experts' outputs. Experts run
-    in index order on their tokens in (slot, token) order, as the fused banks do."""
+    in index order on their tokens in (slot, token) order, as the fused banks do. Under ``torch.compile`` the
+    bank is one opaque operator (``lightning_gptq::expert_bank``), so a compiled decode step stays one graph
+    around it: which experts run depends on the routing, which a graph cannot hold."""
+
+    def __init__(self, experts=None) -> None:
+        super().__init__(experts)
+        _BANKS[id(self)] = self
+
+    def __setstate__(self, state) -> None:  # a copy (deepcopy, pickle) is a bank of its own
+        super().__setstate__(state)
+        _BANKS[id(self)] = self
 
     def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return expert_bank(hidden_states, top_k_index, top_k_weights, id(self))
+        return self.mix(hidden_states, top_k_index, top_k_weights)
+
+    def mix(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor) -> Tensor:
+        """The bank's output, eagerly (``forward`` without the compiled-graph operator)."""
         out = torch.zeros_like(hidden_states)
         chosen = top_k_index.t()  # [k, T]
         # only the experts some token chose (a decode step: k of them, not all E); the others' linears see
@@ -78,6 +96,25 @@ class ExpertBank(nn.ModuleList):
                     for name, tensor in _expert_weights(bank, layout, e).items():
                         expert.get_parameter(name).copy_(tensor)
         return unfused
+
+
+#: the banks a compiled graph calls, by ``id``: a graph holds the operator and an integer, not the module
+_BANKS: weakref.WeakValueDictionary[int, ExpertBank] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("lightning_gptq::expert_bank", mutates_args=())
+def expert_bank(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, bank: int) -> Tensor:
+    """``ExpertBank.mix`` of the bank whose ``id`` is ``bank``: ``[T, H]``."""
+    module = _BANKS.get(bank)
+    if module is None:
+        raise RuntimeError("lightning_gptq::expert_bank: the expert bank this compiled graph was traced with is gone; "
+                           "compile again")
+    return module.mix(hidden_states, top_k_index, top_k_weights)
+
+
+@expert_bank.register_fake
+def _(hidden_states, top_k_index, top_k_weights, bank):
+    return torch.empty_like(hidden_states)
 
 
 def _new_expert(bank: nn.Module, layout: str) -> ExpertMLP:
