@@ -258,3 +258,18 @@ def test_a_rewrite_refused_for_one_expert_is_not_tried_on_the_others(tmp_path):
     assert len(summary["equalize_refused"]) == 1 and "up_proj" in summary["equalize_refused"][0]
     downs = [r for r in summary["layers"] if ".experts." in r["name"] and r["name"].endswith("down_proj")]
     assert downs and not any(r["equalize_alpha"] for r in downs)
+
+
+def test_the_bank_operator_passes_opcheck_and_gives_the_eager_output():
+    """Under ``torch.compile`` a bank is ``lightning_gptq::expert_bank``: its schema, fake shapes and result."""
+    from lightning_gptq.models.experts import expert_bank
+
+    model = MOE_FACTORIES["qwen3_moe"]()
+    unfuse_experts(model)
+    bank = model.model.layers[0].mlp.experts
+    hidden, index = torch.randn(5, bank[0].down_proj.out_features), torch.randint(0, len(bank), (5, 2))
+    weights = torch.rand(5, 2)
+    torch.library.opcheck(torch.ops.lightning_gptq.expert_bank.default, (hidden, index, weights, id(bank)))
+    with torch.no_grad():
+        torch.testing.assert_close(expert_bank(hidden, index, weights, id(bank)), bank(hidden, index, weights),
+                                   rtol=0, atol=0)

@@ -102,7 +102,9 @@ class ExpertBank(nn.ModuleList):
 _BANKS: weakref.WeakValueDictionary[int, ExpertBank] = weakref.WeakValueDictionary()
 
 
-@torch.library.custom_op("lightning_gptq::expert_bank", mutates_args=())
+# cudagraph_unsafe: the routing is read on the host (which experts run), which a captured CUDA graph cannot
+# replay; inductor keeps the operator outside the graphs it captures (StaticDecoder's reduce-overhead on CUDA)
+@torch.library.custom_op("lightning_gptq::expert_bank", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
 def expert_bank(hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, bank: int) -> Tensor:
     """``ExpertBank.mix`` of the bank whose ``id`` is ``bank``: ``[T, H]``."""
     module = _BANKS.get(bank)
