@@ -16,6 +16,7 @@ memory maps), so the pages read are never counted in the process's resident memo
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from torch import nn
 
 from lightning_gptq.checkpoint import is_quantized_checkpoint, load_quantized
 from lightning_gptq.models.loading import gguf_cache_folder, load_causal_lm, resolve_dtype
+from lightning_gptq.checkpoint.names import model_names
 from lightning_gptq.checkpoint.shards import Shards
 from lightning_gptq.models.adapters import UnsupportedArchitectureError
 from lightning_gptq.models.experts import fused_expert_banks
@@ -38,6 +40,13 @@ class StreamingError(ValueError):
     """The model cannot be streamed (not a local folder with safetensors, or a tensor is missing)."""
 
 
+def _model_type(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 class WeightSource:
     """The weights of a local Hugging Face folder, read tensor by tensor."""
 
@@ -45,8 +54,8 @@ class WeightSource:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise StreamingError(f"Streaming reads a local model folder with safetensors; {str(self.folder)!r} is not one.")
-        try:
-            self.shards = Shards(self.folder)
+        try:  # named as the model names them (GPT-NeoX's files say embed_out for lm_head: checkpoint/names.py)
+            self.shards = Shards(self.folder, rename=model_names(_model_type(self.folder)))
         except Exception as error:  # noqa: BLE001 - say what streaming needs, with the reader's reason
             raise StreamingError(f"Streaming needs the model as safetensors files: {error}") from None
         self.dtype = dtype

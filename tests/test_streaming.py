@@ -6,6 +6,7 @@ import torch
 from safetensors.torch import load_file
 from test_lightning import cli_args
 from tiny_lm import tiny_model_dir
+from tiny_models import FACTORIES
 
 from lightning_gptq.checkpoint import load_quantized
 from lightning_gptq.checkpoint.shards import Shards
@@ -21,7 +22,8 @@ def _tensors(folder):
     return {name: shards.get(name) for name in shards.shapes}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt"])  # untied head; tied head (+ sliding layers); OPT
+# untied head; tied head (+ sliding layers); OPT; a head the files call embed_out (GPT-NeoX)
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt_neox"])
 def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, arch):
     model_dir = tiny_model_dir(tmp_path, arch)
     main(["fit", *cli_args(model_dir, tmp_path / "a", *QUIET_FIT, f"--model.output_dir={tmp_path / 'whole'}")])
@@ -34,6 +36,8 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, arch):
     for name, tensor in whole.items():
         assert torch.equal(tensor, streamed[name]), name
     assert (tmp_path / "streamed" / "model" / "model.safetensors.index.json").is_file()
+    # GPT-NeoX's files (the source and ours) name the head as transformers 4, vLLM and GPTQModel read it
+    assert ("embed_out.weight" in whole) == ("embed_out.weight" in Shards(model_dir).shapes) == (arch == "gpt_neox")
     a, _ = load_quantized(tmp_path / "whole" / "model", backend="torch")
     b, _ = load_quantized(tmp_path / "streamed" / "model", backend="torch")
     ids = torch.randint(4, 90, (2, 16))
@@ -107,7 +111,12 @@ def test_dry_run_of_a_streaming_fit_counts_one_block(tmp_path):
     assert plan["seconds"]["evaluate"] > 0
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "granite", "cohere"])  # what the logits get: soft-capping; / and x scales
+# what the logits get: soft-capping; / and x scales; a head the files call embed_out; the rest with the slow tests
+STREAMED_SCORING = ("gemma3", "granite", "cohere", "gpt_neox")
+
+
+@pytest.mark.parametrize("arch", [a if a in STREAMED_SCORING else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in sorted(FACTORIES)])
 def test_validate_streaming_scores_block_by_block_like_the_whole_model(tmp_path, arch):
     model_dir = tiny_model_dir(tmp_path, arch)
     whole = main(["validate", *cli_args(model_dir, tmp_path / "w", "--model.latency=false")])

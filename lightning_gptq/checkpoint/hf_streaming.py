@@ -17,6 +17,7 @@ from . import shards as shard_io
 from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, layer_grids_rules, words_to_file,
                           zeros_to_file)
 from .hf import AUTO_FORMAT, linear_shape, _meta, _warn_other_readers, _write_configs
+from .names import file_names
 
 __all__ = ["StreamingWriter"]
 
@@ -107,7 +108,9 @@ class StreamingWriter:
         ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks. ``dynamic``: as ``save_gptq``'s."""
         if not self.grids:
             raise ValueError("no quantized block was staged: nothing to write")
-        (bits, group_size, sym), dynamic = layer_grids_rules(self.grids, dynamic, self.dense)
+        rename = file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
+        (bits, group_size, sym), dynamic = layer_grids_rules({rename(n): g for n, g in self.grids.items()}, dynamic,
+                                                             map(rename, self.dense))
         fmt = self.format
         if fmt == AUTO_FORMAT:
             fmt = V1 if self.min_zero >= 1 else V2
@@ -124,6 +127,7 @@ class StreamingWriter:
                 zeros = zeros_to_file(state[f"{name}.qzeros"], b, out_features, fmt)
                 state[f"{name}.qzeros"] = words_to_file(zeros, out_features, b, dim=1)
                 state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], in_features, b, dim=0)
+            state = {rename(n): t for n, t in state.items()}
             save_file(state, str(self.staging / file), metadata={"format": "pt"})
             (self.staging / staged).unlink()
             digests[file] = shard_io.sha256(self.staging / file)
@@ -132,11 +136,11 @@ class StreamingWriter:
         # The unquantized tensors (embeddings, head: the largest tensors of a big model) go straight
         # from the source files to the last shard in pieces, never whole in memory.
         rest = [n for n in source_tensors.names() if not any(n.startswith(p) for p in self.prefixes)]
-        entries = [(n, source_tensors.dtype_of(n, self.cast), source_tensors.shape_of(n),
+        entries = [(rename(n), source_tensors.dtype_of(n, self.cast), source_tensors.shape_of(n),
                     lambda n=n: source_tensors.chunks(n, self.cast)) for n in rest]
         shard_io.write_streamed(self.staging / names[-1], entries, metadata={"format": "pt"})
         digests[names[-1]] = shard_io.sha256(self.staging / names[-1])
-        weight_map.update({n: names[-1] for n in rest})
+        weight_map.update({e[0]: names[-1] for e in entries})
         rest_dtypes = [e[1] for e in entries]
         for _, dtype, shape, _ in entries:
             count = 1

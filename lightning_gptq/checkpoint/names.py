@@ -1,5 +1,7 @@
 """Tensor names that checkpoint files spell differently from the modules transformers 5 builds.
 
+GPT-NeoX (Pythia): the files name the head ``embed_out``, transformers 5 ``lm_head``.
+
 Mixtral: transformers 4, vLLM, GPTQModel and every Mixtral GPTQ checkpoint name the MoE block
 ``block_sparse_moe`` and its experts' projections ``w1`` (gate), ``w3`` (up), ``w2`` (down); transformers 5
 calls the block ``mlp`` (and keeps the experts fused, which ``models.unfuse_experts`` splits into
@@ -19,10 +21,12 @@ _TO_FILE = {
     "mixtral": [(re.compile(rf"\.mlp\.experts\.(\d+)\.{ours}(?=\.|$)"), rf".block_sparse_moe.experts.\1.{theirs}")
                 for theirs, ours in _MIXTRAL_EXPERT.items()] + [(re.compile(r"\.mlp\.(?=experts\.|gate(\.|$))"),
                                                                  ".block_sparse_moe.")],
+    "gpt_neox": [(re.compile(r"^lm_head(?=\.|$)"), "embed_out")],
 }
 _TO_MODEL = {
     "mixtral": [(re.compile(rf"\.block_sparse_moe\.experts\.(\d+)\.{theirs}(?=\.|$)"), rf".mlp.experts.\1.{ours}")
                 for theirs, ours in _MIXTRAL_EXPERT.items()] + [(re.compile(r"\.block_sparse_moe\."), ".mlp.")],
+    "gpt_neox": [(re.compile(r"^embed_out(?=\.|$)"), "lm_head")],
 }
 
 
