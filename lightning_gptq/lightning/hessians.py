@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.models.adapters import is_output_projection, linear_in_features, weight_out_in
 from lightning_gptq.models.attention_probe import attention_layers, probe_attention
+from lightning_gptq.models.experts import routed_layers
 from lightning_gptq.quant import HessianAccumulator, MismatchAccumulator
 
 from .distributed import all_reduce_sum, world_size
@@ -98,6 +99,7 @@ class HessianCapture(BlockHooks, Callback):
         self._probing = False
         self._probed: dict[int, int] = {}  # id(attention layer) -> windows it measured in this pass
         self._warned = False
+        self._warned_routed = False
 
     @property
     def measured(self) -> bool:
@@ -113,6 +115,14 @@ class HessianCapture(BlockHooks, Callback):
                 "driver keeps only when asked (GPTQModule builds it so when this callback is in the Trainer; "
                 "true_sequential must be false).")
         self._ctx = ctx
+        # a MoE expert reads the tokens routed to it, and the two streams route differently: its rows cannot be
+        # paired with the full-precision ones, so it is solved with the plain Hessian
+        paired = set(ctx.layers) - routed_layers(ctx.block) if self.asymmetric else set()
+        if self.asymmetric and len(paired) < len(ctx.layers) and not self._warned_routed:
+            rank_zero_warn("HessianCapture(asymmetric=True): MoE experts read differently routed tokens in the "
+                           "quantized and the full-precision model, so they are solved without the mismatch term "
+                           "(plain GPTQ); the other layers of the blocks take it")
+            self._warned_routed = True
         first_inputs: list[tuple[torch.Tensor, str]] = []  # kept alive until every layer was seen once
         pending = set(ctx.layers)
         weighted = self._weighted_layers(ctx) if self._reweighs() else set()
@@ -152,7 +162,7 @@ class HessianCapture(BlockHooks, Callback):
                     first_inputs.append((x, name))
                     if not pending:
                         first_inputs.clear()
-                reference = ctx.reference_inputs[name] if self.asymmetric else None
+                reference = ctx.reference_inputs[name] if name in paired else None
                 weights = None
                 if name in weighted and x.dim() == 3:
                     # measured: the leading positions apart, weighed once the block's attention is known
@@ -174,11 +184,11 @@ class HessianCapture(BlockHooks, Callback):
             # A pass in fp64 (calibration_dtype: float64) keeps its Hessians fp64; any other, fp32 products.
             kind = {"device": weight.device, "dtype": torch.float64 if weight.dtype == torch.float64 else torch.float32}
             ctx.hessians[name] = HessianAccumulator(width, **kind)
-            if self.asymmetric:
+            if name in paired:
                 ctx.mismatches[name] = MismatchAccumulator(width, **kind)
             if self.measured and name in weighted:
                 self._first[name] = HessianAccumulator(width, **kind)
-                if self.asymmetric:
+                if name in paired:
                     self._first_mismatch[name] = MismatchAccumulator(width, **kind)
             self._handles[name] = layer.register_forward_pre_hook(make_hook(name))
         if self.measured and weighted:

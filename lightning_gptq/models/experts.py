@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_gptq.models.adapters import UnsupportedArchitectureError
 
-__all__ = ["ClampedSwiGLUExpert", "ExpertBank", "ExpertMLP", "fused_expert_banks", "unfuse_experts"]
+__all__ = ["ClampedSwiGLUExpert", "ExpertBank", "ExpertMLP", "fused_expert_banks", "routed_layers", "unfuse_experts"]
 
 
 class ExpertMLP(nn.Module):
@@ -157,6 +157,13 @@ def _layout(module: nn.Module) -> str | None:
             and tuple(biases[0].shape) == (experts, 2 * intermediate) and tuple(biases[1].shape) == (experts, hidden):
         return "gpt_oss"
     return None
+
+
+def routed_layers(module: nn.Module) -> set[str]:
+    """Names (relative to ``module``) of the modules inside its ``ExpertBank``s (the experts' linears among them):
+    each reads only the tokens routed to its expert."""
+    banks = [name for name, m in module.named_modules() if isinstance(m, ExpertBank)]
+    return {name for name, _ in module.named_modules() if any(name.startswith(bank + ".") for bank in banks)}
 
 
 def fused_expert_banks(model: nn.Module) -> list[str]:
