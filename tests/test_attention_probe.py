@@ -3,9 +3,9 @@ key receives equals what transformers' own eager attention reports (``output_att
 
 import pytest
 import torch
-from tiny_models import FACTORIES, token_ids
+from tiny_models import FACTORIES, MOE_FACTORIES, token_ids
 
-from lightning_gptq.models import get_adapter
+from lightning_gptq.models import get_adapter, unfuse_experts
 from lightning_gptq.models.attention_probe import (
     AttentionProbeError,
     attention_layers,
@@ -15,10 +15,11 @@ from lightning_gptq.models.attention_probe import (
 PROBED = ["llama", "mistral", "qwen2", "gemma", "gemma3", "opt", "gpt_neox", "gpt2"]
 
 
-@pytest.mark.parametrize("arch", PROBED)
-@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("arch, implementation", [(a, i) for a in PROBED for i in ("sdpa", "eager")]
+                         + [("gpt_oss", "eager")])  # learned sinks (s_aux) join each row's softmax; no sdpa
 def test_probe_reports_the_eager_attention_and_changes_nothing(arch, implementation):
-    model = FACTORIES[arch]()
+    model = {**FACTORIES, **MOE_FACTORIES}[arch]()
+    unfuse_experts(model)
     model.set_attn_implementation(implementation)
     ids = token_ids(n=2, seqlen=16)
     with torch.no_grad():
@@ -41,6 +42,8 @@ def test_probe_reports_the_eager_attention_and_changes_nothing(arch, implementat
     for layer, probs in zip(layers, attentions):
         torch.testing.assert_close(got[id(layer)], probs.float().sum(dim=-2), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(firsts[id(layer)], probs.float().sum(dim=-2)[..., :2], rtol=1e-4, atol=1e-5)
+    if arch == "gpt_oss":  # the sinks take real mass: rows sum to less than 1
+        assert float(got[id(layers[0])].sum()) < 0.99 * 2 * model.config.num_attention_heads * 16
     if arch in ("mistral", "gemma3"):  # sliding layers (window 4 < 16): position 0 is out of reach of late queries
         assert got[id(layers[0])][..., 0].max() < 5
 

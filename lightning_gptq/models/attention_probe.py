@@ -45,7 +45,8 @@ def attention_layers(block: nn.Module) -> list[nn.Module]:
 
 def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_mask: Tensor | None,
                        first: int | None = None, **kwargs) -> Tensor:
-    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries, in fp32 (fp64 when
+    """``[batch, heads, keys]``: softmax(q·kᵀ·scaling + mask) summed over queries (a sink logit per head,
+    ``s_aux``, joins each row's softmax as GPT-OSS's does), in fp32 (fp64 when
     ``query`` is fp64: an fp64 calibration stream keeps its sink weights to fp64 rounding); with
     ``first``, only the first ``first`` keys' columns (``[batch, heads, first]``; cheaper: the
     probabilities are never formed, only each row's log-sum-exp).
@@ -64,7 +65,9 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     window = kwargs.get("sliding_window")
-    if first is not None and attention_mask is None and causal and not softcap and not window and queries == keys:
+    sinks = kwargs.get("s_aux")  # GPT-OSS: a learned logit per head that joins each row's softmax, attending nowhere
+    if first is not None and attention_mask is None and causal and not softcap and not window and queries == keys \
+            and sinks is None:
         fast = _first_keys_from_flash_lse(query.to(work), key.to(work), scaling, min(first, keys))
         if fast is not None:
             return fast
@@ -89,10 +92,12 @@ def received_attention(module: nn.Module, query: Tensor, key: Tensor, attention_
             if window:
                 allowed &= key_pos[None, :] > query_pos - window
             logits.masked_fill_(~allowed, float("-inf"))
-        if first is None:
+        if first is None and sinks is None:
             received += torch.softmax(logits, dim=-1).sum(dim=-2)
         else:
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            if sinks is not None:
+                lse = torch.logaddexp(lse, sinks.to(work).reshape(1, heads, 1, 1))
             received += torch.exp(logits[..., : received.shape[-1]] - lse).sum(dim=-2)
     return received
 
