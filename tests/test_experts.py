@@ -291,3 +291,16 @@ def test_asymmetric_calibration_solves_experts_plainly_and_the_rest_with_the_mis
         models[asymmetric] = model
     last = models[True].model.layers[-1]
     assert not torch.equal(last.self_attn.q_proj.codes(), models[False].model.layers[-1].self_attn.q_proj.codes())
+
+
+def test_a_rule_that_matches_no_layer_is_said_with_the_spelling_it_matches():
+    model = MOE_FACTORIES["mixtral"]()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lg.quantize(model, token_ids(n=4, seqlen=16), lg.QuantConfig(bits=4, group_size=16), method="rtn",
+                    accelerator="cpu", dynamic={r"+:.*\.w2$": {"bits": 8}, r"+:.*q_proj$": {"bits": 8}, "+:nothing": {}})
+    said = [str(w.message) for w in caught if "matches no layer" in str(w.message)]
+    assert len(said) == 2
+    assert "'+:.*\\\\.w2$'" in said[0] and "block_sparse_moe.experts.0.w2" in said[0] and "module names" in said[0]
+    assert "'+:nothing'" in said[1] and "spelling" not in said[1]
+    assert model.model.layers[0].mlp.experts[0].down_proj.bits == 4 and model.model.layers[0].self_attn.q_proj.bits == 8
