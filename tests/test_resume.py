@@ -233,3 +233,14 @@ def test_a_fit_with_input_scaling_resumes_to_the_uninterrupted_weights_norms_inc
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
+
+
+def test_a_gpt2_fit_with_conv1d_layers_resumes_to_the_uninterrupted_weights(tmp_path):
+    """GPT-2's linears are transformers' Conv1D (weight [in, out], no in_features attribute): resuming once refused
+    every GPT-2 run ("is (None, None) here")."""
+    model_dir = tiny_model_dir(tmp_path, "gpt2")  # 2 blocks: stage 3 propagates the last one
+    main(["fit", *_args(model_dir, tmp_path / "whole", tmp_path / "whole-out")])
+    _killed_run(model_dir, tmp_path / "runs", tmp_path / "out", 3, tmp_path)
+    main(["fit", *_args(model_dir, tmp_path / "runs", tmp_path / "out"), "--ckpt_path=last"])
+    expected, got = _weights(tmp_path / "whole-out"), _weights(tmp_path / "out")
+    assert got.keys() == expected.keys() and all(torch.equal(got[n], t) for n, t in expected.items())

@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint import CheckpointError
-from lightning_gptq.models.adapters import is_linear
+from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features
 from lightning_gptq.models.capture import module_device_dtype
 from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.nn import QuantLinear, quant_linear_class, replace_submodule
@@ -321,8 +321,10 @@ def restore_quantized_layers(model: torch.nn.Module, state: dict[str, dict], bac
         layer = backend(entry["in_features"], entry["out_features"], bits=entry["bits"], group_size=entry["group_size"],
                         sym=entry["sym"], bias="bias" in tensors, dtype=tensors["scales"].dtype)
         expected = (entry["in_features"], entry["out_features"])
-        current = getattr(original, "in_features", None), getattr(original, "out_features", None)
-        if current != expected and not isinstance(original, QuantLinear):
+        # (GPT-2's Conv1D has no in_features/out_features attributes; its weight is [in, out])
+        current = (expected if isinstance(original, QuantLinear) else
+                   (linear_in_features(original), linear_out_features(original)) if is_linear(original) else None)
+        if current != expected:
             raise ResumeError(f"Layer {name!r} is {current} here but {expected} in the resume checkpoint.")
         layer.load_state_dict(tensors)
         replace_submodule(model, name, layer.to(tensors["scales"].device))
