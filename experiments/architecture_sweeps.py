@@ -1,6 +1,7 @@
 """Every tiny architecture of the tests (dense and MoE) through one feature at a time, to find what a feature
 gets wrong on a model family its tests do not cover. Prints one ``RESULT <arch> ...`` line per architecture.
 
+    python experiments/architecture_sweeps.py cli                  # fit -> validate (whole, streamed) -> predict, auto decode
     python experiments/architecture_sweeps.py compressed-tensors   # save_compressed_tensors -> load: same logits
     python experiments/architecture_sweeps.py gptaq                # RTN / GPTQ / GPTAQ (asymmetric) logit error, 3-bit
     python experiments/architecture_sweeps.py sink                 # the measured sink rule runs (and what it warns)
@@ -115,7 +116,28 @@ def resume(arch: str, root: Path) -> str:
     return "; ".join(results)
 
 
-CHECKS = {"compressed-tensors": compressed_tensors, "gptaq": gptaq, "sink": sink, "streamed-fit": streamed_fit,
+def cli(arch: str, root: Path) -> str:
+    """The user's path: ``fit`` (perplexity after, latency with ``auto`` decode), then ``validate`` the folder
+    (streamed too) and ``predict`` with ``auto`` decode."""
+    import json
+
+    src, out = _source(root, arch), root / arch
+    main(["fit", *cli_args(src, out / "fit", "--model.latency_decode=auto", f"--model.output_dir={out / 'q'}",
+                           group_size=16)])
+    summary = json.loads((out / "q" / "summary.json").read_text())
+    after, latency = summary["results"]["after"]["wikitext2"]["ppl"], summary["results"]["latency"]
+    scores = [main(["validate", *cli_args(out / "q" / "model", out / f"val{i}", "--model.latency=false", *extra)]
+                   ).model.results["val"]["wikitext2"]["ppl"] for i, extra in enumerate([[], ["--model.streaming=true"]])]
+    prompts = '--data.prompts=["the cat", "a dog"]'
+    main(["predict", *cli_args(out / "q" / "model", out / "pred", prompts, "--model.generation.decode=auto",
+                               "--model.generation.max_new_tokens=4")])
+    same = all(abs(p - after) <= 1e-5 * after for p in scores)
+    return (f"ppl after fit {after:.4f}, validate {scores[0]:.4f}, streamed {scores[1]:.4f} ({'same' if same else 'DIFFERENT'}); "
+            f"decode {latency['decode_path']} {latency['decode_ms_per_token']:.2f} ms/token"
+            + (f", compile error {latency['compile_error']}" if latency.get("compile_error") else ""))
+
+
+CHECKS = {"cli": cli, "compressed-tensors": compressed_tensors, "gptaq": gptaq, "sink": sink, "streamed-fit": streamed_fit,
           "ddp": ddp, "resume": resume}
 
 
