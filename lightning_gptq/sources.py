@@ -16,7 +16,6 @@ memory maps), so the pages read are never counted in the process's resident memo
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -40,22 +39,16 @@ class StreamingError(ValueError):
     """The model cannot be streamed (not a local folder with safetensors, or a tensor is missing)."""
 
 
-def _model_type(folder: Path) -> str | None:
-    try:
-        return json.loads((folder / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 class WeightSource:
-    """The weights of a local Hugging Face folder, read tensor by tensor."""
+    """The weights of a local Hugging Face folder, read tensor by tensor, by the names a ``model_type`` model gives
+    them (``checkpoint.names``: GPT-NeoX's files say ``embed_out`` for ``lm_head``)."""
 
-    def __init__(self, folder: str | os.PathLike, dtype: torch.dtype):
+    def __init__(self, folder: str | os.PathLike, dtype: torch.dtype, model_type: str | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise StreamingError(f"Streaming reads a local model folder with safetensors; {str(self.folder)!r} is not one.")
-        try:  # named as the model names them (GPT-NeoX's files say embed_out for lm_head: checkpoint/names.py)
-            self.shards = Shards(self.folder, rename=model_names(_model_type(self.folder)))
+        try:
+            self.shards = Shards(self.folder, rename=model_names(model_type))
         except Exception as error:  # noqa: BLE001 - say what streaming needs, with the reader's reason
             raise StreamingError(f"Streaming needs the model as safetensors files: {error}") from None
         self.dtype = dtype
@@ -182,7 +175,7 @@ class StreamedModel:
             raise UnsupportedArchitectureError(
                 f"streaming a mixture-of-experts model is not supported yet ({banks[0]}, ...: its files hold each "
                 "expert bank in a layout transformers converts at load); quantize it in memory (model.streaming=false)")
-        self.files = WeightSource(folder, dtype=dtype)
+        self.files = WeightSource(folder, dtype=dtype, model_type=self.model.config.model_type)
 
     def fetch(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
         self.files.materialize(self.model, module, device)

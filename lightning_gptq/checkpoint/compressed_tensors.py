@@ -47,7 +47,7 @@ from .hf import (
     state_to_save,
     write_model_files,
 )
-from .names import file_names
+from .names import file_names_of
 
 FORMAT = "compressed-tensors"
 
@@ -134,7 +134,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
-    rename = file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
+    rename = file_names_of(model)
     head = model.get_output_embeddings()
     ignore = sorted(rename(n) for n, m in model.named_modules()  # the dense linears, the LM head among them
                     if m is head or isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))

@@ -46,7 +46,7 @@ from .gptq_format import (
     zeros_from_file,
     zeros_to_file,
 )
-from .names import file_names, model_names
+from .names import file_names_of, model_names
 
 log = logging.getLogger("lightning_gptq")
 AUTO_FORMAT = "auto"
@@ -93,7 +93,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     dense = [n for n, m in model.named_modules() if linear_shape(m) is not None]
     if dynamic is None:
         dynamic = getattr(model, "gptq_dynamic", None)  # a loaded model: its folder's rules
-    rename = file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
+    rename = file_names_of(model)
     # the rules are checked against (and written in) the names the files use, which other tools match them against
     (bits, group_size, sym), dynamic = layer_grids_rules({rename(n): (m.bits, m.group_size, m.sym) for n, m in layers.items()},
                                                          dynamic, map(rename, dense))
@@ -263,7 +263,6 @@ class GPTQReader:
         self.settings = self._read_settings()
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.files = files = shard_io.Shards(self.folder, rename=model_names(config.model_type))
-        self.file_name = file_names(config.model_type) or (lambda name: name)  # a layer's name in the files
         recorded = self.settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
         if verify and recorded:
             files.verify(recorded)
@@ -278,6 +277,7 @@ class GPTQReader:
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) real
             self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code).eval()
         unfuse_experts(self.model)  # MoE checkpoints hold one layer per expert projection
+        self.file_name = file_names_of(self.model)  # a layer's name in the files
         self.layers: dict[str, tuple[int, int, bool]] = {}  # quantized layer -> (in, out, has bias)
         self.layer_settings: dict[str, GPTQSettings] = {}  # per layer: `dynamic` rules applied
         for name in names:

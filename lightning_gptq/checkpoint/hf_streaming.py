@@ -17,7 +17,7 @@ from . import shards as shard_io
 from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, layer_grids_rules, words_to_file,
                           zeros_to_file)
 from .hf import AUTO_FORMAT, linear_shape, _meta, _warn_other_readers, _write_configs
-from .names import file_names
+from .names import file_names_of
 
 __all__ = ["StreamingWriter"]
 
@@ -108,7 +108,7 @@ class StreamingWriter:
         ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks. ``dynamic``: as ``save_gptq``'s."""
         if not self.grids:
             raise ValueError("no quantized block was staged: nothing to write")
-        rename = file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
+        rename = file_names_of(model)
         (bits, group_size, sym), dynamic = layer_grids_rules({rename(n): g for n, g in self.grids.items()}, dynamic,
                                                              map(rename, self.dense))
         fmt = self.format

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-__all__ = ["file_names", "model_names"]
+__all__ = ["file_names", "file_names_of", "model_names"]
 
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _TO_FILE = {
@@ -49,3 +49,8 @@ def file_names(model_type: str | None) -> Callable[[str], str] | None:
 def model_names(model_type: str | None) -> Callable[[str], str] | None:
     """File tensor (or layer) name (either spelling) -> the model's tensor name for ``model_type`` (None: the same names)."""
     return _renamer(_TO_MODEL.get(model_type))
+
+
+def file_names_of(model) -> Callable[[str], str]:
+    """``file_names`` of ``model``'s type, or the names unchanged where its files use the model's names."""
+    return file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)

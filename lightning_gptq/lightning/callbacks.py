@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, export_problems
-from lightning_gptq.checkpoint.names import file_names
+from lightning_gptq.checkpoint.names import file_names_of
 from lightning_gptq.checkpoint.serving import planned_settings, vllm_report
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
 from lightning_gptq.nn import AUTO, QuantLinear, check_backend, make_quant_linear, replace_submodule, to_backend
@@ -235,17 +235,17 @@ class GPTQCallback(BlockHooks, Callback):
         self._driven = True
         linears = {f"{driver.block_prefix(b)}.{name}": layer for b, block in enumerate(driver.blocks)
                    for name, layer in driver.adapter.linear_layers(block).items()}
-        self._warn_unmatched_rules(list(linears), getattr(getattr(driver.model, "config", None), "model_type", None))
+        self._warn_unmatched_rules(list(linears), file_names_of(driver.model))
         self._warn_serving(linears, getattr(pl_module.hparams, "checkpoint_format", "auto"))
 
-    def _warn_unmatched_rules(self, names: list[str], model_type: str | None) -> None:
+    def _warn_unmatched_rules(self, names: list[str], to_file) -> None:
         """One warning per ``dynamic`` rule that matches none of the layers ``names``: a typo, or a name spelt as
-        checkpoint files spell it (Mixtral's ``block_sparse_moe.experts.<e>.w2``) rather than as the model does."""
-        to_file = file_names(model_type)
+        checkpoint files spell it (``to_file``; Mixtral's ``block_sparse_moe.experts.<e>.w2``) rather than as the
+        model does."""
         for key, _, compiled, _ in self.rules.rules:
             if not names or any(compiled.match(n) for n in names):
                 continue
-            spelt = [n for n in names if to_file is not None and compiled.match(to_file(n))]
+            spelt = [n for n in names if compiled.match(to_file(n))]
             hint = (f"; it matches names as checkpoint files spell them ({to_file(spelt[0])!r}), but rules match "
                     f"the model's module names ({spelt[0]!r})" if spelt else "")
             rank_zero_warn(f"GPTQCallback.dynamic: the rule {key!r} matches no layer (names look like "
