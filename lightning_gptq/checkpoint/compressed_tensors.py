@@ -124,9 +124,11 @@ def quantization_config(layers: dict[str, QuantLinear], ignore: list[str]) -> di
 
 
 def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLike, *, max_shard_size: int | str = "4GB",
-                            dtype: torch.dtype | str | None = None, settings: dict | None = None) -> Path:
+                            dtype: torch.dtype | str | None = None, settings: dict | None = None,
+                            names: str = "files") -> Path:
     """Write ``model`` (its linears ``QuantLinear``) to ``folder`` in the compressed-tensors ``pack-quantized``
-    layout, one config group per grid. ``dtype``: of every floating tensor (default: as in memory). Every quantized
+    layout, one config group per grid. ``dtype``: of every floating tensor (default: as in memory). ``names``: as
+    ``save_quantized``'s (targets and ``ignore`` are written in the same spelling). Every quantized
     linear must keep its groups contiguous and hold whole groups (``CheckpointError`` otherwise, before anything is
     written).
     Written to ``<folder>.partial`` and renamed."""
@@ -134,7 +136,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ValueError("the model has no quantized layers to save")
-    rename = file_names_of(model)
+    rename = file_names_of(model, names)
     head = model.get_output_embeddings()
     ignore = sorted(rename(n) for n, m in model.named_modules()  # the dense linears, the LM head among them
                     if m is head or isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))

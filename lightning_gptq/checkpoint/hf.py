@@ -70,7 +70,7 @@ def is_gptq_folder(folder: Path) -> bool:
 def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpoint_format: str = AUTO_FORMAT,
               max_shard_size: int | str = "4GB", desc_act: bool | None = None, damp_percent: float = 0.01,
               static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None,
-              dtype: torch.dtype | str | None = None, dynamic: dict | None = None) -> Path:
+              dtype: torch.dtype | str | None = None, dynamic: dict | None = None, names: str = "files") -> Path:
     """Write ``model`` (its linears replaced by ``QuantLinear``) to ``folder`` in the HF GPTQ layout.
 
     ``checkpoint_format``: ``"auto"`` (v1 ``gptq`` when lossless for this model, else ``gptq_v2``),
@@ -81,7 +81,9 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     than most are recorded as ``dynamic`` rules: ``dynamic`` (the rules they were quantized by, checkpoint spelling)
     where those describe every layer, else one exact-name rule per grid (and a ``-:`` rule for full-precision
     linears where other blocks have quantized ones); by default the rules of the folder ``load_quantized`` read
-    (``model.gptq_dynamic``). Written to ``<folder>.partial`` and renamed,
+    (``model.gptq_dynamic``). ``names``: ``"files"`` (tensor names as transformers' own files spell them; vLLM reads
+    these) or ``"modules"`` (the model's module names; GPTQModel 7 reads these): they differ for Mixtral's experts and
+    GPT-NeoX's head only (``checkpoint.names``). Written to ``<folder>.partial`` and renamed,
     so an interrupted save never leaves a half-written checkpoint under the final name.
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
@@ -93,7 +95,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     dense = [n for n, m in model.named_modules() if linear_shape(m) is not None]
     if dynamic is None:
         dynamic = getattr(model, "gptq_dynamic", None)  # a loaded model: its folder's rules
-    rename = file_names_of(model)
+    rename = file_names_of(model, names)
     # the rules are checked against (and written in) the names the files use, which other tools match them against
     (bits, group_size, sym), dynamic = layer_grids_rules({rename(n): (m.bits, m.group_size, m.sym) for n, m in layers.items()},
                                                          dynamic, map(rename, dense))
@@ -106,6 +108,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     if desc_act is None:
         desc_act = any(m.act_order for m in layers.values())
     _warn_other_readers(fmt, sym, dynamic)
+    _warn_moe_readers(model, names)
 
     state = state_to_save(model, cast)
     for name, m in layers.items():
@@ -172,6 +175,24 @@ def _warn_other_readers(fmt: str, sym: bool, dynamic: dict) -> None:
     if fmt == V1 and not sym:
         note += ("; GPTQModel.load refuses an asymmetric 'gptq' (v1) folder that GPTQModel did not write: save with "
                  "checkpoint_format='gptq_v2' for it")
+    log.warning("%s", note)
+
+
+def _warn_moe_readers(model: nn.Module, names: str) -> None:
+    """Which tools read a mixture-of-experts folder (GPTQModel 7.7, transformers 5.25, vLLM 0.32:
+    experiments/moe_interop.py)."""
+    from lightning_gptq.models.experts import ExpertBank
+
+    if not any(isinstance(m, ExpertBank) for m in model.modules()):
+        return
+    note = ("mixture-of-experts folder: lightning_gptq.load_quantized and GPTQModel.load read it; transformers' "
+            "from_pretrained leaves every expert bank newly initialized (its load report lists them MISSING), so do not "
+            "load it that way")
+    if getattr(model.config, "model_type", None) == "mixtral":
+        note += ("; Mixtral's experts are spelt " + ("as transformers' files spell them (block_sparse_moe.experts.<e>.w1), "
+                 "which vLLM reads and GPTQModel.load refuses: checkpoint_names='modules' for GPTQModel" if names == "files"
+                 else "as transformers 5 names its modules (mlp.experts.<e>.gate_proj), which GPTQModel.load reads and vLLM "
+                 "refuses: checkpoint_names='files' for vLLM"))
     log.warning("%s", note)
 
 

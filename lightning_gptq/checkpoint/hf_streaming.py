@@ -103,12 +103,13 @@ class StreamingWriter:
 
     def finish(self, model: nn.Module, tokenizer, source_tensors, *, damp_percent: float = 0.01,
                static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None,
-               dynamic: dict | None = None) -> Path:
+               dynamic: dict | None = None, names: str = "files") -> Path:
         """``source_tensors``: the model's own files (``WeightSource``: ``names()``, ``dtype_of``,
-        ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks. ``dynamic``: as ``save_gptq``'s."""
+        ``shape_of``, ``chunks``), for the unquantized tensors outside the blocks. ``dynamic``, ``names``: as
+        ``save_gptq``'s."""
+        rename = file_names_of(model, names)
         if not self.grids:
             raise ValueError("no quantized block was staged: nothing to write")
-        rename = file_names_of(model)
         (bits, group_size, sym), dynamic = layer_grids_rules({rename(n): g for n, g in self.grids.items()}, dynamic,
                                                              map(rename, self.dense))
         fmt = self.format

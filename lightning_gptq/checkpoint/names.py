@@ -2,11 +2,15 @@
 
 GPT-NeoX (Pythia): the files name the head ``embed_out``, transformers 5 ``lm_head``.
 
-Mixtral: transformers 4, vLLM, GPTQModel and every Mixtral GPTQ checkpoint name the MoE block
-``block_sparse_moe`` and its experts' projections ``w1`` (gate), ``w3`` (up), ``w2`` (down); transformers 5
-calls the block ``mlp`` (and keeps the experts fused, which ``models.unfuse_experts`` splits into
-``experts.<e>.gate_proj`` / ``up_proj`` / ``down_proj``). Files are written in the checkpoint spelling and
-read in either.
+Mixtral: transformers' own files (``save_pretrained``, in 4 and 5), vLLM and Mixtral GPTQ checkpoints of the
+transformers 4 era name the MoE block ``block_sparse_moe`` and its experts' projections ``w1`` (gate), ``w3`` (up),
+``w2`` (down); transformers 5 calls the block ``mlp`` (and keeps the experts fused, which ``models.unfuse_experts`` splits into
+``experts.<e>.gate_proj`` / ``up_proj`` / ``down_proj``).
+
+Files are read in either spelling and written in one of two (``SPELLINGS``): ``"files"`` (default), the names
+transformers' own ``save_pretrained`` writes, which vLLM reads; or ``"modules"``, the model's module names in
+transformers 5, which GPTQModel 7 writes and reads (it refuses a Mixtral GPTQ folder in the files' spelling, and vLLM
+one in the modules' spelling: docs/architectures.md, "Other tools and MoE folders").
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-__all__ = ["file_names", "file_names_of", "model_names"]
+__all__ = ["SPELLINGS", "file_names", "file_names_of", "model_names"]
+
+#: how a writer spells tensor names: as transformers' own files do (vLLM reads these), or as its modules are named
+SPELLINGS = ("files", "modules")
 
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _TO_FILE = {
@@ -51,6 +58,14 @@ def model_names(model_type: str | None) -> Callable[[str], str] | None:
     return _renamer(_TO_MODEL.get(model_type))
 
 
-def file_names_of(model) -> Callable[[str], str]:
-    """``file_names`` of ``model``'s type, or the names unchanged where its files use the model's names."""
-    return file_names(getattr(getattr(model, "config", None), "model_type", None)) or (lambda name: name)
+def check_spelling(names: str) -> str:
+    if names not in SPELLINGS:
+        raise ValueError(f"names must be one of {', '.join(map(repr, SPELLINGS))}, got {names!r}")
+    return names
+
+
+def file_names_of(model, names: str = "files") -> Callable[[str], str]:
+    """``file_names`` of ``model``'s type, or the names unchanged where its files use the model's names or ``names``
+    is ``"modules"``."""
+    rename = file_names(getattr(getattr(model, "config", None), "model_type", None))
+    return rename if check_spelling(names) == "files" and rename is not None else (lambda name: name)

@@ -10,13 +10,18 @@ vLLM 0.32 (its ``auto_gptq`` path, read from its source and checked by loading f
    default kernels refuse these too);
 4. a fused layer's parts differ: vLLM runs q/k/v as one ``qkv_proj`` and gate/up as one ``gate_up_proj``, and
    matches ``dynamic`` rules against those fused names, so every part must be written with the setting the fused
-   name reads.
+   name reads;
+5. an expert's group size is not 32, 64, 128 or -1 (its GPTQ MoE layers are Marlin's, which checks this when the
+   engine starts, on a CPU too).
 
-Its CPU kernel further takes 4-bit grids only, with ``in_features`` and ``out_features`` multiples of 32.
+Its CPU kernel further takes 4-bit grids only, with ``in_features`` and ``out_features`` multiples of 32, and its CPU
+build serves no GPTQ mixture-of-experts model ("No WNA16 MoE backend supports the deployment configuration", ours and
+GPTQModel's folders alike, and ours with the experts left dense by ``-:`` rules: experiments/moe_interop.py).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from lightning_gptq.quant.config import QuantConfig
@@ -27,8 +32,9 @@ from .gptq_format import GPTQSettings, layer_grids_rules
 VLLM = "vLLM 0.32"
 #: vLLM's fused linears: name in vLLM -> the checkpoint's parts (Llama, Mistral, Qwen2, Gemma, OPT, ...)
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-#: group sizes vLLM's GPU kernels ship for (besides per-row, -1)
+#: group sizes vLLM's GPU kernels ship for (besides per-row, -1); its MoE layers take no others
 SERVED_GROUP_SIZES = (128, 64, 32)
+_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def _layout(s: GPTQSettings | None) -> tuple | None:
@@ -49,7 +55,7 @@ def vllm_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]],
 
 
 def _refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], checkpoint_format: str) -> dict[str, str]:
-    """``vllm_refusals`` by kind: ``grid``, ``act_order``, ``ragged``, ``fused``."""
+    """``vllm_refusals`` by kind: ``grid``, ``act_order``, ``ragged``, ``fused``, ``experts``."""
     layers = {name: settings.for_layer(name) for name in shapes}
     quantized = {name: s for name, s in layers.items() if s is not None}
     reasons = {}
@@ -86,6 +92,11 @@ def _refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]], che
         setting = ("one setting" if zero_points else
                    "the setting their fused name reads (dynamic rules are matched against the fused names)")
         reasons["fused"] = f"the parts of {len(split)} fused layers ({_names(split)}) are not all written with {setting}"
+    odd_experts = [n for n, s in quantized.items() if _EXPERT.search(n) and s.group_size not in (-1, *SERVED_GROUP_SIZES)]
+    if odd_experts:
+        sizes = ", ".join(sorted({str(quantized[n].group_size) for n in odd_experts}))
+        reasons["experts"] = (f"its MoE layers take groups of 32, 64 or 128 or whole rows (-1), and {len(odd_experts)} "
+                              f"experts' layers have group size {sizes} ({_names(odd_experts)})")
     return reasons
 
 
@@ -105,7 +116,8 @@ def planned_settings(configs: Mapping[str, QuantConfig | None], rules: Mapping[s
 
 
 def vllm_cpu_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, int]]) -> list[str]:
-    """What vLLM's CPU kernel refuses besides ``vllm_refusals``: grids other than 4-bit, shapes not multiples of 32."""
+    """What vLLM's CPU build refuses besides ``vllm_refusals``: grids other than 4-bit, shapes not multiples of 32,
+    mixture-of-experts models."""
     quantized = {name: s for name in shapes if (s := settings.for_layer(name)) is not None}
     reasons = []
     if any(s.bits != 4 for s in quantized.values()):
@@ -113,6 +125,9 @@ def vllm_cpu_refusals(settings: GPTQSettings, shapes: Mapping[str, tuple[int, in
     odd = [n for n in quantized if shapes[n][0] % 32 or shapes[n][1] % 32]
     if odd:
         reasons.append(f"its CPU kernel needs in/out features that are multiples of 32 ({_names(odd)})")
+    experts = [n for n in shapes if _EXPERT.search(n)]
+    if experts and quantized:  # experts left dense by per-layer rules too: vLLM matches rules to its fused bank
+        reasons.append(f"its CPU build serves no GPTQ mixture-of-experts model ({_names(experts)})")
     return reasons
 
 

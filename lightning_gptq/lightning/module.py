@@ -71,6 +71,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         save_quantized: write the quantized model after ``fit`` (Hugging Face GPTQ layout).
         checkpoint_format: ``"auto"`` (``gptq`` v1 when lossless, else ``gptq_v2``), ``"gptq"``, ``"gptq_v2"``
             or ``"compressed-tensors"`` (asymmetric grids vLLM serves; no act-order groups). See the README.
+        checkpoint_names: tensor names as transformers' files spell them (``files``: vLLM) or ``modules`` (GPTQModel 7).
         max_shard_size: largest weight file written (e.g. ``"4GB"``); larger models are sharded.
         save_dtype: dtype of the saved unquantized tensors and scales (e.g. ``float16``); default: the model's own.
         latency: measure prefill and decode latency in ``validate``/``test`` (and after ``fit``).
@@ -96,7 +97,7 @@ class GPTQModule(ScoringLoops, LightningModule):
     def __init__(
         self, model: str, gguf_file: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
         revision: str | None = None, true_sequential: bool = False, activation_dtype: str | None = None,
-        calibration_dtype: str | None = None,
+        calibration_dtype: str | None = None, checkpoint_names: str = "files",
         activation_storage: str = "auto", activation_dir: str | None = None, eval_before: bool = False,
         eval_after: bool = True, output_dir: str | None = None, save_quantized: bool = True,
         checkpoint_format: str = "auto", max_shard_size: str = "4GB", save_dtype: str | None = None,
@@ -165,8 +166,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         if stage != "fit":
             return
         hp = self.hparams
-        self.output = QuantizedOutput(self.output_dir() / "model", checkpoint_format=hp.checkpoint_format,
-                                      max_shard_size=hp.max_shard_size, save_dtype=hp.save_dtype)
+        self.output = QuantizedOutput(self.output_dir() / "model", hp)
         self.driver = CalibrationDriver(
             self.source, fire=lambda hook, ctx: fire_block_hook(self.trainer, self, hook, ctx), device=self.device,
             true_sequential=hp.true_sequential, activation_dtype=hp.activation_dtype, store=self._activation_store(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT
+from lightning_gptq.checkpoint.names import SPELLINGS
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.models.decode import MODES
 from lightning_gptq.nn import check_backend
@@ -23,6 +24,10 @@ def check_options(hp) -> None:
     if hp.checkpoint_format not in ("auto", "gptq", "gptq_v2", CT_FORMAT):
         raise MisconfigurationException(f"GPTQModule.checkpoint_format must be 'auto', 'gptq', 'gptq_v2' or "
                                         f"'compressed-tensors', got {hp.checkpoint_format!r}")
+    if hp.checkpoint_names not in SPELLINGS:
+        raise MisconfigurationException(f"GPTQModule.checkpoint_names must be 'files' (tensor names as transformers' "
+                                        f"files spell them; vLLM reads these) or 'modules' (the model's module names; "
+                                        f"GPTQModel 7 reads these), got {hp.checkpoint_names!r}")
     if hp.streaming and hp.checkpoint_format == CT_FORMAT:
         raise MisconfigurationException("streaming writes the GPTQ layout block by block; compressed-tensors is "
                                         "written from the whole model: drop streaming for it")

@@ -30,12 +30,14 @@ def checkpoint_settings(report: dict, source_model: str, true_sequential: bool) 
 
 
 class QuantizedOutput:
-    """The quantized folder ``folder`` (``checkpoint_format``, ``max_shard_size``, ``save_dtype``: see
-    ``GPTQModule``)."""
+    """The quantized folder ``folder``, written as ``options`` (``GPTQModule``'s hparams) say: ``checkpoint_format``,
+    ``checkpoint_names``, ``max_shard_size``, ``save_dtype``."""
 
-    def __init__(self, folder: Path, *, checkpoint_format: str, max_shard_size: str, save_dtype: str | None) -> None:
+    def __init__(self, folder: Path, options) -> None:
         self.folder = folder
-        self.checkpoint_format, self.max_shard_size, self.save_dtype = checkpoint_format, max_shard_size, save_dtype
+        self.checkpoint_format, self.max_shard_size, self.save_dtype = (options.checkpoint_format, options.max_shard_size,
+                                                                        options.save_dtype)
+        self.names = getattr(options, "checkpoint_names", "files")  # (hparams of runs saved before the option)
         self.writer: StreamingWriter | None = None
 
     def add_block(self, prefix: str, block: nn.Module) -> None:
@@ -51,15 +53,16 @@ class QuantizedOutput:
         dynamic = LayerRules(report.get("dynamic")).layout_rules()  # the rules the layers were quantized by
         if self.writer is not None:
             self.writer.finish(lm, tokenizer, source.files, damp_percent=quant.damp, static_groups=quant.static_groups,
-                               true_sequential=true_sequential, settings={**settings, "streamed": True}, dynamic=dynamic)
+                               true_sequential=true_sequential, settings={**settings, "streamed": True}, dynamic=dynamic,
+                               names=self.names)
         elif self.checkpoint_format == CT_FORMAT:
             save_compressed_tensors(lm.to("cpu"), tokenizer, self.folder, max_shard_size=self.max_shard_size,
-                                    dtype=self.save_dtype, settings=settings)
+                                    dtype=self.save_dtype, settings=settings, names=self.names)
         else:
             save_quantized(lm.to("cpu"), tokenizer, self.folder, checkpoint_format=self.checkpoint_format,
                            max_shard_size=self.max_shard_size, damp_percent=quant.damp,
                            static_groups=quant.static_groups, true_sequential=true_sequential, settings=settings,
-                           dtype=self.save_dtype, dynamic=dynamic)
+                           dtype=self.save_dtype, dynamic=dynamic, names=self.names)
         return self.folder
 
     def state_dict(self) -> dict | None:

@@ -37,16 +37,19 @@ class ExpertMLP(nn.Module):
 
 
 class ClampedSwiGLUExpert(ExpertMLP):
-    """GPT-OSS's expert (with biases): ``down_proj((u + 1) · g · σ(α·g))``, ``g = gate_proj(x)`` clamped above at
-    ``limit``, ``u = up_proj(x)`` clamped to ``±limit``."""
+    """GPT-OSS's expert (with biases): ``down_proj((u + 1) · g · σ(α·g))``, ``g`` clamped above at ``limit``, ``u``
+    clamped to ``±limit``. GPT-OSS interleaves its fused projection's outputs (gate, up, gate, up, ...); as in the
+    per-expert files GPTQModel (Defuser) writes and vLLM reads, ``gate_proj`` holds the first half of those outputs
+    and ``up_proj`` the second, in that interleaved order, so ``g`` and ``u`` are the even and odd outputs of both."""
 
     def __init__(self, hidden: int, intermediate: int, alpha: float, limit: float, *, dtype=None, device=None) -> None:
         super().__init__(hidden, intermediate, nn.Identity(), bias=True, dtype=dtype, device=device)
         self.alpha, self.limit = float(alpha), float(limit)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate = self.gate_proj(x).clamp(max=self.limit)
-        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        fused = torch.cat([self.gate_proj(x), self.up_proj(x)], dim=-1)
+        gate = fused[..., 0::2].clamp(max=self.limit)
+        up = fused[..., 1::2].clamp(min=-self.limit, max=self.limit)
         return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
@@ -134,9 +137,11 @@ def _expert_weights(bank: nn.Module, layout: str, e: int) -> dict[str, Tensor]:
         intermediate = down.shape[1]
         return {"gate_proj.weight": gate_up[:intermediate], "up_proj.weight": gate_up[intermediate:],
                 "down_proj.weight": down}
-    bias = bank.gate_up_proj_bias[e]  # "gpt_oss": gate_up [H, 2I] (x @ W), gate and up columns interleaved
-    return {"gate_proj.weight": gate_up[:, 0::2].t(), "gate_proj.bias": bias[0::2],
-            "up_proj.weight": gate_up[:, 1::2].t(), "up_proj.bias": bias[1::2],
+    # "gpt_oss": gate_up [H, 2I] (x @ W), gate and up columns interleaved; split into halves, not into gate and up
+    # (ClampedSwiGLUExpert)
+    bias, intermediate = bank.gate_up_proj_bias[e], down.shape[0]
+    return {"gate_proj.weight": gate_up[:, :intermediate].t(), "gate_proj.bias": bias[:intermediate],
+            "up_proj.weight": gate_up[:, intermediate:].t(), "up_proj.bias": bias[intermediate:],
             "down_proj.weight": down.t(), "down_proj.bias": bank.down_proj_bias[e]}
 
 
