@@ -97,14 +97,14 @@ class GPTQModule(ScoringLoops, LightningModule):
     def __init__(
         self, model: str, gguf_file: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
         revision: str | None = None, true_sequential: bool = False, activation_dtype: str | None = None,
-        calibration_dtype: str | None = None, checkpoint_names: str = "files",
+        calibration_dtype: str | None = None,
         activation_storage: str = "auto", activation_dir: str | None = None, eval_before: bool = False,
         eval_after: bool = True, output_dir: str | None = None, save_quantized: bool = True,
         checkpoint_format: str = "auto", max_shard_size: str = "4GB", save_dtype: str | None = None,
         latency: bool = True, latency_prompt_tokens: int = 128, latency_decode_tokens: int = 32,
         latency_decode: str = "auto", lm_head: str = "fp32", backend: str = AUTO,
         generation: Generation = Generation(),  # noqa: B008 (never mutated; jsonargparse shows its fields)
-        streaming: bool = False, dry_run: bool = False,
+        streaming: bool = False, dry_run: bool = False, checkpoint_names: str = "files",
     ) -> None:
         super().__init__()
         loaded = None
