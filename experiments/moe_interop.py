@@ -111,7 +111,8 @@ def _run_side(python: str, flag: str, *extra: str) -> dict:
     if not lines:
         return {"side_failed": f"rc {proc.returncode}: {proc.stderr[-800:]}"}
     report = json.loads(lines[-1].removeprefix("REPORT "))
-    causes = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines() if "Error: " in line]
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "Error: " in line and not line.startswith("REPORT ")]
+    causes = [line.split("] ", 1)[-1] for line in [x for x in lines if " ERROR " in x] or lines]  # the worker's own line
     if "error" in report and causes:  # vLLM's engine says why in its worker's log, not in what it raises
         report["error"] = causes[-1]
     return report
