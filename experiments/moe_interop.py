@@ -12,10 +12,11 @@ Per architecture (fp32 tiny model, hidden 128, head_dim 64, 4-bit g32, GPTQ on 1
    rule) by vLLM (bf16, CPU). Each reader's logits on fixed token ids are compared with the in-memory quantized
    model's (vLLM: its token log-probabilities).
 2. ``theirs``: GPTQModel quantizes the full-precision folder itself (4-bit g32 sym, the same windows) and saves;
-   our ``load_quantized`` reads it and its logits are compared with GPTQModel's own.
+   our ``load_quantized``, transformers and vLLM read it, compared with GPTQModel's own logits.
 
-Each line printed starts ``RESULT <arch> <check>``: ``ok`` with the relative logit difference (``‖a − b‖ / ‖b‖``),
-or what refused and why. The other environments run this file as a subprocess (``--their-side``/``--vllm-side``),
+Each line printed starts ``RESULT <arch> <check>``: the relative logit difference (``‖a − b‖ / ‖b‖``) with the
+number of quantized layers the reader built, or what refused and why. Results of 2026-12-06: docs/architectures.md
+("Other tools and MoE folders"). The other environments run this file as a subprocess (``--their-side``/``--vllm-side``),
 so it imports nothing from lightning_gptq at module level.
 """
 
