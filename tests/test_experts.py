@@ -233,6 +233,36 @@ def test_gpt_oss_experts_hold_the_halves_of_the_fused_projection_as_other_tools_
         torch.testing.assert_close(expert.up_proj.bias, bias[e][half:], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["gptq", "compressed-tensors"])
+def test_a_gpt_oss_folder_written_before_the_halves_is_refused_and_others_still_read(tmp_path, layout):
+    """Folders this tool wrote before ``format_revision`` 2 split GPT-OSS experts into true gate and up; read as halves
+    they would give another function without a word. Other families' folders of that age read as before."""
+    from lightning_gptq.checkpoint import CheckpointError, load_compressed_tensors, save_compressed_tensors
+
+    save, load = ((lg.save_quantized, lg.load_quantized) if layout == "gptq"
+                  else (save_compressed_tensors, load_compressed_tensors))
+    for arch in ("gpt_oss", "qwen3_moe"):
+        model = MOE_FACTORIES[arch]()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lg.quantize(model, token_ids(n=2, seqlen=8), lg.QuantConfig(bits=4, group_size=16), method="rtn",
+                        accelerator="cpu")
+            save(model, None, tmp_path / arch)
+        config_file = tmp_path / arch / "config.json"
+        config = json.loads(config_file.read_text())
+        ours = config["quantization_config"].get("meta", config["quantization_config"])["lightning_gptq"]
+        assert ours["format_revision"] == 2
+        load(tmp_path / arch)  # today's folder reads
+        del ours["format_revision"]
+        config_file.write_text(json.dumps(config))
+        (tmp_path / arch / "quantize_config.json").unlink(missing_ok=True)
+        if arch == "gpt_oss":
+            with pytest.raises(CheckpointError, match="before 2026-12-06.*quantize the model again"):
+                load(tmp_path / arch, verify=False)
+        else:
+            load(tmp_path / arch, verify=False)
+
+
 def test_mixtral_per_layer_rules_and_compressed_tensors_use_the_files_names(tmp_path):
     """Other tools match ``dynamic`` rules and compressed-tensors targets against the names in the files
     (``block_sparse_moe.experts.<e>.w2``), so both are written in that spelling; rules in the model's spelling

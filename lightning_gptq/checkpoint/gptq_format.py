@@ -27,6 +27,9 @@ V2 = "gptq_v2"
 FORMATS = (V1, V2)
 QUANTIZE_CONFIG = "quantize_config.json"
 TOOL = "lightning-gptq"
+#: ``meta.lightning_gptq.format_revision`` of what this version writes. 2 (2026-12-06): GPT-OSS experts hold the
+#: fused projection's two halves (``ClampedSwiGLUExpert``); folders without it split them into true gate and up.
+FORMAT_REVISION = 2
 
 
 class CheckpointError(RuntimeError):

@@ -29,6 +29,7 @@ from lightning_gptq.nn import (
 
 from . import shards as shard_io
 from .gptq_format import (
+    FORMAT_REVISION,
     FORMATS,
     QUANTIZE_CONFIG,
     TOOL,
@@ -198,7 +199,7 @@ def _warn_moe_readers(model: nn.Module, names: str) -> None:
 
 def _meta(settings: dict | None, digests: dict[str, str]) -> dict:
     return {"quantizer": [f"{TOOL}:{_version()}"], "uri": "https://github.com/lightning-gptq/lightning-gptq",
-            "lightning_gptq": {**(settings or {}), "sha256": digests}}
+            "lightning_gptq": {**(settings or {}), "format_revision": FORMAT_REVISION, "sha256": digests}}
 
 
 def _write_configs(staging: Path, model: nn.Module, tokenizer, gptq: GPTQSettings, dtype: torch.dtype) -> None:
@@ -256,6 +257,16 @@ def linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
+def _check_revision(folder: Path, model_type: str, meta: dict) -> None:
+    """Refuse a folder this tool wrote in a layout it no longer reads the same way (``FORMAT_REVISION``)."""
+    ours = meta.get("lightning_gptq")
+    if model_type == "gpt_oss" and isinstance(ours, dict) and ours.get("format_revision", 1) < 2:
+        raise CheckpointError(
+            f"{folder}: written by lightning-gptq before 2026-12-06 (no format_revision), which split GPT-OSS experts "
+            "into their true gate and up outputs; this version reads the fused projection's two halves, as GPTQModel "
+            "and vLLM do, and would misread it: quantize the model again")
+
+
 class GPTQReader:
     """A HF GPTQ folder opened for reading, no tensor data read yet.
 
@@ -284,6 +295,7 @@ class GPTQReader:
         self.settings = self._read_settings()
         config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
         self.files = files = shard_io.Shards(self.folder, rename=model_names(config.model_type))
+        _check_revision(self.folder, config.model_type, self.settings.meta)
         recorded = self.settings.meta.get("lightning_gptq", {}).get("sha256") or files.index_sha256
         if verify and recorded:
             files.verify(recorded)
