@@ -84,13 +84,21 @@ def _register_fakes() -> None:
         torch.library.register_fake(f"lightning_gptq::{name}", fake)
 
 
+def build_name(source: Path = SOURCE) -> str:
+    """The build's folder name under torch's extension cache: the source's bytes, the CPU's flags, torch, the
+    compiler flags, and where the source and torch live. Two checkouts or environments on one machine write
+    build files naming their own paths; under one name each would rebuild over the other's (about a minute)."""
+    where = f"{source.resolve()}|{Path(torch.__file__).resolve().parent}"
+    key = hashlib.sha256(source.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
+                         + " ".join(CFLAGS).encode() + where.encode()).hexdigest()[:12]
+    return f"lightning_gptq_cpu_gemm_{key}"
+
+
 def _build():
     from torch.utils.cpp_extension import load
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags().encode() + torch.__version__.encode()
-                         + " ".join(CFLAGS).encode()).hexdigest()[:12]
     start = time.perf_counter()
-    module = load(name=f"lightning_gptq_cpu_gemm_{key}", sources=[str(SOURCE)],
+    module = load(name=build_name(), sources=[str(SOURCE)],
                   extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
     log.info("CPU GPTQ kernel ready in %.1f s (built once per machine, then cached)", time.perf_counter() - start)
     return module

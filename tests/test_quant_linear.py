@@ -178,6 +178,16 @@ def test_collecting_builds_no_kernel(request):
     assert request.config.cpu_gemm_built_while_collecting is False
 
 
+def test_two_checkouts_keep_their_own_kernel_builds(tmp_path):
+    """torch's build files name the source's path and torch's headers: two checkouts (or environments) sharing one
+    build folder name rebuilt over each other's build at every switch (seen: 40 s per test process)."""
+    copy = tmp_path / "cpu_gemm.cpp"
+    copy.write_bytes(cpu_gemm.SOURCE.read_bytes())
+    assert cpu_gemm.build_name() == cpu_gemm.build_name(cpu_gemm.SOURCE)  # stable
+    assert cpu_gemm.build_name(copy) != cpu_gemm.build_name()  # same bytes, another place
+    assert cpu_gemm.build_name().startswith("lightning_gptq_cpu_gemm_")
+
+
 @pytest.mark.parametrize("cls,bits", [(cls, bits) for cls in CPU_BACKENDS for bits in (2, 3, 4, 8)
                                       if bits in cls.capabilities.bits], ids=lambda v: getattr(v, "backend", v))
 @pytest.mark.parametrize("shape,group_size,act_order", CASES)
