@@ -62,9 +62,11 @@ class NormTweak(Callback, BlockHooks):
     def on_block_start(self, trainer, pl_module, ctx) -> None:
         if ctx.stage == "calibrate" and ctx.group_index == 0:
             self._float_block = copy.deepcopy(ctx.block)
-            for module in self._float_block.modules():  # the copy took the Hessian hooks along
-                module._forward_pre_hooks.clear()
+            for original, module in zip(ctx.block.modules(), self._float_block.modules()):
+                module._forward_pre_hooks.clear()  # the copy took the Hessian hooks along
                 module._forward_hooks.clear()
+                if hasattr(original, "config"):  # and a copy of the config the attention probe has switched
+                    module.config = original.config  # the shared one, which the probe restores
 
     def on_block_end(self, trainer, pl_module, ctx) -> None:
         if ctx.stage != "calibrate" or ctx.group_index != ctx.num_groups - 1 or self._float_block is None:
