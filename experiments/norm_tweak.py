@@ -46,15 +46,19 @@ class NormTweak(Callback, BlockHooks):
     ``epochs`` passes, Adam at ``lr`` (on the relative change of each norm weight). ``target``: ``same-input``
     (the full-precision block on the quantized model's inputs) or ``float-model`` (the full-precision model's own
     output at this block, from a stream of those windows kept here: the tweak then also answers earlier blocks'
-    error)."""
+    error). ``loss``: ``mse`` over the block's output, or ``per-channel``: each output channel's squared error divided
+    by that channel's mean square in the block's update (target − input) on the fit windows, so that the few
+    channels SmolLM2 writes tens of times louder than the rest do not make the whole loss."""
 
     block_hook_order = 20  # after GPTQCallback (10) has swapped the block's layers
 
     def __init__(self, windows: int = 8, guard: int = 4, epochs: int = 2, lr: float = 5e-3,
-                 target: str = "same-input") -> None:
+                 target: str = "same-input", loss: str = "mse") -> None:
         if target not in ("same-input", "float-model"):
             raise ValueError(f"target must be 'same-input' or 'float-model', not {target!r}")
-        self.windows, self.guard, self.epochs, self.lr, self.target = windows, guard, epochs, lr, target
+        if loss not in ("mse", "per-channel"):
+            raise ValueError(f"loss must be 'mse' or 'per-channel', not {loss!r}")
+        self.windows, self.guard, self.epochs, self.lr, self.target, self.loss = windows, guard, epochs, lr, target, loss
         self._float_inputs: dict[int, torch.Tensor] = {}  # window -> the full-precision model's input of this block
         self._float_block: nn.Module | None = None
         self.records: list[dict] = []
@@ -84,6 +88,13 @@ class NormTweak(Callback, BlockHooks):
         if self.target == "float-model":
             self._float_inputs = {j: t.to(hidden[j].device, hidden[j].dtype) for j, t in targets.items()}
         del float_block
+        scale = torch.ones(())
+        if self.loss == "per-channel":
+            update = torch.stack([(targets[j] - hidden[j].to(targets[j])).pow(2).flatten(0, -2).mean(0) for j in fit])
+            scale = 1 / update.mean(0).clamp_min(1e-12)  # [hidden]
+
+        def distance(out, j):
+            return ((out - targets[j]).pow(2) * scale.to(out)).mean()
         weights = _norm_weights(ctx.block)
         if not weights:
             return
@@ -92,7 +103,7 @@ class NormTweak(Callback, BlockHooks):
 
         def error(js) -> float:
             with torch.no_grad():
-                return sum(float((_forward(ctx.block, hidden[j], kwargs[j]) - targets[j]).pow(2).mean()) for j in js)
+                return sum(float(distance(_forward(ctx.block, hidden[j], kwargs[j]), j)) for j in js)
 
         before = error(guard or fit)
         optimizer = torch.optim.Adam(deltas.values(), lr=self.lr)
@@ -107,7 +118,7 @@ class NormTweak(Callback, BlockHooks):
                     for j in fit:
                         for n in params:
                             modules[n].weight = originals[n] * (1 + deltas[n])
-                        loss = (_forward(ctx.block, hidden[j], kwargs[j]) - targets[j]).pow(2).mean()
+                        loss = distance(_forward(ctx.block, hidden[j], kwargs[j]), j)
                         optimizer.zero_grad()
                         loss.backward()
                         optimizer.step()
