@@ -24,15 +24,14 @@ from torch import nn
 
 from lightning_gptq.lightning.hooks import BlockHooks
 from lightning_gptq.models.capture import module_device_dtype, tensors_to_device
+from lightning_gptq.models.equalization import _per_channel
 
 log = logging.getLogger("lightning_gptq")
 
 
 def _norm_weights(block: nn.Module) -> dict[str, nn.Parameter]:
-    """The block's per-channel norm weights (1-D ``weight`` of a module that is not a linear or embedding)."""
-    return {name: m.weight for name, m in block.named_modules()
-            if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 1
-            and not isinstance(m, (nn.Linear, nn.Embedding))}
+    """The block's per-channel norm weights (what input scaling folds its divisors into)."""
+    return {name: m.weight for name, m in block.named_modules() if name and _per_channel(m)}
 
 
 def _forward(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
