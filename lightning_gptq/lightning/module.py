@@ -259,7 +259,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         if hp.save_quantized and self.trainer.is_global_zero:
             start = time.perf_counter()
             self.output.save(self.lm, self.tokenizer, self.source, report,
-                             checkpoint_settings(report, hp.model, hp.true_sequential))
+                             checkpoint_settings(report, hp.model, hp.true_sequential, hp.gguf_file))
             self.timings["save"] += time.perf_counter() - start
             rank_zero_info(f"quantized model saved to {self.output.folder}")
         if self.driver.streams:  # the written folder is the quantized model: score it from there, block by block

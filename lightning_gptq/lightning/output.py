@@ -19,10 +19,11 @@ from lightning_gptq.quant.rules import LayerRules
 __all__ = ["QuantizedOutput", "checkpoint_settings"]
 
 
-def checkpoint_settings(report: dict, source_model: str, true_sequential: bool) -> dict:
+def checkpoint_settings(report: dict, source_model: str, true_sequential: bool, gguf_file: str | None = None) -> dict:
     """Our settings recorded in the checkpoint (``meta.lightning_gptq``), from the callbacks' report."""
     hessian = report.get("hessian") or {}
-    return {"method": report["method"], "quant": report["quant"].to_dict(), "source_model": source_model,
+    source = {"source_model": source_model} | ({"source_gguf_file": gguf_file} if gguf_file else {})
+    return {"method": report["method"], "quant": report["quant"].to_dict(), **source,
             "true_sequential": true_sequential, "dynamic": report.get("dynamic") or {}, "sink_tokens": hessian.get("sink_tokens"),
             "sink_weight": hessian.get("sink_weight"), "sink_layers": hessian.get("sink_layers"),
             "sink_probe_windows": hessian.get("sink_probe_windows"),

@@ -1,0 +1,193 @@
+"""GGUF export (``lightning_gptq.checkpoint.gguf_export``): each layer's blocks decode, by gguf-py's reference
+decoder, to the layer's own weight with its scale and minimum rounded to fp16; a real model's exported file, read
+back by transformers' GGUF reader, gives the quantized model's logits; what GGUF cannot hold exactly is refused."""
+
+import os
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import lightning_gptq as lg
+from lightning_gptq.checkpoint.gguf_export import GGUFExportError, encode_layer, gguf_type_for, save_gguf
+from lightning_gptq.nn import LayerSpec, QuantLinear
+from lightning_gptq.nn.timing import random_layer
+
+from tiny_lm import SMOLLM2_GGUF
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def layer_of(out_f, in_f, bits, group_size, sym, act_order=False, seed=0):
+    return random_layer(QuantLinear, LayerSpec(in_f, out_f, bits, group_size, sym, act_order, False, "cpu", "float32"),
+                        seed)
+
+
+def expected_decode(layer: QuantLinear, kind: str) -> torch.Tensor:
+    """The weight GGUF's ``kind`` holds for ``layer``: ``s·(q − z)`` with ``s`` (and, for Q4_1, ``−s·z``) in fp16."""
+    width = layer.contiguous_group_size()
+    s = layer.scales.T.repeat_interleave(width, dim=1)[:, : layer.in_features]
+    z = layer.zero_points().T.repeat_interleave(width, dim=1)[:, : layer.in_features].float()
+    q = layer.codes().float()
+    d = s.half().float()
+    if kind == "Q4_1":
+        return d * q + (-s * z).half().float()
+    return d * (q - z)
+
+
+@pytest.mark.parametrize("bits, group_size, sym, kind", [
+    (4, 128, False, "Q4_1"), (4, 32, True, "Q4_0"), (4, -1, True, "Q4_0"), (3, 64, False, "Q4_0"),
+    (2, 32, False, "Q4_0"), (8, 128, True, "Q8_0"), (5, 64, False, "Q8_0"), (6, -1, True, "Q8_0"),
+])
+def test_blocks_decode_to_the_layer(bits, group_size, sym, kind):
+    layer = layer_of(96, 256, bits, group_size, sym, seed=bits)
+    if kind == "Q4_0" and not sym:  # asymmetric codes fit Q4_0 only when q − z stays in −8..7: 2 and 3 bits do
+        assert bits <= 3
+    assert gguf_type_for(layer) == (kind, "")
+    blocks = encode_layer(layer, kind)
+    qtype = gguf.GGMLQuantizationType[kind]
+    assert blocks.dtype == np.uint8 and blocks.shape == (96, 256 // 32 * gguf.GGML_QUANT_SIZES[qtype][1])
+    got = torch.from_numpy(gguf.quants.dequantize(blocks, qtype))
+    torch.testing.assert_close(got, expected_decode(layer, kind), rtol=0, atol=0)
+    # and within fp16's rounding of the layer's fp32 weight
+    step = layer.scales.T.repeat_interleave(layer.contiguous_group_size(), dim=1)[:, :256]
+    assert float(((got - layer.dequantize()).abs() / step).max()) < 2 ** -10 * 2 ** bits * 2
+
+
+def test_rows_are_written_in_the_order_asked():
+    layer = layer_of(64, 128, 4, 32, False)
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(1)).numpy()
+    got = gguf.quants.dequantize(encode_layer(layer, "Q4_1", order), gguf.GGMLQuantizationType.Q4_1)
+    np.testing.assert_array_equal(got, expected_decode(layer, "Q4_1").numpy()[order])
+
+
+@pytest.mark.parametrize("bits, group_size, sym, act_order, words", [
+    (4, 128, False, True, "act-order"), (4, 16, False, False, "not whole 32-column"),
+    (8, 64, False, False, "beyond Q8_0"),
+])
+def test_layers_gguf_cannot_hold_are_named(bits, group_size, sym, act_order, words):
+    layer = layer_of(32, 256, bits, group_size, sym, act_order)
+    kind, why = gguf_type_for(layer)
+    assert kind is None and words in why
+
+
+def test_scales_beyond_fp16_are_refused():
+    layer = layer_of(32, 64, 4, 32, True)
+    layer.scales.fill_(1e6)
+    with pytest.raises(GGUFExportError, match="overflow fp16"):
+        encode_layer(layer, "Q4_0")
+
+
+# -- a real model: two blocks of SmolLM2 ---------------------------------------------------------------------------
+needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"needs {SMOLLM2_GGUF} (../shared) as template")
+
+
+@pytest.fixture(scope="module")
+def smollm2_2blocks(tmp_path_factory):
+    """(template path, quantized model, windows): SmolLM2's first two blocks as GGUF; GPTQ 4-bit g128 asymmetric
+    with act-order and static groups (the shipped config's grid), written by ``quantize`` with its folder."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_gpu_bundle import truncate_gguf
+    sys.path.pop(0)
+
+    root = tmp_path_factory.mktemp("gguf")
+    cache, os.environ["LIGHTNING_GPTQ_CACHE"] = os.environ.get("LIGHTNING_GPTQ_CACHE"), str(root / "cache")
+    try:
+        template = root / "smollm2-2blocks.gguf"
+        truncate_gguf(SMOLLM2_GGUF, template, [0, 1])
+        windows = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
+        model = lg.quantize(str(template), windows, lg.QuantConfig(bits=4, group_size=128, sym=False, act_order=True,
+                                                                   static_groups=True), progress=False,
+                            output_dir=root / "run")
+        yield template, model, windows, root
+    finally:
+        os.environ.pop("LIGHTNING_GPTQ_CACHE")
+        if cache is not None:
+            os.environ["LIGHTNING_GPTQ_CACHE"] = cache
+
+
+def logits(model, windows):
+    with torch.no_grad():
+        return model(windows).logits
+
+
+def fp16_grids(model):
+    """A copy of ``model`` whose quantized layers decode as their Q4_1 blocks do (scales and minimums in fp16)."""
+    import copy
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        if isinstance(module, QuantLinear):
+            dense = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            dense.weight.data = expected_decode(module, gguf_type_for(module)[0])
+            module.forward = dense.forward
+    return twin
+
+
+@needs_smollm2
+def test_smollm2_export_reads_back_as_the_quantized_model(smollm2_2blocks, tmp_path):
+    from lightning_gptq.models import load_causal_lm
+
+    template, model, windows, _ = smollm2_2blocks
+    report = save_gguf(model, tmp_path / "out.gguf", template)
+    assert report.types == {"Q4_1": 14} and not report.rewritten
+    assert 0 < report.fp16_error < 0.05
+    fields = gguf.GGUFReader(tmp_path / "out.gguf").fields
+    assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+    assert fields["llama.block_count"].contents() == 2 and fields["general.quantized_by"].contents() == "lightning-gptq"
+    back, _ = load_causal_lm(str(tmp_path / "out.gguf"))  # transformers' GGUF reader: un-permutes q/k
+    torch.testing.assert_close(logits(back, windows), logits(fp16_grids(model), windows), rtol=1e-4, atol=1e-4)
+
+
+@needs_smollm2
+def test_a_changed_norm_is_written_and_the_rest_copied(smollm2_2blocks, tmp_path):
+    from lightning_gptq.models import load_causal_lm
+
+    template, model, windows, _ = smollm2_2blocks
+    norm = model.model.layers[1].post_attention_layernorm.weight
+    kept = norm.detach().clone()
+    try:
+        norm.data.mul_(1.5)  # as input scaling folds a factor into a norm
+        report = save_gguf(model, tmp_path / "out.gguf", template)
+        assert report.rewritten == ["blk.1.ffn_norm.weight"] and report.copied == 6 - 1
+        back, _ = load_causal_lm(str(tmp_path / "out.gguf"))
+        torch.testing.assert_close(logits(back, windows), logits(fp16_grids(model), windows), rtol=1e-4, atol=1e-4)
+    finally:
+        norm.data.copy_(kept)
+
+
+@needs_smollm2
+def test_a_template_of_another_depth_is_refused(smollm2_2blocks, tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from make_gpu_bundle import truncate_gguf
+    sys.path.pop(0)
+
+    _, model, _, _ = smollm2_2blocks
+    deeper = tmp_path / "smollm2-3blocks.gguf"
+    truncate_gguf(SMOLLM2_GGUF, deeper, [0, 1, 2])
+    with pytest.raises(GGUFExportError, match="this model's source"):
+        save_gguf(model, tmp_path / "out.gguf", deeper)
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+@needs_smollm2
+def test_cli_finds_the_template_the_folder_was_fit_from(smollm2_2blocks, tmp_path, capsys):
+    from lightning_gptq.export_gguf import main
+
+    template, _, _, root = smollm2_2blocks
+    folder = root / "run" / "model"
+    assert main([str(folder), str(tmp_path / "cli.gguf")]) == 0
+    assert f"from {template}" in capsys.readouterr().out
+    assert gguf.GGUFReader(tmp_path / "cli.gguf").fields["llama.block_count"].contents() == 2
+    assert main([str(folder), str(tmp_path / "x.gguf"), "--template", str(tmp_path / "none.gguf")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_without_a_template_says_what_to_pass(tmp_path, capsys):
+    from lightning_gptq.export_gguf import main
+
+    (tmp_path / "config.json").write_text("{}")
+    assert main([str(tmp_path), str(tmp_path / "x.gguf")]) == 2
+    assert "--template" in capsys.readouterr().err
