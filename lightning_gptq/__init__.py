@@ -17,7 +17,7 @@ from .quant import (
     rtn_quantize,
 )
 
-from .api import load_quantized, quantize, save_compressed_tensors, save_quantized
+from .api import load_quantized, quantize, save_compressed_tensors, save_gguf, save_quantized
 
 __version__ = "0.1.0"
 
@@ -36,5 +36,6 @@ __all__ = [
     "quantize",
     "rtn_quantize",
     "save_compressed_tensors",
+    "save_gguf",
     "save_quantized",
 ]

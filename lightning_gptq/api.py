@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_gptq.checkpoint import load_quantized, save_compressed_tensors, save_quantized
+from lightning_gptq.checkpoint import load_quantized, save_compressed_tensors, save_gguf, save_quantized
 from lightning_gptq.quant import QuantConfig
 
-__all__ = ["load_quantized", "quantize", "save_compressed_tensors", "save_quantized"]
+__all__ = ["load_quantized", "quantize", "save_compressed_tensors", "save_gguf", "save_quantized"]
 
 
 def quantize(

@@ -9,6 +9,10 @@ environment: ``scripts/bench_e2e.py --llama-cpp-python /path/to/venv/bin/python`
 Prefill evaluates the prompt in one batch (logits of its last position only, as generation needs); each decode
 step evaluates one token with the KV cache (llama.cpp's ``llama_decode``), without sampling: the next token is the
 argmax of the returned logits, as in our greedy decode.
+
+``--perplexity windows.npy`` instead scores token windows (int32 ``[n, seqlen]``, e.g. written by
+``scripts/check_gguf_export.py``) by the project's protocol: each window evaluated alone from an empty cache, the
+mean cross-entropy of its ``seqlen − 1`` shifted positions times ``seqlen``, summed, over ``n · seqlen``.
 """
 
 from __future__ import annotations
@@ -56,6 +60,27 @@ def measure(gguf: str, prompt_tokens: int, decode_tokens: int, threads: int, rep
             "model_mib": os.path.getsize(gguf) / 2**20, "llama_cpp": llama_cpp.__version__}
 
 
+def perplexity(gguf: str, windows_path: str, threads: int) -> dict:
+    import llama_cpp
+    import numpy as np
+
+    windows = np.load(windows_path)
+    n, seqlen = windows.shape
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=seqlen, n_batch=seqlen, n_threads=threads, n_threads_batch=threads,
+                          verbose=False, logits_all=True)
+    start, nll = time.perf_counter(), 0.0
+    for window in windows:
+        llm.reset()
+        llm.eval([int(t) for t in window])
+        logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)
+        top = logits.max(axis=1, keepdims=True)
+        log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+        losses = log_z - logits[np.arange(seqlen - 1), window[1:]]
+        nll += float(losses.mean()) * seqlen
+    return {"perplexity": float(np.exp(nll / (n * seqlen))), "windows": int(n), "seqlen": int(seqlen),
+            "seconds": time.perf_counter() - start, "threads": threads, "llama_cpp": llama_cpp.__version__}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("gguf")
@@ -63,7 +88,11 @@ def main() -> None:
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--perplexity", metavar="WINDOWS_NPY", help="score these token windows instead of timing")
     args = parser.parse_args()
+    if args.perplexity:
+        print(json.dumps(perplexity(args.gguf, args.perplexity, args.threads)))
+        return
     print(json.dumps(measure(args.gguf, args.prompt_tokens, args.decode_tokens, args.threads, args.repeats)))
 
 

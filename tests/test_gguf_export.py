@@ -191,3 +191,30 @@ def test_cli_without_a_template_says_what_to_pass(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main([str(tmp_path), str(tmp_path / "x.gguf")]) == 2
     assert "--template" in capsys.readouterr().err
+
+
+def test_cli_runs_as_a_module_from_the_checkout():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "lightning_gptq.export_gguf", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "--template" in out.stdout
+
+
+@needs_smollm2
+def test_reading_back_catches_blocks_that_decode_wrong(smollm2_2blocks, tmp_path, monkeypatch):
+    from lightning_gptq.checkpoint import gguf_export
+
+    template, model, _, _ = smollm2_2blocks
+    right = gguf_export.encode_layer
+
+    def nibbles_swapped(layer, kind, rows=None):  # the two halves of each block's codes exchanged
+        blocks = right(layer, kind, rows).reshape(layer.out_features, -1, 20).copy()
+        blocks[..., 4:] = (blocks[..., 4:] >> 4) | (blocks[..., 4:] << 4)
+        return blocks.reshape(layer.out_features, -1)
+
+    monkeypatch.setattr(gguf_export, "encode_layer", nibbles_swapped)
+    with pytest.raises(GGUFExportError, match="do not decode to the layer's weight"):
+        save_gguf(model, tmp_path / "out.gguf", template)
+    assert not list(tmp_path.glob("out.gguf*"))

@@ -19,6 +19,7 @@ from .compressed_tensors import (
     load_compressed_tensors,
     save_compressed_tensors,
 )
+from .gguf_export import GGUFExportError, save_gguf
 from .hf import GPTQReader, is_gptq_folder, load_gptq, read_settings, save_gptq
 from .interim import (
     FORMAT,
@@ -33,9 +34,9 @@ from .interim import (
 save_quantized = save_gptq
 
 __all__ = [
-    "FORMAT", "FORMAT_V0", "MANIFEST", "V1", "V2", "WEIGHTS", "CheckpointError", "GPTQSettings", "is_quantized_checkpoint",
+    "FORMAT", "FORMAT_V0", "MANIFEST", "V1", "V2", "WEIGHTS", "CheckpointError", "GGUFExportError", "GPTQSettings", "is_quantized_checkpoint",
     "load_compressed_tensors", "load_gptq", "load_interim", "load_quantized", "read_settings", "reader_for",
-    "save_compressed_tensors", "save_gptq", "save_interim", "save_quantized",
+    "save_compressed_tensors", "save_gguf", "save_gptq", "save_interim", "save_quantized",
 ]
 
 

@@ -276,7 +276,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
 
 def _verify(path: Path, plans) -> float:
     """Every quantized tensor in ``path`` against its layer's dequantized weight: the difference must be the fp16
-    rounding of ``d`` and ``m`` (at most 2⁻¹⁰ of ``s·(|q| + |z| + 1)`` per weight). Returns the largest difference in
+    rounding of ``d`` and ``m`` (at most ``(2⁻¹⁰·s + 2⁻²⁴)·(q + z + 1)`` per weight). Returns the largest difference in
     grid steps."""
     import gguf
 
@@ -293,7 +293,7 @@ def _verify(path: Path, plans) -> float:
         width = layer.contiguous_group_size()
         s = layer.scales.float().cpu().T.repeat_interleave(width, dim=1)[:, : layer.in_features].abs()
         z = layer.zero_points().float().T.repeat_interleave(width, dim=1)[:, : layer.in_features]
-        bound = 2.0 ** -10 * s * (layer.codes().float() + z + 1) + 1e-30
+        bound = (2.0 ** -10 * s + 2.0 ** -24) * (layer.codes().float() + z + 1)  # fp16: relative, then subnormal
         diff = (got - ours).abs()
         if not bool((diff <= bound).all()):
             raise GGUFExportError(f"{name}: the written blocks do not decode to the layer's weight (largest "
