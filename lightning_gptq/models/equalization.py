@@ -26,7 +26,8 @@ __all__ = ["SCALE_PAIR_NAMES", "divide_output_channels", "multiply_input_channel
            "scale_sources"]
 
 #: (producer, consumer) leaf names under one parent: LLaMA/Mistral/Qwen/Gemma's MLP, OPT's, Mixtral-style
-#: experts, GPT-NeoX/BLOOM and GPT-2 (the last two have GELU in between: the check refuses them).
+#: experts, GPT-NeoX/BLOOM and GPT-2 (the last two have GELU in between: the check refuses them). GPT-OSS experts
+#: have no exact rewrite at all: ``(clamp(up, ±limit) + 1) · glu`` changes under any row scale of ``up``.
 SCALE_PAIR_NAMES = (("up_proj", "down_proj"), ("fc1", "fc2"), ("w3", "w2"), ("dense_h_to_4h", "dense_4h_to_h"),
                     ("c_fc", "c_proj"))
 
