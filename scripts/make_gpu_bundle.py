@@ -26,6 +26,8 @@ from pathlib import Path
 
 import gguf
 
+from lightning_gptq.checkpoint.gguf_export import copy_metadata
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 BUNDLE = ROOT / ".gpu-check"
@@ -33,7 +35,6 @@ MODEL = SHARED / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = {"wiki.test.raw": SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw",
          "wikipedia-vital-leads.txt": SHARED / "data" / "calibration" / "wikipedia-vital-leads.txt"}
 WHEELS = ["jsonargparse==4.53.0", "docstring-parser", "typeshed-client", "gguf==0.19.0"]
-HEADER = ("GGUF.version", "GGUF.tensor_count", "GGUF.kv_count", "general.architecture")
 
 
 def blocks_of(spec: str) -> list[int]:
@@ -58,12 +59,7 @@ def truncate_gguf(src: Path, dst: Path, keep: list[int]) -> None:
     if keep[-1] >= total:
         raise SystemExit(f"{src.name} has {total} blocks; --keep names block {keep[-1]}")
     writer = gguf.GGUFWriter(dst, arch)
-    for name, field in reader.fields.items():
-        if name in HEADER:
-            continue
-        value = len(keep) if name == f"{arch}.block_count" else field.contents()
-        sub = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value, field.types[0], sub)
+    copy_metadata(reader, writer, values={f"{arch}.block_count": len(keep)})
     renumber = {old: new for new, old in enumerate(keep)}
     for t in reader.tensors:
         name = t.name
