@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "original model as GGUF (llama.cpp's convert_hf_to_gguf.py writes one)")
         model, _ = load_quantized(args.folder, backend="torch")
         report = save_gguf(model, args.output, template, verify=not args.no_verify)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (CheckpointError, OSError) as err:  # OSError: a path that cannot be read or written
         print(f"error: {err}", file=sys.stderr)
         return 2
     kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.types.items()))

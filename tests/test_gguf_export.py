@@ -43,9 +43,7 @@ def expected_decode(layer: QuantLinear, kind: str) -> torch.Tensor:
     (2, 32, False, "Q4_0"), (8, 128, True, "Q8_0"), (5, 64, False, "Q8_0"), (6, -1, True, "Q8_0"),
 ])
 def test_blocks_decode_to_the_layer(bits, group_size, sym, kind):
-    layer = layer_of(96, 256, bits, group_size, sym, seed=bits)
-    if kind == "Q4_0" and not sym:  # asymmetric codes fit Q4_0 only when q − z stays in −8..7: 2 and 3 bits do
-        assert bits <= 3
+    layer = layer_of(96, 256, bits, group_size, sym, seed=bits)  # asymmetric 2/3-bit codes: q − z within −8..7
     assert gguf_type_for(layer) == (kind, "")
     blocks = encode_layer(layer, kind)
     qtype = gguf.GGMLQuantizationType[kind]
@@ -85,19 +83,25 @@ def test_scales_beyond_fp16_are_refused():
 needs_smollm2 = pytest.mark.skipif(not SMOLLM2_GGUF.is_file(), reason=f"needs {SMOLLM2_GGUF} (../shared) as template")
 
 
+def smollm2_blocks(path: Path, keep: list[int]) -> Path:
+    """SmolLM2's GGUF with only the blocks ``keep`` (``scripts/make_gpu_bundle.py``'s truncation)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from make_gpu_bundle import truncate_gguf
+    finally:
+        sys.path.pop(0)
+    truncate_gguf(SMOLLM2_GGUF, path, keep)
+    return path
+
+
 @pytest.fixture(scope="module")
 def smollm2_2blocks(tmp_path_factory):
     """(template path, quantized model, windows): SmolLM2's first two blocks as GGUF; GPTQ 4-bit g128 asymmetric
     with act-order and static groups (the shipped config's grid), written by ``quantize`` with its folder."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_gpu_bundle import truncate_gguf
-    sys.path.pop(0)
-
     root = tmp_path_factory.mktemp("gguf")
     cache, os.environ["LIGHTNING_GPTQ_CACHE"] = os.environ.get("LIGHTNING_GPTQ_CACHE"), str(root / "cache")
     try:
-        template = root / "smollm2-2blocks.gguf"
-        truncate_gguf(SMOLLM2_GGUF, template, [0, 1])
+        template = smollm2_blocks(root / "smollm2-2blocks.gguf", [0, 1])
         windows = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
         model = lg.quantize(str(template), windows, lg.QuantConfig(bits=4, group_size=128, sym=False, act_order=True,
                                                                    static_groups=True), progress=False,
@@ -127,22 +131,18 @@ def fp16_grids(model):
 
 
 @needs_smollm2
-def test_smollm2_export_reads_back_as_the_quantized_model(smollm2_2blocks, tmp_path):
-    from lightning_gptq.models import load_causal_lm
-
-    template, model, windows, _ = smollm2_2blocks
+def test_smollm2_export_copies_what_gptq_left_alone(smollm2_2blocks, tmp_path):
+    template, model, _, _ = smollm2_2blocks
     report = save_gguf(model, tmp_path / "out.gguf", template)
-    assert report.types == {"Q4_1": 14} and not report.rewritten
+    assert report.types == {"Q4_1": 14} and report.copied == 6 and not report.rewritten
     assert 0 < report.fp16_error < 0.05
     fields = gguf.GGUFReader(tmp_path / "out.gguf").fields
     assert fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
     assert fields["llama.block_count"].contents() == 2 and fields["general.quantized_by"].contents() == "lightning-gptq"
-    back, _ = load_causal_lm(str(tmp_path / "out.gguf"))  # transformers' GGUF reader: un-permutes q/k
-    torch.testing.assert_close(logits(back, windows), logits(fp16_grids(model), windows), rtol=1e-4, atol=1e-4)
 
 
 @needs_smollm2
-def test_a_changed_norm_is_written_and_the_rest_copied(smollm2_2blocks, tmp_path):
+def test_smollm2_export_reads_back_as_the_quantized_model_with_a_changed_norm(smollm2_2blocks, tmp_path):
     from lightning_gptq.models import load_causal_lm
 
     template, model, windows, _ = smollm2_2blocks
@@ -152,7 +152,7 @@ def test_a_changed_norm_is_written_and_the_rest_copied(smollm2_2blocks, tmp_path
         norm.data.mul_(1.5)  # as input scaling folds a factor into a norm
         report = save_gguf(model, tmp_path / "out.gguf", template)
         assert report.rewritten == ["blk.1.ffn_norm.weight"] and report.copied == 6 - 1
-        back, _ = load_causal_lm(str(tmp_path / "out.gguf"))
+        back, _ = load_causal_lm(str(tmp_path / "out.gguf"))  # transformers' GGUF reader: un-permutes q/k
         torch.testing.assert_close(logits(back, windows), logits(fp16_grids(model), windows), rtol=1e-4, atol=1e-4)
     finally:
         norm.data.copy_(kept)
@@ -160,13 +160,8 @@ def test_a_changed_norm_is_written_and_the_rest_copied(smollm2_2blocks, tmp_path
 
 @needs_smollm2
 def test_a_template_of_another_depth_is_refused(smollm2_2blocks, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from make_gpu_bundle import truncate_gguf
-    sys.path.pop(0)
-
     _, model, _, _ = smollm2_2blocks
-    deeper = tmp_path / "smollm2-3blocks.gguf"
-    truncate_gguf(SMOLLM2_GGUF, deeper, [0, 1, 2])
+    deeper = smollm2_blocks(tmp_path / "smollm2-3blocks.gguf", [0, 1, 2])
     with pytest.raises(GGUFExportError, match="this model's source"):
         save_gguf(model, tmp_path / "out.gguf", deeper)
     assert not list(tmp_path.glob("out.gguf*"))
@@ -217,4 +212,21 @@ def test_reading_back_catches_blocks_that_decode_wrong(smollm2_2blocks, tmp_path
     monkeypatch.setattr(gguf_export, "encode_layer", nibbles_swapped)
     with pytest.raises(GGUFExportError, match="do not decode to the layer's weight"):
         save_gguf(model, tmp_path / "out.gguf", template)
+    assert not list(tmp_path.glob("out.gguf*"))
+
+
+@needs_smollm2
+def test_the_template_is_never_overwritten_and_a_non_gguf_template_is_named(smollm2_2blocks, tmp_path):
+    import hashlib
+
+    _, model, _, _ = smollm2_2blocks
+    template = smollm2_blocks(tmp_path / "source.gguf", [0, 1])
+    digest = hashlib.sha256(template.read_bytes()).hexdigest()
+    with pytest.raises(GGUFExportError, match="is the template"):
+        save_gguf(model, tmp_path / "." / "source.gguf", template)
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == digest
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a GGUF file")
+    with pytest.raises(GGUFExportError, match="cannot be read as GGUF"):
+        save_gguf(model, tmp_path / "out.gguf", text)
     assert not list(tmp_path.glob("out.gguf*"))

@@ -51,6 +51,11 @@ class GGUFExportReport:
 
 
 # -- one layer ------------------------------------------------------------------------------------------------------
+def _per_column(layer: QuantLinear, grid: torch.Tensor) -> torch.Tensor:
+    """A per-group tensor ``[n_groups, out]`` (scales, zero points) as ``[out, in]``: each column's group's value."""
+    return grid.T[:, layer.g_idx.long()]
+
+
 def gguf_type_for(layer: QuantLinear) -> tuple[str | None, str]:
     """``("Q4_0" | "Q4_1" | "Q8_0", "")`` for a layer GGUF holds exactly, else ``(None, why not)``."""
     width = layer.contiguous_group_size()
@@ -59,9 +64,8 @@ def gguf_type_for(layer: QuantLinear) -> tuple[str | None, str]:
                      "act_order=false"
     if width % BLOCK or layer.in_features % BLOCK:
         return None, f"groups of {width} over {layer.in_features} inputs are not whole {BLOCK}-column GGUF blocks"
-    q = layer.codes().to(torch.int16)
-    z = layer.zero_points().to(torch.int16).T.repeat_interleave(width, dim=1)[:, : layer.in_features]
-    lo, hi = int((q - z).min()), int((q - z).max())
+    offsets = layer.codes().to(torch.int16) - _per_column(layer, layer.zero_points().to(torch.int16))
+    lo, hi = int(offsets.min()), int(offsets.max())
     if layer.bits <= 4 and lo >= -8 and hi <= 7:
         return "Q4_0", ""
     if layer.bits <= 4:
@@ -143,9 +147,26 @@ def _template_parts(template: Path, config: dict):
     import gguf
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-    reader = gguf.GGUFReader(template)
-    arch = reader.fields["general.architecture"].contents()
+    try:
+        reader = gguf.GGUFReader(template)
+        arch = reader.fields["general.architecture"].contents()
+    except (ValueError, KeyError, OSError) as err:
+        raise GGUFExportError(f"GGUF template {template} cannot be read as GGUF ({err})") from None
     return reader, arch, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+
+
+def copy_metadata(reader, writer, *, drop: tuple[str, ...] = (), values: dict | None = None) -> None:
+    """Every key of ``reader``'s GGUF file into ``writer`` (the alignment too), but the header's, those in ``drop``,
+    and with ``values`` replacing the stored value of a key."""
+    import gguf
+
+    for name, entry in reader.fields.items():
+        if name in _HEADER or name in drop:
+            continue
+        if name == gguf.Keys.General.ALIGNMENT:
+            writer.data_alignment = int(entry.contents())
+        sub = entry.types[1] if entry.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name, (values or {}).get(name, entry.contents()), entry.types[0], sub)
 
 
 # -- the whole model ------------------------------------------------------------------------------------------------
@@ -179,6 +200,8 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
     if not template.is_file():
         raise GGUFExportError(f"GGUF template {template} not found: give the original model as a .gguf file "
                               "(llama.cpp's convert_hf_to_gguf.py writes one)")
+    if path.resolve() == template.resolve():
+        raise GGUFExportError(f"{path} is the template: writing there would replace the source model")
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
         raise GGUFExportError("the model has no quantized linear layers")
@@ -202,15 +225,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(partial, arch)
-    for name, value in reader.fields.items():
-        if name in _HEADER:
-            continue
-        if name == "general.alignment":
-            writer.data_alignment = int(value.contents())
-        if name in (gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZED_BY):
-            continue
-        sub = value.types[1] if value.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(name, value.contents(), value.types[0], sub)
+    copy_metadata(reader, writer, drop=(gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZED_BY))
 
     written, plans = set(), []
     for t in reader.tensors:
@@ -289,14 +304,13 @@ def _verify(path: Path, plans) -> float:
         got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
         if order is not None:
             got = got[torch.as_tensor(order)]
-        ours = layer.dequantize().float().cpu()
-        width = layer.contiguous_group_size()
-        s = layer.scales.float().cpu().T.repeat_interleave(width, dim=1)[:, : layer.in_features].abs()
-        z = layer.zero_points().float().T.repeat_interleave(width, dim=1)[:, : layer.in_features]
+        s = _per_column(layer, layer.scales.float().cpu()).abs()
+        z = _per_column(layer, layer.zero_points().float())
         bound = (2.0 ** -10 * s + 2.0 ** -24) * (layer.codes().float() + z + 1)  # fp16: relative, then subnormal
-        diff = (got - ours).abs()
+        diff = (got - layer.dequantize().float().cpu()).abs()
+        steps = float((diff / s.clamp_min(1e-30)).max())
         if not bool((diff <= bound).all()):
             raise GGUFExportError(f"{name}: the written blocks do not decode to the layer's weight (largest "
-                                  f"difference {float((diff / s.clamp_min(1e-30)).max()):.3g} grid steps)")
-        worst = max(worst, float((diff / s.clamp_min(1e-30)).max()))
+                                  f"difference {steps:.3g} grid steps)")
+        worst = max(worst, steps)
     return worst
