@@ -64,8 +64,9 @@ def main() -> None:
         report = save_gguf(model, out, template)
         export_s = time.perf_counter() - start
         tokens = eval_tokens("wikitext2", tokenizer, path=args.eval_path, seqlen=args.seqlen)
+        if tokens.shape[1] < args.windows * args.seqlen:
+            sys.exit(f"{args.eval_path} has {tokens.shape[1]} tokens: fewer than {args.windows} windows of {args.seqlen}")
         windows = tokens[0, : args.windows * args.seqlen].reshape(args.windows, args.seqlen)
-        assert windows.shape[0] == args.windows, "not enough text for the windows asked"
         npy = Path(tmp) / "windows.npy"
         np.save(npy, windows.numpy().astype(np.int32))
 
