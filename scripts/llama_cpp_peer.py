@@ -13,6 +13,9 @@ argmax of the returned logits, as in our greedy decode.
 ``--perplexity windows.npy`` instead scores token windows (int32 ``[n, seqlen]``, e.g. written by
 ``scripts/check_gguf_export.py``) by the project's protocol: each window evaluated alone from an empty cache, the
 mean cross-entropy of its ``seqlen − 1`` shifted positions times ``seqlen``, summed, over ``n · seqlen``.
+
+``--quantize out.gguf Q4_0`` writes llama.cpp's own quantization of the model (its ``llama-quantize``, no
+importance matrix; the embedding and head as ``--embedding-type``), the baseline a GPTQ export competes with.
 """
 
 from __future__ import annotations
@@ -72,13 +75,34 @@ def perplexity(gguf: str, windows_path: str, threads: int) -> dict:
     for window in windows:
         llm.reset()
         llm.eval([int(t) for t in window])
-        logits = np.asarray(llm.scores[: seqlen - 1], dtype=np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
-        losses = log_z - logits[np.arange(seqlen - 1), window[1:]]
-        nll += float(losses.mean()) * seqlen
+        losses = []
+        for lo in range(0, seqlen - 1, 256):  # float64 a few rows at a time: all of them take ~0.8 GB at 49k words
+            hi = min(lo + 256, seqlen - 1)
+            logits = np.asarray(llm.scores[lo:hi], dtype=np.float64)
+            top = logits.max(axis=1, keepdims=True)
+            log_z = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+            losses.append(log_z - logits[np.arange(hi - lo), window[lo + 1: hi + 1]])
+        nll += float(np.concatenate(losses).mean()) * seqlen
     return {"perplexity": float(np.exp(nll / (n * seqlen))), "windows": int(n), "seqlen": int(seqlen),
             "seconds": time.perf_counter() - start, "threads": threads, "llama_cpp": llama_cpp.__version__}
+
+
+def quantize(gguf: str, out: str, kind: str, embedding: str, threads: int) -> dict:
+    """llama.cpp's own quantizer (``llama-quantize``, without an importance matrix) from ``gguf``'s weights to
+    ``kind`` (a ``LLAMA_FTYPE_MOSTLY_*`` name: ``Q4_0``, ``Q4_K_M``, ...), the token embedding and output head as
+    ``embedding`` (a GGML type name). Quantized source tensors are dequantized first (``allow_requantize``)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{kind}")
+    params.nthread = threads
+    params.allow_requantize = True
+    params.token_embedding_type = params.output_tensor_type = getattr(llama_cpp, f"GGML_TYPE_{embedding}")
+    start = time.perf_counter()
+    if llama_cpp.llama_model_quantize(gguf.encode(), out.encode(), params) != 0:
+        raise SystemExit(f"llama.cpp could not quantize {gguf} to {kind}")
+    return {"path": out, "type": kind, "embedding": embedding, "bytes": os.path.getsize(out),
+            "seconds": time.perf_counter() - start, "llama_cpp": llama_cpp.__version__}
 
 
 def main() -> None:
@@ -89,7 +113,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--perplexity", metavar="WINDOWS_NPY", help="score these token windows instead of timing")
+    parser.add_argument("--quantize", nargs=2, metavar=("OUT_GGUF", "TYPE"),
+                        help="write llama.cpp's own TYPE quantization of the model instead of timing")
+    parser.add_argument("--embedding-type", default="Q8_0", help="with --quantize: the token embedding's and head's type")
     args = parser.parse_args()
+    if args.quantize:
+        print(json.dumps(quantize(args.gguf, *args.quantize, args.embedding_type, args.threads)))
+        return
     if args.perplexity:
         print(json.dumps(perplexity(args.gguf, args.perplexity, args.threads)))
         return

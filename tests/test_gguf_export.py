@@ -72,6 +72,18 @@ def test_layers_gguf_cannot_hold_are_named(bits, group_size, sym, act_order, wor
     assert kind is None and words in why
 
 
+def test_a_moe_model_is_refused_before_the_template_is_read(tmp_path):
+    from tiny_models import MOE_FACTORIES, token_ids
+
+    model = MOE_FACTORIES["mixtral"]()
+    lg.quantize(model, token_ids(n=2, seqlen=8), lg.QuantConfig(bits=4, group_size=16), method="rtn", accelerator="cpu")
+    template = tmp_path / "template.gguf"
+    template.write_bytes(b"not read")
+    with pytest.raises(GGUFExportError, match=r"MoE expert layers \(e.g. model.layers.0.mlp.experts.0.gate_proj\)"):
+        save_gguf(model, tmp_path / "out.gguf", template)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["template.gguf"]
+
+
 def test_scales_beyond_fp16_are_refused():
     layer = layer_of(32, 64, 4, 32, True)
     layer.scales.fill_(1e6)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,6 +206,10 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
         raise GGUFExportError("the model has no quantized linear layers")
+    experts = [name for name in quantized if re.search(r"\.experts\.\d+\.", name)]
+    if experts:
+        raise GGUFExportError(f"{len(experts)} quantized MoE expert layers (e.g. {experts[0]}): GGUF holds a block's "
+                              "experts as one 3-D tensor, which this export does not write (dense models only)")
     kinds, refused = {}, []
     for name, layer in quantized.items():
         kind, why = gguf_type_for(layer)
