@@ -14,8 +14,8 @@ from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
 from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
 from lightning_gptq.quant import QuantConfigError
 
-from lightning_gptq.lightning import (BlockCheckpoint, CalibrationDataModule, CompletionWriter, GPTQCallback, GPTQModule,
-                                      HessianCapture, ResumeError)
+from lightning_gptq.lightning import (BlockCheckpoint, CalibrationDataModule, CompletionWriter, GGUFExport, GPTQCallback,
+                                      GPTQModule, HessianCapture, ResumeError)
 
 def _has_tensorboard() -> bool:
     import importlib.util
@@ -57,6 +57,8 @@ class GPTQCLI(LightningCLI):
         parser.add_lightning_class_args(BlockCheckpoint, "resume")
         # Where ``predict`` writes its completions, under `completions:`.
         parser.add_lightning_class_args(CompletionWriter, "completions")
+        # The quantized model also as GGUF for llama.cpp (`--gguf.path=auto`), under `gguf:`.
+        parser.add_lightning_class_args(GGUFExport, "gguf")
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,

@@ -242,3 +242,53 @@ def test_the_template_is_never_overwritten_and_a_non_gguf_template_is_named(smol
     with pytest.raises(GGUFExportError, match="cannot be read as GGUF"):
         save_gguf(model, tmp_path / "out.gguf", text)
     assert not list(tmp_path.glob("out.gguf*"))
+
+
+# -- fit writes it: GGUFExport, `--gguf.path` --------------------------------------------------------------------
+def fit_args(model, root, *extra):
+    from test_lightning import cli_args
+
+    return ["fit", *cli_args(model, root, "--model.eval_after=false", "--model.latency=false", "--gguf.path=auto",
+                             *extra, nsamples=2, seqlen=32, group_size=64)]
+
+
+@needs_smollm2
+def test_fit_writes_the_gguf_the_export_cli_writes_from_its_folder(smollm2_2blocks, tmp_path):
+    from test_lightning import only_run_dir
+
+    from lightning_gptq.cli import main
+    from lightning_gptq.export_gguf import main as export
+
+    template = smollm2_2blocks[0]
+    main(fit_args(template, tmp_path / "runs", "--gptq.quant.act_order=true", "--gptq.quant.static_groups=true"))
+    out = only_run_dir(tmp_path / "runs") / "quantized"
+    assert export([str(out / "model"), str(tmp_path / "again.gguf")]) == 0
+    assert (out / "model.gguf").read_bytes() == (tmp_path / "again.gguf").read_bytes()
+    assert gguf.GGUFReader(out / "model.gguf").fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_1
+
+
+@needs_smollm2
+@pytest.mark.parametrize("extra, words", [
+    (["--gptq.quant.group_size=48"], "not a multiple of GGUF's 32"),
+    (["--gptq.quant.act_order=true", "--gptq.quant.static_groups=false"], "static_groups=true"),
+    (["--gptq.quant.bits=8"], "quant.sym=true"),
+    (["--gguf.template=missing.gguf"], "missing.gguf is not a file"),
+])
+def test_fit_refuses_a_gguf_it_could_not_write_before_calibrating(smollm2_2blocks, tmp_path, extra, words):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_gptq.cli import main
+
+    with pytest.raises(MisconfigurationException, match=words):
+        main(fit_args(smollm2_2blocks[0], tmp_path / "runs", *extra))
+    assert not list(tmp_path.rglob("quantized"))
+
+
+def test_fit_from_a_folder_asks_for_a_gguf_template(tmp_path):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from tiny_lm import tiny_model_dir
+
+    from lightning_gptq.cli import main
+
+    with pytest.raises(MisconfigurationException, match="set gguf.template"):
+        main(fit_args(tiny_model_dir(tmp_path, "llama"), tmp_path / "runs"))

@@ -76,6 +76,18 @@ def gguf_type_for(layer: QuantLinear) -> tuple[str | None, str]:
     return None, f"{layer.bits}-bit codes minus zeros span {lo}..{hi}, beyond Q8_0's int8"
 
 
+def config_refusal(quant) -> str | None:
+    """Why layers quantized with ``quant`` (a ``QuantConfig``) could not be written as GGUF blocks, or None: what can
+    be told before any layer exists (shapes and codes are checked per layer when writing)."""
+    if quant.group_size != -1 and quant.group_size % BLOCK:
+        return f"group size {quant.group_size} is not a multiple of GGUF's {BLOCK}-column blocks"
+    if quant.act_order and not quant.static_groups:
+        return "act-order groups are not in column order: set quant.static_groups=true (or act_order=false)"
+    if quant.bits == 8 and not quant.sym:
+        return "8-bit asymmetric codes minus zeros leave Q8_0's int8: set quant.sym=true"
+    return None
+
+
 def _fp16(x: torch.Tensor, what: str) -> torch.Tensor:
     h = x.to(torch.float16)
     if not torch.isfinite(h).all():

@@ -4,6 +4,7 @@ from .callbacks import GPTQCallback, HessianCapture, LayerRecord
 from .datamodule import CalibrationDataModule
 from .distributed import CalibrationDDPStrategy, WindowShards
 from .generation import CompletionWriter, Generation
+from .gguf import GGUFExport
 from .hooks import BlockContext, BlockHooks, fire_block_hook
 from .metrics import ProtocolPerplexity
 from .module import GPTQModule
@@ -16,6 +17,7 @@ __all__ = [
     "CalibrationDDPStrategy",
     "CalibrationDataModule",
     "CompletionWriter",
+    "GGUFExport",
     "Generation",
     "GPTQCallback",
     "GPTQModule",
