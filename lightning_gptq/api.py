@@ -41,6 +41,8 @@ def quantize(
     equalize_layers: str | None = None,
     backend: str = "auto",
     output_dir: str | os.PathLike | None = None,
+    gguf: str | os.PathLike | None = None,
+    gguf_template: str | os.PathLike | None = None,
     accelerator: str = "auto",
     progress: bool = False,
     **module_options,
@@ -69,6 +71,9 @@ def quantize(
         backend: the quantized layers' kernel (``"auto"`` times the candidates on this machine).
         output_dir: also write the Hugging Face GPTQ folder to ``<output_dir>/model`` and the run
             summary to ``output_dir`` (default: nothing is written).
+        gguf: also write the model as GGUF for llama.cpp to this file (``GGUFExport``; ``"auto"``:
+            ``<output_dir>/model.gguf``), with ``gguf_template`` (default: the ``.gguf`` file ``model`` names) for
+            metadata and the tensors GPTQ left alone; settings GGUF cannot hold are refused before calibrating.
         accelerator: Lightning's (``"auto"``, ``"cpu"``, ``"gpu"``); the model is returned on that device.
         progress: show progress bars.
         module_options: any other ``GPTQModule`` argument (``dtype``, ``true_sequential``,
@@ -76,7 +81,7 @@ def quantize(
     """
     from lightning.pytorch import Trainer
 
-    from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, GPTQModule, HessianCapture
+    from lightning_gptq.lightning import CalibrationDataModule, GGUFExport, GPTQCallback, GPTQModule, HessianCapture
     from lightning_gptq.nn import place
 
     if config is not None and not isinstance(config, QuantConfig):
@@ -84,6 +89,8 @@ def quantize(
     if module_options.get("streaming"):
         raise ValueError("quantize() returns the model in memory; for a model bigger than memory use "
                          "`python -m lightning_gptq fit --model.streaming=true` (it writes the folder block by block)")
+    if str(gguf) == "auto" and output_dir is None:
+        raise ValueError("quantize(gguf='auto') writes <output_dir>/model.gguf: give output_dir, or a file for gguf")
     with tempfile.TemporaryDirectory(prefix="lightning-gptq-") as scratch:
         out = Path(output_dir) if output_dir is not None else Path(scratch)
         options = {"eval_after": False, "latency": False, "backend": backend, **module_options,
@@ -103,6 +110,8 @@ def quantize(
                                   equalize=equalize, equalize_layers=equalize_layers),
                      HessianCapture(sink_tokens=sink_tokens, sink_weight=sink_weight, sink_layers=sink_layers,
                                     sink_probe_windows=sink_probe_windows, asymmetric=asymmetric)]
+        if gguf is not None:
+            callbacks.append(GGUFExport(str(gguf), None if gguf_template is None else str(gguf_template)))
         trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
                           enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                           default_root_dir=scratch, callbacks=callbacks)

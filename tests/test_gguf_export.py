@@ -109,7 +109,7 @@ def smollm2_blocks(path: Path, keep: list[int]) -> Path:
 @pytest.fixture(scope="module")
 def smollm2_2blocks(tmp_path_factory):
     """(template path, quantized model, windows): SmolLM2's first two blocks as GGUF; GPTQ 4-bit g128 asymmetric
-    with act-order and static groups (the shipped config's grid), written by ``quantize`` with its folder."""
+    with act-order and static groups (the shipped config's grid), written by ``quantize`` with its folder and GGUF."""
     root = tmp_path_factory.mktemp("gguf")
     cache, os.environ["LIGHTNING_GPTQ_CACHE"] = os.environ.get("LIGHTNING_GPTQ_CACHE"), str(root / "cache")
     try:
@@ -117,7 +117,7 @@ def smollm2_2blocks(tmp_path_factory):
         windows = torch.randint(0, 49152, (4, 48), generator=torch.Generator().manual_seed(0))
         model = lg.quantize(str(template), windows, lg.QuantConfig(bits=4, group_size=128, sym=False, act_order=True,
                                                                    static_groups=True), progress=False,
-                            output_dir=root / "run")
+                            output_dir=root / "run", gguf="auto")
         yield template, model, windows, root
     finally:
         os.environ.pop("LIGHTNING_GPTQ_CACHE")
@@ -144,8 +144,9 @@ def fp16_grids(model):
 
 @needs_smollm2
 def test_smollm2_export_copies_what_gptq_left_alone(smollm2_2blocks, tmp_path):
-    template, model, _, _ = smollm2_2blocks
+    template, model, _, root = smollm2_2blocks
     report = save_gguf(model, tmp_path / "out.gguf", template)
+    assert (root / "run" / "model.gguf").read_bytes() == (tmp_path / "out.gguf").read_bytes()  # quantize(gguf="auto")
     assert report.types == {"Q4_1": 14} and report.copied == 6 and not report.rewritten
     assert 0 < report.fp16_error < 0.05
     fields = gguf.GGUFReader(tmp_path / "out.gguf").fields
@@ -282,6 +283,11 @@ def test_fit_refuses_a_gguf_it_could_not_write_before_calibrating(smollm2_2block
     with pytest.raises(MisconfigurationException, match=words):
         main(fit_args(smollm2_2blocks[0], tmp_path / "runs", *extra))
     assert not list(tmp_path.rglob("quantized"))
+
+
+def test_quantize_gguf_auto_needs_an_output_dir():
+    with pytest.raises(ValueError, match="give output_dir"):
+        lg.quantize("never-loaded", torch.zeros(1, 8, dtype=torch.long), gguf="auto")
 
 
 def test_fit_from_a_folder_asks_for_a_gguf_template(tmp_path):
