@@ -10,6 +10,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint.gguf_export import GGUFExportError, config_refusal, save_gguf
 
+from .callbacks import GPTQCallback
+
 __all__ = ["GGUFExport"]
 
 
@@ -46,10 +48,10 @@ class GGUFExport(Callback):
             self.template = str(source)
         if not Path(self.template).is_file():
             raise MisconfigurationException(f"gguf.template {self.template} is not a file")
-        quant = next((cb.quant for cb in trainer.callbacks if hasattr(cb, "quant") and hasattr(cb, "rules")), None)
-        why = config_refusal(quant) if quant is not None else None
-        if why:
-            raise MisconfigurationException(f"gguf.path: {why}")
+        for callback in trainer.callbacks:
+            why = config_refusal(callback.quant) if isinstance(callback, GPTQCallback) else None
+            if why:
+                raise MisconfigurationException(f"gguf.path: {why}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.path or not trainer.is_global_zero or not getattr(pl_module, "completed", False):
