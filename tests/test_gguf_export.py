@@ -274,6 +274,7 @@ def test_fit_writes_the_gguf_the_export_cli_writes_from_its_folder(smollm2_2bloc
     (["--gptq.quant.act_order=true", "--gptq.quant.static_groups=false"], "static_groups=true"),
     (["--gptq.quant.bits=8"], "quant.sym=true"),
     (["--gguf.template=missing.gguf"], "missing.gguf is not a file"),
+    (["--gptq.dynamic={'+:.*down_proj': {group_size: 16}}"], r"not a multiple of GGUF's 32.*dynamic '\+:\.\*down_proj'"),
 ])
 def test_fit_refuses_a_gguf_it_could_not_write_before_calibrating(smollm2_2blocks, tmp_path, extra, words):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from lightning.pytorch import Callback
@@ -48,10 +49,13 @@ class GGUFExport(Callback):
             self.template = str(source)
         if not Path(self.template).is_file():
             raise MisconfigurationException(f"gguf.template {self.template} is not a file")
-        for callback in trainer.callbacks:
-            why = config_refusal(callback.quant) if isinstance(callback, GPTQCallback) else None
-            if why:
-                raise MisconfigurationException(f"gguf.path: {why}")
+        for callback in (cb for cb in trainer.callbacks if isinstance(cb, GPTQCallback)):
+            settings = [("", callback.quant)] + [(f" (dynamic {key!r})", replace(callback.quant, **overrides))
+                                                 for key, skip, _, overrides in callback.rules.rules if not skip]
+            for where, quant in settings:
+                why = config_refusal(quant)
+                if why:
+                    raise MisconfigurationException(f"gguf.path: {why}{where}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self.path or not trainer.is_global_zero or not getattr(pl_module, "completed", False):
