@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -75,12 +76,17 @@ def calibration_text(folder: str, tokenizer, out: Path) -> tuple[Path, int, int]
     return out, windows.shape[0], windows.shape[1]
 
 
-def importance_matrix(tools: Path, template: Path, text: Path, chunks: int, ctx: int, threads: int, out: Path) -> Path:
+def importance_matrix(tools: Path, template: Path, text: Path, chunks: int, ctx: int, threads: int,
+                      out: Path) -> tuple[Path, int]:
     """llama.cpp's importance matrix (``llama-imatrix``: per input column, the mean square activation) of the template
-    over ``text``."""
-    run([str(tools / "llama-imatrix"), "-m", str(template), "-f", str(text), "-o", str(out), "-c", str(ctx),
-         "--chunks", str(chunks), "-t", str(threads)])
-    return out
+    over ``text``, and the number of ``ctx``-token chunks it says it computed over."""
+    command = [str(tools / "llama-imatrix"), "-m", str(template), "-f", str(text), "-o", str(out), "-c", str(ctx),
+               "--chunks", str(chunks), "-t", str(threads)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"llama-imatrix failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    said = re.search(r"computing over (\d+) chunks", done.stdout + done.stderr)
+    return out, int(said.group(1)) if said else -1
 
 
 def llama_quantize(tools: Path, template: Path, out: Path, kind: str, embedding: str, imatrix: Path, threads: int):
@@ -138,10 +144,10 @@ def main() -> None:
         if args.llama_tools:
             text, chunks, ctx = calibration_text(args.folder, tokenizer, Path(tmp) / "calibration.txt")
             start = time.perf_counter()
-            imatrix = importance_matrix(args.llama_tools, template, text, chunks, ctx, args.threads,
-                                        Path(tmp) / "imatrix.gguf")
-            print(f"llama-imatrix: {chunks} chunks of {ctx} tokens (the fit's calibration windows as text) in "
-                  f"{time.perf_counter() - start:.0f} s")
+            imatrix, used = importance_matrix(args.llama_tools, template, text, chunks, ctx, args.threads,
+                                              Path(tmp) / "imatrix.gguf")
+            print(f"llama-imatrix: over {used} chunks of {ctx} tokens (asked: {chunks}, the fit's calibration windows "
+                  f"as text) in {time.perf_counter() - start:.0f} s")
         for kind in args.llama_quantize:
             theirs = Path(tmp) / f"llama-{kind}.gguf"
             peer(args.llama_cpp_python, template, "--quantize", str(theirs), kind, "--embedding-type", embedding,

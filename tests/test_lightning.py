@@ -259,6 +259,19 @@ def test_the_three_bit_config_stacks_on_the_main_one(capsys):
     assert printed["trainer"]["default_root_dir"] == "runs/smollm2-135m-3bit"  # not mixed with 4-bit runs
 
 
+def test_the_gguf_config_stacks_on_the_main_one(capsys):
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(configs / "smollm2-135m.yaml"), "--config", str(configs / "smollm2-135m-gguf.yaml"),
+              "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    quant = printed["gptq"]["quant"]
+    assert (quant["bits"], quant["sym"], quant["group_size"], quant["static_groups"]) == (4, True, 32, True)
+    assert printed["gguf"] == {"path": "auto", "template": None}
+    assert printed["model"]["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"  # the template GGUFExport takes
+    assert printed["trainer"]["default_root_dir"] == "runs/smollm2-135m-gguf"
+
+
 def test_cli_rerun_in_the_same_folder(tmp_path, recwarn):
     model_dir = tiny_model_dir(tmp_path, "llama")
     args = cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false", "--model.latency=false",
