@@ -245,12 +245,16 @@ def test_cli_help_print_config_round_trip_and_overrides(tmp_path, capsys):
     assert capsys.readouterr().out == printed
 
 
-def test_the_three_bit_config_stacks_on_the_main_one(capsys):
+def stacked_on_the_main_config(name: str, capsys) -> dict:
+    """The configuration ``fit --config smollm2-135m.yaml --config <name>`` runs with."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(configs / "smollm2-135m.yaml"), "--config", str(configs / "smollm2-135m-3bit.yaml"),
-              "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
+        main(["fit", "--config", str(configs / "smollm2-135m.yaml"), "--config", str(configs / name), "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_the_three_bit_config_stacks_on_the_main_one(capsys):
+    printed = stacked_on_the_main_config("smollm2-135m-3bit.yaml", capsys)
     quant = printed["gptq"]["quant"]
     assert (quant["bits"], quant["static_groups"], quant["mse"], quant["act_order"]) == (3, False, True, True)
     assert printed["gptq"]["equalize"] == [0.25, 0.5]  # the main config's, chosen at 3 bits as well
@@ -260,11 +264,7 @@ def test_the_three_bit_config_stacks_on_the_main_one(capsys):
 
 
 def test_the_gguf_config_stacks_on_the_main_one(capsys):
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    with pytest.raises(SystemExit):
-        main(["fit", "--config", str(configs / "smollm2-135m.yaml"), "--config", str(configs / "smollm2-135m-gguf.yaml"),
-              "--print_config"])
-    printed = yaml.safe_load(capsys.readouterr().out)
+    printed = stacked_on_the_main_config("smollm2-135m-gguf.yaml", capsys)
     quant = printed["gptq"]["quant"]
     assert (quant["bits"], quant["sym"], quant["group_size"], quant["static_groups"]) == (4, True, 32, True)
     assert printed["gguf"] == {"path": "auto", "template": None}
