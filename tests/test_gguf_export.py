@@ -291,6 +291,16 @@ def test_quantize_gguf_auto_needs_an_output_dir():
         lg.quantize("never-loaded", torch.zeros(1, 8, dtype=torch.long), gguf="auto")
 
 
+def test_gguf_export_in_another_module_says_what_to_call():
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_gptq.lightning import GGUFExport
+
+    with pytest.raises(MisconfigurationException, match="save_gguf"):
+        GGUFExport("out.gguf").setup(None, LightningModule(), "fit")
+
+
 def test_fit_from_a_folder_asks_for_a_gguf_template(tmp_path):
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
     from tiny_lm import tiny_model_dir

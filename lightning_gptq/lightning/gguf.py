@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gptq.checkpoint.gguf_export import GGUFExportError, config_refusal, save_gguf
 
 from .callbacks import GPTQCallback
+from .module import GPTQModule
 
 __all__ = ["GGUFExport"]
 
@@ -37,6 +38,9 @@ class GGUFExport(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not self.path:
             return
+        if not isinstance(pl_module, GPTQModule):
+            raise MisconfigurationException("GGUFExport writes what GPTQModule's fit quantized; in your own module call "
+                                            "lightning_gptq.save_gguf(model, path, template) once fit has ended")
         hp = pl_module.hparams
         if hp.streaming:
             raise MisconfigurationException("gguf.path needs the whole model in memory: with model.streaming, export "
@@ -58,7 +62,7 @@ class GGUFExport(Callback):
                     raise MisconfigurationException(f"gguf.path: {why}{where}")
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        if not self.path or not trainer.is_global_zero or not getattr(pl_module, "completed", False):
+        if not self.path or not trainer.is_global_zero or not pl_module.completed:
             return  # (a dry run, or another process of a distributed fit)
         path = Path(pl_module.output_dir()) / "model.gguf" if self.path == "auto" else Path(self.path).expanduser()
         try:
