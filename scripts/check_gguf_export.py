@@ -38,18 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
-def run(command: list[str]) -> str:
-    """``command``'s stdout; on failure, exit with the end of its stderr."""
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    """``command`` run to the end, its output captured; on failure, exit with the end of its stderr."""
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{Path(command[0]).name} failed ({out.returncode}):\n{out.stderr[-2000:]}")
-    return out.stdout
+    return out
 
 
 def peer(python: str, gguf: Path, *args: str, threads: int) -> dict:
     """``scripts/llama_cpp_peer.py`` in the llama.cpp Python: its JSON line."""
     out = run([python, str(ROOT / "scripts" / "llama_cpp_peer.py"), str(gguf), *args, "--threads", str(threads)])
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def llama_cpp(python: str, gguf: Path, windows: Path, threads: int) -> dict:
@@ -82,9 +82,7 @@ def importance_matrix(tools: Path, template: Path, text: Path, chunks: int, ctx:
     over ``text``, and the number of ``ctx``-token chunks it says it computed over."""
     command = [str(tools / "llama-imatrix"), "-m", str(template), "-f", str(text), "-o", str(out), "-c", str(ctx),
                "--chunks", str(chunks), "-t", str(threads)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"llama-imatrix failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    done = run(command)
     said = re.search(r"computing over (\d+) chunks", done.stdout + done.stderr)
     return out, int(said.group(1)) if said else -1
 

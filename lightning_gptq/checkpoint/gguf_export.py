@@ -192,11 +192,16 @@ def default_template(folder: str | os.PathLike) -> Path | None:
         return None
     meta = (config.get("quantization_config") or {}).get("meta") or {}
     ours = meta.get("lightning_gptq") or {}
-    source, gguf_file = ours.get("source_model"), ours.get("source_gguf_file")
-    if not source:
+    path = source_gguf(ours.get("source_model"), ours.get("source_gguf_file"))
+    return path if path is not None and path.is_file() else None
+
+
+def source_gguf(model: str | None, gguf_file: str | None) -> Path | None:
+    """The ``.gguf`` file a model was read from (``model``, or ``gguf_file`` inside it), or None when it was not."""
+    if not model:
         return None
-    path = Path(source) / gguf_file if gguf_file else Path(source)
-    return path if path.suffix.lower() == ".gguf" and path.is_file() else None
+    path = Path(model) / gguf_file if gguf_file else Path(model)
+    return path if path.suffix.lower() == ".gguf" else None
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gptq.checkpoint.gguf_export import GGUFExportError, config_refusal, save_gguf
+from lightning_gptq.checkpoint.gguf_export import GGUFExportError, config_refusal, save_gguf, source_gguf
 
 from .callbacks import GPTQCallback
 from .module import GPTQModule
@@ -46,8 +46,8 @@ class GGUFExport(Callback):
             raise MisconfigurationException("gguf.path needs the whole model in memory: with model.streaming, export "
                                             "the written folder afterwards (python -m lightning_gptq.export_gguf)")
         if self.template is None:
-            source = Path(hp.model) / hp.gguf_file if hp.gguf_file else Path(str(hp.model))
-            if source.suffix.lower() != ".gguf":
+            source = source_gguf(str(hp.model), hp.gguf_file)
+            if source is None:
                 raise MisconfigurationException(f"gguf.path: the model ({hp.model}) was not read from a .gguf file; "
                                                 "set gguf.template to its source as GGUF")
             self.template = str(source)
