@@ -33,6 +33,7 @@ from torch import nn
 from lightning_gptq.models import capture_block_inputs, check_replay, get_adapter, run_block
 from lightning_gptq.models.adapters import VERIFIED_MODEL_TYPES
 from lightning_gptq.models.experts import unfuse_experts
+from lightning_gptq.models.replay import PartReplay, fingerprint
 from lightning_gptq.models.capture import BlockInputs, module_device_dtype
 from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.nn import exact_kernels
@@ -149,6 +150,9 @@ class CalibrationDriver:
             each linear's input in ``ctx.reference_inputs`` (asymmetric calibration, GPTAQ). One more
             block forward per batch; needs ``true_sequential=False`` (the block is then unquantized
             for its whole calibration pass).
+        replay_parts: true-sequential, what a pass computed that later passes would compute again (the attention
+            call once q/k/v are quantized, the whole attention once o_proj is) is recorded and replayed instead of
+            run: the same numbers (``models.replay``). ``False`` runs every pass from the block's input.
     """
 
     def __init__(self, source, *, fire: Callable[[str, BlockContext], None], device: torch.device | str = "cpu",
@@ -156,7 +160,7 @@ class CalibrationDriver:
                  compute_dtype: torch.dtype | None = None,
                  store: Callable[[torch.Tensor], torch.Tensor] = _keep,
                  write_block: Callable[[str, nn.Module], None] | None = None, reference_stream: bool = False,
-                 quantizes: Callable[[str], bool] | None = None) -> None:
+                 quantizes: Callable[[str], bool] | None = None, replay_parts: bool = True) -> None:
         if reference_stream and true_sequential:
             raise ValueError("asymmetric calibration (the full-precision reference stream) needs true_sequential=False: "
                              "a true-sequential pass runs a block whose earlier layers are already quantized")
@@ -180,6 +184,9 @@ class CalibrationDriver:
         self.reference_stream = reference_stream
         self.quantizes = quantizes
         self._reference_outputs: list[torch.Tensor] = []
+        self.replay_parts = replay_parts
+        self._replay: PartReplay | None = None  # this block's, true-sequential
+        self.replayed_calls = 0  # block parts answered from a record, over the run
         self.inputs: BlockInputs | None = None  # the cached inputs of the next block to calibrate
         self.timings: dict[str, float] = defaultdict(float)
         self._outputs: list[torch.Tensor] = []
@@ -264,16 +271,20 @@ class CalibrationDriver:
             self._fetched.add(stage.block)
         block.to(self.device)
         self._pass_dtype = self.compute_dtype if stage.kind == "calibrate" or self.widens else None
+        if stage.kind == "calibrate" and stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
+            self._groups = self.groups(stage.block)
+        self._begin_replay(stage, block)  # reads the weights at rest, before the pass's dtype copies
         self._held.enter_context(running_in(block, self._pass_dtype))
         # Layers swapped in so far dequantize once for the whole pass, not once per batch (same numbers).
         self._held.enter_context(dense_weights_held(block, module_device_dtype(block)[1]))
         if stage.kind == "calibrate":
-            if stage.group == 0:  # fixed before any swap: quantized layers no longer count as linears
-                self._groups = self.groups(stage.block)
             layers = {name: block.get_submodule(name) for name in self._groups[stage.group]}
             self._ctx = BlockContext(stage.block, len(self.blocks), block, layers, stage.group, stage.num_groups,
                                      prefix=self.block_prefix(stage.block), inputs=self.inputs)
+            before = fingerprint(block) if self._replay is not None else None
             self.fire("on_block_start", self._ctx)
+            if self._replay is not None:
+                self._replay.after_hooks(before, self._ctx.runs_through)
             self._stop_after_last_linear(block)
         else:
             self._outputs = []
@@ -297,7 +308,8 @@ class CalibrationDriver:
             self._reference_step(block, stage, j)
         self._entered.clear()
         try:
-            with exact_kernels():  # swapped layers are the oracle: what later blocks see is machine-independent
+            # swapped layers are the oracle: what later blocks see is machine-independent
+            with exact_kernels(), self._replaying(j, cached):
                 hidden = run_block(block, cached, floating_to(self.inputs.kwargs_for(stage.block, j), self._pass_dtype))
         except _PassDone:  # a calibration pass: every linear of the block has read its input
             return
@@ -340,6 +352,12 @@ class CalibrationDriver:
             self._quantize_every_block()
             return
         self._held.close()  # also removes the calibration pass's stop hooks
+        if self._replay is not None:
+            if stage.kind == "calibrate":
+                self._replay.end_pass(len(self.inputs.hidden))
+            else:
+                self.replayed_calls += self._replay.replayed
+                self._replay = None
         self.timings["hessian" if stage.kind == "calibrate" else "propagate"] += time.perf_counter() - self._started
         if stage.kind == "calibrate":
             start = time.perf_counter()
@@ -358,6 +376,25 @@ class CalibrationDriver:
         start = time.perf_counter()
         self.fire("on_block_propagated", ctx)  # e.g. BlockCheckpoint's resume point
         self.timings["on_block_propagated"] += time.perf_counter() - start
+
+    def _begin_replay(self, stage: Stage, block: nn.Module) -> None:
+        """True-sequential: what this pass may replay and record of the block's finished parts."""
+        if not (self.true_sequential and self.replay_parts):
+            return
+        if stage.kind == "calibrate" and stage.group == 0:
+            self._replay = PartReplay(block, self.store)
+        if self._replay is None:  # a block with no calibration pass (every linear left dense)
+            return
+        finished = stage.group if stage.kind == "calibrate" else len(self._groups)
+        self._replay.begin_pass(self._pass_dtype, done=[n for g in self._groups[:finished] for n in g],
+                                pending=[n for g in self._groups[finished:] for n in g],
+                                consume=stage.kind == "propagate")
+
+    def _replaying(self, j: int, cached: torch.Tensor):
+        """Batch ``j``'s replays and recordings (a recording holds at most as many bytes as the batch's input)."""
+        if self._replay is None:
+            return contextlib.nullcontext()
+        return self._replay.batch(j, cached.numel() * cached.element_size())
 
     def _stop_after_last_linear(self, block: nn.Module) -> None:
         """End each calibration pass once every linear of this step has been entered (the hooks, which run

@@ -6,6 +6,7 @@ import math
 import subprocess
 import warnings
 import sys
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -543,8 +544,9 @@ def test_sink_probe_on_the_first_windows_only(tmp_path):
 def test_calibration_passes_end_after_their_layers_and_the_attention_they_measure(tmp_path):
     """A pass ends once this step's linears have read their input and the attention a sink weight is measured
     on has run: true-sequential, the q/k/v pass goes through the attention for the probed windows only, the
-    o_proj pass never finishes the attention, the gate/up pass never reaches the MLP's output. The weight
-    measured in block 0 (nothing quantized yet) is the same either way."""
+    o_proj pass never finishes the attention, the gate/up pass never reaches the MLP's output, and the down_proj
+    pass and propagation replay the attention the gate/up pass recorded (which replayed the o_proj pass's attention
+    call). The weight measured in block 0 (nothing quantized yet) is the same either way."""
     from lightning_gptq.driver import CalibrationDriver
     from lightning_gptq.sources import LoadedModel
 
@@ -555,7 +557,8 @@ def test_calibration_passes_end_after_their_layers_and_the_attention_they_measur
         capture = HessianCapture(sink_weight="attention", sink_layers="attention", sink_probe_windows=2)
         hooks = sorted([capture, GPTQCallback(QuantConfig(bits=4, group_size=12), backend="torch")],
                        key=lambda cb: cb.block_hook_order)
-        counts = {"attention returned": 0, "mlp entered": 0, "down_proj entered": 0}
+        counts = {"attention returned": 0, "attention computed": 0, "softmax(qk)v": 0, "mlp entered": 0,
+                  "down_proj entered": 0}
 
         def count(key):
             def hook(*_):
@@ -575,13 +578,32 @@ def test_calibration_passes_end_after_their_layers_and_the_attention_they_measur
                 for handle in handles:
                     handle.remove()
 
-        CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire, true_sequential=true_sequential).run(windows)
+        attention_forward = type(block.self_attn).forward
+
+        def computed(module, *args, **kwargs):  # the attention's own code was entered (a replay answers without it)
+            counts["attention computed"] += module is block.self_attn
+            return attention_forward(module, *args, **kwargs)
+
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def core(query, *args, **kwargs):  # every block's: the tiny model's calls are counted per block below
+            counts["softmax(qk)v"] += 1
+            return sdpa(query, *args, **kwargs)
+
+        with mock.patch.object(type(block.self_attn), "forward", computed), \
+                mock.patch("torch.nn.functional.scaled_dot_product_attention", core):
+            CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire, true_sequential=true_sequential).run(windows)
         return counts, capture.block_weights
 
     counts, sequential = run(True)  # passes: q/k/v (2 probed windows run through the attention), o, gate/up, down; propagation
-    assert counts == {"attention returned": 2 + 0 + 4 + 4 + 4, "mlp entered": 0 + 0 + 4 + 4 + 4, "down_proj entered": 4}
+    # the o_proj pass records the attention call (q/k/v quantized), the gate/up pass replays it and records the whole
+    # attention (o_proj quantized too), which the down_proj pass and propagation replay (its hooks still run)
+    blocks = 3
+    assert counts == {"attention returned": 2 + 0 + 4 + 4 + 4, "attention computed": 4 + 4 + 4 + 0 + 0,
+                      "softmax(qk)v": blocks * (2 + 4 + 0 + 0 + 0), "mlp entered": 0 + 0 + 4 + 4 + 4, "down_proj entered": 4}
     counts, whole = run(False)
-    assert counts == {"attention returned": 4 + 4, "mlp entered": 4 + 4, "down_proj entered": 4}
+    assert counts == {"attention returned": 4 + 4, "attention computed": 4 + 4, "softmax(qk)v": blocks * (4 + 4),
+                      "mlp entered": 4 + 4, "down_proj entered": 4}
     assert sequential[0] == pytest.approx(whole[0], rel=1e-6) and whole[0] > 1.5
 
 

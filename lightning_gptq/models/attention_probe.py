@@ -7,6 +7,7 @@ softmax probabilities from the same ``query``/``key``/mask in fp32 (fp64 for fp6
 the attention mass it receives summed over queries: ``record(module, received, queries, keys)`` with
 ``received`` ``[batch, heads, keys]``. Only layers that call transformers' attention interface (LLaMA, Mistral,
 Qwen2, Gemma, OPT, GPT-NeoX, ... in transformers 5) can be probed; ``attention_layers`` finds them.
+``route_attention(modules, handler)`` is the routing alone (true-sequential replay records and replays through it).
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PROBE_NAME", "AttentionProbeError", "attention_layers", "probe_attention", "received_attention"]
+__all__ = ["PROBE_NAME", "AttentionProbeError", "attention_layers", "probe_attention", "received_attention",
+           "route_attention"]
 
 PROBE_NAME = "lightning_gptq_probe"
-_ACTIVE: dict[int, tuple[Callable, Callable, int | None]] = {}  # id(module) -> (its own function, record, first)
+_ROUTED: dict[int, tuple[Callable, Callable]] = {}  # id(module) -> (its own attention function, handler)
 _QUERY_CHUNK = 256  # query rows per softmax, so a 2048-token window needs heads x 256 x 2048 floats at a time
 
 
@@ -128,17 +131,13 @@ def _own_function(module: nn.Module, implementation: str | None) -> Callable:
     return source.ALL_ATTENTION_FUNCTIONS[implementation]
 
 
-def _probe_forward(module, query, key, value, attention_mask, *args, **kwargs):
-    own, record, first = _ACTIVE[id(module)]
-    output = own(module, query, key, value, attention_mask, *args, **kwargs)
-    with torch.no_grad():
-        received = received_attention(module, query, key, attention_mask, first=first, **kwargs)
-        record(module, received, query.shape[2], key.shape[2])
-    return output
+def _routed_forward(module, query, key, value, attention_mask, *args, **kwargs):
+    own, handler = _ROUTED[id(module)]
+    return handler(own, module, query, key, value, attention_mask, *args, **kwargs)
 
 
-def _registered_probe(implementation: str | None) -> str:
-    """The probe's name for layers configured with ``implementation``, registered in transformers'
+def _registered_route(implementation: str | None) -> str:
+    """The route's name for layers configured with ``implementation``, registered in transformers'
     attention and mask interfaces: whole-model calls still build the mask that implementation expects."""
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
@@ -146,39 +145,56 @@ def _registered_probe(implementation: str | None) -> str:
     own = implementation or "eager"
     name = f"{PROBE_NAME}[{own}]"
     if name not in AttentionInterface._global_mapping:
-        AttentionInterface.register(name, _probe_forward)
+        AttentionInterface.register(name, _routed_forward)
         if own in AttentionMaskInterface._global_mapping:
             AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping[own])
     return name
 
 
 @contextmanager
-def probe_attention(modules: list[nn.Module], record: Callable[..., None],
-                    first: int | None = None) -> Iterator[None]:
-    """While active, each module in ``modules`` also calls ``record(module, received, queries, keys)`` with
+def route_attention(modules: list[nn.Module], handler: Callable[..., Any]) -> Iterator[None]:
+    """While active, each module in ``modules`` calls ``handler(own, module, query, key, value, attention_mask,
+    *args, **kwargs)`` instead of its attention function, ``own`` being that function (sdpa, eager, ...).
+
+    The modules' configs are switched to the route's name and restored on exit. A config shared with
+    layers outside ``modules`` (every block of a model shares one) is switched too, so only run the
+    routed layers while the route is active; others would fail loudly rather than silently.
+    """
+    if any(id(m) in _ROUTED for m in modules):
+        raise RuntimeError("route_attention: a layer's attention is already routed (one route at a time)")
+    configs = {id(m.config): m.config for m in modules}
+    saved = {key: config._attn_implementation for key, config in configs.items()}
+    for module in modules:
+        _ROUTED[id(module)] = (_own_function(module, module.config._attn_implementation), handler)
+    try:
+        for config in configs.values():
+            config._attn_implementation_internal = _registered_route(saved[id(config)])  # sub-configs keep theirs
+        yield
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation_internal = saved[key]
+        for module in modules:
+            _ROUTED.pop(id(module), None)
+
+
+def probe_attention(modules: list[nn.Module], record: Callable[..., None], first: int | None = None):
+    """A context in which each module in ``modules`` also calls ``record(module, received, queries, keys)`` with
     ``received`` ``[batch, heads, keys]``
     (``[batch, heads, first]`` with ``first``: the attention received by the first keys only; every
-    query's row sums to 1, so the rest is ``queries − received.sum(-1)`` per batch and head).
-
-    The modules' configs are switched to the probe's name and restored on exit. A config shared with
-    layers outside ``modules`` (every block of a model shares one) is switched too, so only run the
-    probed layers while the probe is active; others would fail loudly rather than silently.
+    query's row sums to 1, so the rest is ``queries − received.sum(-1)`` per batch and head). The layers'
+    own outputs are returned untouched. Routed by ``route_attention`` (only run the probed layers inside).
     """
     if not modules:
         raise AttentionProbeError(
             "No attention layer here calls transformers' attention interface, so the attention each "
             "position receives cannot be measured; use a numeric sink_weight instead."
         )
-    configs = {id(m.config): m.config for m in modules}
-    saved = {key: config._attn_implementation for key, config in configs.items()}
-    for module in modules:
-        _ACTIVE[id(module)] = (_own_function(module, module.config._attn_implementation), record, first)
-    try:
-        for config in configs.values():
-            config._attn_implementation_internal = _registered_probe(saved[id(config)])  # sub-configs keep theirs
-        yield
-    finally:
-        for key, config in configs.items():
-            config._attn_implementation_internal = saved[key]
-        for module in modules:
-            _ACTIVE.pop(id(module), None)
+
+    def probe(own, module, query, key, value, attention_mask, *args, **kwargs):
+        output = own(module, query, key, value, attention_mask, *args, **kwargs)
+        with torch.no_grad():
+            received = received_attention(module, query, key, attention_mask, first=first, **kwargs)
+            record(module, received, query.shape[2], key.shape[2])
+        return output
+
+    return route_attention(modules, probe)
