@@ -103,7 +103,8 @@ class PartReplay:
         self.store = store
         self.records: dict[str, _Record] = {}
         self.replayed = 0  # part calls answered from a record
-        self._attention = {name: m for name, m in block.named_modules() if m in attention_layers(block)}
+        found = {id(m) for m in attention_layers(block)}
+        self._attention = {name: m for name, m in block.named_modules() if id(m) in found}
         self._replaying: list[str] = []
         self._candidates: list[str] = []
         self._recorded: dict[str, dict[int, Any]] = {}
