@@ -149,3 +149,34 @@ def test_a_part_is_not_replayed_when_it_would_give_another_output(case):
         assert replay.replayed == 1 and block.first.calls == 2
     else:
         assert replay.replayed == 0 and not replay.records
+
+
+def test_the_dry_run_rehearses_the_true_sequential_passes_as_the_driver_runs_them():
+    """The dry run times block 0's passes the driver's way: each ends at its group, q/k/v (and gate/up) add one
+    Hessian between them, and the attention's softmax(qk)v runs in the o_proj pass only (replayed after)."""
+    from unittest import mock
+
+    from lightning_gptq.lightning.plan import _rehearse_true_sequential
+    from lightning_gptq.models import get_adapter, run_block
+    from lightning_gptq.models.capture import capture_block_inputs
+    from lightning_gptq.quant import HessianAccumulator
+
+    model = FACTORIES["llama"]()
+    driver = CalibrationDriver(LoadedModel(model, char_tokenizer()), fire=lambda *a: None, true_sequential=True)
+    inputs = capture_block_inputs(model, get_adapter(model), token_ids(n=2, seqlen=16), batch_size=2)
+    block, groups = driver.blocks[0], driver.groups(0)
+    accumulators = {n: HessianAccumulator(block.get_submodule(n).in_features) for g in groups for n in g}
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def core(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    with mock.patch("torch.nn.functional.scaled_dot_product_attention", core), torch.no_grad():
+        passes, propagate = _rehearse_true_sequential(
+            driver, block, groups, lambda: run_block(block, inputs.hidden[0], inputs.kwargs_for(0, 0)), accumulators,
+            inputs.hidden[0].numel() * 4, None)
+    assert len(passes) == len(groups) == 4 and all(t > 0 for t in passes) and propagate > 0
+    assert len(calls) == 1  # the o_proj pass; the gate/up pass replays it, then the whole attention is replayed
+    shared = [["self_attn.q_proj"], ["self_attn.o_proj"], ["mlp.gate_proj"], ["mlp.down_proj"]]
+    assert [[n for n in g if accumulators[n].nsamples] for g in groups] == shared

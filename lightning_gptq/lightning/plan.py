@@ -2,7 +2,8 @@
 
 Memory is counted from the model, the calibration settings and this process's resident size now;
 time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
-with and without Hessian hooks, and through the attention probe when the sink rule is measured; one
+with and without Hessian hooks, and through the attention probe when the sink rule is measured; true-sequential,
+its passes and propagation rehearsed as the driver runs them, replays included; one
 GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; the
 quantized layers' dequantization during propagation, timed on that layer; one evaluation window,
 or, when streaming, block 0 per token and a slice of the head, scaled to every window and block).
@@ -20,6 +21,7 @@ or, when streaming, block 0 per token and a slice of the head, scaled to every w
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,6 +41,7 @@ from lightning_gptq.models.adapters import (
 )
 from lightning_gptq.models.attention_probe import attention_layers, probe_attention
 from lightning_gptq.models.compute_dtype import floating_to, running_in
+from lightning_gptq.models.replay import PartReplay
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import n_groups_for
@@ -291,10 +294,24 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
                 t_probed = _best_of(3, run)
         for handle in handles:
             handle.remove()
-        passes = sum(len(module.driver.groups(b)) for b in range(len(blocks)))  # none for a wholly dense block
-        per_pass = t_calibrate * (batches - probed_batches) + (t_probed * probed_batches if probed else 0.0)
-        seconds["calibrate"] = per_pass * passes
-        seconds["propagate"] = t_block * batches * len(blocks)
+        calibrated = sum(bool(module.driver.groups(b)) for b in range(len(blocks)))  # none for a wholly dense block
+        groups = module.driver.groups(0)
+        if module.driver.true_sequential and groups:
+            # each pass ends at its group and replays what earlier ones recorded: rehearsed on block 0
+            rehearsals = [_rehearse_true_sequential(module.driver, block, groups, run, accumulators,
+                                                    hidden.numel() * hidden.element_size(), compute) for _ in range(2)]
+            t_passes = [min(r[0][g] for r in rehearsals) for g in range(len(groups))]
+            t_propagate = min(r[1] for r in rehearsals)
+            per_block = sum(t_passes) * batches
+            if probed:  # a probed window's first pass runs on through the attention (and the probe) in each probing pass
+                probing = 1 if hessian.get("sink_layers") == "attention" else len(groups)
+                per_block += probing * probed_batches * (max(t_passes[1:2] or [t_passes[0]]) + t_probed - t_calibrate)
+            seconds["calibrate"] = per_block * calibrated
+            seconds["propagate"] = (t_propagate * calibrated + t_block * (len(blocks) - calibrated)) * batches
+        else:
+            per_pass = t_calibrate * (batches - probed_batches) + (t_probed * probed_batches if probed else 0.0)
+            seconds["calibrate"] = per_pass * sum(len(module.driver.groups(b)) for b in range(len(blocks)))
+            seconds["propagate"] = t_block * batches * len(blocks)
         name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
         layer, h = own[name], accumulators[name].hessian
         weight = weight_out_in(layer).detach()
@@ -358,6 +375,51 @@ def _streamed_scoring_seconds(module, blocks, t_block: float, extra_per_call: fl
     if module.hparams.eval_after:
         seconds += windows * (per_window + extra_per_call)
     return seconds
+
+
+class _PassEnd(Exception):
+    pass
+
+
+def _rehearse_true_sequential(driver, block, groups: list[list[str]], run, accumulators: dict, limit_bytes: int,
+                              dtype) -> tuple[list[float], float]:
+    """Seconds of block ``block``'s true-sequential passes on one batch, each ending once its group has read its
+    input (Hessian hooks on the group) and replaying what the passes before it recorded, as the driver runs them,
+    and of its propagation. The layers stay dense: a quantized one costs what its dense weight does while the
+    driver holds it dequantized."""
+    replay = PartReplay(block) if driver.replay_parts else None
+    seconds = []
+    for g in range(len(groups) + 1):
+        group = groups[g] if g < len(groups) else []
+        if replay is not None:
+            replay.begin_pass(dtype, done=[n for gr in groups[:g] for n in gr],
+                              pending=[n for gr in groups[g:] for n in gr], consume=not group)
+        entered: set[str] = set()
+        read_inputs: list = []  # layers reading one tensor (q/k/v, gate/up) share a Hessian, as HessianCapture's do
+
+        def read(name):
+            def hook(module, args):
+                if not any(args[0] is x for x in read_inputs):
+                    accumulators[name].add(args[0])
+                    read_inputs.append(args[0])
+                entered.add(name)
+                if entered == set(group):
+                    raise _PassEnd
+            return hook
+
+        handles = [block.get_submodule(name).register_forward_pre_hook(read(name)) for name in group]
+        start = time.perf_counter()
+        try:
+            with replay.batch(0, limit_bytes) if replay is not None else contextlib.nullcontext():
+                run()
+        except _PassEnd:
+            pass
+        seconds.append(time.perf_counter() - start)
+        for handle in handles:
+            handle.remove()
+        if replay is not None:
+            replay.end_pass(1)
+    return seconds[:-1], seconds[-1]
 
 
 def _best_of(repeats: int, fn) -> float:
