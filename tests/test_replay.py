@@ -3,6 +3,8 @@ attention once o_proj is) instead of running them again: the same codes and bloc
 refusal (a changed block, another dtype, a part run twice or after a layer still to come, an output too big, a
 start hook that changed the block) holds; a replayed output can be changed in place without reaching the record."""
 
+from unittest import mock
+
 import pytest
 import torch
 from tiny_lm import char_tokenizer
@@ -31,7 +33,19 @@ def _calibrate(model, windows, replay_parts: bool, sink_weight=1.0):
 
     driver = CalibrationDriver(LoadedModel(model, char_tokenizer()), fire=fire, true_sequential=True,
                                replay_parts=replay_parts)
-    driver.run(windows, batch_size=2)
+    end_pass, held = PartReplay.end_pass, []
+
+    def counted(replay, num_batches):  # bytes kept in records once the pass's recordings are in, against the cache
+        kept = [*[r.outputs for r in replay.records.values()], *[list(v.values()) for v in replay._recorded.values()]]
+        tensors = [t for outputs in kept for out in outputs for t in (out if isinstance(out, tuple) else (out,))
+                   if isinstance(t, torch.Tensor)]
+        held.append(sum(t.numel() * t.element_size() for t in tensors) / sum(h.numel() * h.element_size()
+                                                                             for h in driver.inputs.hidden))
+        end_pass(replay, num_batches)
+
+    with mock.patch.object(PartReplay, "end_pass", counted):
+        driver.run(windows, batch_size=2)
+    assert max(held, default=0) <= 1.0  # at most one activation cache more than a pass without replay holds
     codes = {n: m.codes() for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     return codes, driver.inputs.hidden, driver
 
@@ -154,8 +168,6 @@ def test_a_part_is_not_replayed_when_it_would_give_another_output(case):
 def test_the_dry_run_rehearses_the_true_sequential_passes_as_the_driver_runs_them():
     """The dry run times block 0's passes the driver's way: each ends at its group, q/k/v (and gate/up) add one
     Hessian between them, and the attention's softmax(qk)v runs in the o_proj pass only (replayed after)."""
-    from unittest import mock
-
     from lightning_gptq.lightning.plan import _rehearse_true_sequential
     from lightning_gptq.models import get_adapter, run_block
     from lightning_gptq.models.capture import capture_block_inputs
