@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -37,7 +38,7 @@ def run(name: str, root: Path, nsamples: int) -> dict:
             f"--trainer.default_root_dir={out}", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
             f"--model.output_dir={out / 'quantized'}"]
     subprocess.run([sys.executable, "-c", RUN.format(replay=replay), *args], cwd=ROOT, check=True,
-                   env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     summary = json.loads((out / "quantized" / "summary.json").read_text())
     codes = {r["name"]: (r["codes_sha256"], r["scales_sha256"]) for r in summary["layers"]}
     return {"timings": summary["timings_s"], "codes": codes}
