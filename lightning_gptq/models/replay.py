@@ -11,8 +11,9 @@ once (a copy per batch) and replayed:
   quantized): recorded in the o_proj pass, replayed in the gate/up pass, whose attention would otherwise
   recompute it.
 
-So a LLaMA block runs its attention twice (q/k/v and o_proj passes, plus the windows the sink rule probes)
-instead of four times. The numbers are the same bit for bit: same inputs, same weights, same kernels.
+So a LLaMA block computes its attention once per window (in the o_proj pass; the q/k/v pass also does on the
+windows the sink rule probes) instead of four times. The numbers are the same bit for bit: same inputs, same
+weights, same kernels.
 """
 
 from __future__ import annotations
