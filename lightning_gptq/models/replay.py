@@ -40,7 +40,7 @@ def fingerprint(module: nn.Module, skip: Iterable[str] = ()) -> tuple:
     skip = tuple(skip)
 
     def kept(name: str) -> bool:
-        return not any(name == s or name.startswith(s + ".") for s in skip)
+        return not any(_holds(s, [name]) for s in skip)
 
     modules = tuple((name, id(m)) for name, m in module.named_modules() if kept(name))
     tensors = tuple((name, id(t), t.data_ptr(), t._version, t.dtype, tuple(t.shape), _sum(t))
@@ -56,6 +56,7 @@ def _sum(t: torch.Tensor) -> float | int:
 
 
 def _holds(part: str, layers: Iterable[str]) -> bool:
+    """Whether any of ``layers`` is ``part`` or inside it (dotted names)."""
     return any(name == part or name.startswith(part + ".") for name in layers)
 
 
