@@ -154,6 +154,26 @@ def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uni
     assert above["disk"] <= above["memory"]
 
 
+def test_the_dry_run_counts_one_dequantization_per_layer_not_per_batch(tmp_path, monkeypatch):
+    """A driver stage holds its quantized layers dequantized (`dense_weights_held`), so the plan adds one
+    dequantization per layer to propagation, however many batches run. Every timing is faked to 1 s: the
+    propagate estimate is then batches x blocks (one block pass each) plus a term that must not grow with them."""
+    from lightning_gptq.lightning import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_best_of", lambda repeats, fn: 1.0)
+    model_dir = tiny_model_dir(tmp_path, "llama")  # 3 blocks
+
+    def dequantization(nsamples):
+        out = tmp_path / f"out{nsamples}"
+        main(["fit", *_args(model_dir, tmp_path / "runs", out), "--model.dry_run=true", f"--data.nsamples={nsamples}",
+              "--data.batch_size=1"])
+        return json.loads((out / "plan.json").read_text())["seconds"]["propagate"] - 3 * nsamples
+
+    once = dequantization(2)
+    assert once > 1.0  # every layer's weight over the widest one's: more than that one alone
+    assert dequantization(8) == pytest.approx(once)
+
+
 def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp_path, uninterrupted):
     """The streamed blocks already written are not redone: the checkpoint names their staged files
     (with sha256), and the resumed run stages the rest beside them."""

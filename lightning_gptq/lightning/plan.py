@@ -5,7 +5,8 @@ time is extrapolated from a quick measurement on this machine (block 0 on one ca
 with and without Hessian hooks, and through the attention probe when the sink rule is measured; true-sequential,
 its passes and propagation rehearsed as the driver runs them, replays included; one
 GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; the
-quantized layers' dequantization during propagation, timed on that layer; one evaluation window,
+quantized layers' dequantization (once a stage; per call when streamed scoring runs them), timed on that
+layer; one evaluation window,
 or, when streaming, block 0 per token and a slice of the head, scaled to every window and block).
 
     resident weights    parameters + buffers of the loaded model
@@ -44,7 +45,7 @@ from lightning_gptq.models.compute_dtype import floating_to, running_in
 from lightning_gptq.models.replay import PartReplay
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
-from lightning_gptq.nn.quant_linear import n_groups_for
+from lightning_gptq.nn.quant_linear import dense_weights_held, n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
 from lightning_gptq.quant.rules import LayerRules
 
@@ -316,13 +317,22 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
         layer, h = own[name], accumulators[name].hessian
         weight = weight_out_in(layer).detach()
         t_solve = _best_of(2, lambda: gptq_quantize(weight.clone(), h, quant))
-        # Propagation runs the quantized block, whose (oracle) layers dequantize their weight on
-        # every call: time that extra on the widest layer and scale it by weight size.
+        # A stage holds its block's quantized layers dequantized (dense_weights_held): each costs one
+        # dequantization per stage, not per batch. Propagation dequantizes every layer; a true-sequential
+        # pass, the groups before it. Timed on the widest layer and scaled by weight size.
         quantized = make_quant_linear(layer, gptq_quantize(weight.clone(), h, quant), CALIBRATION_BACKEND)
-        x = torch.randn(dm.batch_size, dm.seqlen, linear_in_features(layer), dtype=weight.dtype)
-        extra = max(0.0, _best_of(2, lambda: quantized(x)) - _best_of(2, lambda: layer(x)))
-        extra_per_call = extra * sum(weight_out_in(m).numel() for m in layers) / weight.numel()  # every layer once
-        seconds["propagate"] += extra_per_call * batches
+        t_dequantize = _best_of(2, lambda: _hold_dense(quantized))
+        per_element = t_dequantize / weight.numel()
+        all_elements = sum(weight_out_in(m).numel() for m in layers)
+        seconds["propagate"] += per_element * all_elements
+        if module.driver.true_sequential and groups:
+            sizes = [sum(weight_out_in(block.get_submodule(n)).numel() for n in g) for g in groups]
+            held = sum(sum(sizes[:g]) for g in range(len(groups)))  # block 0's elements held over its passes
+            seconds["calibrate"] += per_element * held * all_elements / sum(sizes)
+        if module.driver.streams:  # block-by-block scoring calls the layers' kernels, dequantizing per call
+            x = torch.randn(dm.batch_size, dm.seqlen, linear_in_features(layer), dtype=weight.dtype)
+            extra = max(0.0, _best_of(2, lambda: quantized(x)) - _best_of(2, lambda: layer(x)))
+            extra_per_call = extra * all_elements / weight.numel()  # every layer once
 
         def cost(m):  # the solve is an in² Cholesky/inverse plus an out × in² sweep
             i, o = linear_in_features(m), linear_out_features(m)
@@ -420,6 +430,12 @@ def _rehearse_true_sequential(driver, block, groups: list[list[str]], run, accum
         if replay is not None:
             replay.end_pass(1)
     return seconds[:-1], seconds[-1]
+
+
+def _hold_dense(layer) -> None:
+    """Dequantize ``layer``'s weight as a driver stage does, once, and release it."""
+    with dense_weights_held(layer):
+        pass
 
 
 def _best_of(repeats: int, fn) -> float:
