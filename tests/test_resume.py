@@ -174,6 +174,24 @@ def test_the_dry_run_counts_one_dequantization_per_layer_not_per_batch(tmp_path,
     assert dequantization(8) == pytest.approx(once)
 
 
+def test_the_dry_run_counts_every_solve_the_callback_runs(tmp_path, monkeypatch):
+    """Every timing faked to 1 s, the solve estimate counts solves: 3 blocks x 7 layers, one more per input-scaled
+    down_proj and exponent tried, none for a layer a `-:` rule keeps dense."""
+    from lightning_gptq.lightning import plan as plan_module
+
+    monkeypatch.setattr(plan_module, "_best_of", lambda repeats, fn: 1.0)
+    model_dir = tiny_model_dir(tmp_path, "llama")  # 3 blocks of q, k, v, o, gate, up, down
+
+    def solves(tag, *extra):
+        main(["fit", *_args(model_dir, tmp_path / "runs", tmp_path / tag), "--model.dry_run=true", *extra])
+        return json.loads((tmp_path / tag / "plan.json").read_text())["seconds"]["solve"]
+
+    assert solves("plain") == pytest.approx(21)
+    assert solves("scaled", "--gptq.equalize=[0.25, 0.5]", r"--gptq.equalize_layers=.*\.mlp\.down_proj$") == \
+        pytest.approx(21 + 3 * 2)
+    assert solves("dense", "--gptq.dynamic=" + json.dumps({r"-:.*\.o_proj$": {}})) == pytest.approx(18)
+
+
 def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp_path, uninterrupted):
     """The streamed blocks already written are not redone: the checkpoint names their staged files
     (with sha256), and the resumed run stages the rest beside them."""

@@ -3,11 +3,11 @@
 Memory is counted from the model, the calibration settings and this process's resident size now;
 time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
 with and without Hessian hooks, and through the attention probe when the sink rule is measured; true-sequential,
-its passes and propagation rehearsed as the driver runs them, replays included; one
-GPTQ solve of block 0's largest layer, scaled to every layer by its in³ + out·in² cost; the
-quantized layers' dequantization (once a stage; per call when streamed scoring runs them), timed on that
-layer; one evaluation window,
-or, when streaming, block 0 per token and a slice of the head, scaled to every window and block).
+its passes and propagation rehearsed as the driver runs them, replays included; one GPTQ solve of each of
+block 0's layers, taken for every layer of its shape (another shape scaled from the widest by in³ + out·in²)
+and counted once per input-scaling exponent tried; the quantized layers' dequantization (once a stage; per
+call when streamed scoring runs them), timed on the widest layer; one evaluation window, or, when
+streaming, block 0 per token and a slice of the head, scaled to every window and block).
 
     resident weights    parameters + buffers of the loaded model
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -201,7 +202,7 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
             module.source.fetch(part)
     try:
         plan.seconds = _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers,
-                                    report.get("hessian"))
+                                    report.get("hessian"), _solves_per_layer(report))
         now = resident_bytes()  # after the timing ran the model: memory-mapped weights are paged in
     finally:
         if streaming:
@@ -260,7 +261,22 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
     return plan
 
 
-def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers, hessian) -> dict[str, float]:
+def _solves_per_layer(report: dict):
+    """How many times ``GPTQCallback`` solves a layer, by full name: none where a ``-:`` rule keeps it dense,
+    an input-scaled one (``equalize``) once per exponent tried and once plain, any other once."""
+    rules, quant = LayerRules(report.get("dynamic")), report["quant"]
+    alphas, pattern = report.get("equalize") or [], report.get("equalize_layers")
+    scaled = None if pattern is None else re.compile(pattern)
+
+    def solves(full_name: str) -> int:
+        if rules.config_for(full_name, quant) is None:
+            return 0
+        return 1 + len(alphas) if alphas and (scaled is None or scaled.match(full_name)) else 1
+    return solves
+
+
+def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers, hessian,
+                 solves=lambda full_name: 1) -> dict[str, float]:
     lm, dm = module.lm, module.trainer.datamodule
     ids = dm.calibration_windows()[: dm.batch_size]
     start = time.perf_counter()
@@ -316,7 +332,6 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
         name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
         layer, h = own[name], accumulators[name].hessian
         weight = weight_out_in(layer).detach()
-        t_solve = _best_of(2, lambda: gptq_quantize(weight.clone(), h, quant))
         # A stage holds its block's quantized layers dequantized (dense_weights_held): each costs one
         # dequantization per stage, not per batch. Propagation dequantizes every layer; a true-sequential
         # pass, the groups before it. Timed on the widest layer and scaled by weight size.
@@ -334,11 +349,7 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
             extra = max(0.0, _best_of(2, lambda: quantized(x)) - _best_of(2, lambda: layer(x)))
             extra_per_call = extra * all_elements / weight.numel()  # every layer once
 
-        def cost(m):  # the solve is an in² Cholesky/inverse plus an out × in² sweep
-            i, o = linear_in_features(m), linear_out_features(m)
-            return i ** 3 + o * i * i
-
-        seconds["solve"] = t_solve * sum(cost(m) for m in layers) / cost(layer)
+        seconds["solve"] = _solve_seconds(module.driver, blocks, adapter, own, accumulators, quant, solves)
     else:
         seconds["quantize (RTN)"] = 0.0
     if module.driver.streams:
@@ -430,6 +441,31 @@ def _rehearse_true_sequential(driver, block, groups: list[list[str]], run, accum
         if replay is not None:
             replay.end_pass(1)
     return seconds[:-1], seconds[-1]
+
+
+def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant: QuantConfig, solves) -> float:
+    """Every layer's solve: block 0's layers (``own``) each timed once on their Hessians; a layer of another
+    block taken as block 0's of the same shape, or else scaled from the widest by the in³ + out·in² cost of
+    its Cholesky/inverse and sweep; each counted ``solves(full name)`` times."""
+    def shape(m):
+        return linear_in_features(m), linear_out_features(m)
+
+    def cost(m):
+        i, o = shape(m)
+        return i ** 3 + o * i * i
+
+    timed = {}
+    for name, layer in own.items():
+        weight, h = weight_out_in(layer).detach(), accumulators[name].hessian
+        if shape(layer) not in timed:
+            timed[shape(layer)] = _best_of(1, lambda: gptq_quantize(weight.clone(), h, quant))
+    widest = max(own.values(), key=lambda m: shape(m)[0] * shape(m)[1])
+    total = 0.0
+    for b, block in enumerate(blocks):
+        for name, layer in adapter.linear_layers(block).items():
+            seconds = timed.get(shape(layer), timed[shape(widest)] * cost(layer) / cost(widest))
+            total += seconds * solves(f"{driver.block_prefix(b)}.{name}")
+    return total
 
 
 def _hold_dense(layer) -> None:
