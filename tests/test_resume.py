@@ -174,22 +174,28 @@ def test_the_dry_run_counts_one_dequantization_per_layer_not_per_batch(tmp_path,
     assert dequantization(8) == pytest.approx(once)
 
 
-def test_the_dry_run_counts_every_solve_the_callback_runs(tmp_path, monkeypatch):
-    """Every timing faked to 1 s, the solve estimate counts solves: 3 blocks x 7 layers, one more per input-scaled
-    down_proj and exponent tried, none for a layer a `-:` rule keeps dense."""
+def test_the_dry_run_times_each_solve_as_the_callback_runs_it(tmp_path, monkeypatch):
+    """Every timing faked to 1 s (the timed work still runs once), the solve estimate counts what is timed: block 0's
+    7 layers once each, taken for all 3 blocks; an input-scaled down_proj is one timed call at every exponent, plus
+    3 block runs per block for the rewrite's checks; a layer a `-:` rule keeps dense costs nothing."""
     from lightning_gptq.lightning import plan as plan_module
 
-    monkeypatch.setattr(plan_module, "_best_of", lambda repeats, fn: 1.0)
+    monkeypatch.setattr(plan_module, "_best_of", lambda repeats, fn: (fn(), 1.0)[1])
+    exponents = []
+    real = plan_module.equalized_gptq_quantize
+    monkeypatch.setattr(plan_module, "equalized_gptq_quantize",
+                        lambda weights, h, configs, alphas: (exponents.append(alphas), real(weights, h, configs, alphas))[1])
     model_dir = tiny_model_dir(tmp_path, "llama")  # 3 blocks of q, k, v, o, gate, up, down
 
-    def solves(tag, *extra):
+    def solve(tag, *extra):
         main(["fit", *_args(model_dir, tmp_path / "runs", tmp_path / tag), "--model.dry_run=true", *extra])
         return json.loads((tmp_path / tag / "plan.json").read_text())["seconds"]["solve"]
 
-    assert solves("plain") == pytest.approx(21)
-    assert solves("scaled", "--gptq.equalize=[0.25, 0.5]", r"--gptq.equalize_layers=.*\.mlp\.down_proj$") == \
-        pytest.approx(21 + 3 * 2)
-    assert solves("dense", "--gptq.dynamic=" + json.dumps({r"-:.*\.o_proj$": {}})) == pytest.approx(18)
+    assert solve("plain") == pytest.approx(21) and exponents == []
+    assert solve("scaled", "--gptq.equalize=[0.25, 0.5]", r"--gptq.equalize_layers=.*\.mlp\.down_proj$") == \
+        pytest.approx(3 * (6 + 1 + 3))
+    assert exponents == [[0.25, 0.5]]
+    assert solve("dense", "--gptq.dynamic=" + json.dumps({r"-:.*\.o_proj$": {}})) == pytest.approx(18)
 
 
 def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp_path, uninterrupted):

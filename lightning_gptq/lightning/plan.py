@@ -3,11 +3,12 @@
 Memory is counted from the model, the calibration settings and this process's resident size now;
 time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
 with and without Hessian hooks, and through the attention probe when the sink rule is measured; true-sequential,
-its passes and propagation rehearsed as the driver runs them, replays included; one GPTQ solve of each of
-block 0's layers, taken for every layer of its shape (another shape scaled from the widest by in³ + out·in²)
-and counted once per input-scaling exponent tried; the quantized layers' dequantization (once a stage; per
-call when streamed scoring runs them), timed on the widest layer; one evaluation window, or, when
-streaming, block 0 per token and a slice of the head, scaled to every window and block).
+its passes and propagation rehearsed as the driver runs them, replays included; each of block 0's layers
+solved as the callback solves it (input scaling: every exponent and the rewrite's checks), taken for every
+layer of its shape (another shape scaled from the widest by in³ + out·in²); the quantized layers'
+dequantization (once a stage; per call when streamed scoring runs them), timed on the widest layer; one
+evaluation window, or, when streaming, block 0 per token and a slice of the head, scaled to every window
+and block).
 
     resident weights    parameters + buffers of the loaded model
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
@@ -48,6 +49,7 @@ from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import dense_weights_held, n_groups_for
 from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
+from lightning_gptq.quant.equalize import equalized_gptq_quantize
 from lightning_gptq.quant.rules import LayerRules
 
 from .callbacks import CALIBRATION_BACKEND
@@ -202,7 +204,7 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
             module.source.fetch(part)
     try:
         plan.seconds = _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers,
-                                    report.get("hessian"), _solves_per_layer(report))
+                                    report.get("hessian"), _solve_kinds(report))
         now = resident_bytes()  # after the timing ran the model: memory-mapped weights are paged in
     finally:
         if streaming:
@@ -261,27 +263,30 @@ def measure_plan(module, report: dict, *, calibrates: bool) -> FitPlan:
     return plan
 
 
-def _solves_per_layer(report: dict):
-    """How many times ``GPTQCallback`` solves a layer, by full name: none where a ``-:`` rule keeps it dense,
-    an input-scaled one (``equalize``) once per exponent tried and once plain, any other once."""
+def _solve_kinds(report: dict):
+    """How ``GPTQCallback`` solves a layer, by full name: None where a ``-:`` rule keeps it dense, else the
+    input-scaling exponents it tries besides plain GPTQ (``equalize``; ``()``: a plain solve)."""
     rules, quant = LayerRules(report.get("dynamic")), report["quant"]
-    alphas, pattern = report.get("equalize") or [], report.get("equalize_layers")
+    alphas, pattern = tuple(report.get("equalize") or ()), report.get("equalize_layers")
     scaled = None if pattern is None else re.compile(pattern)
 
-    def solves(full_name: str) -> int:
+    def kind(full_name: str) -> tuple[float, ...] | None:
         if rules.config_for(full_name, quant) is None:
-            return 0
-        return 1 + len(alphas) if alphas and (scaled is None or scaled.match(full_name)) else 1
-    return solves
+            return None
+        return alphas if alphas and (scaled is None or scaled.match(full_name)) else ()
+    return kind
 
 
 def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, layers, hessian,
-                 solves=lambda full_name: 1) -> dict[str, float]:
+                 kinds=lambda full_name: ()) -> dict[str, float]:
     lm, dm = module.lm, module.trainer.datamodule
     ids = dm.calibration_windows()[: dm.batch_size]
-    start = time.perf_counter()
-    inputs = capture_block_inputs(lm, adapter, ids, batch_size=ids.shape[0], storage_dtype=module.hparams.activation_dtype)
-    t_capture = time.perf_counter() - start
+    def capture():
+        return capture_block_inputs(lm, adapter, ids, batch_size=ids.shape[0],
+                                    storage_dtype=module.hparams.activation_dtype)
+
+    inputs = capture()  # the first call also pays one-time costs (allocation, lazy set-up): not timed
+    t_capture = _best_of(2, capture)
     block = blocks[0]
     compute = module.driver.compute_dtype  # the passes' dtype (calibration_dtype); the cast is timed too
     propagates_in = compute if module.driver.widens else None  # a narrower dtype feeds the Hessians only
@@ -349,7 +354,8 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
             extra = max(0.0, _best_of(2, lambda: quantized(x)) - _best_of(2, lambda: layer(x)))
             extra_per_call = extra * all_elements / weight.numel()  # every layer once
 
-        seconds["solve"] = _solve_seconds(module.driver, blocks, adapter, own, accumulators, quant, solves)
+        seconds["solve"] = _solve_seconds(module.driver, blocks, adapter, own, accumulators, quant, kinds,
+                                          checks=lambda: run(propagates_in))
     else:
         seconds["quantize (RTN)"] = 0.0
     if module.driver.streams:
@@ -443,10 +449,13 @@ def _rehearse_true_sequential(driver, block, groups: list[list[str]], run, accum
     return seconds[:-1], seconds[-1]
 
 
-def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant: QuantConfig, solves) -> float:
-    """Every layer's solve: block 0's layers (``own``) each timed once on their Hessians; a layer of another
-    block taken as block 0's of the same shape, or else scaled from the widest by the in³ + out·in² cost of
-    its Cholesky/inverse and sweep; each counted ``solves(full name)`` times."""
+def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant: QuantConfig, kinds,
+                   checks) -> float:
+    """Every layer's solve as ``GPTQCallback`` runs it (``kinds``: see ``_solve_kinds``): block 0's layers
+    (``own``) each timed once on their Hessians, an input-scaled one at every exponent with its output errors;
+    a layer of another block taken as block 0's of the same shape and kind, or else scaled from the widest by
+    the in³ + out·in² cost of its Cholesky/inverse and sweep. A block with input-scaled layers also runs
+    itself about three times on one batch (``checks``) to plan and check the rewrite."""
     def shape(m):
         return linear_in_features(m), linear_out_features(m)
 
@@ -454,17 +463,36 @@ def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant
         i, o = shape(m)
         return i ** 3 + o * i * i
 
+    def solve(weight, h, alphas):
+        if alphas:
+            equalized_gptq_quantize([weight], h, [quant], list(alphas))
+        else:
+            gptq_quantize(weight.clone(), h, quant)
+
     timed = {}
     for name, layer in own.items():
-        weight, h = weight_out_in(layer).detach(), accumulators[name].hessian
-        if shape(layer) not in timed:
-            timed[shape(layer)] = _best_of(1, lambda: gptq_quantize(weight.clone(), h, quant))
-    widest = max(own.values(), key=lambda m: shape(m)[0] * shape(m)[1])
+        alphas = kinds(f"{driver.block_prefix(0)}.{name}")
+        key = shape(layer), alphas or ()
+        if key not in timed:
+            weight, h = weight_out_in(layer).detach(), accumulators[name].hessian
+            timed[key] = _best_of(1, lambda: solve(weight, h, alphas))
+    t_checks = 3 * _best_of(1, checks) if any(k[1] for k in timed) else 0.0
+    per_solve = {k[0]: t / (1 + len(k[1])) for k, t in timed.items()}  # one plain solve, by shape
+    widest = max(per_solve, key=lambda k: k[0] * k[1])
     total = 0.0
     for b, block in enumerate(blocks):
+        scaled = False
         for name, layer in adapter.linear_layers(block).items():
-            seconds = timed.get(shape(layer), timed[shape(widest)] * cost(layer) / cost(widest))
-            total += seconds * solves(f"{driver.block_prefix(b)}.{name}")
+            alphas = kinds(f"{driver.block_prefix(b)}.{name}")
+            if alphas is None:
+                continue
+            scaled = scaled or bool(alphas)
+            seconds = timed.get((shape(layer), alphas))
+            if seconds is None:  # another shape or kind: plain solves scaled by cost, once per exponent and plain
+                i, o = widest
+                seconds = per_solve[widest] * cost(layer) / (i ** 3 + o * i * i) * (1 + len(alphas))
+            total += seconds
+        total += t_checks if scaled else 0.0
     return total
 
 
