@@ -168,7 +168,7 @@ def test_a_part_is_not_replayed_when_it_would_give_another_output(case):
 def test_the_dry_run_rehearses_the_true_sequential_passes_as_the_driver_runs_them():
     """The dry run times block 0's passes the driver's way: each ends at its group, q/k/v (and gate/up) add one
     Hessian between them, and the attention's softmax(qk)v runs in the o_proj pass only (replayed after)."""
-    from lightning_gptq.lightning.plan import _rehearse_true_sequential
+    from lightning_gptq.lightning.plan import _rehearse_passes
     from lightning_gptq.models import get_adapter, run_block
     from lightning_gptq.models.capture import capture_block_inputs
     from lightning_gptq.quant import HessianAccumulator
@@ -185,7 +185,7 @@ def test_the_dry_run_rehearses_the_true_sequential_passes_as_the_driver_runs_the
         return sdpa(*args, **kwargs)
 
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", core), torch.no_grad():
-        passes, propagate = _rehearse_true_sequential(
+        passes, propagate = _rehearse_passes(
             driver, block, groups, lambda: run_block(block, inputs.hidden[0], inputs.kwargs_for(0, 0)), accumulators,
             inputs.hidden[0].numel() * 4, None)
     assert len(passes) == len(groups) == 4 and all(t > 0 for t in passes) and propagate > 0

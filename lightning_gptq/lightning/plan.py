@@ -1,14 +1,14 @@
 """``fit --model.dry_run=true``: what a run will need, before any heavy work.
 
 Memory is counted from the model, the calibration settings and this process's resident size now;
-time is extrapolated from a quick measurement on this machine (block 0 on one calibration batch,
-with and without Hessian hooks, and through the attention probe when the sink rule is measured; true-sequential,
-its passes and propagation rehearsed as the driver runs them, replays included; each of block 0's layers
-solved as the callback solves it (input scaling: every exponent and the rewrite's checks), taken for every
-layer of its shape (another shape scaled from the widest by in³ + out·in²); the quantized layers'
+time is extrapolated from a quick measurement on this machine, on one calibration batch: block 0 whole, and
+through the attention probe when the sink rule is measured; each calibration pass rehearsed as the driver
+runs it (ending at its group's input; true-sequential: replays and propagation included); each of block 0's
+layers solved as the callback solves it (input scaling: every exponent and the rewrite's checks), taken for
+every layer of its shape (another shape scaled from the widest by in³ + out·in²); the quantized layers'
 dequantization (once a stage; per call when streamed scoring runs them), timed on the widest layer; one
 evaluation window, or, when streaming, block 0 per token and a slice of the head, scaled to every window
-and block).
+and block.
 
     resident weights    parameters + buffers of the loaded model
     activation cache    nsamples × seqlen × hidden × itemsize (twice that while a block's outputs are collected)
@@ -320,8 +320,8 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
         groups = module.driver.groups(0)
         if module.driver.true_sequential and groups:
             # each pass ends at its group and replays what earlier ones recorded: rehearsed on block 0
-            rehearsals = [_rehearse_true_sequential(module.driver, block, groups, run, accumulators,
-                                                    hidden.numel() * hidden.element_size(), compute) for _ in range(2)]
+            rehearsals = [_rehearse_passes(module.driver, block, groups, run, accumulators,
+                                           hidden.numel() * hidden.element_size(), compute) for _ in range(2)]
             t_passes = [min(r[0][g] for r in rehearsals) for g in range(len(groups))]
             t_propagate = min(r[1] for r in rehearsals)
             per_block = sum(t_passes) * batches
@@ -330,8 +330,11 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
                 per_block += probing * probed_batches * (max(t_passes[1:2] or [t_passes[0]]) + t_probed - t_calibrate)
             seconds["calibrate"] = per_block * calibrated
             seconds["propagate"] = (t_propagate * calibrated + t_block * (len(blocks) - calibrated)) * batches
-        else:
-            per_pass = t_calibrate * (batches - probed_batches) + (t_probed * probed_batches if probed else 0.0)
+        else:  # one pass, ending as the driver ends it (before the last linear's product); none: block 0 is dense
+            t_pass = _best_of(3, lambda: _rehearse_passes(module.driver, block, groups, run, accumulators, 0, compute,
+                                                           replays=False, propagation=False)) / len(groups) \
+                if groups else t_calibrate
+            per_pass = t_pass * batches + ((t_probed - t_calibrate) * probed_batches if probed else 0.0)
             seconds["calibrate"] = per_pass * sum(len(module.driver.groups(b)) for b in range(len(blocks)))
             seconds["propagate"] = t_block * batches * len(blocks)
         name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
@@ -408,15 +411,16 @@ class _PassEnd(Exception):
     pass
 
 
-def _rehearse_true_sequential(driver, block, groups: list[list[str]], run, accumulators: dict, limit_bytes: int,
-                              dtype) -> tuple[list[float], float]:
-    """Seconds of block ``block``'s true-sequential passes on one batch, each ending once its group has read its
-    input (Hessian hooks on the group) and replaying what the passes before it recorded, as the driver runs them,
-    and of its propagation. The layers stay dense: a quantized one costs what its dense weight does while the
-    driver holds it dequantized."""
-    replay = PartReplay(block) if driver.replay_parts else None
+def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: dict, limit_bytes: int,
+                     dtype, replays: bool = True, propagation: bool = True) -> tuple[list[float], float]:
+    """Seconds of block ``block``'s calibration passes on one batch, one per group, each ending once its group has
+    read its input (Hessian hooks on the group; layers reading one tensor share one product) and, with ``replays``
+    (true-sequential), replaying what the passes before it recorded, as the driver runs them; and of its
+    propagation (``propagation=False``: 0.0, not run). The layers stay dense: a quantized one costs what its
+    dense weight does while the driver holds it dequantized."""
+    replay = PartReplay(block) if driver.replay_parts and replays else None
     seconds = []
-    for g in range(len(groups) + 1):
+    for g in range(len(groups) + (1 if propagation else 0)):
         group = groups[g] if g < len(groups) else []
         if replay is not None:
             replay.begin_pass(dtype, done=[n for gr in groups[:g] for n in gr],
@@ -446,7 +450,7 @@ def _rehearse_true_sequential(driver, block, groups: list[list[str]], run, accum
             handle.remove()
         if replay is not None:
             replay.end_pass(1)
-    return seconds[:-1], seconds[-1]
+    return (seconds[:-1], seconds[-1]) if propagation else (seconds, 0.0)
 
 
 def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant: QuantConfig, kinds,
