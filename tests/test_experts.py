@@ -320,6 +320,33 @@ def test_the_dry_run_counts_a_hessian_per_expert(tmp_path):
         hidden ** 2 + inter ** 2))
 
 
+def test_the_dry_run_times_solves_when_its_batch_misses_experts(tmp_path, monkeypatch):
+    """One 3-token batch, one expert per token: most experts get no token in the dry run's sample. Their solves
+    are not timed (the fit rounds such experts to nearest); another layer of their shape stands for them."""
+    from lightning_gptq.lightning import plan
+
+    missed, empty, timed, solve = [], [], plan._solve_seconds, plan.gptq_quantize
+
+    def spy(driver, blocks, adapter, own, accumulators, *args, **kwargs):
+        missed.extend(name for name in own if accumulators[name].nsamples == 0)
+        return timed(driver, blocks, adapter, own, accumulators, *args, **kwargs)
+
+    def solve_spy(weight, hessian, *args, **kwargs):
+        empty.append(not hessian.any())
+        return solve(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(plan, "_solve_seconds", spy)
+    monkeypatch.setattr(plan, "gptq_quantize", solve_spy)
+    model_dir = tmp_path / "qwen2_moe"  # experts 40 wide: a shape no other layer has
+    MOE_FACTORIES["qwen2_moe"](num_experts_per_tok=1, moe_intermediate_size=40).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    run = main(["fit", *cli_args(model_dir, tmp_path / "runs", "--model.dry_run=true", "--data.batch_size=1",
+                                 nsamples=2, seqlen=3)])
+    assert any(".experts." in name for name in missed)
+    assert empty and not any(empty)  # no solve timed on a Hessian no token reached
+    assert run.model.plan.to_dict()["seconds"]["solve"] > 0
+
+
 def test_input_scaling_reaches_experts_down_proj_and_leaves_unreached_ones_alone(tmp_path):
     """up_proj -> down_proj inside each expert is a rewrite like the dense MLP's; an expert no token chose has no
     Hessian to scale by: it is rounded on its own weights and its up_proj is left as it was."""

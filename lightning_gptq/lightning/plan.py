@@ -281,6 +281,7 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
                  kinds=lambda full_name: ()) -> dict[str, float]:
     lm, dm = module.lm, module.trainer.datamodule
     ids = dm.calibration_windows()[: dm.batch_size]
+
     def capture():
         return capture_block_inputs(lm, adapter, ids, batch_size=ids.shape[0],
                                     storage_dtype=module.hparams.activation_dtype)
@@ -477,9 +478,11 @@ def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant
     for name, layer in own.items():
         alphas = kinds(f"{driver.block_prefix(0)}.{name}")
         key = shape(layer), alphas or ()
-        if key not in timed:
+        if key not in timed and accumulators[name].nsamples:  # (a MoE expert the batch missed: another is timed)
             weight, h = weight_out_in(layer).detach(), accumulators[name].hessian
             timed[key] = _best_of(1, lambda: solve(weight, h, alphas))
+    if not timed:
+        return 0.0  # no layer of block 0 read a token
     t_checks = 3 * _best_of(1, checks) if any(k[1] for k in timed) else 0.0
     per_solve = {k[0]: t / (1 + len(k[1])) for k, t in timed.items()}  # one plain solve, by shape
     widest = max(per_solve, key=lambda k: k[0] * k[1])
