@@ -48,7 +48,7 @@ from lightning_gptq.models.replay import PartReplay
 from lightning_gptq.nn import exact_kernels
 from lightning_gptq.nn.build import make_quant_linear
 from lightning_gptq.nn.quant_linear import dense_weights_held, n_groups_for
-from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize
+from lightning_gptq.quant import HessianAccumulator, QuantConfig, gptq_quantize, rtn_quantize
 from lightning_gptq.quant.equalize import equalized_gptq_quantize
 from lightning_gptq.quant.rules import LayerRules
 
@@ -308,7 +308,10 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
             accumulators[name] = HessianAccumulator(linear_in_features(layer), dtype=_hessian_dtype(module))
             handles.append(layer.register_forward_hook(lambda m, a, o, n=name: accumulators[n].add(a[0])))
         probed = hessian is not None and hessian["measured"] and bool(attention_layers(block))
-        t_calibrate = _best_of(3, run)
+        groups = module.driver.groups(0)
+        # The whole block with hooks: the baseline the probe's extra is read against, and block 0's Hessians when
+        # it is wholly dense (no pass to rehearse); otherwise the rehearsed passes time calibration and fill them.
+        t_calibrate = _best_of(3, run) if probed or not groups else 0.0
         probed_batches = 0
         if probed:  # the measured sink rule recomputes each attention layer's first-key mass
             windows = min(nsamples, hessian["sink_probe_windows"] or nsamples)
@@ -318,7 +321,6 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
         for handle in handles:
             handle.remove()
         calibrated = sum(bool(module.driver.groups(b)) for b in range(len(blocks)))  # none for a wholly dense block
-        groups = module.driver.groups(0)
         if module.driver.true_sequential and groups:
             # each pass ends at its group and replays what earlier ones recorded: rehearsed on block 0
             rehearsals = [_rehearse_passes(module.driver, block, groups, run, accumulators,
@@ -339,12 +341,12 @@ def _time_stages(module, blocks, adapter, quant, nsamples, batches, calibrates, 
             seconds["calibrate"] = per_pass * sum(len(module.driver.groups(b)) for b in range(len(blocks)))
             seconds["propagate"] = t_block * batches * len(blocks)
         name = max(own, key=lambda n: linear_in_features(own[n]) * linear_out_features(own[n]))
-        layer, h = own[name], accumulators[name].hessian
+        layer = own[name]
         weight = weight_out_in(layer).detach()
         # A stage holds its block's quantized layers dequantized (dense_weights_held): each costs one
         # dequantization per stage, not per batch. Propagation dequantizes every layer; a true-sequential
         # pass, the groups before it. Timed on the widest layer and scaled by weight size.
-        quantized = make_quant_linear(layer, gptq_quantize(weight.clone(), h, quant), CALIBRATION_BACKEND)
+        quantized = make_quant_linear(layer, rtn_quantize(weight, quant), CALIBRATION_BACKEND)  # codes cost alike
         t_dequantize = _best_of(2, lambda: _hold_dense(quantized))
         per_element = t_dequantize / weight.numel()
         all_elements = sum(weight_out_in(m).numel() for m in layers)
@@ -415,7 +417,8 @@ class _PassEnd(Exception):
 def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: dict, limit_bytes: int,
                      dtype, replays: bool = True, propagation: bool = True) -> tuple[list[float], float]:
     """Seconds of block ``block``'s calibration passes on one batch, one per group, each ending once its group has
-    read its input (Hessian hooks on the group; layers reading one tensor share one product) and, with ``replays``
+    read its input (Hessian hooks on the group; layers reading one tensor share one accumulator in ``accumulators``,
+    one product) and, with ``replays``
     (true-sequential), replaying what the passes before it recorded, as the driver runs them; and of its
     propagation (``propagation=False``: 0.0, not run). The layers stay dense: a quantized one costs what its
     dense weight does while the driver holds it dequantized."""
@@ -427,13 +430,16 @@ def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: 
             replay.begin_pass(dtype, done=[n for gr in groups[:g] for n in gr],
                               pending=[n for gr in groups[g:] for n in gr], consume=not group)
         entered: set[str] = set()
-        read_inputs: list = []  # layers reading one tensor (q/k/v, gate/up) share a Hessian, as HessianCapture's do
+        read_inputs: list = []  # (tensor, first reader): layers reading one tensor (q/k/v, gate/up) share a Hessian
 
         def read(name):
             def hook(module, args):
-                if not any(args[0] is x for x in read_inputs):
+                first = next((reader for x, reader in read_inputs if x is args[0]), None)
+                if first is None:
                     accumulators[name].add(args[0])
-                    read_inputs.append(args[0])
+                    read_inputs.append((args[0], name))
+                else:  # one accumulator for the readers of one tensor, as HessianCapture keeps it
+                    accumulators[name] = accumulators[first]
                 entered.add(name)
                 if entered == set(group):
                     raise _PassEnd
@@ -464,8 +470,7 @@ def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant
     def shape(m):
         return linear_in_features(m), linear_out_features(m)
 
-    def cost(m):
-        i, o = shape(m)
+    def cost(i, o):  # the solve: an in² Cholesky/inverse and an out × in² sweep
         return i ** 3 + o * i * i
 
     def solve(weight, h, alphas):
@@ -496,8 +501,7 @@ def _solve_seconds(driver, blocks, adapter, own: dict, accumulators: dict, quant
             scaled = scaled or bool(alphas)
             seconds = timed.get((shape(layer), alphas))
             if seconds is None:  # another shape or kind: plain solves scaled by cost, once per exponent and plain
-                i, o = widest
-                seconds = per_solve[widest] * cost(layer) / (i ** 3 + o * i * i) * (1 + len(alphas))
+                seconds = per_solve[widest] * cost(*shape(layer)) / cost(*widest) * (1 + len(alphas))
             total += seconds
         total += t_checks if scaled else 0.0
     return total
