@@ -58,6 +58,8 @@ def test_fit_in_fp16_on_the_gpu_and_compiled_decode_gives_eager_tokens(tmp_path)
                      equalize=[0.5, 1.0], accelerator="gpu", output_dir=tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["equalize_refused"] == []  # fp16 rounding is no reason to refuse an exact rewrite
+    chosen = summary["quantized_linear"]["choices"]  # `auto` chose on the GPU, and the summary says what it chose
+    assert chosen and all(c["spec"]["device"] == "cuda" and c["spec"]["dtype"] == "float16" for c in chosen)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m.scales.device.type == "cuda" for m in layers)
     assert next(model.parameters()).dtype == torch.float16

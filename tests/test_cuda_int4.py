@@ -117,6 +117,31 @@ def test_every_kernel_equals_the_oracle_and_saves_the_checkpoint_layout(emulated
     assert torch.equal(layer.dequantize(), oracle.dequantize())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_inputs_with_a_bias_get_their_own_dtype_back(emulated, dtype):
+    """The int4 kernel answers in bf16 and ``dense-fp32`` in fp32: with an fp16/bf16 bias the layer still returns
+    the input's dtype (an fp16 bias plus a bf16 output used to come out fp32)."""
+    spec = LayerSpec(160, 72, 4, 32, False, True, True, "cpu", str(dtype).removeprefix("torch."))
+    layer = random_layer(CudaInt4QuantLinear, spec, seed=1)
+    x = torch.randn(5, 160, generator=torch.Generator().manual_seed(2)).to(dtype)
+    ref = random_layer(QuantLinear, LayerSpec(160, 72, 4, 32, False, True, True), seed=1)(x.float()).double()
+    for kernel in CudaInt4QuantLinear.kernels:
+        y = layer.run(kernel, x)
+        assert y.dtype == dtype, (kernel, y.dtype)
+        assert ((y.double() - ref).norm() / ref.norm()).item() <= 1.6e-2, kernel
+
+
+def test_the_kernel_is_checked_on_this_processs_gpu(monkeypatch):
+    """Under ``gptq_ddp`` each process computes on its own GPU: the load-time check runs there, not on GPU 0 for all
+    (a CUDA context on GPU 0 per process, and a check of a GPU the process never uses)."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.setattr(cuda_int4, "unavailable", lambda index=0: asked.append(index))
+    CudaInt4QuantLinear.unavailable()
+    assert asked == [2]
+
+
 def test_declared_capabilities_and_why_it_declines_here():
     assert CudaInt4QuantLinear.unsupported(LayerSpec(576, 576, 8, 128, False, False, False, "cuda", "float16")) \
         == "bits must be one of (2, 3, 4)"

@@ -172,6 +172,21 @@ def test_compiled_decoder_matches_eager_logits_with_quantized_layers(packed):
     torch._dynamo.reset()
 
 
+def test_a_compile_mode_goes_in_as_the_options_it_stands_for(monkeypatch):
+    """``mode="reduce-overhead"`` (CUDA graphs: what latency and the GPU test ask for on CUDA) beside the decoder's
+    own options: torch.compile refuses a mode and options together, so the mode is passed as its options."""
+    calls, real = [], torch.compile
+
+    def recording(fn, **kwargs):
+        calls.append({**kwargs, "options": dict(kwargs.get("options") or {})})  # (torch.compile pops some)
+        return real(fn, **kwargs)  # the real one raises on a mode beside options
+
+    monkeypatch.setattr(torch, "compile", recording)
+    StaticDecoder(FACTORIES["llama"](), max_cache_len=8, compiled=True, mode="reduce-overhead")
+    assert calls[0].get("mode") is None and calls[0]["options"]["triton.cudagraphs"] is True
+    assert calls[0]["options"]["guard_filter_fn"] is torch.compiler.skip_all_guards_unsafe
+
+
 def test_decode_attention_equals_eager_attention(packed):
     """One query token over a cache: grouped-query heads, a mask with masked positions (skipped) and without."""
     from transformers.models.llama.modeling_llama import eager_attention_forward

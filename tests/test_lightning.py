@@ -195,6 +195,34 @@ def test_callbacks_quantize_a_users_own_lightning_module():
     assert 0 < err_g < err_r, (err_g, err_r)
 
 
+def test_a_gpu_fits_layers_get_their_backend_on_the_gpu_one_block_at_a_time(monkeypatch):
+    """The driver leaves a GPU run's finished blocks on the CPU. Their backend is chosen with each block on the GPU
+    (before, ``auto`` timed fp16 CPU kernels and built the C++ ones, all thrown away when the model moved to the
+    GPU), one block there at a time (a model may not fit), and the LM head's CPU GEMV is not tried for a block."""
+    from types import SimpleNamespace
+
+    from lightning_gptq.lightning import callbacks
+
+    events, where = [], {}
+
+    class Block(nn.Module):
+        def to(self, device):
+            where[self] = str(device)
+            events.append((self, "to", str(device)))
+            return self
+
+    blocks = [Block(), Block()]
+    monkeypatch.setattr(callbacks, "to_backend", lambda m, b, **kw: events.append((m, "convert", where.get(m), b, kw)))
+    driver = SimpleNamespace(streams=False, device=torch.device("cuda", 0), blocks=blocks, model=nn.Module())
+    GPTQCallback(QuantConfig(bits=4), backend="auto").on_calibration_end(None, None, driver)
+    assert events == [e for b in blocks for e in ((b, "to", "cuda:0"), (b, "convert", "cuda:0", "auto", {"head": False}),
+                                                   (b, "to", "cpu"))]
+    events.clear()  # on the CPU: the whole model, head included, where it is
+    GPTQCallback(QuantConfig(bits=4), backend="auto").on_calibration_end(None, None, SimpleNamespace(
+        streams=False, device=torch.device("cpu"), blocks=blocks, model=driver.model))
+    assert events == [(driver.model, "convert", None, "auto", {})]
+
+
 def test_gptq_callback_without_hessian_capture_is_a_clear_error():
     trainer = Trainer(callbacks=[GPTQCallback()], logger=False, enable_progress_bar=False, max_steps=1)
 

@@ -271,9 +271,18 @@ class GPTQCallback(BlockHooks, Callback):
 
     def on_calibration_end(self, trainer, pl_module, driver) -> None:
         # Calibration ran on the oracle layers; now the backend the user asked for (streamed blocks
-        # were written out and freed: nothing left to convert).
-        if not driver.streams:
+        # were written out and freed: nothing left to convert), chosen on the device the model computes on.
+        # A GPU run's finished blocks wait on the CPU: each visits the GPU to be converted, one at a time (chosen on
+        # the CPU, `auto` would time CPU kernels in fp16 and build the C++ ones, all thrown away on the GPU).
+        if driver.streams:
+            return
+        if driver.device.type == "cpu":
             to_backend(driver.model, self.backend)
+            return
+        for block in driver.blocks:
+            block.to(driver.device)
+            to_backend(block, self.backend, head=False)
+            block.to("cpu")
 
     def on_train_end(self, trainer, pl_module) -> None:
         if not self._driven:  # a user's own module: its whole model is the one block

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 from datetime import datetime, timezone
@@ -79,7 +80,8 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
     records = report.get("layers", [])
     layers = [m for m in module.lm.modules()  # streamed blocks were written out and freed (meta): not counted
               if isinstance(m, QuantLinear) and all(b.device.type != "meta" for b in m.buffers())]
-    specs = {m.spec() for m in layers}
+    # saving moved the model to the CPU: its layers computed, and had their kernels chosen, on the module's device
+    specs = {dataclasses.replace(m.spec(), device=module.device.type) for m in layers}
     kernels = [c for c in choices() if c.spec in specs]
     backends = {b: sum(m.backend == b for m in layers) for b in sorted({m.backend for m in layers})}
     refusals = report.get("vllm_refusals")  # why vLLM would not load the folder (checkpoint/serving.py)

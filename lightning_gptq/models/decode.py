@@ -98,10 +98,13 @@ class StaticDecoder:
             # step's inputs never change shape. Without guards dynamo would hand any later decoder the graph it
             # keeps for this code object, so each decoder steps through a code object of its own.
             # The wrapper built apart from the kernels: one build of minutes otherwise (500 s against 20 s here).
-            options = {"guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "cpp_wrapper": cpp_wrapper,
+            # torch.compile takes a mode or options, not both: the mode goes in as the options it stands for
+            from torch._inductor import list_mode_options
+
+            options = {**(list_mode_options(mode, False) if mode else {}),
+                       "guard_filter_fn": torch.compiler.skip_all_guards_unsafe, "cpp_wrapper": cpp_wrapper,
                        "cpp_wrapper_build_separate": cpp_wrapper}
-            self._step = torch.compile(_own_code(self._forward), fullgraph=True, dynamic=False, mode=mode,
-                                       options=options)
+            self._step = torch.compile(_own_code(self._forward), fullgraph=True, dynamic=False, options=options)
         else:
             self._step = self._forward
 

@@ -39,10 +39,11 @@ def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> Quan
 
 
 @torch.no_grad()
-def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
+def to_backend(model: nn.Module, backend: str = AUTO, *, head: bool = True) -> dict[str, str]:
     """Rebuild every ``QuantLinear`` in ``model`` with ``backend`` (``auto``: the fastest for its spec and
     the device it now sits on), through the checkpoint layout; returns ``{layer name: backend}``. With
-    ``auto``, the model's fp32 LM head gets the faster GEMV for its decode calls too (``head.speed_up_head``)."""
+    ``auto`` and ``head``, the model's fp32 LM head gets the faster GEMV for its decode calls too
+    (``head.speed_up_head``; ``head=False`` for a part of a model, which has no head)."""
     chosen = {}
     for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
         spec = layer.spec()
@@ -53,7 +54,7 @@ def to_backend(model: nn.Module, backend: str = AUTO) -> dict[str, str]:
             new.load_state_dict(layer.state_dict())
             replace_submodule(model, name, new)
         chosen[name] = new.backend
-    if backend == AUTO:
+    if backend == AUTO and head:
         log.info(speed_up_head(model))
     return chosen
 

@@ -95,6 +95,6 @@ class ConvertedQuantLinear(QuantLinear):
         y = self.compute(kernel, rows, hot)
         if y.shape[1] != self.out_features:
             y = y[:, : self.out_features]
-        # one op for bias and dtype: adding to the bias (in x's dtype) promotes y to it
-        y = y.to(dtype) if hot["bias"] is None else torch.add(hot["bias"], y)
-        return y.view(*shape[:-1], self.out_features)
+        if hot["bias"] is not None:  # in the wider of the two dtypes (a kernel may return fp32), rounded once below
+            y = torch.add(y, hot["bias"])
+        return y.to(dtype).view(*shape[:-1], self.out_features)

@@ -32,7 +32,8 @@ class CudaInt4QuantLinear(ConvertedQuantLinear):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return cuda_int4.unavailable()
+        # checked on this process's GPU (each process of a run on several GPUs has its own), not on GPU 0
+        return cuda_int4.unavailable(torch.cuda.current_device() if torch.cuda.is_available() else 0)
 
     def convert(self, codes: Tensor) -> None:
         self.k_group = cuda_int4.kernel_group(self.group_size, self.in_features)
