@@ -227,8 +227,8 @@ def open_model(model: str, *, gguf_file: str | None = None, dtype: str = "float3
     if streaming:
         folder = streaming_folder(model, gguf_file, dtype, trust_remote_code)
         return StreamedModel(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if is_quantized_checkpoint(model):
-        return LoadedModel(*load_quantized(os.path.expanduser(model), backend=backend,
-                                           trust_remote_code=trust_remote_code))
+    if is_quantized_checkpoint(model):  # ("auto": the loader's fp32, as for any checkpoint whose dtype is unknown)
+        return LoadedModel(*load_quantized(os.path.expanduser(model), backend=backend, trust_remote_code=trust_remote_code,
+                                           **({} if torch_dtype == "auto" else {"dtype": torch_dtype})))
     return LoadedModel(*load_causal_lm(model, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
                                        revision=revision))

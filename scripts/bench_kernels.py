@@ -25,6 +25,7 @@ forward pass does.
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import time
 
@@ -86,6 +87,14 @@ def bench_layer(spec: LayerSpec, rows: list[int], budget_s: float, cold_mb: floa
         layer.load_state_dict(random_layer(type(layer), spec, seed=i).state_dict())
     layers = {name: [random_layer(cls, spec, seed=i) for i in range(copies)]
               for name, cls in backends().items() if cls.unsupported(spec) is None}
+    if cold_mb and spec.device == "cuda":
+        # A quantized copy is a quarter of an fp16 one: as many copies as the dense weight's would sit in a GPU's L2
+        # (50 MB on an H100) while dense streams from HBM. Each candidate gets copies spanning cold_mb of its own
+        # bytes (same codes, other memory: copying is fast where drawing codes is not). (CPUs keep the rule above:
+        # there the dense copies are fp32 and the quantized ones span more than the last-level cache.)
+        for copies_of in [autos, *layers.values()]:
+            wanted = min(64, -(-int(cold_mb * 2**20) // packed_bytes(copies_of[0])))
+            copies_of += [copy.deepcopy(copies_of[len(copies_of) % copies]) for _ in range(wanted - len(copies_of))]
     bound = dense_bytes / packed_bytes(auto_layer)
     out = []
     history: dict[str, list[float]] = {}

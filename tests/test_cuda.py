@@ -43,7 +43,10 @@ def test_cuda_graphs_of_the_kernels_equal_eager(backend, dtype):
             compiled = torch.compile(model, backend="cudagraphs", fullgraph=True)
             for _ in range(3):  # warm-up (autotuning happens here), capture, replay
                 y = compiled(x).clone()
-            torch.testing.assert_close(y, model(x))
+            # split-K partial sums are added atomically in arrival order: a one-ulp difference in the first layer's
+            # output moves the second's, so compare as the kernels' own check does, by relative norm
+            eager = model(x).float()
+            assert ((y.float() - eager).norm() / eager.norm()).item() <= 2e-3, (kernel, rows)
             torch._dynamo.reset()
 
 

@@ -342,6 +342,19 @@ def test_fused_step_says_why_it_cannot_run(packed):
     assert "sliding-window" in unavailable(_packed_llama("mistral"))
 
 
+def test_the_fused_step_declines_a_16_bit_or_gpu_model_before_building_the_cpu_kernel(monkeypatch):
+    """``latency_decode: auto`` asks first whether the fused C++ step runs: on a GPU (or a 16-bit model) the answer
+    must come without compiling the C++ kernel, about a minute a GPU run would spend for nothing."""
+    from lightning_gptq.kernels import cpu_gemm
+    from lightning_gptq.models.fused_decode import unavailable
+
+    def build():
+        raise AssertionError("the C++ kernel was asked for")
+
+    monkeypatch.setattr(cpu_gemm, "unavailable", build)
+    assert "needs an fp32 model on CPU, got torch.float16" in unavailable(FACTORIES["llama"]().to(torch.float16))
+
+
 def test_fused_layer_op_passes_opcheck(packed):
     from lightning_gptq.models.fused_decode import FusedLlamaStep
 

@@ -93,3 +93,17 @@ def test_legacy_path_for_torch_before_2_9_pins_and_restores(medium, monkeypatch)
         inside.append(torch.get_float32_matmul_precision())  # the inner block restored the outer's setting
     assert inside == ["highest", "highest"]
     assert torch.get_float32_matmul_precision() == "medium"
+
+
+@pytest.mark.skipif(not _PER_BACKEND, reason="torch < 2.9 has only the process-wide setting (the test above)")
+def test_the_legacy_setting_agrees_with_the_new_one_inside(medium):
+    """After ``set_float32_matmul_precision("medium")``, setting only the new per-backend flags to IEEE left the
+    legacy one saying TF32, and torch refuses to read a mix ("mix of the legacy and new APIs"): anything reading
+    ``torch.backends.cuda.matmul.allow_tf32`` inside (Inductor, Lightning, user code) raised. Both are restored."""
+    from lightning_gptq.quant.linalg import fp32_matmuls
+
+    before = precision_now()
+    with fp32_matmuls():
+        assert torch.backends.cuda.matmul.allow_tf32 is False  # readable, and not TF32
+        assert torch.get_float32_matmul_precision() == "highest" and precision_now() == EXACT
+    assert torch.get_float32_matmul_precision() == "medium" and precision_now() == before

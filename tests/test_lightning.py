@@ -362,6 +362,26 @@ def test_bad_input_fails_before_heavy_work(tmp_path, monkeypatch, extra, error, 
         assert reached == []
 
 
+def test_an_int8_head_that_cannot_apply_is_refused_before_calibrating():
+    """``lm_head: int8`` is applied after calibration (to score and time the quantized model): on a GPU it cannot
+    apply, and finding that out then lost the run's quantized model. ``check_fit`` refuses it at set-up."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_gptq.lightning.options import check_fit
+
+    lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=2, vocab_size=64))
+    hp = SimpleNamespace(lm_head="int8", streaming=False, eval_before=False, eval_after=True, latency=True)
+    module = SimpleNamespace(hparams=hp, lm=lm, device=torch.device("cuda", 0))
+    with pytest.raises(MisconfigurationException, match=r"lm_head=int8: lm_head int8 runs on CPU only \(the model "
+                                                        r"computes on cuda:0\)"):
+        check_fit(module, "validate", None, None, False)
+    hp.lm_head = "fp32"
+    check_fit(module, "validate", None, None, False)
+
+
 def test_wrong_bits_is_one_clear_line_from_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "lightning_gptq", "fit", "--config", "configs/smollm2-135m.yaml",
                            "--gptq.quant.bits=9"], capture_output=True, text=True, timeout=300)
@@ -382,6 +402,21 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     (out / "model" / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="config.json .*is not valid JSON"):
         load_quantized(out / "model")
+
+
+def test_a_quantized_folder_is_loaded_in_the_dtype_asked_for(tmp_path):
+    """``validate``/``predict --model.model=<quantized folder> --model.dtype=bfloat16`` (what a GPU user types): the
+    model computes in bf16. The folder's loader used to be called without the dtype, so it ran in fp32."""
+    from lightning_gptq.sources import open_model
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={out}")])
+    for dtype, expected in (("bfloat16", torch.bfloat16), ("float32", torch.float32), ("auto", torch.float32)):
+        lm = open_model(str(out / "model"), dtype=dtype, backend="torch").model
+        assert {p.dtype for p in lm.parameters()} == {expected}, dtype
+        assert {m.scales.dtype for m in lm.modules() if isinstance(m, QuantLinear)} == {expected}, dtype
 
 
 def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):

@@ -8,7 +8,7 @@ from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT
 from lightning_gptq.checkpoint.names import SPELLINGS
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.models.decode import MODES
-from lightning_gptq.nn import check_backend
+from lightning_gptq.nn import check_backend, int8_head_unsupported
 
 from .hooks import run_report
 
@@ -71,6 +71,8 @@ def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> Non
         if limit is not None and value is not None and value > limit:
             raise MisconfigurationException(
                 f"data.{field}={value} is longer than the {limit} positions {type(module.lm).__name__} supports")
+    if hp.lm_head == "int8" and not hp.streaming and (why := int8_head_unsupported(module.lm, module.device)):
+        raise MisconfigurationException(f"model.lm_head=int8: {why}")  # (else a fit would fail after calibrating)
     if stage != "fit":
         if hp.streaming and hp.latency:
             raise MisconfigurationException("streaming scores perplexity block by block but cannot time the whole "

@@ -55,12 +55,12 @@ def unavailable(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in MODEL_TYPES:
         return f"model type {getattr(config, 'model_type', None)!r} is not one of {MODEL_TYPES}"
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32:  # (before the kernel: a GPU run builds no C++)
+        return f"needs an fp32 model on CPU, got {param.dtype} on {param.device.type}"
     reason = cpu_gemm.unavailable()
     if reason:
         return f"the C++ CPU kernel is unavailable: {reason}"
-    param = next(model.parameters())
-    if param.device.type != "cpu" or param.dtype != torch.float32:
-        return f"needs an fp32 model on CPU, got {param.dtype} on {param.device.type}"
     if getattr(config, "hidden_act", None) not in ("silu", "swish"):
         return f"activation {getattr(config, 'hidden_act', None)!r} is not SiLU"
     if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):

@@ -10,7 +10,7 @@ from . import cpu_packed as _cpu_packed  # noqa: F401  (registers the "cpu-packe
 from . import cuda_int4 as _cuda_int4  # noqa: F401  (registers the "cuda-int4" backend)
 from . import triton as _triton  # noqa: F401  (registers the "triton" backend)
 from .build import build, make_quant_linear, place, to_backend
-from .head import GemvHead, Int8Head, int8_head, speed_up_head
+from .head import GemvHead, Int8Head, int8_head, int8_head_unsupported, speed_up_head
 from .quant_linear import (
     AUTO,
     LayerSpec,
@@ -26,6 +26,6 @@ from .selection import Choice, choices, choose
 
 __all__ = [
     "AUTO", "Choice", "GemvHead", "Int8Head", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
-    "int8_head", "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule",
+    "int8_head", "int8_head_unsupported", "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule",
     "place", "speed_up_head", "to_backend",
 ]

@@ -74,6 +74,21 @@ def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / step[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), step.contiguous()
 
 
+def int8_head_unsupported(model: nn.Module, device: torch.device | str | None = None) -> str | None:
+    """Why :func:`int8_head` cannot apply to ``model`` computing on ``device`` (default: where its head is), or
+    None. Asked before any heavy work, so that a run is refused at once rather than after calibrating."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, Int8Head):
+        return None
+    if not isinstance(head, nn.Linear):
+        return f"lm_head int8 needs the output head to be an nn.Linear, got {type(head).__name__}"
+    device = torch.device(device) if device is not None else head.weight.device
+    if device.type != "cpu":
+        return f"lm_head int8 runs on CPU only (the model computes on {device})"
+    reason = cpu_gemm.unavailable()
+    return f"lm_head int8 needs the C++ CPU kernel: {reason}" if reason else None
+
+
 @torch.no_grad()
 def int8_head(model: nn.Module) -> str:
     """Switch ``model``'s output head (``get_output_embeddings()``, an ``nn.Linear`` on CPU) to :class:`Int8Head` in
@@ -81,13 +96,9 @@ def int8_head(model: nn.Module) -> str:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, Int8Head):
         return "LM head: already int8"
-    if not isinstance(head, nn.Linear):
-        raise ValueError(f"lm_head int8 needs the output head to be an nn.Linear, got {type(head).__name__}")
-    if head.weight.device.type != "cpu":
-        raise ValueError(f"lm_head int8 runs on CPU; the head is on {head.weight.device}")
-    reason = cpu_gemm.unavailable()
+    reason = int8_head_unsupported(model)
     if reason:
-        raise ValueError(f"lm_head int8 needs the C++ CPU kernel: {reason}")
+        raise ValueError(reason)
     codes, step = int8_rows(head.weight)
     head.register_buffer("int8_weight", codes, persistent=False)
     head.register_buffer("int8_step", step, persistent=False)

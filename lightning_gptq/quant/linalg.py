@@ -89,13 +89,17 @@ def fp32_matmuls() -> Iterator[None]:
         finally:
             torch.set_float32_matmul_precision(previous)
         return
+    # The legacy setting is kept in step: torch refuses to read it ("a mix of the legacy and new APIs") while it
+    # says TF32 and the new one says IEEE, and Inductor, Lightning and user code still read it.
     backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
-    previous = [b.fp32_precision for b in backends]
+    legacy, previous = torch.get_float32_matmul_precision(), [b.fp32_precision for b in backends]
+    torch.set_float32_matmul_precision("highest")
     for b in backends:
         b.fp32_precision = "ieee"
     try:
         yield
     finally:
+        torch.set_float32_matmul_precision(legacy)
         for b, value in zip(backends, previous):
             b.fp32_precision = value
 
