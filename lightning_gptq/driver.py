@@ -95,6 +95,10 @@ class BlockContext:
     # Submodules of ``block`` a hook must see run to the end in each calibration pass (the attention a
     # sink weight is measured on): the pass ends once these have and this step's layers have read their input.
     runs_through: list[nn.Module] = field(default_factory=list)
+    # Layers known to read the very tensor an earlier layer of this step reads (name -> that layer), as a hook
+    # learned it on the step's first batch (HessianCapture, which then feeds one accumulator): a pass that has
+    # read the earlier layer's input has read theirs, and ends without running the earlier layer to reach them.
+    same_input: dict[str, str] = field(default_factory=dict)
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name
@@ -400,12 +404,14 @@ class CalibrationDriver:
         """End each calibration pass once every linear of this step has been entered (the hooks, which run
         first, have read the inputs) and every module in ``ctx.runs_through`` has returned: what follows is
         never used (a true-sequential attention-input pass skips the MLP, its MLP-input pass the MLP's output).
-        ``runs_through`` is read at each check: a hook may drop a module from it mid-stage."""
-        names = list(self._ctx.layers)
+        A layer in ``ctx.same_input`` counts as entered with the layer whose input it shares (a true-sequential
+        q/k/v pass then runs neither q nor k, its gate/up pass not gate). ``runs_through`` and ``same_input`` are
+        read at each check: a hook may change them mid-stage."""
+        names, ctx = list(self._ctx.layers), self._ctx
 
         def done() -> bool:
-            return all(name in self._entered for name in names) and \
-                all(id(m) in self._entered for m in self._ctx.runs_through)
+            return all(name in self._entered or ctx.same_input.get(name) in self._entered for name in names) and \
+                all(id(m) in self._entered for m in ctx.runs_through)
 
         def mark(key):
             def hook(module, *_):

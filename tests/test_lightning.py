@@ -621,7 +621,7 @@ def test_calibration_passes_end_after_their_layers_and_the_attention_they_measur
         hooks = sorted([capture, GPTQCallback(QuantConfig(bits=4, group_size=12), backend="torch")],
                        key=lambda cb: cb.block_hook_order)
         counts = {"attention returned": 0, "attention computed": 0, "softmax(qk)v": 0, "mlp entered": 0,
-                  "down_proj entered": 0}
+                  "down_proj entered": 0, "q_proj ran": 0, "gate_proj ran": 0}
 
         def count(key):
             def hook(*_):
@@ -631,7 +631,10 @@ def test_calibration_passes_end_after_their_layers_and_the_attention_they_measur
         block = lm.model.layers[0]  # down_proj's hook stays on the dense layer: it sees calibration passes only
         handles = [block.self_attn.register_forward_hook(count("attention returned")),
                    block.mlp.register_forward_pre_hook(count("mlp entered")),
-                   block.mlp.down_proj.register_forward_pre_hook(count("down_proj entered"))]
+                   block.mlp.down_proj.register_forward_pre_hook(count("down_proj entered")),
+                   # (on the dense layers, which their pass's solve swaps out: what their own pass ran)
+                   block.self_attn.q_proj.register_forward_hook(count("q_proj ran")),
+                   block.mlp.gate_proj.register_forward_hook(count("gate_proj ran"))]
 
         def fire(name, ctx):
             for cb in hooks:
@@ -661,12 +664,15 @@ def test_calibration_passes_end_after_their_layers_and_the_attention_they_measur
     counts, sequential = run(True)  # passes: q/k/v (2 probed windows run through the attention), o, gate/up, down; propagation
     # the o_proj pass records the attention call (q/k/v quantized), the gate/up pass replays it and records the whole
     # attention (o_proj quantized too), which the down_proj pass and propagation replay (its hooks still run)
+    # q/k/v and gate/up share an input, which the first batch shows: later windows' passes end at q's (gate's) input,
+    # without running q (gate), unless the probe needs the attention (windows 0 and 1)
     blocks = 3
     assert counts == {"attention returned": 2 + 0 + 4 + 4 + 4, "attention computed": 4 + 4 + 4 + 0 + 0,
-                      "softmax(qk)v": blocks * (2 + 4 + 0 + 0 + 0), "mlp entered": 0 + 0 + 4 + 4 + 4, "down_proj entered": 4}
+                      "softmax(qk)v": blocks * (2 + 4 + 0 + 0 + 0), "mlp entered": 0 + 0 + 4 + 4 + 4, "down_proj entered": 4,
+                      "q_proj ran": 2, "gate_proj ran": 1}
     counts, whole = run(False)
     assert counts == {"attention returned": 4 + 4, "attention computed": 4 + 4, "softmax(qk)v": blocks * (4 + 4),
-                      "mlp entered": 4 + 4, "down_proj entered": 4}
+                      "mlp entered": 4 + 4, "down_proj entered": 4, "q_proj ran": 4, "gate_proj ran": 4}
     assert sequential[0] == pytest.approx(whole[0], rel=1e-6) and whole[0] > 1.5
 
 

@@ -151,6 +151,7 @@ class HessianCapture(BlockHooks, Callback):
                         # Same storage, shape and strides while both tensors are alive: the same input.
                         if (seen.data_ptr(), seen.shape, seen.stride()) == (x.data_ptr(), x.shape, x.stride()):
                             ctx.hessians[name] = ctx.hessians[owner]
+                            ctx.same_input[name] = owner  # later batches' passes may end at the owner's input
                             if owner in self._first:
                                 self._first[name] = self._first[owner]
                             if owner in ctx.mismatches:

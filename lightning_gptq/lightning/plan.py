@@ -414,6 +414,33 @@ class _PassEnd(Exception):
     pass
 
 
+def _shared_inputs(block, names: list[str], run) -> dict[str, str]:
+    """Which of ``names`` read the very tensor an earlier one reads (name -> that one), learned on one run of the
+    block as ``HessianCapture`` learns it on a pass's first batch."""
+    seen, shared = [], {}
+
+    def read(name):
+        def hook(module, args):
+            first = next((reader for x, reader in seen if x is args[0]), None)
+            if first is None:
+                seen.append((args[0], name))
+            else:
+                shared[name] = first
+            if len(seen) + len(shared) == len(names):
+                raise _PassEnd
+        return hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(read(name)) for name in names]
+    try:
+        run()
+    except _PassEnd:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return shared
+
+
 def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: dict, limit_bytes: int,
                      dtype, replays: bool = True, propagation: bool = True) -> tuple[list[float], float]:
     """Seconds of block ``block``'s calibration passes on one batch, one per group, each ending once its group has
@@ -423,12 +450,17 @@ def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: 
     propagation (``propagation=False``: 0.0, not run). The layers stay dense: a quantized one costs what its
     dense weight does while the driver holds it dequantized."""
     replay = PartReplay(block) if driver.replay_parts and replays else None
+    # after its first batch a pass ends at the first reader of a shared input (the driver's ``ctx.same_input``)
+    same_input = _shared_inputs(block, [n for group in groups for n in group], run) if len(groups) > 1 else {}
     seconds = []
     for g in range(len(groups) + (1 if propagation else 0)):
         group = groups[g] if g < len(groups) else []
         if replay is not None:
             replay.begin_pass(dtype, done=[n for gr in groups[:g] for n in gr],
                               pending=[n for gr in groups[g:] for n in gr], consume=not group)
+        for name in group:  # one accumulator for a shared input's readers, whether or not the pass reaches them
+            if same_input.get(name) in group:
+                accumulators[name] = accumulators[same_input[name]]
         entered: set[str] = set()
         read_inputs: list = []  # (tensor, first reader): layers reading one tensor (q/k/v, gate/up) share a Hessian
 
@@ -441,7 +473,7 @@ def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: 
                 else:  # one accumulator for the readers of one tensor, as HessianCapture keeps it
                     accumulators[name] = accumulators[first]
                 entered.add(name)
-                if entered == set(group):
+                if all(n in entered or same_input.get(n) in entered for n in group):
                     raise _PassEnd
             return hook
 
