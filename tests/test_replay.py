@@ -184,6 +184,9 @@ def test_the_dry_run_rehearses_the_true_sequential_passes_as_the_driver_runs_the
         calls.append(1)
         return sdpa(*args, **kwargs)
 
+    ran = {"q_proj": 0, "gate_proj": 0}
+    for name, module in (("q_proj", block.self_attn.q_proj), ("gate_proj", block.mlp.gate_proj)):
+        module.register_forward_hook(lambda *_, name=name: ran.__setitem__(name, ran[name] + 1))
     with mock.patch("torch.nn.functional.scaled_dot_product_attention", core), torch.no_grad():
         passes, propagate = _rehearse_passes(
             driver, block, groups, lambda: run_block(block, inputs.hidden[0], inputs.kwargs_for(0, 0)), accumulators,
@@ -192,6 +195,9 @@ def test_the_dry_run_rehearses_the_true_sequential_passes_as_the_driver_runs_the
     # one run learns which layers share an input (as a fit's first batch does), then the o_proj pass; the gate/up pass
     # replays the attention call, then the whole attention is replayed
     assert len(calls) == 2
+    # as the driver's passes after their first batch, the q/k/v pass ends at q's input and the gate/up pass at gate's:
+    # q runs in the learning run, the o_proj and gate/up passes; gate in the learning run, the down_proj pass, propagation
+    assert ran == {"q_proj": 3, "gate_proj": 3}
     # the readers of one tensor share one accumulator, which took one product: the batch's 2 windows once
     assert [len({id(accumulators[n]) for n in g}) for g in groups] == [1, 1, 1, 1]
     assert [accumulators[g[0]].nsamples for g in groups] == [2, 2, 2, 2]
