@@ -450,8 +450,9 @@ def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: 
     propagation (``propagation=False``: 0.0, not run). The layers stay dense: a quantized one costs what its
     dense weight does while the driver holds it dequantized."""
     replay = PartReplay(block) if driver.replay_parts and replays else None
-    # after its first batch a pass ends at the first reader of a shared input (the driver's ``ctx.same_input``)
-    same_input = _shared_inputs(block, [n for group in groups for n in group], run) if len(groups) > 1 else {}
+    # readers of one tensor share one accumulator, and after its first batch a pass ends at the first of them (the
+    # driver's ``ctx.same_input``)
+    same_input = _shared_inputs(block, [n for group in groups for n in group], run)
     seconds = []
     for g in range(len(groups) + (1 if propagation else 0)):
         group = groups[g] if g < len(groups) else []
@@ -462,16 +463,11 @@ def _rehearse_passes(driver, block, groups: list[list[str]], run, accumulators: 
             if same_input.get(name) in group:
                 accumulators[name] = accumulators[same_input[name]]
         entered: set[str] = set()
-        read_inputs: list = []  # (tensor, first reader): layers reading one tensor (q/k/v, gate/up) share a Hessian
 
         def read(name):
             def hook(module, args):
-                first = next((reader for x, reader in read_inputs if x is args[0]), None)
-                if first is None:
+                if same_input.get(name) not in group:  # (else its accumulator is the first reader's, fed there)
                     accumulators[name].add(args[0])
-                    read_inputs.append((args[0], name))
-                else:  # one accumulator for the readers of one tensor, as HessianCapture keeps it
-                    accumulators[name] = accumulators[first]
                 entered.add(name)
                 if all(n in entered or same_input.get(n) in entered for n in group):
                     raise _PassEnd
