@@ -29,7 +29,7 @@ from lightning_gptq.checkpoint.shards import Shards
 from lightning_gptq.models.adapters import UnsupportedArchitectureError
 from lightning_gptq.models.experts import fused_expert_banks
 from lightning_gptq.models.streaming import release, skeleton
-from lightning_gptq.nn import QuantLinear
+from lightning_gptq.nn import QuantLinear, check_backend, place, to_backend
 
 __all__ = ["LoadedModel", "QuantizedWeightSource", "StreamedGPTQ", "StreamedModel", "StreamingError", "WeightSource",
            "open_model"]
@@ -145,8 +145,10 @@ class LoadedModel:
 
     streams = False
 
-    def __init__(self, model: nn.Module, tokenizer=None) -> None:
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model: nn.Module, tokenizer=None, *, backend: str | None = None) -> None:
+        """``backend``: the kernel the quantized layers, read in the checkpoint layout, still wait for; :meth:`place`
+        chooses it on the device they will run on."""
+        self.model, self.tokenizer, self.pending_backend = model, tokenizer, backend
 
     @property
     def quantized(self) -> bool:
@@ -158,14 +160,35 @@ class LoadedModel:
     def free(self, module: nn.Module) -> None:
         pass
 
+    def place(self, device: torch.device | str, backend: str) -> nn.Module:
+        """The whole model on ``device`` (``nn.place``), the kernels it waits for chosen there, once."""
+        if self.pending_backend is not None:
+            to_backend(self.model.to(device), self.pending_backend)
+            self.pending_backend = None
+        return place(self.model, device, backend)
 
-class StreamedModel:
+
+class _Streamed:
+    """What the streamed sources share: ``model`` is a skeleton whose modules ``files`` fills one at a time."""
+
+    streams = True
+
+    def fetch(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
+        self.files.materialize(self.model, module, device)
+
+    def free(self, module: nn.Module) -> None:
+        release(module)
+
+    def place(self, device: torch.device | str, backend: str) -> nn.Module:
+        raise StreamingError("a streamed model is never held whole; this needs it whole (model.streaming=false)")
+
+
+class StreamedModel(_Streamed):
     """A full-precision model read from a local folder's safetensors one module at a time.
 
     ``files`` is the folder's ``WeightSource`` (the streaming writer copies the unquantized
     tensors from it)."""
 
-    streams = True
     quantized = False
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype, trust_remote_code: bool = False) -> None:
@@ -177,18 +200,12 @@ class StreamedModel:
                 "expert bank in a layout transformers converts at load); quantize it in memory (model.streaming=false)")
         self.files = WeightSource(folder, dtype=dtype, model_type=self.model.config.model_type)
 
-    def fetch(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
-        self.files.materialize(self.model, module, device)
-
-    def free(self, module: nn.Module) -> None:
-        release(module)
 
 
-class StreamedGPTQ:
+class StreamedGPTQ(_Streamed):
     """A quantized checkpoint folder read one module at a time (its quantized layers rebuilt as the
     oracle ``QuantLinear``); every header is checked when it is opened."""
 
-    streams = True
     quantized = True
 
     def __init__(self, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
@@ -196,11 +213,6 @@ class StreamedGPTQ:
         self.files = QuantizedWeightSource(folder, dtype=dtype, trust_remote_code=trust_remote_code)
         self.model, self.tokenizer = self.files.model, self.files.tokenizer()
 
-    def fetch(self, module: nn.Module, device: torch.device | str = "cpu") -> None:
-        self.files.materialize(self.model, module, device)
-
-    def free(self, module: nn.Module) -> None:
-        release(module)
 
 
 def streaming_folder(model: str, gguf_file: str | None, dtype: str, trust_remote_code: bool) -> Path:
@@ -220,7 +232,8 @@ def open_model(model: str, *, gguf_file: str | None = None, dtype: str = "float3
     """The weight source for ``model`` (hub id, local folder, ``.gguf`` file or quantized folder).
 
     ``streaming``: read block by block (``StreamedModel`` / ``StreamedGPTQ``) instead of loading whole;
-    ``backend``: the quantized-linear backend of a quantized folder loaded whole."""
+    ``backend``: the quantized-linear backend of a quantized folder loaded whole, chosen when
+    ``LoadedModel.place`` puts it on its device."""
     torch_dtype = resolve_dtype(dtype)
     if streaming and is_quantized_checkpoint(model):
         return StreamedGPTQ(os.path.expanduser(model), dtype=torch_dtype, trust_remote_code=trust_remote_code)
@@ -228,7 +241,8 @@ def open_model(model: str, *, gguf_file: str | None = None, dtype: str = "float3
         folder = streaming_folder(model, gguf_file, dtype, trust_remote_code)
         return StreamedModel(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if is_quantized_checkpoint(model):  # ("auto": the loader's fp32, as for any checkpoint whose dtype is unknown)
-        return LoadedModel(*load_quantized(os.path.expanduser(model), backend=backend, trust_remote_code=trust_remote_code,
-                                           **({} if torch_dtype == "auto" else {"dtype": torch_dtype})))
+        check_backend(backend)  # (read in the checkpoint layout: the compute device is known only when it is placed)
+        return LoadedModel(*load_quantized(os.path.expanduser(model), backend="torch", trust_remote_code=trust_remote_code,
+                                           **({} if torch_dtype == "auto" else {"dtype": torch_dtype})), backend=backend)
     return LoadedModel(*load_causal_lm(model, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
                                        revision=revision))

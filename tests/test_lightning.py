@@ -419,6 +419,36 @@ def test_a_quantized_folder_is_loaded_in_the_dtype_asked_for(tmp_path):
         assert {m.scales.dtype for m in lm.modules() if isinstance(m, QuantLinear)} == {expected}, dtype
 
 
+def test_a_quantized_folders_kernels_are_chosen_on_the_device_it_is_placed_on(tmp_path, monkeypatch):
+    """``validate``/``predict`` of a quantized folder, and ``load_quantized(device=...)``, read the layers in the
+    checkpoint layout and choose their kernels after the move, on the device they run on. Before, ``auto`` timed CPU
+    kernels (and built the C++ one, about a minute) at load, all thrown away on a GPU; a layer ``auto`` had put on a
+    kernel that also runs there stayed on the CPU's choice."""
+    from transformers import PreTrainedModel
+
+    import lightning_gptq.checkpoint as checkpoint
+    from lightning_gptq import sources
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={out}")])
+    events = []
+    for where in (sources, checkpoint):
+        monkeypatch.setattr(where, "to_backend", lambda model, backend, **kw: events.append(("choose", backend)))
+    source = sources.open_model(str(out / "model"), backend="auto")
+    assert events == [] and {type(m) for m in source.model.modules() if isinstance(m, QuantLinear)} == {QuantLinear}
+    monkeypatch.setattr(PreTrainedModel, "to", lambda model, device: events.append(("to", str(device))) or model)
+    source.place("cuda:0", "auto")
+    source.place("cuda:0", "auto")  # chosen once
+    assert events == [("to", "cuda:0"), ("choose", "auto"), ("to", "cuda:0"), ("to", "cuda:0")]
+    events.clear()
+    checkpoint.load_quantized(out / "model", backend="auto", device="cuda:0")
+    assert events == [("to", "cuda:0"), ("choose", "auto")]
+    with pytest.raises(ValueError, match="unknown quantized-linear backend"):
+        sources.open_model(str(out / "model"), backend="cuda-int5")
+
+
 def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):
     """Runs saved before the packed layout (``<layer>.codes`` uint8 [out, in]) load to the same model."""
     from safetensors.torch import save_file

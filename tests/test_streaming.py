@@ -90,6 +90,9 @@ def test_streaming_refuses_what_it_cannot_do(tmp_path):
     with pytest.raises(MisconfigurationException, match="save_quantized=true"):
         main(["fit", *cli_args(model_dir, tmp_path / "r", "--model.streaming=true", "--model.latency=false",
                                "--model.save_quantized=false")])
+    with pytest.raises(MisconfigurationException, match="predict needs: set --model.streaming=false"):
+        main(["predict", *cli_args(model_dir, tmp_path / "r", "--model.streaming=true", "--model.latency=false",
+                                   "--data.prompts=[Hello]")])
     (model_dir / "model.safetensors").rename(model_dir / "weights.bin")
     with pytest.raises(Exception, match="safetensors"):
         GPTQModule(str(model_dir), streaming=True)

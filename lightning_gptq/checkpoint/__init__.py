@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lightning_gptq.nn import AUTO
+import torch
+
+from lightning_gptq.nn import AUTO, check_backend, to_backend
 
 from .gptq_format import V1, V2, CheckpointError, GPTQSettings
 from .compressed_tensors import (
@@ -53,14 +55,24 @@ def reader_for(folder: str | os.PathLike) -> type[GPTQReader]:
 
 
 def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, verify: bool = True, trust_remote_code: bool = False,
-                   **kwargs):
+                   device: str | torch.device = "cpu", **kwargs):
     """``(model, tokenizer)`` from a quantized checkpoint folder: HF GPTQ layout (``load_gptq``; its
     keyword arguments pass through), compressed-tensors (``load_compressed_tensors``, the same arguments) or our
-    interim layouts (``load_interim``)."""
+    interim layouts (``load_interim``).
+
+    ``device``: where the model goes; the layers' kernels (``backend``) are chosen there, after the move (read in
+    the checkpoint layout first: ``auto`` times candidates on the device the layers will run on)."""
+    check_backend(backend)
     folder = Path(os.path.expanduser(folder))
+    elsewhere = torch.device(device).type != "cpu"
+    read_as = "torch" if elsewhere else backend  # (the checkpoint layout: no kernel timed on the CPU for nothing)
     if is_interim_checkpoint(folder):
-        return load_interim(folder, backend=backend, trust_remote_code=trust_remote_code)
-    if not folder.is_dir():
+        model, tokenizer = load_interim(folder, backend=read_as, trust_remote_code=trust_remote_code)
+    elif not folder.is_dir():
         raise CheckpointError(f"{folder} does not exist or is not a folder")
-    load = load_compressed_tensors if is_compressed_tensors_folder(folder) else load_gptq
-    return load(folder, backend=backend, verify=verify, trust_remote_code=trust_remote_code, **kwargs)
+    else:
+        load = load_compressed_tensors if is_compressed_tensors_folder(folder) else load_gptq
+        model, tokenizer = load(folder, backend=read_as, verify=verify, trust_remote_code=trust_remote_code, **kwargs)
+    if elsewhere:
+        to_backend(model.to(device), backend)
+    return model, tokenizer

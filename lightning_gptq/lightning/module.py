@@ -30,7 +30,7 @@ from lightning_gptq.models.compute_dtype import resolve_calibration_dtype
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.models.spill import SpillFolder
-from lightning_gptq.nn import AUTO, int8_head, place
+from lightning_gptq.nn import AUTO, int8_head
 from lightning_gptq.sources import LoadedModel, StreamedGPTQ, open_model
 
 from .callbacks import HessianCapture
@@ -139,7 +139,7 @@ class GPTQModule(ScoringLoops, LightningModule):
     def _place(self) -> nn.Module:
         """The whole model on the compute device; quantized layers whose backend cannot run there
         (the int4 CPU layout on a GPU) are rebuilt with one that can."""
-        place(self.lm, self.device, self.hparams.backend)
+        self.source.place(self.device, self.hparams.backend)  # (a quantized folder's kernels are chosen there)
         if self.hparams.lm_head == "int8" and (self.driver is None or self.completed):  # (not before quantizing)
             rank_zero_info(int8_head(self.lm))
         return self.lm

@@ -74,9 +74,10 @@ def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> Non
     if hp.lm_head == "int8" and not hp.streaming and (why := int8_head_unsupported(module.lm, module.device)):
         raise MisconfigurationException(f"model.lm_head=int8: {why}")  # (else a fit would fail after calibrating)
     if stage != "fit":
-        if hp.streaming and hp.latency:
-            raise MisconfigurationException("streaming scores perplexity block by block but cannot time the whole "
-                                            "model: set --model.latency=false")
+        if hp.streaming and (hp.latency or stage == "predict"):
+            raise MisconfigurationException("streaming scores perplexity block by block but never holds the whole "
+                                            "model, which " + ("predict needs: set --model.streaming=false" if stage ==
+                                            "predict" else "timing needs: set --model.latency=false"))
         return
     if plain_ddp:
         raise MisconfigurationException(
