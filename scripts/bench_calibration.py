@@ -8,7 +8,9 @@ the same calibration windows and the same evaluation windows, one after the othe
   while the block runs on each window, solve each
   linear with our solver (equal to the reference's on layer problems), write the dequantized weight
   back into the dense ``nn.Linear`` (fake quantization) and run the block again for the next inputs.
-  Scored window by window through the whole dense model (``perplexity``).
+  Scored window by window through the whole dense model, from each window's whole logits as the reference's
+  evaluation does (``perplexity`` with ``model_window_nll`` swapped for ``window_nll`` of the whole logits; the
+  numbers are the same, the memory is not).
 - ``fit``: ``python -m lightning_gptq fit --config <config>`` in-process, with the config's sink rule
   and probe, eval_after on the same windows, no latency, no save (the reference saves nothing).
 
@@ -92,11 +94,16 @@ def run_reference(args) -> dict:
     from torch import nn
 
     from lightning_gptq import QuantConfig, gptq_quantize
-    from lightning_gptq.data import perplexity
+    from lightning_gptq.data import evaluation, perplexity
     from lightning_gptq.driver import pinned_adapter
     from lightning_gptq.lightning import CalibrationDataModule
     from lightning_gptq.models import load_causal_lm
 
+    def whole_logits_nll(model, input_ids, *, bos_token_id=None):  # the reference's scoring: the window's logits
+        logits = model(input_ids=evaluation.with_bos(input_ids, bos_token_id), use_cache=False).logits
+        return evaluation.window_nll(logits, input_ids, bos=bos_token_id is not None)
+
+    evaluation.model_window_nll = whole_logits_nll
     times = {}
     start = time.perf_counter()
     lm, tokenizer = load_causal_lm(args.model, gguf_file=args.gguf_file or None)

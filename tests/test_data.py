@@ -5,6 +5,7 @@ import json
 import math
 import random
 import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -358,3 +359,54 @@ def test_mixed_calibration_draws_each_source_in_its_share(tmp_path):
         mixed_calibration_windows({a: 1, z: 0}, tokenizer, nsamples=8, seqlen=16)
     with pytest.raises(CalibrationDataError, match="too few"):
         mixed_calibration_windows({a: 100, z: 1}, tokenizer, nsamples=4, seqlen=16)
+
+
+@pytest.mark.parametrize("arch", sorted(__import__("tiny_models").FACTORIES))
+def test_scoring_a_slice_of_positions_at_a_time_gives_the_whole_windows_numbers(arch, monkeypatch):
+    """``model_window_nll`` (whole-model scoring: ``perplexity``, the validate loop) and the blockwise final stage run
+    the LM head on a few positions at a time instead of holding ``[b, seqlen, vocab]`` logits; each position's logits
+    are computed on their own either way, so the protocol terms are the same to fp32 rounding (a BLAS may order a
+    short product's sums otherwise: here 2 of 18 models differ in the last bit at 5 rows a slice), Granite's, Cohere's
+    and Gemma-3's logit scaling and soft-capping included."""
+    from lightning_gptq.data import evaluation
+    from tiny_models import FACTORIES, token_ids
+
+    model = FACTORIES[arch]()
+    ids, vocab = token_ids(n=2, seqlen=16), model.get_output_embeddings().out_features
+    monkeypatch.setattr(evaluation, "LOGITS_SLICE_BYTES", 4 * vocab * 2 * 5)  # 5 positions of both windows a slice
+    rows, terms = [], {}
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[1]))
+    for bos in (None, 1):
+        with torch.no_grad():
+            whole = window_nll(model(input_ids=with_bos(ids, bos), use_cache=False).logits, ids, bos=bos is not None)
+        rows.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # (no fallback to the whole logits)
+            sliced = evaluation.model_window_nll(model, ids, bos_token_id=bos)
+        assert rows == [16, 1, 5, 5, 5, 1], rows  # the forward (its head call cut to the last position), the check, slices
+        assert torch.allclose(sliced, whole, rtol=2e-7, atol=0), (bos, sliced - whole)
+        terms[bos] = whole
+    tokens = ids.reshape(1, -1)
+    full = evaluation.perplexity(model, tokens, seqlen=16, progress=False)
+    assert full.ppl == pytest.approx(math.exp(sum(float(t) for t in terms[None]) / ids.numel()), rel=1e-6)
+    blockwise = evaluation.perplexity_blockwise(model, get_adapter(model), tokens, seqlen=16, progress=False)
+    assert abs(blockwise.ppl - full.ppl) <= 1e-6 * full.ppl  # (blocks run alone: fp32 sums in another order)
+
+
+def test_a_head_whose_logits_are_not_what_we_make_of_them_is_scored_from_the_whole_logits():
+    """A config field the model's forward does not apply (here soft-capping on LLaMA) makes the one-position check
+    fail: the window is scored from the model's own whole logits, with one warning."""
+    from lightning_gptq.data import evaluation
+    from tiny_models import FACTORIES, token_ids
+
+    model = FACTORIES["llama"]()
+    model.config.final_logit_softcapping = 0.5
+    ids = token_ids(n=1, seqlen=16)
+    with torch.no_grad():
+        whole = window_nll(model(input_ids=ids, use_cache=False).logits, ids)
+    evaluation._FULL_LOGITS_WARNED.clear()
+    with pytest.warns(UserWarning, match="scored from the whole window's logits"):
+        assert torch.equal(evaluation.model_window_nll(model, ids), whole)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model type
+        assert torch.equal(evaluation.model_window_nll(model, ids), whole)

@@ -26,6 +26,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ from lightning_gptq.data.text import (
     tokenize_cached,
     tokenizer_fingerprint,
 )
-from lightning_gptq.models.adapters import ArchitectureAdapter
+from lightning_gptq.models.adapters import ArchitectureAdapter, scale_logits, weight_out_in
 from lightning_gptq.models.capture import capture_block_inputs, module_device_dtype, run_block
 
 __all__ = [
@@ -211,6 +212,21 @@ def with_bos(windows: torch.Tensor, bos_token_id: int | None) -> torch.Tensor:
     return torch.cat([torch.full_like(windows[:, :1], bos_token_id), windows[:, :-1]], dim=1)
 
 
+def _targets(input_ids: torch.Tensor, bos: bool, device: torch.device) -> torch.Tensor:
+    """What each position predicts (-100: nothing, the last one without BOS) for `input_ids` `[b, seqlen]`."""
+    targets = torch.full(input_ids.shape, -100, dtype=torch.long, device=device)
+    if bos:
+        targets[:] = input_ids.to(device)
+    else:
+        targets[:, :-1] = input_ids[:, 1:].to(device)
+    return targets
+
+
+def _protocol_term(losses: torch.Tensor, bos: bool) -> torch.Tensor:
+    """Per-position fp32 losses `[b, seqlen]` -> the window's protocol term `[b]`."""
+    return (losses if bos else losses[:, :-1]).mean(dim=1) * losses.shape[1]
+
+
 def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, *, bos: bool = False) -> torch.Tensor:
     """Per-window protocol term `[b]`: mean fp32 cross-entropy of the `seqlen-1` shifted positions x `seqlen`.
     With `bos`, `logits` came from `with_bos(input_ids)`: position t predicts token t, and all `seqlen`
@@ -221,15 +237,72 @@ def window_nll(logits: torch.Tensor, input_ids: torch.Tensor, *, bos: bool = Fal
     batch, seqlen = input_ids.shape
     # Score every position with the last one ignored instead of slicing logits[:, :-1], which
     # would copy the whole [b, seqlen, vocab] tensor to make it contiguous.
-    targets = torch.full((batch, seqlen), -100, dtype=torch.long, device=logits.device)
-    if bos:
-        targets[:] = input_ids.to(logits.device)
-    else:
-        targets[:, :-1] = input_ids[:, 1:].to(logits.device)
+    targets = _targets(input_ids, bos, logits.device)
     losses = F.cross_entropy(
         logits.float().reshape(batch * seqlen, -1), targets.reshape(-1), reduction="none", ignore_index=-100
     ).view(batch, seqlen)
-    return (losses if bos else losses[:, :-1]).mean(dim=1) * seqlen
+    return _protocol_term(losses, bos)
+
+
+LOGITS_SLICE_BYTES = 64 * 2**20  # fp32 logits computed at a time by head_window_nll
+
+
+def head_window_nll(head_logits, hidden: torch.Tensor, input_ids: torch.Tensor, *, vocab: int,
+                    bos: bool = False) -> torch.Tensor:
+    """`window_nll(head_logits(hidden), input_ids)` without holding the window's `[b, seqlen, vocab]` logits:
+    `head_logits` (`[b, rows, hidden]` -> `[b, rows, vocab]`) runs on a slice of positions at a time (about
+    `LOGITS_SLICE_BYTES` of fp32 logits). Each position's logits and loss are computed on their own either way.
+
+    `hidden` `[b, seqlen, hidden]`: what the head reads; `input_ids` `[b, seqlen]` as for `window_nll`."""
+    batch, seqlen = input_ids.shape
+    targets = _targets(input_ids, bos, hidden.device)
+    rows = max(1, LOGITS_SLICE_BYTES // (4 * vocab * batch))
+    losses = torch.empty(batch, seqlen, dtype=torch.float32, device=hidden.device)
+    for start in range(0, seqlen, rows):
+        logits = head_logits(hidden[:, start:start + rows]).float()
+        losses[:, start:start + rows] = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets[:, start:start + rows].reshape(-1), reduction="none",
+            ignore_index=-100).view(batch, -1)
+    return _protocol_term(losses, bos)
+
+
+_FULL_LOGITS_WARNED: set[str] = set()
+
+
+@torch.no_grad()
+def model_window_nll(model: nn.Module, input_ids: torch.Tensor, *, bos_token_id: int | None = None) -> torch.Tensor:
+    """`window_nll(model(with_bos(input_ids, bos_token_id)).logits, input_ids)` `[b]`, without the window's
+    `[b, seqlen, vocab]` logits (for SmolLM2 at 2048 tokens 400 MB, and the log-softmax as much again).
+
+    A pre-hook on the LM head keeps what it reads and lets only the last position through, so the model's own
+    forward post-processes that one position's logits; they must equal ours (`scale_logits` on the same head
+    call) for the head to then run a slice of positions at a time (`head_window_nll`). A model whose head is
+    not called once that way, or whose logits differ, is scored from its full logits (warned once per type)."""
+    ids, bos = with_bos(input_ids, bos_token_id), bos_token_id is not None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        read = []
+
+        def last_position_only(module, args):
+            read.append(args[0])
+            return (args[0][:, -1:], *args[1:])
+
+        handle = head.register_forward_pre_hook(last_position_only)
+        try:
+            logits = model(input_ids=ids, use_cache=False).logits
+        finally:
+            handle.remove()
+        if len(read) == 1 and read[0].shape[:2] == ids.shape and logits.shape[:2] == (ids.shape[0], 1):
+            hidden = read[0]
+            if torch.equal(scale_logits(model, head(hidden[:, -1:])).to(logits.dtype), logits):
+                return head_window_nll(lambda h: scale_logits(model, head(h)), hidden, input_ids,
+                                       vocab=logits.shape[-1], bos=bos)
+        name = type(model).__name__
+        if name not in _FULL_LOGITS_WARNED:
+            _FULL_LOGITS_WARNED.add(name)
+            warnings.warn(f"{name}: its LM head's output is not what scale_logits makes of it; scored from the "
+                          "whole window's logits (more memory, same numbers)", stacklevel=2)
+    return window_nll(model(input_ids=ids, use_cache=False).logits, input_ids, bos=bos)
 
 
 def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
@@ -290,8 +363,7 @@ def perplexity(
         with torch.no_grad():
             for window in _progress(windows, progress, desc=f"perplexity {dataset}".strip(), unit="window"):
                 ids = window.unsqueeze(0).to(device)
-                logits = model(input_ids=with_bos(ids, bos_token_id), use_cache=False).logits
-                nll_sum += float(window_nll(logits, ids, bos=bos_token_id is not None).sum())
+                nll_sum += float(model_window_nll(model, ids, bos_token_id=bos_token_id).sum())
     finally:
         model.train(was_training)
     return _result(nll_sum, windows.shape[0], total, seqlen, tokens.numel(), dataset, "whole-model",
@@ -357,10 +429,15 @@ def perplexity_blockwise(
         try:
             for module in final_modules:
                 module.to(device)
+            head, vocab = final_modules[-1], int(weight_out_in(final_modules[-1]).shape[0])
             with torch.no_grad():
                 for j, h in enumerate(_progress(hidden, progress, desc="final stage", unit="window", leave=False)):
-                    logits = adapter.logits(model, h.to(device))
-                    nll_sum += float(window_nll(logits, windows[j : j + 1].to(device), bos=bos_token_id is not None).sum())
+                    h = h.to(device)
+                    for module in final_modules[:-1]:  # (adapter.logits, the head a slice of positions at a time)
+                        h = module(h)
+                    nll_sum += float(head_window_nll(lambda x: scale_logits(model, head(x)), h,
+                                                     windows[j : j + 1].to(device), vocab=vocab,
+                                                     bos=bos_token_id is not None).sum())
         finally:
             for module, home in zip(final_modules, homes):
                 module.to(home)

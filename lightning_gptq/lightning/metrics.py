@@ -25,7 +25,11 @@ class ProtocolPerplexity(Metric):
 
     def update(self, logits: torch.Tensor, input_ids: torch.Tensor) -> None:
         """``logits`` [b, seqlen, vocab] for windows ``input_ids`` [b, seqlen]."""
-        self.nll_sum += window_nll(logits, input_ids, bos=self.bos).double().sum()
+        self.update_nll(window_nll(logits, input_ids, bos=self.bos), input_ids)
+
+    def update_nll(self, nll: torch.Tensor, input_ids: torch.Tensor) -> None:
+        """The windows' protocol terms ``nll`` [b] (``window_nll``, or ``model_window_nll``: no whole-window logits)."""
+        self.nll_sum += nll.double().sum()
         self.tokens += input_ids.numel()
 
     def compute(self) -> torch.Tensor:

@@ -16,7 +16,8 @@ and block.
     block transient     one batch through one block: MLP intermediate and attention rows, fp32
     solve workspace     the largest solve beyond its Hessian: fp32 weight copy + codes (1.5 weights), half a
                         Hessian of temporaries, one more Hessian where later layers share the input
-    scoring             3 × eval_seqlen × vocab × 4 B of logits; streaming also holds every window's hidden
+    scoring             3 slices of fp32 logits (the head runs ``LOGITS_SLICE_BYTES`` of positions at a time: logits,
+                        their log-softmax, a temporary); streaming also holds every window's hidden
                         state between blocks (windows × eval_seqlen × hidden × itemsize; on disk when it spills)
     peak                now + the largest of: calibrate, propagate, solve, evaluate
 """
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lightning_gptq.data.evaluation import LOGITS_SLICE_BYTES
 from lightning_gptq.models import (
     capture_block_inputs,
     estimate_activation_bytes,
@@ -130,7 +132,7 @@ def memory_breakdown(module, calibrates: bool = True) -> dict[str, int]:
     """Bytes of the main things a fit of ``module`` (its driver built) holds, for the dry run and the
     run summary: the model's parameters and buffers as now, this process's activation cache (twice
     that while a block's outputs are collected), one block's Hessians (fp64 sums, the largest block),
-    and the scoring logits (3 × eval_seqlen × vocab × 4 B: logits, their log-softmax, a temporary).
+    and the scoring logits (3 slices of positions × vocab × 4 B: logits, their log-softmax, a temporary).
     Asymmetric calibration (the driver's reference stream) doubles the activation cache and the Hessians
     (each layer input's mismatch ``D`` is as large as its ``H``)."""
     lm, adapter, dm = module.lm, module.driver.adapter, module.trainer.datamodule
@@ -140,13 +142,15 @@ def memory_breakdown(module, calibrates: bool = True) -> dict[str, int]:
     streaming = module.driver.streams
     scores = bool(dm.eval_datasets) and (module.hparams.eval_after or (streaming and module.hparams.eval_before))
     streams = 2 if module.driver.reference_stream else 1
+    vocab = int(getattr(config, "vocab_size", 0) or 0) or 1
     return {
         "weights": sum(t.numel() * t.element_size() for t in [*lm.parameters(), *lm.buffers()]),
         "activation cache": streams * estimate_activation_bytes(config, share, dm.seqlen, module.activation_dtype())
         if calibrates else 0,
         "Hessians (one block)": streams * max(sum(w * w * 8 for w in _distinct_inputs(module.driver, b))
                                               for b in range(len(blocks))) if calibrates else 0,
-        "scoring logits": 4 * 3 * dm.eval_seqlen * int(getattr(config, "vocab_size", 0) or 0) if scores else 0,
+        "scoring logits": 4 * 3 * min(dm.eval_seqlen, max(1, LOGITS_SLICE_BYTES // (4 * vocab))) * vocab if scores
+        else 0,
     }
 
 

@@ -13,7 +13,7 @@ import time
 
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_gptq.data.evaluation import PerplexityResult, _result, perplexity, perplexity_blockwise, with_bos
+from lightning_gptq.data.evaluation import PerplexityResult, _result, model_window_nll, perplexity, perplexity_blockwise
 from lightning_gptq.driver import pinned_adapter
 from lightning_gptq.models.latency import measure_latency
 from lightning_gptq.models.loading import resolve_dtype
@@ -122,7 +122,8 @@ class ScoringLoops:
             return
         ids = batch["input_ids"].to(self.device)
         with exact_kernels():  # perplexity does not depend on which fast paths a CPU has
-            self._val_ppl[dataloader_idx].update(self(with_bos(ids, self._eval_bos(self.trainer.datamodule))), ids)
+            nll = model_window_nll(self.lm, ids, bos_token_id=self._eval_bos(self.trainer.datamodule))
+        self._val_ppl[dataloader_idx].update_nll(nll, ids)
 
     def _eval_end(self, prefix: str) -> None:
         dm = self.trainer.datamodule

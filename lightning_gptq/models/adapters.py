@@ -24,6 +24,7 @@ __all__ = [
     "get_adapter",
     "register_adapter",
     "registered_adapters",
+    "scale_logits",
     "VERIFIED_MODEL_TYPES",
     "is_conv1d",
     "is_linear",
@@ -212,16 +213,7 @@ class ArchitectureAdapter:
         """
         for module in self.final_modules(model):
             hidden = module(hidden)
-        config = _text_config(model)
-        divisor, factor = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
-        if isinstance(divisor, (int, float)) and divisor != 1:
-            hidden = hidden / divisor
-        if isinstance(factor, (int, float)) and factor != 1:
-            hidden = hidden * factor
-        softcap = getattr(config, "final_logit_softcapping", None)
-        if softcap is not None:
-            hidden = torch.tanh(hidden / softcap) * softcap
-        return hidden
+        return scale_logits(model, hidden)
 
     # -- linear layers --------------------------------------------------------------------------
     def linear_layers(self, block: nn.Module) -> dict[str, nn.Module]:
@@ -258,6 +250,21 @@ class ArchitectureAdapter:
 # A MoE block's routing linears (Qwen2-MoE's `shared_expert_gate`, routers some models keep as nn.Linear): kept in
 # full precision, as other GPTQ tools do and vLLM expects (it builds them as plain linears); they are tiny.
 _ROUTER_NAMES = frozenset({"gate", "router", "shared_expert_gate"})
+
+
+def scale_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """What ``model``'s config asks of its LM head's output, as transformers applies it: Granite's division by
+    ``logits_scaling``, Cohere's multiplication by ``logit_scale``, Gemma-2/3's soft-capping."""
+    config = _text_config(model)
+    divisor, factor = getattr(config, "logits_scaling", None), getattr(config, "logit_scale", None)
+    if isinstance(divisor, (int, float)) and divisor != 1:
+        logits = logits / divisor
+    if isinstance(factor, (int, float)) and factor != 1:
+        logits = logits * factor
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def _registered_linears(block: nn.Module) -> OrderedDict[str, nn.Module]:
