@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -60,11 +61,13 @@ def calibration_flops(lm, tokens: int, seqlen: int) -> float:
     adapter = pinned_adapter(lm)
     config = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
     hidden = int(config.hidden_size)
+    blocks = adapter.blocks(lm)
+    every_linear = SimpleNamespace(blocks=blocks, adapter=adapter, linear_layers=lambda i: adapter.linear_layers(blocks[i]))
     total = 0.0
-    for block in adapter.blocks(lm):
+    for index, block in enumerate(blocks):
         weights = sum(m.weight.numel() for m in adapter.linear_layers(block).values())
         forward = 2 * weights + 2 * seqlen * hidden
-        hessian = 2 * sum(w * w for w in _distinct_inputs(adapter, block))
+        hessian = 2 * sum(w * w for w in _distinct_inputs(every_linear, index))
         total += tokens * (2 * forward + hessian)
     return total
 
