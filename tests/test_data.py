@@ -405,8 +405,15 @@ def test_a_head_whose_logits_are_not_what_we_make_of_them_is_scored_from_the_who
     with torch.no_grad():
         whole = window_nll(model(input_ids=ids, use_cache=False).logits, ids)
     evaluation._FULL_LOGITS_WARNED.clear()
-    with pytest.warns(UserWarning, match="scored from the whole window's logits"):
+    with pytest.warns(UserWarning, match="scored from each window's whole logits"):
         assert torch.equal(evaluation.model_window_nll(model, ids), whole)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per model type
         assert torch.equal(evaluation.model_window_nll(model, ids), whole)
+    bypassed = FACTORIES["llama"]()  # a forward that never calls the module get_output_embeddings() names
+    bypassed.get_output_embeddings = lambda: torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        whole = window_nll(bypassed(input_ids=ids, use_cache=False).logits, ids)
+    evaluation._FULL_LOGITS_WARNED.clear()
+    with pytest.warns(UserWarning, match="does not call the LM head once"):
+        assert torch.equal(evaluation.model_window_nll(bypassed, ids), whole)

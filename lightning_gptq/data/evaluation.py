@@ -300,8 +300,9 @@ def model_window_nll(model: nn.Module, input_ids: torch.Tensor, *, bos_token_id:
         name = type(model).__name__
         if name not in _FULL_LOGITS_WARNED:
             _FULL_LOGITS_WARNED.add(name)
-            warnings.warn(f"{name}: its LM head's output is not what scale_logits makes of it; scored from the "
-                          "whole window's logits (more memory, same numbers)", stacklevel=2)
+            warnings.warn(f"{name}: scored from each window's whole logits (more memory, same numbers): its forward "
+                          "does not call the LM head once on the window, or changes the head's output in a way "
+                          "scale_logits does not", stacklevel=2)
     return window_nll(model(input_ids=ids, use_cache=False).logits, input_ids, bos=bos)
 
 
