@@ -137,9 +137,9 @@ class GPTQModule(ScoringLoops, LightningModule):
         return self.source.quantized
 
     def _place(self) -> nn.Module:
-        """The whole model on the compute device; quantized layers whose backend cannot run there
-        (the int4 CPU layout on a GPU) are rebuilt with one that can."""
-        self.source.place(self.device, self.hparams.backend)  # (a quantized folder's kernels are chosen there)
+        """The whole model on the compute device (``LoadedModel.place``): a quantized folder's layers get their kernels
+        there, and layers whose backend cannot run there (the int4 CPU layout on a GPU) are rebuilt with one that can."""
+        self.source.place(self.device, self.hparams.backend)
         if self.hparams.lm_head == "int8" and (self.driver is None or self.completed):  # (not before quantizing)
             rank_zero_info(int8_head(self.lm))
         return self.lm
