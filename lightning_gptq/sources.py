@@ -29,7 +29,7 @@ from lightning_gptq.checkpoint.shards import Shards
 from lightning_gptq.models.adapters import UnsupportedArchitectureError
 from lightning_gptq.models.experts import fused_expert_banks
 from lightning_gptq.models.streaming import release, skeleton
-from lightning_gptq.nn import QuantLinear, check_backend, place, to_backend
+from lightning_gptq.nn import QuantLinear, check_backend, place
 
 __all__ = ["LoadedModel", "QuantizedWeightSource", "StreamedGPTQ", "StreamedModel", "StreamingError", "WeightSource",
            "open_model"]
@@ -145,10 +145,10 @@ class LoadedModel:
 
     streams = False
 
-    def __init__(self, model: nn.Module, tokenizer=None, *, backend: str | None = None) -> None:
-        """``backend``: the kernel the quantized layers, read in the checkpoint layout, still wait for; :meth:`place`
-        chooses it on the device they will run on."""
-        self.model, self.tokenizer, self.pending_backend = model, tokenizer, backend
+    def __init__(self, model: nn.Module, tokenizer=None, *, kernels_pending: bool = False) -> None:
+        """``kernels_pending``: the quantized layers were read in the checkpoint layout; :meth:`place` chooses their
+        kernels on the device they will run on."""
+        self.model, self.tokenizer, self.kernels_pending = model, tokenizer, kernels_pending
 
     @property
     def quantized(self) -> bool:
@@ -162,10 +162,9 @@ class LoadedModel:
 
     def place(self, device: torch.device | str, backend: str) -> nn.Module:
         """The whole model on ``device`` (``nn.place``), the kernels it waits for chosen there, once."""
-        if self.pending_backend is not None:
-            to_backend(self.model.to(device), self.pending_backend)
-            self.pending_backend = None
-        return place(self.model, device, backend)
+        model = place(self.model, device, backend, choose=self.kernels_pending)
+        self.kernels_pending = False
+        return model
 
 
 class _Streamed:
@@ -243,6 +242,6 @@ def open_model(model: str, *, gguf_file: str | None = None, dtype: str = "float3
     if is_quantized_checkpoint(model):  # ("auto": the loader's fp32, as for any checkpoint whose dtype is unknown)
         check_backend(backend)  # (read in the checkpoint layout: the compute device is known only when it is placed)
         return LoadedModel(*load_quantized(os.path.expanduser(model), backend="torch", trust_remote_code=trust_remote_code,
-                                           **({} if torch_dtype == "auto" else {"dtype": torch_dtype})), backend=backend)
+                                           **({} if torch_dtype == "auto" else {"dtype": torch_dtype})), kernels_pending=True)
     return LoadedModel(*load_causal_lm(model, gguf_file=gguf_file, dtype=dtype, trust_remote_code=trust_remote_code,
                                        revision=revision))

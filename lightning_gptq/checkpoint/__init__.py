@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_gptq.nn import AUTO, check_backend, to_backend
+from lightning_gptq.nn import AUTO, check_backend, place
 
 from .gptq_format import V1, V2, CheckpointError, GPTQSettings
 from .compressed_tensors import (
@@ -74,5 +74,5 @@ def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, verify: bo
         load = load_compressed_tensors if is_compressed_tensors_folder(folder) else load_gptq
         model, tokenizer = load(folder, backend=read_as, verify=verify, trust_remote_code=trust_remote_code, **kwargs)
     if elsewhere:
-        to_backend(model.to(device), backend)
+        place(model, device, backend, choose=True)
     return model, tokenizer

@@ -59,10 +59,11 @@ def to_backend(model: nn.Module, backend: str = AUTO, *, head: bool = True) -> d
     return chosen
 
 
-def place(model: nn.Module, device: torch.device | str, backend: str = AUTO) -> nn.Module:
+def place(model: nn.Module, device: torch.device | str, backend: str = AUTO, *, choose: bool = False) -> nn.Module:
     """``model`` moved to ``device``; quantized layers whose backend cannot run there (the int4 CPU layout
-    on a GPU, a CUDA kernel on the CPU) rebuilt with ``backend`` (:func:`to_backend`). Returns ``model``."""
+    on a GPU, a CUDA kernel on the CPU) rebuilt with ``backend`` (:func:`to_backend`), every one of them with
+    ``choose`` (layers read in the checkpoint layout, whose kernels are chosen where they run). Returns ``model``."""
     model.to(device)
-    if any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in model.modules()):
+    if choose or any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in model.modules()):
         to_backend(model, backend)
     return model
