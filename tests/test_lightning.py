@@ -441,6 +441,8 @@ def test_a_quantized_folders_kernels_are_chosen_on_the_device_it_is_placed_on(tm
     source = sources.open_model(str(out / "model"), backend="auto")
     assert events == [] and {type(m) for m in source.model.modules() if isinstance(m, QuantLinear)} == {QuantLinear}
     monkeypatch.setattr(PreTrainedModel, "to", lambda model, device: events.append(("to", str(device))) or model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (``to`` above only records the move)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     source.place("cuda:0", "auto")
     source.place("cuda:0", "auto")  # chosen once
     assert events == [("to", "cuda:0"), ("choose", "auto"), ("to", "cuda:0")]
@@ -449,6 +451,32 @@ def test_a_quantized_folders_kernels_are_chosen_on_the_device_it_is_placed_on(tm
     assert events == [("to", "cuda:0"), ("choose", "auto")]
     with pytest.raises(ValueError, match="unknown quantized-linear backend"):
         sources.open_model(str(out / "model"), backend="cuda-int5")
+
+
+def test_a_device_this_machine_lacks_is_refused_before_the_folder_is_read(tmp_path, monkeypatch):
+    """``load_quantized(folder, device="cuda")`` on a machine without CUDA used to read the whole folder, then
+    fail in ``model.to`` with torch's "not compiled with CUDA"; a misspelt device failed the same way."""
+    import lightning_gptq.checkpoint as checkpoint
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={out}")])
+    read = []
+    monkeypatch.setattr(checkpoint, "load_gptq", lambda *a, **k: read.append(a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="this machine has no cuda device"):
+        checkpoint.load_quantized(out / "model", device="cuda")
+    with pytest.raises(ValueError, match="not a device: 'gpu'"):
+        checkpoint.load_quantized(out / "model", device="gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match="cuda:2 does not exist: this machine has 2 cuda device"):
+        checkpoint.load_quantized(out / "model", device="cuda:2")
+    assert read == []
+    monkeypatch.undo()
+    model, _ = checkpoint.load_quantized(out / "model", device=torch.device("cpu"))
+    assert next(model.parameters()).device.type == "cpu"
 
 
 def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):

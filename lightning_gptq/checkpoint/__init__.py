@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_gptq.nn import AUTO, check_backend, place
+from lightning_gptq.nn import AUTO, check_backend, device_at_hand, place
 
 from .gptq_format import V1, V2, CheckpointError, GPTQSettings
 from .compressed_tensors import (
@@ -64,7 +64,7 @@ def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, verify: bo
     the checkpoint layout first: ``auto`` times candidates on the device the layers will run on)."""
     check_backend(backend)
     folder = Path(os.path.expanduser(folder))
-    elsewhere = torch.device(device).type != "cpu"
+    elsewhere = device_at_hand(device).type != "cpu"
     read_as = "torch" if elsewhere else backend  # (the checkpoint layout: no kernel timed on the CPU for nothing)
     if is_interim_checkpoint(folder):
         model, tokenizer = load_interim(folder, backend=read_as, trust_remote_code=trust_remote_code)

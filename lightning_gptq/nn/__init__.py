@@ -9,7 +9,7 @@ from . import cpu_int4 as _cpu_int4  # noqa: F401  (registers the "cpu-int4" bac
 from . import cpu_packed as _cpu_packed  # noqa: F401  (registers the "cpu-packed" backend)
 from . import cuda_int4 as _cuda_int4  # noqa: F401  (registers the "cuda-int4" backend)
 from . import triton as _triton  # noqa: F401  (registers the "triton" backend)
-from .build import build, make_quant_linear, place, to_backend
+from .build import build, device_at_hand, make_quant_linear, place, to_backend
 from .head import GemvHead, Int8Head, int8_head, int8_head_unsupported, speed_up_head
 from .quant_linear import (
     AUTO,
@@ -27,5 +27,5 @@ from .selection import Choice, choices, choose
 __all__ = [
     "AUTO", "Choice", "GemvHead", "Int8Head", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
     "int8_head", "int8_head_unsupported", "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule",
-    "place", "speed_up_head", "to_backend",
+    "device_at_hand", "place", "speed_up_head", "to_backend",
 ]

@@ -59,11 +59,30 @@ def to_backend(model: nn.Module, backend: str = AUTO, *, head: bool = True) -> d
     return chosen
 
 
+def device_at_hand(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``, or a ``ValueError`` saying why this machine has no such device (before any
+    work that would be lost when the move fails: torch's own errors come after it)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"not a device: {device!r} ({err})") from None
+    if device.type in ("cpu", "meta"):
+        return device
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if is_available is None or not is_available():
+        raise ValueError(f"this machine has no {device.type} device (torch {torch.__version__}) to put the model on")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"{device} does not exist: this machine has {count} {device.type} device(s)")
+    return device
+
+
 def place(model: nn.Module, device: torch.device | str, backend: str = AUTO, *, choose: bool = False) -> nn.Module:
     """``model`` moved to ``device``; quantized layers whose backend cannot run there (the int4 CPU layout
     on a GPU, a CUDA kernel on the CPU) rebuilt with ``backend`` (:func:`to_backend`), every one of them with
     ``choose`` (layers read in the checkpoint layout, whose kernels are chosen where they run). Returns ``model``."""
-    model.to(device)
+    model.to(device_at_hand(device))
     if choose or any(isinstance(m, QuantLinear) and type(m).unsupported(m.spec()) for m in model.modules()):
         to_backend(model, backend)
     return model
