@@ -446,11 +446,19 @@ def test_a_head_whose_logits_are_not_what_we_make_of_them_is_scored_from_the_who
     with torch.no_grad():
         whole = window_nll(model(input_ids=ids, use_cache=False).logits, ids)
     evaluation._FULL_LOGITS_WARNED.clear()
+    forwards = []
+    model.register_forward_pre_hook(lambda m, args: forwards.append(1))
     with pytest.warns(UserWarning, match="scored from each window's whole logits"):
         assert torch.equal(evaluation.model_window_nll(model, ids), whole)
+    assert len(forwards) == 2  # the try, then the whole logits
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per model type
         assert torch.equal(evaluation.model_window_nll(model, ids), whole)
+    assert len(forwards) == 3  # this model's later windows: one forward
+    other = FACTORIES["llama"]()  # another instance of the type is tried again (and passes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluation.model_window_nll(other, ids)
     bypassed = FACTORIES["llama"]()  # a forward that never calls the module get_output_embeddings() names
     bypassed.get_output_embeddings = lambda: torch.nn.Linear(8, 8)
     with torch.no_grad():

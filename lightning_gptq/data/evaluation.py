@@ -28,6 +28,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -273,6 +274,7 @@ def _held(head: nn.Module):
 
 
 _FULL_LOGITS_WARNED: set[str] = set()
+_WHOLE_LOGITS: weakref.WeakSet = weakref.WeakSet()  # models whose one-position check failed
 
 
 @torch.no_grad()
@@ -283,10 +285,11 @@ def model_window_nll(model: nn.Module, input_ids: torch.Tensor, *, bos_token_id:
     A pre-hook on the LM head keeps what it reads and lets only the last position through, so the model's own
     forward post-processes that one position's logits; they must equal ours (`scale_logits` on the same head
     call) for the head to then run a slice of positions at a time (`head_window_nll`). A model whose head is
-    not called once that way, or whose logits differ, is scored from its full logits (warned once per type)."""
+    not called once that way, or whose logits differ, is scored from its full logits (warned once per type; that
+    model's later windows skip the try)."""
     ids, bos = with_bos(input_ids, bos_token_id), bos_token_id is not None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
+    if head is not None and model not in _WHOLE_LOGITS:
         read = []
 
         def last_position_only(module, args):
@@ -304,6 +307,7 @@ def model_window_nll(model: nn.Module, input_ids: torch.Tensor, *, bos_token_id:
                 with _held(head):
                     return head_window_nll(lambda h: scale_logits(model, head(h)), hidden, input_ids,
                                            vocab=logits.shape[-1], bos=bos)
+        _WHOLE_LOGITS.add(model)  # (its later windows skip the try: one forward each)
         name = type(model).__name__
         if name not in _FULL_LOGITS_WARNED:
             _FULL_LOGITS_WARNED.add(name)
