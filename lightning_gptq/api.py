@@ -102,6 +102,7 @@ def quantize(
             module.tokenizer = tokenizer
         eval_sets = {"eval_datasets": []} if not (options["eval_after"] or options.get("eval_before")) else {}
         if isinstance(calibration, torch.Tensor):
+            _check_ids(calibration, module.lm)
             data = CalibrationDataModule.from_windows(calibration, batch_size=batch_size, **eval_sets)
         else:
             data = CalibrationDataModule(calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -120,3 +121,15 @@ def quantize(
     if dynamic:  # what save_quantized writes by default: without them a layer left dense everywhere (a "-:" rule)
         module.lm.gptq_dynamic = callbacks[0].rules.layout_rules()  # would be built quantized by other tools
     return place(module.lm, device, backend)  # where it was calibrated: Lightning's teardown moved it to the CPU
+
+
+def _check_ids(windows: torch.Tensor, lm: nn.Module) -> None:
+    """Token windows hold ids the model's embedding has rows for (else torch's bare ``IndexError`` mid-fit)."""
+    embeddings = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None or windows.numel() == 0 or windows.is_floating_point():
+        return  # (from_windows refuses floating-point windows)
+    low, high = int(windows.min()), int(windows.max())
+    if low < 0 or high >= rows:
+        raise ValueError(f"calibration windows hold token id {low if low < 0 else high}, but the model's embedding has "
+                         f"{rows} rows (ids 0..{rows - 1}): were they made with another model's tokenizer?")

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_gptq.checkpoint import CheckpointError
 from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
 from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
+from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.quant import QuantConfigError
 
 from lightning_gptq.lightning import (BlockCheckpoint, CalibrationDataModule, CompletionWriter, GGUFExport, GPTQCallback,
@@ -59,6 +60,16 @@ class GPTQCLI(LightningCLI):
         parser.add_lightning_class_args(CompletionWriter, "completions")
         # The quantized model also as GGUF for llama.cpp (`--gguf.path=auto`), under `gguf:`.
         parser.add_lightning_class_args(GGUFExport, "gguf")
+
+    def before_instantiate_classes(self) -> None:
+        """A misspelt dtype is one line before the model loads (not a traceback, or one after it)."""
+        options = (self.config[self.subcommand] if self.subcommand else self.config).get("model") or {}
+        for name in ("dtype", "activation_dtype"):
+            if (value := options.get(name)) is not None:
+                try:
+                    resolve_dtype(value)
+                except ValueError as error:
+                    raise MisconfigurationException(f"GPTQModule.{name}: {error}") from None
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,

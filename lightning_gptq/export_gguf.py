@@ -12,6 +12,7 @@ user error (no template, a layer GGUF cannot hold, a template of another model).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ._unshadow import import_hf_kernels_first
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="skip reading the file back against the layers")
     args = parser.parse_args(argv)
     try:
+        if not os.path.isdir(os.path.expanduser(args.folder)):
+            raise CheckpointError(f"{args.folder}: no such folder" if not os.path.exists(os.path.expanduser(args.folder))
+                                  else f"{args.folder} is a file: give the quantized folder")
         template = args.template or default_template(args.folder)
         if template is None:
             raise CheckpointError(f"{args.folder} names no .gguf source that exists here: pass --template with the "

@@ -7,6 +7,7 @@ both (ours and other tools'), and the interim layouts earlier versions of this p
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from .compressed_tensors import (
     save_compressed_tensors,
 )
 from .gguf_export import GGUFExportError, save_gguf
-from .hf import GPTQReader, is_gptq_folder, load_gptq, read_settings, save_gptq
+from .hf import GPTQReader, is_gptq_folder, load_gptq, read_dtype, read_settings, save_gptq
 from .interim import (
     FORMAT,
     FORMAT_V0,
@@ -34,6 +35,7 @@ from .interim import (
 )
 
 save_quantized = save_gptq
+log = logging.getLogger("lightning_gptq")
 
 __all__ = [
     "FORMAT", "FORMAT_V0", "MANIFEST", "V1", "V2", "WEIGHTS", "CheckpointError", "GGUFExportError", "GPTQSettings", "is_quantized_checkpoint",
@@ -63,6 +65,8 @@ def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, verify: bo
     ``device``: where the model goes; the layers' kernels (``backend``) are chosen there, after the move (read in
     the checkpoint layout first: ``auto`` times candidates on the device the layers will run on)."""
     check_backend(backend)
+    if "dtype" in kwargs:  # (a misspelt name fails before the folder is read)
+        kwargs["dtype"] = read_dtype(kwargs["dtype"])
     folder = Path(os.path.expanduser(folder))
     elsewhere = device_at_hand(device).type != "cpu"
     read_as = "torch" if elsewhere else backend  # (the checkpoint layout: no kernel timed on the CPU for nothing)
@@ -73,6 +77,9 @@ def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, verify: bo
     else:
         load = load_compressed_tensors if is_compressed_tensors_folder(folder) else load_gptq
         model, tokenizer = load(folder, backend=read_as, verify=verify, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer is None:
+        log.warning("%s holds no tokenizer files: load_quantized returns tokenizer=None (copy the original model's "
+                    "tokenizer files into the folder, or save it with save_quantized(model, tokenizer, folder))", folder)
     if elsewhere:
         place(model, device, backend, choose=True)
     return model, tokenizer

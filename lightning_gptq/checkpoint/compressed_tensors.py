@@ -150,7 +150,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
         state.update({f"{name}.{k}": v.to(cast) if cast is not None and v.is_floating_point() else v
                       for k, v in layer_tensors(layer).items()})
     state = {rename(name): tensor for name, tensor in state.items()}  # Mixtral's block_sparse_moe.experts.<e>.w1, ...
-    folder = Path(folder)
+    folder = Path(os.path.abspath(os.path.expanduser(folder)))  # ("." and "~/x": a name to stage beside)
     staging = staging_for(folder)
     digests = shard_io.write({n: t.contiguous() for n, t in state.items()}, staging, max_shard_size)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".weight_scale")),

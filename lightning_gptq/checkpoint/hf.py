@@ -118,7 +118,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
         state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], m.in_features, m.bits, dim=0)
     state = {rename(name): tensor for name, tensor in state.items()}  # Mixtral's block_sparse_moe.experts.<e>.w1, ...
 
-    folder = Path(folder)
+    folder = Path(os.path.abspath(os.path.expanduser(folder)))  # ("." and "~/x": a name to stage beside)
     staging = staging_for(folder)
     digests = shard_io.write(state, staging, max_shard_size)
     dtype = next((t.dtype for n, t in state.items() if t.is_floating_point() and not n.endswith(".scales")), torch.float32)
@@ -460,11 +460,20 @@ def load_gptq(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dt
     return load_with(GPTQReader, folder, backend=backend, dtype=dtype, verify=verify, trust_remote_code=trust_remote_code)
 
 
+def read_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A loader's ``dtype``: a torch dtype or a name ``--model.dtype`` takes (``"fp16"``, ``"bfloat16"``, ...;
+    ``"auto"``: fp32, as for any checkpoint); ``ValueError`` for another."""
+    from lightning_gptq.models.loading import resolve_dtype  # (models imports transformers' model code)
+
+    resolved = resolve_dtype(dtype)
+    return torch.float32 if resolved == "auto" else resolved
+
+
 def load_with(reader_class: type[GPTQReader], folder: str | os.PathLike, *, backend: str, dtype: torch.dtype | str,
               verify: bool, trust_remote_code: bool):
     """``(model, tokenizer)`` read whole by a ``reader_class`` (a layout's ``GPTQReader``), quantized layers on ``backend``."""
     check_backend(backend)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    dtype = read_dtype(dtype)
     start = time.perf_counter()
     reader = reader_class(folder, dtype=dtype, verify=verify, trust_remote_code=trust_remote_code)
     reader.fill()

@@ -119,10 +119,10 @@ def calibration_windows(
             key = short_hash("calib-docs", file_fingerprint(path), tokenizer_fingerprint(tokenizer), nsamples, seqlen, seed)
             return cached_tensor(
                 key,
-                lambda: document_windows(read_documents(path), tokenizer, nsamples=nsamples, seqlen=seqlen,
+                lambda: document_windows(_local_documents(source), tokenizer, nsamples=nsamples, seqlen=seqlen,
                                          seed=seed, allow_exact_length=False, progress=True),
             )
-        text = "\n\n".join(read_documents(path))
+        text = "\n\n".join(_local_documents(source))
     else:
         raise CalibrationDataError(
             f"Unknown calibration source {source!r}: not one of {CALIBRATION_SOURCES} and no such file or folder."
@@ -131,6 +131,17 @@ def calibration_windows(
     if not text.strip():
         raise CalibrationDataError(f"The calibration source {source!r} holds no text.")
     return text_windows(tokenize_cached(text, tokenizer), nsamples=nsamples, seqlen=seqlen, seed=seed)
+
+
+def _local_documents(source: str) -> list[str]:
+    """``read_documents`` of a local source; what makes it unreadable (a folder without .txt files, bytes that are
+    not UTF-8 text, a bad JSON line) is a ``CalibrationDataError``."""
+    try:
+        return read_documents(os.path.expanduser(source))
+    except CalibrationDataError:
+        raise
+    except (OSError, ValueError) as error:
+        raise CalibrationDataError(f"The calibration source {source!r} cannot be read: {error}") from None
 
 
 def mixed_calibration_windows(
@@ -158,8 +169,12 @@ def mixed_calibration_windows(
     if min(counts) < 1:
         raise CalibrationDataError(
             f"nsamples={nsamples} is too few to give every calibration source a window at shares {dict(sources)}")
-    parts = [calibration_windows(source, tokenizer, nsamples=n, seqlen=seqlen, seed=seed)
-             for source, n in zip(sources, counts)]
+    parts = []
+    for source, n in zip(sources, counts):
+        try:
+            parts.append(calibration_windows(source, tokenizer, nsamples=n, seqlen=seqlen, seed=seed))
+        except CalibrationDataError as error:  # (which source of the mix: its own message may not say)
+            raise CalibrationDataError(f"calibration source {source!r} ({n} of the {nsamples} windows): {error}") from None
     windows = torch.cat(parts)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     return windows[order]

@@ -49,9 +49,14 @@ class CalibrationDataError(ValueError):
 
 
 def _read_text(path: Path) -> str:
+    """The file's text, line endings normalised; ``ValueError`` naming the file when it is not UTF-8 text."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        return handle.read().replace("\r\n", "\n").replace("\r", "\n")
+    try:
+        with opener(path, "rt", encoding="utf-8") as handle:
+            return handle.read().replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({error.reason}: a binary file?); give a text file, a folder "
+                         "of .txt files or a JSON-lines file") from None
 
 
 def is_json_lines(path: str | os.PathLike) -> bool:

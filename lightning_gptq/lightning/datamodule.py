@@ -24,6 +24,14 @@ from .distributed import WindowShards, world_size
 from .generation import PromptDataset, collate_prompts, read_prompts
 
 
+def _no_tokenizer(module) -> str:
+    """Why a module loaded without a tokenizer (a quantized folder saved without its files) cannot go on."""
+    model = getattr(getattr(module, "hparams", None), "model", None)
+    return (f"the model {model!r} has no tokenizer: its folder holds no tokenizer files (tokenizer_config.json, "
+            "tokenizer.json, ...). Copy them from the original model into the folder, or save it with its tokenizer "
+            "(save_quantized(model, tokenizer, folder))")
+
+
 def parse_eval_datasets(entries: list[str]) -> tuple[list[str], dict[str, str]]:
     """``(names in order, {own set name: path})`` from ``eval_datasets`` entries; every own text is
     checked to exist and hold text here, before any model work."""
@@ -143,6 +151,8 @@ class CalibrationDataModule(LightningDataModule):
     def _tokenizer(self):
         module = self.trainer.lightning_module if self.trainer is not None else None
         tokenizer = getattr(module, "tokenizer", None)
+        if tokenizer is None and hasattr(module, "tokenizer"):
+            raise MisconfigurationException(_no_tokenizer(module))
         if tokenizer is None:
             raise MisconfigurationException("CalibrationDataModule needs a LightningModule with a `tokenizer` (GPTQModule)")
         return tokenizer
@@ -207,6 +217,9 @@ class CalibrationDataModule(LightningDataModule):
         return self._eval_loaders()
 
     def predict_dataloader(self) -> DataLoader:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if hasattr(module, "tokenizer") and module.tokenizer is None:  # (else predict_step fails on its first prompt)
+            raise MisconfigurationException(_no_tokenizer(module))
         prompts = read_prompts(self.prompts, self.prompts_file)
         return DataLoader(PromptDataset(prompts), batch_size=1, collate_fn=collate_prompts)
 

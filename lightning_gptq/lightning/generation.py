@@ -158,6 +158,9 @@ class GreedyPaths:
 def complete(lm, tokenizer, prompt: str, index: int, settings: Generation, device: torch.device,
              paths: GreedyPaths | None = None) -> dict:
     """One prompt → ``{"index", "prompt", "completion", "new_tokens", "seconds", "decode"}``."""
+    if tokenizer is None:
+        raise MisconfigurationException("predict needs the model's tokenizer, and this model was loaded without one "
+                                        "(a folder without tokenizer files: copy them from the original model into it)")
     text = prompt
     if settings.chat_template:
         if not getattr(tokenizer, "chat_template", None):

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
@@ -113,6 +114,29 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path, *, trust_remote_cod
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _check_gguf_whole(model: str, path: Path) -> None:
+    """``ModelLoadError`` when the GGUF file ``path`` ends before its header or its last tensor does (a
+    truncated download or copy), before transformers reads it."""
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # (another transformers: its own reader says what is wrong)
+        return
+    size = path.stat().st_size
+    try:
+        header = GgufHeader.from_file(str(path))
+    except (struct.error, UnicodeDecodeError):
+        reason = "it ends inside its header (the metadata or the tensor table)"
+    except ValueError:  # not GGUF at all, or a type it cannot read: transformers' own message follows
+        return
+    else:
+        end = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+        if end <= size:
+            return
+        reason = f"its tensors end at byte {end:,}"
+    raise ModelLoadError(f"Could not load model {model!r}: GGUF file {str(path)!r} is truncated or unreadable: "
+                         f"{size:,} bytes, and {reason}. Download or copy it again.")
+
+
 def _load_from(source: str, *, dtype, trust_remote_code: bool, revision: str | None, local: bool):
     common = dict(trust_remote_code=trust_remote_code, revision=revision)
     if local:
@@ -157,6 +181,11 @@ def load_causal_lm(
         expanded, gguf_file = os.path.dirname(expanded) or ".", os.path.basename(expanded)
 
     is_local = os.path.isdir(expanded)
+    if os.path.isfile(expanded):
+        raise ModelLoadError(
+            f"Could not load model {model!r}: {expanded!r} is a file that is neither a folder nor a .gguf file. "
+            + _how_to_point_locally()
+        )
     if not is_local and (_looks_like_path(model) or gguf_file is not None and os.path.isabs(expanded)):
         missing = os.path.join(expanded, gguf_file) if gguf_file else expanded
         raise ModelLoadError(
@@ -173,6 +202,7 @@ def load_causal_lm(
                 )
             target = gguf_cache_folder(gguf_path)
             if not (target / _CONVERSION_MARKER).exists():
+                _check_gguf_whole(model, gguf_path)
                 _convert_gguf(expanded, gguf_file, target, trust_remote_code=trust_remote_code, revision=revision)
             loaded = _load_from(str(target), dtype=torch_dtype, trust_remote_code=trust_remote_code, revision=None,
                                 local=True)

@@ -1,0 +1,147 @@
+"""Bad input is one clear line: from the command line exit status 2 and one ``lightning-gptq: error:`` line (no
+traceback), from Python an exception that names what is wrong. Each case from a user audit."""
+
+import logging
+import sys
+
+import pytest
+import torch
+
+import lightning_gptq as lg
+from lightning_gptq.cli import main
+from lightning_gptq.data import CalibrationDataError
+from lightning_gptq.data.calibration import mixed_calibration_windows
+from lightning_gptq.export_gguf import main as export_main
+from tiny_lm import CALIBRATION_TEXT, SMOLLM2_GGUF, char_tokenizer, tiny_model_dir
+
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+CONFIG = lg.QuantConfig(bits=4, group_size=16)
+
+
+def cli_error(monkeypatch, capsys, *argv) -> str:
+    """Run the command line as a user does; it must exit 2 with one error line and no traceback."""
+    monkeypatch.setattr(sys, "argv", ["lightning-gptq", *map(str, argv)])
+    log = logging.getLogger("lightning_gptq")  # main() gives it a handler on this test's (captured) stderr
+    for attribute in ("handlers", "level", "propagate"):
+        monkeypatch.setattr(log, attribute, [] if attribute == "handlers" else getattr(log, attribute))
+    with pytest.raises(SystemExit) as exited:
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("lightning-gptq: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def fit_args(tmp_path, model, calibration=CALIBRATION_TEXT, *extra):
+    return ["fit", f"--model.model={model}", f"--data.calibration={calibration}", "--data.nsamples=2",
+            "--data.seqlen=8", "--data.eval_datasets=[]", "--gptq.method=rtn", "--model.latency=false",
+            "--model.eval_after=false", "--model.save_quantized=false", f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET, *extra]
+
+
+@pytest.fixture(scope="module")
+def no_tokenizer_folder(tmp_path_factory):
+    """A quantized tiny llama saved without its tokenizer."""
+    root = tmp_path_factory.mktemp("notok")
+    model = lg.quantize(tiny_model_dir(root), torch.randint(4, 60, (2, 8)), CONFIG, method="rtn", accelerator="cpu")
+    return lg.save_quantized(model, None, root / "quantized")
+
+
+@pytest.mark.parametrize("option", ["dtype", "activation_dtype"])
+def test_a_misspelt_dtype_is_one_line_before_the_model_loads(tmp_path, monkeypatch, capsys, option):
+    line = cli_error(monkeypatch, capsys, *fit_args(tmp_path, tmp_path / "no-such-model", CALIBRATION_TEXT,
+                                                    f"--model.{option}=float33"))
+    assert f"GPTQModule.{option}: Unknown dtype 'float33'; use one of" in line and "'bf16'" in line
+
+
+@pytest.mark.parametrize("case", ["empty folder", "binary file"])
+def test_unreadable_calibration_text_is_one_line(tmp_path, monkeypatch, capsys, case):
+    if case == "empty folder":
+        source = tmp_path / "texts"
+        source.mkdir()
+        (source / "notes.md").write_text("not a .txt file")
+    else:
+        source = tmp_path / "model.safetensors"
+        source.write_bytes(bytes([0xC8, 0x00, 0xFF, 0xFE]) * 64)
+    line = cli_error(monkeypatch, capsys, *fit_args(tmp_path, tiny_model_dir(tmp_path), source))
+    assert "CalibrationDataError:" in line and str(source) in line
+    assert ("holds no .txt files" if case == "empty folder" else "is not UTF-8 text") in line
+
+
+def test_a_truncated_gguf_is_a_model_load_error(tmp_path, monkeypatch, capsys):
+    truncated = tmp_path / "smol.gguf"
+    with open(SMOLLM2_GGUF, "rb") as source:
+        truncated.write_bytes(source.read(100_000))
+    monkeypatch.setenv("LIGHTNING_GPTQ_CACHE", str(tmp_path / "cache"))
+    line = cli_error(monkeypatch, capsys, *fit_args(tmp_path, truncated))
+    assert f"ModelLoadError: Could not load model '{truncated}': GGUF file '{truncated}' is truncated" in line
+
+
+def test_the_whole_gguf_passes_the_truncation_check():
+    from lightning_gptq.models.loading import _check_gguf_whole
+
+    _check_gguf_whole(str(SMOLLM2_GGUF), SMOLLM2_GGUF)  # (its last tensor ends at its last byte)
+
+
+def test_a_folder_without_tokenizer_files_warns_on_load_and_says_so_in_validate_and_predict(
+        no_tokenizer_folder, tmp_path, monkeypatch, capsys, caplog):
+    log = logging.getLogger("lightning_gptq")  # (the CLI stops it propagating to the root logger caplog reads)
+    log.addHandler(caplog.handler)
+    try:
+        model, tokenizer = lg.load_quantized(no_tokenizer_folder)
+    finally:
+        log.removeHandler(caplog.handler)
+    assert tokenizer is None and "holds no tokenizer files" in caplog.text
+    common = [f"--model.model={no_tokenizer_folder}", "--model.latency=false", "--data.eval_seqlen=16",
+              f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET]
+    for command in (["validate"], ["predict", "--data.prompts=[hi]"]):
+        line = cli_error(monkeypatch, capsys, command[0], *common, *command[1:])
+        assert f"the model '{no_tokenizer_folder}' has no tokenizer: its folder holds no tokenizer files" in line
+        assert "Copy them from the original model into the folder" in line
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "auto"])
+def test_load_quantized_takes_the_dtype_names_the_cli_takes(no_tokenizer_folder, name):
+    model, _ = lg.load_quantized(no_tokenizer_folder, dtype=name)
+    expected = {"fp16": torch.float16, "bf16": torch.bfloat16, "auto": torch.float32}[name]
+    assert model.get_input_embeddings().weight.dtype == expected
+
+
+def test_load_quantized_refuses_an_unknown_dtype_by_name(no_tokenizer_folder):
+    with pytest.raises(ValueError, match=r"Unknown dtype 'float33'; use one of \[.*'fp16'"):
+        lg.load_quantized(no_tokenizer_folder, dtype="float33")
+
+
+def test_a_model_path_that_is_a_plain_file_says_so(tmp_path, monkeypatch, capsys):
+    plain = tmp_path / "weights.bin"
+    plain.write_text("x")
+    line = cli_error(monkeypatch, capsys, *fit_args(tmp_path, plain))
+    assert f"'{plain}' is a file that is neither a folder nor a .gguf file" in line and "does not exist" not in line
+
+
+def test_export_gguf_of_a_missing_folder_says_no_such_folder(tmp_path, capsys):
+    assert export_main([str(tmp_path / "nope"), str(tmp_path / "out.gguf")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope'}: no such folder"
+
+
+def test_save_quantized_to_the_current_folder(no_tokenizer_folder, tmp_path, monkeypatch):
+    model, _ = lg.load_quantized(no_tokenizer_folder)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert lg.save_quantized(model, char_tokenizer(), ".") == here
+    assert (here / "config.json").is_file() and (here / "tokenizer_config.json").is_file()
+    assert not (tmp_path / "here.partial").exists()
+
+
+def test_a_calibration_mix_names_the_source_that_is_too_short(tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("A few words.")
+    with pytest.raises(CalibrationDataError, match=rf"calibration source '{short}' \(2 of the 4 windows\): .*tokens"):
+        mixed_calibration_windows({str(CALIBRATION_TEXT): 1, str(short): 1}, char_tokenizer(), nsamples=4, seqlen=24)
+
+
+def test_quantize_refuses_token_ids_beyond_the_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match=r"token id 500, but the model's embedding has 96 rows \(ids 0\.\.95\)"):
+        lg.quantize(tiny_model_dir(tmp_path), torch.full((2, 8), 500), CONFIG, accelerator="cpu")
