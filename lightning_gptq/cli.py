@@ -6,13 +6,13 @@ import logging
 import sys
 import warnings
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint import CheckpointError
 from lightning_gptq.data import CalibrationDataError, DatasetUnavailableError
 from lightning_gptq.models import ModelLoadError, UnsupportedArchitectureError
-from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.quant import QuantConfigError
 
 from lightning_gptq.lightning import (BlockCheckpoint, CalibrationDataModule, CompletionWriter, GGUFExport, GPTQCallback,
@@ -61,16 +61,6 @@ class GPTQCLI(LightningCLI):
         # The quantized model also as GGUF for llama.cpp (`--gguf.path=auto`), under `gguf:`.
         parser.add_lightning_class_args(GGUFExport, "gguf")
 
-    def before_instantiate_classes(self) -> None:
-        """A misspelt dtype is one line before the model loads (not a traceback, or one after it)."""
-        options = (self.config[self.subcommand] if self.subcommand else self.config).get("model") or {}
-        for name in ("dtype", "activation_dtype"):
-            if (value := options.get(name)) is not None:
-                try:
-                    resolve_dtype(value)
-                except ValueError as error:
-                    raise MisconfigurationException(f"GPTQModule.{name}: {error}") from None
-
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,
                DatasetUnavailableError, CheckpointError, MisconfigurationException, ResumeError)
@@ -88,8 +78,15 @@ def main(args=None) -> GPTQCLI:
             CalibrationDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},  # re-running in the same folder must not trip over config.yaml
+            # from the command line a bad option raises (one line below) instead of printing the whole usage
+            parser_kwargs={"prog": "lightning-gptq"} | ({"exit_on_error": False} if args is None else {}),
             args=args,
         )
+    except ArgumentError as error:
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"lightning-gptq: error: {message} (options: lightning-gptq <fit|validate|test|predict> --help)",
+              file=sys.stderr)
+        raise SystemExit(2) from None
     except USER_ERRORS as error:
         if args is not None:
             raise

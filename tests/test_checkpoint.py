@@ -87,6 +87,51 @@ def test_forced_formats_round_trip_and_v1_refuses_a_zero_of_0(tmp_path, fmt):
         assert not (tmp_path / "refused").exists()
 
 
+def test_a_save_replaces_only_an_empty_folder_or_a_checkpoint(tmp_path):
+    """A save writes ``<folder>.partial`` and renames it over ``folder``. It used to delete whatever ``folder``
+    held first: ``save_quantized(model, tok, "~")`` would have taken a home directory with it."""
+    from lightning_gptq.checkpoint import save_compressed_tensors, save_interim
+
+    model = quantize_randomly(FACTORIES["llama"](), 4, 16, True, False)
+    mine = tmp_path / "mine"
+    (mine / "sub" / "deeper").mkdir(parents=True)
+    (mine / "sub" / "deeper" / "a.txt").write_text("a")
+    (mine / "b.txt").write_text("b")
+    for save in (save_quantized, save_compressed_tensors, save_interim):
+        with pytest.raises(CheckpointError, match=r"holds files that are not a quantized checkpoint \(b.txt, sub/\)"):
+            save(model, None, mine)
+    assert (mine / "sub" / "deeper" / "a.txt").read_text() == "a" and (mine / "b.txt").read_text() == "b"
+    assert not (tmp_path / "mine.partial").exists()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile is a file, not a folder"):
+        save_quantized(model, None, tmp_path / "afile")
+    with pytest.raises(CheckpointError, match="afile is a file, so .* cannot be made"):
+        save_quantized(model, None, tmp_path / "afile" / "q")
+    (tmp_path / "empty").mkdir()
+    for save in (save_quantized, save_compressed_tensors, save_interim, save_quantized):  # each replaces the last
+        folder = save(model, None, tmp_path / "empty")
+    assert read_settings(folder).checkpoint_format == "gptq"
+    assert_same_model(model, load_quantized(folder, backend="torch")[0])
+
+
+def test_weight_files_are_as_readable_as_the_others(tmp_path):
+    """safetensors 0.8 writes its files 0600: a server running as another user could not read the weights."""
+    import os
+
+    from lightning_gptq.checkpoint import save_compressed_tensors, save_interim
+
+    model = quantize_randomly(FACTORIES["llama"](), 4, 16, True, False)
+    previous = os.umask(0o022)
+    try:
+        for save, shard in ((save_quantized, "4GB"), (save_quantized, "20KB"), (save_compressed_tensors, "4GB"),
+                            (save_interim, None)):
+            folder = save(model, None, tmp_path / f"{save.__name__}-{shard}", **({"max_shard_size": shard} if shard else {}))
+            modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir()}
+            assert set(modes.values()) == {"0o644"}, modes
+    finally:
+        os.umask(previous)
+
+
 def test_saving_in_float16_halves_the_unquantized_tensors_and_loads_close(tmp_path):
     model = quantize_randomly(FACTORIES["llama"](), 4, 16, True, False)
     full = save_quantized(model, None, tmp_path / "fp32")

@@ -4,6 +4,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import subprocess
 import warnings
 import sys
@@ -391,6 +392,18 @@ def test_wrong_bits_is_one_clear_line_from_the_command_line():
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("bad, said", [(["--gptq.quant.bitz=4"], "unrecognized arguments: --gptq.quant.bitz=4"),
+                                       (["--data.nsamples=abc"], 'Parser key "data.nsamples": Expected a'),
+                                       (["--config=/nope.yaml"], "File does not exist: '/nope.yaml'")])
+def test_a_bad_option_is_one_line_not_the_whole_usage(bad, said):
+    """The parser printed its usage (about 135 lines) before the error, under the name ``__main__.py``."""
+    proc = subprocess.run([sys.executable, "-m", "lightning_gptq", "fit", *bad], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.splitlines()
+    assert line.startswith("lightning-gptq: error: ") and said in line and "--help" in line
+
+
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
     model_dir = tiny_model_dir(tmp_path, "llama")
     out = tmp_path / "out"
@@ -477,6 +490,78 @@ def test_a_device_this_machine_lacks_is_refused_before_the_folder_is_read(tmp_pa
     monkeypatch.undo()
     model, _ = checkpoint.load_quantized(out / "model", device=torch.device("cpu"))
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_an_output_folder_a_save_may_not_replace_is_refused_before_calibrating(tmp_path, monkeypatch):
+    """``--model.output_dir=D`` where ``D/model`` holds other files (or is a file): refused at set-up. The save used
+    to delete the folder's contents; a file there failed only after calibrating, and lost the run."""
+    from lightning_gptq.lightning import module as module_file
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "README.md").write_text("my notes")
+    calibrated = []
+    monkeypatch.setattr(module_file.CalibrationDriver, "stages", lambda *a, **k: calibrated.append(1))
+    with pytest.raises(MisconfigurationException, match=r"output_dir: .*model holds files that are not a quantized "
+                                                        r"checkpoint \(README.md\)"):
+        main(["fit", *cli_args(model_dir, tmp_path / "runs", f"--model.output_dir={out}")])
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(MisconfigurationException, match="afile is a file, so .* cannot be made"):
+        main(["fit", *cli_args(model_dir, tmp_path / "runs", f"--model.output_dir={tmp_path / 'afile'}")])
+    assert calibrated == [] and (out / "model" / "README.md").read_text() == "my notes"
+
+
+def test_evaluation_settings_that_cannot_score_are_refused_before_calibrating(tmp_path, monkeypatch):
+    """A missing or too short evaluation text used to fail after calibration and the solve (``eval_after``), with
+    nothing saved; ``eval_seqlen=1`` scored ``nan``; ``eval_max_windows=0`` failed when scoring began. ``predict``
+    no longer refuses a short-context model over ``eval_seqlen``, which it does not use."""
+    from lightning_gptq.lightning import module as module_file
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    calibrated = []
+    monkeypatch.setattr(module_file.CalibrationDriver, "stages", lambda *a, **k: calibrated.append(1))
+    (tmp_path / "short.txt").write_text("too short")
+    for extra, said in (([f"--data.eval_paths={{wikitext2: {tmp_path / 'nope.raw'}}}"], "wikitext2: .*nope.raw"),
+                        ([f"--data.eval_datasets=[short={tmp_path / 'short.txt'}]"], "short: The text has .* tokens"),
+                        (["--data.eval_max_windows=0"], "eval_max_windows must be >= 1, got 0"),
+                        (["--data.eval_seqlen=1"], "eval_seqlen must be >= 2, got 1"),
+                        (["--model.activation_dtype=float33"], "activation_dtype: Unknown dtype 'float33'")):
+        with pytest.raises(MisconfigurationException, match=said):
+            main(["fit", *cli_args(model_dir, tmp_path / "runs", *extra)])
+    assert calibrated == []
+    monkeypatch.undo()
+    folder = tmp_path / "out"
+    main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                           "--model.latency=false", f"--model.output_dir={folder}")])
+    main(["predict", *cli_args(folder / "model", tmp_path / "runs", "--data.eval_seqlen=100000",
+                               "--data.prompts=[hi]", "--model.generation.max_new_tokens=2")])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_model_v1_cannot_store_is_written_as_v2_with_a_warning_not_lost(tmp_path, streaming):
+    """``checkpoint_format: gptq`` (v1 stores zero − 1) on an asymmetric model with a zero point of 0, which is known
+    only once solved: the save used to raise after calibrating, and nothing was written."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    out = tmp_path / "out"
+    import logging
+
+    warned = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("lightning_gptq").addHandler(handler)
+    try:
+        main(["fit", *cli_args(model_dir, tmp_path / "runs", "--gptq.method=rtn", "--model.eval_after=false",
+                               "--model.latency=false", f"--model.output_dir={out}", "--model.checkpoint_format=gptq",
+                               f"--model.streaming={streaming}", group_size=4)])
+    finally:
+        logging.getLogger("lightning_gptq").removeHandler(handler)
+    assert any("cannot hold a zero point of 0" in w and "written as checkpoint_format 'gptq_v2'" in w for w in warned)
+    from lightning_gptq.checkpoint import read_settings
+
+    assert read_settings(out / "model").checkpoint_format == "gptq_v2"
+    assert any(bool((m.zero_points() == 0).any()) for m in load_quantized(out / "model", backend="torch")[0].modules()
+               if isinstance(m, QuantLinear))
 
 
 def test_a_folder_in_the_earlier_unpacked_format_still_loads(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_lightning import cli_args
-from tiny_lm import tiny_model_dir
+from tiny_lm import WIKITEXT_TEST, tiny_model_dir
 
 from lightning_gptq.cli import main
 from lightning_gptq.lightning import ResumeError
@@ -117,8 +117,16 @@ def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
     with pytest.raises(ResumeError, match="another model or stage plan"):
         main(["fit", *_args(other, root, out), "--ckpt_path=last"])
     # an fp32 stream resumed as an fp64 one (calibration_dtype: float64 caches fp64 inputs)
-    with pytest.raises(ResumeError, match="same model.calibration_dtype"):
+    with pytest.raises(ResumeError, match="model.calibration_dtype was None, now 'float64'"):
         main(["fit", *_args(model_dir, root, out), "--model.calibration_dtype=float64", "--ckpt_path=last"])
+    # other settings of the same model and stage plan: they used to resume into a model of mixed settings (or fail in
+    # the driver with an IndexError), with no word said
+    for extra, said in ((["--gptq.quant.bits=3"], r"gptq.quant was \{.*'bits': 4.*now \{.*'bits': 3"),
+                        (["--data.nsamples=4"], "data.nsamples was 6, now 4"),
+                        ([f"--data.calibration={WIKITEXT_TEST}"], "data.calibration was '.*', now '.*wiki.test.raw'"),
+                        (["--hessian.sink_weight=4"], "hessian.sink_weight was 1.0, now 4.0")):
+        with pytest.raises(ResumeError, match=f"other settings: {said}"):
+            main(["fit", *_args(model_dir, root, out), *extra, "--ckpt_path=last"])
     assert not (out / "model").exists()
 
 

@@ -36,6 +36,10 @@ class CheckpointError(RuntimeError):
     """A quantized checkpoint is missing, incomplete, corrupt or inconsistent."""
 
 
+class ZeroPointError(CheckpointError):
+    """``checkpoint_format='gptq'`` (v1, stored ``zero − 1``) asked for a model with a zero point of 0."""
+
+
 @dataclass
 class GPTQSettings:
     """``config.json["quantization_config"]`` / ``quantize_config.json`` of a GPTQ checkpoint."""
@@ -169,7 +173,7 @@ def zeros_to_file(qzeros: Tensor, bits: int, out_features: int, fmt: str) -> Ten
         return qzeros
     zeros = unpack_cols(qzeros, bits, out_features).to(torch.int32)
     if (zeros == 0).any():
-        raise CheckpointError("checkpoint_format 'gptq' (v1) stores zero − 1 and cannot hold a zero point of 0, "
+        raise ZeroPointError("checkpoint_format 'gptq' (v1) stores zero − 1 and cannot hold a zero point of 0, "
                               "which this model has; write 'gptq_v2' (or 'auto')")
     return pack_cols(zeros - 1, bits)
 

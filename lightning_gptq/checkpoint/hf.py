@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -47,6 +46,7 @@ from .gptq_format import (
     zeros_from_file,
     zeros_to_file,
 )
+from .folders import publish, staging_for
 from .names import file_names_of, model_names
 
 log = logging.getLogger("lightning_gptq")
@@ -150,21 +150,6 @@ def state_to_save(model: nn.Module, cast: torch.dtype | None) -> dict[str, torch
         if cast is not None and state[name].is_floating_point():
             state[name] = state[name].to(cast)
     return state
-
-
-def staging_for(folder: Path) -> Path:
-    """An empty ``<folder>.partial`` to write into (``publish`` renames it): a killed save never leaves a half folder."""
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def publish(staging: Path, folder: Path) -> Path:
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
 
 
 def _warn_other_readers(fmt: str, sym: bool, dynamic: dict) -> None:

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from lightning_gptq.nn import QuantLinear
 
 from . import shards as shard_io
-from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, layer_grids_rules, words_to_file,
-                          zeros_to_file)
+from .gptq_format import (FORMATS, V1, V2, CheckpointError, GPTQSettings, ZeroPointError, layer_grids_rules,
+                          words_to_file, zeros_to_file)
 from .hf import AUTO_FORMAT, linear_shape, _meta, _warn_other_readers, _write_configs
+from .folders import publish, staging_for
 from .names import file_names_of
 
 __all__ = ["StreamingWriter"]
@@ -37,9 +37,7 @@ class StreamingWriter:
         if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
             raise ValueError(f"checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
         self.folder = Path(folder)
-        self.staging = self.folder.with_name(self.folder.name + ".partial")
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
+        self.staging = staging_for(self.folder)
         self.format = checkpoint_format
         self.cast = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.blocks: list[tuple[str, dict, str]] = []  # staged file, {layer name: (in, out, bits)}, sha256
@@ -64,7 +62,7 @@ class StreamingWriter:
             low = int(m.zero_points().min())
             self.min_zero = low if self.min_zero is None else min(self.min_zero, low)
         file = f"staged-{len(self.blocks):05d}.safetensors"
-        save_file(state, str(self.staging / file), metadata={"format": "pt"})
+        shard_io.save_tensors(state, self.staging / file)
         self.blocks.append((file, {n: (m.in_features, m.out_features, m.bits) for n, m in layers.items()},
                             shard_io.sha256(self.staging / file)))
         self.prefixes.append(prefix + ".")
@@ -116,8 +114,8 @@ class StreamingWriter:
         if fmt == AUTO_FORMAT:
             fmt = V1 if self.min_zero >= 1 else V2
         elif fmt == V1 and self.min_zero < 1:
-            raise CheckpointError("checkpoint_format='gptq' (v1, zero - 1) cannot store a zero point of 0, which this "
-                                  "model has; use 'gptq_v2' or 'auto'")
+            raise ZeroPointError("checkpoint_format 'gptq' (v1) stores zero − 1 and cannot hold a zero point of 0, "
+                                 "which this model has; write 'gptq_v2' (or 'auto')")
         _warn_other_readers(fmt, sym, dynamic)
         total = len(self.blocks) + 1
         names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
@@ -129,7 +127,7 @@ class StreamingWriter:
                 state[f"{name}.qzeros"] = words_to_file(zeros, out_features, b, dim=1)
                 state[f"{name}.qweight"] = words_to_file(state[f"{name}.qweight"], in_features, b, dim=0)
             state = {rename(n): t for n, t in state.items()}
-            save_file(state, str(self.staging / file), metadata={"format": "pt"})
+            shard_io.save_tensors(state, self.staging / file)
             (self.staging / staged).unlink()
             digests[file] = shard_io.sha256(self.staging / file)
             weight_map.update({n: file for n in state})
@@ -155,7 +153,4 @@ class StreamingWriter:
                             damp_percent=damp_percent, static_groups=static_groups, true_sequential=true_sequential,
                             meta=_meta(settings, digests), dynamic=dynamic)
         _write_configs(self.staging, model, tokenizer, gptq, dtype)
-        if self.folder.exists():
-            shutil.rmtree(self.folder)
-        os.replace(self.staging, self.folder)
-        return self.folder
+        return publish(self.staging, self.folder)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,9 +26,11 @@ from lightning_gptq.nn import (
     to_backend,
 )
 
+from .folders import INTERIM_MANIFEST, publish, staging_for
 from .gptq_format import CheckpointError
+from .shards import make_readable
 
-MANIFEST = "lightning_gptq.json"
+MANIFEST = INTERIM_MANIFEST
 WEIGHTS = "model.safetensors"
 FORMAT = "lightning-gptq-packed/1"
 FORMAT_V0 = "lightning-gptq-codes/0"
@@ -46,9 +47,7 @@ def save_interim(model: nn.Module, tokenizer, folder: str | os.PathLike, *, extr
     half-written checkpoint under the final name.
     """
     folder = Path(folder)
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted save must not leak in
-    staging.mkdir(parents=True)
+    staging = staging_for(folder)
     layers = {
         name: {"in_features": m.in_features, "out_features": m.out_features, "n_groups": m.scales.shape[0],
                "bits": m.bits, "group_size": m.group_size, "sym": m.sym, "bias": m.bias is not None,
@@ -59,13 +58,11 @@ def save_interim(model: nn.Module, tokenizer, folder: str | os.PathLike, *, extr
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     save_model(model, str(staging / WEIGHTS))
+    make_readable(staging / WEIGHTS)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     manifest = {"format": FORMAT, "dtype": dtype, "layers": layers, **(extra or {})}
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(staging, folder)
-    return folder
+    return publish(staging, folder)
 
 
 def load_interim(folder: str | os.PathLike, *, backend: str = AUTO, trust_remote_code: bool = False):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -99,6 +100,20 @@ def _own_storage(tensor: Tensor) -> Tensor:
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
+def save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
+    """``safetensors`` ``save_file``, readable as the process's other files are: safetensors 0.8 writes through a
+    private (0600) temporary file, so a server running as another user could not read the weights."""
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    make_readable(path)
+
+
+def make_readable(path: Path) -> None:
+    """Give ``path`` the mode a new file gets under this process's umask (0644 under 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write(tensors: dict[str, Tensor], folder: Path, max_shard_size: int | str) -> dict[str, str]:
     """Write ``tensors`` as ``model.safetensors``, or shards + index when larger than ``max_shard_size``.
     Returns ``{file name: sha256}``, which the index also records under ``metadata.sha256``.
@@ -109,7 +124,7 @@ def write(tensors: dict[str, Tensor], folder: Path, max_shard_size: int | str) -
     split = split_torch_state_dict_into_shards(tensors, filename_pattern=PATTERN, max_shard_size=parse_size(max_shard_size))
     digests = {}
     for file, names in split.filename_to_tensors.items():
-        save_file({name: tensors[name] for name in names}, str(folder / file), metadata={"format": "pt"})
+        save_tensors({name: tensors[name] for name in names}, folder / file)
         digests[file] = sha256(folder / file)
     if split.is_sharded:
         total = sum(t.numel() * t.element_size() for t in tensors.values())  # bytes of tensor data, as before

@@ -124,9 +124,10 @@ class CalibrationDataModule(LightningDataModule):
         prompts_file: str | None = None,
     ) -> None:
         super().__init__()
-        for field, value in (("nsamples", nsamples), ("seqlen", seqlen), ("batch_size", batch_size), ("eval_seqlen", eval_seqlen)):
-            if value < 1:
-                raise MisconfigurationException(f"CalibrationDataModule.{field} must be >= 1, got {value}")
+        for field, value, least in (("nsamples", nsamples, 1), ("seqlen", seqlen, 1), ("batch_size", batch_size, 1),
+                                    ("eval_seqlen", eval_seqlen, 2), ("eval_max_windows", eval_max_windows, 1)):
+            if value is not None and value < least:  # (a 1-token window predicts nothing: its perplexity is nan)
+                raise MisconfigurationException(f"CalibrationDataModule.{field} must be >= {least}, got {value}")
         self.eval_datasets, self.own_texts = parse_eval_datasets(eval_datasets if eval_datasets is not None else ["wikitext2"])
         self.calibration, self.nsamples, self.seqlen, self.seed = calibration, nsamples, seqlen, seed
         self.batch_size = batch_size

@@ -5,9 +5,11 @@ from __future__ import annotations
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT
+from lightning_gptq.checkpoint.folders import why_not_writable
 from lightning_gptq.checkpoint.names import SPELLINGS
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.models.decode import MODES
+from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.nn import check_backend, int8_head_unsupported
 
 from .hooks import run_report
@@ -35,6 +37,12 @@ def check_options(hp) -> None:
         parse_size(hp.max_shard_size)
     except ValueError as error:
         raise MisconfigurationException(f"GPTQModule.{error}") from None
+    for name in ("dtype", "activation_dtype"):  # (a misspelt one would fail once the model is loaded)
+        if getattr(hp, name, None) is not None:
+            try:
+                resolve_dtype(getattr(hp, name))
+            except ValueError as error:
+                raise MisconfigurationException(f"GPTQModule.{name}: {error}") from None
     if hp.activation_storage not in ("memory", "disk", "auto"):
         raise MisconfigurationException(f"GPTQModule.activation_storage must be 'memory', 'disk' or 'auto', "
                                         f"got {hp.activation_storage!r}")
@@ -64,13 +72,23 @@ def max_positions(config) -> int | None:
 def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> None:
     """What ``stage`` (``fit``/``validate``/...) needs of the module, the data and the Trainer."""
     hp = module.hparams
-    scores = bool(getattr(dm, "eval_datasets", None)) and (stage != "fit" or hp.eval_before or hp.eval_after)
+    scores = bool(getattr(dm, "eval_datasets", None)) and (stage in ("validate", "test") or (
+        stage == "fit" and (hp.eval_before or hp.eval_after)))
     lengths = {"seqlen": getattr(dm, "seqlen", None) if stage == "fit" else None,
                "eval_seqlen": getattr(dm, "eval_seqlen", None) if scores else None}
     for field, value in lengths.items():
         if limit is not None and value is not None and value > limit:
             raise MisconfigurationException(
                 f"data.{field}={value} is longer than the {limit} positions {type(module.lm).__name__} supports")
+    if scores:
+        for name in dm.eval_datasets:  # read now (kept for scoring): a missing or short text fails before calibrating
+            try:
+                total = dm.eval_windows(name)[1]
+            except (OSError, ValueError) as error:
+                raise MisconfigurationException(f"data.eval_datasets: {name}: {error}") from None
+            if total == 0:
+                raise MisconfigurationException(f"data.eval_datasets: {name}: The text has {dm.eval_tokens(name).numel()}"
+                                                f" tokens, fewer than one window of data.eval_seqlen={dm.eval_seqlen}")
     if hp.lm_head == "int8" and not hp.streaming and (why := int8_head_unsupported(module.lm, module.device)):
         raise MisconfigurationException(f"model.lm_head=int8: {why}")  # (else a fit would fail after calibrating)
     if stage != "fit":
@@ -86,6 +104,8 @@ def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> Non
             "process group and sums the Hessians across processes instead.")
     if module.is_quantized:
         raise MisconfigurationException(f"{hp.model} is already quantized; fit needs a full-precision model")
+    if hp.save_quantized and (why := why_not_writable(module.output_dir() / "model")):
+        raise MisconfigurationException(f"model.output_dir: {why}")  # (else found after calibrating)
     if hp.streaming and (hp.latency or not hp.save_quantized):
         raise MisconfigurationException(
             "streaming never holds the whole model, so it cannot time it (it scores it block by block), and the "

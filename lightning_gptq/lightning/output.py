@@ -7,16 +7,20 @@ from the staged blocks and the source's files. The writer's state is part of a r
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from torch import nn
 
 from lightning_gptq.checkpoint import save_quantized
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, save_compressed_tensors
+from lightning_gptq.checkpoint.gptq_format import V2, ZeroPointError
 from lightning_gptq.checkpoint.hf_streaming import StreamingWriter
 from lightning_gptq.quant.rules import LayerRules
 
 __all__ = ["QuantizedOutput", "checkpoint_settings"]
+
+log = logging.getLogger("lightning_gptq")
 
 
 def checkpoint_settings(report: dict, source_model: str, true_sequential: bool, gguf_file: str | None = None) -> dict:
@@ -48,7 +52,20 @@ class QuantizedOutput:
         self.writer.add_block(prefix, block)
 
     def save(self, lm: nn.Module, tokenizer, source, report: dict, settings: dict) -> Path:
-        """Write the folder: from the staged blocks when streaming, else ``lm`` whole."""
+        """Write the folder: from the staged blocks when streaming, else ``lm`` whole. A model that ``gptq`` (v1)
+        cannot store (a zero point of 0, known only once solved) is written as ``gptq_v2``, with a warning, rather
+        than lost."""
+        try:
+            return self._save(lm, tokenizer, source, report, settings)
+        except ZeroPointError as error:
+            log.warning("%s: written as checkpoint_format 'gptq_v2' instead, so the run is not lost (a v1 reader "
+                        "cannot load it; --model.checkpoint_format=auto picks v1 whenever it can)", error)
+            self.checkpoint_format = V2
+            if self.writer is not None:
+                self.writer.format = V2
+            return self._save(lm, tokenizer, source, report, settings)
+
+    def _save(self, lm: nn.Module, tokenizer, source, report: dict, settings: dict) -> Path:
         quant = report["quant"]
         true_sequential = settings["true_sequential"]
         dynamic = LayerRules(report.get("dynamic")).layout_rules()  # the rules the layers were quantized by

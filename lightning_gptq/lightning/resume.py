@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import time
 import uuid
@@ -43,7 +44,7 @@ from lightning_gptq.nn import QuantLinear, quant_linear_class, replace_submodule
 
 from .callbacks import CALIBRATION_BACKEND
 
-from .hooks import BlockHooks
+from .hooks import BlockHooks, run_report
 
 __all__ = [
     "BlockCheckpoint",
@@ -341,7 +342,25 @@ def run_state(module, stages: list, layers: bool = True) -> dict:
         # streamed blocks are staged on disk and freed: the writer's record names them
         "layers": quantized_layers_state(driver.model) if layers and not driver.streams else {},
         "writer": module.output.state_dict(),
+        "settings": run_settings(module),
     }
+
+
+def run_settings(module) -> dict:
+    """The settings beside the model and stage plan that decide a run's result (JSON values): the solve's and the
+    Hessians' callbacks', the calibration windows' and the module's. A resume point is only continued under its own."""
+    report, dm, hp = run_report(module.trainer), module.trainer.datamodule, module.hparams
+    hessian, quant = report.get("hessian") or {}, report.get("quant")
+    settings = {
+        **{f"gptq.{k}": report.get(k) for k in ("method", "dynamic", "equalize", "equalize_layers")},
+        "gptq.quant": quant.to_dict() if hasattr(quant, "to_dict") else quant,
+        **{f"hessian.{k}": hessian.get(k) for k in ("sink_tokens", "sink_weight", "sink_layers", "sink_probe_windows",
+                                                     "asymmetric")},
+        **{f"data.{k}": getattr(dm, k, None) for k in ("calibration", "nsamples", "seqlen", "seed", "batch_size",
+                                                        "calibration_bos")},
+        **{f"model.{k}": hp.get(k) for k in ("true_sequential", "calibration_dtype", "activation_dtype", "gguf_file")},
+    }
+    return json.loads(json.dumps(settings, default=str))
 
 
 def restore_run(module, state: dict | None, stages: list, path) -> None:
@@ -356,6 +375,13 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
         raise ResumeError(f"{path} was written by a run with another model or stage plan "
                           f"({state['model']!r}, {len(state['stages'])} stages; now {module.hparams.model!r}, "
                           f"{len(mine)}); resume with the same config, or start again without --ckpt_path.")
+    if (saved := state.get("settings")) is not None:  # (resume points before 2026-12-07 (12) have none)
+        now = run_settings(module)
+        differ = [key for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
+        if differ:
+            raise ResumeError(f"{path} was written by a run with other settings: " + "; ".join(
+                f"{key} was {saved.get(key)!r}, now {now.get(key)!r}" for key in differ) + ". Resume with the "
+                "settings it was written with, or start again without --ckpt_path.")
     files = state["activations"]["files"]
     if len(files) != trainer.world_size:
         raise ResumeError(f"{path} was written by {len(files)} process(es); resume it with as many "

@@ -1,0 +1,73 @@
+"""Where a save writes: a staging folder beside the target (``<folder>.partial``), renamed over it once complete.
+
+The target is replaced whole, so it may only be absent, empty, or a quantized checkpoint (a GPTQ, compressed-tensors
+or interim folder, ours or another tool's): a save never deletes a folder of other files a user pointed it at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .gptq_format import QUANTIZE_CONFIG, CheckpointError
+
+INTERIM_MANIFEST = "lightning_gptq.json"  # (interim.MANIFEST: the interim layout's marker)
+QUANT_METHODS = ("gptq", "compressed-tensors")
+
+
+def is_quantized_folder(folder: Path) -> bool:
+    """``folder`` holds a quantized checkpoint: a quantize config, our interim manifest, or a ``config.json``
+    whose ``quantization_config`` is GPTQ or compressed-tensors."""
+    if (folder / QUANTIZE_CONFIG).is_file() or (folder / INTERIM_MANIFEST).is_file():
+        return True
+    try:
+        block = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(block, dict) and block.get("quant_method") in QUANT_METHODS
+
+
+def why_not_writable(folder: str | os.PathLike) -> str | None:
+    """Why a save may not write ``folder`` (``None``: it may): a file stands there, the folder holds files that are
+    not a quantized checkpoint, or its parent cannot be written (the staging folder and the rename go there)."""
+    folder = Path(os.path.abspath(os.path.expanduser(folder)))
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if folder.is_dir() and not is_quantized_folder(folder):
+        others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+        if others:
+            shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")
+            return (f"{folder} holds files that are not a quantized checkpoint ({shown}); a save replaces the whole "
+                    "folder: choose another one, or empty it")
+    ancestor = folder.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, so {folder} cannot be made"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot write in {ancestor} (for {folder})"
+    return None
+
+
+def staging_for(folder: Path) -> Path:
+    """An empty ``<folder>.partial`` to write into (``publish`` renames it): a killed save never leaves a half folder.
+    ``CheckpointError`` first when ``folder`` may not be written (``why_not_writable``)."""
+    if (why := why_not_writable(folder)) is not None:
+        raise CheckpointError(why)
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, folder: Path) -> Path:
+    """Rename the complete ``staging`` to ``folder``, replacing a checkpoint there (checked again: files may have
+    appeared in it while the save ran; then the new checkpoint stays in ``staging``)."""
+    if (why := why_not_writable(folder)) is not None:
+        raise CheckpointError(f"{why} (the checkpoint was written to {staging})")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(staging, folder)
+    return folder
