@@ -61,6 +61,22 @@ class GPTQCLI(LightningCLI):
         # The quantized model also as GGUF for llama.cpp (`--gguf.path=auto`), under `gguf:`.
         parser.add_lightning_class_args(GGUFExport, "gguf")
 
+    def parse_arguments(self, parser, args) -> None:
+        self._given = [str(a) for a in (sys.argv[1:] if args is None else args if isinstance(args, list) else [])]
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        """``--trainer.default_root_dir=X`` on the command line takes the logger's folder along (the quantized model
+        goes under the logger's version folder), unless the logger's own folder is given there too: else a run's
+        resume points went to X and its model to the config's or default's ``runs``."""
+        given = lambda option: any(a == option or a.startswith((option + "=", option + ".")) for a in self._given)
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).get("trainer")
+        logger = getattr(trainer, "logger", None) if trainer is not None else None
+        init_args = getattr(logger, "init_args", None)
+        if (given("--trainer.default_root_dir") and not given("--trainer.logger") and init_args is not None
+                and "save_dir" in init_args and init_args.save_dir != trainer.default_root_dir):
+            init_args.save_dir = trainer.default_root_dir
+
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,
                DatasetUnavailableError, CheckpointError, MisconfigurationException, ResumeError)

@@ -392,6 +392,21 @@ def test_wrong_bits_is_one_clear_line_from_the_command_line():
     assert "Traceback" not in proc.stderr
 
 
+def test_a_root_dir_given_on_the_command_line_takes_the_loggers_folder_along(tmp_path, monkeypatch):
+    """``fit --trainer.default_root_dir=X`` (no logger folder given): the quantized model went to the default logger's
+    ``./runs``, the resume points to X."""
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in cli_args(model_dir, tmp_path / "X", "--gptq.method=rtn", "--model.eval_after=false",
+                                "--model.latency=false") if not a.startswith("--trainer.logger")]
+    cli = main(["fit", *args])
+    assert cli.trainer.logger.save_dir == str(tmp_path / "X")
+    assert (only_run_dir(tmp_path / "X") / "quantized" / "model" / "config.json").is_file()
+    assert not (tmp_path / "runs").exists()
+    cli = main(["fit", *args, f"--trainer.logger.init_args.save_dir={tmp_path / 'logs'}"])  # given: kept
+    assert cli.trainer.logger.save_dir == str(tmp_path / "logs")
+
+
 @pytest.mark.parametrize("bad, said", [(["--gptq.quant.bitz=4"], "unrecognized arguments: --gptq.quant.bitz=4"),
                                        (["--data.nsamples=abc"], 'Parser key "data.nsamples": Expected a'),
                                        (["--config=/nope.yaml"], "File does not exist: '/nope.yaml'")])
