@@ -1,6 +1,5 @@
 """Calibration windows, evaluation texts, tokenization cache, perplexity, and offline failures."""
 
-import contextlib
 import gzip
 import json
 import math
@@ -392,46 +391,6 @@ def test_scoring_a_slice_of_positions_at_a_time_gives_the_whole_windows_numbers(
     assert full.ppl == pytest.approx(math.exp(sum(float(t) for t in terms[None]) / ids.numel()), rel=1e-6)
     blockwise = evaluation.perplexity_blockwise(model, get_adapter(model), tokens, seqlen=16, progress=False)
     assert abs(blockwise.ppl - full.ppl) <= 1e-6 * full.ppl  # (blocks run alone: fp32 sums in another order)
-
-
-def test_an_int8_head_dequantizes_once_per_window_when_scored_a_slice_at_a_time(monkeypatch):
-    """``lm_head: int8``: the head's many-row path multiplies by a dequantized copy of its weight. Scored a slice of
-    positions at a time, it made that copy per slice (6 a window for SmolLM2, each 30–40% of a slice's time); within
-    a window, and across the blockwise final stage's windows, one copy is made and the numbers are the same."""
-    from lightning_gptq.data import evaluation
-    from lightning_gptq.nn import Int8Head, int8_head
-    from tiny_models import FACTORIES, token_ids
-
-    model = FACTORIES["llama"]()
-    int8_head(model)
-    head, ids = model.get_output_embeddings(), token_ids(n=1, seqlen=20)
-    monkeypatch.setattr(evaluation, "LOGITS_SLICE_BYTES", 4 * head.out_features * 5)  # 5 positions a slice
-    monkeypatch.setattr(Int8Head, "chunk", 40)  # several row chunks on the tiny vocabulary (96)
-    copies = []
-    make = Int8Head._dequantized
-
-    def counted(self, dtype):
-        held = getattr(self, "_held", None)
-        copies.append(held is not None and dtype in held)
-        return make(self, dtype)
-
-    monkeypatch.setattr(Int8Head, "_dequantized", counted)
-    with torch.no_grad():
-        whole = window_nll(model(input_ids=ids, use_cache=False).logits, ids)
-    copies.clear()
-    sliced = evaluation.model_window_nll(model, ids)
-    assert copies == [False, True, True, True], copies  # 4 slices, one copy made (calls of <= 4 rows: the GEMV)
-    assert getattr(head, "_held", None) is None  # not kept after the window
-    assert torch.allclose(sliced, whole, rtol=2e-7, atol=0)
-    monkeypatch.setattr(evaluation, "_held", lambda head: contextlib.nullcontext())  # as before: a copy per slice
-    assert torch.equal(evaluation.model_window_nll(model, ids), sliced)
-    monkeypatch.undo()
-    monkeypatch.setattr(evaluation, "LOGITS_SLICE_BYTES", 4 * head.out_features * 5)
-    monkeypatch.setattr(Int8Head, "_dequantized", counted)
-    copies.clear()
-    evaluation.perplexity_blockwise(model, get_adapter(model), token_ids(n=3, seqlen=20).reshape(1, -1), seqlen=20,
-                                    progress=False)
-    assert copies.count(False) == 1 and len(copies) == 12, copies  # 3 windows of 4 slices, one copy
 
 
 def test_a_head_whose_logits_are_not_what_we_make_of_them_is_scored_from_the_whole_logits():

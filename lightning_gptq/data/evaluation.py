@@ -22,7 +22,6 @@ file's ``"text"`` fields joined by a blank line; one string, the same windows.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -268,11 +267,6 @@ def head_window_nll(head_logits, hidden: torch.Tensor, input_ids: torch.Tensor, 
     return _protocol_term(losses, bos)
 
 
-def _held(head: nn.Module):
-    """A head that makes a copy of its weight per call (``nn.Int8Head``) keeps one while its slices run."""
-    return getattr(head, "dequantized_held", contextlib.nullcontext)()
-
-
 _FULL_LOGITS_WARNED: set[str] = set()
 _WHOLE_LOGITS: weakref.WeakSet = weakref.WeakSet()  # models whose one-position check failed
 
@@ -304,9 +298,8 @@ def model_window_nll(model: nn.Module, input_ids: torch.Tensor, *, bos_token_id:
         if len(read) == 1 and read[0].shape[:2] == ids.shape and logits.shape[:2] == (ids.shape[0], 1):
             hidden = read[0]
             if torch.equal(scale_logits(model, head(hidden[:, -1:])).to(logits.dtype), logits):
-                with _held(head):
-                    return head_window_nll(lambda h: scale_logits(model, head(h)), hidden, input_ids,
-                                           vocab=logits.shape[-1], bos=bos)
+                return head_window_nll(lambda h: scale_logits(model, head(h)), hidden, input_ids,
+                                       vocab=logits.shape[-1], bos=bos)
         _WHOLE_LOGITS.add(model)  # (its later windows skip the try: one forward each)
         name = type(model).__name__
         if name not in _FULL_LOGITS_WARNED:
@@ -442,7 +435,7 @@ def perplexity_blockwise(
             for module in final_modules:
                 module.to(device)
             head, vocab = final_modules[-1], int(weight_out_in(final_modules[-1]).shape[0])
-            with torch.no_grad(), _held(head):
+            with torch.no_grad():
                 for j, h in enumerate(_progress(hidden, progress, desc="final stage", unit="window", leave=False)):
                     h = h.to(device)
                     for module in final_modules[:-1]:  # (adapter.logits, the head a slice of positions at a time)

@@ -13,7 +13,6 @@ a quarter of the bytes, at a perplexity cost measured in ``docs/kernels.md``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
@@ -63,30 +62,9 @@ class Int8Head(nn.Linear):
         if x.numel() <= self.max_rows * self.in_features and x.dtype == torch.float32 and x.device.type == "cpu":
             y = ops.int8_row_gemv(x, q, step) if ops.tracing() else cpu_gemm.int8_row_gemv(x, q, step)
         else:
-            y = torch.cat([F.linear(x, w) for w in self._dequantized(x.dtype)], dim=-1)
+            y = torch.cat([F.linear(x, q[i:i + self.chunk].to(x.dtype) * step[i:i + self.chunk, None].to(x.dtype))
+                           for i in range(0, self.out_features, self.chunk)], dim=-1)
         return y if self.bias is None else y + self.bias
-
-    def _dequantized(self, dtype: torch.dtype) -> list[Tensor]:
-        """The weight's dequantized copy in ``dtype``, ``[chunk, in]`` slices of output rows (kept while held)."""
-        held = getattr(self, "_held", None)
-        if held is not None and dtype in held:
-            return held[dtype]
-        q, step, c = self.int8_weight, self.int8_step, self.chunk
-        copy = [q[i:i + c].to(dtype) * step[i:i + c, None].to(dtype) for i in range(0, self.out_features, c)]
-        if held is not None:
-            held[dtype] = copy
-        return copy
-
-    @contextlib.contextmanager
-    def dequantized_held(self):
-        """Within it, many-row calls share one dequantized copy (``out × in`` values, 113 MB for SmolLM2's fp32 head)
-        instead of making one each: a window scored a slice of positions at a time calls the head 6 times, and
-        making the copy took 30–40% of each call's time (2 cores, AMD EPYC). The same numbers either way."""
-        self._held = {}
-        try:
-            yield self
-        finally:
-            self._held = None
 
 
 def int8_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
