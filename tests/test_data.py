@@ -233,9 +233,10 @@ def test_read_documents_json_and_txt(tmp_path):
 # -- hub unreachable -------------------------------------------------------------------------------
 
 HUB_CALLS = [
-    ("eval wikitext2", lambda: eval_tokens("wikitext2", CharTokenizer()), "path="),
+    ("eval wikitext2", lambda: eval_tokens("wikitext2", CharTokenizer()),
+     "--data.eval_paths='{wikitext2: ../shared/data/wikitext-2-raw/wiki.test.raw}' on the command line, eval_tokens("),
     ("eval ptb", lambda: eval_tokens("ptb", CharTokenizer()), "ptb.valid.txt"),
-    ("eval c4", lambda: eval_tokens("c4", CharTokenizer()), "path="),
+    ("eval c4", lambda: eval_tokens("c4", CharTokenizer()), "--data.eval_paths='{c4: /path/to/c4-validation"),
     ("calibration c4", lambda: calibration_windows("c4", CharTokenizer()), "wikipedia-vital-leads.txt"),
     ("calibration wikitext2", lambda: calibration_windows("wikitext2", CharTokenizer()), "calibration_windows("),
 ]

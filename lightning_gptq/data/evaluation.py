@@ -81,14 +81,17 @@ _LOCAL_FILES = {
 
 def _local_hint(name: str) -> str:
     if name in _LOCAL_FILES:
+        path = _LOCAL_FILES[name].strip("'")
         return (
-            f"Evaluate on a local copy instead: eval_tokens({name!r}, tokenizer, path={_LOCAL_FILES[name]}) "
-            "(the path on this project's machines)."
+            f"Evaluate on a local copy instead: --data.eval_paths='{{{name}: {path}}}' on the command line, "
+            f"eval_tokens({name!r}, tokenizer, path='{path}') in Python (the path on this project's machines)."
         )
+    shard = f"/path/to/{C4_VALIDATION_SHARD.split('/')[-1]}"
     return (
-        f"Evaluate on a local copy instead: eval_tokens({name!r}, tokenizer, path='/path/to/{C4_VALIDATION_SHARD.split('/')[-1]}') "
-        f"(the C4 shard {C4_VALIDATION_SHARD}, or a .txt file of blank-line separated documents). "
-        "C4 is not on this project's machines; use 'wikitext2' with path='../shared/data/wikitext-2-raw/wiki.test.raw' there."
+        f"Evaluate on a local copy instead: --data.eval_paths='{{{name}: {shard}}}' on the command line, "
+        f"eval_tokens({name!r}, tokenizer, path='{shard}') in Python (the C4 shard {C4_VALIDATION_SHARD}, or a .txt "
+        "file of blank-line separated documents). C4 is not on this project's machines; use 'wikitext2' with its path "
+        "'../shared/data/wikitext-2-raw/wiki.test.raw' there."
     )
 
 
