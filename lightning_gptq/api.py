@@ -47,7 +47,7 @@ def quantize(
     progress: bool = False,
     **module_options,
 ) -> nn.Module:
-    """Quantize ``model`` with GPTQ (or round to nearest) and return it.
+    r"""Quantize ``model`` with GPTQ (or round to nearest) and return it.
 
     Args:
         model: a Hugging Face causal LM (``nn.Module``), or what ``GPTQModule.model`` takes: hub id,
@@ -82,6 +82,8 @@ def quantize(
     from lightning.pytorch import Trainer
 
     from lightning_gptq.lightning import CalibrationDataModule, GGUFExport, GPTQCallback, GPTQModule, HessianCapture
+    from lightning_gptq.lightning.hooks import run_report
+    from lightning_gptq.lightning.output import checkpoint_settings
     from lightning_gptq.nn import place
 
     if config is not None and not isinstance(config, QuantConfig):
@@ -120,6 +122,9 @@ def quantize(
         device = trainer.strategy.root_device
     if dynamic:  # what save_quantized writes by default: without them a layer left dense everywhere (a "-:" rule)
         module.lm.gptq_dynamic = callbacks[0].rules.layout_rules()  # would be built quantized by other tools
+    # what save_quantized records of the run by default (method, QuantConfig, sinks, source), as fit's folder does
+    module.lm.gptq_settings = checkpoint_settings(run_report(trainer), str(module.hparams.model),
+                                                  module.hparams.true_sequential, module.hparams.gguf_file)
     return place(module.lm, device, backend)  # where it was calibrated: Lightning's teardown moved it to the CPU
 
 

@@ -91,3 +91,25 @@ def test_quantize_refuses_what_it_cannot_do(tmp_path):
 
     with pytest.raises(MisconfigurationException, match="integer tensor"):
         lg.quantize(lm, torch.randn(4, 8))
+
+
+def test_a_quantized_models_folder_records_the_settings_it_was_quantized_with(tmp_path):
+    """``quantize()`` then ``save_quantized``: the folder said ``damp_percent: 0.01, static_groups: false`` whatever
+    the config, and ``meta`` held no settings; now both come from the run, as ``fit``'s folder has them."""
+    import json
+
+    lm, tokenizer = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=4, seqlen=24).calibration_windows(tokenizer)
+    config = lg.QuantConfig(bits=4, group_size=16, damp=0.05, static_groups=True, act_order=True)
+    model = lg.quantize(lm, windows, config, method="rtn", accelerator="cpu")
+    for save in (lg.save_quantized, lg.save_compressed_tensors):
+        folder = save(model, tokenizer, tmp_path / save.__name__)
+        meta = json.loads((folder / "config.json").read_text())["quantization_config"]
+        if save is lg.save_quantized:
+            assert meta["damp_percent"] == 0.05 and meta["static_groups"] is True
+            meta = meta["meta"]
+        recorded = meta["lightning_gptq"]
+        assert recorded["method"] == "rtn" and recorded["quant"] == config.to_dict(), recorded
+    folder = lg.save_quantized(model, tokenizer, tmp_path / "given", damp_percent=0.02, settings={"note": "mine"})
+    meta = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert meta["damp_percent"] == 0.02 and meta["meta"]["lightning_gptq"]["note"] == "mine"

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 import lightning_gptq as lg
 from lightning_gptq.cli import main
@@ -145,3 +146,57 @@ def test_a_calibration_mix_names_the_source_that_is_too_short(tmp_path):
 def test_quantize_refuses_token_ids_beyond_the_vocabulary(tmp_path):
     with pytest.raises(ValueError, match=r"token id 500, but the model's embedding has 96 rows \(ids 0\.\.95\)"):
         lg.quantize(tiny_model_dir(tmp_path), torch.full((2, 8), 500), CONFIG, accelerator="cpu")
+
+
+# -- the pieces (a second audit, of the Python API's parts) ---------------------------------------------------------
+
+def _solved(cols=256, rows=64):
+    from lightning_gptq import QuantConfig, rtn_quantize
+
+    return torch.nn.Linear(cols, rows), rtn_quantize(torch.randn(rows, cols), QuantConfig())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu-packed"])
+def test_a_quantized_layer_refuses_an_input_of_another_width(backend):
+    """The reference kernel took ``in_features`` from the input: a ``[2, 128]`` input to a 256-wide layer gave a
+    plausible ``[2, 64]`` computed from half the weight."""
+    from lightning_gptq.nn import make_quant_linear
+
+    linear, solved = _solved()
+    layer = make_quant_linear(linear, solved, backend)
+    assert layer(torch.randn(2, 256)).shape == (2, 64)
+    for width in (128, 255, 300):
+        with pytest.raises(ValueError, match=r"takes inputs \[\.\.\., 256\], got \(2, %d\)" % width):
+            layer(torch.randn(2, width))
+
+
+def test_a_solved_weight_must_fit_the_layer_it_stands_in_for():
+    from lightning_gptq.nn import make_quant_linear
+
+    _, solved = _solved()
+    with pytest.raises(ValueError, match=r"the solved weight is \[64, 256\] \(out, in\), the layer it stands in for "
+                                         r"\[32, 128\]"):
+        make_quant_linear(torch.nn.Linear(128, 32), solved, "torch")
+
+
+def test_an_empty_hessian_is_refused_and_a_zero_one_warned_about():
+    """An accumulator nothing was added to gave a zero Hessian, and the solve zeroed the whole weight in silence."""
+    from lightning_gptq import QuantConfig, gptq_quantize
+    from lightning_gptq.quant import HessianAccumulator
+
+    accumulator = HessianAccumulator(16)
+    with pytest.raises(RuntimeError, match="has no samples"):
+        accumulator.hessian
+    accumulator.add(torch.randn(16))  # one token, as [..., in_features] allows
+    assert accumulator.nsamples == 1 and accumulator.hessian.shape == (16, 16)
+    with pytest.warns(UserWarning, match="the Hessian is zero"):
+        result = gptq_quantize(torch.randn(8, 16), torch.zeros(16, 16), QuantConfig(group_size=-1))
+    assert not result.dequantize().any()
+
+
+def test_a_bad_exclude_pattern_names_the_option():
+    from lightning_gptq import QuantConfig
+    from lightning_gptq.lightning import GPTQCallback
+
+    with pytest.raises(MisconfigurationException, match="GPTQCallback.exclude .* not a regular expression"):
+        GPTQCallback(QuantConfig(), exclude=["(("])

@@ -142,7 +142,8 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
     ignore = sorted(rename(n) for n, m in model.named_modules()  # the dense linears, the LM head among them
                     if m is head or isinstance(m, nn.Linear) and not isinstance(m, QuantLinear))
     config_block = {**quantization_config({rename(n): m for n, m in layers.items()}, ignore),
-                    "lightning_gptq": {**(settings or {}), "format_revision": FORMAT_REVISION}}
+                    "lightning_gptq": {**(settings if settings is not None else getattr(model, "gptq_settings", None)
+                                          or {}), "format_revision": FORMAT_REVISION}}
     state = state_to_save(model, cast)
     for name, layer in layers.items():
         for packed in layer.packed_tensors():  # the GPTQ layout's tensors, replaced by this layout's

@@ -69,14 +69,15 @@ def is_gptq_folder(folder: Path) -> bool:
 
 # -- writing -------------------------------------------------------------------------------------
 def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpoint_format: str = AUTO_FORMAT,
-              max_shard_size: int | str = "4GB", desc_act: bool | None = None, damp_percent: float = 0.01,
-              static_groups: bool = False, true_sequential: bool = True, settings: dict | None = None,
+              max_shard_size: int | str = "4GB", desc_act: bool | None = None, damp_percent: float | None = None,
+              static_groups: bool | None = None, true_sequential: bool | None = None, settings: dict | None = None,
               dtype: torch.dtype | str | None = None, dynamic: dict | None = None, names: str = "files") -> Path:
     """Write ``model`` (its linears replaced by ``QuantLinear``) to ``folder`` in the HF GPTQ layout.
 
     ``checkpoint_format``: ``"auto"`` (v1 ``gptq`` when lossless for this model, else ``gptq_v2``),
     ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"``. ``settings``: our own settings,
-    recorded under ``meta.lightning_gptq``. ``dtype``: store every floating tensor (unquantized
+    recorded under ``meta.lightning_gptq``; by default those ``quantize()`` left on the model (``model.gptq_settings``),
+    which also give ``damp_percent``, ``static_groups`` and ``true_sequential`` when not passed (else 0.01, False, True). ``dtype``: store every floating tensor (unquantized
     weights, scales, biases) in this dtype (e.g. ``"float16"``, what serving stacks expect, about
     half the size of fp32 embeddings); default: as in memory (lossless). Layers of other bits, group sizes or grids
     than most are recorded as ``dynamic`` rules: ``dynamic`` (the rules they were quantized by, checkpoint spelling)
@@ -89,6 +90,11 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     """
     if checkpoint_format not in (AUTO_FORMAT, *FORMATS):
         raise ValueError(f"checkpoint_format must be 'auto', 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    settings = settings if settings is not None else getattr(model, "gptq_settings", None)
+    quant = (settings or {}).get("quant") or {}
+    damp_percent = quant.get("damp", 0.01) if damp_percent is None else damp_percent
+    static_groups = quant.get("static_groups", False) if static_groups is None else static_groups
+    true_sequential = (settings or {}).get("true_sequential", True) if true_sequential is None else true_sequential
     cast = check_save_args(max_shard_size, dtype)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:

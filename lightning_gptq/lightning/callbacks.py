@@ -150,7 +150,11 @@ class GPTQCallback(BlockHooks, Callback):
         self.method = method
         self.backend = backend
         self.calibration_batches = calibration_batches
-        self.exclude = [re.compile(p) for p in (exclude or [])]
+        try:
+            self.exclude = [re.compile(p) for p in (exclude or [])]
+        except re.error as error:
+            raise MisconfigurationException(f"GPTQCallback.exclude holds a pattern that is not a regular expression: "
+                                            f"{error}") from None
         self.forward_fn = forward_fn
         self.equalize = [float(a) for a in equalize]
         self.equalize_layers = equalize_layers

@@ -29,6 +29,11 @@ def make_quant_linear(original: nn.Module, qweight, backend: str = AUTO) -> Quan
     """A quantized layer standing in for ``original`` (``nn.Linear`` or GPT-2 ``Conv1D``) from a solver result."""
     bias: Tensor | None = getattr(original, "bias", None)
     out_features, in_features = qweight.codes.shape
+    shape = ((original.out_features, original.in_features) if hasattr(original, "in_features")
+             else tuple(original.weight.shape[::-1]))  # (GPT-2's Conv1D holds its weight [in, out])
+    if tuple(shape) != (out_features, in_features):
+        raise ValueError(f"the solved weight is [{out_features}, {in_features}] (out, in), the layer it stands in for "
+                         f"{list(shape)}")
     width = qweight.group_size if qweight.group_size > 0 else in_features
     act_order = not torch.equal(qweight.g_idx.long(), torch.arange(in_features, device=qweight.g_idx.device) // width)
     spec = LayerSpec(in_features, out_features, qweight.bits, qweight.group_size, qweight.sym, act_order, bias is not None,

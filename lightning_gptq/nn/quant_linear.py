@@ -296,6 +296,8 @@ class QuantLinear(nn.Module):
         return _lookup(self.dispatch, self._bounds, rows)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:  # (the reference kernel would read only the first x.shape[-1] rows)
+            raise ValueError(f"{type(self).__name__} takes inputs [..., {self.in_features}], got {tuple(x.shape)}")
         return self.run(self.kernel_for(x.numel() // self.in_features), x)
 
     def run(self, kernel: str, x: Tensor) -> Tensor:

@@ -160,6 +160,9 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, config: QuantConfig, *, overw
 
     # Inputs that never fire carry no information: give them a unit diagonal and a zero weight.
     dead = H.diagonal() == 0
+    if bool(dead.all()):
+        warnings.warn("the Hessian is zero (no input reached this layer, or every input was zero): every column "
+                      "counts as dead and the whole weight is set to zero", stacklevel=2)
     H[dead, dead] = 1
     Wt[dead] = 0
     # The scale refit needs H after the sweep has consumed it (and the weight before any update).

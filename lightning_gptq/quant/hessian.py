@@ -57,7 +57,7 @@ class HessianAccumulator:
             if bool((w < 0).any()):
                 raise ValueError("token_weights must be >= 0")
             x = x * w.sqrt().broadcast_to(x.shape[:-1]).unsqueeze(-1)
-        samples = x.reshape(x.shape[0], -1, self.in_features) if x.dim() > 2 else x[None]
+        samples = x.reshape(x.shape[0], -1, self.in_features) if x.dim() > 2 else x.reshape(1, -1, self.in_features)
         for sample in samples:
             self._add_product(sample)
         self.nsamples += samples.shape[0]
@@ -75,7 +75,9 @@ class HessianAccumulator:
         (a new tensor each call; a solve may overwrite it). Temporaries: one tile at a time."""
         if self.total is None:
             raise RuntimeError("this HessianAccumulator was released (its Hessian went to a solve)")
-        scale, e = 2.0 / max(self.nsamples, 1), self._edges
+        if self.nsamples == 0:  # (a solve on it would zero the whole weight)
+            raise RuntimeError("this HessianAccumulator has no samples: add() the layer's inputs first")
+        scale, e = 2.0 / self.nsamples, self._edges
         h = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=self.total.device)
         for i in range(self.tiles):
             for j in range(i + 1):
