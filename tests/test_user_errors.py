@@ -200,3 +200,24 @@ def test_a_bad_exclude_pattern_names_the_option():
 
     with pytest.raises(MisconfigurationException, match="GPTQCallback.exclude .* not a regular expression"):
         GPTQCallback(QuantConfig(), exclude=["(("])
+
+
+def test_perplexity_refuses_what_the_model_cannot_score():
+    """``seqlen=1`` scored ``nan``, ``0`` divided by zero, a window past the model's positions or ids past its
+    embedding gave a bare ``IndexError`` (or, on LLaMA's rotary positions, a number)."""
+    from lightning_gptq.data import perplexity
+    from tiny_models import FACTORIES
+
+    for arch in ("llama", "gpt2"):
+        model = FACTORIES[arch]()
+        limit = getattr(model.config, "max_position_embeddings", None) or model.config.n_positions
+        vocab = model.get_input_embeddings().num_embeddings
+        tokens = torch.randint(0, vocab, (1, 4 * limit))
+        assert perplexity(model, tokens, seqlen=16, progress=False, max_windows=1).ppl > 1
+        for kwargs, said in (({"seqlen": 1}, "seqlen must be >= 2"), ({"seqlen": 0}, "seqlen must be >= 2"),
+                             ({"seqlen": 2 * limit}, f"longer than the {limit} positions"),
+                             ({"seqlen": 16, "bos_token_id": vocab}, f"bos_token_id hold id {vocab}")):
+            with pytest.raises(ValueError, match=said):
+                perplexity(model, tokens, progress=False, **kwargs)
+        with pytest.raises(ValueError, match=f"tokens hold id {vocab + 5}, but the model's embedding has {vocab} rows"):
+            perplexity(model, torch.cat([tokens, torch.tensor([[vocab + 5]])], dim=1), seqlen=16, progress=False)

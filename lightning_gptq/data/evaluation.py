@@ -313,6 +313,26 @@ def model_window_nll(model: nn.Module, input_ids: torch.Tensor, *, bos_token_id:
     return window_nll(model(input_ids=ids, use_cache=False).logits, input_ids, bos=bos)
 
 
+def _check_scorable(model: nn.Module, tokens: torch.Tensor, seqlen: int, bos_token_id: int | None) -> None:
+    """``ValueError`` for what the model cannot score (else ``nan``, or torch's bare ``IndexError`` mid-way): windows
+    of fewer than 2 or more positions than the model's config allows, token ids outside its embedding."""
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be >= 2 (a window scores each token from the ones before it), got {seqlen}")
+    config = getattr(model, "config", None)
+    limit = next((v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)
+                  and v > 0), None)
+    if limit is not None and seqlen > limit:
+        raise ValueError(f"seqlen={seqlen} is longer than the {limit} positions {type(model).__name__} supports")
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    ids = tokens.reshape(-1)
+    low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
+    for what, low, high in (("tokens", low, high), ("bos_token_id", bos_token_id, bos_token_id)):
+        if rows is not None and low is not None and (low < 0 or high >= rows):
+            raise ValueError(f"{what} hold id {low if low < 0 else high}, but the model's embedding has {rows} rows "
+                             f"(ids 0..{rows - 1}): made with another model's tokenizer?")
+
+
 def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
     tokens = tokens.reshape(-1)
     total = tokens.numel() // seqlen
@@ -362,6 +382,7 @@ def perplexity(
     `bos_token_id`: put it before every window (`with_bos`; the protocol is then named `gptq-paper+bos`).
     """
     start_time = time.perf_counter()
+    _check_scorable(model, tokens, seqlen, bos_token_id)
     windows, total = _windows(tokens, seqlen, max_windows)
     device = module_device_dtype(model)[0]
     was_training = model.training
@@ -401,6 +422,7 @@ def perplexity_blockwise(
     `store(hidden)` keeps each window's hidden state after each block (e.g. in a file).
     """
     start_time = time.perf_counter()
+    _check_scorable(model, tokens, seqlen, bos_token_id)
     windows, total = _windows(tokens, seqlen, max_windows)
     if device is None:
         device = module_device_dtype(adapter.embedding_modules(model)[0])[0]
