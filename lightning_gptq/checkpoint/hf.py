@@ -77,7 +77,8 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     ``checkpoint_format``: ``"auto"`` (v1 ``gptq`` when lossless for this model, else ``gptq_v2``),
     ``"gptq"`` (refused when a zero point is 0) or ``"gptq_v2"``. ``settings``: our own settings,
     recorded under ``meta.lightning_gptq``; by default those ``quantize()`` left on the model (``model.gptq_settings``),
-    which also give ``damp_percent``, ``static_groups`` and ``true_sequential`` when not passed (else 0.01, False, True). ``dtype``: store every floating tensor (unquantized
+    which also give ``damp_percent``, ``static_groups`` and ``true_sequential`` when not passed (else 0.01, False,
+    True). ``dtype``: store every floating tensor (unquantized
     weights, scales, biases) in this dtype (e.g. ``"float16"``, what serving stacks expect, about
     half the size of fp32 embeddings); default: as in memory (lossless). Layers of other bits, group sizes or grids
     than most are recorded as ``dynamic`` rules: ``dynamic`` (the rules they were quantized by, checkpoint spelling)
