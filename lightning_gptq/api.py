@@ -84,6 +84,7 @@ def quantize(
     from lightning_gptq.lightning import CalibrationDataModule, GGUFExport, GPTQCallback, GPTQModule, HessianCapture
     from lightning_gptq.lightning.hooks import run_report
     from lightning_gptq.lightning.output import checkpoint_settings
+    from lightning_gptq.models.inputs import check_token_ids
     from lightning_gptq.nn import place
 
     if config is not None and not isinstance(config, QuantConfig):
@@ -104,7 +105,7 @@ def quantize(
             module.tokenizer = tokenizer
         eval_sets = {"eval_datasets": []} if not (options["eval_after"] or options.get("eval_before")) else {}
         if isinstance(calibration, torch.Tensor):
-            _check_ids(calibration, module.lm)
+            check_token_ids(calibration, module.lm, "calibration windows hold token id")
             data = CalibrationDataModule.from_windows(calibration, batch_size=batch_size, **eval_sets)
         else:
             data = CalibrationDataModule(calibration=str(calibration), nsamples=nsamples, seqlen=seqlen, seed=seed,
@@ -126,15 +127,3 @@ def quantize(
     module.lm.gptq_settings = checkpoint_settings(run_report(trainer), str(module.hparams.model),
                                                   module.hparams.true_sequential, module.hparams.gguf_file)
     return place(module.lm, device, backend)  # where it was calibrated: Lightning's teardown moved it to the CPU
-
-
-def _check_ids(windows: torch.Tensor, lm: nn.Module) -> None:
-    """Token windows hold ids the model's embedding has rows for (else torch's bare ``IndexError`` mid-fit)."""
-    embeddings = lm.get_input_embeddings() if hasattr(lm, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    if rows is None or windows.numel() == 0 or windows.is_floating_point():
-        return  # (from_windows refuses floating-point windows)
-    low, high = int(windows.min()), int(windows.max())
-    if low < 0 or high >= rows:
-        raise ValueError(f"calibration windows hold token id {low if low < 0 else high}, but the model's embedding has "
-                         f"{rows} rows (ids 0..{rows - 1}): were they made with another model's tokenizer?")

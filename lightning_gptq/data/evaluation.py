@@ -50,6 +50,7 @@ from lightning_gptq.data.text import (
 )
 from lightning_gptq.models.adapters import ArchitectureAdapter, scale_logits, weight_out_in
 from lightning_gptq.models.capture import capture_block_inputs, module_device_dtype, run_block
+from lightning_gptq.models.inputs import check_token_ids, max_positions
 
 __all__ = [
     "EVAL_DATASETS",
@@ -318,19 +319,11 @@ def _check_scorable(model: nn.Module, tokens: torch.Tensor, seqlen: int, bos_tok
     of fewer than 2 or more positions than the model's config allows, token ids outside its embedding."""
     if seqlen < 2:
         raise ValueError(f"seqlen must be >= 2 (a window scores each token from the ones before it), got {seqlen}")
-    config = getattr(model, "config", None)
-    limit = next((v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(config, k, None), int)
-                  and v > 0), None)
+    limit = max_positions(getattr(model, "config", None))
     if limit is not None and seqlen > limit:
         raise ValueError(f"seqlen={seqlen} is longer than the {limit} positions {type(model).__name__} supports")
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    rows = getattr(embeddings, "num_embeddings", None)
-    ids = tokens.reshape(-1)
-    low, high = (int(ids.min()), int(ids.max())) if ids.numel() else (0, 0)
-    for what, low, high in (("tokens", low, high), ("bos_token_id", bos_token_id, bos_token_id)):
-        if rows is not None and low is not None and (low < 0 or high >= rows):
-            raise ValueError(f"{what} hold id {low if low < 0 else high}, but the model's embedding has {rows} rows "
-                             f"(ids 0..{rows - 1}): made with another model's tokenizer?")
+    check_token_ids(tokens, model, "tokens hold id")
+    check_token_ids(bos_token_id, model, "bos_token_id hold id")
 
 
 def _windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:

@@ -9,6 +9,7 @@ from lightning_gptq.checkpoint.folders import why_not_writable
 from lightning_gptq.checkpoint.names import SPELLINGS
 from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.models.decode import MODES
+from lightning_gptq.models.inputs import max_positions
 from lightning_gptq.models.loading import resolve_dtype
 from lightning_gptq.nn import check_backend, int8_head_unsupported
 
@@ -58,15 +59,6 @@ def check_options(hp) -> None:
     for name in ("latency_prompt_tokens", "latency_decode_tokens"):
         if getattr(hp, name) < 1:
             raise MisconfigurationException(f"GPTQModule.{name} must be >= 1")
-
-
-def max_positions(config) -> int | None:
-    """The longest sequence the model's config allows, where it says."""
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> None:
