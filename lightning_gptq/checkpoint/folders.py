@@ -6,27 +6,11 @@ or interim folder, ours or another tool's): a save never deletes a folder of oth
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
-from .gptq_format import QUANTIZE_CONFIG, CheckpointError
-
-INTERIM_MANIFEST = "lightning_gptq.json"  # (interim.MANIFEST: the interim layout's marker)
-QUANT_METHODS = ("gptq", "compressed-tensors")
-
-
-def is_quantized_folder(folder: Path) -> bool:
-    """``folder`` holds a quantized checkpoint: a quantize config, our interim manifest, or a ``config.json``
-    whose ``quantization_config`` is GPTQ or compressed-tensors."""
-    if (folder / QUANTIZE_CONFIG).is_file() or (folder / INTERIM_MANIFEST).is_file():
-        return True
-    try:
-        block = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(block, dict) and block.get("quant_method") in QUANT_METHODS
+from .gptq_format import CheckpointError
 
 
 def why_not_writable(folder: str | os.PathLike) -> str | None:
@@ -35,7 +19,9 @@ def why_not_writable(folder: str | os.PathLike) -> str | None:
     folder = Path(os.path.abspath(os.path.expanduser(folder)))
     if folder.exists() and not folder.is_dir():
         return f"{folder} is a file, not a folder"
-    if folder.is_dir() and not is_quantized_folder(folder):
+    from lightning_gptq.checkpoint import is_quantized_checkpoint  # (the package imports this module)
+
+    if folder.is_dir() and not is_quantized_checkpoint(folder):
         others = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
         if others:
             shown = ", ".join(others[:4]) + (f" and {len(others) - 4} more" if len(others) > 4 else "")

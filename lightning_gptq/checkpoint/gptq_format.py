@@ -39,6 +39,10 @@ class CheckpointError(RuntimeError):
 class ZeroPointError(CheckpointError):
     """``checkpoint_format='gptq'`` (v1, stored ``zero − 1``) asked for a model with a zero point of 0."""
 
+    def __init__(self) -> None:
+        super().__init__("checkpoint_format 'gptq' (v1) stores zero − 1 and cannot hold a zero point of 0, which this "
+                         "model has; write 'gptq_v2' (or 'auto')")
+
 
 @dataclass
 class GPTQSettings:
@@ -173,8 +177,7 @@ def zeros_to_file(qzeros: Tensor, bits: int, out_features: int, fmt: str) -> Ten
         return qzeros
     zeros = unpack_cols(qzeros, bits, out_features).to(torch.int32)
     if (zeros == 0).any():
-        raise ZeroPointError("checkpoint_format 'gptq' (v1) stores zero − 1 and cannot hold a zero point of 0, "
-                              "which this model has; write 'gptq_v2' (or 'auto')")
+        raise ZeroPointError()
     return pack_cols(zeros - 1, bits)
 
 

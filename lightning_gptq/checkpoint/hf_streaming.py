@@ -114,8 +114,7 @@ class StreamingWriter:
         if fmt == AUTO_FORMAT:
             fmt = V1 if self.min_zero >= 1 else V2
         elif fmt == V1 and self.min_zero < 1:
-            raise ZeroPointError("checkpoint_format 'gptq' (v1) stores zero − 1 and cannot hold a zero point of 0, "
-                                 "which this model has; write 'gptq_v2' (or 'auto')")
+            raise ZeroPointError()
         _warn_other_readers(fmt, sym, dynamic)
         total = len(self.blocks) + 1
         names = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]

@@ -26,11 +26,11 @@ from lightning_gptq.nn import (
     to_backend,
 )
 
-from .folders import INTERIM_MANIFEST, publish, staging_for
+from .folders import publish, staging_for
 from .gptq_format import CheckpointError
 from .shards import make_readable
 
-MANIFEST = INTERIM_MANIFEST
+MANIFEST = "lightning_gptq.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "lightning-gptq-packed/1"
 FORMAT_V0 = "lightning-gptq-codes/0"
