@@ -43,4 +43,4 @@ def quant_matmul(x: Tensor, qweight: Tensor, qzeros: Tensor, scales: Tensor, g_i
                  bias: Tensor | None = None, group_size: int | None = None) -> Tensor:
     """``x @ Wᵀ + bias`` for ``x`` [..., in]: dequantizes the whole weight, then one dense matmul."""
     y = torch.matmul(x, dequantize_t(qweight, qzeros, scales, g_idx, bits, x.shape[-1], x.dtype, group_size))
-    return y if bias is None else y + bias
+    return y if bias is None else y + bias.to(y.dtype)  # (the input's dtype, as the other kernels answer)

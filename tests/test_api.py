@@ -1,7 +1,11 @@
 """The one-call API and the framework-free driver give the CLI's checkpoint, tensor for tensor."""
 
+import json
+import logging
+
 import pytest
 import torch
+from lightning_utilities.core import rank_zero
 from safetensors.torch import load_file
 
 import lightning_gptq as lg
@@ -18,6 +22,15 @@ CLI = ["--data.nsamples=6", "--data.seqlen=24", "--gptq.quant.bits=4", "--gptq.q
        "--gptq.quant.sym=false", "--gptq.quant.act_order=true", "--model.eval_after=false", "--model.latency=false",
        "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--hessian.sink_weight=attention",
        "--hessian.sink_layers=attention"]
+
+
+class _LogLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -41,7 +54,7 @@ def test_quantize_from_a_path_and_text_equals_the_cli(tmp_path, cli_checkpoint):
                         sink_layers="attention", output_dir=tmp_path / "out", accelerator="cpu")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 3 * 7
     _equal(load_file(tmp_path / "out" / "model" / "model.safetensors"), expected)
-    assert (tmp_path / "out" / "summary.json").is_file()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == model.gptq_summary
 
 
 def test_quantize_an_in_memory_model_on_token_windows_then_save_and_load(tmp_path, cli_checkpoint):
@@ -49,8 +62,17 @@ def test_quantize_an_in_memory_model_on_token_windows_then_save_and_load(tmp_pat
     lm, tokenizer = load_causal_lm(str(model_dir))
     windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=6, seqlen=24).calibration_windows(tokenizer)
     before = list(tmp_path.iterdir())
-    model = lg.quantize(lm, windows, CONFIG, sink_weight="attention", sink_layers="attention", accelerator="cpu")
+    lines = _LogLines()
+    rank_zero.log.addHandler(lines)
+    try:
+        model = lg.quantize(lm, windows, CONFIG, sink_weight="attention", sink_layers="attention", accelerator="cpu")
+    finally:
+        rank_zero.log.removeHandler(lines)
     assert model is lm and list(tmp_path.iterdir()) == before  # nothing written without output_dir
+    # the summary is kept on the model, and no log line names the scratch folder it was written to and deleted with
+    assert len(model.gptq_summary["layers"]) == 3 * 7 and model.gptq_summary["calibration"]["nsamples"] == 6
+    summary_lines = [m for m in lines.messages if m.startswith("run summary")]
+    assert summary_lines == ["run summary: kept as the returned model's gptq_summary (no output_dir given)"]
     lg.save_quantized(model, tokenizer, tmp_path / "saved")
     _equal(load_file(tmp_path / "saved" / "model.safetensors"), expected)
     reloaded, _ = lg.load_quantized(tmp_path / "saved")

@@ -89,7 +89,8 @@ def test_forced_formats_round_trip_and_v1_refuses_a_zero_of_0(tmp_path, fmt):
 
 def test_a_save_replaces_only_an_empty_folder_or_a_checkpoint(tmp_path):
     """A save writes ``<folder>.partial`` and renames it over ``folder``. It used to delete whatever ``folder``
-    held first: ``save_quantized(model, tok, "~")`` would have taken a home directory with it."""
+    held first: ``save_quantized(model, tok, "~")`` would have taken a home directory with it; and replacing a
+    checkpoint took the files a user had added to it along."""
     from lightning_gptq.checkpoint import save_compressed_tensors, save_interim
 
     model = quantize_randomly(FACTORIES["llama"](), 4, 16, True, False)
@@ -111,6 +112,18 @@ def test_a_save_replaces_only_an_empty_folder_or_a_checkpoint(tmp_path):
     for save in (save_quantized, save_compressed_tensors, save_interim, save_quantized):  # each replaces the last
         folder = save(model, None, tmp_path / "empty")
     assert read_settings(folder).checkpoint_format == "gptq"
+    assert_same_model(model, load_quantized(folder, backend="torch")[0])
+    # what a user added to a checkpoint (a model card, notes) is moved into the one replacing it; a save's own files
+    # (a stale shard, weights of another layout) go with the old checkpoint
+    (folder / "README.md").write_text("my model card")
+    (folder / "notes").mkdir()
+    (folder / "notes" / "eval.txt").write_text("ppl 24")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"stale")
+    for save in (save_compressed_tensors, save_quantized):
+        folder = save(model, None, folder)
+        assert (folder / "README.md").read_text() == "my model card"
+        assert (folder / "notes" / "eval.txt").read_text() == "ppl 24"
+        assert not (folder / "model-00002-of-00002.safetensors").exists()
     assert_same_model(model, load_quantized(folder, backend="torch")[0])
 
 

@@ -243,6 +243,55 @@ def test_gptq_callback_without_hessian_capture_is_a_clear_error():
         trainer.fit(M(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4))
 
 
+def test_a_fit_that_would_quantize_nothing_says_so(tmp_path, recwarn):
+    """On a user's module: ``HessianCapture`` without ``GPTQCallback``, or a Trainer whose fit loop never runs
+    (``limit_train_batches=0``, ``max_steps=0``), quantized nothing without a word; ``max_epochs=0`` now warns. On
+    ``GPTQModule``, ``limit_train_batches`` below the data silently calibrated on fewer windows than it recorded."""
+
+    class M(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.lin(x)
+
+        def training_step(self, batch, i):
+            return self(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = DataLoader(TensorDataset(torch.randn(16, 32)), batch_size=4)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+
+    def fit(callbacks, **trainer):
+        module = M()
+        Trainer(callbacks=callbacks, **quiet, **trainer).fit(module, loader)
+        return module
+
+    with pytest.raises(MisconfigurationException, match="no GPTQCallback"):
+        fit([HessianCapture()], max_steps=2)
+    for setting, value in [("limit_train_batches", 0), ("max_steps", 0)]:
+        with pytest.raises(MisconfigurationException, match=f"Trainer\\({setting}=0\\) skips"):
+            fit([HessianCapture(), GPTQCallback(QuantConfig(bits=4, group_size=16))], **{setting: value})
+    with pytest.warns(UserWarning, match="GPTQCallback quantized nothing"):
+        assert isinstance(fit([HessianCapture(), GPTQCallback(QuantConfig(bits=4, group_size=16))], max_epochs=0).lin,
+                          nn.Linear)
+    assert isinstance(fit([HessianCapture(), GPTQCallback(QuantConfig(bits=4, group_size=16))], max_epochs=1).lin,
+                      QuantLinear)
+    assert not [w for w in recwarn if "quantized nothing" in str(w.message)][1:]  # only the max_epochs=0 fit warned
+
+    model_dir = tiny_model_dir(tmp_path, "llama")
+    for limit in (1, 0.5):
+        module = GPTQModule(str(model_dir), eval_after=False, latency=False, output_dir=str(tmp_path / "out"))
+        data = CalibrationDataModule(calibration=str(WIKITEXT_TEST), nsamples=4, seqlen=16, eval_datasets=[])
+        with pytest.raises(MisconfigurationException, match=f"limit_train_batches={limit}: fit calibrates on every window"):
+            Trainer(callbacks=[GPTQCallback(QuantConfig(bits=4, group_size=16)), HessianCapture()], max_epochs=-1,
+                    limit_train_batches=limit, **quiet).fit(module, data)
+    assert not (tmp_path / "out").exists()
+
+
 def test_metric_equals_standalone_evaluator(tmp_path):
     lm, tok = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
     dm = CalibrationDataModule(eval_datasets=["wikitext2"], eval_paths={"wikitext2": str(WIKITEXT_TEST)}, eval_seqlen=24,

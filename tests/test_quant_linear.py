@@ -236,6 +236,18 @@ def test_16_bit_layers_with_a_bias_answer_in_the_input_dtype(cls, dtype):
     assert layer(x).dtype == dtype
 
 
+@pytest.mark.parametrize("cls", CPU_BACKENDS, ids=lambda c: c.backend)
+def test_an_fp32_layer_with_a_bias_answers_a_16_bit_input_in_its_dtype(cls):
+    """Every backend answers in the input's dtype; the oracle (``torch``) alone answered fp32, its fp32 bias promoting."""
+    skip_unless_available(cls)
+    layer = random_layer(cls, LayerSpec(160, 72, 4, 32, False, True, True, "cpu", "float32"))
+    x = torch.randn(3, 160, generator=torch.Generator().manual_seed(0))
+    for kernel in layer.kernels:
+        y = layer.run(kernel, x.half())
+        assert y.dtype == torch.float16, (kernel, y.dtype)
+        assert torch.allclose(y.float(), layer.run(kernel, x), atol=3e-2, rtol=1e-2), kernel
+
+
 @pytest.mark.parametrize("cls", [QuantLinear, CpuInt4QuantLinear, CpuPackedQuantLinear])
 def test_backends_take_any_leading_dims_and_strided_inputs(cls):
     """Models call layers with [batch, seq, in] activations, sometimes views that are not contiguous: every

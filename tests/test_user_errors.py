@@ -13,6 +13,7 @@ from lightning_gptq.cli import main
 from lightning_gptq.data import CalibrationDataError
 from lightning_gptq.data.calibration import mixed_calibration_windows
 from lightning_gptq.export_gguf import main as export_main
+from lightning_gptq.nn import QuantLinear
 from tiny_lm import CALIBRATION_TEXT, SMOLLM2_GGUF, char_tokenizer, tiny_model_dir
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -112,6 +113,24 @@ def test_load_quantized_takes_the_dtype_names_the_cli_takes(no_tokenizer_folder,
 def test_load_quantized_refuses_an_unknown_dtype_by_name(no_tokenizer_folder):
     with pytest.raises(ValueError, match=r"Unknown dtype 'float33'; use one of \[.*'fp16'"):
         lg.load_quantized(no_tokenizer_folder, dtype="float33")
+
+
+def test_load_quantized_names_itself_for_a_misspelt_argument_and_casts_every_layout(no_tokenizer_folder, tmp_path):
+    """A misspelt keyword was a ``TypeError`` naming ``load_gptq``; ``dtype`` was dropped for an interim folder."""
+    from lightning_gptq.checkpoint import save_interim
+
+    with pytest.raises(TypeError, match=r"load_quantized\(\) got an unexpected keyword argument 'dtyp'"):
+        lg.load_quantized(no_tokenizer_folder, dtyp="bf16")
+    model, _ = lg.load_quantized(no_tokenizer_folder, backend="torch")
+    interim = save_interim(model, None, tmp_path / "interim")
+    cast, _ = lg.load_quantized(interim, dtype="bf16")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        logits = cast(ids).logits
+    assert cast.get_input_embeddings().weight.dtype == torch.bfloat16 and logits.dtype == torch.bfloat16
+    assert all(m.scales.dtype == torch.bfloat16 for m in cast.modules() if isinstance(m, QuantLinear))
+    with torch.no_grad():
+        assert torch.allclose(logits.float(), model(ids).logits, atol=0.1, rtol=0.05)
 
 
 def test_a_model_path_that_is_a_plain_file_says_so(tmp_path, monkeypatch, capsys):

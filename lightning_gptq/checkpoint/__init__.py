@@ -56,30 +56,34 @@ def reader_for(folder: str | os.PathLike) -> type[GPTQReader]:
     return CompressedTensorsReader if is_compressed_tensors_folder(Path(os.path.expanduser(folder))) else GPTQReader
 
 
-def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, verify: bool = True, trust_remote_code: bool = False,
-                   device: str | torch.device = "cpu", **kwargs):
-    """``(model, tokenizer)`` from a quantized checkpoint folder: HF GPTQ layout (``load_gptq``; its
-    keyword arguments pass through), compressed-tensors (``load_compressed_tensors``, the same arguments) or our
-    interim layouts (``load_interim``).
+def load_quantized(folder: str | os.PathLike, *, backend: str = AUTO, dtype: torch.dtype | str | None = None,
+                   verify: bool = True, trust_remote_code: bool = False, device: str | torch.device = "cpu"):
+    """``(model, tokenizer)`` from a quantized checkpoint folder: HF GPTQ layout (``load_gptq``), compressed-tensors
+    (``load_compressed_tensors``) or our interim layouts (``load_interim``).
 
-    ``device``: where the model goes; the layers' kernels (``backend``) are chosen there, after the move (read in
-    the checkpoint layout first: ``auto`` times candidates on the device the layers will run on)."""
+    ``dtype``: of every unquantized tensor and the scales (default: fp32, or the dtype an interim folder was saved in).
+    ``device``: where the model goes; the layers' kernels (``backend``) are chosen there, after the move."""
     check_backend(backend)
-    if "dtype" in kwargs:  # (a misspelt name fails before the folder is read)
-        kwargs["dtype"] = read_dtype(kwargs["dtype"])
+    dtype = None if dtype is None else read_dtype(dtype)  # (a misspelt name fails before the folder is read)
     folder = Path(os.path.expanduser(folder))
+    # kernels are chosen where the layers run, in the dtype they run in: read in the checkpoint layout first
+    # when the model moves, or when an interim folder (saved in its own dtype) is cast after reading
+    recast = dtype is not None and is_interim_checkpoint(folder)
     elsewhere = device_at_hand(device).type != "cpu"
-    read_as = "torch" if elsewhere else backend  # (the checkpoint layout: no kernel timed on the CPU for nothing)
+    read_as = "torch" if elsewhere or recast else backend
     if is_interim_checkpoint(folder):
         model, tokenizer = load_interim(folder, backend=read_as, trust_remote_code=trust_remote_code)
+        if recast:
+            model.to(dtype)
     elif not folder.is_dir():
         raise CheckpointError(f"{folder} does not exist or is not a folder")
     else:
         load = load_compressed_tensors if is_compressed_tensors_folder(folder) else load_gptq
-        model, tokenizer = load(folder, backend=read_as, verify=verify, trust_remote_code=trust_remote_code, **kwargs)
+        model, tokenizer = load(folder, backend=read_as, verify=verify, trust_remote_code=trust_remote_code,
+                                **({} if dtype is None else {"dtype": dtype}))
     if tokenizer is None:
         log.warning("%s holds no tokenizer files: load_quantized returns tokenizer=None (copy the original model's "
                     "tokenizer files into the folder, or save it with save_quantized(model, tokenizer, folder))", folder)
-    if elsewhere:
+    if elsewhere or recast:
         place(model, device, backend, choose=True)
     return model, tokenizer

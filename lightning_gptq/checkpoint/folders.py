@@ -1,16 +1,28 @@
 """Where a save writes: a staging folder beside the target (``<folder>.partial``), renamed over it once complete.
 
-The target is replaced whole, so it may only be absent, empty, or a quantized checkpoint (a GPTQ, compressed-tensors
-or interim folder, ours or another tool's): a save never deletes a folder of other files a user pointed it at.
+The target is replaced, so it may only be absent, empty, or a quantized checkpoint (a GPTQ, compressed-tensors
+or interim folder, ours or another tool's): a save never deletes a folder of other files a user pointed it at. Of a
+checkpoint it replaces, what a save writes (weights, configs, tokenizer) goes; other files a user put there (a model
+card, a licence, notes) are moved into the new one, unless it has a file of that name.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from .gptq_format import CheckpointError
+
+log = logging.getLogger("lightning_gptq")
+
+# what a checkpoint save (ours or another tool's) writes: replaced with the checkpoint, never carried over
+WRITTEN_BY_A_SAVE = re.compile(
+    r".*\.(safetensors|bin|pt|pth|gguf|index\.json|sha256)|(generation_|quantize_|quant_)?config\.json"
+    r"|lightning_gptq\.json|tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+    r"|chat_template\..*|recipe\.yaml")
 
 
 def why_not_writable(folder: str | os.PathLike) -> str | None:
@@ -50,10 +62,17 @@ def staging_for(folder: Path) -> Path:
 
 def publish(staging: Path, folder: Path) -> Path:
     """Rename the complete ``staging`` to ``folder``, replacing a checkpoint there (checked again: files may have
-    appeared in it while the save ran; then the new checkpoint stays in ``staging``)."""
+    appeared in it while the save ran; then the new checkpoint stays in ``staging``). The replaced checkpoint's files
+    that no save writes (``WRITTEN_BY_A_SAVE``) and ``staging`` lacks are moved into it first."""
     if (why := why_not_writable(folder)) is not None:
         raise CheckpointError(f"{why} (the checkpoint was written to {staging})")
     if folder.exists():
+        kept = sorted(p.name for p in folder.iterdir()
+                      if not WRITTEN_BY_A_SAVE.fullmatch(p.name) and not (staging / p.name).exists())
+        for name in kept:
+            os.replace(folder / name, staging / name)
+        if kept:
+            log.info("kept %s from the checkpoint replaced in %s", ", ".join(kept), folder)
         shutil.rmtree(folder)
     os.replace(staging, folder)
     return folder

@@ -161,7 +161,8 @@ class GPTQCallback(BlockHooks, Callback):
         self.equalizer = Equalizer(self.equalize, equalize_layers) if self.equalize else None
         self.records: list[LayerRecord] = []
         self.vllm_refusals: list[str] | None = None  # why vLLM would not serve what this run writes ([]: it would)
-        self._driven = False  # a calibration driver fires the block hooks (GPTQModule); else quantize at train end
+        # a calibration driver fires the block hooks (GPTQModule); else quantize the user's module at train end
+        self._driven = self._quantized_module = False
 
     def state_dict(self) -> dict:
         return {"records": [asdict(r) for r in self.records]}
@@ -185,7 +186,7 @@ class GPTQCallback(BlockHooks, Callback):
         return self.rules.config_for(name, self.quant) is not None  # a `-:` rule keeps the layer dense
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._driven = False
+        self._driven = self._quantized_module = False
         if stage == "fit" and self.method == "gptq" and not any(isinstance(cb, HessianCapture) for cb in trainer.callbacks):
             raise MisconfigurationException(
                 "GPTQCallback(method='gptq') needs the layer Hessians: add HessianCapture() to the Trainer's callbacks."
@@ -193,6 +194,14 @@ class GPTQCallback(BlockHooks, Callback):
         if self.equalize and any(getattr(cb, "asymmetric", False) for cb in trainer.callbacks):
             raise MisconfigurationException("GPTQCallback.equalize and HessianCapture(asymmetric=True) do not combine yet: "
                                             "the input mismatch would need the same scaling; choose one")
+        if stage == "fit" and (skipped := _fit_loop_skipped(trainer)):
+            raise MisconfigurationException(f"GPTQCallback quantizes in the fit loop, which Trainer({skipped}) skips: "
+                                            "nothing would be quantized")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not self._driven and not self._quantized_module:  # (the loop ran no epoch, so train end never came)
+            rank_zero_warn("GPTQCallback quantized nothing: the fit loop ended before training did (max_epochs=0?), "
+                           "and the model is as it was")
 
     def on_block_end(self, trainer, pl_module, ctx: BlockContext) -> None:
         layers = list(ctx.layers.items())
@@ -292,6 +301,7 @@ class GPTQCallback(BlockHooks, Callback):
         if not self._driven:  # a user's own module: its whole model is the one block
             self.quantize_module(trainer, pl_module)
             to_backend(pl_module, self.backend)
+            self._quantized_module = True
 
     # -- work --------------------------------------------------------------------------------------
     def _quantize_layer(self, ctx: BlockContext, name: str, layer, presolved=None) -> LayerRecord | None:
@@ -437,6 +447,15 @@ class GPTQCallback(BlockHooks, Callback):
 
     def summary(self) -> list[dict]:
         return [asdict(r) for r in self.records]
+
+
+def _fit_loop_skipped(trainer) -> str | None:
+    """The Trainer setting that makes ``fit`` skip its loop (so no train end, where quantizing happens), or None."""
+    if trainer.limit_train_batches == 0:
+        return "limit_train_batches=0"
+    if trainer.fit_loop.max_steps == 0:
+        return "max_steps=0"
+    return None
 
 
 def _rules_from_text(text: str) -> dict:

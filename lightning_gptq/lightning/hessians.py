@@ -16,7 +16,7 @@ from lightning_gptq.models.experts import routed_layers
 from lightning_gptq.quant import HessianAccumulator, MismatchAccumulator
 
 from .distributed import all_reduce_sum, world_size
-from .hooks import BlockContext, BlockHooks
+from .hooks import BlockContext, BlockHooks, run_report
 
 __all__ = ["HessianCapture"]
 
@@ -332,6 +332,11 @@ class HessianCapture(BlockHooks, Callback):
         weights = torch.ones(x.shape[1], device=x.device)
         weights[: self.sink_tokens] = weight
         return weights
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and "quant" not in run_report(trainer):
+            raise MisconfigurationException("HessianCapture accumulates the Hessians that GPTQCallback solves with, and no "
+                                            "GPTQCallback is in the Trainer's callbacks: add one, or nothing is quantized")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._detach()  # a run that stopped mid-block must not leave hooks behind

@@ -96,6 +96,10 @@ def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> Non
             "process group and sums the Hessians across processes instead.")
     if module.is_quantized:
         raise MisconfigurationException(f"{hp.model} is already quantized; fit needs a full-precision model")
+    if module.trainer.limit_train_batches != 1.0 or isinstance(module.trainer.limit_train_batches, int):  # (int 1:
+        # one batch) it would cut the windows the summary and checkpoint record
+        raise MisconfigurationException(f"trainer.limit_train_batches={module.trainer.limit_train_batches}: fit calibrates "
+                                        "on every window of the data; set data.nsamples to calibrate on fewer")
     if hp.save_quantized and (why := why_not_writable(module.output_dir() / "model")):
         raise MisconfigurationException(f"model.output_dir: {why}")  # (else found after calibrating)
     if hp.streaming and (hp.latency or not hp.save_quantized):

@@ -307,7 +307,7 @@ class QuantLinear(nn.Module):
             return torch_ref.quant_matmul(x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.bias,
                                           group_size=self.contiguous_group_size())
         y = torch.matmul(x, dense_t)  # what quant_matmul computes, minus the dequantization
-        return y if self.bias is None else y + self.bias
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
     _held_dense_t: Tensor | None = None  # set inside ``dense_weights_held`` (the oracle only)
 
