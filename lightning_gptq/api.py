@@ -79,11 +79,11 @@ def quantize(
             metadata and the tensors GPTQ left alone; settings GGUF cannot hold are refused before calibrating.
         accelerator: Lightning's (``"auto"``, ``"cpu"``, ``"gpu"``); the model is returned on that device.
         progress: show progress bars.
+        module_options: any other ``GPTQModule`` argument (``dtype``, ``true_sequential``,
+            ``activation_dtype``, ``checkpoint_format``, ``save_dtype``, ``eval_after``...).
 
     The returned model carries the run summary as ``model.gptq_summary`` (the dict ``summary.json`` holds: per-layer
     losses and times under ``"layers"``, settings, timings, peak memory), whether or not ``output_dir`` is given.
-        module_options: any other ``GPTQModule`` argument (``dtype``, ``true_sequential``,
-            ``activation_dtype``, ``checkpoint_format``, ``save_dtype``, ``eval_after``...).
     """
     from lightning.pytorch import Trainer
 
