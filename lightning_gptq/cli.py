@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
@@ -17,6 +18,7 @@ from lightning_gptq.quant import QuantConfigError
 
 from lightning_gptq.lightning import (BlockCheckpoint, CalibrationDataModule, CompletionWriter, GGUFExport, GPTQCallback,
                                       GPTQModule, HessianCapture, ResumeError)
+from lightning_gptq.lightning.resume import check_resume_file
 
 def _has_tensorboard() -> bool:
     import importlib.util
@@ -39,12 +41,14 @@ TRAINER_DEFAULTS = {
 
 
 # Warnings that describe GPTQModule's design, not a user mistake: calibration has no optimizer and
-# validation is empty during fit (scoring happens after the last block); plus a deprecation inside
-# Lightning itself that users cannot act on.
+# validation is empty during fit (scoring happens after the last block); plus deprecations inside
+# Lightning itself that users cannot act on, and its advice for a resume point not found (not ours).
 EXPECTED_WARNINGS = (
     r".*configure_optimizers` returned `None`",
     r".*Total length of `.*` across ranks is zero",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
+    r".*there is no last checkpoint available",
+    r".*all_gather is deprecated",  # (inside Lightning's strategy.all_gather, once per block and process under DDP)  # (its hint is for ModelCheckpoint; BlockCheckpoint says it instead)
 )
 
 
@@ -76,6 +80,16 @@ class GPTQCLI(LightningCLI):
         if (given("--trainer.default_root_dir") and not given("--trainer.logger") and init_args is not None
                 and "save_dir" in init_args and init_args.save_dir != trainer.default_root_dir):
             init_args.save_dir = trainer.default_root_dir
+
+
+    def _parse_ckpt_path(self) -> None:
+        """A resume checkpoint named by its path is checked as ``--ckpt_path=last``'s is (``check_resume_file``) before
+        LightningCLI reads it (for its hyperparameters: a damaged one failed there, deep in ``torch.load``)."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path not in (None, "last", "best", "hpc") and Path(path).is_file():
+            check_resume_file(path)
+        super()._parse_ckpt_path()
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,

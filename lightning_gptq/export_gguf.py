@@ -19,7 +19,7 @@ from ._unshadow import import_hf_kernels_first
 
 import_hf_kernels_first()
 
-from lightning_gptq.checkpoint import CheckpointError, load_quantized  # noqa: E402
+from lightning_gptq.checkpoint import CheckpointError, is_quantized_checkpoint, load_quantized  # noqa: E402
 from lightning_gptq.checkpoint.gguf_export import default_template, save_gguf  # noqa: E402
 
 
@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isdir(os.path.expanduser(args.folder)):
             raise CheckpointError(f"{args.folder}: no such folder" if not os.path.exists(os.path.expanduser(args.folder))
                                   else f"{args.folder} is a file: give the quantized folder")
+        if not is_quantized_checkpoint(args.folder):
+            raise CheckpointError(f"{args.folder} is not a quantized checkpoint folder (no GPTQ or compressed-tensors "
+                                  "config.json): give the folder fit wrote, <output_dir>/model")
         template = args.template or default_template(args.folder)
         if template is None:
             raise CheckpointError(f"{args.folder} names no .gguf source that exists here: pass --template with the "

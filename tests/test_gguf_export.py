@@ -194,11 +194,34 @@ def test_cli_finds_the_template_the_folder_was_fit_from(smollm2_2blocks, tmp_pat
 
 
 def test_cli_without_a_template_says_what_to_pass(tmp_path, capsys):
+    from tiny_lm import tiny_model_dir
+
     from lightning_gptq.export_gguf import main
 
-    (tmp_path / "config.json").write_text("{}")
-    assert main([str(tmp_path), str(tmp_path / "x.gguf")]) == 2
+    model = lg.quantize(tiny_model_dir(tmp_path, "llama"), torch.randint(4, 60, (2, 8)), lg.QuantConfig(group_size=32),
+                        method="rtn", accelerator="cpu")
+    folder = lg.save_quantized(model, None, tmp_path / "quantized")  # fit from a HF folder: no .gguf to name
+    assert main([str(folder), str(tmp_path / "x.gguf")]) == 2
     assert "--template" in capsys.readouterr().err
+    # a folder that is not a quantized checkpoint is named as such (it was told to pass --template)
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "config.json").write_text("{}")
+    assert main([str(tmp_path / "plain"), str(tmp_path / "x.gguf")]) == 2
+    assert "is not a quantized checkpoint folder" in capsys.readouterr().err
+
+
+@needs_smollm2
+def test_fit_refuses_a_gguf_template_of_another_model_before_calibrating(tmp_path):
+    """Found by a user audit: a template of another model failed only when the GGUF was written, after the fit."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from tiny_lm import tiny_model_dir
+
+    from lightning_gptq.cli import main
+
+    with pytest.raises(MisconfigurationException, match="gguf.template: template tensor token_embd.weight is "
+                                                         r"\[49152, 576\], the model's model.embed_tokens.weight is"):
+        main(fit_args(tiny_model_dir(tmp_path, "llama"), tmp_path / "runs", f"--gguf.template={SMOLLM2_GGUF}"))
+    assert not list(tmp_path.rglob("quantized"))
 
 
 def test_cli_runs_as_a_module_from_the_checkout():

@@ -2,6 +2,7 @@
 run that was never interrupted; a half-written or corrupt resume point is refused, never loaded."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -130,6 +131,54 @@ def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
     assert not (out / "model").exists()
 
 
+def test_a_resume_point_is_never_replaced_unasked_and_a_damaged_one_never_loaded(tmp_path, uninterrupted):
+    """Found by a user audit: a rerun without --ckpt_path started over and overwrote the resume point (then deleted it
+    at the end); a checkpoint with damaged bytes that is still a zip failed deep in torch.load (UnicodeDecodeError);
+    the resumed run said it continued at "capture block inputs"; --ckpt_path=last with none gave Lightning's advice."""
+    from lightning_utilities.core import rank_zero
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    model_dir, expected, _ = uninterrupted
+    root, out = tmp_path / "runs", tmp_path / "out"
+    fresh = _args(model_dir, tmp_path / "fresh-runs", tmp_path / "fresh-out")
+    lines = _LogLines()
+    rank_zero.log.addHandler(lines)
+    try:
+        main(["fit", *fresh, "--ckpt_path=last", "--model.save_quantized=false"])  # none yet: a set-and-forget start
+        _killed_run(model_dir, root, out, 5, tmp_path)  # propagating block 2: resume point after block 2 of 3
+        ckpt = root / "checkpoints" / "last.ckpt"
+        whole = ckpt.read_bytes()
+        with pytest.raises(MisconfigurationException, match="is a resume point .* add --ckpt_path=last"):
+            main(["fit", *_args(model_dir, root, out)])
+        assert ckpt.read_bytes() == whole and not (out / "model").exists()
+
+        middle = len(whole) // 2  # 64 bytes changed inside a member: still a zip, no longer the one written
+        ckpt.write_bytes(whole[:middle] + bytes(b ^ 0x5A for b in whole[middle: middle + 64]) + whole[middle + 64:])
+        for ckpt_path in ("last", str(ckpt)):
+            with pytest.raises(ResumeError, match="is damaged"):
+                main(["fit", *_args(model_dir, root, out), f"--ckpt_path={ckpt_path}"])
+        ckpt.write_bytes(whole)
+        main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+    finally:
+        rank_zero.log.removeHandler(lines)
+    assert any(m.startswith("--ckpt_path=last: no resume checkpoint in") and m.endswith("starting at the first block")
+               for m in lines.messages)
+    resumed = [m for m in lines.messages if m.startswith("resumed from")]
+    assert len(resumed) == 1 and resumed[0].endswith(": continuing at calibrate block 3/3"), resumed
+    got = _weights(out)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+
+
+class _LogLines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uninterrupted, monkeypatch):
     """`--model.dry_run=true`: a plan (memory, disk, time per stage) and advice when it would not fit;
     no stage runs, nothing is written but plan.json, and a killed run's resume point survives."""
@@ -182,6 +231,40 @@ def test_the_dry_run_counts_one_dequantization_per_layer_not_per_batch(tmp_path,
     assert dequantization(8) == pytest.approx(once)
 
 
+def test_the_dry_run_never_counts_a_stage_below_zero(tmp_path, monkeypatch):
+    """Found by a user audit (a busy machine): the measured sink rule's pass, timed faster than the plain one, made the
+    calibrate estimate negative (-111 s). A probe timed as faster now counts as free, as one timed as equal does."""
+    import contextlib
+
+    from lightning_gptq.lightning import plan as plan_module
+
+    probing, probe_seconds = [], []
+    real_probe = plan_module.probe_attention
+
+    @contextlib.contextmanager
+    def probe(*args, **kwargs):
+        with real_probe(*args, **kwargs):
+            probing.append(True)
+            try:
+                yield
+            finally:
+                probing.pop()
+
+    monkeypatch.setattr(plan_module, "probe_attention", probe)
+    monkeypatch.setattr(plan_module, "_best_of", lambda repeats, fn: probe_seconds[0] if probing else 1.0)
+    model_dir = tiny_model_dir(tmp_path, "llama")
+
+    def seconds(probe_time):
+        probe_seconds[:] = [probe_time]
+        out = tmp_path / f"out{probe_time}"
+        main(["fit", *_args(model_dir, tmp_path / "runs", out), "--model.dry_run=true", "--hessian.sink_weight=attention"])
+        return json.loads((out / "plan.json").read_text())["seconds"]
+
+    faster, equal = seconds(0.001), seconds(1.0)
+    assert min(faster.values()) >= 0 and faster["calibrate"] == pytest.approx(equal["calibrate"])
+    assert seconds(3.0)["calibrate"] > equal["calibrate"]  # (a slower probe is still counted)
+
+
 def test_the_dry_run_times_each_solve_as_the_callback_runs_it(tmp_path, monkeypatch):
     """Every timing faked to 1 s (the timed work still runs once), the solve estimate counts what is timed: block 0's
     7 layers once each, taken for all 3 blocks; an input-scaled down_proj is one timed call at every exponent, plus
@@ -221,6 +304,10 @@ def test_a_streaming_fit_killed_then_resumed_gives_the_uninterrupted_weights(tmp
     # an in-memory resume of a streaming checkpoint is refused, and so is an altered staged block
     with pytest.raises(ResumeError, match="streaming run"):
         main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+    # and another output folder (its blocks are staged beside the first: it said it saved to the new one, and did not)
+    with pytest.raises(ResumeError, match="resume it with that model.output_dir"):
+        main(["fit", *_args(model_dir, root, out), streaming, f"--model.output_dir={tmp_path / 'elsewhere'}",
+              "--ckpt_path=last"])
     data = staged[0].read_bytes()
     middle = len(data) // 2
     staged[0].write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])

@@ -133,6 +133,19 @@ def test_load_quantized_names_itself_for_a_misspelt_argument_and_casts_every_lay
         assert torch.allclose(logits.float(), model(ids).logits, atol=0.1, rtol=0.05)
 
 
+def test_a_backend_this_device_cannot_run_is_refused_before_any_work(tmp_path, monkeypatch, capsys, no_tokenizer_folder):
+    """Found by a user audit: ``--gptq.backend=cuda-int4`` on a CPU calibrated every block, then failed with a traceback
+    and saved nothing; ``validate --model.backend=triton`` on a CPU was a traceback."""
+    line = cli_error(monkeypatch, capsys, *fit_args(tmp_path, tiny_model_dir(tmp_path), CALIBRATION_TEXT,
+                                                    "--gptq.method=gptq", "--gptq.backend=cuda-int4",
+                                                    "--trainer.accelerator=cpu"))
+    assert "GPTQCallback.backend: backend 'cuda-int4' runs on cuda only, and this run computes on cpu" in line
+    line = cli_error(monkeypatch, capsys, "validate", f"--model.model={no_tokenizer_folder}", "--model.backend=triton",
+                     "--data.eval_datasets=[]", "--model.latency=false", "--trainer.accelerator=cpu",
+                     f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}", *QUIET)
+    assert "model.backend: backend 'triton' runs on cuda only, and this run computes on cpu" in line
+
+
 def test_a_model_path_that_is_a_plain_file_says_so(tmp_path, monkeypatch, capsys):
     plain = tmp_path / "weights.bin"
     plain.write_text("x")

@@ -204,6 +204,33 @@ def source_gguf(model: str | None, gguf_file: str | None) -> Path | None:
     return path if path.suffix.lower() == ".gguf" else None
 
 
+def template_mismatch(model: nn.Module, template: str | os.PathLike) -> str | None:
+    """Why ``template`` is not ``model``'s source as GGUF (a tensor of another shape, a block the model lacks), read
+    from its header before any work; None when every tensor it names fits. ``model``: before or after quantizing."""
+    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
+
+    template = Path(template)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    try:
+        reader, _, processor = _template_parts(template, model.config.to_dict())
+        to_hf = get_gguf_hf_weights_map(_NamesOf(model, quantized), processor)
+    except GGUFExportError as err:
+        return str(err)
+    except NotImplementedError as err:
+        return f"model type {model.config.model_type!r}: {err}"
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    shapes |= {f"{n}.weight": (m.out_features, m.in_features) for n, m in quantized.items()}
+    for t in reader.tensors:
+        hf_name = to_hf.get(t.name)
+        if hf_name is None and t.name.startswith("blk."):
+            return f"template tensor {t.name} has no counterpart in the model: is {template.name} this model's source?"
+        theirs = tuple(int(x) for x in t.shape[::-1])
+        if hf_name in shapes and theirs != shapes[hf_name]:
+            return (f"template tensor {t.name} is {list(theirs)}, the model's {hf_name} is {list(shapes[hf_name])}: "
+                    f"is {template.name} this model's source?")
+    return None
+
+
 @torch.no_grad()
 def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.PathLike, *,
               verify: bool = True) -> GGUFExportReport:

@@ -26,7 +26,8 @@ from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, ex
 from lightning_gptq.checkpoint.names import file_names_of
 from lightning_gptq.checkpoint.serving import planned_settings, vllm_report
 from lightning_gptq.models.adapters import is_linear, linear_in_features, linear_out_features, weight_out_in
-from lightning_gptq.nn import AUTO, QuantLinear, check_backend, make_quant_linear, replace_submodule, to_backend
+from lightning_gptq.nn import (AUTO, QuantLinear, backend_unavailable_on, check_backend, make_quant_linear,
+                               replace_submodule, to_backend)
 from lightning_gptq.quant import DampingIncreasedWarning, QuantConfig, QuantConfigError, gptq_quantize, rtn_quantize
 from lightning_gptq.quant.rules import LayerRules
 
@@ -194,6 +195,8 @@ class GPTQCallback(BlockHooks, Callback):
         if self.equalize and any(getattr(cb, "asymmetric", False) for cb in trainer.callbacks):
             raise MisconfigurationException("GPTQCallback.equalize and HessianCapture(asymmetric=True) do not combine yet: "
                                             "the input mismatch would need the same scaling; choose one")
+        if stage == "fit" and (why := backend_unavailable_on(self.backend, trainer.strategy.root_device.type)):
+            raise MisconfigurationException(f"GPTQCallback.backend: {why}")  # (else found after calibrating)
         if stage == "fit" and (skipped := _fit_loop_skipped(trainer)):
             raise MisconfigurationException(f"GPTQCallback quantizes in the fit loop, which Trainer({skipped}) skips: "
                                             "nothing would be quantized")
@@ -476,8 +479,8 @@ def _rules_from_text(text: str) -> dict:
 
 
 def _layer_bar(trainer, layers, ctx: BlockContext):
-    if trainer is None or trainer.progress_bar_callback is None or len(layers) < 2:
-        return None
+    if trainer is None or trainer.progress_bar_callback is None or len(layers) < 2 or not trainer.is_global_zero:
+        return None  # (every process solves the same layers: one bar, as Lightning shows one)
     from tqdm.auto import tqdm
 
     return tqdm(total=len(layers), desc=f"solve {ctx.describe()}", unit="layer", leave=False, dynamic_ncols=True)

@@ -9,7 +9,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_gptq.checkpoint.gguf_export import GGUFExportError, config_refusal, save_gguf, source_gguf
+from lightning_gptq.checkpoint.gguf_export import (GGUFExportError, config_refusal, save_gguf, source_gguf,
+                                                   template_mismatch)
 
 from .callbacks import GPTQCallback
 from .module import GPTQModule
@@ -28,7 +29,7 @@ class GGUFExport(Callback):
             ``convert_hf_to_gguf.py``).
 
     Settings GGUF cannot hold (group sizes not a multiple of 32, act-order without ``static_groups``, 8-bit
-    asymmetric grids), streaming and a missing template are refused when the fit starts, not after it.
+    asymmetric grids), streaming, and a template missing or not the model's source are refused when the fit starts.
     """
 
     def __init__(self, path: str | None = None, template: str | None = None) -> None:
@@ -53,6 +54,8 @@ class GGUFExport(Callback):
             self.template = str(source)
         if not Path(self.template).is_file():
             raise MisconfigurationException(f"gguf.template {self.template} is not a file")
+        if why := template_mismatch(pl_module.lm, self.template):
+            raise MisconfigurationException(f"gguf.template: {why}")
         for callback in (cb for cb in trainer.callbacks if isinstance(cb, GPTQCallback)):
             settings = [("", callback.quant)] + [(f" (dynamic {key!r})", replace(callback.quant, **overrides))
                                                  for key, skip, _, overrides in callback.rules.rules if not skip]

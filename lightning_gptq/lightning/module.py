@@ -219,10 +219,7 @@ class GPTQModule(ScoringLoops, LightningModule):
             if self.trainer.is_global_zero:
                 self.output_dir().mkdir(parents=True, exist_ok=True)
                 (self.output_dir() / "plan.json").write_text(json.dumps(self.plan.to_dict(), indent=2))
-        elif self._resumed_from is not None:
-            rank_zero_info(f"resumed from {self._resumed_from}: continuing at "
-                           f"{self.stage.describe(len(self.driver.blocks))}")
-        else:
+        elif self._resumed_from is None:  # (restore_run said where a resumed run continues)
             if self._stages[0].kind == "capture":
                 rank_zero_info(f"activation cache: {self.memory['activation cache'] / 2**20:.0f} MiB ({dm.nsamples} × "
                                f"{dm.seqlen} tokens, {self.activation_dtype()}); about twice that while a block's "

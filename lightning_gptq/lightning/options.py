@@ -11,7 +11,7 @@ from lightning_gptq.checkpoint.shards import parse_size
 from lightning_gptq.models.decode import MODES
 from lightning_gptq.models.inputs import max_positions
 from lightning_gptq.models.loading import resolve_dtype
-from lightning_gptq.nn import check_backend, int8_head_unsupported
+from lightning_gptq.nn import backend_unavailable_on, check_backend, int8_head_unsupported
 
 from .hooks import run_report
 
@@ -81,6 +81,8 @@ def check_fit(module, stage: str, dm, limit: int | None, plain_ddp: bool) -> Non
             if total == 0:
                 raise MisconfigurationException(f"data.eval_datasets: {name}: The text has {dm.eval_tokens(name).numel()}"
                                                 f" tokens, fewer than one window of data.eval_seqlen={dm.eval_seqlen}")
+    if why := backend_unavailable_on(hp.backend, module.trainer.strategy.root_device.type):
+        raise MisconfigurationException(f"model.backend: {why}")
     if hp.lm_head == "int8" and not hp.streaming and (why := int8_head_unsupported(module.lm, module.device)):
         raise MisconfigurationException(f"model.lm_head=int8: {why}")  # (else a fit would fail after calibrating)
     if stage != "fit":

@@ -49,6 +49,7 @@ from .hooks import BlockHooks, run_report
 __all__ = [
     "BlockCheckpoint",
     "ResumeError",
+    "check_resume_file",
     "restore_run",
     "run_state",
     "quantized_layers_state",
@@ -122,10 +123,27 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         self.dirpath = str(self._directory(trainer))  # `fit --ckpt_path last` looks before `setup`
         found = super()._find_last_checkpoints(trainer)
         for path in found:
-            if not zipfile.is_zipfile(path):  # torch.save's zip container ends with its central directory
-                raise ResumeError(f"The resume checkpoint {path!r} is damaged (cut short or not a checkpoint); "
-                                  "delete it, or run without --ckpt_path to start over.")
+            check_resume_file(path)
+        if not found:  # (Lightning's own warning would advise a ModelCheckpoint setting)
+            rank_zero_info(f"--ckpt_path=last: no resume checkpoint in {self.dirpath} yet; starting at the first block")
         return found
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+            path = self._directory(trainer) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            rank_zero_info(f"interrupted: continue from {path} with the same command and --ckpt_path=last" if
+                           path.is_file() else "interrupted before the first resume point (written after a block, at "
+                           f"most every {self.min_interval_s:g} s): nothing to continue from")
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # (after any resume point was read: a run that did not resume would overwrite this one, or delete it at the end)
+        path = self._directory(trainer) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        runs_stages = trainer.fit_loop.max_epochs != 0  # (a dry run runs none, and leaves the folder as it is)
+        if trainer.ckpt_path is None and path.is_file() and runs_stages:
+            raise MisconfigurationException(
+                f"{path} is a resume point (of a fit that did not finish, or one kept with resume.keep), which this run "
+                "would replace: add --ckpt_path=last (Trainer.fit(ckpt_path='last')) to continue it, or delete it to "
+                "start over")
 
     # Lightning's own triggers stay silent: only finished blocks make a checkpoint worth resuming.
     def on_train_batch_end(self, *args, **kwargs) -> None:
@@ -223,6 +241,19 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
                 if stale.name not in keep:
                     stale.unlink(missing_ok=True)
         rank_zero_info(f"resume checkpoint after block {block_index + 1}/{num_blocks}: {path}")
+
+
+def check_resume_file(path: str | os.PathLike) -> None:
+    """``ResumeError`` unless ``path`` is a whole ``torch.save`` zip whose members match their recorded CRC-32s
+    (a file cut short, or with damaged bytes, fails here in one line instead of deep inside ``torch.load``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        damaged = str(error)
+    if damaged is not None:
+        raise ResumeError(f"The resume checkpoint {str(path)!r} is damaged (cut short, altered, or not a checkpoint: "
+                          f"{damaged}); delete it, or run without --ckpt_path to start over.")
 
 
 def _sha256(path: Path) -> str:
@@ -342,6 +373,7 @@ def run_state(module, stages: list, layers: bool = True) -> dict:
         # streamed blocks are staged on disk and freed: the writer's record names them
         "layers": quantized_layers_state(driver.model) if layers and not driver.streams else {},
         "writer": module.output.state_dict(),
+        "output_folder": os.path.abspath(module.output.folder),  # (a streaming run's blocks are staged beside it)
         "settings": run_settings(module),
     }
 
@@ -391,6 +423,10 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
         written = "a streaming" if state.get("streaming") else "an in-memory"
         raise ResumeError(f"{path} was written by {written} run; resume it with the same model.streaming, or start "
                           "again without --ckpt_path.")
+    if driver.streams and state.get("output_folder") not in (None, os.path.abspath(module.output.folder)):
+        raise ResumeError(f"{path} was written by a streaming run that writes {state['output_folder']} (its finished "
+                          "blocks are staged beside it): resume it with that model.output_dir, or start again without "
+                          "--ckpt_path.")
     inputs = read_side_file(Path(path).parent, files[trainer.global_rank]["name"], files[trainer.global_rank]["sha256"])
     cached = {h.dtype for h in inputs.hidden}
     expected = resolve_dtype(driver.activation_dtype or module_device_dtype(driver.model)[1])
@@ -417,3 +453,6 @@ def restore_run(module, state: dict | None, stages: list, path) -> None:
             raise ResumeError(f"{path}: {error}; start again without --ckpt_path.") from None
     module.timings.update(state["timings"])
     module.results.update(state["results"])
+    # (Lightning restores the epoch after on_fit_start: module.stage still names the first one there)
+    rank_zero_info(f"resumed from {path}: continuing at "
+                   f"{stages[state['completed_stage'] + 1].describe(len(driver.blocks))}")

@@ -15,6 +15,7 @@ from .quant_linear import (
     AUTO,
     LayerSpec,
     QuantLinear,
+    backend_unavailable_on,
     backends,
     check_backend,
     exact_kernels,
@@ -25,7 +26,7 @@ from .quant_linear import (
 from .selection import Choice, choices, choose
 
 __all__ = [
-    "AUTO", "Choice", "GemvHead", "Int8Head", "LayerSpec", "QuantLinear", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
+    "AUTO", "Choice", "GemvHead", "Int8Head", "LayerSpec", "QuantLinear", "backend_unavailable_on", "backends", "build", "check_backend", "choices", "choose", "exact_kernels",
     "int8_head", "int8_head_unsupported", "make_quant_linear", "quant_linear_class", "register_quant_linear", "replace_submodule",
     "device_at_hand", "place", "speed_up_head", "to_backend",
 ]

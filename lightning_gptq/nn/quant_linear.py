@@ -349,6 +349,17 @@ def check_backend(backend: str) -> None:
         quant_linear_class(backend)
 
 
+def backend_unavailable_on(backend: str, device_type: str) -> str | None:
+    """Why ``backend`` can hold no layer on a ``device_type`` device (``"cpu"``, ``"cuda"``), or None (``auto``
+    always can). Checked before work that would end by building the layers (a fit, a scoring run)."""
+    if backend == AUTO:
+        return None
+    devices = quant_linear_class(backend).capabilities.devices
+    if device_type not in devices:
+        return f"backend {backend!r} runs on {'/'.join(devices)} only, and this run computes on {device_type}"
+    return None
+
+
 def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at dotted path ``name`` under ``root``; returns the module it replaced."""
     parent_name, _, child = name.rpartition(".")
