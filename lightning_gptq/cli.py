@@ -9,6 +9,7 @@ from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_gptq.checkpoint import CheckpointError
@@ -126,11 +127,13 @@ def main(args=None) -> GPTQCLI:
 
 def _show_our_log() -> None:
     """Our INFO lines (which quantized-linear backend ``auto`` chose per layer shape, kernel builds)
-    on stderr, like Lightning's own."""
+    on stderr, like Lightning's own: from the first process only."""
     log = logging.getLogger("lightning_gptq")
     if not log.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
+        # every process of a distributed fit makes the same choices: one says them (warnings come from each)
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or getattr(rank_zero_only, "rank", 0) == 0)
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
