@@ -48,8 +48,8 @@ EXPECTED_WARNINGS = (
     r".*configure_optimizers` returned `None`",
     r".*Total length of `.*` across ranks is zero",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated",
-    r".*there is no last checkpoint available",
-    r".*all_gather is deprecated",  # (inside Lightning's strategy.all_gather, once per block and process under DDP)  # (its hint is for ModelCheckpoint; BlockCheckpoint says it instead)
+    r".*there is no last checkpoint available",  # (its hint is for ModelCheckpoint; BlockCheckpoint says it instead)
+    r".*all_gather is deprecated",  # (inside Lightning's strategy.all_gather, once per block and process under DDP)
 )
 
 

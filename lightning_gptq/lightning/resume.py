@@ -141,9 +141,9 @@ class BlockCheckpoint(BlockHooks, ModelCheckpoint):
         runs_stages = trainer.fit_loop.max_epochs != 0  # (a dry run runs none, and leaves the folder as it is)
         if trainer.ckpt_path is None and path.is_file() and runs_stages:
             raise MisconfigurationException(
-                f"{path} is a resume point (of a fit that did not finish, or one kept with resume.keep), which this run "
-                "would replace: add --ckpt_path=last (Trainer.fit(ckpt_path='last')) to continue it, or delete it to "
-                "start over")
+                f"{path} is a resume point (of a fit that did not finish, or one kept with resume.keep), which this "
+                "run would replace: add --ckpt_path=last (Trainer.fit(ckpt_path='last')) to continue it, or delete it "
+                "to start over")
 
     # Lightning's own triggers stay silent: only finished blocks make a checkpoint worth resuming.
     def on_train_batch_end(self, *args, **kwargs) -> None:
