@@ -1,11 +1,9 @@
 """The one-call API and the framework-free driver give the CLI's checkpoint, tensor for tensor."""
 
 import json
-import logging
 
 import pytest
 import torch
-from lightning_utilities.core import rank_zero
 from safetensors.torch import load_file
 
 import lightning_gptq as lg
@@ -15,22 +13,13 @@ from lightning_gptq.lightning import CalibrationDataModule, GPTQCallback, Hessia
 from lightning_gptq.models import load_causal_lm
 from lightning_gptq.nn import QuantLinear
 from lightning_gptq.sources import LoadedModel
-from tiny_lm import CALIBRATION_TEXT, tiny_model_dir
+from tiny_lm import CALIBRATION_TEXT, lightning_lines, tiny_model_dir
 
 CONFIG = lg.QuantConfig(bits=4, group_size=12, sym=False, act_order=True)
 CLI = ["--data.nsamples=6", "--data.seqlen=24", "--gptq.quant.bits=4", "--gptq.quant.group_size=12",
        "--gptq.quant.sym=false", "--gptq.quant.act_order=true", "--model.eval_after=false", "--model.latency=false",
        "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--hessian.sink_weight=attention",
        "--hessian.sink_layers=attention"]
-
-
-class _LogLines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -62,16 +51,12 @@ def test_quantize_an_in_memory_model_on_token_windows_then_save_and_load(tmp_pat
     lm, tokenizer = load_causal_lm(str(model_dir))
     windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=6, seqlen=24).calibration_windows(tokenizer)
     before = list(tmp_path.iterdir())
-    lines = _LogLines()
-    rank_zero.log.addHandler(lines)
-    try:
+    with lightning_lines() as lines:
         model = lg.quantize(lm, windows, CONFIG, sink_weight="attention", sink_layers="attention", accelerator="cpu")
-    finally:
-        rank_zero.log.removeHandler(lines)
     assert model is lm and list(tmp_path.iterdir()) == before  # nothing written without output_dir
     # the summary is kept on the model, and no log line names the scratch folder it was written to and deleted with
     assert len(model.gptq_summary["layers"]) == 3 * 7 and model.gptq_summary["calibration"]["nsamples"] == 6
-    summary_lines = [m for m in lines.messages if m.startswith("run summary")]
+    summary_lines = [m for m in lines if m.startswith("run summary")]
     assert summary_lines == ["run summary: kept as the returned model's gptq_summary (no output_dir given)"]
     lg.save_quantized(model, tokenizer, tmp_path / "saved")
     _equal(load_file(tmp_path / "saved" / "model.safetensors"), expected)

@@ -2,7 +2,6 @@
 run that was never interrupted; a half-written or corrupt resume point is refused, never loaded."""
 
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_lightning import cli_args
-from tiny_lm import WIKITEXT_TEST, tiny_model_dir
+from tiny_lm import WIKITEXT_TEST, lightning_lines, tiny_model_dir
 
 from lightning_gptq.cli import main
 from lightning_gptq.lightning import ResumeError
@@ -135,15 +134,12 @@ def test_a_resume_point_is_never_replaced_unasked_and_a_damaged_one_never_loaded
     """Found by a user audit: a rerun without --ckpt_path started over and overwrote the resume point (then deleted it
     at the end); a checkpoint with damaged bytes that is still a zip failed deep in torch.load (UnicodeDecodeError);
     the resumed run said it continued at "capture block inputs"; --ckpt_path=last with none gave Lightning's advice."""
-    from lightning_utilities.core import rank_zero
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     model_dir, expected, _ = uninterrupted
     root, out = tmp_path / "runs", tmp_path / "out"
     fresh = _args(model_dir, tmp_path / "fresh-runs", tmp_path / "fresh-out")
-    lines = _LogLines()
-    rank_zero.log.addHandler(lines)
-    try:
+    with lightning_lines() as lines:
         main(["fit", *fresh, "--ckpt_path=last", "--model.save_quantized=false"])  # none yet: a set-and-forget start
         _killed_run(model_dir, root, out, 5, tmp_path)  # propagating block 2: resume point after block 2 of 3
         ckpt = root / "checkpoints" / "last.ckpt"
@@ -159,24 +155,13 @@ def test_a_resume_point_is_never_replaced_unasked_and_a_damaged_one_never_loaded
                 main(["fit", *_args(model_dir, root, out), f"--ckpt_path={ckpt_path}"])
         ckpt.write_bytes(whole)
         main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
-    finally:
-        rank_zero.log.removeHandler(lines)
     assert any(m.startswith("--ckpt_path=last: no resume checkpoint in") and m.endswith("starting at the first block")
-               for m in lines.messages)
-    resumed = [m for m in lines.messages if m.startswith("resumed from")]
+               for m in lines)
+    resumed = [m for m in lines if m.startswith("resumed from")]
     assert len(resumed) == 1 and resumed[0].endswith(": continuing at calibrate block 3/3"), resumed
     got = _weights(out)
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name
-
-
-class _LogLines(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
 
 
 def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uninterrupted, monkeypatch):

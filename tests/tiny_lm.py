@@ -1,5 +1,8 @@
-"""Tiny causal LMs saved as real HF folders (model + character tokenizer), for end-to-end runs."""
+"""Tiny causal LMs saved as real HF folders (model + character tokenizer), for end-to-end runs; and
+``lightning_lines``, what Lightning's ``rank_zero_info`` logged during a block."""
 
+import contextlib
+import logging
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
@@ -32,3 +35,19 @@ def tiny_model_dir(root: Path, arch: str = "llama", **config) -> Path:
         FACTORIES[arch](**config).save_pretrained(folder)
         char_tokenizer().save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def lightning_lines():
+    """The messages ``rank_zero_info``/``rank_zero_warn`` log inside the block, in a list (Lightning's logger does not
+    reach pytest's ``caplog``)."""
+    from lightning_utilities.core import rank_zero
+
+    messages: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    rank_zero.log.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        rank_zero.log.removeHandler(handler)
