@@ -164,6 +164,25 @@ def test_a_resume_point_is_never_replaced_unasked_and_a_damaged_one_never_loaded
         assert torch.equal(got[name], tensor), name
 
 
+def test_an_interrupted_fit_says_whether_and_how_it_can_continue(tmp_path):
+    """Ctrl-C printed only Lightning's "attempting graceful shutdown", no word of the resume point or --ckpt_path."""
+    from types import SimpleNamespace
+
+    from lightning_gptq.lightning import BlockCheckpoint
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="fit"), default_root_dir=str(tmp_path))
+    with lightning_lines() as lines:
+        BlockCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+        (tmp_path / "checkpoints").mkdir()
+        (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+        BlockCheckpoint().on_exception(trainer, None, KeyboardInterrupt())
+        BlockCheckpoint().on_exception(trainer, None, ValueError("not an interruption"))
+    assert lines == ["interrupted before the first resume point (written after a block, at most every 60 s): nothing to "
+                     "continue from",
+                     f"interrupted: continue from {tmp_path / 'checkpoints' / 'last.ckpt'} with the same command and "
+                     "--ckpt_path=last"]
+
+
 def test_dry_run_plans_without_quantizing_and_keeps_a_resume_point(tmp_path, uninterrupted, monkeypatch):
     """`--model.dry_run=true`: a plan (memory, disk, time per stage) and advice when it would not fit;
     no stage runs, nothing is written but plan.json, and a killed run's resume point survives."""
