@@ -424,8 +424,10 @@ def test_an_int8_head_that_cannot_apply_is_refused_before_calibrating():
 
     lm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=2, vocab_size=64))
-    hp = SimpleNamespace(lm_head="int8", streaming=False, eval_before=False, eval_after=True, latency=True)
-    module = SimpleNamespace(hparams=hp, lm=lm, device=torch.device("cuda", 0))
+    hp = SimpleNamespace(lm_head="int8", streaming=False, eval_before=False, eval_after=True, latency=True, backend="auto")
+    gpu = torch.device("cuda", 0)
+    module = SimpleNamespace(hparams=hp, lm=lm, device=gpu,
+                             trainer=SimpleNamespace(strategy=SimpleNamespace(root_device=gpu)))
     with pytest.raises(MisconfigurationException, match=r"lm_head=int8: lm_head int8 runs on CPU only \(the model "
                                                         r"computes on cuda:0\)"):
         check_fit(module, "validate", None, None, False)
