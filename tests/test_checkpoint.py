@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -125,6 +126,14 @@ def test_a_save_replaces_only_an_empty_folder_or_a_checkpoint(tmp_path):
         assert (folder / "notes" / "eval.txt").read_text() == "ppl 24"
         assert not (folder / "model-00002-of-00002.safetensors").exists()
     assert_same_model(model, load_quantized(folder, backend="torch")[0])
+    # a save stopped after moving those files into <folder>.partial: the next save does not clear them with it
+    partial = folder.with_name(folder.name + ".partial")
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    os.replace(folder / "README.md", partial / "README.md")
+    with pytest.raises(CheckpointError, match=r"holds README.md, which no save writes"):
+        save_quantized(model, None, folder)
+    assert (partial / "README.md").read_text() == "my model card"
 
 
 def test_weight_files_are_as_readable_as_the_others(tmp_path):

@@ -55,6 +55,12 @@ def staging_for(folder: Path) -> Path:
     if (why := why_not_writable(folder)) is not None:
         raise CheckpointError(why)
     staging = folder.with_name(folder.name + ".partial")
+    # a publish that stopped between moving a user's files in and renaming: those files are not ours to delete
+    left = sorted(p.name for p in staging.iterdir()
+                  if not WRITTEN_BY_A_SAVE.fullmatch(p.name)) if staging.is_dir() else []
+    if left:
+        raise CheckpointError(f"{staging} (an unfinished save) holds {', '.join(left)}, which no save writes: move them "
+                              f"to {folder} (or elsewhere) and delete {staging}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
