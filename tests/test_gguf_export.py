@@ -181,6 +181,24 @@ def test_a_template_of_another_depth_is_refused(smollm2_2blocks, tmp_path):
 
 
 @needs_smollm2
+def test_the_template_is_parsed_once_per_fit_and_again_once_it_changes(smollm2_2blocks, tmp_path, monkeypatch):
+    from lightning_gptq.checkpoint.gguf_export import template_mismatch
+
+    _, model, _, _ = smollm2_2blocks
+    template = smollm2_blocks(tmp_path / "source.gguf", [0, 1])
+    deeper = smollm2_blocks(tmp_path / "deeper.gguf", [0, 1, 2])
+    parsed = []
+    monkeypatch.setattr(gguf, "GGUFReader", lambda path, *a, **k: parsed.append(path) or real(path, *a, **k))
+    real = gguf.gguf_reader.GGUFReader
+    assert template_mismatch(model, template) is None  # GGUFExport.setup, then its on_fit_end:
+    save_gguf(model, tmp_path / "out.gguf", template, verify=False)
+    assert parsed == [template.resolve()]
+    deeper.replace(template)  # the same path, another file
+    assert "this model's source" in template_mismatch(model, template)
+    assert parsed[1:] == [template.resolve()]
+
+
+@needs_smollm2
 def test_cli_finds_the_template_the_folder_was_fit_from(smollm2_2blocks, tmp_path, capsys):
     from lightning_gptq.export_gguf import main
 

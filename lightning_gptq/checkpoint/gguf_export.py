@@ -16,6 +16,7 @@ template: the original model as GGUF (llama.cpp's ``convert_hf_to_gguf.py`` writ
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -154,18 +155,56 @@ def _row_order(processor, gguf_name: str, rows: int) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(rows)) else order
 
 
-def _template_parts(template: Path, config: dict):
-    """The template's reader, architecture and transformers' tensor processor for it (configured by the model's
-    own config: head counts are what it reads)."""
+@functools.lru_cache(maxsize=1)
+def _reader(template: Path, stamp: tuple[int, int]):
+    """The template's GGUF reader (memory-mapped), kept for the next call on the same unchanged file: a fit checks
+    the template at set-up and writes from it at the end, and parsing the header takes seconds."""
     import gguf
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
     try:
-        reader = gguf.GGUFReader(template)
-        arch = reader.fields["general.architecture"].contents()
+        return gguf.GGUFReader(template)
     except (ValueError, KeyError, OSError) as err:
         raise GGUFExportError(f"GGUF template {template} cannot be read as GGUF ({err})") from None
-    return reader, arch, TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config)
+
+
+@dataclass
+class _Template:
+    """A template matched to a model: its reader and architecture, transformers' tensor processor for it, and the
+    model's name for each of its tensor names (``to_hf``)."""
+    reader: object
+    arch: str
+    processor: object
+    to_hf: dict[str, str]
+
+
+def _match_template(model: nn.Module, template: Path, quantized: dict[str, QuantLinear]) -> _Template:
+    """``template`` read and checked against ``model`` from its header: every tensor it names has the model's shape
+    and every ``blk.*`` tensor a counterpart (GGUFExportError naming the first that does not)."""
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+
+    try:
+        stat = template.stat()
+        reader = _reader(template.resolve(), (stat.st_mtime_ns, stat.st_size))
+        arch = reader.fields["general.architecture"].contents()
+    except (KeyError, OSError) as err:
+        raise GGUFExportError(f"GGUF template {template} cannot be read as GGUF ({err})") from None
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=model.config.to_dict())  # head counts: the model's
+    try:
+        to_hf = get_gguf_hf_weights_map(_NamesOf(model, quantized), processor)
+    except NotImplementedError as err:
+        raise GGUFExportError(f"model type {model.config.model_type!r}: {err}") from None
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    shapes |= {f"{n}.weight": (m.out_features, m.in_features) for n, m in quantized.items()}
+    for t in reader.tensors:
+        hf_name = to_hf.get(t.name)
+        if hf_name is None and t.name.startswith("blk."):
+            raise GGUFExportError(f"template tensor {t.name} has no counterpart in the model: is {template.name} this "
+                                  "model's source?")
+        theirs = tuple(int(x) for x in t.shape[::-1])
+        if hf_name in shapes and theirs != shapes[hf_name]:
+            raise GGUFExportError(f"template tensor {t.name} is {list(theirs)}, the model's {hf_name} is "
+                                  f"{list(shapes[hf_name])}: is {template.name} this model's source?")
+    return _Template(reader, arch, processor, to_hf)
 
 
 def copy_metadata(reader, writer, *, drop: tuple[str, ...] = (), values: dict | None = None) -> None:
@@ -207,27 +246,10 @@ def source_gguf(model: str | None, gguf_file: str | None) -> Path | None:
 def template_mismatch(model: nn.Module, template: str | os.PathLike) -> str | None:
     """Why ``template`` is not ``model``'s source as GGUF (a tensor of another shape, a block the model lacks), read
     from its header before any work; None when every tensor it names fits. ``model``: before or after quantizing."""
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
-
-    template = Path(template)
-    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     try:
-        reader, _, processor = _template_parts(template, model.config.to_dict())
-        to_hf = get_gguf_hf_weights_map(_NamesOf(model, quantized), processor)
+        _match_template(model, Path(template), {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)})
     except GGUFExportError as err:
         return str(err)
-    except NotImplementedError as err:
-        return f"model type {model.config.model_type!r}: {err}"
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    shapes |= {f"{n}.weight": (m.out_features, m.in_features) for n, m in quantized.items()}
-    for t in reader.tensors:
-        hf_name = to_hf.get(t.name)
-        if hf_name is None and t.name.startswith("blk."):
-            return f"template tensor {t.name} has no counterpart in the model: is {template.name} this model's source?"
-        theirs = tuple(int(x) for x in t.shape[::-1])
-        if hf_name in shapes and theirs != shapes[hf_name]:
-            return (f"template tensor {t.name} is {list(theirs)}, the model's {hf_name} is {list(shapes[hf_name])}: "
-                    f"is {template.name} this model's source?")
     return None
 
 
@@ -239,7 +261,6 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
     a layer GGUF cannot hold exactly (naming it and why). ``verify`` reads the file back and checks every
     quantized tensor against the layer's own dequantized weight."""
     import gguf
-    from transformers.modeling_gguf_pytorch_utils import get_gguf_hf_weights_map
 
     template, path = Path(template), Path(path)
     if not template.is_file():
@@ -264,16 +285,13 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
         raise GGUFExportError(f"{len(refused)} layer(s) cannot be written as GGUF blocks exactly: "
                               + "; ".join(refused[:4]) + (" …" if len(refused) > 4 else ""))
 
-    reader, arch, processor = _template_parts(template, model.config.to_dict())
-    try:
-        to_hf = get_gguf_hf_weights_map(_NamesOf(model, quantized), processor)
-    except NotImplementedError as err:
-        raise GGUFExportError(f"model type {model.config.model_type!r}: {err}") from None
+    matched = _match_template(model, template, quantized)
+    reader, processor, to_hf = matched.reader, matched.processor, matched.to_hf
     params = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers())
     report = GGUFExportReport(str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    writer = gguf.GGUFWriter(partial, arch)
+    writer = gguf.GGUFWriter(partial, matched.arch)
     copy_metadata(reader, writer, drop=(gguf.Keys.General.FILE_TYPE, gguf.Keys.General.QUANTIZED_BY))
 
     written, plans = set(), []
@@ -281,11 +299,7 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
         hf_name = to_hf.get(t.name)
         layer = quantized.get(hf_name.removesuffix(".weight")) if hf_name and hf_name.endswith(".weight") else None
         if layer is not None:
-            out = layer.out_features
-            if tuple(int(x) for x in t.shape[::-1]) != (out, layer.in_features):
-                raise GGUFExportError(f"template tensor {t.name} is {list(t.shape[::-1])}, the model's {hf_name} is "
-                                      f"{[out, layer.in_features]}: is {template.name} this model's source?")
-            order = _row_order(processor, t.name, out)
+            order = _row_order(processor, t.name, layer.out_features)
             rows = None if order is None else np.argsort(order)
             kind = kinds[hf_name.removesuffix(".weight")]
             writer.add_tensor(t.name, encode_layer(layer, kind, rows), raw_dtype=gguf.GGMLQuantizationType[kind])
@@ -311,9 +325,6 @@ def save_gguf(model: nn.Module, path: str | os.PathLike, template: str | os.Path
                 writer.add_tensor(t.name, np.ascontiguousarray(dense, dtype=np.float32))
                 report.rewritten.append(t.name)
                 continue
-        if hf_name is None and t.name.startswith("blk."):  # a block the model does not have
-            raise GGUFExportError(f"template tensor {t.name} has no counterpart in the model: is {template.name} "
-                                  "this model's source?")
         writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
         report.copied += 1
     missing = [n for n in quantized if f"{n}.weight" not in written]
