@@ -7,11 +7,8 @@ Hugging Face model with its linears replaced by quantized ones.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,6 +83,7 @@ def quantize(
     losses and times under ``"layers"``, settings, timings, peak memory), whether or not ``output_dir`` is given.
     """
     from lightning.pytorch import Trainer
+    from lightning.pytorch.utilities import rank_zero_info
 
     from lightning_gptq.lightning import CalibrationDataModule, GGUFExport, GPTQCallback, GPTQModule, HessianCapture
     from lightning_gptq.lightning.hooks import run_report
@@ -125,33 +123,15 @@ def quantize(
         trainer = Trainer(accelerator=accelerator, devices=1, max_epochs=-1, logger=False, enable_checkpointing=False,
                           enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
                           default_root_dir=scratch, callbacks=callbacks)
-        with _summary_kept_in_memory(None if output_dir is not None else Path(scratch)):
-            trainer.fit(module, datamodule=data)
+        module.summary_on_disk = output_dir is not None
+        trainer.fit(module, datamodule=data)
         device = trainer.strategy.root_device
-        summary = out / "summary.json"  # (in the scratch folder without output_dir, read before it goes)
-        module.lm.gptq_summary = json.loads(summary.read_text()) if summary.is_file() else None
+        module.lm.gptq_summary = module.summary
+        if output_dir is None:
+            rank_zero_info("run summary: kept as the returned model's gptq_summary (no output_dir given)")
     if dynamic:  # what save_quantized writes by default: without them a layer left dense everywhere (a "-:" rule)
         module.lm.gptq_dynamic = callbacks[0].rules.layout_rules()  # would be built quantized by other tools
     # what save_quantized records of the run by default (method, QuantConfig, sinks, source), as fit's folder does
     module.lm.gptq_settings = checkpoint_settings(run_report(trainer), str(module.hparams.model),
                                                   module.hparams.true_sequential, module.hparams.gguf_file)
     return place(module.lm, device, backend)  # where it was calibrated: Lightning's teardown moved it to the CPU
-
-
-@contextmanager
-def _summary_kept_in_memory(scratch: Path | None):
-    """While fit runs, its "run summary: <path>" line names ``scratch``, deleted before ``quantize`` returns: say where
-    the summary is kept instead. ``None``: the summary stays on disk, the line is left as it is."""
-    from lightning_utilities.core import rank_zero
-
-    def reword(record: logging.LogRecord) -> bool:
-        if scratch is not None and str(record.msg).startswith("run summary: ") and str(scratch) in str(record.msg):
-            record.msg, record.args = "run summary: kept as the returned model's gptq_summary (no output_dir given)", ()
-        return True
-
-    logger = rank_zero.log
-    logger.addFilter(reword)
-    try:
-        yield
-    finally:
-        logger.removeFilter(reword)

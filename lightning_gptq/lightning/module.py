@@ -94,6 +94,8 @@ class GPTQModule(ScoringLoops, LightningModule):
             then stops before any heavy work.
     """
 
+    summary_on_disk = True  # False: the summary is only kept as ``.summary`` (quantize() without output_dir)
+
     def __init__(
         self, model: str, gguf_file: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
         revision: str | None = None, true_sequential: bool = False, activation_dtype: str | None = None,
@@ -127,7 +129,7 @@ class GPTQModule(ScoringLoops, LightningModule):
         self.output: QuantizedOutput | None = None
         self.timings: dict[str, float] = defaultdict(float)
         self.results: dict[str, dict] = {}
-        self.plan = None
+        self.plan = self.summary = None  # (the summary: set at fit's end on the first process)
         self.memory: dict[str, int] = {}  # what the fit holds (plan.memory_breakdown), for the summary
         self.completed = False  # every stage of a fit ran
         self._stages, self._val_ppl, self._resumed_from, self._streamed_scores = [], [], None, {}
@@ -265,8 +267,7 @@ class GPTQModule(ScoringLoops, LightningModule):
                 self.results["after"] = self._score("eval_after", StreamedGPTQ(
                     self.output.folder, dtype=resolve_dtype(hp.dtype), trust_remote_code=hp.trust_remote_code))
         if self.trainer.is_global_zero:
-            paths = write_summary(self, out, report)
-            rank_zero_info(f"run summary: {paths[0]} and {paths[1]}")
+            self.summary = write_summary(self, out if self.summary_on_disk else None, report)
 
     def peak_memory(self) -> dict:
         memory = {"cpu_max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

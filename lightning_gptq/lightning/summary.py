@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_gptq
 from lightning_gptq.nn import QuantLinear, choices
@@ -64,10 +65,10 @@ def _describe_weight(hessian: dict) -> str:
     return f"the attention they receive{span}{where}"
 
 
-def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
-    """Write ``summary.json`` and ``summary.md`` (plus ``layer_loss.png`` when matplotlib is there);
+def write_summary(module, folder: Path | None, report: dict) -> dict:
+    """The run summary (the dict ``summary.json`` holds), written to ``folder`` as ``summary.json`` and ``summary.md``
+    (plus ``layer_loss.png`` when matplotlib is there) and the paths logged; ``folder`` None: nothing written.
     ``report``: the callbacks' merged ``report()`` (method, quant, layers, hessian)."""
-    folder.mkdir(parents=True, exist_ok=True)
     method, quant = report["method"], report["quant"]
     capture = report.get("hessian")
     hessian = ({"sink_tokens": capture["sink_tokens"], "sink_weight": capture["sink_weight"]}
@@ -109,8 +110,12 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         "quantized_linear": {"layers_per_backend": backends, "choices": [c.to_dict() for c in kernels]},
         "layers": records,
     }
+    text = json.dumps(data, indent=2, default=str)
+    if folder is None:
+        return json.loads(text)
+    folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / "summary.json", folder / "summary.md"
-    json_path.write_text(json.dumps(data, indent=2, default=str))
+    json_path.write_text(text)
     lines = [
         f"# lightning-gptq run: {module.hparams.model}",
         "",
@@ -152,4 +157,5 @@ def write_summary(module, folder: Path, report: dict) -> tuple[Path, Path]:
         lines += ["![per-layer loss](layer_loss.png)", ""]
     lines += _layer_table(records)
     md_path.write_text("\n".join(lines) + "\n")
-    return json_path, md_path
+    rank_zero_info(f"run summary: {json_path} and {md_path}")
+    return json.loads(text)
