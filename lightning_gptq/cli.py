@@ -84,13 +84,13 @@ class GPTQCLI(LightningCLI):
 
 
     def _parse_ckpt_path(self) -> None:
-        """A resume checkpoint named by its path is checked as ``--ckpt_path=last``'s is (``check_resume_file``) before
-        LightningCLI reads it (for its hyperparameters: a damaged one failed there, deep in ``torch.load``)."""
+        """A resume checkpoint named by its path is checked as ``--ckpt_path=last``'s is (``check_resume_file``), and
+        its settings are not read over the command line's, as LightningCLI does: the command line's are the run's, and
+        the resume check refuses those that differ from the checkpoint's (a file path resumed another model's run)."""
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if path not in (None, "last", "best", "hpc") and Path(path).is_file():
             check_resume_file(path)
-        super()._parse_ckpt_path()
 
 
 USER_ERRORS = (QuantConfigError, ModelLoadError, UnsupportedArchitectureError, CalibrationDataError,

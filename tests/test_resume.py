@@ -114,11 +114,12 @@ def test_a_damaged_resume_point_is_refused(tmp_path, uninterrupted):
 
     # another model's run: refused before any work
     other = tiny_model_dir(tmp_path / "other", "mistral")
-    with pytest.raises(ResumeError, match="another model or stage plan"):
-        main(["fit", *_args(other, root, out), "--ckpt_path=last"])
-    # an fp32 stream resumed as an fp64 one (calibration_dtype: float64 caches fp64 inputs)
-    with pytest.raises(ResumeError, match="model.calibration_dtype was None, now 'float64'"):
-        main(["fit", *_args(model_dir, root, out), "--model.calibration_dtype=float64", "--ckpt_path=last"])
+    for path in ("last", ckpt):  # (LightningCLI read a file's settings over the command line's: another model resumed)
+        with pytest.raises(ResumeError, match="another model or stage plan"):
+            main(["fit", *_args(other, root, out), f"--ckpt_path={path}"])
+        # an fp32 stream resumed as an fp64 one (calibration_dtype: float64 caches fp64 inputs)
+        with pytest.raises(ResumeError, match="model.calibration_dtype was None, now 'float64'"):
+            main(["fit", *_args(model_dir, root, out), "--model.calibration_dtype=float64", f"--ckpt_path={path}"])
     # other settings of the same model and stage plan: they used to resume into a model of mixed settings (or fail in
     # the driver with an IndexError), with no word said
     for extra, said in ((["--gptq.quant.bits=3"], r"gptq.quant was \{.*'bits': 4.*now \{.*'bits': 3"),
@@ -154,7 +155,7 @@ def test_a_resume_point_is_never_replaced_unasked_and_a_damaged_one_never_loaded
             with pytest.raises(ResumeError, match="is damaged"):
                 main(["fit", *_args(model_dir, root, out), f"--ckpt_path={ckpt_path}"])
         ckpt.write_bytes(whole)
-        main(["fit", *_args(model_dir, root, out), "--ckpt_path=last"])
+        main(["fit", *_args(model_dir, root, out), f"--ckpt_path={ckpt}"])  # ("last" resumes in the SIGKILL test)
     assert any(m.startswith("--ckpt_path=last: no resume checkpoint in") and m.endswith("starting at the first block")
                for m in lines)
     resumed = [m for m in lines if m.startswith("resumed from")]
