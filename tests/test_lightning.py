@@ -292,6 +292,91 @@ def test_a_fit_that_would_quantize_nothing_says_so(tmp_path, recwarn):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_users_own_module_is_checked_before_training_and_never_left_half_quantized(tmp_path):
+    """Found by a user audit of the callbacks on one's own module: under ddp_spawn the model handed back was neither
+    trained nor quantized; a batch that failed mid-calibration left it solved on the batches before; a dict batch
+    gave a 23-frame AttributeError after rounding every layer to nearest; exclude patterns and dynamic rules matching
+    no layer, a second fit, and HessianCapture settings a plain module cannot use were found after training or never;
+    ModelCheckpoint's files (the model before quantizing) failed to load in test(ckpt_path=...) with no word why."""
+    from lightning_gptq import save_quantized
+
+    steps = []
+
+    class M(LightningModule):
+        def __init__(self, fail_at=None):
+            super().__init__()
+            self.lin, self.out, self.fail_at, self.calls = nn.Linear(32, 32), nn.Linear(32, 32), fail_at, 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError("a bad batch")
+            return self.out(self.lin(x))
+
+        def training_step(self, batch, i):
+            steps.append(i)
+            return self(batch["x"] if isinstance(batch, dict) else batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    loader = DataLoader(TensorDataset(torch.randn(16, 32)), batch_size=4)
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    gptq = lambda **kw: [HessianCapture(), GPTQCallback(QuantConfig(bits=4, group_size=16), **kw)]  # noqa: E731
+    quantized = lambda module: [n for n, m in module.named_modules() if isinstance(m, QuantLinear)]  # noqa: E731
+
+    spawned = Trainer(strategy="ddp_spawn", devices=2, accelerator="cpu", callbacks=gptq(), **quiet)
+    with pytest.raises(MisconfigurationException, match="strategy='ddp'"):
+        spawned.callbacks[1].setup(spawned, M(), "fit")
+
+    module = M(fail_at=2 + 2)  # two training steps, then the second calibration batch fails
+    with pytest.raises(RuntimeError, match="a bad batch"):
+        Trainer(max_steps=2, callbacks=gptq(), **quiet).fit(module, loader)
+    assert quantized(module) == [] and not module.lin._forward_pre_hooks and not module.out._forward_pre_hooks
+
+    module = M()
+    dicts = DataLoader([{"x": x} for x in torch.randn(16, 32)], batch_size=4)
+    with pytest.raises(MisconfigurationException, match=r"'lin' was called on a dict.*forward_fn"):
+        Trainer(max_steps=1, callbacks=gptq(), **quiet).fit(module, dicts)
+    assert quantized(module) == [] and not module.lin._forward_pre_hooks
+    module = M()
+    Trainer(max_steps=1, callbacks=gptq(forward_fn=lambda m, batch: m(batch["x"])), **quiet).fit(module, dicts)
+    assert quantized(module) == ["lin", "out"]
+
+    module = M()
+    with pytest.warns(UserWarning) as caught:
+        Trainer(max_steps=1, callbacks=gptq(exclude=["^head$", "out$"], dynamic={"+:^lm_head$": {"bits": 8}}),
+                **quiet).fit(module, loader)
+    said = [str(w.message) for w in caught]
+    assert any("exclude: '^head$' matches no linear layer" in m for m in said), said
+    assert any("rule '+:^lm_head$' matches no layer" in m for m in said), said
+    assert not any("'out$'" in m for m in said) and quantized(module) == ["lin"]
+    steps.clear()
+    with pytest.raises(MisconfigurationException, match=r"no nn.Linear layers to quantize .*\(1 excluded\); 1 of its "
+                                                        r"layers are quantized already \(a second fit\?\)"):
+        Trainer(max_steps=1, callbacks=gptq(exclude=["out$"]), **quiet).fit(module, loader)
+    assert steps == []  # refused before training
+
+    for capture, said in ((HessianCapture(asymmetric=True), "asymmetric=False"),
+                          (HessianCapture(sink_weight=4.0, sink_layers="attention"), "no attention layer")):
+        with pytest.raises(MisconfigurationException, match=said):
+            Trainer(max_steps=1, callbacks=[capture, gptq()[1]], **quiet).fit(M(), loader)
+    assert steps == []
+
+    with pytest.warns(UserWarning, match="checkpoints ModelCheckpoint wrote .* hold the module before quantizing"):
+        Trainer(max_steps=1, callbacks=gptq(), **{**quiet, "enable_checkpointing": True},
+                default_root_dir=tmp_path).fit(M(), loader)
+
+    class Wrapper(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lm = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))[0]
+
+    with pytest.raises(ValueError, match=r"this Wrapper has no config: pass the model inside it, `.lm`"):
+        save_quantized(Wrapper(), None, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_metric_equals_standalone_evaluator(tmp_path):
     lm, tok = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
     dm = CalibrationDataModule(eval_datasets=["wikitext2"], eval_paths={"wikitext2": str(WIKITEXT_TEST)}, eval_seqlen=24,

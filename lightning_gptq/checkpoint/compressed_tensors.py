@@ -40,6 +40,7 @@ from .gptq_format import (
 )
 from .hf import (
     GPTQReader,
+    check_hf_model,
     check_save_args,
     linear_shape,
     load_with,
@@ -133,6 +134,7 @@ def save_compressed_tensors(model: nn.Module, tokenizer, folder: str | os.PathLi
     linear must keep its groups contiguous and hold whole groups (``CheckpointError`` otherwise, before anything is
     written).
     Written to ``<folder>.partial`` and renamed."""
+    check_hf_model(model)
     cast = check_save_args(max_shard_size, dtype)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:

@@ -96,6 +96,7 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
     damp_percent = quant.get("damp", 0.01) if damp_percent is None else damp_percent
     static_groups = quant.get("static_groups", False) if static_groups is None else static_groups
     true_sequential = (settings or {}).get("true_sequential", True) if true_sequential is None else true_sequential
+    check_hf_model(model)
     cast = check_save_args(max_shard_size, dtype)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
@@ -134,6 +135,16 @@ def save_gptq(model: nn.Module, tokenizer, folder: str | os.PathLike, *, checkpo
                         meta=_meta(settings, digests), dynamic=dynamic)
     _write_configs(staging, model, tokenizer, gptq, dtype)
     return publish(staging, folder)
+
+
+def check_hf_model(model: nn.Module) -> None:
+    """ValueError unless ``model`` is a Hugging Face model (a config to write beside the tensors), naming one inside
+    it when there is (a LightningModule's ``.lm``)."""
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        return
+    inner = [name for name, m in model.named_modules() if name and hasattr(getattr(m, "config", None), "to_dict")]
+    raise ValueError(f"a checkpoint folder holds a Hugging Face model, and this {type(model).__name__} has no config"
+                     + (f": pass the model inside it, `.{inner[0]}`" if inner else ""))
 
 
 def check_save_args(max_shard_size: int | str, dtype: torch.dtype | str | None) -> torch.dtype | None:

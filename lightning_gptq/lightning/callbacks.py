@@ -21,6 +21,8 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 
 from lightning_gptq.checkpoint.compressed_tensors import FORMAT as CT_FORMAT, export_problems
 from lightning_gptq.checkpoint.names import file_names_of
@@ -34,7 +36,7 @@ from lightning_gptq.quant.rules import LayerRules
 from .distributed import all_agree, world_size
 from .equalizer import Equalizer
 from .hessians import HessianCapture
-from .hooks import BlockContext, BlockHooks, fire_block_hook
+from .hooks import BlockContext, BlockHooks, drives_blocks, fire_block_hook
 
 __all__ = ["CALIBRATION_BACKEND", "GPTQCallback", "HessianCapture", "LayerRecord"]
 
@@ -200,6 +202,34 @@ class GPTQCallback(BlockHooks, Callback):
         if stage == "fit" and (skipped := _fit_loop_skipped(trainer)):
             raise MisconfigurationException(f"GPTQCallback quantizes in the fit loop, which Trainer({skipped}) skips: "
                                             "nothing would be quantized")
+        if stage == "fit" and not drives_blocks(pl_module):
+            self._check_own_module(trainer, pl_module)
+
+    def _check_own_module(self, trainer, pl_module) -> None:
+        """Before training: what would make quantizing a user's own module at train end fail, or go wrong unsaid."""
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            raise MisconfigurationException(
+                f"GPTQCallback on your own module cannot run under {type(trainer.strategy).__name__} with start method "
+                f"{trainer.strategy.launcher._start_method!r}: the worker processes quantize the module, and Lightning "
+                "hands the main process back only the weights that fit its original layers (a model neither trained "
+                "nor quantized). Use strategy='ddp', where each process keeps its quantized module")
+        linears = [name for name, m in pl_module.named_modules() if name and is_linear(m)]
+        for pattern in self.exclude:
+            if not any(pattern.search(name) for name in linears):
+                rank_zero_warn(f"GPTQCallback.exclude: {pattern.pattern!r} matches no linear layer (names look like "
+                               f"{linears[0] if linears else None!r}, searched with re.search); it keeps none in full precision")
+        self._warn_unmatched_rules(linears, lambda name: name)
+        if not self._own_layers(pl_module):
+            quantized = sum(isinstance(m, QuantLinear) for m in pl_module.modules())
+            raise MisconfigurationException(
+                "GPTQCallback found no nn.Linear layers to quantize in the LightningModule" + (
+                    f" ({len(linears)} excluded)" if linears else "") + (
+                    f"; {quantized} of its layers are quantized already (a second fit?)" if quantized else ""))
+
+    def _own_layers(self, pl_module) -> dict[str, nn.Module]:
+        """The linears of a user's own module that this callback quantizes (not excluded, not kept by a rule)."""
+        return {name: m for name, m in pl_module.named_modules()
+                if name and is_linear(m) and not any(p.search(name) for p in self.exclude) and self.quantizes(name)}
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if not self._driven and not self._quantized_module:  # (the loop ran no epoch, so train end never came)
@@ -305,6 +335,12 @@ class GPTQCallback(BlockHooks, Callback):
             self.quantize_module(trainer, pl_module)
             to_backend(pl_module, self.backend)
             self._quantized_module = True
+            if any(isinstance(cb, ModelCheckpoint) and (cb.last_model_path or cb.best_model_path)
+                   for cb in trainer.checkpoint_callbacks):
+                rank_zero_warn("GPTQCallback: the checkpoints ModelCheckpoint wrote during training hold the module before "
+                               "quantizing (it is quantized when training ends), so test/validate(ckpt_path=...) cannot "
+                               "load them into it: score the module as it is, and save it once fit returns "
+                               "(lightning_gptq.save_quantized for a Hugging Face model inside it)")
 
     # -- work --------------------------------------------------------------------------------------
     def _quantize_layer(self, ctx: BlockContext, name: str, layer, presolved=None) -> LayerRecord | None:
@@ -400,11 +436,7 @@ class GPTQCallback(BlockHooks, Callback):
     def quantize_module(self, trainer, pl_module) -> None:
         """Quantize every linear of ``pl_module`` (one block: the whole model), calibrating on the
         first ``calibration_batches`` training batches. Hessians come from the full-precision model."""
-        layers = {
-            name: m for name, m in pl_module.named_modules()
-            if name and is_linear(m) and not any(p.search(name) for p in self.exclude)
-            and self.quantizes(name)
-        }
+        layers = self._own_layers(pl_module)
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")
         self._warn_serving(layers)
@@ -416,7 +448,7 @@ class GPTQCallback(BlockHooks, Callback):
         pl_module.eval()
         fire_block_hook(trainer, pl_module, "on_block_start", ctx)
         seen = 0
-        try:
+        try:  # a failing batch leaves the model unquantized (HessianCapture.on_exception removes its hooks)
             if self.method == "gptq":
                 dataloader = trainer.train_dataloader
                 if dataloader is None:
@@ -435,8 +467,8 @@ class GPTQCallback(BlockHooks, Callback):
                                    "they stay in full precision")
                     for name in idle:
                         del ctx.layers[name], ctx.hessians[name]
-        finally:
             fire_block_hook(trainer, pl_module, "on_block_end", ctx)
+        finally:
             pl_module.train(was_training)
         rank_zero_info(f"GPTQCallback: quantized {len(layers)} layers with {self.method} on {seen} calibration batches")
 

@@ -16,7 +16,7 @@ from lightning_gptq.models.experts import routed_layers
 from lightning_gptq.quant import HessianAccumulator, MismatchAccumulator
 
 from .distributed import all_reduce_sum, world_size
-from .hooks import BlockContext, BlockHooks, run_report
+from .hooks import BlockContext, BlockHooks, drives_blocks, run_report
 
 __all__ = ["HessianCapture"]
 
@@ -139,6 +139,11 @@ class HessianCapture(BlockHooks, Callback):
             def hook(module, args):
                 if ctx.reference_pass:
                     return  # the full-precision stream: read through ctx.reference_inputs below
+                if not isinstance(args[0], torch.Tensor):
+                    raise MisconfigurationException(
+                        f"layer {ctx.full_name(name)!r} was called on a {type(args[0]).__name__}, not a tensor: does the "
+                        "calibration forward hand the module its batch as the loader gives it? Give GPTQCallback a "
+                        "forward_fn(module, batch), e.g. lambda module, batch: module(batch['input'])")
                 x = args[0].detach()
                 if self._probing and self._probe_limit is not None and self.probed_windows() >= self._probe_limit:
                     self._probe.close()  # between two attention calls: the rest of the pass runs unprobed
@@ -337,9 +342,21 @@ class HessianCapture(BlockHooks, Callback):
         if stage == "fit" and "quant" not in run_report(trainer):
             raise MisconfigurationException("HessianCapture accumulates the Hessians that GPTQCallback solves with, and no "
                                             "GPTQCallback is in the Trainer's callbacks: add one, or nothing is quantized")
+        if stage != "fit" or drives_blocks(pl_module):
+            return
+        if self.asymmetric:  # (a user's own module, quantized whole at train end: found here, not after training)
+            raise MisconfigurationException(
+                "HessianCapture(asymmetric=True) pairs each layer's input with the full-precision model's, which only "
+                "a block-by-block calibration keeps (GPTQModule); on your own module use asymmetric=False")
+        if self.sink_layers == "attention" and not self.measured and not attention_layers(pl_module):
+            raise MisconfigurationException("HessianCapture.sink_layers='attention': found no attention layer in this "
+                                            "module; use sink_layers='all'")
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         self._detach()  # a run that stopped mid-block must not leave hooks behind
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._detach()  # (Lightning skips teardown when a hook raised)
 
     def _detach(self) -> None:
         for handle in self._handles.values():

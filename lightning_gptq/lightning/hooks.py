@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from lightning_gptq.driver import BlockContext
 
-__all__ = ["BlockContext", "BlockHooks", "fire_block_hook", "quantizes_layer", "run_report"]
+__all__ = ["BlockContext", "BlockHooks", "drives_blocks", "fire_block_hook", "quantizes_layer", "run_report"]
 
 HOOKS = ("on_calibration_start", "on_block_start", "on_block_end", "on_block_propagated", "on_calibration_end")
 
@@ -42,6 +42,12 @@ class BlockHooks:
 
     def quantizes(self, name: str) -> bool:
         return True
+
+
+def drives_blocks(pl_module) -> bool:
+    """Whether ``pl_module`` runs a calibration driver that fires the block hooks (``GPTQModule``: its class sets
+    ``drives_blocks``); else it is a user's own module, which ``GPTQCallback`` quantizes whole when training ends."""
+    return bool(getattr(type(pl_module), "drives_blocks", False))
 
 
 def fire_block_hook(trainer, pl_module, hook: str, ctx) -> None:

@@ -94,6 +94,7 @@ class GPTQModule(ScoringLoops, LightningModule):
             then stops before any heavy work.
     """
 
+    drives_blocks = True  # its driver fires the callbacks' block hooks (hooks.drives_blocks)
     summary_on_disk = True  # False: the summary is only kept as ``.summary`` (quantize() without output_dir)
 
     def __init__(
