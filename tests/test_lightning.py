@@ -351,6 +351,8 @@ def test_a_users_own_module_is_checked_before_training_and_never_left_half_quant
     assert any("exclude: '^head$' matches no linear layer" in m for m in said), said
     assert any("rule '+:^lm_head$' matches no layer" in m for m in said), said
     assert not any("'out$'" in m for m in said) and quantized(module) == ["lin"]
+    assert any("calibrated on 4 batches, fewer than calibration_batches=16" in m for m in said), said
+    assert not any("vLLM" in m for m in said), said  # (a plain module: no server would be given it)
     steps.clear()
     with pytest.raises(MisconfigurationException, match=r"no nn.Linear layers to quantize .*\(1 excluded\); 1 of its "
                                                         r"layers are quantized already \(a second fit\?\)"):

@@ -439,7 +439,8 @@ class GPTQCallback(BlockHooks, Callback):
         layers = self._own_layers(pl_module)
         if not layers:
             raise MisconfigurationException("GPTQCallback found no nn.Linear layers to quantize in the LightningModule")
-        self._warn_serving(layers)
+        if any(hasattr(getattr(m, "config", None), "to_dict") for m in pl_module.modules()):
+            self._warn_serving(layers)  # (a Hugging Face model inside: one a server could be given)
         if self.equalizer is not None:
             rank_zero_warn("GPTQCallback.equalize needs the block-by-block calibration of a causal LM (GPTQModule); "
                            "this module's layers are solved without it")
@@ -470,6 +471,9 @@ class GPTQCallback(BlockHooks, Callback):
             fire_block_hook(trainer, pl_module, "on_block_end", ctx)
         finally:
             pl_module.train(was_training)
+        if self.method == "gptq" and seen < self.calibration_batches:
+            rank_zero_warn(f"GPTQCallback: calibrated on {seen} batches, fewer than calibration_batches="
+                           f"{self.calibration_batches}: the training dataloader holds no more")
         rank_zero_info(f"GPTQCallback: quantized {len(layers)} layers with {self.method} on {seen} calibration batches")
 
     def _forward(self, pl_module, batch) -> None:
