@@ -379,6 +379,20 @@ def test_a_users_own_module_is_checked_before_training_and_never_left_half_quant
     assert not (tmp_path / "saved").exists()
 
 
+def test_the_driver_without_hessian_capture_says_what_gptq_lacks(tmp_path):
+    """``CalibrationDriver`` without Lightning, firing only ``GPTQCallback``: "No calibration inputs reached layer"
+    (a user audit) said nothing of the HessianCapture it lacked."""
+    from lightning_gptq.driver import CalibrationDriver
+    from lightning_gptq.sources import LoadedModel
+
+    lm, tokenizer = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
+    windows = CalibrationDataModule(calibration=str(CALIBRATION_TEXT), nsamples=2, seqlen=16).calibration_windows(tokenizer)
+    gptq = GPTQCallback(QuantConfig(bits=4, group_size=16))
+    fire = lambda hook, ctx: getattr(gptq, hook, lambda *args: None)(None, None, ctx)  # noqa: E731
+    with pytest.raises(RuntimeError, match="no Hessian for layer 'model.layers.0.self_attn.q_proj': .*HessianCapture"):
+        CalibrationDriver(LoadedModel(lm, tokenizer), fire=fire).run(windows)
+
+
 def test_metric_equals_standalone_evaluator(tmp_path):
     lm, tok = load_causal_lm(str(tiny_model_dir(tmp_path, "llama")))
     dm = CalibrationDataModule(eval_datasets=["wikitext2"], eval_paths={"wikitext2": str(WIKITEXT_TEST)}, eval_seqlen=24,

@@ -355,7 +355,8 @@ class GPTQCallback(BlockHooks, Callback):
         nsamples, hessian_sha, alpha, method = 0, "", None, self.method
         accumulator = ctx.hessians.get(name) if self.method == "gptq" else None
         if self.method == "gptq" and accumulator is None:
-            raise RuntimeError(f"No calibration inputs reached layer {full_name!r}; cannot run GPTQ on it.")
+            raise RuntimeError(f"no Hessian for layer {full_name!r}: GPTQ solves with the ones HessianCapture gathers "
+                               "(fire its hooks before GPTQCallback's), or use method='rtn'")
         if accumulator is not None and accumulator.nsamples == 0:  # a MoE expert no calibration token chose
             self._unreached.append(name)
             self._drop_hessian(ctx, name)
