@@ -99,6 +99,9 @@ class BlockContext:
     # learned it on the step's first batch (HessianCapture, which then feeds one accumulator): a pass that has
     # read the earlier layer's input has read theirs, and ends without running the earlier layer to reach them.
     same_input: dict[str, str] = field(default_factory=dict)
+    # The batch's padding as ``[batch, seq]`` (1: a real token, 0: padding), where its positions are not all real (a
+    # user's own module calibrating on padded batches): Hessian hooks leave padded positions out.
+    token_mask: torch.Tensor | None = None
 
     def full_name(self, name: str) -> str:
         return f"{self.prefix}.{name}" if self.prefix else name

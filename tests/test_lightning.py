@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -377,6 +377,48 @@ def test_a_users_own_module_is_checked_before_training_and_never_left_half_quant
     with pytest.raises(ValueError, match=r"this Wrapper has no config: pass the model inside it, `.lm`"):
         save_quantized(Wrapper(), None, tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+def test_padding_in_a_users_batches_adds_nothing_to_the_hessians():
+    """A user's module calibrating on padded batches: the padded positions (a mapping batch's ``attention_mask``, or
+    ``token_mask_fn``'s) are left out of every Hessian, which equal those of the real tokens alone."""
+    from lightning_gptq.quant import HessianAccumulator
+
+    class M(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, batch):
+            return self.lin(batch["x"])
+
+        def training_step(self, batch, i):
+            return self(batch).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    class Keep(Callback):
+        block_hook_order = 5  # after HessianCapture, before the solve
+
+        def on_block_end(self, trainer, pl_module, ctx):
+            self.hessian = ctx.hessians["lin"].hessian.clone()
+
+    torch.manual_seed(0)
+    x, lengths = torch.randn(8, 6, 16), torch.tensor([6, 3, 1, 5, 6, 2, 4, 6])
+    mask = (torch.arange(6) < lengths[:, None]).long()
+    padded = torch.where(mask[..., None].bool(), x, torch.full_like(x, 1e3))  # padding far off the data
+    expected = HessianAccumulator(16, dtype=torch.float32)
+    for row, n in zip(x, lengths):
+        expected.add(row[None, :n])
+    quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    for items, options in (([{"x": p, "attention_mask": m} for p, m in zip(padded, mask)], {}),
+                           ([{"x": p, "valid": m} for p, m in zip(padded, mask)], {"token_mask_fn": lambda b: b["valid"]})):
+        keep = Keep()
+        Trainer(max_steps=1, callbacks=[HessianCapture(), keep, GPTQCallback(QuantConfig(bits=4, group_size=16),
+                                                                             **options)], **quiet).fit(
+            M(), DataLoader(items, batch_size=4))
+        torch.testing.assert_close(keep.hessian, expected.hessian, rtol=1e-5, atol=1e-5)
 
 
 def test_the_driver_without_hessian_capture_says_what_gptq_lacks(tmp_path):

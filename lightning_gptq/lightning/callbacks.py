@@ -12,6 +12,7 @@ import hashlib
 import re
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal
 
@@ -99,6 +100,9 @@ class GPTQCallback(BlockHooks, Callback):
         exclude: on a user's own module, regular expressions of layer names to leave in full precision.
         forward_fn: on a user's own module, how to run it on a batch (default ``pl_module(batch)``, or
             ``pl_module(batch[0])`` for tuple/list batches).
+        token_mask_fn: on a user's own module, the batch's ``[batch, seq]`` padding mask (0: padding), whose positions
+            add nothing to the Hessians of layers reading ``[batch, seq, features]`` (default: a mapping batch's
+            ``attention_mask``, if it has one; ``lambda batch: None`` counts every position).
         equalize: exponents ``α`` to try, besides 0, for the layers whose input's producer can absorb a per-channel
             scale (q/k/v and gate/up after their norms, down_proj after up_proj, fc2 after fc1): the input is
             scaled by ``E[x²]^(α/2)`` per channel, the inverse folded into the producer, and the ``α`` with the
@@ -119,6 +123,7 @@ class GPTQCallback(BlockHooks, Callback):
         dynamic: dict[str, dict[str, int | float | bool | str]] | str | None = None,
         exclude: list[str] | None = None,
         forward_fn: Callable[[Any, Any], Any] | None = None,
+        token_mask_fn: Callable[[Any], Any] | None = None,
         equalize: list[float] | None = None,
         equalize_layers: str | None = None,
     ) -> None:
@@ -159,6 +164,7 @@ class GPTQCallback(BlockHooks, Callback):
             raise MisconfigurationException(f"GPTQCallback.exclude holds a pattern that is not a regular expression: "
                                             f"{error}") from None
         self.forward_fn = forward_fn
+        self.token_mask_fn = token_mask_fn
         self.equalize = [float(a) for a in equalize]
         self.equalize_layers = equalize_layers
         self.equalizer = Equalizer(self.equalize, equalize_layers) if self.equalize else None
@@ -459,8 +465,11 @@ class GPTQCallback(BlockHooks, Callback):
                     for batch in dataloader:
                         if seen == self.calibration_batches:
                             break
-                        self._forward(pl_module, move_data_to_device(batch, pl_module.device))
+                        batch = move_data_to_device(batch, pl_module.device)
+                        ctx.token_mask = self._token_mask(batch)
+                        self._forward(pl_module, batch)
                         seen += 1
+                ctx.token_mask = None
                 # Layers whose forward never runs (nn.MultiheadAttention reads out_proj.weight directly)
                 # have no inputs to calibrate on: they stay in full precision.
                 idle = [n for n in layers if n in ctx.hessians and ctx.hessians[n].nsamples == 0]
@@ -476,6 +485,19 @@ class GPTQCallback(BlockHooks, Callback):
             rank_zero_warn(f"GPTQCallback: calibrated on {seen} batches, fewer than calibration_batches="
                            f"{self.calibration_batches}: the training dataloader holds no more")
         rank_zero_info(f"GPTQCallback: quantized {len(layers)} layers with {self.method} on {seen} calibration batches")
+
+    def _token_mask(self, batch) -> torch.Tensor | None:
+        """The batch's ``[batch, seq]`` padding mask (``token_mask_fn``, else a mapping's ``attention_mask``), or None
+        where every position is a real token."""
+        mask = self.token_mask_fn(batch) if self.token_mask_fn is not None else (
+            batch.get("attention_mask") if isinstance(batch, Mapping) else None)
+        if mask is None:
+            return None
+        mask = torch.as_tensor(mask)
+        if mask.dim() != 2 or not bool(((mask == 0) | (mask == 1)).all()):
+            raise MisconfigurationException(f"GPTQCallback: a token mask must be [batch, seq] of 0 (padding) and 1, got "
+                                            f"shape {tuple(mask.shape)}")
+        return None if bool(mask.all()) else mask.float()
 
     def _forward(self, pl_module, batch) -> None:
         if self.forward_fn is not None:

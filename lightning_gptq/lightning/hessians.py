@@ -173,6 +173,9 @@ class HessianCapture(BlockHooks, Callback):
                 if name in weighted and x.dim() == 3:
                     # measured: the leading positions apart, weighed once the block's attention is known
                     weights = self._token_weights(x, 0.0 if self.measured else self.sink_weight)
+                mask = ctx.token_mask
+                if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                    weights = mask.to(x.device) if weights is None else weights * mask.to(x.device)
                 ctx.hessians[name].add(x, weights)
                 if reference is not None:
                     ctx.mismatches[name].add(x, reference, weights)
