@@ -261,6 +261,7 @@ def test_shared_inputs_are_bit_identical_and_hold_the_codes_once(packed):
         ref_prefill = model(input_ids=prompt).logits
         out = model(input_ids=prompt[:, :8], use_cache=True)
         ref_step = model(input_ids=prompt[:, 8:], cache=out.cache, use_cache=True).logits
+        ref_short = model(input_ids=prompt[:, :4]).logits  # <= 4 rows: a shared call once they share
     layers[1].set_dispatch([(1, "gemm"), (64, "blocked")])  # block 0's k_proj: its group cannot share
     assert share_inputs(model) == 5  # of 3 blocks × (q/k/v, gate/up)
     assert "_shared" not in layers[0].__dict__ and "_shared" not in layers[1].__dict__
@@ -275,6 +276,10 @@ def test_shared_inputs_are_bit_identical_and_hold_the_codes_once(packed):
         assert torch.equal(model(input_ids=prompt).logits, ref_prefill)  # many rows: each layer alone
         out = model(input_ids=prompt[:, :8], use_cache=True)
         assert torch.equal(model(input_ids=prompt[:, 8:], cache=out.cache, use_cache=True).logits, ref_step)
+    with torch.inference_mode():  # Lightning's validate/predict: an inference tensor has no version counter (a crash)
+        out = model(input_ids=prompt[:, :8], use_cache=True)
+        assert torch.equal(model(input_ids=prompt[:, 8:], cache=out.cache, use_cache=True).logits, ref_step)
+        assert torch.equal(model(input_ids=prompt[:, :4]).logits, ref_short)  # a prompt of <= 4 rows
     torch._dynamo.reset()
     eager, compiled = StaticDecoder(model, 16, compiled=False), StaticDecoder(model, 16, compiled=True)
     a, b = eager.prefill(prompt[:, :8]), compiled.prefill(prompt[:, :8])

@@ -75,7 +75,8 @@ class CpuPackedQuantLinear(ConvertedQuantLinear):
     def run(self, kernel: str, x: Tensor) -> Tensor:
         kernel_id = cpu_gemm.KERNELS.get(kernel)
         shared = self.__dict__.get("_shared")
-        if shared is not None and x.dtype == torch.float32 and x.numel() <= SharedInput.max_rows * self.in_features:
+        if (shared is not None and x.dtype == torch.float32 and x.numel() <= SharedInput.max_rows * self.in_features
+                and (ops.tracing() or not x.is_inference())):  # (an inference tensor has no version to check: alone)
             return shared.output(x, self.__dict__["_shared_index"])
         if kernel_id is not None and x.dtype == torch.float32 and self.__dict__["_fp32_bias"]:
             # one call does the reshape, column order, padding, matmul and bias
@@ -106,7 +107,8 @@ class SharedInput:
     slice, so the codes are held once); the first member called with an input computes every member's
     columns and keeps them until each member has taken its own. Each output column is computed as it would be
     alone (same kernel, same inputs), so outputs are bit-identical to separate calls; a member called with
-    another input (or the same tensor changed in place) computes afresh. Made by :meth:`join`."""
+    another input (or the same tensor changed in place) computes afresh, and one called with an inference tensor
+    (``torch.inference_mode``: no version counter tells whether it changed) computes alone. Made by :meth:`join`."""
 
     max_rows = 4
 
