@@ -1,5 +1,7 @@
 """The LM head's int8 option and the static-cache decoder (eager and compiled) against transformers' own decoding."""
 
+import re
+
 import pytest
 import torch
 
@@ -137,9 +139,21 @@ def test_predict_auto_decodes_eagerly_when_the_static_path_fails(monkeypatch):
                  GreedyPaths(model, Generation(decode="compiled", max_new_tokens=4)))
 
 
-def test_static_decoder_refuses_a_full_cache():
+def test_static_decoder_refuses_a_full_cache_and_what_is_not_one_prompt(tmp_path):
+    """A batch of two, an empty prompt and 1-D ids gave index_copy_/reshape tracebacks (a user audit); a JSON-lines
+    prompt that is not text, a TypeError inside the chat template."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_gptq.lightning.generation import read_prompts
+
     model = FACTORIES["llama"]()
     decoder = StaticDecoder(model, max_cache_len=8, compiled=False)
+    for ids in (token_ids(2, 4), token_ids(1, 4)[:, :0], token_ids(1, 4)[0]):
+        with pytest.raises(ValueError, match=r"one prompt at a time: ids must be \[1, T\] .* got " + re.escape(str(list(ids.shape)))):
+            decoder.greedy(ids, 2)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n{"prompt": 5}\n')
+    with pytest.raises(MisconfigurationException, match="a prompt must be text, got 5"):
+        read_prompts(None, str(tmp_path / "p.jsonl"))
     with pytest.raises(ValueError, match="no room"):
         decoder.prefill(token_ids(1, 8))
     decoder.prefill(token_ids(1, 7))
@@ -244,8 +258,8 @@ def test_validate_scores_with_the_int8_head(packed, tmp_path):
 
 def test_shared_inputs_are_bit_identical_and_hold_the_codes_once(packed):
     """q/k/v and gate/up as one kernel call at decode sizes: the same logits bit for bit, eager and compiled,
-    the same state_dict, and each layer's codes a view of the shared tensor; a group whose members decode with
-    different kernels is left alone."""
+    the same state_dict, and each layer's codes a view of the shared tensor; a group whose members decode one row
+    with different kernels takes one (``auto`` timing noise made fused decoding unavailable, a user audit)."""
     from lightning_gptq import QuantConfig, quantize
     from lightning_gptq.models.decode import share_inputs
     from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear, SharedInput
@@ -262,11 +276,10 @@ def test_shared_inputs_are_bit_identical_and_hold_the_codes_once(packed):
         out = model(input_ids=prompt[:, :8], use_cache=True)
         ref_step = model(input_ids=prompt[:, 8:], cache=out.cache, use_cache=True).logits
         ref_short = model(input_ids=prompt[:, :4]).logits  # <= 4 rows: a shared call once they share
-    layers[1].set_dispatch([(1, "gemm"), (64, "blocked")])  # block 0's k_proj: its group cannot share
-    assert share_inputs(model) == 5  # of 3 blocks × (q/k/v, gate/up)
-    assert "_shared" not in layers[0].__dict__ and "_shared" not in layers[1].__dict__
-    layers[1].set_dispatch([(1, "int8x2"), (64, "blocked")])
-    assert share_inputs(model) == 1 and share_inputs(model) == 0
+    layers[1].set_dispatch([(1, "gemm"), (64, "blocked")])  # block 0's k_proj: another one-row kernel than q/v's
+    assert share_inputs(model) == 6 and share_inputs(model) == 0  # 3 blocks × (q/k/v, gate/up)
+    assert [layer.kernel_for(1) for layer in layers[:3]] == ["int8x2"] * 3  # the group's kernel: most members'
+    assert [layer.kernel_for(64) for layer in layers[:3]] == ["blocked"] * 3
     attn = model.model.layers[0].self_attn
     shared = attn.q_proj.__dict__["_shared"]
     assert isinstance(shared, SharedInput) and attn.k_proj.__dict__["_shared"] is shared
@@ -341,7 +354,11 @@ def test_fused_step_says_why_it_cannot_run(packed):
     assert "model type 'opt'" in unavailable(FACTORIES["opt"]())
     assert "not all on cpu-packed" in unavailable(FACTORIES["llama"]())  # full precision
     model = _packed_llama()
-    model.model.layers[1].self_attn.k_proj.set_dispatch([(1, "gemm"), (64, "blocked")])  # q/k/v cannot join
+    model.model.layers[1].self_attn.k_proj.set_dispatch([(1, "gemm"), (64, "blocked")])  # takes q/v's kernel to join
+    StaticDecoder(model, 24, fused=True)
+    model = _packed_llama()
+    k_proj = model.model.layers[1].self_attn.k_proj
+    k_proj.bias = torch.zeros(k_proj.out_features)  # q/k/v cannot be one call
     with pytest.raises(ValueError, match="layer 1: q/k/v or gate/up do not run as one kernel call"):
         StaticDecoder(model, 24, fused=True)
     assert "sliding-window" in unavailable(_packed_llama("mistral"))

@@ -71,8 +71,8 @@ class Generation:
 
 
 def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
-    """Prompts from the config/command line, then from ``prompts_file`` (one per line; or JSON lines
-    with a ``"prompt"`` field when the file ends in ``.jsonl``)."""
+    """Prompts from the config/command line, then from ``prompts_file`` (one per non-blank line; or JSON lines
+    with a ``"prompt"`` text field when the file ends in ``.jsonl``)."""
     out = list(prompts or [])
     if prompts_file:
         path = Path(prompts_file).expanduser()
@@ -86,6 +86,8 @@ def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[st
                 raise MisconfigurationException(f"{path}: each line must be a JSON object with a 'prompt' ({error})") from None
         else:
             out += lines
+    if wrong := [p for p in out if not isinstance(p, str)]:
+        raise MisconfigurationException(f"a prompt must be text, got {wrong[0]!r} ({type(wrong[0]).__name__})")
     if not out:
         raise MisconfigurationException("predict needs prompts: set data.prompts (config or command line) or data.prompts_file")
     return out

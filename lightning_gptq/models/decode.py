@@ -8,7 +8,7 @@ per-token work is one call of generated code around the quantized kernels (C++ o
 of any prompt up to ``max_cache_len`` reuse it. The prompt runs eagerly through the same cache.
 
     decoder = StaticDecoder(model, max_cache_len=256, compiled=True)
-    tokens = decoder.greedy(prompt_ids, 32)        # [32] token ids, equal to eager greedy decoding
+    tokens = decoder.greedy(prompt_ids, 32)        # [32] token ids: eager greedy decoding's, but at near-ties
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ class StaticDecoder:
     @torch.no_grad()
     def prefill(self, ids: Tensor) -> Tensor:
         """Run the prompt ``ids`` [1, T] (eagerly) into an emptied cache; the next token's logits [vocab]."""
+        if ids.dim() != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(f"StaticDecoder decodes one prompt at a time: ids must be [1, T] with T >= 1, got "
+                             f"{list(ids.shape)}")
         self.reset()
         t = ids.shape[-1]
         if t + 1 > self.max_cache_len:

@@ -127,20 +127,30 @@ class SharedInput:
     @classmethod
     def join(cls, layers: list[CpuPackedQuantLinear]) -> "SharedInput | None":
         """Share ``layers``' input when they can be one call: the same input size, bits, groups and column order,
-        no bias, widths that are whole tiles, and the same one-row kernel; otherwise None (nothing changes)."""
+        no bias, widths that are whole tiles; otherwise None (nothing changes). Members whose one-row kernels differ
+        (``auto`` times each shape on its own, so near-equal kernels split a group by noise) all take the one most of
+        them chose (of the C++ kernels), which the shared call runs."""
         if len(layers) < 2 or any(type(layer) is not CpuPackedQuantLinear or "_shared" in layer.__dict__
                                   for layer in layers):
             return None
         first = layers[0]
-        kernel = first.kernel_for(1)
+        chosen = [layer.kernel_for(1) for layer in layers if layer.kernel_for(1) in cpu_gemm.KERNELS]
+        if not chosen:
+            return None
+        kernel = max(chosen, key=lambda k: (chosen.count(k), -chosen.index(k)))
         same = all(layer.in_features == first.in_features and layer.bits == first.bits
                    and layer.k_group == first.k_group and layer.bias is None and layer.out_features % cpu_gemm.TILE_N == 0
-                   and layer.kernel_for(1) == kernel and layer.k_scales.shape[0] == first.k_scales.shape[0]
+                   and layer.k_scales.shape[0] == first.k_scales.shape[0]
                    and ((layer.k_perm is None and first.k_perm is None)
                         or (layer.k_perm is not None and first.k_perm is not None and torch.equal(layer.k_perm, first.k_perm)))
                    for layer in layers)
-        if not same or kernel not in cpu_gemm.KERNELS:
+        if not same:
             return None
+        for layer in layers:
+            if layer.kernel_for(1) != kernel:  # the entry that serves one row names the group's kernel
+                (rows, own), *rest = layer.dispatch
+                layer.set_dispatch([(rows, kernel), *rest] if rows == 1 else [(1, kernel), (rows, own), *rest],
+                                   layer.exact_dispatch)
         shared = cls(layers, cpu_gemm.KERNELS[kernel])
         qweight, start = shared.args[1], 0
         for index, layer in enumerate(layers):
