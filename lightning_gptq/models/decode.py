@@ -46,7 +46,8 @@ def returned_cache(out):
 def share_inputs(model: nn.Module) -> int:
     """Let the ``cpu-packed`` linears that read one input (siblings in a module other than its output projection:
     q/k/v, gate/up) run as one kernel call at decode sizes, where they can (``SharedInput.join``). Exact: outputs
-    are bit-identical, and a member called with another input computes afresh. Returns how many groups share."""
+    are bit-identical to the members' own calls (a member whose one-row kernel differs from most members' takes
+    theirs), and a member called with another input computes afresh. Returns how many groups share."""
     from lightning_gptq.nn.cpu_packed import CpuPackedQuantLinear, SharedInput
 
     from .adapters import is_output_projection
