@@ -409,6 +409,8 @@ def test_auto_latency_times_the_fused_path_where_it_runs(packed):
 
 
 def test_predict_paths_take_the_fused_step_where_it_runs(packed):
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
     from lightning_gptq.lightning.generation import Generation, GreedyPaths
 
     model = _packed_llama()
@@ -419,3 +421,6 @@ def test_predict_paths_take_the_fused_step_where_it_runs(packed):
     new, compile_s = paths.generate(prompt)
     assert paths.path() == "fused" and compile_s == 0.0 and paths.decoder.compiled is False
     assert new.tolist() == _eager_greedy(model, prompt, 6)
+    with pytest.raises(MisconfigurationException, match="decode=fused: the fused step cannot run this model .*not all "
+                                                        "on cpu-packed"):  # (was a traceback at the first prompt)
+        GreedyPaths(FACTORIES["llama"](), Generation(decode="fused"))

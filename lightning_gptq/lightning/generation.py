@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import Dataset
 
-from lightning_gptq.models.decode import MODES, StaticDecoder, static_path
+from lightning_gptq.models.decode import MODES, StaticDecoder, fused_unavailable, static_path
 
 
 @dataclass
@@ -118,6 +118,9 @@ class GreedyPaths:
         self.decoder = None
         self.ms_per_token: dict[str, float] = {}
         self.static = static_path(lm) if settings.decode == "auto" else settings.decode
+        if settings.decode == "fused" and (why := fused_unavailable(lm)):
+            raise MisconfigurationException(f"generation.decode=fused: the fused step cannot run this model ({why}); "
+                                            "'auto' takes the fastest path that runs")
         self.static_error: str | None = None  # why ``auto``'s static path failed (then eager from there on)
 
     def path(self) -> str:

@@ -24,12 +24,17 @@ from torch import Tensor, nn
 MODES = ("eager", "compiled", "fused", "auto")
 
 
-def static_path(model: nn.Module) -> str:
-    """The static-cache path ``auto`` takes for ``model``: ``fused`` where it runs (no compile), else ``compiled``."""
+def fused_unavailable(model: nn.Module) -> str | None:
+    """Why ``model`` cannot take the fused C++ decode step (asked after :func:`share_inputs`), or None when it can."""
     from .fused_decode import unavailable
 
     share_inputs(model)
-    return "fused" if unavailable(model) is None else "compiled"
+    return unavailable(model)
+
+
+def static_path(model: nn.Module) -> str:
+    """The static-cache path ``auto`` takes for ``model``: ``fused`` where it runs (no compile), else ``compiled``."""
+    return "fused" if fused_unavailable(model) is None else "compiled"
 
 
 def cache_keyword(model: nn.Module) -> str:
