@@ -351,7 +351,8 @@ class HessianCapture(BlockHooks, Callback):
             raise MisconfigurationException(
                 "HessianCapture(asymmetric=True) pairs each layer's input with the full-precision model's, which only "
                 "a block-by-block calibration keeps (GPTQModule); on your own module use asymmetric=False")
-        if self.sink_layers == "attention" and not self.measured and not attention_layers(pl_module):
+        if (self.sink_layers == "attention" and self._reweighs() and not self.measured
+                and not attention_layers(pl_module)):
             raise MisconfigurationException("HessianCapture.sink_layers='attention': found no attention layer in this "
                                             "module; use sink_layers='all'")
 
